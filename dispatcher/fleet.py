@@ -1,0 +1,73 @@
+"""The worker registry: heartbeats in, the list of live workers out.
+
+Each worker writes `{p}:worker:{name}` (a hash) every few seconds and adds its name to
+`{p}:workers`. A worker whose last heartbeat is older than the timeout counts as gone.
+Heartbeat fields: name, host, queue, device (cuda:N or cpu), gpu_index, card, mem_total_mb,
+mem_free_mb, state (idle | busy | stopping), job, pid, started, seen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+_NUM = ("mem_total_mb", "mem_free_mb", "seen", "started", "pid")
+
+
+def worker_queue(name: str) -> str:
+    """The Celery queue that only this worker consumes: the dispatcher decides placement."""
+    return f"lorafleet.worker.{name}"
+
+
+class Fleet:
+    def __init__(self, redis, prefix: str = "lf", timeout: float = 15.0,
+                 clock: Callable[[], float] = time.time):
+        self.r = redis
+        self.p = prefix
+        self.timeout = timeout
+        self.clock = clock
+
+    def key(self, name: str) -> str:
+        return f"{self.p}:worker:{name}"
+
+    def heartbeat(self, name: str, **fields: Any) -> None:
+        now = self.clock()
+        mapping = {"name": name, "seen": now, **{k: ("" if v is None else v)
+                                                  for k, v in fields.items()}}
+        with self.r.pipeline() as pipe:
+            pipe.hset(self.key(name), mapping=mapping)
+            pipe.sadd(f"{self.p}:workers", name)
+            pipe.execute()
+
+    def remove(self, name: str) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.delete(self.key(name))
+            pipe.srem(f"{self.p}:workers", name)
+            pipe.execute()
+
+    def workers(self, include_gone: bool = True) -> list[dict[str, Any]]:
+        """Every known worker with `alive` set from the age of its last heartbeat."""
+        names = sorted(self.r.smembers(f"{self.p}:workers"))
+        with self.r.pipeline() as pipe:
+            for n in names:
+                pipe.hgetall(self.key(n))
+            raws = pipe.execute()
+        now = self.clock()
+        out = []
+        for raw in raws:
+            if not raw:
+                continue
+            w: dict[str, Any] = dict(raw)
+            for k in _NUM:
+                if w.get(k, "") != "":
+                    w[k] = float(w[k])
+            w["alive"] = now - float(w.get("seen", 0)) <= self.timeout
+            if not w["alive"]:
+                w["state"] = "gone"
+            if include_gone or w["alive"]:
+                out.append(w)
+        return out
+
+    def alive(self) -> list[dict[str, Any]]:
+        return self.workers(include_gone=False)

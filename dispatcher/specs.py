@@ -1,0 +1,351 @@
+"""The training job spec: one typed object built by the form, the REST API, the CLI and sweeps.
+
+Field names and defaults are those of text-generation-webui's "Train LoRA" tab, so a
+`training_parameters.json` written by either tool can be read by the other. Validation lives
+in `parse_train_spec` and nowhere else; it returns every problem at once, each naming its field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from dispatcher.settings import DataPaths
+
+SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts",
+              "polynomial", "inverse_sqrt")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit",
+              "paged_adamw_8bit", "sgd", "adagrad")
+PRECISIONS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
+# Short projection names; the engine maps them onto each architecture's module names.
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+DATASET_EXTS = (".json", ".jsonl")
+RAW_TEXT_EXTS = (".txt",)
+FORMAT_EXTS = (".json",)
+# Where the format files that ship with lorafleet live (a data folder, read, never imported).
+SHIPPED_FORMATS = Path(__file__).resolve().parent.parent / "formats" / "shipped"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainSpec:
+    """A LoRA training job. Paths are resolved names inside the data folder."""
+
+    lora_name: str = _f("", "Name of the LoRA: its folder under loras/.")
+    base_model: str = _f("", "Base model: a folder under models/.", choice="models")
+    always_override: bool = _f(False, "Replace an existing LoRA of this name instead of continuing it.")
+    save_steps: int = _f(0, "Save a checkpoint every this many optimizer steps (0 = only at the end).")
+    micro_batch_size: int = _f(4, "Samples per forward pass; lower it if memory runs out.")
+    batch_size: int = _f(128, "Samples per optimizer step (gradient accumulation = batch / micro batch).")
+    epochs: float = _f(3.0, "Passes over the dataset.")
+    learning_rate: str = _f("3e-4", "Learning rate, in scientific notation (3e-4 is 0.0003).")
+    lr_scheduler_type: str = _f("linear", "How the learning rate changes over the run.", choices=SCHEDULERS)
+    lora_rank: int = _f(32, "LoRA rank (dimension): larger learns more and uses more memory.")
+    lora_alpha: int = _f(64, "LoRA alpha: scaling = alpha / rank; usually twice the rank.")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA layers, 0 to 1.")
+    cutoff_len: int = _f(256, "Longest sample in tokens; longer text is cut.")
+    dataset: str = _f("", "Alpaca-style JSON dataset under datasets/.", choice="datasets")
+    eval_dataset: str = _f("", "Optional evaluation dataset (same format as the dataset).", choice="datasets")
+    format: str = _f("", "Format file that turns a dataset row into text.", choice="formats")
+    eval_steps: int = _f(100, "Evaluate every this many optimizer steps (with an evaluation dataset).")
+    raw_text_file: str = _f("", "Raw text file (or folder of .txt files) under datasets/, instead of a dataset.", choice="raw_texts")
+    overlap_len: int = _f(128, "Raw text: tokens shared between consecutive chunks.")
+    newline_favor_len: int = _f(128, "Raw text: move chunk edges to a newline within this many characters.")
+    higher_rank_limit: bool = _f(False, "Allow ranks up to 2048 (instead of 1024).")
+    warmup_steps: int = _f(100, "Optimizer steps of learning-rate warm-up at the start.")
+    optimizer: str = _f("adamw_torch", "Optimizer.", choices=OPTIMIZERS)
+    hard_cut_string: str = _f("\\n\\n\\n", "Raw text: split the text at this string (\\n means a newline); no chunk crosses it.")
+    train_only_after: str = _f("", "Train only on the text after this string in each sample (e.g. 'Assistant:').")
+    stop_at_loss: float = _f(0.0, "Stop once the loss reaches this value (0 = never).")
+    add_eos_token: bool = _f(False, "Append the end-of-sequence token to each sample.")
+    min_chars: int = _f(0, "Raw text: ignore blocks shorter than this many characters.")
+    precision: str = _f("auto", "Weights: 4bit/8bit (QLoRA, CUDA only), bf16, fp16, fp32; auto = 4bit on a GPU, fp32 on CPU.", choices=PRECISIONS)
+    target_modules: list[str] = field(default_factory=lambda: ["q", "v"], metadata={
+        "help": "Projections that get LoRA layers: q, k, v, o, gate, up, down, or all."})
+    seed: int = _f(0, "Random seed for initialisation and data order.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def training_parameters(self) -> dict[str, Any]:
+        """text-generation-webui's training_parameters.json keys (plus lorafleet's own)."""
+        return self.to_dict()
+
+
+FIELD_DOCS = {f.name: f.metadata.get("help", "") for f in fields(TrainSpec)}
+
+
+def default_spec() -> dict[str, Any]:
+    out = {}
+    for f in fields(TrainSpec):
+        out[f.name] = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+    return out
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `errors` lists {"field", "message"} for every problem found."""
+
+    def __init__(self, errors: list[dict[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_data_name(name: str, root: Path, exts: tuple[str, ...], *, allow_dir: bool,
+                      extra_roots: tuple[Path, ...] = ()) -> tuple[str | None, str | None]:
+    """Find `name` (with or without extension, or a relative path) under `root`.
+
+    Returns (relative path as stored in the spec, None) or (None, error message). Absolute paths,
+    `..` and anything that resolves outside the folder are refused.
+    """
+    name = name.strip()
+    if not name:
+        return None, "is empty"
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or "\x00" in name:
+        return None, f"'{name}' must be a name inside {root.name}/ (no absolute paths, no '..')"
+    for base in (root, *extra_roots):
+        candidates = [base / name] + [base / (name + e) for e in exts]
+        for c in candidates:
+            if not _is_inside(c, base):
+                return None, f"'{name}' points outside {root.name}/"
+            if c.is_file() and (c.suffix.lower() in exts):
+                return c.relative_to(base).as_posix(), None
+            if allow_dir and c.is_dir():
+                return c.relative_to(base).as_posix(), None
+    return None, f"'{name}' was not found in {root.name}/"
+
+
+def _check_format_file(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{path.name} is not valid JSON: {e}"
+    if not isinstance(data, dict) or not data or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        return f"{path.name} must be a JSON object mapping key lists to template strings"
+    return None
+
+
+def find_format(name: str, paths: DataPaths) -> Path | None:
+    """The format file a spec's `format` names: the user's formats/ first, then the shipped ones."""
+    for base in (paths.formats, SHIPPED_FORMATS):
+        rel, _ = resolve_data_name(name, base, FORMAT_EXTS, allow_dir=False)
+        if rel:
+            return base / rel
+    return None
+
+
+def _coerce(value: Any, typ: str, name: str, errors: list[dict[str, str]]) -> Any:
+    """Turn form/CLI text into the field's type; record an error instead of raising."""
+    try:
+        if typ == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            s = str(value).strip().lower()
+            if s in ("true", "1", "yes", "on"):
+                return True
+            if s in ("false", "0", "no", "off", ""):
+                return False
+            raise ValueError
+        if typ == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        if typ == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            v = float(value)
+            if not math.isfinite(v):
+                raise ValueError
+            return v
+        if typ == "str":
+            if value is None:
+                return ""
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if typ == "list[str]":
+            if isinstance(value, str):
+                value = [v for v in re.split(r"[,\s]+", value) if v]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    want = {"int": "a whole number", "float": "a number", "bool": "true or false",
+            "str": "text", "list[str]": "a list of names"}[typ]
+    errors.append({"field": name, "message": f"must be {want}, got {value!r}"})
+    return None
+
+
+def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
+    """Build a TrainSpec from untrusted input (form, JSON, YAML) or raise SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError([{"field": "spec", "message": "must be a JSON object of training parameters"}])
+    errors: list[dict[str, str]] = []
+    known = {f.name: f for f in fields(TrainSpec)}
+    for key in data:
+        if key not in known:
+            errors.append({"field": str(key), "message": "is not a known training parameter"})
+    values = default_spec()
+    for name, f in known.items():
+        if name in data:
+            v = _coerce(data[name], str(f.type), name, errors)
+            if v is not None:
+                values[name] = v
+    s = TrainSpec(**values)
+
+    def bad(name: str, message: str) -> None:
+        errors.append({"field": name, "message": message})
+
+    if not s.lora_name.strip():
+        bad("lora_name", "is required")
+    elif not LORA_NAME_RE.match(s.lora_name):
+        bad("lora_name", f"'{s.lora_name}' may use only letters, digits, '.', '_' and '-', "
+                         "start with a letter or digit, and be at most 100 characters")
+    max_rank = 2048 if s.higher_rank_limit else 1024
+    if not 1 <= s.lora_rank <= max_rank:
+        bad("lora_rank", f"must be between 1 and {max_rank}"
+                         + ("" if s.higher_rank_limit else " (2048 with higher_rank_limit)"))
+    if not 1 <= s.lora_alpha <= 4096:
+        bad("lora_alpha", "must be between 1 and 4096")
+    if not 0.0 <= s.lora_dropout < 1.0:
+        bad("lora_dropout", "must be at least 0 and less than 1")
+    if s.micro_batch_size < 1:
+        bad("micro_batch_size", "must be at least 1")
+    if s.batch_size < 1:
+        bad("batch_size", "must be at least 1")
+    elif s.micro_batch_size >= 1 and s.batch_size < s.micro_batch_size:
+        bad("batch_size", "must be at least micro_batch_size")
+    if not 0 < s.epochs <= 1000:
+        bad("epochs", "must be more than 0 and at most 1000")
+    try:
+        lr = float(s.learning_rate)
+        if not (math.isfinite(lr) and 0 < lr < 1):
+            bad("learning_rate", f"'{s.learning_rate}' must be a number between 0 and 1, like 3e-4")
+    except ValueError:
+        bad("learning_rate", f"'{s.learning_rate}' is not a number; write it like 3e-4")
+    if s.lr_scheduler_type not in SCHEDULERS:
+        bad("lr_scheduler_type", f"must be one of {', '.join(SCHEDULERS)}")
+    if s.optimizer not in OPTIMIZERS:
+        bad("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+    if s.precision not in PRECISIONS:
+        bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+    if not 8 <= s.cutoff_len <= 131072:
+        bad("cutoff_len", "must be between 8 and 131072 tokens")
+    if s.overlap_len < 0:
+        bad("overlap_len", "must be 0 or more")
+    elif s.overlap_len >= s.cutoff_len:
+        bad("overlap_len", f"must be less than cutoff_len ({s.cutoff_len})")
+    if s.newline_favor_len < 0:
+        bad("newline_favor_len", "must be 0 or more")
+    for name in ("save_steps", "warmup_steps", "min_chars"):
+        if getattr(s, name) < 0:
+            bad(name, "must be 0 or more")
+    if s.eval_steps < 1:
+        bad("eval_steps", "must be at least 1")
+    if s.stop_at_loss < 0:
+        bad("stop_at_loss", "must be 0 (off) or more")
+    if s.seed < 0:
+        bad("seed", "must be 0 or more")
+    if not s.target_modules:
+        bad("target_modules", "name at least one projection")
+    else:
+        unknown = [m for m in s.target_modules if m not in PROJECTIONS and m != "all"]
+        if unknown:
+            bad("target_modules", f"unknown {', '.join(unknown)}; use {', '.join(PROJECTIONS)} or all")
+
+    # Names in the data folder.
+    if not s.base_model.strip():
+        bad("base_model", "is required: pick a model folder under models/")
+    else:
+        rel, err = resolve_data_name(s.base_model, paths.models, (), allow_dir=True)
+        if err:
+            bad("base_model", err)
+        elif not (paths.models / rel / "config.json").is_file():
+            bad("base_model", f"'{s.base_model}' has no config.json: not a model folder")
+        else:
+            s.base_model = rel
+    has_dataset, has_raw = bool(s.dataset.strip()), bool(s.raw_text_file.strip())
+    if not has_dataset and not has_raw:
+        bad("dataset", "choose a dataset (with a format) or a raw_text_file")
+    elif has_dataset and has_raw:
+        bad("raw_text_file", "choose either a dataset or a raw_text_file, not both")
+    if has_dataset:
+        rel, err = resolve_data_name(s.dataset, paths.datasets, DATASET_EXTS, allow_dir=False)
+        if err:
+            bad("dataset", err)
+        else:
+            s.dataset = rel
+        if not s.format.strip():
+            bad("format", "is required with a dataset")
+    if s.format.strip():
+        fmt = find_format(s.format, paths)
+        if fmt is None:
+            rel, err = resolve_data_name(s.format, paths.formats, FORMAT_EXTS, allow_dir=False)
+            bad("format", err or f"'{s.format}' was not found")
+        else:
+            problem = _check_format_file(fmt)
+            if problem:
+                bad("format", problem)
+            else:
+                s.format = fmt.stem
+    if s.eval_dataset.strip():
+        rel, err = resolve_data_name(s.eval_dataset, paths.datasets, DATASET_EXTS, allow_dir=False)
+        if err:
+            bad("eval_dataset", err)
+        else:
+            s.eval_dataset = rel
+    if has_raw:
+        rel, err = resolve_data_name(s.raw_text_file, paths.datasets, RAW_TEXT_EXTS, allow_dir=True)
+        if err:
+            bad("raw_text_file", err)
+        else:
+            s.raw_text_file = rel
+    if errors:
+        raise SpecError(errors)
+    return s
+
+
+def spec_from_dict(data: dict[str, Any]) -> TrainSpec:
+    """Rebuild an already-validated spec (from a job record); no checks against the disk."""
+    known = {f.name for f in fields(TrainSpec)}
+    return TrainSpec(**{k: v for k, v in data.items() if k in known})
+
+
+def list_choices(paths: DataPaths) -> dict[str, list[str]]:
+    """What the form's dropdowns offer: names found in the data folder."""
+    def names(root: Path, pred) -> list[str]:
+        if not root.is_dir():
+            return []
+        return sorted(p.relative_to(root).as_posix() for p in root.iterdir() if pred(p))
+
+    formats = set(names(paths.formats, lambda p: p.suffix == ".json"))
+    formats |= set(names(SHIPPED_FORMATS, lambda p: p.suffix == ".json"))
+    return {
+        "models": names(paths.models, lambda p: (p / "config.json").is_file()),
+        "datasets": names(paths.datasets, lambda p: p.is_file() and p.suffix in DATASET_EXTS),
+        "formats": sorted(Path(f).stem for f in formats),
+        "raw_texts": names(paths.datasets, lambda p: (p.is_file() and p.suffix in RAW_TEXT_EXTS)
+                           or (p.is_dir() and any(p.glob("*.txt")))),
+    }

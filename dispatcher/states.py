@@ -1,0 +1,45 @@
+"""Job states and the transitions allowed between them. Nothing else decides a state."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+# Jobs that hold (or are about to hold) a worker.
+ACTIVE = frozenset({JobState.ASSIGNED, JobState.RUNNING})
+
+ALLOWED: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.ASSIGNED, JobState.CANCELLED, JobState.FAILED}),
+    JobState.ASSIGNED: frozenset({JobState.RUNNING, JobState.RETRYING, JobState.CANCELLED,
+                                  JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED,
+                                 JobState.RETRYING}),
+    JobState.RETRYING: frozenset({JobState.ASSIGNED, JobState.CANCELLED, JobState.FAILED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class TransitionError(RuntimeError):
+    pass
+
+
+def check_transition(old: JobState, new: JobState) -> None:
+    if new not in ALLOWED[old]:
+        raise TransitionError(f"a job cannot go from {old.value} to {new.value}")

@@ -1,0 +1,206 @@
+"""Job records in Redis, and the one function that changes a job's state.
+
+Keys (prefix `lf` by default):
+  {p}:job:{id}            hash: the record (spec as JSON, state, owner, worker, progress)
+  {p}:job:{id}:history    list: every transition as JSON {state, time, reason}
+  {p}:jobs                sorted set of every job id by creation time
+  {p}:pending             sorted set of queued/retrying job ids by creation time
+  {p}:active              set of assigned/running job ids
+  {p}:stop:{id}           present when the user asked a running job to stop
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis as redis_lib
+
+from dispatcher.events import EventLog
+from dispatcher.states import ACTIVE, JobState, check_transition
+
+PRIORITIES = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
+KINDS = ("train",)
+# Record fields that hold JSON rather than text.
+_JSON_FIELDS = ("spec", "result")
+_NUM_FIELDS = ("created", "updated", "started", "finished", "step", "total_steps", "loss",
+               "eta_s", "epoch", "attempt")
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+class JobStore:
+    def __init__(self, redis, prefix: str = "lf", clock: Callable[[], float] = time.time):
+        self.r = redis
+        self.p = prefix
+        self.clock = clock
+        self.events = EventLog(redis, prefix, clock)
+
+    # keys -------------------------------------------------------------------------------------
+    def key(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}"
+
+    def _history_key(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:history"
+
+    @property
+    def pending_key(self) -> str:
+        return f"{self.p}:pending"
+
+    @property
+    def active_key(self) -> str:
+        return f"{self.p}:active"
+
+    def stop_key(self, job_id: str) -> str:
+        return f"{self.p}:stop:{job_id}"
+
+    # records ----------------------------------------------------------------------------------
+    def create(self, kind: str, spec: dict[str, Any], owner: str = "local",
+               priority: str = "normal") -> str:
+        if kind not in KINDS:
+            raise ValueError(f"unknown job kind {kind!r}")
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {priority!r}")
+        job_id = uuid.uuid4().hex[:12]
+        now = self.clock()
+        record = {
+            "id": job_id, "kind": kind, "owner": owner, "priority": priority,
+            "state": JobState.QUEUED.value, "spec": json.dumps(spec), "created": now,
+            "updated": now, "name": spec.get("lora_name", ""), "worker": "", "reason": "",
+            "attempt": 0,
+        }
+        with self.r.pipeline() as pipe:
+            pipe.hset(self.key(job_id), mapping=record)
+            pipe.rpush(self._history_key(job_id), json.dumps(
+                {"state": "queued", "time": now, "reason": "submitted"}))
+            pipe.zadd(f"{self.p}:jobs", {job_id: now})
+            pipe.zadd(self.pending_key, {job_id: now})
+            pipe.execute()
+        self.events.append(job_id, "state", state="queued", reason="submitted", time=now)
+        return job_id
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        raw = self.r.hgetall(self.key(job_id))
+        if not raw:
+            raise JobNotFound(job_id)
+        return self._decode(raw)
+
+    @staticmethod
+    def _decode(raw: dict[str, str]) -> dict[str, Any]:
+        rec: dict[str, Any] = dict(raw)
+        for k in _JSON_FIELDS:
+            if k in rec and rec[k]:
+                rec[k] = json.loads(rec[k])
+        for k in _NUM_FIELDS:
+            if k in rec and rec[k] != "":
+                v = float(rec[k])
+                rec[k] = int(v) if k in ("step", "total_steps", "attempt") else v
+        return rec
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.r.lrange(self._history_key(job_id), 0, -1)]
+
+    def list(self, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
+        ids = self.r.zrevrange(f"{self.p}:jobs", offset, offset + limit - 1)
+        with self.r.pipeline() as pipe:
+            for i in ids:
+                pipe.hgetall(self.key(i))
+            raws = pipe.execute()
+        return [self._decode(raw) for raw in raws if raw]
+
+    def pending(self) -> list[dict[str, Any]]:
+        ids = self.r.zrange(self.pending_key, 0, -1)
+        with self.r.pipeline() as pipe:
+            for i in ids:
+                pipe.hgetall(self.key(i))
+            raws = pipe.execute()
+        return [self._decode(raw) for raw in raws if raw]
+
+    def active(self) -> list[dict[str, Any]]:
+        ids = sorted(self.r.smembers(self.active_key))
+        return [self.get(i) for i in ids if self.r.exists(self.key(i))]
+
+    def update_progress(self, job_id: str, **fields: Any) -> None:
+        """Progress fields shown in lists (step, total_steps, loss, eta_s, epoch)."""
+        self.r.hset(self.key(job_id), mapping={k: v for k, v in fields.items() if v is not None})
+
+    def set_result(self, job_id: str, result: dict[str, Any]) -> None:
+        self.r.hset(self.key(job_id), "result", json.dumps(result))
+
+    # state ------------------------------------------------------------------------------------
+    def transition(self, job_id: str, new: JobState, reason: str = "",
+                   expect_worker: str | None = None, **fields: Any) -> dict[str, Any]:
+        """Move a job to `new`, atomically, recording time and reason.
+
+        `expect_worker` fences a worker: the change is refused (TransitionError) unless the job
+        is still assigned to that worker, so a worker that lost its job cannot write to it.
+        """
+        from dispatcher.states import TransitionError
+
+        key = self.key(job_id)
+        while True:
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.hgetall(key)
+                    if not raw:
+                        raise JobNotFound(job_id)
+                    old = JobState(raw["state"])
+                    check_transition(old, new)
+                    if expect_worker is not None and raw.get("worker") != expect_worker:
+                        raise TransitionError(
+                            f"job {job_id} is no longer assigned to {expect_worker}")
+                    now = self.clock()
+                    mapping: dict[str, Any] = {"state": new.value, "updated": now,
+                                               "reason": reason, **fields}
+                    if new == JobState.RUNNING:
+                        mapping.setdefault("started", now)
+                    if new.terminal:
+                        mapping["finished"] = now
+                    pipe.multi()
+                    pipe.hset(key, mapping=mapping)
+                    pipe.rpush(self._history_key(job_id), json.dumps(
+                        {"state": new.value, "time": now, "reason": reason}))
+                    if new in (JobState.QUEUED, JobState.RETRYING):
+                        pipe.zadd(self.pending_key, {job_id: float(raw["created"])})
+                    else:
+                        pipe.zrem(self.pending_key, job_id)
+                    if new in ACTIVE:
+                        pipe.sadd(self.active_key, job_id)
+                    else:
+                        pipe.srem(self.active_key, job_id)
+                    if new.terminal:
+                        pipe.delete(self.stop_key(job_id))
+                    pipe.execute()
+                except redis_lib.WatchError:
+                    continue
+            break
+        self.events.append(job_id, "state", state=new.value, reason=reason, time=now)
+        rec = dict(raw)
+        rec.update({k: str(v) for k, v in mapping.items()})
+        return self._decode(rec)
+
+    # stopping ---------------------------------------------------------------------------------
+    def request_stop(self, job_id: str) -> None:
+        self.r.set(self.stop_key(job_id), "1")
+
+    def stop_requested(self, job_id: str) -> bool:
+        return bool(self.r.exists(self.stop_key(job_id)))
+
+    def cancel(self, job_id: str, reason: str = "cancelled by the user") -> dict[str, Any]:
+        """Cancel a job: a pending one at once; a running one stops after its current step."""
+        rec = self.get(job_id)
+        state = JobState(rec["state"])
+        if state in (JobState.QUEUED, JobState.RETRYING):
+            return self.transition(job_id, JobState.CANCELLED, reason)
+        if state in ACTIVE:
+            self.request_stop(job_id)
+            self.events.append(job_id, "log", line="stop requested: the trainer stops after the "
+                                                   "current step and saves the LoRA")
+            return self.get(job_id)
+        return rec
