@@ -1,0 +1,36 @@
+"""Shared fixtures: a real Redis server (the embedded one) for every test that needs Redis."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from dispatcher.embedded import free_port, start_server, stop_server
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real redis-server process on a free loopback port for the whole test session."""
+    data = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    proc = start_server(data, port, log_file=data / "redis.log")
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_server(proc)
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    import redis
+
+    client = redis.Redis.from_url(redis_server, decode_responses=True)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix():
+    """A fresh key prefix per test, so tests sharing one server never see each other's keys."""
+    return f"t{next(_prefixes)}"
