@@ -1,0 +1,437 @@
+"""The `lorafleet` command.
+
+Process commands (`up`, `redis`, `dispatcher`, `dashboard`, `worker`, `init`) start the parts of
+the fleet; user commands (`submit`, `status`, `logs`, `cancel`) talk to the dashboard's REST API.
+This module is the composition root: it starts the worker and the dashboard as their own
+processes (`python -m ...`), so the dispatcher package itself never imports them or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dispatcher.client import TERMINAL_STATES, ApiError, Client
+from dispatcher.settings import DEFAULT_EMBEDDED_REDIS_PORT, DEFAULT_PORT, Settings
+
+URL_HELP = "dashboard URL (default: $LORAFLEET_URL or http://127.0.0.1:8765)"
+
+
+def _url(url: str | None) -> str:
+    return url or os.environ.get("LORAFLEET_URL") or f"http://127.0.0.1:{DEFAULT_PORT}"
+
+
+@click.group()
+def main() -> None:
+    """lorafleet: a queue, a dashboard and a fleet of GPU workers for LoRA fine-tuning."""
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+
+
+def _detect_gpus() -> list[int]:
+    """Physical card indices, found without initialising CUDA (NVML, then nvidia-smi)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        found = list(range(pynvml.nvmlDeviceGetCount()))
+    except Exception:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=True).stdout
+            found = [int(x) for x in out.split()]
+        except Exception:
+            found = []
+    if visible is not None and visible.strip():
+        allowed = {int(x) for x in visible.split(",") if x.strip().isdigit()}
+        found = [i for i in found if i in allowed]
+    return found
+
+
+def parse_gpus(value: str) -> list[int | None]:
+    """`all` -> every card (or one CPU worker when there is none), `cpu`, or a list `0,2`."""
+    value = value.strip().lower()
+    if value == "cpu":
+        return [None]
+    if value == "all":
+        cards = _detect_gpus()
+        return list(cards) if cards else [None]
+    try:
+        return [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use all, cpu, or card numbers like 0,2") from None
+
+
+class Supervisor:
+    """Starts child processes in their own sessions and stops all of them on the way out."""
+
+    def __init__(self, logs: Path | None = None):
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.logs = logs
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        out: Any = None
+        if self.logs is not None:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            out = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT if out else None,
+                                start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def wait(self) -> int:
+        """Block until Ctrl-C / SIGTERM or until a child exits on its own."""
+        stop = {"flag": False}
+
+        def on_signal(signum, frame):
+            stop["flag"] = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        code = 0
+        while not stop["flag"]:
+            for name, p in self.procs:
+                if p.poll() is not None:
+                    click.echo(f"lorafleet: {name} exited with code {p.returncode}; stopping",
+                               err=True)
+                    stop["flag"] = True
+                    code = 1
+                    break
+            time.sleep(0.3)
+        return code
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        # Reverse order: workers and the dashboard go before Redis.
+        for name, p in reversed(self.procs):
+            if p.poll() is None:
+                # SIGTERM: Celery warm-stops, the dashboard and dispatcher exit, redis-server
+                # flushes its append-only file.
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for name, p in reversed(self.procs):
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                # A worker still inside a training step: a running job is re-queued by the
+                # dispatcher when it next starts, like any lost worker's.
+                click.echo(f"lorafleet: {name} did not stop in {grace:.0f}s; killing it",
+                           err=True)
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+
+def _worker_cmds(gpus: list[int | None], env: dict[str, str]) -> list[tuple[str, list[str], dict]]:
+    out = []
+    for g in gpus:
+        e = dict(env)
+        if g is None:
+            e["CUDA_VISIBLE_DEVICES"] = ""  # a CPU worker must not grab a card
+            name = "worker-cpu"
+        else:
+            e["CUDA_VISIBLE_DEVICES"] = str(g)
+            e["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            name = f"worker-gpu{g}"
+        cmd = [sys.executable, "-m", "gpuworker.worker"] + ([] if g is None else ["--gpu", str(g)])
+        out.append((name, cmd, e))
+    return out
+
+
+@main.command()
+@click.option("--gpus", default="all", show_default=True, help="all, cpu, or cards like 0,2")
+@click.option("--host", default=None, help="dashboard address (default 127.0.0.1)")
+@click.option("--port", default=None, type=int, help=f"dashboard port (default {DEFAULT_PORT})")
+def up(gpus: str, host: str | None, port: int | None) -> None:
+    """Start everything on this machine: Redis (embedded unless LORAFLEET_REDIS_URL is set),
+    the dispatcher, the dashboard and one worker per GPU (or one CPU worker)."""
+    settings = Settings.from_env()
+    settings.paths.ensure()
+    env = dict(os.environ)
+    env["LORAFLEET_HOME"] = str(settings.home)
+    if host:
+        env["LORAFLEET_HOST"] = host
+    if port:
+        env["LORAFLEET_PORT"] = str(port)
+    sup = Supervisor(logs=settings.paths.logs)
+    code = 0
+    try:
+        if not settings.redis_url:
+            from dispatcher.embedded import start_server
+
+            redis_port = int(os.environ.get("LORAFLEET_EMBEDDED_REDIS_PORT",
+                                            DEFAULT_EMBEDDED_REDIS_PORT))
+            proc = start_server(settings.paths.redis, redis_port,
+                                log_file=settings.paths.logs / "redis.log")
+            sup.procs.append(("redis", proc))
+            env["LORAFLEET_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            click.echo(f"redis:      embedded server on port {redis_port} "
+                       f"(append-only file in {settings.paths.redis})")
+        else:
+            click.echo(f"redis:      {settings.redis_url}")
+        sup.start("dispatcher", [sys.executable, "-m", "dispatcher"], env)
+        sup.start("dashboard", [sys.executable, "-m", "dashboard"], env)
+        cards = parse_gpus(gpus)
+        for name, cmd, wenv in _worker_cmds(cards, env):
+            sup.start(name, cmd, wenv)
+        desc = ", ".join("CPU" if g is None else f"GPU {g}" for g in cards)
+        s2 = Settings.from_env(env)
+        click.echo(f"workers:    {len(cards)} ({desc})")
+        click.echo(f"data:       {settings.home}")
+        click.echo(f"logs:       {settings.paths.logs}")
+        click.echo(f"dashboard:  http://{s2.dashboard_host}:{s2.dashboard_port}/")
+        click.echo("Press Ctrl-C to stop everything.")
+        code = sup.wait()
+    except Exception as e:
+        click.echo(f"lorafleet: {e}", err=True)
+        code = 1
+    finally:
+        click.echo("stopping ...")
+        sup.stop_all()
+        click.echo("stopped.")
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--port", default=DEFAULT_EMBEDDED_REDIS_PORT, show_default=True)
+def redis(port: int) -> None:
+    """Run the embedded Redis-compatible server in the foreground."""
+    from dispatcher.embedded import start_server, stop_server
+
+    settings = Settings.from_env()
+    settings.paths.ensure()
+    proc = start_server(settings.paths.redis, port, log_file=settings.paths.logs / "redis.log")
+    click.echo(f"redis://127.0.0.1:{port}/0  (data in {settings.paths.redis}); Ctrl-C stops it")
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_server(proc)
+
+
+@main.command()
+def dispatcher() -> None:
+    """Run the scheduler (the dispatcher) in the foreground."""
+    from dispatcher.__main__ import main as run
+
+    run()
+
+
+@main.command()
+def dashboard() -> None:
+    """Run the web dashboard in the foreground."""
+    os.execv(sys.executable, [sys.executable, "-m", "dashboard"])
+
+
+@main.command()
+@click.option("--gpus", default="all", show_default=True, help="all, cpu, or cards like 0,2")
+def worker(gpus: str) -> None:
+    """Start one worker process per card (each pinned with CUDA_VISIBLE_DEVICES)."""
+    cards = parse_gpus(gpus)
+    sup = Supervisor()
+    try:
+        for name, cmd, env in _worker_cmds(cards, dict(os.environ)):
+            sup.start(name, cmd, env)
+            click.echo(f"started {name}")
+        code = sup.wait()
+    finally:
+        sup.stop_all()
+    sys.exit(code)
+
+
+@main.command()
+def init() -> None:
+    """Put the demo model (SmolLM2-135M-Instruct) and the sample datasets in the data folder."""
+    env = dict(os.environ)
+    env["LORAFLEET_HOME"] = str(Settings.from_env().home)
+    sys.exit(subprocess.call([sys.executable, "-m", "gpuworker.demo"], env=env))
+
+
+# ---------------------------------------------------------------------------------------------
+# user commands
+
+
+def _load_spec(path: str) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise click.ClickException(f"{path}: {e.strerror}") from None
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise click.ClickException(f"{path}: not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise click.ClickException(f"{path}: must hold an object of training parameters")
+    return data
+
+
+def _fail_api(e: ApiError) -> None:
+    for err in e.errors:
+        click.echo(f"error: {err.get('field')}: {err.get('message')}", err=True)
+    if not e.errors:
+        click.echo(f"error: {e}", err=True)
+    sys.exit(2)
+
+
+def _fmt_eta(seconds: Any) -> str:
+    try:
+        s = int(float(seconds))
+    except (TypeError, ValueError):
+        return "-"
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def _bar(step: int, total: int, width: int = 30) -> str:
+    frac = 0.0 if total <= 0 else min(1.0, step / total)
+    full = int(frac * width)
+    return "[" + "#" * full + "-" * (width - full) + f"] {step}/{total}"
+
+
+def follow_job(client: Client, job_id: str, out=None) -> str:
+    """Print a live progress line (loss, ETA) and log lines until the job ends; return state."""
+    out = out or sys.stdout
+    tty = out.isatty()
+    state = "?"
+    for ev in client.follow(job_id):
+        t = ev.get("type")
+        if t == "train":
+            line = (f"{_bar(int(ev.get('step', 0)), int(ev.get('total_steps', 0)))}  "
+                    f"loss {float(ev.get('loss', 0)):.4f}  lr {float(ev.get('learning_rate', 0)):.2e}"
+                    f"  {float(ev.get('tokens_per_s') or 0):.0f} tok/s  ETA {_fmt_eta(ev.get('eta_s'))}")
+            out.write(("\r" + line) if tty else line + "\n")
+        elif t in ("log", "warning", "state", "eval"):
+            if tty:
+                out.write("\n")
+            if t == "state":
+                state = ev.get("state", state)
+                out.write(f"state: {state}" + (f" ({ev['reason']})" if ev.get("reason") else "") + "\n")
+            elif t == "eval":
+                out.write(f"eval loss {float(ev.get('eval_loss', 0)):.4f} at step {ev.get('step')}\n")
+            else:
+                out.write(f"{ev.get('line') or ev.get('message')}\n")
+        out.flush()
+    if tty:
+        out.write("\n")
+    return client.job(job_id)["state"]
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--wait", is_flag=True, help="follow the job; exit non-zero unless it succeeds")
+@click.option("--priority", default="normal", type=click.Choice(["low", "normal", "high", "urgent"]))
+@click.option("--owner", default=None, help="owner name (until accounts exist)")
+@click.option("--url", default=None, help=URL_HELP)
+def submit(spec: str, wait: bool, priority: str, owner: str | None, url: str | None) -> None:
+    """Submit a training job from a JSON or YAML SPEC file; prints the job id."""
+    data = _load_spec(spec)
+    client = Client(_url(url))
+    try:
+        job_id = client.submit(data, priority=priority, owner=owner)
+    except ApiError as e:
+        _fail_api(e)
+    click.echo(job_id)
+    if wait:
+        state = follow_job(client, job_id, sys.stderr)
+        rec = client.job(job_id)
+        click.echo(f"{job_id} {state}" + (f": {rec.get('reason')}" if rec.get("reason") else ""),
+                   err=True)
+        sys.exit(0 if state == "succeeded" else 1)
+
+
+@main.command()
+@click.argument("job", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--url", default=None, help=URL_HELP)
+def status(job: str | None, as_json: bool, url: str | None) -> None:
+    """Show one job, or the list of jobs."""
+    client = Client(_url(url))
+    try:
+        data: Any = client.job(job) if job else client.jobs()
+    except ApiError as e:
+        _fail_api(e)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    rows = [data] if job else data
+    click.echo(f"{'ID':<13}{'STATE':<11}{'OWNER':<10}{'PROGRESS':<14}{'LOSS':<9}{'ETA':<9}NAME")
+    for j in rows:
+        prog = f"{j.get('step', 0) or 0}/{j.get('total_steps', 0) or 0}"
+        loss = j.get("loss")
+        click.echo(f"{j['id']:<13}{j['state']:<11}{str(j.get('owner', ''))[:9]:<10}{prog:<14}"
+                   f"{(f'{float(loss):.4f}' if loss not in (None, '') else '-'):<9}"
+                   f"{_fmt_eta(j.get('eta_s')) if j['state'] == 'running' else '-':<9}"
+                   f"{j.get('name', '')}")
+        if job and j.get("reason"):
+            click.echo(f"reason: {j['reason']}")
+
+
+@main.command()
+@click.argument("job")
+@click.option("-f", "--follow", is_flag=True, help="follow live until the job ends")
+@click.option("--url", default=None, help=URL_HELP)
+def logs(job: str, follow: bool, url: str | None) -> None:
+    """Print a job's log and progress (`-f` follows it live)."""
+    client = Client(_url(url))
+    try:
+        if follow:
+            state = follow_job(client, job)
+            sys.exit(0 if state in TERMINAL_STATES else 1)
+        for ev in client.history(job):
+            t = ev.get("type")
+            if t in ("log", "warning"):
+                click.echo(ev.get("line") or ev.get("message"))
+            elif t == "state":
+                click.echo(f"state: {ev.get('state')} ({ev.get('reason', '')})")
+            elif t == "train":
+                click.echo(f"step {ev.get('step')}/{ev.get('total_steps')} loss "
+                           f"{float(ev.get('loss', 0)):.4f}")
+    except ApiError as e:
+        _fail_api(e)
+
+
+@main.command()
+@click.argument("job")
+@click.option("--url", default=None, help=URL_HELP)
+def cancel(job: str, url: str | None) -> None:
+    """Cancel a queued job, or stop a running one after its current step (the LoRA is kept)."""
+    client = Client(_url(url))
+    try:
+        rec = client.cancel(job)
+    except ApiError as e:
+        _fail_api(e)
+    click.echo(f"{job} {rec.get('state')}" + (" (stopping after the current step)"
+                                              if rec.get("state") in ("running", "assigned") else ""))
+
+
+@main.group()
+def data() -> None:
+    """Look at datasets the way the trainer will see them."""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""A small client for the dashboard's REST API: what the user commands of the CLI use.
+
+A remote user needs the dashboard's URL (and later a token), never Redis credentials.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(RuntimeError):
+    def __init__(self, status: int, message: str, errors: list[dict[str, str]] | None = None):
+        self.status = status
+        self.errors = errors or []
+        super().__init__(message)
+
+
+class Client:
+    def __init__(self, url: str, timeout: float = 30.0):
+        self.base = url.rstrip("/") + "/api/v1"
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self.session.request(method, self.base + path, timeout=self.timeout, **kw)
+        except requests.ConnectionError as e:
+            raise ApiError(0, f"cannot reach the dashboard at {self.base}: is `lorafleet up` "
+                              "running there? (set --url or LORAFLEET_URL)") from e
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {"error": resp.text[:300]}
+        if resp.status_code >= 400:
+            errors = body.get("errors") if isinstance(body, dict) else None
+            msg = body.get("error") if isinstance(body, dict) else None
+            raise ApiError(resp.status_code, msg or f"HTTP {resp.status_code}", errors)
+        return body
+
+    def submit(self, spec: dict[str, Any], kind: str = "train", priority: str = "normal",
+               owner: str | None = None) -> str:
+        body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority}
+        if owner:
+            body["owner"] = owner
+        return self._call("POST", "/jobs", json=body)["id"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/jobs/{job_id}")
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/jobs")["jobs"]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/jobs/{job_id}/cancel")
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/workers")["workers"]
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/jobs/{job_id}/events", params={"format": "json"})["events"]
+
+    def follow(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """Every event of the job, history first, then live until the job ends (SSE)."""
+        last_id = None
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_id:
+                headers["Last-Event-ID"] = last_id
+            try:
+                with self.session.get(f"{self.base}/jobs/{job_id}/events", headers=headers,
+                                      stream=True, timeout=(10, 60)) as resp:
+                    if resp.status_code == 404:
+                        raise ApiError(404, f"no job {job_id}")
+                    resp.raise_for_status()
+                    for eid, name, data in _parse_sse(resp.iter_lines(decode_unicode=True)):
+                        if name == "end":
+                            return
+                        if eid:
+                            last_id = eid
+                        if data:
+                            yield json.loads(data)
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                    requests.ReadTimeout):
+                pass  # reconnect from the last event id
+            if self.job(job_id)["state"] in TERMINAL_STATES and last_id:
+                # The stream ended without an end marker: drain once more, then stop.
+                for ev in self.history(job_id):
+                    if ev.get("id", "") > last_id:
+                        yield ev
+                return
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str | None, str]]:
+    eid: str | None = None
+    name: str | None = None
+    data: list[str] = []
+    for line in lines:
+        if line is None:
+            continue
+        if line == "":
+            if data or name:
+                yield eid, name, "\n".join(data)
+            eid, name, data = None, None, []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "id":
+                eid = value
+            elif field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)

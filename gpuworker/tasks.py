@@ -1,0 +1,173 @@
+"""The Celery task and the one wrapper that does every job's bookkeeping.
+
+`run_job` is thin: it hands the job id to `perform_job`, which checks that the job is still
+this worker's (a fence against a job that moved to another card), marks it running, calls one
+engine function with callbacks that publish events, and records the outcome. Retries after a
+lost worker are the dispatcher's business, not the task's.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from dispatcher.celery_app import RUN_JOB_TASK
+from dispatcher.fleet import Fleet
+from dispatcher.settings import Settings, connect
+from dispatcher.specs import spec_from_dict
+from dispatcher.states import JobState, TransitionError
+from dispatcher.store import JobNotFound, JobStore
+
+log = logging.getLogger("lorafleet.worker")
+
+# How often (seconds) the job record's progress fields are rewritten; every event still goes
+# to the stream.
+_PROGRESS_EVERY_S = 1.0
+
+
+class JobFenced(RuntimeError):
+    """The job no longer belongs to this worker."""
+
+
+def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
+                train: Callable[..., dict[str, Any]], settings: Settings) -> str:
+    """Run one job to an end state; returns that state's value (or 'skipped')."""
+    try:
+        rec = store.get(job_id)
+    except JobNotFound:
+        log.warning("job %s does not exist; skipping", job_id)
+        return "skipped"
+    if rec["state"] != JobState.ASSIGNED.value or rec.get("worker") != worker_name:
+        log.warning("job %s is %s on %r, not assigned to %s; skipping", job_id, rec["state"],
+                    rec.get("worker"), worker_name)
+        return "skipped"
+    try:
+        store.transition(job_id, JobState.RUNNING, f"running on {worker_name}",
+                         expect_worker=worker_name)
+    except TransitionError as e:
+        log.warning("job %s: %s", job_id, e)
+        return "skipped"
+    fleet.heartbeat(worker_name, state="busy", job=job_id)
+    events = store.events
+    last_progress = [0.0]
+
+    def emit_log(line: str) -> None:
+        log.info("[%s] %s", job_id, line)
+        events.append(job_id, "log", line=line)
+
+    def still_mine() -> bool:
+        raw = store.r.hmget(store.key(job_id), "state", "worker")
+        return raw[0] == JobState.RUNNING.value and raw[1] == worker_name
+
+    def progress(event: dict[str, Any]) -> None:
+        if not still_mine():
+            raise JobFenced(f"job {job_id} was moved away from {worker_name}")
+        event = dict(event)
+        kind = event.pop("type", "train")
+        events.append(job_id, kind, **event)
+        now = time.monotonic()
+        if kind == "train" and (now - last_progress[0] >= _PROGRESS_EVERY_S
+                                or event.get("step") == event.get("total_steps")):
+            last_progress[0] = now
+            store.update_progress(job_id, **{k: event.get(k) for k in
+                                             ("step", "total_steps", "loss", "eta_s", "epoch")})
+
+    def should_stop() -> bool:
+        return store.stop_requested(job_id) or not still_mine()
+
+    spec = spec_from_dict(rec["spec"])
+    state = JobState.FAILED
+    try:
+        result = train(spec, settings.paths, progress=progress, should_stop=should_stop,
+                       log=emit_log)
+        if not still_mine():
+            raise JobFenced(f"job {job_id} was moved away from {worker_name}")
+        store.set_result(job_id, result)
+        events.append(job_id, "result", **result)
+        if result.get("stopped"):
+            state = JobState.CANCELLED
+            reason = "stopped by the user; the incomplete LoRA was saved"
+        else:
+            state = JobState.SUCCEEDED
+            reason = result.get("reason") or "finished"
+        store.transition(job_id, state, reason, expect_worker=worker_name)
+    except JobFenced as e:
+        log.warning("%s", e)
+        return "fenced"
+    except Exception as e:  # every failure ends the job with its reason; the worker stays up
+        reason = _reason(e)
+        tb = traceback.format_exc().rstrip().splitlines()
+        for line in tb[-12:]:
+            events.append(job_id, "log", line=line)
+        try:
+            store.transition(job_id, JobState.FAILED, reason, expect_worker=worker_name)
+        except TransitionError:
+            pass
+    finally:
+        fleet.heartbeat(worker_name, state="idle", job="")
+        _release_memory()
+    return state.value
+
+
+def _reason(e: BaseException) -> str:
+    """A user-facing reason: engine errors as they are, anything else with its type."""
+    if type(e).__name__ == "EngineError":
+        return str(e)
+    if "out of memory" in str(e).lower():
+        return ("out of GPU memory: lower micro_batch_size, cutoff_len or lora_rank "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    return f"{type(e).__name__}: {str(e)[:500]}"
+
+
+def _release_memory() -> None:
+    gc.collect()
+    try:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+def register_tasks(celery, settings: Settings) -> None:
+    """Define the task on this worker's Celery app. Redis is connected in the child, per task."""
+    from billiard.exceptions import WorkerLostError
+    from celery.signals import task_failure
+
+    @task_failure.connect(weak=False)
+    def on_child_lost(sender=None, task_id=None, exception=None, args=None, **kw) -> None:
+        # Runs in the worker's main process when the child that trained died (kill -9, the
+        # kernel's OOM killer): the job would otherwise stay "running" on a live worker.
+        if not isinstance(exception, WorkerLostError) or not args or len(args) < 2:
+            return
+        job_id, name = args[0], args[1]
+        r = connect(settings)
+        try:
+            store = JobStore(r, settings.prefix)
+            store.transition(job_id, JobState.RETRYING,
+                             f"the training process on {name} died ({exception}); re-queued",
+                             expect_worker=name, worker="")
+            Fleet(r, settings.prefix, settings.worker_timeout).heartbeat(name, state="idle",
+                                                                        job="")
+        except (TransitionError, JobNotFound):
+            pass
+        finally:
+            r.close()
+
+    @celery.task(name=RUN_JOB_TASK)
+    def run_job(job_id: str, worker_name: str) -> str:
+        from gpuworker.engine import train  # torch is imported here, in the process that trains
+
+        r = connect(settings)
+        try:
+            return perform_job(job_id, worker_name, JobStore(r, settings.prefix),
+                               Fleet(r, settings.prefix, settings.worker_timeout), train,
+                               settings)
+        finally:
+            r.close()

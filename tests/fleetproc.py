@@ -1,0 +1,144 @@
+"""Start real lorafleet processes for integration and browser tests.
+
+Each test module gets its own key prefix and data folder on the session's real Redis server, and
+real `python -m dispatcher`, `python -m gpuworker.worker` and (when asked) `python -m dashboard`
+processes, exactly as `lorafleet up` starts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from dispatcher.embedded import free_port
+from dispatcher.settings import Settings
+from dispatcher.store import JobStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FleetProcs:
+    def __init__(self, home: Path, redis_url: str, prefix: str):
+        self.home = home
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.port = free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = dict(os.environ)
+        self.env.update({
+            "LORAFLEET_HOME": str(home), "LORAFLEET_REDIS_URL": redis_url,
+            "LORAFLEET_PREFIX": prefix, "LORAFLEET_PORT": str(self.port),
+            "LORAFLEET_HEARTBEAT": "0.5", "LORAFLEET_WORKER_TIMEOUT": "6",
+            "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2",
+        })
+        self.settings = Settings.from_env(self.env)
+        self.settings.paths.ensure()
+        self.r = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.store = JobStore(self.r, prefix)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.home / f"{name}.log", "ab")
+        p = subprocess.Popen([sys.executable, *args], env=self.env, cwd=ROOT,
+                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def start_dispatcher(self) -> None:
+        self.start("dispatcher", ["-m", "dispatcher"])
+
+    def start_worker(self, name: str = "w1") -> None:
+        self.start(f"worker-{name}", ["-m", "gpuworker.worker", "--name", name])
+
+    def start_dashboard(self) -> None:
+        import requests
+
+        self.start("dashboard", ["-m", "dashboard"])
+        self.wait_for(lambda: _ok(requests, self.url + "/api/v1/workers"), 30, "dashboard")
+
+    def wait_for_workers(self, n: int = 1, timeout: float = 60) -> None:
+        from dispatcher.fleet import Fleet
+
+        fleet = Fleet(self.r, self.prefix, timeout=6)
+        self.wait_for(lambda: len(fleet.alive()) >= n, timeout, f"{n} worker(s)")
+
+    def wait_for(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            v = pred()
+            if v:
+                return v
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise AssertionError(f"{name} exited with {p.returncode} while waiting for "
+                                         f"{what}:\n{self.log(name)[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n"
+                             + "\n".join(f"--- {n}\n{self.log(n)[-2000:]}" for n in self.procs))
+
+    def wait_for_state(self, job_id: str, states: tuple[str, ...], timeout: float = 180) -> dict:
+        def done():
+            rec = self.store.get(job_id)
+            return rec if rec["state"] in states else None
+
+        return self.wait_for(done, timeout, f"job {job_id} to reach {states}")
+
+    def log(self, name: str) -> str:
+        p = self.home / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def kill(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        p = self.procs.pop(name, None)
+        if p is None or p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, sig)
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+        self.r.close()
+
+
+def _ok(requests, url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def small_spec(**over: Any) -> dict[str, Any]:
+    """A spec that trains the tiny model for a few optimizer steps in seconds on CPU."""
+    spec = {
+        "lora_name": "tiny-lora", "base_model": "tiny", "dataset": "tiny", "format": "alpaca-format",
+        "lora_rank": 4, "lora_alpha": 8, "micro_batch_size": 2, "batch_size": 4, "epochs": 1,
+        "learning_rate": "1e-3", "cutoff_len": 64, "warmup_steps": 0, "lr_scheduler_type": "linear",
+    }
+    spec.update(over)
+    return spec
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+    return path
