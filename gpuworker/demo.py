@@ -181,6 +181,8 @@ def convert_gguf_to_hf(gguf_path: Path, dest: Path, log: Log = print) -> dict:
             DEMO_MAX_LENGTH, int(getattr(config, "max_position_embeddings", DEMO_MAX_LENGTH))
         )
         tokenizer.save_pretrained(tmp)
+        _tidy_tokenizer_config(tmp / "tokenizer_config.json")
+        _relax_permissions(tmp)
 
         params = sum(p.numel() for p in model.parameters())
         seconds = round(time.monotonic() - started, 1)
@@ -195,7 +197,9 @@ def convert_gguf_to_hf(gguf_path: Path, dest: Path, log: Log = print) -> dict:
         }
         (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         if not _model_folder_complete(tmp):
-            raise RuntimeError(f"conversion produced an incomplete folder: {sorted(os.listdir(tmp))}")
+            raise RuntimeError(
+                f"conversion produced an incomplete folder: {sorted(os.listdir(tmp))}"
+            )
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,6 +211,32 @@ def convert_gguf_to_hf(gguf_path: Path, dest: Path, log: Log = print) -> dict:
     )
     record["bytes"] = size
     return record
+
+
+def _tidy_tokenizer_config(path: Path) -> None:
+    """Name the tokenizer class the upstream model uses and drop load-time-only keys.
+
+    A GGUF-built tokenizer is saved with transformers 5's generic class name, which older
+    transformers (e.g. an existing text-generation-webui install) cannot resolve; the upstream
+    SmolLM2 folders name ``GPT2Tokenizer``, which both read from ``tokenizer.json``.
+    """
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text())
+    if data.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
+        data["tokenizer_class"] = "GPT2Tokenizer"
+    for key in ("is_local", "local_files_only"):
+        data.pop(key, None)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _relax_permissions(folder: Path) -> None:
+    """Files readable as the umask allows (some writers create 0600), for a shared data folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in folder.iterdir():
+        if item.is_file():
+            item.chmod(0o666 & ~umask)
 
 
 def verify_model(folder: Path, question: str = VERIFY_QUESTION, max_new_tokens: int = 40) -> str:
@@ -227,7 +257,7 @@ def verify_model(folder: Path, question: str = VERIFY_QUESTION, max_new_tokens: 
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
         )
-    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return answer.strip()
 
 

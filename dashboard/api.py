@@ -1,0 +1,216 @@
+"""The JSON REST API under /api/v1: what the pages' scripts and the CLI use.
+
+Errors are JSON objects `{"error": "..."}`; an invalid spec also lists every problem as
+`{"errors": [{"field", "message"}, ...]}` and queues nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from dashboard.app import services
+from dashboard.forms import form_fields
+from dashboard.lora_zip import lora_available, lora_dir, stream_zip
+from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
+from dispatcher.specs import FIELD_DOCS, SpecError, default_spec, list_choices, parse_train_spec
+from dispatcher.states import TransitionError
+from dispatcher.store import KINDS, PRIORITIES, JobNotFound
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+ENVELOPE_KEYS = {"kind", "spec", "owner", "priority"}
+# Record fields that the job list leaves out (the spec can be long; the page fetches it).
+LIST_OMITS = ("spec", "result")
+SUMMARY_DEFAULTS = {"step": None, "total_steps": None, "loss": None, "eta_s": None,
+                    "epoch": None, "worker": "", "reason": ""}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _error(status: int, message: str, errors: list[dict[str, str]] | None = None):
+    body: dict[str, Any] = {"error": message}
+    if errors is not None:
+        body["errors"] = errors
+    return jsonify(body), status
+
+
+def job_summary(rec: dict[str, Any]) -> dict[str, Any]:
+    out = {**SUMMARY_DEFAULTS, **{k: v for k, v in rec.items() if k not in LIST_OMITS}}
+    return out
+
+
+def _get_job(job_id: str) -> dict[str, Any]:
+    return services().store.get(job_id)
+
+
+@bp.errorhandler(JobNotFound)
+def _job_not_found(e: JobNotFound):
+    return _error(404, f"no job {e.args[0] if e.args else ''}".strip())
+
+
+# jobs -----------------------------------------------------------------------------------------
+@bp.post("/jobs")
+def submit_job():
+    body = request.get_json(silent=True)
+    if body is None:
+        return _error(400, "the request body must be a JSON object (a spec, or "
+                           '{"kind": "train", "spec": {...}})')
+    if not isinstance(body, dict):
+        return _error(400, "the request body must be a JSON object",
+                      [{"field": "spec", "message": "must be a JSON object of training parameters"}])
+    problems: list[dict[str, str]] = []
+    if "spec" in body:  # an envelope: {"kind", "spec", "owner", "priority"}
+        for key in sorted(set(body) - ENVELOPE_KEYS):
+            problems.append({"field": str(key), "message": "is not a known request field "
+                             f"(use {', '.join(sorted(ENVELOPE_KEYS))})"})
+        spec_in = body["spec"]
+        kind = body.get("kind", "train")
+        priority = body.get("priority", "normal")
+        owner = body.get("owner")
+    else:
+        spec_in, kind, priority, owner = body, "train", request.args.get("priority", "normal"), None
+    owner = owner or request.headers.get("X-Lorafleet-User") or "local"
+    if kind not in KINDS:
+        problems.append({"field": "kind", "message": f"must be one of {', '.join(KINDS)}"})
+    if priority not in PRIORITIES:
+        problems.append({"field": "priority",
+                         "message": f"must be one of {', '.join(PRIORITIES)}"})
+    if not isinstance(owner, str) or not OWNER_RE.match(owner):
+        problems.append({"field": "owner", "message": "must be a user name of letters, digits, "
+                                                      "'.', '_', '@' or '-' (at most 64)"})
+    settings = services().settings
+    spec = None
+    try:
+        spec = parse_train_spec(spec_in, settings.paths)
+    except SpecError as e:
+        problems.extend(e.errors)
+    if problems or spec is None:
+        n = len(problems)
+        return _error(400, f"the job was not queued: {n} problem{'s' if n != 1 else ''} "
+                           "in the request", problems)
+    job_id = services().store.create("train", spec.to_dict(), owner, priority)
+    return jsonify({"id": job_id, "state": "queued"}), 201
+
+
+@bp.get("/jobs")
+def list_jobs():
+    try:
+        limit = max(1, min(1000, int(request.args.get("limit", 200))))
+        offset = max(0, int(request.args.get("offset", 0)))
+    except ValueError:
+        return _error(400, "limit and offset must be whole numbers")
+    jobs = [job_summary(r) for r in services().store.list(limit=limit, offset=offset)]
+    for key in ("state", "owner"):
+        want = request.args.get(key)
+        if want:
+            allowed = set(want.split(","))
+            jobs = [j for j in jobs if j.get(key) in allowed]
+    return jsonify({"jobs": jobs})
+
+
+def job_detail(job_id: str) -> dict[str, Any]:
+    """A job's record with its history and whether its LoRA can be downloaded."""
+    svc = services()
+    rec = svc.store.get(job_id)
+    rec = {**SUMMARY_DEFAULTS, **rec}
+    rec["history"] = svc.store.history(job_id)
+    rec["stop_requested"] = svc.store.stop_requested(job_id)
+    rec["lora_available"] = lora_available(rec, svc.settings.paths)
+    return rec
+
+
+@bp.get("/jobs/<job_id>")
+def get_job(job_id: str):
+    return jsonify(job_detail(job_id))
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    store = services().store
+    rec = store.get(job_id)
+    if is_terminal(rec.get("state", "")):
+        return _error(409, f"job {job_id} has already {rec['state']}: nothing to cancel")
+    try:
+        rec = store.cancel(job_id)
+    except TransitionError as e:  # it changed state under us (e.g. it just finished)
+        return _error(409, str(e))
+    rec["stop_requested"] = store.stop_requested(job_id)
+    return jsonify(rec)
+
+
+@bp.get("/jobs/<job_id>/events")
+def job_events_route(job_id: str):
+    svc = services()
+    svc.store.get(job_id)  # 404 before any streaming starts
+    raw_after = request.args.get("after") or request.headers.get("Last-Event-ID")
+    try:
+        after = valid_stream_id(raw_after)
+    except ValueError as e:
+        return _error(400, str(e))
+    if request.args.get("format") == "json":
+        events = []
+        last = after
+        while True:
+            batch = svc.events.history(job_id, after=last, count=1000)
+            events.extend({"id": eid, **ev} for eid, ev in batch)
+            if len(batch) < 1000:
+                break
+            last = batch[-1][0]
+        return jsonify({"job": job_id, "events": events})
+    cfg = current_app.config
+    gen = job_events(svc.store, svc.events, job_id, after,
+                     block_ms=int(cfg["LORAFLEET_SSE_BLOCK_MS"]),
+                     grace_ms=int(cfg["LORAFLEET_SSE_GRACE_MS"]))
+    return Response(gen, mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+@bp.get("/jobs/<job_id>/lora.zip")
+def download_lora(job_id: str):
+    svc = services()
+    rec = svc.store.get(job_id)
+    folder = lora_dir(rec, svc.settings.paths)
+    if folder is None:
+        return _error(404, f"job {job_id} has no LoRA folder")
+    if not is_terminal(rec.get("state", "")):
+        return _error(409, f"job {job_id} is {rec.get('state')}: its LoRA can be downloaded "
+                           "once it has finished")
+    if not lora_available(rec, svc.settings.paths):
+        return _error(404, f"job {job_id} saved no LoRA (loras/{folder.name}/ has no adapter)")
+    with_checkpoints = request.args.get("checkpoints", "") in ("1", "true", "yes")
+    name = folder.name
+    return Response(stream_zip(folder, name, with_checkpoints), mimetype="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
+
+
+# live -----------------------------------------------------------------------------------------
+@bp.get("/live")
+def live():
+    """Every job event announced on pub/sub, as SSE; `?types=state,train` keeps only those."""
+    svc = services()
+    types = frozenset(t for t in request.args.get("types", "").split(",") if t) or None
+    gen = live_feed(svc.redis, svc.events.channel, types,
+                    block_ms=int(current_app.config["LORAFLEET_SSE_BLOCK_MS"]))
+    return Response(gen, mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+# fleet and choices ----------------------------------------------------------------------------
+@bp.get("/workers")
+def workers():
+    return jsonify({"workers": services().fleet.workers()})
+
+
+@bp.get("/choices")
+def choices():
+    return jsonify(list_choices(services().settings.paths))
+
+
+@bp.get("/spec/defaults")
+def spec_defaults():
+    data_choices = list_choices(services().settings.paths)
+    return jsonify({"spec": default_spec(), "docs": FIELD_DOCS,
+                    "fields": [f.to_dict() for f in form_fields(data_choices)],
+                    "priorities": list(PRIORITIES)})
+

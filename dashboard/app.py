@@ -1,0 +1,135 @@
+"""The dashboard's app factory, its lazily connected services, and `serve` for the CLI.
+
+No Redis connection is made at import or in `create_app`: the first request that needs Redis
+opens the client (STYLE 2). Tests hand in a Settings (and may hand in a client) through config.
+
+Config keys:
+  LORAFLEET_SETTINGS        a dispatcher.settings.Settings (default: Settings.from_env())
+  LORAFLEET_REDIS           optional: a ready Redis client (decode_responses=True), or a
+                            callable returning one, instead of connecting from the settings
+  LORAFLEET_SSE_BLOCK_MS    how long an SSE stream waits for news before a keep-alive (15000)
+  LORAFLEET_SSE_GRACE_MS    how long a job's stream keeps reading after the job ended (1000)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import redis as redis_lib
+from flask import Flask, current_app, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from dispatcher.events import EventLog
+from dispatcher.fleet import Fleet
+from dispatcher.settings import Settings, connect
+from dispatcher.store import JobStore
+
+log = logging.getLogger(__name__)
+
+REDIS_DOWN = ("cannot reach Redis: is `lorafleet up` (or the configured Redis server) running? "
+              "Check LORAFLEET_REDIS_URL.")
+
+
+class Services:
+    """What the dashboard talks to, created on first use and shared by all request threads."""
+
+    def __init__(self, settings: Settings, redis: Any = None):
+        self.settings = settings
+        self._redis_source = redis
+        self._redis: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def redis(self) -> Any:
+        if self._redis is None:
+            with self._lock:
+                if self._redis is None:
+                    src = self._redis_source
+                    if src is None:
+                        self._redis = connect(self.settings)
+                    elif callable(src) and not hasattr(src, "xadd"):
+                        self._redis = src()
+                    else:
+                        self._redis = src
+        return self._redis
+
+    @property
+    def store(self) -> JobStore:
+        return JobStore(self.redis, self.settings.prefix)
+
+    @property
+    def events(self) -> EventLog:
+        return EventLog(self.redis, self.settings.prefix)
+
+    @property
+    def fleet(self) -> Fleet:
+        return Fleet(self.redis, self.settings.prefix, timeout=self.settings.worker_timeout)
+
+
+def services() -> Services:
+    """The current app's services (inside a request or app context)."""
+    return current_app.extensions["lorafleet"]
+
+
+def _wants_json() -> bool:
+    return request.path.startswith("/api/")
+
+
+def _register_error_handlers(app: Flask) -> None:
+    def respond(status: int, message: str, title: str):
+        if _wants_json():
+            return jsonify({"error": message}), status
+        return render_template("error.html", status=status, title=title, message=message), status
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return respond(e.code or 500, e.description or e.name, e.name)
+
+    @app.errorhandler(redis_lib.ConnectionError)
+    @app.errorhandler(redis_lib.TimeoutError)
+    def redis_down(e: Exception):
+        log.warning("redis unavailable: %s", e)
+        return respond(503, REDIS_DOWN, "Redis is not reachable")
+
+    @app.errorhandler(Exception)
+    def unexpected(e: Exception):
+        # Logged with its traceback for the operator; the user sees one plain sentence.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return respond(500, "internal error in the dashboard; see its log for details",
+                       "Internal error")
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the dashboard app. Nothing here talks to Redis."""
+    app = Flask(__name__)
+    app.config.update(LORAFLEET_SSE_BLOCK_MS=15000, LORAFLEET_SSE_GRACE_MS=1000,
+                      JSON_SORT_KEYS=False)
+    if config:
+        app.config.update(config)
+    settings = app.config.get("LORAFLEET_SETTINGS")
+    if settings is None:
+        settings = Settings.from_env()
+        app.config["LORAFLEET_SETTINGS"] = settings
+    app.extensions["lorafleet"] = Services(settings, app.config.get("LORAFLEET_REDIS"))
+
+    from dashboard import filters
+    from dashboard.api import bp as api_bp
+    from dashboard.pages import bp as pages_bp
+
+    filters.register(app)
+    app.register_blueprint(api_bp)
+    app.register_blueprint(pages_bp)
+    _register_error_handlers(app)
+    return app
+
+
+def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app) -> None:
+    """Run the dashboard with a threaded server (each live SSE view holds one thread)."""
+    from werkzeug.serving import run_simple
+
+    app = app_factory({"LORAFLEET_SETTINGS": settings})
+    run_simple(settings.dashboard_host, settings.dashboard_port, app, threaded=True,
+               use_reloader=False, use_debugger=False)

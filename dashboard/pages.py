@@ -1,0 +1,54 @@
+"""The HTML pages: Jobs, New job, Job, Fleet. Live data comes from the API's SSE endpoints."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, render_template, request
+
+from dashboard.api import job_summary, job_detail
+from dashboard.app import services
+from dashboard.forms import form_sections
+from dispatcher.specs import list_choices
+from dispatcher.store import PRIORITIES, JobNotFound
+
+bp = Blueprint("pages", __name__, template_folder="templates")
+
+
+@bp.get("/")
+@bp.get("/jobs")
+def jobs():
+    records = [job_summary(r) for r in services().store.list(limit=500)]
+    return render_template("jobs.html", jobs=records, nav="jobs")
+
+
+@bp.get("/jobs/new")
+def new_job():
+    """The form; `?from=<job id>` fills it with that job's parameters ("copy parameters from")."""
+    svc = services()
+    values = None
+    copied_from = request.args.get("from", "")
+    priority = "normal"
+    if copied_from:
+        try:
+            rec = svc.store.get(copied_from)
+        except JobNotFound:
+            abort(404, f"no job {copied_from} to copy parameters from")
+        values = dict(rec.get("spec") or {})
+        priority = rec.get("priority", "normal")
+    data_choices = list_choices(svc.settings.paths)
+    return render_template("new_job.html", sections=form_sections(data_choices, values),
+                           priorities=list(PRIORITIES), priority=priority,
+                           copied_from=copied_from, choices=data_choices, nav="new")
+
+
+@bp.get("/jobs/<job_id>")
+def job(job_id: str):
+    try:
+        rec = job_detail(job_id)
+    except JobNotFound:
+        abort(404, f"no job {job_id}")
+    return render_template("job.html", job=rec, nav="jobs")
+
+
+@bp.get("/fleet")
+def fleet():
+    return render_template("fleet.html", workers=services().fleet.workers(), nav="fleet")

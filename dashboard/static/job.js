@@ -1,0 +1,264 @@
+/* Job page: replays and follows the job's event stream (SSE), draws the charts with uPlot,
+   keeps the stats, the log tail and the Stop / Download controls in step with the job. */
+"use strict";
+
+(function () {
+  const page = document.querySelector('[data-testid="job-page"]');
+  const job = JSON.parse(document.getElementById("job-data").textContent);
+  const $ = (testid) => page.querySelector(`[data-testid="${testid}"]`);
+  const LOG_LINES = 200;
+
+  const train = new Map();  // step -> {loss, lr}
+  const evals = new Map();  // step -> eval loss
+  const logLines = [];
+  let state = job.state;
+  let lossPlot = null, lrPlot = null;
+  let flushPending = false, logDirty = false;
+
+  // ---- state and controls ----------------------------------------------------------------
+  function setState(newState, reason) {
+    state = newState;
+    page.dataset.state = newState;
+    LF.setBadge($("job-state"), newState);
+    const stop = $("stop-button");
+    const terminal = LF.TERMINAL.includes(newState);
+    stop.hidden = terminal;
+    if (!terminal && !stop.dataset.stopping) {
+      stop.textContent = (newState === "queued" || newState === "retrying") ? "Cancel" : "Stop";
+      stop.disabled = false;
+    }
+    if (terminal) $("stop-requested").hidden = true;
+    const r = $("job-reason");
+    if (reason !== undefined) r.textContent = reason || "";
+    r.className = `reason state-${newState}`;
+    r.hidden = !r.textContent || !["failed", "cancelled", "retrying"].includes(newState);
+  }
+
+  function applyRecord(rec) {
+    $("job-worker").textContent = rec.worker || "—";
+    $("job-owner").textContent = rec.owner || "";
+    setState(rec.state, rec.reason);
+    $("download-lora").hidden = !rec.lora_available;
+    if (rec.stop_requested && !LF.TERMINAL.includes(rec.state)) showStopping();
+  }
+
+  let recordTimer = null;
+  function scheduleRecordRefresh() {
+    // A replay brings several state events at once; fetch the record once after them.
+    clearTimeout(recordTimer);
+    recordTimer = setTimeout(refreshRecord, 150);
+  }
+
+  async function refreshRecord() {
+    const res = await LF.api(page.dataset.jobApi);
+    if (res.ok) applyRecord(res.body);
+  }
+
+  function showStopping() {
+    const stop = $("stop-button");
+    stop.dataset.stopping = "1";
+    stop.disabled = true;
+    stop.textContent = "Stopping…";
+    $("stop-requested").hidden = false;
+  }
+
+  $("stop-button").addEventListener("click", async () => {
+    const stop = $("stop-button");
+    const err = $("action-error");
+    err.hidden = true;
+    stop.disabled = true;
+    const res = await LF.api(page.dataset.cancelUrl, { method: "POST" });
+    if (!res.ok) {
+      stop.disabled = false;
+      err.textContent = (res.body && res.body.error) || `HTTP ${res.status}`;
+      err.hidden = false;
+      return;
+    }
+    if (res.body.stop_requested) showStopping();
+    applyRecord(Object.assign({ lora_available: false }, res.body));
+  });
+
+  // ---- stats -------------------------------------------------------------------------------
+  function setStats(ev) {
+    const total = LF.num(ev.total_steps);
+    if (LF.num(ev.step) !== null) {
+      $("stat-step").textContent = total ? `${ev.step} / ${total}` : String(ev.step);
+      $("job-progress").style.width = `${LF.pct(ev.step, total).toFixed(1)}%`;
+    }
+    if (LF.num(ev.epoch) !== null) $("stat-epoch").textContent = LF.num(ev.epoch).toFixed(2);
+    if (LF.num(ev.loss) !== null) $("stat-loss").textContent = LF.fmtLoss(ev.loss);
+    if (LF.num(ev.tokens_per_s) !== null) {
+      $("stat-tokens").textContent = Math.round(LF.num(ev.tokens_per_s)).toLocaleString();
+    }
+    if (ev.eta_s !== undefined) $("stat-eta").textContent = LF.fmtDuration(ev.eta_s) || "—";
+    if (LF.num(ev.gpu_mem_mb) !== null) $("stat-gpu-mem").textContent = LF.fmtMB(ev.gpu_mem_mb);
+  }
+
+  // ---- charts ------------------------------------------------------------------------------
+  function chartWidth(el) {
+    return Math.max(280, el.clientWidth || el.parentElement.clientWidth - 32 || 600);
+  }
+
+  function lossData() {
+    const steps = Array.from(new Set([...train.keys(), ...evals.keys()])).sort((a, b) => a - b);
+    return [
+      steps,
+      steps.map((s) => (train.has(s) && train.get(s).loss !== null ? train.get(s).loss : null)),
+      steps.map((s) => (evals.has(s) ? evals.get(s) : null)),
+    ];
+  }
+
+  function lrData() {
+    const steps = Array.from(train.keys()).filter((s) => train.get(s).lr !== null).sort((a, b) => a - b);
+    return [steps, steps.map((s) => train.get(s).lr)];
+  }
+
+  function makeLossPlot(el) {
+    return new uPlot({
+      width: chartWidth(el), height: 260,
+      scales: { x: { time: false } },
+      axes: [{ label: "step" }, { label: "loss", size: 60 }],
+      series: [
+        { label: "step" },
+        { label: "loss", stroke: "#2563eb", width: 1.5, spanGaps: true },
+        { label: "eval loss", stroke: "#dc2626", width: 0, paths: () => null,
+          points: { show: true, size: 8, stroke: "#dc2626", fill: "#fca5a5" } },
+      ],
+    }, lossData(), el);
+  }
+
+  function makeLrPlot(el) {
+    return new uPlot({
+      width: chartWidth(el), height: 200,
+      scales: { x: { time: false } },
+      axes: [{ label: "step" }, { label: "learning rate", size: 70,
+                                  values: (u, ticks) => ticks.map((t) => t.toExponential(1)) }],
+      series: [{ label: "step" }, { label: "lr", stroke: "#059669", width: 1.5 }],
+    }, lrData(), el);
+  }
+
+  function drawCharts() {
+    const lossEl = $("loss-chart"), lrEl = $("lr-chart");
+    const ld = lossData(), rd = lrData();
+    const lossPoints = ld[1].filter((v) => v !== null).length;
+    const evalPoints = ld[2].filter((v) => v !== null).length;
+    if (ld[0].length && typeof uPlot !== "undefined") {
+      if (!lossPlot) lossPlot = makeLossPlot(lossEl); else lossPlot.setData(ld);
+    }
+    if (rd[0].length && typeof uPlot !== "undefined") {
+      if (!lrPlot) lrPlot = makeLrPlot(lrEl); else lrPlot.setData(rd);
+    }
+    document.getElementById("loss-empty").hidden = ld[0].length > 0;
+    document.getElementById("lr-empty").hidden = rd[0].length > 0;
+    lossEl.dataset.points = String(lossPoints);
+    lossEl.dataset.evalPoints = String(evalPoints);
+    lrEl.dataset.points = String(rd[0].length);
+  }
+
+  window.addEventListener("resize", () => {
+    if (lossPlot) lossPlot.setSize({ width: chartWidth($("loss-chart")), height: 260 });
+    if (lrPlot) lrPlot.setSize({ width: chartWidth($("lr-chart")), height: 200 });
+  });
+
+  // ---- log tail ----------------------------------------------------------------------------
+  function addLog(ev, text, cls) {
+    logLines.push({ text: `${LF.fmtTime(ev.time)}  ${text}`, cls: cls || "" });
+    if (logLines.length > LOG_LINES) logLines.splice(0, logLines.length - LOG_LINES);
+    logDirty = true;
+  }
+
+  function drawLog() {
+    const box = $("log-tail");
+    const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 30;
+    const frag = document.createDocumentFragment();
+    logLines.forEach((l) => {
+      const div = document.createElement("div");
+      div.className = `line ${l.cls}`;
+      div.textContent = l.text;
+      frag.appendChild(div);
+    });
+    box.replaceChildren(frag);
+    box.dataset.lines = String(logLines.length);
+    if (atBottom) box.scrollTop = box.scrollHeight;
+  }
+
+  function addWarning(message) {
+    const list = $("job-warnings");
+    const li = document.createElement("li");
+    li.textContent = message;
+    list.appendChild(li);
+    list.hidden = false;
+  }
+
+  // ---- events ------------------------------------------------------------------------------
+  function scheduleFlush() {
+    // Many events arrive at once on a replay: draw once per burst, not once per event.
+    if (flushPending) return;
+    flushPending = true;
+    setTimeout(() => {
+      flushPending = false;
+      drawCharts();
+      if (logDirty) { logDirty = false; drawLog(); }
+    }, 30);
+  }
+
+  function handle(ev) {
+    switch (ev.type) {
+      case "train": {
+        const step = LF.num(ev.step);
+        if (step === null) break;
+        train.set(step, { loss: LF.num(ev.loss), lr: LF.num(ev.learning_rate) });
+        setStats(ev);
+        break;
+      }
+      case "eval": {
+        const step = LF.num(ev.step), loss = LF.num(ev.eval_loss);
+        if (step !== null && loss !== null) evals.set(step, loss);
+        addLog(ev, `eval at step ${ev.step}: loss ${LF.fmtLoss(ev.eval_loss)}`);
+        break;
+      }
+      case "state":
+        setState(ev.state, ev.reason);
+        addLog(ev, `state → ${ev.state}${ev.reason ? ` (${ev.reason})` : ""}`, "state");
+        scheduleRecordRefresh();
+        break;
+      case "log":
+        addLog(ev, String(ev.line === undefined ? "" : ev.line));
+        break;
+      case "warning":
+        addLog(ev, `warning: ${ev.message}`, "warn");
+        addWarning(ev.message);
+        break;
+      case "result":
+        addLog(ev, `result: ${JSON.stringify(Object.assign({}, ev, { type: undefined, time: undefined, id: undefined }))}`);
+        break;
+      default:
+        break;
+    }
+    scheduleFlush();
+  }
+
+  const statusEl = $("stream-status");
+  const es = new EventSource(page.dataset.eventsUrl);
+  es.addEventListener("open", () => {
+    page.dataset.stream = "live";
+    LF.setLiveStatus(statusEl, "live", "live");
+  });
+  es.addEventListener("message", (m) => {
+    let ev;
+    try { ev = JSON.parse(m.data); } catch (e) { return; }
+    handle(ev);
+  });
+  es.addEventListener("end", () => {
+    es.close();
+    page.dataset.stream = "ended";
+    LF.setLiveStatus(statusEl, "ended", "finished");
+    scheduleFlush();
+    refreshRecord();
+  });
+  es.addEventListener("error", () => {
+    if (page.dataset.stream === "ended") return;
+    page.dataset.stream = "reconnecting";
+    LF.setLiveStatus(statusEl, "reconnecting", "reconnecting…");
+  });
+})();

@@ -1,0 +1,103 @@
+/* Jobs page: rows update from the live SSE feed (no timers). */
+"use strict";
+
+(function () {
+  const body = document.getElementById("jobs-body");
+  const template = document.getElementById("job-row-template");
+  const empty = document.getElementById("jobs-empty");
+  const status = document.querySelector('[data-testid="live-status"]');
+  const jobUrl = (id) => `/jobs/${encodeURIComponent(id)}`;
+  const apiUrl = (id) => `/api/v1/jobs/${encodeURIComponent(id)}`;
+
+  function rowFor(id) {
+    return body.querySelector(`tr[data-job-id="${CSS.escape(id)}"]`);
+  }
+
+  function cell(tr, col) {
+    return tr.querySelector(`[data-col="${col}"]`);
+  }
+
+  function fill(tr, job) {
+    tr.dataset.jobId = job.id;
+    const name = cell(tr, "name").querySelector("a");
+    name.href = jobUrl(job.id);
+    if (job.name !== undefined) name.textContent = job.name || "(unnamed)";
+    const id = cell(tr, "id").querySelector("a");
+    id.href = jobUrl(job.id);
+    id.textContent = job.id;
+    if (job.state) LF.setBadge(cell(tr, "state").querySelector(".badge"), job.state);
+    if (job.owner !== undefined) cell(tr, "owner").textContent = job.owner;
+    if (job.step !== undefined || job.total_steps !== undefined) {
+      progress(tr, job.step, job.total_steps);
+    }
+    if (job.loss !== undefined) cell(tr, "loss").textContent = LF.fmtLoss(job.loss);
+    const state = job.state || cell(tr, "state").querySelector(".badge").dataset.state;
+    if (job.eta_s !== undefined || job.state) {
+      cell(tr, "eta").textContent = state === "running" ? LF.fmtDuration(job.eta_s) : "";
+    }
+    if (job.worker !== undefined) cell(tr, "worker").textContent = job.worker || "";
+    if (job.created !== undefined) {
+      const c = cell(tr, "created");
+      c.dataset.ts = job.created;
+      c.textContent = LF.fmtTime(job.created);
+    }
+  }
+
+  function progress(tr, step, total) {
+    const p = cell(tr, "progress");
+    p.querySelector(".bar").style.width = `${LF.pct(step, total).toFixed(1)}%`;
+    const t = LF.num(total);
+    p.querySelector(".progress-text").textContent = t ? `${LF.num(step) || 0} / ${t}` : "";
+  }
+
+  async function refreshRow(id) {
+    const res = await LF.api(apiUrl(id));
+    if (!res.ok) return;
+    let tr = rowFor(id);
+    if (!tr) {
+      tr = template.content.firstElementChild.cloneNode(true);
+      body.insertBefore(tr, body.firstChild);
+      empty.hidden = true;
+    }
+    fill(tr, res.body);
+  }
+
+  async function refreshAll() {
+    // After (re)connecting, catch up on anything missed while disconnected: one fetch, no timer.
+    const res = await LF.api("/api/v1/jobs");
+    if (!res.ok) return;
+    const jobs = res.body.jobs;
+    for (let i = jobs.length - 1; i >= 0; i--) {
+      let tr = rowFor(jobs[i].id);
+      if (!tr) {
+        tr = template.content.firstElementChild.cloneNode(true);
+        body.insertBefore(tr, body.firstChild);
+      }
+      fill(tr, jobs[i]);
+    }
+    empty.hidden = jobs.length > 0 || body.children.length > 0;
+  }
+
+  function onEvent(payload) {
+    const ev = payload.event || {};
+    const tr = rowFor(payload.job);
+    if (ev.type === "state" || !tr) {
+      refreshRow(payload.job);
+      return;
+    }
+    if (ev.type === "train") {
+      fill(tr, { id: payload.job, step: ev.step, total_steps: ev.total_steps, loss: ev.loss,
+                 eta_s: ev.eta_s });
+    }
+  }
+
+  // Times from the server are rendered in its zone; show them in the browser's.
+  body.querySelectorAll('[data-col="created"]').forEach((c) => {
+    if (c.dataset.ts) c.textContent = LF.fmtTime(c.dataset.ts);
+  });
+  let opened = false;
+  LF.liveFeed("/api/v1/live?types=state,train", status, onEvent, () => {
+    if (opened) refreshAll();
+    opened = true;
+  });
+})();

@@ -1,0 +1,82 @@
+/* New job form: posts the spec as JSON to the API, shows field errors inline, opens the job. */
+"use strict";
+
+(function () {
+  const form = document.getElementById("new-job-form");
+  const formError = document.getElementById("form-error");
+  const status = document.getElementById("submit-status");
+  const button = form.querySelector('button[type="submit"]');
+
+  function collect() {
+    const spec = {};
+    form.querySelectorAll(".field[data-field]").forEach((f) => {
+      const name = f.dataset.field;
+      if (name === "priority") return;
+      const type = f.dataset.type;
+      if (type === "list[str]") {
+        spec[name] = Array.from(f.querySelectorAll(`input[name="${name}"]:checked`)).map((i) => i.value);
+      } else if (type === "bool") {
+        spec[name] = f.querySelector(`input[name="${name}"]`).checked;
+      } else {
+        const el = f.querySelector(`[name="${name}"]`);
+        // Numbers go as typed: the server validates and names the field if one is wrong.
+        spec[name] = el.value;
+      }
+    });
+    return spec;
+  }
+
+  function clearErrors() {
+    formError.hidden = true;
+    formError.textContent = "";
+    form.querySelectorAll(".field-error").forEach((e) => { e.hidden = true; e.textContent = ""; });
+    form.querySelectorAll(".field.invalid").forEach((e) => e.classList.remove("invalid"));
+  }
+
+  function showErrors(message, errors) {
+    const unplaced = [];
+    let first = null;
+    (errors || []).forEach((err) => {
+      const field = form.querySelector(`.field[data-field="${CSS.escape(err.field)}"]`);
+      if (!field) { unplaced.push(`${err.field}: ${err.message}`); return; }
+      field.classList.add("invalid");
+      const box = field.querySelector(".field-error");
+      box.textContent = box.textContent ? `${box.textContent}; ${err.message}` : err.message;
+      box.hidden = false;
+      if (!first) first = field;
+    });
+    formError.textContent = [message].concat(unplaced).filter(Boolean).join(" — ");
+    formError.hidden = false;
+    (first || formError).scrollIntoView({ block: "center", behavior: "smooth" });
+  }
+
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    clearErrors();
+    button.disabled = true;
+    status.textContent = "submitting…";
+    const payload = {
+      kind: "train",
+      spec: collect(),
+      priority: form.querySelector('[name="priority"]').value,
+    };
+    let res;
+    try {
+      res = await LF.api(form.dataset.api, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify(payload),
+      });
+    } catch (err) {
+      res = { ok: false, status: 0, body: { error: "cannot reach the dashboard" } };
+    }
+    button.disabled = false;
+    if (res.ok && res.body && res.body.id) {
+      status.textContent = "queued";
+      window.location.assign(form.dataset.jobUrl.replace("JOB_ID", encodeURIComponent(res.body.id)));
+      return;
+    }
+    status.textContent = "";
+    showErrors((res.body && res.body.error) || `HTTP ${res.status}`, res.body && res.body.errors);
+  });
+})();

