@@ -353,14 +353,13 @@ def test_choices_and_defaults(client):
 # LoRA download --------------------------------------------------------------------------------
 def test_lora_zip_download(client, store, settings):
     job_id = submit(client, good_spec()).get_json()["id"]
-    # Not finished yet: nothing to download.
-    assert client.get(f"/api/v1/jobs/{job_id}/lora.zip").status_code == 404
     folder = settings.paths.loras / "my-lora"
     (folder / "checkpoint-10").mkdir(parents=True)
     (folder / "adapter_config.json").write_text('{"r": 8}')
     (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 5000)
     (folder / "training_log.json").write_text("{}")
     (folder / "checkpoint-10" / "optimizer.pt").write_bytes(b"\x01" * 100)
+    # Not finished yet: the trainer may still be writing it.
     assert client.get(f"/api/v1/jobs/{job_id}/lora.zip").status_code == 409
     store.transition(job_id, JobState.ASSIGNED, "placed", worker="w0")
     store.transition(job_id, JobState.RUNNING, "started")
@@ -379,6 +378,15 @@ def test_lora_zip_download(client, store, settings):
     assert zf.read("my-lora/adapter_model.safetensors") == b"\x00" * 5000
     with_ckpt = client.get(f"/api/v1/jobs/{job_id}/lora.zip?checkpoints=1").get_data()
     assert "my-lora/checkpoint-10/optimizer.pt" in zipfile.ZipFile(io.BytesIO(with_ckpt)).namelist()
+
+
+def test_lora_zip_404_when_the_job_saved_none(client, store):
+    job_id = submit(client, good_spec()).get_json()["id"]
+    store.transition(job_id, JobState.CANCELLED, "stop")
+    assert client.get(f"/api/v1/jobs/{job_id}").get_json()["lora_available"] is False
+    resp = client.get(f"/api/v1/jobs/{job_id}/lora.zip")
+    assert resp.status_code == 404
+    assert "no adapter" in resp.get_json()["error"]
 
 
 def test_lora_zip_refuses_a_name_outside_loras(client, store, settings, redis_client):

@@ -1,0 +1,101 @@
+"""Phase 4: writing the LoRA folder and checkpoints, atomically.
+
+Every file is written under a temporary name in the same folder and then renamed over the
+final one (a rename within a file system is atomic), and a checkpoint folder is assembled
+under a hidden name and renamed into place whole. A crash therefore leaves either the old
+file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+TRAINING_PARAMETERS = "training_parameters.json"
+TRAINING_PROMPT = "training_prompt.json"
+TRAINING_LOG = "training_log.json"
+# Checkpoints only: what a later resume needs besides the adapter.
+TRAINING_STATE = "training_state.pt"
+TRAINING_STATE_JSON = "training_state.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode("utf-8"))
+
+
+def _save_adapter_into(peft_model: Any, folder: Path, base_model_name: str) -> None:
+    """peft's save_pretrained into `folder`, keeping only the adapter's two files."""
+    config = peft_model.peft_config["default"]
+    # Record the data-folder name of the base model, not this machine's path to it, so the
+    # folder means the same on another host (and in text-generation-webui).
+    saved_name = config.base_model_name_or_path
+    config.base_model_name_or_path = base_model_name
+    try:
+        peft_model.save_pretrained(str(folder), safe_serialization=True)
+    finally:
+        config.base_model_name_or_path = saved_name
+    (folder / "README.md").unlink(missing_ok=True)
+
+
+def save_adapter(peft_model: Any, lora_dir: Path, base_model_name: str) -> None:
+    """Write adapter_model.safetensors and adapter_config.json into `lora_dir` atomically."""
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=lora_dir, prefix=".saving-"))
+    try:
+        _save_adapter_into(peft_model, tmp, base_model_name)
+        # Weights first: if we die between the two renames, the config (same rank, enforced
+        # when continuing) still describes them.
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            os.replace(tmp / name, lora_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(peft_model: Any, lora_dir: Path, step: int, base_model_name: str, *,
+                    training_log: dict[str, Any], training_prompt: dict[str, Any],
+                    state: dict[str, Any], state_summary: dict[str, Any]) -> Path:
+    """Write checkpoint-<step>/ (adapter, logs, resumable state) and rename it into place."""
+    final = lora_dir / f"checkpoint-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=lora_dir, prefix=f".checkpoint-{step}-"))
+    try:
+        _save_adapter_into(peft_model, tmp, base_model_name)
+        atomic_write_json(tmp / TRAINING_LOG, training_log)
+        atomic_write_json(tmp / TRAINING_PROMPT, training_prompt)
+        atomic_write_json(tmp / TRAINING_STATE_JSON, state_summary)
+        torch.save(state, tmp / TRAINING_STATE)
+        if final.exists():
+            # A checkpoint of the same step from an earlier run of this LoRA: replace it, but
+            # only after the new one is complete.
+            old = lora_dir / f".old-checkpoint-{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,118 @@
+"""The dispatcher's decisions against a real Redis server, with a recording `send`."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatcher.fleet import Fleet
+from dispatcher.scheduler import MAX_ATTEMPTS, Dispatcher
+from dispatcher.states import JobState, TransitionError
+from dispatcher.store import JobStore
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def env(redis_client, prefix):
+    clock = Clock()
+    store = JobStore(redis_client, prefix, clock=clock)
+    fleet = Fleet(redis_client, prefix, timeout=10, clock=clock)
+    sent: list[tuple[str, str]] = []
+    d = Dispatcher(store, fleet, lambda job, w: sent.append((job, w["name"])), clock=clock)
+    return store, fleet, d, sent, clock
+
+
+def job(store, clock, name, **spec):
+    clock.t += 1
+    return store.create("train", {"lora_name": name, **spec})
+
+
+def test_one_job_per_idle_worker_oldest_first(env):
+    store, fleet, d, sent, clock = env
+    a, b, c = (job(store, clock, n) for n in "abc")
+    fleet.heartbeat("w1", device="cpu")
+    fleet.heartbeat("w2", device="cpu")
+    assert [j for j, _ in d.tick()] == [a, b]
+    assert {w for _, w in sent} == {"w1", "w2"}
+    assert store.get(a)["state"] == "assigned" and store.get(c)["state"] == "queued"
+    # Nothing more while both are busy.
+    assert d.tick() == []
+    # w1's job ends: the next tick hands c to w1.
+    w1_job = next(j for j, w in sent if w == "w1")
+    store.transition(w1_job, JobState.RUNNING, "r")
+    store.transition(w1_job, JobState.SUCCEEDED, "done")
+    assert d.tick() == [(c, "w1")]
+
+
+def test_priority_before_age(env):
+    store, fleet, d, sent, clock = env
+    old = job(store, clock, "old")
+    urgent = store.create("train", {"lora_name": "u"}, priority="high")
+    fleet.heartbeat("w1", device="cpu")
+    assert d.tick() == [(urgent, "w1")]
+    assert store.get(old)["state"] == "queued"
+
+
+def test_quantised_job_waits_for_a_cuda_worker(env):
+    store, fleet, d, sent, clock = env
+    q = job(store, clock, "q", precision="4bit")
+    plain = job(store, clock, "p", precision="fp32")
+    fleet.heartbeat("cpu1", device="cpu")
+    assert d.tick() == [(plain, "cpu1")]
+    assert store.get(q)["reason"] == "waiting for a CUDA GPU worker"
+    fleet.heartbeat("gpu0", device="cuda:0")
+    assert d.tick() == [(q, "gpu0")]
+
+
+def test_cancelled_pending_job_is_never_sent(env):
+    store, fleet, d, sent, clock = env
+    a = job(store, clock, "a")
+    store.cancel(a)
+    fleet.heartbeat("w1", device="cpu")
+    assert d.tick() == [] and sent == []
+    assert store.get(a)["state"] == "cancelled"
+
+
+def test_lost_worker_job_is_requeued_then_fails_after_max_attempts(env):
+    store, fleet, d, sent, clock = env
+    a = job(store, clock, "a")
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        fleet.heartbeat(f"w{attempt}", device="cpu")
+        assert d.tick() == [(a, f"w{attempt}")]
+        store.transition(a, JobState.RUNNING, "r", expect_worker=f"w{attempt}")
+        clock.t += 60  # every heartbeat is now stale
+        d.tick()
+        rec = store.get(a)
+        if attempt < MAX_ATTEMPTS:
+            assert rec["state"] == "retrying" and "stopped answering" in rec["reason"]
+        else:
+            assert rec["state"] == "failed" and "lost 3 times" in rec["reason"]
+    states = [h["state"] for h in store.history(a)]
+    assert states.count("retrying") == MAX_ATTEMPTS - 1
+
+
+def test_fenced_worker_cannot_write_a_moved_job(env):
+    store, fleet, d, sent, clock = env
+    a = job(store, clock, "a")
+    fleet.heartbeat("w1", device="cpu")
+    d.tick()
+    with pytest.raises(TransitionError):
+        store.transition(a, JobState.RUNNING, "r", expect_worker="w2")
+
+
+def test_only_one_dispatcher_schedules(env, redis_client, prefix):
+    store, fleet, d, sent, clock = env
+    other_sent: list = []
+    other = Dispatcher(store, fleet, lambda j, w: other_sent.append(j))
+    assert d.hold_lock() and not other.hold_lock()
+    job(store, clock, "a")
+    fleet.heartbeat("w1", device="cpu")
+    assert other.tick() == [] and other_sent == []
+    d.release_lock()
+    assert other.hold_lock()

@@ -1,0 +1,139 @@
+"""The training spec: defaults, coercion of form/CLI text, and every refusal naming its field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dispatcher.settings import DataPaths
+from dispatcher.specs import (
+    FIELD_DOCS,
+    SpecError,
+    TrainSpec,
+    default_spec,
+    list_choices,
+    parse_train_spec,
+    resolve_data_name,
+)
+
+
+@pytest.fixture
+def paths(tmp_path):
+    p = DataPaths(tmp_path)
+    p.ensure()
+    (p.models / "tiny").mkdir()
+    (p.models / "tiny" / "config.json").write_text("{}")
+    (p.models / "not-a-model").mkdir()
+    (p.datasets / "d.json").write_text("[]")
+    (p.datasets / "notes.txt").write_text("hello")
+    (p.datasets / "book").mkdir()
+    (p.datasets / "book" / "a.txt").write_text("x")
+    (p.formats / "mine.json").write_text(json.dumps({"instruction,output": "%instruction%"}))
+    (p.formats / "broken.json").write_text("{not json")
+    return p
+
+
+def good(**over):
+    spec = {"lora_name": "my-lora", "base_model": "tiny", "dataset": "d", "format": "mine"}
+    spec.update(over)
+    return spec
+
+
+def fields_of(exc: SpecError) -> list[str]:
+    return [e["field"] for e in exc.errors]
+
+
+def test_defaults_are_text_generation_webuis():
+    d = default_spec()
+    assert d["lora_rank"] == 32 and d["lora_alpha"] == 64 and d["lora_dropout"] == 0.05
+    assert d["micro_batch_size"] == 4 and d["batch_size"] == 128 and d["epochs"] == 3.0
+    assert d["learning_rate"] == "3e-4" and d["lr_scheduler_type"] == "linear"
+    assert d["cutoff_len"] == 256 and d["overlap_len"] == 128 and d["newline_favor_len"] == 128
+    assert d["warmup_steps"] == 100 and d["save_steps"] == 0 and d["eval_steps"] == 100
+    assert d["optimizer"] == "adamw_torch" and d["hard_cut_string"] == "\\n\\n\\n"
+    assert d["target_modules"] == ["q", "v"]
+    assert set(FIELD_DOCS) == set(d) and all(FIELD_DOCS.values())
+
+
+def test_good_spec_resolves_names(paths):
+    s = parse_train_spec(good(dataset="d.json"), paths)
+    assert isinstance(s, TrainSpec)
+    assert (s.base_model, s.dataset, s.format) == ("tiny", "d.json", "mine")
+    s2 = parse_train_spec(good(dataset=None, format="", raw_text_file="notes"), paths)
+    assert s2.raw_text_file == "notes.txt"
+    s3 = parse_train_spec(good(dataset="", format="", raw_text_file="book"), paths)
+    assert s3.raw_text_file == "book"
+    # A shipped format file is found when the user has none of that name.
+    assert parse_train_spec(good(format="alpaca-format"), paths).format == "alpaca-format"
+
+
+def test_form_text_is_coerced(paths):
+    s = parse_train_spec(good(lora_rank="8", lora_dropout="0.1", epochs="2",
+                              add_eos_token="on", target_modules="q, k,v"), paths)
+    assert (s.lora_rank, s.lora_dropout, s.epochs, s.add_eos_token) == (8, 0.1, 2.0, True)
+    assert s.target_modules == ["q", "k", "v"]
+
+
+@pytest.mark.parametrize("over,field,words", [
+    ({"lora_rank": 0}, "lora_rank", "between 1 and 1024"),
+    ({"lora_rank": 2048}, "lora_rank", "higher_rank_limit"),
+    ({"learning_rate": "abc"}, "learning_rate", "not a number"),
+    ({"learning_rate": "2"}, "learning_rate", "between 0 and 1"),
+    ({"overlap_len": 256}, "overlap_len", "less than cutoff_len (256)"),
+    ({"dataset": "", "format": ""}, "dataset", "raw_text_file"),
+    ({"base_model": "nope"}, "base_model", "not found"),
+    ({"base_model": "not-a-model"}, "base_model", "config.json"),
+    ({"base_model": "/etc"}, "base_model", "no absolute paths"),
+    ({"dataset": "../../etc/passwd"}, "dataset", "no absolute paths, no '..'"),
+    ({"lora_name": "../../etc/passwd"}, "lora_name", "letters, digits"),
+    ({"lora_name": ""}, "lora_name", "required"),
+    ({"format": "broken"}, "format", "not valid JSON"),
+    ({"format": ""}, "format", "required with a dataset"),
+    ({"lora_dropout": 1.5}, "lora_dropout", "less than 1"),
+    ({"micro_batch_size": 8, "batch_size": 4}, "batch_size", "at least micro_batch_size"),
+    ({"lr_scheduler_type": "wobbly"}, "lr_scheduler_type", "one of linear"),
+    ({"optimizer": "lion"}, "optimizer", "one of adamw_torch"),
+    ({"precision": "int3"}, "precision", "one of auto"),
+    ({"target_modules": ["q", "zz"]}, "target_modules", "unknown zz"),
+    ({"epochs": "lots"}, "epochs", "must be a number"),
+    ({"lora_rank": 2.5}, "lora_rank", "whole number"),
+    ({"raw_text_file": "notes"}, "raw_text_file", "not both"),
+    ({"colour": "red"}, "colour", "not a known training parameter"),
+])
+def test_each_bad_value_is_named(paths, over, field, words):
+    with pytest.raises(SpecError) as ei:
+        parse_train_spec(good(**over), paths)
+    msgs = {e["field"]: e["message"] for e in ei.value.errors}
+    assert field in msgs, ei.value.errors
+    assert words in msgs[field]
+
+
+def test_all_problems_reported_at_once(paths):
+    with pytest.raises(SpecError) as ei:
+        parse_train_spec(good(lora_rank=0, learning_rate="abc", overlap_len=999,
+                              lora_name="a/b"), paths)
+    assert set(fields_of(ei.value)) == {"lora_rank", "learning_rate", "overlap_len", "lora_name"}
+
+
+def test_not_an_object():
+    with pytest.raises(SpecError) as ei:
+        parse_train_spec(["a"], DataPaths(__import__("pathlib").Path("/nonexistent")))
+    assert fields_of(ei.value) == ["spec"]
+
+
+def test_symlink_out_of_the_data_folder_is_refused(paths, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.json").write_text("[]")
+    (paths.datasets / "link.json").symlink_to(outside / "secret.json")
+    rel, err = resolve_data_name("link", paths.datasets, (".json",), allow_dir=False)
+    assert rel is None and "outside" in err
+
+
+def test_choices_list_the_data_folder(paths):
+    c = list_choices(paths)
+    assert c["models"] == ["tiny"]
+    assert c["datasets"] == ["d.json"]
+    assert c["raw_texts"] == ["book", "notes.txt"]
+    assert "mine" in c["formats"] and "alpaca-format" in c["formats"]
+    assert "broken" in c["formats"]  # listed; refused with a reason when chosen
