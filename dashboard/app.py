@@ -105,8 +105,7 @@ def _register_error_handlers(app: Flask) -> None:
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the dashboard app. Nothing here talks to Redis."""
     app = Flask(__name__)
-    app.config.update(LORAFLEET_SSE_BLOCK_MS=15000, LORAFLEET_SSE_GRACE_MS=1000,
-                      JSON_SORT_KEYS=False)
+    app.config.update(LORAFLEET_SSE_BLOCK_MS=15000, LORAFLEET_SSE_GRACE_MS=1000)
     if config:
         app.config.update(config)
     settings = app.config.get("LORAFLEET_SETTINGS")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, render_template, request
 
-from dashboard.api import job_summary, job_detail
+from dashboard.api import job_detail, job_summary
 from dashboard.app import services
 from dashboard.forms import form_sections
 from dispatcher.specs import list_choices

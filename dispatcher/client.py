@@ -62,8 +62,11 @@ class Client:
     def workers(self) -> list[dict[str, Any]]:
         return self._call("GET", "/workers")["workers"]
 
-    def history(self, job_id: str) -> list[dict[str, Any]]:
-        return self._call("GET", f"/jobs/{job_id}/events", params={"format": "json"})["events"]
+    def history(self, job_id: str, after: str | None = None) -> list[dict[str, Any]]:
+        params = {"format": "json"}
+        if after:
+            params["after"] = after
+        return self._call("GET", f"/jobs/{job_id}/events", params=params)["events"]
 
     def follow(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Every event of the job, history first, then live until the job ends (SSE)."""
@@ -90,9 +93,7 @@ class Client:
                 pass  # reconnect from the last event id
             if self.job(job_id)["state"] in TERMINAL_STATES and last_id:
                 # The stream ended without an end marker: drain once more, then stop.
-                for ev in self.history(job_id):
-                    if ev.get("id", "") > last_id:
-                        yield ev
+                yield from self.history(job_id, after=last_id)
                 return
 
 

@@ -43,9 +43,7 @@ def parse_rows(text: str, source: str = "<dataset>") -> list[Row]:
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
-        raise FormatError(
-            "a dataset must be a JSON array of objects or JSON Lines", source=source
-        )
+        raise FormatError("a dataset must be a JSON array of objects or JSON Lines", source=source)
     rows = []
     for index, item in enumerate(value):
         line = line_numbers[index] if line_numbers is not None else None

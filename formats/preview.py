@@ -101,14 +101,24 @@ def format_table(samples: Sequence[Mapping[str, Any]], text_width: int = 60) -> 
         trained = sum(1 for label in labels if label != IGNORE_INDEX)
         cut = "yes" if sample.get("truncated") else ""
         rows.append(
-            (str(index), str(len(sample["input_ids"])), str(trained), cut,
-             _one_line(sample.get("text", ""), text_width))
+            (
+                str(index),
+                str(len(sample["input_ids"])),
+                str(trained),
+                cut,
+                _one_line(sample.get("text", ""), text_width),
+            )
         )
     widths = [max(len(row[col]) for row in [header, *rows]) for col in range(4)]
     lines = []
     for row in [header, *rows]:
-        cells = [row[0].rjust(widths[0]), row[1].rjust(widths[1]), row[2].rjust(widths[2]),
-                 row[3].ljust(widths[3]), row[4]]
+        cells = [
+            row[0].rjust(widths[0]),
+            row[1].rjust(widths[1]),
+            row[2].rjust(widths[2]),
+            row[3].ljust(widths[3]),
+            row[4],
+        ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 

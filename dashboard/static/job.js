@@ -27,11 +27,32 @@
       stop.textContent = (newState === "queued" || newState === "retrying") ? "Cancel" : "Stop";
       stop.disabled = false;
     }
-    if (terminal) $("stop-requested").hidden = true;
+    if (terminal) {
+      $("stop-requested").hidden = true;
+      $("stat-eta").textContent = "—";
+    }
     const r = $("job-reason");
     if (reason !== undefined) r.textContent = reason || "";
     r.className = `reason state-${newState}`;
     r.hidden = !r.textContent || !["failed", "cancelled", "retrying"].includes(newState);
+  }
+
+  function drawHistory(history) {
+    const body = $("state-history").querySelector("tbody");
+    body.replaceChildren(...history.map((h) => {
+      const tr = document.createElement("tr");
+      const when = document.createElement("td");
+      when.textContent = LF.fmtTime(h.time);
+      const st = document.createElement("td");
+      const badge = document.createElement("span");
+      badge.setAttribute("data-testid", "history-state");
+      LF.setBadge(badge, h.state);
+      st.appendChild(badge);
+      const why = document.createElement("td");
+      why.textContent = h.reason || "";
+      tr.append(when, st, why);
+      return tr;
+    }));
   }
 
   function applyRecord(rec) {
@@ -40,6 +61,7 @@
     setState(rec.state, rec.reason);
     $("download-lora").hidden = !rec.lora_available;
     if (rec.stop_requested && !LF.TERMINAL.includes(rec.state)) showStopping();
+    if (Array.isArray(rec.history)) drawHistory(rec.history);
   }
 
   let recordTimer = null;

@@ -9,6 +9,16 @@
   const jobUrl = (id) => `/jobs/${encodeURIComponent(id)}`;
   const apiUrl = (id) => `/api/v1/jobs/${encodeURIComponent(id)}`;
 
+  // The newest training progress seen on the feed per job: a record fetched a moment later
+  // may not have caught up with it yet, and must not move a row backwards.
+  const live = new Map();
+
+  function withLive(job) {
+    const p = live.get(job.id);
+    if (!p || (LF.num(job.step) || 0) > p.step) return job;
+    return Object.assign({}, job, p);
+  }
+
   function rowFor(id) {
     return body.querySelector(`tr[data-job-id="${CSS.escape(id)}"]`);
   }
@@ -59,7 +69,7 @@
       body.insertBefore(tr, body.firstChild);
       empty.hidden = true;
     }
-    fill(tr, res.body);
+    fill(tr, withLive(res.body));
   }
 
   async function refreshAll() {
@@ -73,7 +83,7 @@
         tr = template.content.firstElementChild.cloneNode(true);
         body.insertBefore(tr, body.firstChild);
       }
-      fill(tr, jobs[i]);
+      fill(tr, withLive(jobs[i]));
     }
     empty.hidden = jobs.length > 0 || body.children.length > 0;
   }
@@ -86,6 +96,11 @@
       return;
     }
     if (ev.type === "train") {
+      const step = LF.num(ev.step) || 0;
+      const seen = live.get(payload.job);
+      if (seen && seen.step > step) return;
+      live.set(payload.job, { step: step, total_steps: ev.total_steps, loss: ev.loss,
+                              eta_s: ev.eta_s });
       fill(tr, { id: payload.job, step: ev.step, total_steps: ev.total_steps, loss: ev.loss,
                  eta_s: ev.eta_s });
     }

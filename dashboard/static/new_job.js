@@ -6,6 +6,9 @@
   const formError = document.getElementById("form-error");
   const status = document.getElementById("submit-status");
   const button = form.querySelector('button[type="submit"]');
+  // Not form.dataset: the form has a control named "dataset", which shadows that property.
+  const apiUrl = form.getAttribute("data-api");
+  const jobUrl = form.getAttribute("data-job-url");
 
   function collect() {
     const spec = {};
@@ -62,7 +65,7 @@
     };
     let res;
     try {
-      res = await LF.api(form.dataset.api, {
+      res = await LF.api(apiUrl, {
         method: "POST",
         headers: { "Content-Type": "application/json", Accept: "application/json" },
         body: JSON.stringify(payload),
@@ -73,7 +76,7 @@
     button.disabled = false;
     if (res.ok && res.body && res.body.id) {
       status.textContent = "queued";
-      window.location.assign(form.dataset.jobUrl.replace("JOB_ID", encodeURIComponent(res.body.id)));
+      window.location.assign(jobUrl.replace("JOB_ID", encodeURIComponent(res.body.id)));
       return;
     }
     status.textContent = "";

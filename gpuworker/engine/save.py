@@ -53,7 +53,8 @@ def _save_adapter_into(peft_model: Any, folder: Path, base_model_name: str) -> N
     saved_name = config.base_model_name_or_path
     config.base_model_name_or_path = base_model_name
     try:
-        peft_model.save_pretrained(str(folder), safe_serialization=True)
+        peft_model.save_pretrained(str(folder), safe_serialization=True,
+                                   save_embedding_layers=False)
     finally:
         config.base_model_name_or_path = saved_name
     (folder / "README.md").unlink(missing_ok=True)

@@ -38,14 +38,23 @@ PROJECTION_TABLE: dict[str, dict[str, str | None]] = {
 }
 
 
+def _linear_types() -> tuple[type[nn.Module], ...]:
+    # GPT-2 style models use transformers' Conv1D (a linear layer with transposed weights);
+    # bitsandbytes' quantised layers subclass nn.Linear.
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
 def _linear_leaf_names(model: nn.Module) -> dict[str, int]:
-    """Last name component of every linear layer (bitsandbytes layers subclass nn.Linear), with
-    how many modules carry it; the output head (lm_head, or whatever the model says it is) is
-    left out, as LoRA on it is rarely wanted and it is huge."""
+    """Last name component of every linear layer, with how many modules carry it; the output
+    head (lm_head, or whatever the model says it is) is left out, as LoRA on it is rarely wanted
+    and it is huge."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = _linear_types()
     names: dict[str, int] = {}
     for full_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or module is head:
+        if not isinstance(module, linear) or module is head:
             continue
         leaf = full_name.rsplit(".", 1)[-1]
         if leaf == "lm_head":

@@ -103,7 +103,7 @@ def test_submit_form_watch_chart_and_success(fleet, page):
 
     # The job is in the Jobs list with its state.
     page.goto(fleet.url + "/jobs")
-    row = page.locator(f"[data-job-id='{job_id}']")
+    row = page.locator(f"[data-testid='job-row'][data-job-id='{job_id}']")
     assert "succeeded" in row.inner_text()
 
     page.goto(fleet.url + "/fleet")
@@ -117,7 +117,8 @@ def test_form_shows_field_errors_and_queues_nothing(fleet, page):
                format="alpaca-format", lora_rank=0, learning_rate="abc")
     page.locator("[data-testid='submit-job']").click()
     for field in ("lora_name", "lora_rank", "learning_rate"):
-        page.locator(f"[data-error-for='{field}']").wait_for(state="visible", timeout=10000)
-        assert page.locator(f"[data-error-for='{field}']").inner_text().strip()
+        err = page.locator(f"[data-testid='error-{field}']")
+        err.wait_for(state="visible", timeout=10000)
+        assert err.inner_text().strip()
     assert page.url.endswith("/jobs/new")
     assert len(fleet.store.list()) == before
