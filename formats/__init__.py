@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from formats.build import build_samples
 from formats.collate import pad_batch, padding_fraction
 from formats.datasets import Row, load_rows, parse_rows
 from formats.errors import FormatError, InvalidJSONError, NoMatchingTemplateError, ValueTypeError
@@ -23,7 +24,6 @@ from formats.rawtext import (
     split_parts,
     unescape_cut_string,
 )
-from formats.samples import build_samples
 from formats.templates import Format, load_format, parse_format, render_row
 from formats.tokenize import IGNORE_INDEX, tokenize_sample
 

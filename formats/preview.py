@@ -1,6 +1,6 @@
 """A look at the training data before spending GPU time on it (``lorafleet data preview``).
 
-It runs exactly the code the trainer runs (:func:`formats.samples.collect_samples`), so what
+It runs exactly the code the trainer runs (:func:`formats.build.collect_samples`), so what
 the preview shows is what will be trained, and adds the numbers a user checks first: how many
 samples, how many tokens, how many of them are trained (not masked by ``train_only_after``),
 how many samples were cut at ``cutoff_len``, and how many train nothing at all.
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from formats.build import collect_samples
 from formats.rawtext import DEFAULT_HARD_CUT
-from formats.samples import collect_samples
 from formats.tokenize import IGNORE_INDEX
 
 

@@ -7,7 +7,8 @@ The steps, with text-generation-webui's semantics (the raw-text branch of its ``
 2. :func:`split_parts` splits the text at the hard-cut string (by default three newlines; in a
    form it is typed with backslash-n, see :func:`unescape_cut_string`) and drops parts that are
    blank or shorter than ``min_chars`` after trimming. Parts are never joined again, so no chunk
-   contains the hard-cut string.
+   contains the hard-cut string (unless the hard-cut string is part of the BOS/EOS text, such
+   as ``s>``, which step 5 puts into chunk texts).
 3. :func:`tokenize_part`: each part is tokenized with the tokenizer's special tokens (so a part
    starts with BOS when the tokenizer adds one, as in the webui), and EOS is appended to the
    part when ``add_eos_token`` is set: the EOS marks the hard cut, not every chunk.
@@ -31,29 +32,31 @@ Where the issue and the webui differ, the issue was followed:
   windows of ``cutoff_len`` ids every ``cutoff_len - overlap_len`` ids instead (the first chunk
   is a full ``cutoff_len`` and the last windows may lie inside the one before); this module
   does not do that.
-* Folders: the webui joins the files with nothing between them, so the last line of one file
-  and the first of the next can become one line of one chunk. Here files are joined with the
-  hard-cut string (a newline when the hard-cut string is empty), so each file starts a part of
-  its own; for a single file nothing changes.
-
-And where this module chose for the user, beyond the issue:
-
 * ``overlap_len = 0`` gives chunks with no overlap. The webui's original ``split_chunks``
   prefixes with ``previous[-0:]``, which in Python is the *whole* previous chunk, so its
   chunks grow past ``cutoff_len``; the issue's rule (the last 0 ids) is followed.
+* Carriage returns are all removed, as the issue says. The webui means to do the same but
+  reads in Python's universal-newline mode first, which turns a lone CR (old Mac line ends)
+  into a newline; here a lone CR is dropped. CR LF line ends give the same text in both.
+
+Where the issue is silent, this module chose what a user would expect:
+
+* Folders: the webui joins the files with nothing between them, so the last line of one file
+  and the first of the next can become one line of one chunk. Here files are joined with the
+  hard-cut string (a newline when the hard-cut string is empty), so each file starts a part of
+  its own; for a single file nothing changes. Files are taken in natural name order
+  (``part2.txt`` before ``part10.txt``), as in the webui.
 * An empty hard-cut string means "do not cut" (the webui fails on it).
 * A chunk whose text is blank after the newline cut is dropped: it would be a sample holding
   only BOS, which trains nothing (the webui keeps it).
 * A byte order mark at the start of a file is removed (the webui would train on it).
-* Carriage returns are removed, all of them, as the issue says. The webui means to do the same
-  but reads in Python's universal-newline mode first, which turns a lone CR (old Mac line
-  ends) into a newline; here a lone CR is dropped. CR LF line ends give the same text in both.
 
-Known webui behaviour that is kept because the issue asks for the same chunks and samples:
-a non-first chunk of a part has no BOS in its ids, so its re-tokenized text gains a BOS and
-a chunk of exactly ``cutoff_len`` ids loses its last id to the cut (it is still trained as the
-start of the next chunk's overlap, except at the end of a part). :func:`formats.preview.preview`
-counts these as truncated so a user can see it and pick a smaller ``overlap_len``.
+Known webui behaviour that is kept, because the issue asks for the same chunks and tokenizes
+each chunk text like any sample: a chunk other than the first of its part has no BOS in its
+ids, so its re-tokenized text gains one, and when that chunk had exactly ``cutoff_len`` ids its
+last id falls to the cut. Inside a part that id is still trained at the start of the next
+chunk (when ``overlap_len > 0``); at the end of a part it is lost, and with ``add_eos_token``
+that id is the EOS. :func:`formats.preview.preview` counts such samples as truncated.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,9 +197,3 @@ def training_prompt(spec: TrainSpec, files: DataFiles) -> dict[str, Any]:
     out["format_data"] = mapping
     return out
 
-
-def count_tokens(samples: list[dict[str, Any]]) -> int:
-    return sum(len(s["input_ids"]) for s in samples)
-
-
-ProgressFn = Callable[[dict[str, Any]], None]

@@ -30,6 +30,7 @@ from gpuworker.engine.loading import (
     pick_device,
     resolve_precision,
 )
+from gpuworker.engine.loop import LoopOutcome, run_loop
 from gpuworker.engine.lora import (
     attach_lora,
     backup_folder,
@@ -38,7 +39,6 @@ from gpuworker.engine.lora import (
     existing_adapter,
     load_existing_weights,
 )
-from gpuworker.engine.loop import LoopOutcome, run_loop
 from gpuworker.engine.optim import check_optimizer
 from gpuworker.engine.save import (
     TRAINING_LOG,

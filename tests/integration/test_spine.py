@@ -123,8 +123,10 @@ def test_cli_submit_wait_status_logs(fleet, tmp_path):
 
 def test_cli_refuses_bad_spec_and_queues_nothing(fleet, tmp_path):
     before = len(fleet.store.list())
+    (fleet.settings.paths.datasets / "notes.txt").write_text("some raw text\n" * 20)
     spec = write_json(tmp_path / "bad.json", small_spec(
-        lora_name="../../etc/passwd", lora_rank=0, learning_rate="abc", overlap_len=64))
+        lora_name="../../etc/passwd", lora_rank=0, learning_rate="abc", overlap_len=64,
+        dataset="", format="", raw_text_file="notes"))
     res = _cli(fleet, "submit", str(spec))
     assert res.returncode == 2
     for field in ("lora_name", "lora_rank", "learning_rate", "overlap_len"):

@@ -26,6 +26,7 @@ def settings(tmp_path, redis_server, prefix):
     (s.paths.models / "tiny").mkdir()
     (s.paths.models / "tiny" / "config.json").write_text("{}")
     (s.paths.datasets / "d.json").write_text(json.dumps([{"instruction": "hi", "output": "yo"}]))
+    (s.paths.datasets / "notes.txt").write_text("raw text\n")
     (s.paths.formats / "alpaca-format.json").write_text(json.dumps({
         "instruction,output": "### Instruction:\n%instruction%\n\n### Response:\n%output%"}))
     return s
@@ -107,7 +108,8 @@ def test_create_app_makes_no_redis_connection(tmp_path):
 @pytest.mark.parametrize("over, field", [
     ({"lora_rank": 0}, "lora_rank"),
     ({"learning_rate": "abc"}, "learning_rate"),
-    ({"overlap_len": 256, "cutoff_len": 256}, "overlap_len"),
+    ({"overlap_len": 256, "cutoff_len": 256, "dataset": "", "format": "",
+      "raw_text_file": "notes"}, "overlap_len"),
     ({"dataset": ""}, "dataset"),
     ({"base_model": "no-such-model"}, "base_model"),
     ({"lora_name": "../../etc/passwd"}, "lora_name"),

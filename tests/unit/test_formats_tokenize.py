@@ -171,12 +171,31 @@ def test_masked_tokens_change_nothing_in_the_loss() -> None:
     full = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     assert abs(full - out.loss.item()) > 1e-3
 
-    # Whatever token a masked label would have named, the loss is the same.
-    other_targets = [5 if label == M else label for label in labels]
-    remasked = [M if p < 9 else t for p, t in enumerate(other_targets)]
+    # The loss does not depend at all on what the model predicts for a masked token: its
+    # gradient with respect to those predictions is exactly zero, and non-zero elsewhere.
+    out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+    out.logits.retain_grad()
+    out.loss.backward()
+    grad = out.logits.grad[0]  # (T, V); row p - 1 predicts token p
+    for p in range(1, len(ids)):
+        if p in trained_positions:
+            assert grad[p - 1].abs().sum().item() > 0
+        else:
+            assert torch.count_nonzero(grad[p - 1]).item() == 0
+
+    # So changing the masked tokens' label values (here: to another token) changes nothing
+    # once they are masked, while the same change unmasked does change the loss.
+    swapped = [7 if p < 9 else ids[p] for p in range(len(ids))]
     with torch.no_grad():
-        again = model(input_ids=torch.tensor([ids]), labels=torch.tensor([remasked])).loss
-    assert again.item() == out.loss.item()
+        unmasked_swapped = model(
+            input_ids=torch.tensor([ids]), labels=torch.tensor([swapped])
+        ).loss.item()
+        masked_swapped = model(
+            input_ids=torch.tensor([ids]),
+            labels=torch.tensor([[M if p < 9 else t for p, t in enumerate(swapped)]]),
+        ).loss.item()
+    assert abs(unmasked_swapped - full) > 1e-3
+    assert masked_swapped == out.loss.item()
 
 
 def test_padding_changes_nothing_in_the_loss() -> None:

@@ -80,7 +80,8 @@ def test_form_text_is_coerced(paths):
     ({"lora_rank": 2048}, "lora_rank", "higher_rank_limit"),
     ({"learning_rate": "abc"}, "learning_rate", "not a number"),
     ({"learning_rate": "2"}, "learning_rate", "between 0 and 1"),
-    ({"overlap_len": 256}, "overlap_len", "less than cutoff_len (256)"),
+    ({"overlap_len": 256, "dataset": "", "format": "", "raw_text_file": "notes"}, "overlap_len",
+     "less than cutoff_len (256)"),
     ({"dataset": "", "format": ""}, "dataset", "raw_text_file"),
     ({"base_model": "nope"}, "base_model", "not found"),
     ({"base_model": "not-a-model"}, "base_model", "config.json"),
@@ -112,7 +113,8 @@ def test_each_bad_value_is_named(paths, over, field, words):
 def test_all_problems_reported_at_once(paths):
     with pytest.raises(SpecError) as ei:
         parse_train_spec(good(lora_rank=0, learning_rate="abc", overlap_len=999,
-                              lora_name="a/b"), paths)
+                              lora_name="a/b", dataset="", format="", raw_text_file="notes"),
+                         paths)
     assert set(fields_of(ei.value)) == {"lora_rank", "learning_rate", "overlap_len", "lora_name"}
 
 
