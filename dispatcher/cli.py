@@ -73,6 +73,17 @@ def parse_gpus(value: str) -> list[int | None]:
         raise click.BadParameter(f"{value!r}: use all, cpu, or card numbers like 0,2") from None
 
 
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    """Signal a child's whole process group (a Celery worker and its pool), or the child."""
+    try:
+        os.killpg(p.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        try:
+            p.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
 class Supervisor:
     """Starts child processes in their own sessions and stops all of them on the way out."""
 
@@ -118,10 +129,7 @@ class Supervisor:
             if p.poll() is None:
                 # SIGTERM: Celery warm-stops, the dashboard and dispatcher exit, redis-server
                 # flushes its append-only file.
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                _signal_group(p, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for name, p in reversed(self.procs):
             try:
@@ -131,10 +139,7 @@ class Supervisor:
                 # dispatcher when it next starts, like any lost worker's.
                 click.echo(f"lorafleet: {name} did not stop in {grace:.0f}s; killing it",
                            err=True)
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _signal_group(p, signal.SIGKILL)
                 p.wait()
 
 
@@ -431,6 +436,70 @@ def cancel(job: str, url: str | None) -> None:
 @main.group()
 def data() -> None:
     """Look at datasets the way the trainer will see them."""
+
+
+@data.command("preview")
+@click.option("--tokenizer", "tokenizer_path", required=True,
+              type=click.Path(exists=True, file_okay=False), help="tokenizer or model folder")
+@click.option("--dataset", type=click.Path(exists=True, dir_okay=False), help="JSON/JSONL dataset")
+@click.option("--format", "format_path", type=click.Path(exists=True, dir_okay=False),
+              help="format file for --dataset")
+@click.option("--raw-text", type=click.Path(exists=True), help="a .txt file or a folder of them")
+@click.option("--cutoff-len", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--overlap-len", default=128, show_default=True, type=click.IntRange(min=0))
+@click.option("--newline-favor-len", default=128, show_default=True, type=click.IntRange(min=0))
+@click.option("--hard-cut-string", default="\\n\\n\\n", show_default=True,
+              help="\\n means a newline")
+@click.option("--add-eos-token", is_flag=True)
+@click.option("--train-only-after", default="")
+@click.option("--min-chars", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=0),
+              help="samples to show (0 = all)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per sample per line")
+def data_preview(tokenizer_path: str, dataset: str | None, format_path: str | None,
+                 raw_text: str | None, cutoff_len: int, overlap_len: int, newline_favor_len: int,
+                 hard_cut_string: str, add_eos_token: bool, train_only_after: str,
+                 min_chars: int, limit: int, as_json: bool) -> None:
+    """Show the training samples a dataset + format (or a raw-text file) gives.
+
+    Needs no Redis, GPU or running server.
+    """
+    if bool(raw_text) == bool(dataset):
+        raise click.UsageError("give either --dataset with --format, or --raw-text")
+    if dataset and not format_path:
+        raise click.UsageError("--dataset needs --format")
+    if raw_text and overlap_len >= cutoff_len:
+        raise click.UsageError(f"--overlap-len ({overlap_len}) must be less than "
+                               f"--cutoff-len ({cutoff_len})")
+    # Imported here: the pure data code and the tokenizer library are only needed by this command.
+    from transformers import AutoTokenizer
+
+    import formats
+
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    except Exception as e:
+        raise click.ClickException(f"{tokenizer_path}: cannot load a tokenizer: {e}") from None
+    try:
+        result = formats.preview(
+            tokenizer=tok, cutoff_len=cutoff_len, dataset_path=dataset, format_path=format_path,
+            raw_text_path=raw_text, overlap_len=overlap_len, newline_favor_len=newline_favor_len,
+            hard_cut_string=hard_cut_string, min_chars=min_chars, add_eos_token=add_eos_token,
+            train_only_after=train_only_after)
+    except formats.FormatError as e:
+        raise click.ClickException(str(e)) from None
+    shown = result.samples if limit == 0 else result.samples[:limit]
+    if as_json:
+        for smp in shown:
+            click.echo(json.dumps({"text": smp["text"], "input_ids": list(smp["input_ids"]),
+                                   "labels": list(smp["labels"])}, ensure_ascii=False))
+        return
+    st = result.stats
+    click.echo(formats.format_table(shown))
+    click.echo(f"\n{st.samples} samples, {st.tokens} tokens, {st.trained_tokens} trained, "
+               f"{st.truncated} cut at {cutoff_len}, longest {st.longest}"
+               + (f", {st.untrained} with nothing to train" if st.untrained else "")
+               + (f" (showing {len(shown)})" if len(shown) < st.samples else ""))
 
 
 if __name__ == "__main__":

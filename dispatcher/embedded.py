@@ -66,8 +66,11 @@ def start_server(data_dir: Path, port: int, log_file: Path | None = None,
         "--save", "", "--protected-mode", "yes", "--daemonize", "no",
         "--logfile", str(log_file) if log_file else "",
     ]
+    # Its own session: a Ctrl-C in the terminal reaches only `lorafleet up`, which stops the
+    # server last, after everything that writes to it.
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT if log_file is None else subprocess.DEVNULL)
+                            stderr=subprocess.STDOUT if log_file is None else subprocess.DEVNULL,
+                            start_new_session=True)
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=port)

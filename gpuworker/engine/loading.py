@@ -8,6 +8,7 @@ others are loaded on the CPU and moved with one `.to(device)`.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +34,25 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The concrete precision ('auto' becomes 4bit on a GPU, fp32 on the CPU); refuses
-    quantisation without CUDA and without bitsandbytes."""
+def resolve_precision(precision: str, device: torch.device,
+                      warn: Callable[[str], None] | None = None) -> str:
+    """The concrete precision for `device`; refuses quantisation without CUDA or bitsandbytes.
+
+    'auto' is 4bit (QLoRA) on a GPU and fp32 on the CPU; on a GPU without a working
+    bitsandbytes it falls back to bf16 (fp16 on cards without bf16) and says so through `warn`.
+    """
     if precision == "auto":
-        return "4bit" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        try:
+            require_bitsandbytes("precision 4bit")
+            return "4bit"
+        except EngineError as e:
+            half = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            if warn:
+                warn(f"precision auto: {e}; training in {half} instead, which needs about four "
+                     "times the GPU memory for the base model")
+            return half
     if precision in QUANTISED:
         if device.type != "cuda":
             raise EngineError(
@@ -52,10 +67,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def require_bitsandbytes(what: str) -> None:
-    """Refuse early, with the install hint, when bitsandbytes is missing (imported lazily)."""
+    """Refuse early, with the install hint, when bitsandbytes cannot be used.
+
+    Imported here, lazily, and only for quantised precisions and 8-bit optimizers: it is a
+    CUDA-only package that CPU workers do not have.
+    """
+    hint = "pip install 'lorafleet[gpu]' (CUDA machines only)"
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise EngineError(f"{what} needs the bitsandbytes package on the worker: "
-                          "pip install 'lorafleet[gpu]' (CUDA machines only)")
+        raise EngineError(f"{what} needs the bitsandbytes package on the worker: {hint}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # a broken install fails in many ways; the user needs to know which
+        raise EngineError(f"{what} needs bitsandbytes, which is installed but does not load "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): {hint}") from None
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -136,6 +160,8 @@ def load_base_model(folder: Path, name: str, precision: str, device: torch.devic
     log(f"Loading {name} ({precision}) on {device}...")
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except ImportError as e:  # e.g. a bitsandbytes too old for this transformers
+        raise EngineError(f"could not load base model '{name}' in {precision}: {e}") from None
     except (OSError, ValueError, KeyError) as e:
         raise EngineError(f"could not load base model '{name}': {e}") from None
     if precision not in QUANTISED:

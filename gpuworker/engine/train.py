@@ -55,8 +55,8 @@ Progress = Callable[[dict[str, Any]], None]
 
 def _oom_message(spec: TrainSpec) -> str:
     return (f"out of GPU memory: lower micro_batch_size (now {spec.micro_batch_size}), "
-            f"cutoff_len (now {spec.cutoff_len}) or lora_rank (now {spec.lora_rank}), "
-            "or use precision 4bit")
+            f"cutoff_len (now {spec.cutoff_len}) or lora_rank (now {spec.lora_rank})"
+            + ("" if spec.precision == "4bit" else ", or use precision 4bit"))
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -101,7 +101,11 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
     model_dir = paths.models / spec.base_model
     check_model_folder(model_dir, spec.base_model)
     files = data_phase.resolve_data_files(spec, paths)
-    precision = resolve_precision(spec.precision, device)
+    def warn(message: str) -> None:
+        log(message)
+        progress({"type": "warning", "message": message})
+
+    precision = resolve_precision(spec.precision, device, warn)
     check_optimizer(spec.optimizer, device)
     try:
         lr = float(spec.learning_rate)
@@ -134,11 +138,9 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
           f"{plan.accumulation} per optimizer step: {plan.total_steps} optimizer steps "
           f"over {spec.epochs:g} epochs")
     if spec.warmup_steps >= plan.total_steps and spec.lr_scheduler_type != "constant":
-        msg = (f"warmup_steps ({spec.warmup_steps}) is not less than the run's "
-               f"{plan.total_steps} optimizer steps: the learning rate never reaches "
-               f"{spec.learning_rate}; lower warmup_steps")
-        log(msg)
-        progress({"type": "warning", "message": msg})
+        warn(f"warmup_steps ({spec.warmup_steps}) is not less than the run's "
+             f"{plan.total_steps} optimizer steps: the learning rate never reaches "
+             f"{spec.learning_rate}; lower warmup_steps")
 
     # -- model ---------------------------------------------------------------------------------
     loaded = load_base_model(model_dir, spec.base_model, precision, device, log)

@@ -1,0 +1,64 @@
+"""`lorafleet data preview`: runs without Redis or a server, on a real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from dispatcher.cli import main
+from formats import SHIPPED_DIR
+from tests.tiny import make_tiny_model, write_tiny_dataset, write_tiny_raw_text
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("tok"))
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["data", "preview", *map(str, args)])
+
+
+def test_table_for_a_dataset(tok, tmp_path):
+    ds = write_tiny_dataset(tmp_path / "d.json", n=5)
+    res = run("--tokenizer", tok, "--dataset", ds, "--format", SHIPPED_DIR / "alpaca-format.json")
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].split() == ["#", "tokens", "trained", "cut", "text"]
+    assert "5 samples" in res.output
+
+
+def test_json_lines_with_masking(tok, tmp_path):
+    ds = write_tiny_dataset(tmp_path / "d.json", n=3)
+    res = run("--tokenizer", tok, "--dataset", ds, "--format",
+              SHIPPED_DIR / "alpaca-format.json", "--train-only-after", "### Response:", "--json")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert len(r["input_ids"]) == len(r["labels"])
+        assert r["labels"][0] == -100 and r["labels"][-1] != -100
+        assert "### Response:" in r["text"]
+
+
+def test_raw_text_chunks_fit_the_cutoff(tok, tmp_path):
+    raw = write_tiny_raw_text(tmp_path / "r.txt")
+    res = run("--tokenizer", tok, "--raw-text", raw, "--cutoff-len", 32, "--overlap-len", 8,
+              "--json", "--limit", 0)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.splitlines()]
+    assert len(rows) > 3 and all(len(r["input_ids"]) <= 32 for r in rows)
+
+
+def test_errors_name_the_row_and_exit_non_zero(tok, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": ["x"], "output": "y"}]')
+    res = run("--tokenizer", tok, "--dataset", bad, "--format", SHIPPED_DIR / "alpaca-format.json")
+    assert res.exit_code != 0
+    assert "bad.json row 1: key 'instruction' is a list" in res.output
+    res = run("--tokenizer", tok, "--raw-text", bad, "--cutoff-len", 16, "--overlap-len", 16)
+    assert res.exit_code != 0 and "--overlap-len (16) must be less than --cutoff-len" in res.output
+    res = run("--tokenizer", tok)
+    assert res.exit_code != 0 and "either --dataset" in res.output
