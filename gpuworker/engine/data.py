@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +79,13 @@ def _format_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_samples(spec: TrainSpec, files: DataFiles, tokenizer: Any, *,
-                  dataset_path: Path | None = None) -> list[dict[str, Any]]:
+                  dataset_path: Path | None = None, home: Path | None = None
+                  ) -> list[dict[str, Any]]:
     """Tokenized samples ({"text", "input_ids", "labels"}) for training (or, with
-    `dataset_path`, for an evaluation dataset rendered with the same format)."""
+    `dataset_path`, for an evaluation dataset rendered with the same format).
+
+    `home` (the data folder) is cut from error messages, so users read datasets/x.json rather
+    than the worker's absolute path."""
     import formats
 
     raw = None if dataset_path else files.raw_text
@@ -96,7 +101,13 @@ def build_samples(spec: TrainSpec, files: DataFiles, tokenizer: Any, *,
             min_chars=spec.min_chars, add_eos_token=spec.add_eos_token,
             train_only_after=spec.train_only_after)
     except _format_errors() as e:
-        raise EngineError(f"{what}: {e}") from None
+        message = str(e)
+        if files.format is not None:  # shipped formats live beside the code: name only
+            message = message.replace(str(files.format), files.format.name)
+        if home is not None:
+            message = message.replace(f"{home}{os.sep}", "")
+        named = (raw or ds) is not None and (raw or ds).name in message  # type: ignore[union-attr]
+        raise EngineError(message if named else f"{what}: {message}") from None
     # A sample whose labels are all masked teaches nothing and would make a step's token
     # count zero; drop it here rather than divide by zero later.
     kept = [s for s in samples if any(t != IGNORE_INDEX for t in s["labels"])]

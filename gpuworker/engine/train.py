@@ -77,16 +77,16 @@ def train(spec: TrainSpec, paths: DataPaths, progress: Progress, should_stop: Ca
     Raises EngineError (with a message for the user) for anything the user can fix.
     """
     dev = pick_device(device)
-    failure: str | None = None
+    # On failure keep only the message: the exception's traceback holds the frames that hold
+    # the model and optimizer, and those must go before the GPU memory can be freed.
+    failure = ""
     try:
         return _train(spec, paths, progress, should_stop, log, dev)
-    except (EngineError, KeyboardInterrupt):
-        raise
+    except EngineError as e:
+        failure = str(e)
     except Exception as e:
         if not _is_oom(e):
             raise
-        # Keep only the text: the exception's traceback holds the frames that hold the model,
-        # and those must go before the memory can be freed.
         failure = _oom_message(spec)
     finally:
         _release(dev)
@@ -125,11 +125,12 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
     source = (f"raw text {spec.raw_text_file}" if files.raw_text else
               f"dataset {spec.dataset} with format {spec.format}")
     log(f"Building samples from {source} (cutoff_len {spec.cutoff_len})...")
-    samples = data_phase.build_samples(spec, files, tokenizer)
+    samples = data_phase.build_samples(spec, files, tokenizer, home=paths.home)
     eval_samples = None
     if files.eval_dataset is not None:
         eval_samples = data_phase.build_samples(spec, files, tokenizer,
-                                                dataset_path=files.eval_dataset)
+                                                dataset_path=files.eval_dataset,
+                                                home=paths.home)
     plan = data_phase.StepPlan.make(len(samples), spec.micro_batch_size, spec.batch_size,
                                     spec.epochs)
     log(f"{len(samples)} samples"
@@ -186,7 +187,6 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
     lora_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(lora_dir / TRAINING_PARAMETERS, spec.training_parameters())
     atomic_write_json(lora_dir / TRAINING_PROMPT, prompt_info)
-
 
     def training_log(out: LoopOutcome) -> dict[str, Any]:
         return {"loss": out.final_loss, "current_steps": out.steps, "total_steps": plan.total_steps,
