@@ -27,6 +27,20 @@ TRAINING_STATE = "training_state.pt"
 TRAINING_STATE_JSON = "training_state.json"
 
 
+def share(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the mode an ordinary write would have.
+
+    mkstemp/mkdtemp (and safetensors) create private files (0600/0700); a LoRA folder is read by
+    the team's other processes (the dashboard's zip download, text-generation-webui), so it
+    gets 0666/0777 less the umask like any other file.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in items:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -35,11 +49,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file private (0600); a LoRA folder is shared by the team's
-        # processes, so give it the mode an ordinary write would (0666 less the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        share(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -71,6 +81,7 @@ def save_adapter(peft_model: Any, lora_dir: Path, base_model_name: str) -> None:
     tmp = Path(tempfile.mkdtemp(dir=lora_dir, prefix=".saving-"))
     try:
         _save_adapter_into(peft_model, tmp, base_model_name)
+        share(tmp)
         # Weights first: if we die between the two renames, the config (same rank, enforced
         # when continuing) still describes them.
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
@@ -91,6 +102,7 @@ def save_checkpoint(peft_model: Any, lora_dir: Path, step: int, base_model_name:
         atomic_write_json(tmp / TRAINING_PROMPT, training_prompt)
         atomic_write_json(tmp / TRAINING_STATE_JSON, state_summary)
         torch.save(state, tmp / TRAINING_STATE)
+        share(tmp)
         if final.exists():
             # A checkpoint of the same step from an earlier run of this LoRA: replace it, but
             # only after the new one is complete.

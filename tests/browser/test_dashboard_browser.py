@@ -4,6 +4,7 @@ submit the New job form, watch points appear on the loss chart, see the job succ
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 
@@ -78,7 +79,7 @@ def test_submit_form_watch_chart_and_success(fleet, page):
                format="alpaca-format", lora_rank=4, lora_alpha=8, micro_batch_size=2,
                batch_size=4, epochs=6, learning_rate="1e-3", cutoff_len=64, warmup_steps=0)
     page.locator("[data-testid='submit-job']").click()
-    page.wait_for_url("**/jobs/*", timeout=15000)
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{12}$"), timeout=15000)
     job_id = page.url.rstrip("/").split("/")[-1]
     assert len(job_id) == 12
 

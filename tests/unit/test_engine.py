@@ -319,3 +319,17 @@ def test_each_epoch_visits_every_sample_once_in_a_seeded_order():
     assert sorted(flat[:7]) == sorted(flat[7:]) == list(range(7))
     assert flat[:7] != flat[7:]  # a fresh permutation per epoch
     assert flat == [i for g in optimizer_steps(plan, seed=3) for mb in g for i in mb]
+
+
+def test_lora_files_are_readable_by_the_team(paths):
+    """Atomic writes go through private temp files; the saved folder must not stay private."""
+    import os
+    import stat
+
+    Recorder().run(make_spec(save_steps=2), paths)
+    umask = os.umask(0)
+    os.umask(umask)
+    lora = paths.loras / "tiny-lora"
+    for p in [lora, *lora.rglob("*")]:
+        want = (0o777 if p.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(p.stat().st_mode) == want, p

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -38,12 +39,16 @@ def test_half_precision_training_on_the_gpu(paths, precision, optimizer):  # noq
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                     reason="needs bitsandbytes")
-def test_qlora_4bit(paths):  # noqa: F811
+@pytest.mark.parametrize("precision, optimizer", [
+    ("4bit", "paged_adamw_8bit"), ("4bit", "adamw_torch"), ("8bit", "adamw_bnb_8bit")])
+def test_quantised_training(paths, precision, optimizer):  # noqa: F811
     rec = Recorder()
-    result = run_on_gpu(rec, make_spec(precision="4bit", optimizer="paged_adamw_8bit"), paths)
-    assert result["steps"] == 6 and result["precision"] == "4bit"
-    log = (paths.loras / "tiny-lora" / "training_log.json").read_text()
-    assert '"base_loaded_in_4bit": true' in log
+    result = run_on_gpu(rec, make_spec(precision=precision, optimizer=optimizer, epochs=2), paths)
+    assert result["steps"] == 12 and result["precision"] == precision
+    steps = rec.of("train")
+    assert sum(e["loss"] for e in steps[-3:]) / 3 < steps[0]["loss"] - 0.03
+    log = json.loads((paths.loras / "tiny-lora" / "training_log.json").read_text())
+    assert log[f"base_loaded_in_{precision}"] is True
 
 
 def test_out_of_memory_names_the_settings_and_frees_the_gpu(paths):  # noqa: F811
