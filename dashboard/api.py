@@ -15,7 +15,7 @@ from dashboard.app import services
 from dashboard.forms import form_fields
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
-from dispatcher.specs import FIELD_DOCS, SpecError, default_spec, list_choices, parse_train_spec
+from dispatcher.specs import FIELD_DOCS, SpecError, default_spec, list_choices, parse_spec
 from dispatcher.states import TransitionError
 from dispatcher.store import KINDS, PRIORITIES, JobNotFound
 
@@ -83,15 +83,16 @@ def submit_job():
                                                       "'.', '_', '@' or '-' (at most 64)"})
     settings = services().settings
     spec = None
-    try:
-        spec = parse_train_spec(spec_in, settings.paths)
-    except SpecError as e:
-        problems.extend(e.errors)
+    if kind in KINDS:
+        try:
+            spec = parse_spec(kind, spec_in, settings.paths)
+        except SpecError as e:
+            problems.extend(e.errors)
     if problems or spec is None:
         n = len(problems)
         return _error(400, f"the job was not queued: {n} problem{'s' if n != 1 else ''} "
                            "in the request", problems)
-    job_id = services().store.create("train", spec.to_dict(), owner, priority)
+    job_id = services().store.create(kind, spec.to_dict(), owner, priority)
     return jsonify({"id": job_id, "state": "queued"}), 201
 
 

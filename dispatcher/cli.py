@@ -125,7 +125,7 @@ class Supervisor:
 
     def stop_all(self, grace: float = 10.0) -> None:
         # Reverse order: workers and the dashboard go before Redis.
-        for name, p in reversed(self.procs):
+        for _name, p in reversed(self.procs):
             if p.poll() is None:
                 # SIGTERM: Celery warm-stops, the dashboard and dispatcher exit, redis-server
                 # flushes its append-only file.
@@ -456,13 +456,18 @@ def data() -> None:
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=0),
               help="samples to show (0 = all)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per sample per line")
+@click.option("--stats", "with_stats", is_flag=True,
+              help='end with one JSON line {"stats": {...}} of totals over all samples')
 def data_preview(tokenizer_path: str, dataset: str | None, format_path: str | None,
                  raw_text: str | None, cutoff_len: int, overlap_len: int, newline_favor_len: int,
                  hard_cut_string: str, add_eos_token: bool, train_only_after: str,
-                 min_chars: int, limit: int, as_json: bool) -> None:
+                 min_chars: int, limit: int, as_json: bool, with_stats: bool) -> None:
     """Show the training samples a dataset + format (or a raw-text file) gives.
 
-    Needs no Redis, GPU or running server.
+    Needs no Redis, GPU or running server. With --json each sample line also carries its token
+    counts and its text decoded back from the ids, split where training starts: "prompt_text"
+    (masked by --train-only-after) and "trained_text" (what the loss sees), so a page can
+    highlight the trained part; special tokens (BOS, EOS) are kept in both, as trained.
     """
     if bool(raw_text) == bool(dataset):
         raise click.UsageError("give either --dataset with --format, or --raw-text")
@@ -489,17 +494,31 @@ def data_preview(tokenizer_path: str, dataset: str | None, format_path: str | No
     except formats.FormatError as e:
         raise click.ClickException(str(e)) from None
     shown = result.samples if limit == 0 else result.samples[:limit]
+    st = result.stats
     if as_json:
         for smp in shown:
-            click.echo(json.dumps({"text": smp["text"], "input_ids": list(smp["input_ids"]),
-                                   "labels": list(smp["labels"])}, ensure_ascii=False))
-        return
-    st = result.stats
-    click.echo(formats.format_table(shown))
-    click.echo(f"\n{st.samples} samples, {st.tokens} tokens, {st.trained_tokens} trained, "
-               f"{st.truncated} cut at {cutoff_len}, longest {st.longest}"
-               + (f", {st.untrained} with nothing to train" if st.untrained else "")
-               + (f" (showing {len(shown)})" if len(shown) < st.samples else ""))
+            ids, labels = list(smp["input_ids"]), list(smp["labels"])
+            # The mask is a prefix (formats.tokenize): ids before the first trained label are
+            # the prompt, the rest is trained.
+            masked = next((i for i, lab in enumerate(labels) if lab != formats.IGNORE_INDEX),
+                          len(labels))
+            click.echo(json.dumps({
+                "text": smp["text"], "input_ids": ids, "labels": labels,
+                "truncated": bool(smp["truncated"]), "tokens": len(ids),
+                "trained_tokens": len(ids) - masked,
+                "prompt_text": tok.decode(ids[:masked]), "trained_text": tok.decode(ids[masked:]),
+            }, ensure_ascii=False))
+    else:
+        click.echo(formats.format_table(shown))
+        click.echo(f"\n{st.samples} samples, {st.tokens} tokens, {st.trained_tokens} trained, "
+                   f"{st.truncated} cut at {cutoff_len}, longest {st.longest}"
+                   + (f", {st.untrained} with nothing to train" if st.untrained else "")
+                   + (f" (showing {len(shown)})" if len(shown) < st.samples else ""))
+    if with_stats:
+        click.echo(json.dumps({"stats": {
+            "samples": st.samples, "tokens": st.tokens, "trained_tokens": st.trained_tokens,
+            "truncated": st.truncated, "untrained": st.untrained, "longest": st.longest,
+            "shown": len(shown), "cutoff_len": cutoff_len}}))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
 # Short projection names; the engine maps them onto each architecture's module names.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 LORA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+RESUME_RE = re.compile(r"^(latest|checkpoint-[0-9]+)$")
 DATASET_EXTS = (".json", ".jsonl")
 RAW_TEXT_EXTS = (".txt",)
 FORMAT_EXTS = (".json",)
@@ -71,6 +72,7 @@ class TrainSpec:
     target_modules: list[str] = field(default_factory=lambda: ["q", "v"], metadata={
         "help": "Projections that get LoRA layers: q, k, v, o, gate, up, down, or all."})
     seed: int = _f(0, "Random seed for initialisation and data order.")
+    resume_from_checkpoint: str = _f("", "Resume this LoRA's run from a checkpoint: latest, or checkpoint-<step> (empty = start anew).")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,10 +86,7 @@ FIELD_DOCS = {f.name: f.metadata.get("help", "") for f in fields(TrainSpec)}
 
 
 def default_spec() -> dict[str, Any]:
-    out = {}
-    for f in fields(TrainSpec):
-        out[f.name] = f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
-    return out
+    return _defaults(TrainSpec)
 
 
 class SpecError(ValueError):
@@ -198,22 +197,33 @@ def _coerce(value: Any, typ: str, name: str, errors: list[dict[str, str]]) -> An
     return None
 
 
-def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
-    """Build a TrainSpec from untrusted input (form, JSON, YAML) or raise SpecError."""
-    if not isinstance(data, dict):
-        raise SpecError([{"field": "spec", "message": "must be a JSON object of training parameters"}])
-    errors: list[dict[str, str]] = []
-    known = {f.name: f for f in fields(TrainSpec)}
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+            for f in fields(cls)}
+
+
+def _build(cls: type, data: dict[str, Any], errors: list[dict[str, str]], what: str) -> Any:
+    """An instance of the spec class `cls` from untrusted `data`: unknown keys and values of the
+    wrong type are recorded in `errors`; the defaults stand in for them."""
+    known = {f.name: f for f in fields(cls)}
     for key in data:
         if key not in known:
-            errors.append({"field": str(key), "message": "is not a known training parameter"})
-    values = default_spec()
+            errors.append({"field": str(key), "message": f"is not a known {what}"})
+    values = _defaults(cls)
     for name, f in known.items():
         if name in data:
             v = _coerce(data[name], str(f.type), name, errors)
             if v is not None:
                 values[name] = v
-    s = TrainSpec(**values)
+    return cls(**values)
+
+
+def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
+    """Build a TrainSpec from untrusted input (form, JSON, YAML) or raise SpecError."""
+    if not isinstance(data, dict):
+        raise SpecError([{"field": "spec", "message": "must be a JSON object of training parameters"}])
+    errors: list[dict[str, str]] = []
+    s = _build(TrainSpec, data, errors, "training parameter")
 
     def bad(name: str, message: str) -> None:
         errors.append({"field": name, "message": message})
@@ -269,6 +279,8 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
         bad("stop_at_loss", "must be 0 (off) or more")
     if s.seed < 0:
         bad("seed", "must be 0 or more")
+    if s.resume_from_checkpoint and not RESUME_RE.match(s.resume_from_checkpoint):
+        bad("resume_from_checkpoint", "must be empty, latest, or checkpoint-<step>")
     if not s.target_modules:
         bad("target_modules", "name at least one projection")
     else:
@@ -277,16 +289,7 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
             bad("target_modules", f"unknown {', '.join(unknown)}; use {', '.join(PROJECTIONS)} or all")
 
     # Names in the data folder.
-    if not s.base_model.strip():
-        bad("base_model", "is required: pick a model folder under models/")
-    else:
-        rel, err = resolve_data_name(s.base_model, paths.models, (), allow_dir=True)
-        if err:
-            bad("base_model", err)
-        elif not (paths.models / rel / "config.json").is_file():
-            bad("base_model", f"'{s.base_model}' has no config.json: not a model folder")
-        else:
-            s.base_model = rel
+    s.base_model = _check_model(s.base_model, paths, bad)
     has_dataset, has_raw = bool(s.dataset.strip()), bool(s.raw_text_file.strip())
     if not has_dataset and not has_raw:
         bad("dataset", "choose a dataset (with a format) or a raw_text_file")
@@ -323,15 +326,169 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
             bad("raw_text_file", err)
         else:
             s.raw_text_file = rel
+    if (s.resume_from_checkpoint.startswith("checkpoint-") and LORA_NAME_RE.match(s.lora_name)
+            and not (paths.loras / s.lora_name / s.resume_from_checkpoint).is_dir()):
+        bad("resume_from_checkpoint",
+            f"loras/{s.lora_name}/{s.resume_from_checkpoint} does not exist")
     if errors:
         raise SpecError(errors)
     return s
 
 
-def spec_from_dict(data: dict[str, Any]) -> TrainSpec:
+# ---------------------------------------------------------------------------------------------
+# evaluation and generation jobs
+
+
+@dataclass
+class EvalSpec:
+    """A perplexity evaluation: a base model with none, one or several LoRAs, on a text file."""
+
+    base_model: str = _f("", "Base model: a folder under models/.", choice="models")
+    loras: list[str] = field(default_factory=list, metadata={
+        "help": "LoRAs under loras/ applied together (none = the base model alone).",
+        "choice": "loras"})
+    text_file: str = _f("", "Text to score: a .txt file (or folder of them) under datasets/.", choice="raw_texts")
+    stride: int = _f(512, "Tokens the sliding window moves by; smaller is slower and more exact.")
+    max_length: int = _f(0, "Window length in tokens (0 = the model's context length).")
+    precision: str = _f("auto", "How the base model is loaded (as for training).", choices=PRECISIONS)
+    comment: str = _f("", "A note kept beside the result in the evaluations table.")
+    force: bool = _f(False, "Evaluate again even if this combination was evaluated before.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerateSpec:
+    """A prompt answered by the base model and by base + LoRA, side by side."""
+
+    base_model: str = _f("", "Base model: a folder under models/.", choice="models")
+    lora: str = _f("", "LoRA under loras/ to compare with the base model (empty = base only).", choice="loras")
+    prompt: str = _f("", "The prompt (the instruction, when a format file is chosen).")
+    format: str = _f("", "Optional format file: the prompt becomes its instruction.", choice="formats")
+    max_new_tokens: int = _f(128, "Longest answer, in tokens.")
+    temperature: float = _f(0.7, "Sampling temperature (0 = greedy).")
+    top_p: float = _f(0.9, "Nucleus sampling: keep the most likely tokens up to this probability.")
+    seed: int = _f(0, "Random seed; the same for both answers, so the difference is the LoRA's.")
+    precision: str = _f("auto", "How the base model is loaded (as for training).", choices=PRECISIONS)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_model(name: str, paths: DataPaths, bad) -> str:
+    if not name.strip():
+        bad("base_model", "is required: pick a model folder under models/")
+        return name
+    rel, err = resolve_data_name(name, paths.models, (), allow_dir=True)
+    if err:
+        bad("base_model", err)
+    elif not (paths.models / rel / "config.json").is_file():
+        bad("base_model", f"'{name}' has no config.json: not a model folder")
+    else:
+        return rel
+    return name
+
+
+def _check_lora(name: str, paths: DataPaths, field_name: str, bad) -> str:
+    if not LORA_NAME_RE.match(name):
+        bad(field_name, f"'{name}' is not a LoRA name")
+    elif not (paths.loras / name / "adapter_config.json").is_file():
+        bad(field_name, f"loras/{name} has no adapter_config.json: not a trained LoRA")
+    return name
+
+
+def parse_eval_spec(data: Any, paths: DataPaths) -> EvalSpec:
+    if not isinstance(data, dict):
+        raise SpecError([{"field": "spec", "message": "must be a JSON object of evaluation settings"}])
+    errors: list[dict[str, str]] = []
+    s = _build(EvalSpec, data, errors, "evaluation setting")
+
+    def bad(name: str, message: str) -> None:
+        errors.append({"field": name, "message": message})
+
+    s.base_model = _check_model(s.base_model, paths, bad)
+    for name in s.loras:
+        _check_lora(name, paths, "loras", bad)
+    if len(set(s.loras)) != len(s.loras):
+        bad("loras", "names a LoRA twice")
+    if not s.text_file.strip():
+        bad("text_file", "is required: a .txt file under datasets/")
+    else:
+        rel, err = resolve_data_name(s.text_file, paths.datasets, RAW_TEXT_EXTS, allow_dir=True)
+        if err:
+            bad("text_file", err)
+        else:
+            s.text_file = rel
+    if s.stride < 1:
+        bad("stride", "must be at least 1")
+    if s.max_length < 0:
+        bad("max_length", "must be 0 (the model's context) or more")
+    elif s.max_length and s.stride > s.max_length:
+        bad("stride", f"must not be more than max_length ({s.max_length})")
+    if s.precision not in PRECISIONS:
+        bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+    if len(s.comment) > 500:
+        bad("comment", "must be at most 500 characters")
+    if errors:
+        raise SpecError(errors)
+    return s
+
+
+def parse_generate_spec(data: Any, paths: DataPaths) -> GenerateSpec:
+    if not isinstance(data, dict):
+        raise SpecError([{"field": "spec", "message": "must be a JSON object of generation settings"}])
+    errors: list[dict[str, str]] = []
+    s = _build(GenerateSpec, data, errors, "generation setting")
+
+    def bad(name: str, message: str) -> None:
+        errors.append({"field": name, "message": message})
+
+    s.base_model = _check_model(s.base_model, paths, bad)
+    if s.lora:
+        _check_lora(s.lora, paths, "lora", bad)
+    if not s.prompt.strip():
+        bad("prompt", "is required")
+    elif len(s.prompt) > 20000:
+        bad("prompt", "must be at most 20000 characters")
+    if s.format.strip():
+        fmt = find_format(s.format, paths)
+        if fmt is None:
+            bad("format", f"'{s.format}' was not found")
+        else:
+            s.format = fmt.stem
+    if not 1 <= s.max_new_tokens <= 4096:
+        bad("max_new_tokens", "must be between 1 and 4096")
+    if not 0 <= s.temperature <= 5:
+        bad("temperature", "must be between 0 and 5")
+    if not 0 < s.top_p <= 1:
+        bad("top_p", "must be more than 0 and at most 1")
+    if s.seed < 0:
+        bad("seed", "must be 0 or more")
+    if s.precision not in PRECISIONS:
+        bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+    if errors:
+        raise SpecError(errors)
+    return s
+
+
+SPEC_PARSERS = {"train": parse_train_spec, "evaluate": parse_eval_spec,
+                "generate": parse_generate_spec}
+SPEC_CLASSES = {"train": TrainSpec, "evaluate": EvalSpec, "generate": GenerateSpec}
+
+
+def parse_spec(kind: str, data: Any, paths: DataPaths) -> TrainSpec | EvalSpec | GenerateSpec:
+    """Validate a spec of any job kind (train, evaluate, generate)."""
+    if kind not in SPEC_PARSERS:
+        raise SpecError([{"field": "kind", "message": f"must be one of {', '.join(SPEC_PARSERS)}"}])
+    return SPEC_PARSERS[kind](data, paths)
+
+
+def spec_from_dict(data: dict[str, Any], kind: str = "train") -> Any:
     """Rebuild an already-validated spec (from a job record); no checks against the disk."""
-    known = {f.name for f in fields(TrainSpec)}
-    return TrainSpec(**{k: v for k, v in data.items() if k in known})
+    cls = SPEC_CLASSES[kind]
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def list_choices(paths: DataPaths) -> dict[str, list[str]]:
@@ -349,4 +506,5 @@ def list_choices(paths: DataPaths) -> dict[str, list[str]]:
         "formats": sorted(Path(f).stem for f in formats),
         "raw_texts": names(paths.datasets, lambda p: (p.is_file() and p.suffix in RAW_TEXT_EXTS)
                            or (p.is_dir() and any(p.glob("*.txt")))),
+        "loras": names(paths.loras, lambda p: (p / "adapter_config.json").is_file()),
     }

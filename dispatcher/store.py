@@ -23,7 +23,7 @@ from dispatcher.events import EventLog
 from dispatcher.states import ACTIVE, JobState, check_transition
 
 PRIORITIES = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
-KINDS = ("train",)
+KINDS = ("train", "evaluate", "generate")
 # Record fields that hold JSON rather than text.
 _JSON_FIELDS = ("spec", "result")
 _NUM_FIELDS = ("created", "updated", "started", "finished", "step", "total_steps", "loss",
@@ -32,6 +32,15 @@ _NUM_FIELDS = ("created", "updated", "started", "finished", "step", "total_steps
 
 class JobNotFound(KeyError):
     pass
+
+
+def job_name(kind: str, spec: dict[str, Any]) -> str:
+    """What the job lists show as a job's name."""
+    if kind == "train":
+        return spec.get("lora_name", "")
+    loras = spec.get("loras") or ([spec["lora"]] if spec.get("lora") else [])
+    what = "perplexity" if kind == "evaluate" else "generate"
+    return f"{what}: {spec.get('base_model', '')}" + (f" + {', '.join(loras)}" if loras else "")
 
 
 class JobStore:
@@ -71,7 +80,7 @@ class JobStore:
         record = {
             "id": job_id, "kind": kind, "owner": owner, "priority": priority,
             "state": JobState.QUEUED.value, "spec": json.dumps(spec), "created": now,
-            "updated": now, "name": spec.get("lora_name", ""), "worker": "", "reason": "",
+            "updated": now, "name": job_name(kind, spec), "worker": "", "reason": "",
             "attempt": 0,
         }
         with self.r.pipeline() as pipe:

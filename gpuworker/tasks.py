@@ -18,7 +18,6 @@ from typing import Any
 from dispatcher.celery_app import RUN_JOB_TASK
 from dispatcher.fleet import Fleet
 from dispatcher.settings import Settings, connect
-from dispatcher.specs import spec_from_dict
 from dispatcher.states import JobState, TransitionError
 from dispatcher.store import JobNotFound, JobStore
 
@@ -34,7 +33,7 @@ class JobFenced(RuntimeError):
 
 
 def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
-                train: Callable[..., dict[str, Any]], settings: Settings) -> str:
+                run: Callable[..., dict[str, Any]], settings: Settings) -> str:
     """Run one job to an end state; returns that state's value (or 'skipped')."""
     try:
         rec = store.get(job_id)
@@ -79,11 +78,11 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
     def should_stop() -> bool:
         return store.stop_requested(job_id) or not still_mine()
 
-    spec = spec_from_dict(rec["spec"])
     state = JobState.FAILED
     try:
-        result = train(spec, settings.paths, progress=progress, should_stop=should_stop,
-                       log=emit_log)
+        result = run(rec.get("kind", "train"), rec["spec"], settings, job_id=job_id,
+                     attempt=int(rec.get("attempt") or 1), progress=progress,
+                     should_stop=should_stop, log=emit_log)
         if not still_mine():
             raise JobFenced(f"job {job_id} was moved away from {worker_name}")
         store.set_result(job_id, result)
@@ -162,12 +161,12 @@ def register_tasks(celery, settings: Settings) -> None:
 
     @celery.task(name=RUN_JOB_TASK)
     def run_job(job_id: str, worker_name: str) -> str:
-        from gpuworker.engine import train  # torch is imported here, in the process that trains
+        from gpuworker.jobs import run_job_kind
 
         r = connect(settings)
         try:
             return perform_job(job_id, worker_name, JobStore(r, settings.prefix),
-                               Fleet(r, settings.prefix, settings.worker_timeout), train,
+                               Fleet(r, settings.prefix, settings.worker_timeout), run_job_kind,
                                settings)
         finally:
             r.close()

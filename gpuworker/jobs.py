@@ -1,0 +1,62 @@
+"""What each kind of job runs: one engine function per kind, with its bookkeeping around it.
+
+`run_job_kind` is what the task wrapper calls; it imports the engine (and so torch) only here,
+in the process that trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dispatcher.evaltable import EvalTable
+from dispatcher.settings import Settings
+from dispatcher.specs import find_format, spec_from_dict
+
+EVAL_TABLE = "evaluations.csv"
+
+
+def run_job_kind(kind: str, spec_dict: dict[str, Any], settings: Settings, *, job_id: str,
+                 attempt: int, progress: Callable[[dict], None],
+                 should_stop: Callable[[], bool], log: Callable[[str], None]) -> dict[str, Any]:
+    from gpuworker import engine
+
+    paths = settings.paths
+    spec = spec_from_dict(spec_dict, kind)
+    if kind == "train":
+        resume = spec.resume_from_checkpoint or None
+        if attempt > 1 and resume is None:
+            # Re-queued after its worker was lost: carry on from the last checkpoint, if any.
+            resume = "latest"
+            log(f"attempt {attempt}: resuming from the latest checkpoint, if there is one")
+        kwargs = {"resume_from": resume} if resume else {}
+        return engine.train(spec, paths, progress, should_stop, log, **kwargs)
+    if kind == "evaluate":
+        table = EvalTable(paths.evals / EVAL_TABLE)
+        if not spec.force:
+            prev = table.find(spec.base_model, spec.loras, spec.text_file, spec.stride,
+                              spec.max_length)
+            if prev is not None:
+                log(f"this combination was evaluated on {prev['date']} (perplexity "
+                    f"{prev['perplexity']:.4f}); skipped (set force to run it again)")
+                return {"skipped": True, "perplexity": prev["perplexity"], "row": prev["id"],
+                        "reason": f"skipped: already evaluated on {prev['date']}"}
+        result = engine.perplexity(
+            base_model=spec.base_model, loras=spec.loras, text_file=spec.text_file, paths=paths,
+            stride=spec.stride, max_length=spec.max_length, precision=spec.precision,
+            progress=progress, should_stop=should_stop, log=log)
+        if not result.get("stopped"):
+            row = table.add(base_model=spec.base_model, loras=spec.loras,
+                            text_file=spec.text_file, perplexity=result["perplexity"],
+                            stride=spec.stride, max_length=result.get("max_length", spec.max_length),
+                            tokens=result.get("tokens", 0), job=job_id, comment=spec.comment)
+            result["row"] = row["id"]
+        return result
+    if kind == "generate":
+        fmt = find_format(spec.format, paths) if spec.format else None
+        return engine.generate(
+            base_model=spec.base_model, lora=spec.lora or None, prompt=spec.prompt,
+            format_file=fmt, paths=paths, max_new_tokens=spec.max_new_tokens,
+            temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
+            precision=spec.precision, progress=progress, should_stop=should_stop, log=log)
+    raise ValueError(f"unknown job kind {kind!r}")
