@@ -9,6 +9,8 @@ Config keys:
                             callable returning one, instead of connecting from the settings
   LORAFLEET_SSE_BLOCK_MS    how long an SSE stream waits for news before a keep-alive (15000)
   LORAFLEET_SSE_GRACE_MS    how long a job's stream keeps reading after the job ended (1000)
+  LORAFLEET_UPLOAD_MAX_BYTES   largest data file the Datasets page accepts (50 MB)
+  LORAFLEET_PREVIEW_TIMEOUT_S  how long a sample preview may run (60)
 """
 
 from __future__ import annotations
@@ -116,11 +118,15 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     from dashboard import filters
     from dashboard.api import bp as api_bp
+    from dashboard.datasets import bp as datasets_bp
     from dashboard.pages import bp as pages_bp
+    from dashboard.tools import bp as tools_bp
 
     filters.register(app)
     app.register_blueprint(api_bp)
     app.register_blueprint(pages_bp)
+    app.register_blueprint(datasets_bp)
+    app.register_blueprint(tools_bp)
     _register_error_handlers(app)
     return app
 

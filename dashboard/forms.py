@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from dispatcher.specs import PROJECTIONS, TrainSpec, default_spec
+from dispatcher.specs import PROJECTIONS, TrainSpec
 
 SECTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("Model and data", ("lora_name", "base_model", "precision", "dataset", "format",
@@ -50,17 +50,21 @@ def _default(f: Any) -> Any:
 
 
 def form_fields(data_choices: dict[str, list[str]],
-                values: dict[str, Any] | None = None) -> list[FormField]:
-    """Every TrainSpec field as a form field, with `values` (e.g. a copied job) over defaults."""
-    values = {**default_spec(), **(values or {})}
+                values: dict[str, Any] | None = None, spec_cls: type = TrainSpec,
+                required: tuple[str, ...] = REQUIRED) -> list[FormField]:
+    """Every field of a spec class as a form field, with `values` (e.g. a copied job) over
+    the defaults."""
+    values = {**{f.name: _default(f) for f in fields(spec_cls)}, **(values or {})}
     out = []
-    for f in fields(TrainSpec):
+    for f in fields(spec_cls):
         typ = str(f.type)
         meta = f.metadata
         choices: list[str] = []
         step = ""
         if f.name == "target_modules":
             widget, choices = "checkboxes", list(TARGET_MODULE_CHOICES)
+        elif typ == "list[str]" and meta.get("choice"):
+            widget, choices = "checkboxes", list(data_choices.get(meta["choice"], []))
         elif typ == "bool":
             widget = "checkbox"
         elif meta.get("choices"):
@@ -78,7 +82,7 @@ def form_fields(data_choices: dict[str, list[str]],
         out.append(FormField(
             name=f.name, type=typ, widget=widget, default=_default(f),
             value=values.get(f.name, _default(f)), help=meta.get("help", ""), choices=choices,
-            step=step, required=f.name in REQUIRED,
+            step=step, required=f.name in required,
             empty_option=bool(meta.get("choice"))))
     return out
 

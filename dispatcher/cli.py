@@ -352,20 +352,89 @@ def follow_job(client: Client, job_id: str, out=None) -> str:
 @click.option("--owner", default=None, help="owner name (until accounts exist)")
 @click.option("--url", default=None, help=URL_HELP)
 def submit(spec: str, wait: bool, priority: str, owner: str | None, url: str | None) -> None:
-    """Submit a training job from a JSON or YAML SPEC file; prints the job id."""
+    """Submit a job from a JSON or YAML SPEC file; prints the job id.
+
+    The file holds the training parameters; a `kind: evaluate` or `kind: generate` key makes
+    it an evaluation or generation job instead."""
     data = _load_spec(spec)
+    # A spec file may say what kind of job it is; a training job by default.
+    kind = data.pop("kind", "train") if isinstance(data.get("kind"), str) else "train"
+    _submit_and_maybe_wait(kind, data, wait, priority, owner, url)
+
+
+def _submit_and_maybe_wait(kind: str, spec: dict[str, Any], wait: bool, priority: str,
+                           owner: str | None, url: str | None) -> dict[str, Any] | None:
     client = Client(_url(url))
     try:
-        job_id = client.submit(data, priority=priority, owner=owner)
+        job_id = client.submit(spec, kind=kind, priority=priority, owner=owner)
     except ApiError as e:
         _fail_api(e)
     click.echo(job_id)
-    if wait:
-        state = follow_job(client, job_id, sys.stderr)
-        rec = client.job(job_id)
-        click.echo(f"{job_id} {state}" + (f": {rec.get('reason')}" if rec.get("reason") else ""),
-                   err=True)
-        sys.exit(0 if state == "succeeded" else 1)
+    if not wait:
+        return None
+    state = follow_job(client, job_id, sys.stderr)
+    rec = client.job(job_id)
+    click.echo(f"{job_id} {state}" + (f": {rec.get('reason')}" if rec.get("reason") else ""),
+               err=True)
+    if state != "succeeded":
+        sys.exit(1)
+    return rec
+
+
+@main.command()
+@click.option("--model", "base_model", required=True, help="base model folder under models/")
+@click.option("--lora", "loras", multiple=True, help="a LoRA under loras/ (repeat for several)")
+@click.option("--text", "text_file", required=True, help="a .txt file under datasets/")
+@click.option("--stride", default=512, show_default=True)
+@click.option("--max-length", default=0, show_default=True, help="0 = the model's context")
+@click.option("--precision", default="auto", show_default=True)
+@click.option("--comment", default="")
+@click.option("--force", is_flag=True, help="evaluate again even if this was evaluated before")
+@click.option("--wait", is_flag=True, help="wait and print the perplexity")
+@click.option("--priority", default="normal", type=click.Choice(["low", "normal", "high", "urgent"]))
+@click.option("--owner", default=None)
+@click.option("--url", default=None, help=URL_HELP)
+def evaluate(base_model: str, loras: tuple[str, ...], text_file: str, stride: int,
+             max_length: int, precision: str, comment: str, force: bool, wait: bool,
+             priority: str, owner: str | None, url: str | None) -> None:
+    """Queue a perplexity evaluation of a base model with none, one or several LoRAs."""
+    spec = {"base_model": base_model, "loras": list(loras), "text_file": text_file,
+            "stride": stride, "max_length": max_length, "precision": precision,
+            "comment": comment, "force": force}
+    rec = _submit_and_maybe_wait("evaluate", spec, wait, priority, owner, url)
+    if rec is not None:
+        r = rec.get("result") or {}
+        click.echo(f"perplexity {r.get('perplexity'):.4f}"
+                   + (" (already evaluated; --force runs it again)" if r.get("skipped") else ""))
+
+
+@main.command()
+@click.option("--model", "base_model", required=True, help="base model folder under models/")
+@click.option("--lora", default="", help="a LoRA under loras/ to compare with the base model")
+@click.option("--prompt", required=True)
+@click.option("--format", "format_name", default="", help="format file: the prompt is its instruction")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--top-p", default=0.9, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--precision", default="auto", show_default=True)
+@click.option("--priority", default="normal", type=click.Choice(["low", "normal", "high", "urgent"]))
+@click.option("--owner", default=None)
+@click.option("--url", default=None, help=URL_HELP)
+def generate(base_model: str, lora: str, prompt: str, format_name: str, max_new_tokens: int,
+             temperature: float, top_p: float, seed: int, precision: str, priority: str,
+             owner: str | None, url: str | None) -> None:
+    """Answer a prompt with the base model and with base + LoRA, side by side (waits)."""
+    spec = {"base_model": base_model, "lora": lora, "prompt": prompt, "format": format_name,
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+            "seed": seed, "precision": precision}
+    rec = _submit_and_maybe_wait("generate", spec, True, priority, owner, url)
+    r = rec.get("result") or {}
+    click.echo(f"--- base model ({(r.get('base') or {}).get('tokens')} tokens)")
+    click.echo((r.get("base") or {}).get("text", ""))
+    if r.get("lora"):
+        click.echo(f"--- base + {lora} ({r['lora'].get('tokens')} tokens)")
+        click.echo(r["lora"].get("text", ""))
 
 
 @main.command()

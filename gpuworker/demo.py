@@ -330,6 +330,29 @@ def copy_samples(paths: DataPaths, log: Log = print) -> dict[str, str]:
     return result
 
 
+HELDOUT_TEXT = "alpaca-heldout.txt"
+
+
+def write_heldout_text(paths: DataPaths, log: Log = print) -> str:
+    """Render the held-out rows with the shipped Alpaca format into a text file, so a perplexity
+    job can score samples of the kind the demo LoRA is trained on (and never saw)."""
+    import formats
+
+    src, dst = samples_dir() / "alpaca-heldout.json", paths.datasets / HELDOUT_TEXT
+    if dst.exists():
+        return "present"
+    if not src.is_file():
+        return "missing"
+    fmt = formats.load_format(formats.SHIPPED_DIR / "alpaca-format.json")
+    texts = [formats.render_row(fmt, r.texts, row_index=r.index, source=src.name)
+             for r in formats.load_rows(src)]
+    tmp = dst.with_name(f".{HELDOUT_TEXT}.writing-{os.getpid()}")
+    tmp.write_text("\n\n\n".join(texts) + "\n", encoding="utf-8")
+    os.replace(tmp, dst)
+    log(f"wrote datasets/{HELDOUT_TEXT} (the held-out rows as text, for perplexity)")
+    return "written"
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -342,6 +365,7 @@ def prepare_demo(paths: DataPaths, log: Log = print, verify: bool = True) -> dic
     """
     paths.ensure()
     datasets = copy_samples(paths, log=log)
+    datasets[HELDOUT_TEXT] = write_heldout_text(paths, log=log)
     model = ensure_demo_model(paths, log=log, verify=verify)
     return {"home": str(paths.home), "datasets": datasets, "model": model}
 

@@ -20,6 +20,8 @@ def run_job_kind(kind: str, spec_dict: dict[str, Any], settings: Settings, *, jo
                  attempt: int, progress: Callable[[dict], None],
                  should_stop: Callable[[], bool], log: Callable[[str], None]) -> dict[str, Any]:
     from gpuworker import engine
+    from gpuworker.engine.evaluate import perplexity
+    from gpuworker.engine.generate import generate
 
     paths = settings.paths
     spec = spec_from_dict(spec_dict, kind)
@@ -41,7 +43,7 @@ def run_job_kind(kind: str, spec_dict: dict[str, Any], settings: Settings, *, jo
                     f"{prev['perplexity']:.4f}); skipped (set force to run it again)")
                 return {"skipped": True, "perplexity": prev["perplexity"], "row": prev["id"],
                         "reason": f"skipped: already evaluated on {prev['date']}"}
-        result = engine.perplexity(
+        result = perplexity(
             base_model=spec.base_model, loras=spec.loras, text_file=spec.text_file, paths=paths,
             stride=spec.stride, max_length=spec.max_length, precision=spec.precision,
             progress=progress, should_stop=should_stop, log=log)
@@ -54,7 +56,7 @@ def run_job_kind(kind: str, spec_dict: dict[str, Any], settings: Settings, *, jo
         return result
     if kind == "generate":
         fmt = find_format(spec.format, paths) if spec.format else None
-        return engine.generate(
+        return generate(
             base_model=spec.base_model, lora=spec.lora or None, prompt=spec.prompt,
             format_file=fmt, paths=paths, max_new_tokens=spec.max_new_tokens,
             temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,

@@ -161,6 +161,7 @@
 
   function drawCharts() {
     const lossEl = $("loss-chart"), lrEl = $("lr-chart");
+    if (!lossEl) return;  // evaluation and generation jobs have no training charts
     const ld = lossData(), rd = lrData();
     const lossPoints = ld[1].filter((v) => v !== null).length;
     const evalPoints = ld[2].filter((v) => v !== null).length;
@@ -212,6 +213,54 @@
     list.hidden = false;
   }
 
+  // ---- results of evaluation and generation jobs --------------------------------------------
+  function el(tag, attrs, text) {
+    const e = document.createElement(tag);
+    Object.entries(attrs || {}).forEach(([k, v]) => e.setAttribute(k, v));
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+
+  function answerBox(title, answer, testid) {
+    const box = el("div", { class: "answer", "data-testid": testid });
+    box.appendChild(el("h3", {}, title));
+    box.appendChild(el("pre", { class: "answer-text" }, answer ? answer.text : ""));
+    if (answer) {
+      box.appendChild(el("p", { class: "muted" },
+        `${answer.tokens} tokens in ${Number(answer.seconds).toFixed(1)} s`));
+    }
+    return box;
+  }
+
+  function showResult(r) {
+    const body = $("result-body");
+    if (!body || !r) return;
+    const out = [];
+    if (job.kind === "evaluate") {
+      const bar = $("eval-progress");
+      if (bar && !r.stopped) bar.style.width = "100%";
+      const ppl = LF.num(r.perplexity);
+      out.push(el("p", { class: "big", "data-testid": "perplexity" }, ppl === null ? "—" : ppl.toFixed(4)));
+      if (r.skipped) out.push(el("p", { class: "notice" }, r.reason || "skipped"));
+      else {
+        out.push(el("p", { class: "muted" },
+          `${r.tokens} tokens scored in ${r.windows} windows (max_length ${r.max_length}, ` +
+          `stride ${r.stride})${r.stopped ? " — stopped early: partial value" : ""}`));
+      }
+      const link = el("a", { href: "/evaluations" }, "All evaluations");
+      out.push(link);
+    } else {
+      out.push(el("h3", {}, "Prompt"));
+      out.push(el("pre", { class: "answer-text", "data-testid": "prompt-text" }, r.prompt_text || ""));
+      const cols = el("div", { class: "answers" });
+      cols.appendChild(answerBox("Base model", r.base, "answer-base"));
+      if (r.lora) cols.appendChild(answerBox(`Base + ${job.spec.lora}`, r.lora, "answer-lora"));
+      out.push(cols);
+    }
+    body.replaceChildren(...out);
+  }
+  if (job.result) showResult(job.result);
+
   // ---- events ------------------------------------------------------------------------------
   function scheduleFlush() {
     // Many events arrive at once on a replay: draw once per burst, not once per event.
@@ -253,7 +302,13 @@
         break;
       case "result":
         addLog(ev, `result: ${JSON.stringify(Object.assign({}, ev, { type: undefined, time: undefined, id: undefined }))}`);
+        showResult(ev);
         break;
+      case "eval_progress": {
+        const bar = $("eval-progress");
+        if (bar) bar.style.width = `${LF.pct(ev.window, ev.windows).toFixed(1)}%`;
+        break;
+      }
       default:
         break;
     }

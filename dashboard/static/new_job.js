@@ -53,6 +53,28 @@
     (first || formError).scrollIntoView({ block: "center", behavior: "smooth" });
   }
 
+  // "Preview samples": the data this form would train on, through the same preview API as the
+  // Datasets page. Fields are looked up by name (form.dataset is the "dataset" select).
+  const PREVIEW_FIELDS = ["dataset", "format", "raw_text_file", "cutoff_len", "overlap_len",
+    "newline_favor_len", "hard_cut_string", "train_only_after", "min_chars"];
+  const previewButton = document.getElementById("preview-samples");
+  const previewBox = document.getElementById("job-preview");
+  const previewApi = form.getAttribute("data-preview-api");
+
+  function fieldValue(name) {
+    const el = form.querySelector(`[name="${name}"]`);
+    if (!el) return "";
+    return el.type === "checkbox" ? el.checked : el.value;
+  }
+
+  previewButton.addEventListener("click", () => {
+    const values = { model: fieldValue("base_model") };
+    PREVIEW_FIELDS.forEach((n) => { values[n] = fieldValue(n); });
+    values.add_eos_token = Boolean(fieldValue("add_eos_token"));
+    LFPreview.run(previewApi, values, previewBox, status, previewButton)
+      .then(() => previewBox.scrollIntoView({ block: "start", behavior: "smooth" }));
+  });
+
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     clearErrors();

@@ -1,4 +1,5 @@
-"""The training engine: one function, `train`, that turns a TrainSpec into a LoRA folder.
+"""The training engine: `train` turns a TrainSpec into a LoRA folder; `perplexity` and
+`generate` evaluate a base model with LoRAs.
 
 Importing this package imports torch; only the worker process that trains does so.
 """
@@ -6,6 +7,9 @@ Importing this package imports torch; only the worker process that trains does s
 from __future__ import annotations
 
 from gpuworker.engine.errors import EngineError
+from gpuworker.engine.evaluate import perplexity
+from gpuworker.engine.generate import generate
+from gpuworker.engine.resume import latest_checkpoint
 from gpuworker.engine.train import train
 
-__all__ = ["EngineError", "train"]
+__all__ = ["EngineError", "generate", "latest_checkpoint", "perplexity", "train"]

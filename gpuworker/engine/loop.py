@@ -7,6 +7,18 @@ not by their number.
 
 After every optimizer step the loop reports progress, checks the loss (0 or NaN: broken run;
 <= stop_at_loss: done), evaluates and checkpoints when due, and asks `should_stop()`.
+
+A stop asked for by the user always writes a checkpoint at the step it stops after (whatever
+save_steps is), so the run can be resumed exactly where it stopped; a LoRA's optimizer state is
+small next to the base model. Reaching stop_at_loss or the last step is an end, not a pause:
+the adapter itself is saved, no checkpoint.
+
+Resuming (`resume`): the loop rebuilds the optimizer and scheduler, loads their saved state
+(optimizer state matched to the LoRA parameters by name), the GradScaler's and the RNGs' (the
+LoRA dropout draws from the CPU or CUDA generator), and goes on with step k+1 at the data
+position the checkpoint recorded. The data order needs no saved state: each epoch's order is a
+permutation seeded by (seed, epoch), and micro-batches run as one stream across epochs, so
+micro-batch k * accumulation is found by arithmetic (data.optimizer_steps).
 """
 
 from __future__ import annotations
@@ -26,16 +38,22 @@ from gpuworker.engine.data import IGNORE_INDEX, StepPlan, collate, optimizer_ste
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.loading import compute_dtype
 from gpuworker.engine.optim import MAX_GRAD_NORM, make_optimizer, make_scheduler
+from gpuworker.engine.resume import ResumePoint, load_optimizer_state_by_name
 
 # Below this, text-generation-webui warns that the model may start to forget what it knew.
 FORGET_LOSS = 1.0
 
 Event = dict[str, Any]
-CheckpointFn = Callable[[int, dict[str, Any], dict[str, Any]], None]
+# checkpoint(outcome so far, training_state.pt's dict, training_state.json's dict)
+CheckpointFn = Callable[["LoopOutcome", dict[str, Any], dict[str, Any]], None]
 
 
 @dataclass
 class LoopOutcome:
+    """The run so far. steps, micro_done, runtime_s, tokens and loss_history count the whole
+    run, resumed parts included; the part_* fields count only this process's part, which is
+    what speed and ETA are measured on."""
+
     steps: int = 0
     micro_done: int = 0
     final_loss: float | None = None
@@ -46,10 +64,18 @@ class LoopOutcome:
     eval_loss: float | None = None
     peak_gpu_mem_mb: float | None = None
     loss_history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: str | None = None
+    part_start_step: int = 0
+    part_runtime_s: float = 0.0
+    part_tokens: int = 0
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.runtime_s if self.runtime_s > 0 else 0.0
+        return self.part_tokens / self.part_runtime_s if self.part_runtime_s > 0 else 0.0
+
+    def eta_s(self, total_steps: int) -> float:
+        done = self.steps - self.part_start_step
+        return self.part_runtime_s / done * (total_steps - self.steps) if done > 0 else 0.0
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -120,9 +146,13 @@ def evaluate(forward: _Forward, model: Any, samples: list[dict[str, Any]], micro
 def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[str, Any]] | None,
              spec: TrainSpec, plan: StepPlan, device: torch.device, precision: str, pad_id: int,
              progress: Callable[[Event], None], should_stop: Callable[[], bool],
-             log: Callable[[str], None], checkpoint: CheckpointFn) -> LoopOutcome:
-    """Train `model` (already on `device`, LoRA attached) for `plan.total_steps` steps."""
-    params = [p for p in model.parameters() if p.requires_grad]
+             log: Callable[[str], None], checkpoint: CheckpointFn,
+             resume: ResumePoint | None = None) -> LoopOutcome:
+    """Train `model` (already on `device`, LoRA attached) for `plan.total_steps` steps, or the
+    steps after `resume.step` with the state `resume` holds."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    params = [p for _, p in named]
     optimizer = make_optimizer(spec.optimizer, params, float(spec.learning_rate))
     scheduler = make_scheduler(spec.lr_scheduler_type, optimizer, spec.warmup_steps,
                                plan.total_steps)
@@ -137,12 +167,15 @@ def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[
 
     forward = _Forward(model)
     out = LoopOutcome()
-    warned_forget = False
+    if resume is not None:
+        out = _restore(resume, optimizer, names, scheduler, scaler, plan, device, log)
+    warned_forget = any(h["loss"] < FORGET_LOSS for h in out.loss_history)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
 
-    for step_index, group in enumerate(optimizer_steps(plan, spec.seed)):
+    for step_index, group in enumerate(optimizer_steps(plan, spec.seed, out.steps),
+                                       start=out.steps):
         step = step_index + 1
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in group]
@@ -157,7 +190,9 @@ def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[
             loss = _token_loss_sum(logits, batch["labels"]) / n_targets
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += float(loss.detach())
-            out.tokens += int(cpu_batch["attention_mask"].sum())
+            n_tokens = int(cpu_batch["attention_mask"].sum())
+            out.tokens += n_tokens
+            out.part_tokens += n_tokens
             del logits, loss
         out.micro_done += len(group)
 
@@ -172,7 +207,9 @@ def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        out.runtime_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        out.runtime_s += elapsed
+        out.part_runtime_s += elapsed
 
         if math.isnan(step_loss) or math.isinf(step_loss) or step_loss == 0.0:
             raise EngineError(
@@ -183,7 +220,7 @@ def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[
         out.loss_history.append({"step": step, "loss": round(step_loss, 6),
                                  "learning_rate": lr})
         out.peak_gpu_mem_mb = _gpu_mem_mb(device)
-        eta = out.runtime_s / step * (plan.total_steps - step)
+        eta = out.eta_s(plan.total_steps)
         progress({"type": "train", "step": step, "total_steps": plan.total_steps,
                   "epoch": round(plan.epoch_of(out.micro_done), 4), "loss": round(step_loss, 6),
                   "learning_rate": lr, "tokens_per_s": round(out.tokens_per_s, 2),
@@ -205,37 +242,73 @@ def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[
 
         reached = spec.stop_at_loss > 0 and step_loss <= spec.stop_at_loss
         stop = not reached and step < plan.total_steps and should_stop()
-        if spec.save_steps > 0 and step % spec.save_steps == 0 and step < plan.total_steps \
-                and not (reached or stop):
-            # (A run that ends here is saved as the final adapter instead.)
-            checkpoint(step, _resume_state(optimizer, scheduler, scaler, step, out, device),
-                       _state_summary(plan, spec, step, out))
         if reached:
             out.reason = f"stopped at step {step}: loss {step_loss:.4f} reached stop_at_loss {spec.stop_at_loss}"
-            log(out.reason)
-            break
         if stop:
             out.stopped = True
             out.reason = f"stopped by request after step {step} of {plan.total_steps}"
+        due = spec.save_steps > 0 and step % spec.save_steps == 0 and step < plan.total_steps
+        if stop or (due and not reached):
+            # (A run that ends here is saved as the final adapter instead; a stopped one is
+            # saved as both, so it can be resumed.)
+            checkpoint(out, _resume_state(optimizer, names, scheduler, scaler, step, out, device),
+                       _state_summary(plan, spec, step, out))
+        if reached or stop:
             log(out.reason)
             break
     return out
 
 
-def _resume_state(optimizer: Any, scheduler: Any, scaler: Any, step: int, out: LoopOutcome,
-                  device: torch.device) -> dict[str, Any]:
-    """Everything beyond the adapter that continuing this exact run later needs."""
+def _resume_state(optimizer: Any, names: list[str], scheduler: Any, scaler: Any, step: int,
+                  out: LoopOutcome, device: torch.device) -> dict[str, Any]:
+    """Everything beyond the adapter that continuing this exact run later needs.
+
+    Taken after everything step `step` does (evaluation included), so the RNG states are the
+    ones step+1 starts from."""
     return {
         "step": step,
         "micro_batches_done": out.micro_done,
         "optimizer": optimizer.state_dict(),
+        # The names of the parameters the optimizer state numbers 0, 1, ...: a resume matches
+        # them by name, not by position.
+        "optimizer_param_names": names,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler else None,
         "rng_cpu": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        # Only the training device's generator: a resume may run on a host with other GPUs.
+        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "tokens": out.tokens,
         "runtime_s": out.runtime_s,
+        "eval_loss": out.eval_loss,
     }
+
+
+def _restore(resume: ResumePoint, optimizer: Any, names: list[str], scheduler: Any, scaler: Any,
+             plan: StepPlan, device: torch.device, log: Callable[[str], None]) -> LoopOutcome:
+    """Load `resume`'s state into the fresh optimizer, scheduler, scaler and RNGs; return the
+    run's outcome so far."""
+    state = resume.state
+    if state["micro_batches_done"] != resume.step * plan.accumulation \
+            or not 0 < resume.step < plan.total_steps:
+        raise EngineError(f"{resume.name} is at step {resume.step}, micro-batch "
+                          f"{state['micro_batches_done']}: that is not a step of this run "
+                          f"({plan.total_steps} steps of {plan.accumulation} micro-batches)")
+    load_optimizer_state_by_name(optimizer, names, state["optimizer"],
+                                 state["optimizer_param_names"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    elif scaler is not None or state.get("scaler"):
+        log(f"{resume.name} was saved with{'out' if scaler else ''} fp16 loss scaling and this "
+            "run uses the other: the losses will not match an uninterrupted run exactly")
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    return LoopOutcome(steps=resume.step, micro_done=state["micro_batches_done"],
+                       final_loss=resume.loss_history[-1]["loss"] if resume.loss_history else None,
+                       runtime_s=state["runtime_s"], tokens=state["tokens"],
+                       eval_loss=state.get("eval_loss"), loss_history=list(resume.loss_history),
+                       resumed_from=resume.name, part_start_step=resume.step)
 
 
 def _state_summary(plan: StepPlan, spec: TrainSpec, step: int, out: LoopOutcome) -> dict[str, Any]:

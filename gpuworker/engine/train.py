@@ -1,12 +1,22 @@
 """`train(spec, ...)`: one LoRA training job, in named phases.
 
     check     everything that can be refused without loading a model (files, precision,
-              optimizer, a rank change when continuing)
+              optimizer, a rank change when continuing, a checkpoint that does not fit)
     data      tokenizer + samples (before the model: bad data fails in seconds)
-    model     base model on the device, LoRA layers on it, earlier weights loaded
+    model     base model on the device, LoRA layers on it, earlier weights loaded (the
+              LoRA's own, or a checkpoint's when resuming)
     train     the loop (loop.py), with progress events and checkpoints
     save      adapter + training_parameters / training_prompt / training_log, atomically
     clean up  drop the model and free GPU memory, whatever happened
+
+Two ways to build on earlier work:
+
+    continue  (the default when loras/<lora_name>/ has an adapter) a new run that starts from
+              the saved weights: fresh optimizer, step 1, its files copied to a backup folder
+              and its checkpoints moved there (they belong to the earlier run).
+    resume    (`resume_from`) the same run, carried on from one of its checkpoints: weights,
+              optimizer, scheduler, RNG and data position restored, steps go on from k+1.
+              Nothing is backed up: the folder is this run's. See resume.py.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,6 +43,8 @@ from gpuworker.engine.loading import (
 )
 from gpuworker.engine.loop import LoopOutcome, run_loop
 from gpuworker.engine.lora import (
+    ADAPTER_WEIGHTS,
+    Existing,
     attach_lora,
     backup_folder,
     check_continue,
@@ -40,6 +53,18 @@ from gpuworker.engine.lora import (
     load_existing_weights,
 )
 from gpuworker.engine.optim import check_optimizer
+from gpuworker.engine.resume import (
+    LATEST,
+    ResumePoint,
+    check_data,
+    check_settings,
+    find_checkpoint,
+    load_state,
+    move_checkpoints,
+    read_summary,
+    run_settings,
+    samples_fingerprint,
+)
 from gpuworker.engine.save import (
     TRAINING_LOG,
     TRAINING_PARAMETERS,
@@ -71,17 +96,21 @@ def _release(device: torch.device) -> None:
 
 
 def train(spec: TrainSpec, paths: DataPaths, progress: Progress, should_stop: Callable[[], bool],
-          log: Callable[[str], None], device: str | None = None) -> dict[str, Any]:
+          log: Callable[[str], None], device: str | None = None,
+          resume_from: str | None = None) -> dict[str, Any]:
     """Train the LoRA `spec` describes into loras/<lora_name>/ and return the run's result.
 
-    Raises EngineError (with a message for the user) for anything the user can fix.
+    `resume_from` carries on an interrupted run from one of its checkpoints: "latest" (the
+    highest-numbered complete checkpoint-<step>/; with none, the run starts from scratch and
+    says so) or a folder name "checkpoint-<step>" (missing: EngineError). None or "" trains
+    as usual. Raises EngineError (with a message for the user) for anything the user can fix.
     """
     dev = pick_device(device)
     # On failure keep only the message: the exception's traceback holds the frames that hold
     # the model and optimizer, and those must go before the GPU memory can be freed.
     failure = ""
     try:
-        return _train(spec, paths, progress, should_stop, log, dev)
+        return _train(spec, paths, progress, should_stop, log, dev, resume_from or None)
     except EngineError as e:
         failure = str(e)
     except Exception as e:
@@ -95,7 +124,7 @@ def train(spec: TrainSpec, paths: DataPaths, progress: Progress, should_stop: Ca
 
 def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
            should_stop: Callable[[], bool], log: Callable[[str], None],
-           device: torch.device) -> dict[str, Any]:
+           device: torch.device, resume_from: str | None) -> dict[str, Any]:
     started = time.perf_counter()
     # -- check ---------------------------------------------------------------------------------
     model_dir = paths.models / spec.base_model
@@ -114,8 +143,23 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
     if spec.micro_batch_size < 1 or spec.batch_size < spec.micro_batch_size:
         raise EngineError("batch_size must be at least micro_batch_size, and both at least 1")
     lora_dir = paths.loras / spec.lora_name
-    existing = None if spec.always_override else existing_adapter(lora_dir)
-    check_continue(spec.lora_name, existing, spec.lora_rank)
+    resume_dir = find_checkpoint(lora_dir, resume_from) if resume_from else None
+    if resume_from == LATEST and resume_dir is None:
+        log(f"No checkpoint to resume from in loras/{spec.lora_name}/: starting from scratch")
+    existing = None
+    if resume_dir is not None:
+        resume_summary = read_summary(resume_dir)
+        check_settings(resume_dir, resume_summary, spec)
+        resume = ResumePoint(name=resume_dir.name, state=load_state(resume_dir),
+                             loss_history=resume_summary.get("loss_history", []))
+        if resume_summary.get("settings", {}).get("precision") not in (None, precision):
+            warn(f"{resume_dir.name} was trained in {resume_summary['settings']['precision']} "
+                 f"and this run uses {precision}: the losses will not match an uninterrupted "
+                 "run exactly")
+    else:
+        resume = None
+        existing = None if spec.always_override else existing_adapter(lora_dir)
+        check_continue(spec.lora_name, existing, spec.lora_rank)
     prompt_info = data_phase.training_prompt(spec, files)
 
     # -- data ----------------------------------------------------------------------------------
@@ -126,6 +170,9 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
               f"dataset {spec.dataset} with format {spec.format}")
     log(f"Building samples from {source} (cutoff_len {spec.cutoff_len})...")
     samples = data_phase.build_samples(spec, files, tokenizer, home=paths.home)
+    fingerprint = samples_fingerprint(samples)
+    if resume_dir is not None:
+        check_data(resume_dir, resume_summary, len(samples), fingerprint)
     eval_samples = None
     if files.eval_dataset is not None:
         eval_samples = data_phase.build_samples(spec, files, tokenizer,
@@ -152,7 +199,11 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
     model = attach_lora(loaded.model, spec.lora_rank, spec.lora_alpha, spec.lora_dropout,
                         modules, spec.seed)
     del loaded.model
-    if existing is not None:
+    if resume is not None:
+        log(f"Resuming {spec.lora_name} from {resume.name}: loading its weights")
+        load_existing_weights(model, Existing(weights=resume_dir / ADAPTER_WEIGHTS, rank=None),
+                              f"{spec.lora_name}/{resume.name}")
+    elif existing is not None:
         log(f"Continuing LoRA {spec.lora_name} from its saved weights "
             "(set always_override to start over)")
         load_existing_weights(model, existing, spec.lora_name)
@@ -180,10 +231,16 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
                        info, saved=False, started=started)
 
     # The LoRA folder is touched only now that everything loaded: a refused job changes nothing.
-    kept = backup_folder(lora_dir, move=spec.always_override)
+    # A resumed run carries on in its own folder: nothing of it is earlier work to keep.
+    kept = None if resume is not None else backup_folder(lora_dir, move=spec.always_override)
     if kept is not None:
         log(f"{'Moved' if spec.always_override else 'Copied'} the earlier files of "
             f"{spec.lora_name} to {kept.name}/")
+        # (With always_override the checkpoints moved with everything else.) A folder with
+        # checkpoints but no files at all was not written by this engine and is left alone.
+        moved = move_checkpoints(lora_dir, kept)
+        if moved:
+            log(f"Moved the earlier run's {', '.join(moved)} to {kept.name}/")
     lora_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(lora_dir / TRAINING_PARAMETERS, spec.training_parameters())
     atomic_write_json(lora_dir / TRAINING_PROMPT, prompt_info)
@@ -195,22 +252,26 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
                 "tokens_per_s": round(out.tokens_per_s, 2), "tokens": out.tokens,
                 "peak_gpu_memory_mb": out.peak_gpu_mem_mb, "eval_loss": out.eval_loss,
                 "stopped": out.stopped, "reason": out.reason, "learning_rate": lr,
-                "loss_history": out.loss_history}
+                "resumed_from": out.resumed_from, "loss_history": out.loss_history}
 
-    def checkpoint(step: int, state: dict[str, Any], summary: dict[str, Any]) -> None:
-        out = LoopOutcome(steps=step, final_loss=summary["loss"],
-                          micro_done=summary["micro_batches_done"], tokens=state["tokens"],
-                          runtime_s=state["runtime_s"], loss_history=summary["loss_history"],
-                          reason=f"checkpoint at step {step}")
-        folder = save_checkpoint(model, lora_dir, step, spec.base_model,
+    # What a resume checks against: the run's settings, the exact samples, the precision.
+    settings = {**run_settings(spec), "data_sha256": fingerprint, "precision": precision}
+
+    def checkpoint(out: LoopOutcome, state: dict[str, Any], summary: dict[str, Any]) -> None:
+        if not out.stopped:
+            out = replace(out, reason=f"checkpoint at step {out.steps}")
+        folder = save_checkpoint(model, lora_dir, out.steps, spec.base_model,
                                  training_log=training_log(out), training_prompt=prompt_info,
-                                 state=state, state_summary=summary)
+                                 state=state, state_summary={**summary, "settings": settings})
         log(f"Saved {folder.name}/")
 
     # -- train ---------------------------------------------------------------------------------
-    log(f"Starting training on {device}...")
+    if resume is not None:
+        log(f"Resuming training on {device} at step {resume.step + 1} of {plan.total_steps}...")
+    else:
+        log(f"Starting training on {device}...")
     out = run_loop(model, samples, eval_samples, spec, plan, device, precision, pad_id,
-                   progress, should_stop, log, checkpoint)
+                   progress, should_stop, log, checkpoint, resume)
 
     # -- save ----------------------------------------------------------------------------------
     log(f"Saving LoRA to loras/{spec.lora_name}/...")
@@ -241,6 +302,7 @@ def _result(spec: TrainSpec, plan: data_phase.StepPlan, out: LoopOutcome, info: 
         "total_params": info["total_params"],
         "peak_gpu_memory_mb": out.peak_gpu_mem_mb,
         "precision": info["precision"],
+        "resumed_from": out.resumed_from,
     }
     return result
 

@@ -6,29 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from dispatcher.specs import parse_train_spec
 from tests.fleetproc import ROOT, FleetProcs, small_spec, write_json
-from tests.tiny import make_tiny_model, write_tiny_dataset
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def fleet(redis_server, tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    f = FleetProcs(home, redis_server, prefix=f"it{time.monotonic_ns()}")
-    make_tiny_model(f.settings.paths.models / "tiny")
-    write_tiny_dataset(f.settings.paths.datasets / "tiny.json")
-    f.start_dispatcher()
-    f.start_worker("w1")
-    f.start_dashboard()
-    f.wait_for_workers(1)
-    yield f
-    f.stop()
 
 
 def submit(fleet: FleetProcs, **over) -> str:

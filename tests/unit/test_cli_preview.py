@@ -62,3 +62,44 @@ def test_errors_name_the_row_and_exit_non_zero(tok, tmp_path):
     assert res.exit_code != 0 and "--overlap-len (16) must be less than --cutoff-len" in res.output
     res = run("--tokenizer", tok)
     assert res.exit_code != 0 and "either --dataset" in res.output
+
+
+def test_json_carries_counts_and_the_trained_part(tok, tmp_path):
+    ds = write_tiny_dataset(tmp_path / "d.json", n=4)
+    res = run("--tokenizer", tok, "--dataset", ds, "--format", SHIPPED_DIR / "alpaca-format.json",
+              "--train-only-after", "### Response:", "--add-eos-token", "--json", "--stats",
+              "--limit", 3)
+    assert res.exit_code == 0, res.output
+    *rows, last = [json.loads(line) for line in res.output.splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["tokens"] == len(r["input_ids"]) and r["truncated"] is False
+        assert r["trained_tokens"] == sum(1 for label in r["labels"] if label != -100)
+        # The masked prefix ends with the marker; what follows it is trained, EOS included.
+        assert r["prompt_text"].startswith("<s>") and r["prompt_text"].endswith("### Response:")
+        assert r["trained_text"].endswith("</s>")
+        assert r["prompt_text"] + r["trained_text"] == "<s>" + r["text"] + "</s>"
+    stats = last["stats"]
+    assert stats["samples"] == 4 and stats["shown"] == 3 and stats["truncated"] == 0
+    assert stats["untrained"] == 0 and stats["longest"] >= max(r["tokens"] for r in rows)
+    assert stats["trained_tokens"] < stats["tokens"]
+
+
+def test_stats_count_samples_cut_at_the_cutoff(tok, tmp_path):
+    ds = write_tiny_dataset(tmp_path / "d.json", n=2)
+    res = run("--tokenizer", tok, "--dataset", ds, "--format", SHIPPED_DIR / "alpaca-format.json",
+              "--cutoff-len", 8, "--json", "--stats")
+    assert res.exit_code == 0, res.output
+    *rows, last = [json.loads(line) for line in res.output.splitlines()]
+    assert [r["truncated"] for r in rows] == [True, True]
+    assert all(r["tokens"] == 8 == r["trained_tokens"] for r in rows)
+    for r in rows:  # nothing masked: the trained part is the start of the text, cut short
+        assert r["prompt_text"] == "" and ("<s>" + r["text"]).startswith(r["trained_text"])
+        assert len(r["trained_text"]) < len(r["text"])
+    assert last["stats"] == {"samples": 2, "tokens": 16, "trained_tokens": 16, "truncated": 2,
+                             "untrained": 0, "longest": 8, "shown": 2, "cutoff_len": 8}
+    # Without --json, --stats still ends the table output with the JSON line.
+    res = run("--tokenizer", tok, "--dataset", ds, "--format", SHIPPED_DIR / "alpaca-format.json",
+              "--cutoff-len", 8, "--stats")
+    assert "2 samples" in res.output
+    assert json.loads(res.output.splitlines()[-1])["stats"]["truncated"] == 2

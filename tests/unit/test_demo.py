@@ -98,6 +98,7 @@ def test_prepare_demo_without_package_copies_samples_and_reports(monkeypatch, tm
         "alpaca-sample.json": "copied",
         "alpaca-heldout.json": "kept",
         "raw-sample.txt": "copied",
+        "alpaca-heldout.txt": "written",
     }
     assert (paths.datasets / "alpaca-heldout.json").read_text() == mine
     assert (paths.datasets / "raw-sample.txt").read_bytes() == (

@@ -1,0 +1,143 @@
+"""The Datasets page and its API: upload checked data files, list them, preview samples.
+
+Routes:
+  GET  /datasets                  the page
+  GET  /api/v1/datasets           datasets, format files (user and shipped), raw texts
+  POST /api/v1/datasets           multipart upload: `file`, optional `kind`, `overwrite=1`
+  GET  /api/v1/datasets/preview   the samples a job would train on (runs the CLI's preview)
+
+Config keys:
+  LORAFLEET_UPLOAD_MAX_BYTES      largest file accepted (default 50 MB); larger gets 413
+  LORAFLEET_PREVIEW_TIMEOUT_S     how long one preview may run (default 60 s); then 504
+"""
+
+from __future__ import annotations
+
+import threading
+
+from flask import Blueprint, current_app, jsonify, render_template, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from dashboard.app import services
+from dashboard.data_files import (
+    DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_PREVIEW_TIMEOUT_S,
+    KINDS,
+    PREVIEW_SLOTS,
+    TRUE_WORDS,
+    DataFileError,
+    check_upload,
+    human_size,
+    list_data,
+    parse_preview_request,
+    run_preview,
+    save_upload,
+)
+from dispatcher.specs import default_spec, list_choices
+
+bp = Blueprint("datasets", __name__, template_folder="templates")
+
+# Room for the multipart envelope and the small form fields around the file itself.
+MULTIPART_SLACK = 64 * 1024
+PREVIEWS_KEY = "lorafleet_previews"
+
+
+@bp.record_once
+def _setup(state) -> None:
+    state.app.config.setdefault("LORAFLEET_UPLOAD_MAX_BYTES", DEFAULT_MAX_UPLOAD_BYTES)
+    state.app.config.setdefault("LORAFLEET_PREVIEW_TIMEOUT_S", DEFAULT_PREVIEW_TIMEOUT_S)
+    # Each preview is a Python process with transformers loaded: a few at a time at most.
+    state.app.extensions[PREVIEWS_KEY] = threading.BoundedSemaphore(PREVIEW_SLOTS)
+
+
+@bp.errorhandler(DataFileError)
+def _data_file_error(e: DataFileError):
+    body: dict = {"error": e.message}
+    if e.errors:
+        body["errors"] = e.errors
+    return jsonify(body), e.status
+
+
+def _max_upload() -> int:
+    return int(current_app.config["LORAFLEET_UPLOAD_MAX_BYTES"])
+
+
+def _too_large(name: str = "") -> DataFileError:
+    limit = human_size(_max_upload())
+    what = name or "the upload"
+    message = f"{what} is larger than the upload limit of {limit}"
+    return DataFileError(413, message, [{"field": "file", "message": message}])
+
+
+def _listing() -> dict:
+    out = list_data(services().settings.paths)
+    out["max_upload_bytes"] = _max_upload()
+    return out
+
+
+@bp.get("/datasets")
+def page():
+    paths = services().settings.paths
+    return render_template("datasets.html", nav="datasets", listing=_listing(),
+                           choices=list_choices(paths), kinds=KINDS,
+                           max_upload=human_size(_max_upload()), defaults=default_spec())
+
+
+@bp.get("/api/v1/datasets")
+def list_files():
+    return jsonify(_listing())
+
+
+@bp.post("/api/v1/datasets")
+def upload():
+    limit = _max_upload()
+    request.max_content_length = limit + MULTIPART_SLACK
+    if request.content_length is not None and request.content_length > limit + MULTIPART_SLACK:
+        raise _too_large()
+    try:
+        sent = request.files.get("file")
+        kind = request.form.get("kind", "")
+        overwrite = request.form.get("overwrite", "").strip().lower() in TRUE_WORDS
+    except RequestEntityTooLarge:
+        raise _too_large() from None
+    if sent is None or not sent.filename:
+        raise DataFileError(400, "no file was sent: use the multipart form field 'file'",
+                            [{"field": "file", "message": "choose a file to upload"}])
+    name = sent.filename
+    data = sent.stream.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large(name)
+    paths = services().settings.paths
+    checked = check_upload(name, kind, data, paths)
+    existed = (checked.folder / checked.name).exists()
+    target = save_upload(checked, data, overwrite)
+    return jsonify({
+        "name": checked.name, "kind": checked.kind,
+        "path": f"{checked.folder.name}/{checked.name}", "size": len(data),
+        "rows": checked.rows, "key_sets": checked.key_sets, "replaced": existed,
+        "modified": target.stat().st_mtime,
+    }), 201
+
+
+@bp.get("/api/v1/datasets/preview")
+def preview():
+    paths = services().settings.paths
+    req = parse_preview_request(request.args, paths)
+    timeout = float(current_app.config["LORAFLEET_PREVIEW_TIMEOUT_S"])
+    slots: threading.BoundedSemaphore = current_app.extensions[PREVIEWS_KEY]
+    if not slots.acquire(timeout=timeout):
+        raise DataFileError(503, "too many previews are running; try again in a moment")
+    try:
+        result = run_preview(req, paths, timeout=timeout)
+    finally:
+        slots.release()
+    result["request"] = {
+        "model": req.model_dir.name,
+        "dataset": req.dataset.relative_to(paths.datasets).as_posix() if req.dataset else "",
+        "format": req.format_file.stem if req.format_file else "",
+        "raw_text_file": (req.raw_text.relative_to(paths.datasets).as_posix()
+                          if req.raw_text else ""),
+        **req.numbers, "hard_cut_string": req.hard_cut_string,
+        "add_eos_token": req.add_eos_token, "train_only_after": req.train_only_after,
+    }
+    return jsonify(result)

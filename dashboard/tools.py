@@ -1,0 +1,56 @@
+"""Evaluations (perplexity table, comments) and Generate (try a LoRA) pages and their API."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, render_template, request
+
+from dashboard.app import services
+from dashboard.forms import form_fields
+from dispatcher.evaltable import EvalTable
+from dispatcher.specs import EvalSpec, GenerateSpec, list_choices
+
+bp = Blueprint("tools", __name__, template_folder="templates")
+EVAL_TABLE = "evaluations.csv"  # the worker writes the same file (gpuworker/jobs.py)
+
+
+def _table() -> EvalTable:
+    return EvalTable(services().settings.paths.evals / EVAL_TABLE)
+
+
+@bp.get("/evaluations")
+def evaluations_page():
+    paths = services().settings.paths
+    fields = form_fields(list_choices(paths), spec_cls=EvalSpec,
+                         required=("base_model", "text_file"))
+    rows = list(reversed(_table().rows()))
+    return render_template("evaluations.html", fields=fields, rows=rows, nav="evaluations")
+
+
+@bp.get("/generate")
+def generate_page():
+    paths = services().settings.paths
+    values = {k: request.args[k] for k in ("base_model", "lora") if k in request.args}
+    fields = form_fields(list_choices(paths), values, spec_cls=GenerateSpec,
+                         required=("base_model", "prompt"))
+    return render_template("generate.html", fields=fields, nav="generate")
+
+
+@bp.get("/api/v1/evaluations")
+def evaluations_api():
+    return jsonify({"evaluations": list(reversed(_table().rows()))})
+
+
+@bp.post("/api/v1/evaluations/<row_id>")
+def edit_evaluation(row_id: str):
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("comment"), str):
+        return jsonify({"error": "send a JSON object with a text `comment`",
+                        "errors": [{"field": "comment", "message": "must be text"}]}), 400
+    if len(body["comment"]) > 500:
+        return jsonify({"error": "comment too long",
+                        "errors": [{"field": "comment", "message": "must be at most 500 characters"}]}), 400
+    try:
+        row = _table().set_comment(row_id, body["comment"])
+    except KeyError:
+        return jsonify({"error": f"no evaluation {row_id}"}), 404
+    return jsonify(row)

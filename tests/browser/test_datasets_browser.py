@@ -1,0 +1,154 @@
+"""The Datasets page in a real headless Chromium against a real dashboard process: upload a good
+and a bad dataset, preview samples, and preview from the New job form."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from tests.fleetproc import FleetProcs
+from tests.tiny import make_tiny_model, tiny_rows, write_tiny_dataset
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("LORAFLEET_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_server, tmp_path_factory):
+    home = tmp_path_factory.mktemp("datasetshome")
+    f = FleetProcs(home, redis_server, prefix=f"bd{time.monotonic_ns()}")
+    make_tiny_model(f.settings.paths.models / "tiny")
+    write_tiny_dataset(f.settings.paths.datasets / "tiny.json", n=6)
+    f.start_dashboard()
+    yield f
+    f.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    external: list[str] = []
+    pg.on("request", lambda r: external.append(r.url)
+          if not r.url.startswith(("http://127.0.0.1", "data:", "about:")) else None)
+    yield pg
+    ctx.close()
+    assert not errors, f"JavaScript errors: {errors}"
+    assert not external, f"requests outside the app: {external}"
+
+
+def tid(name: str) -> str:
+    return f"[data-testid='{name}']"
+
+
+def test_upload_a_good_and_a_bad_dataset(fleet, page, tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(tiny_rows(5)))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(tiny_rows(2) + [{"instruction": "a", "output": ["x", "y"]}]))
+
+    page.goto(fleet.url + "/datasets")
+    assert page.locator(tid("nav-datasets")).get_attribute("class") == "active"
+    table = page.locator(tid("datasets-table"))
+    assert table.locator("[data-testid='dataset-row'][data-name='tiny.json']").is_visible()
+
+    page.locator(tid("upload-file")).set_input_files(str(good))
+    page.locator(tid("upload-submit")).click()
+    row = table.locator("[data-testid='dataset-row'][data-name='good.json']")
+    row.wait_for(timeout=10000)
+    assert row.locator("td").nth(1).inner_text() == "5"
+    assert "saved datasets/good.json (5 rows)" in page.locator(tid("upload-status")).inner_text()
+    assert (fleet.settings.paths.datasets / "good.json").read_text() == good.read_text()
+    # It is offered in the preview's dataset list without a reload.
+    assert page.locator(tid("preview-dataset")).locator("option[value='good.json']").count() == 1
+
+    page.locator(tid("upload-file")).set_input_files(str(bad))
+    page.locator(tid("upload-submit")).click()
+    error = page.locator(tid("upload-error"))
+    error.wait_for(state="visible", timeout=10000)
+    assert "bad.json row 2: key 'output' is a list, expected text" in error.inner_text()
+    assert table.locator("[data-testid='dataset-row'][data-name='bad.json']").count() == 0
+    assert sorted(p.name for p in fleet.settings.paths.datasets.iterdir()) == \
+        ["good.json", "tiny.json"]
+
+    # The same name again, without "overwrite": refused, and the file is untouched.
+    page.locator(tid("upload-file")).set_input_files(str(good))
+    page.locator(tid("upload-submit")).click()
+    page.wait_for_function(
+        "() => document.querySelector(\"[data-testid='upload-error']\").textContent"
+        ".includes('already exists')", timeout=10000)
+
+
+def test_preview_shows_samples_with_the_trained_part_highlighted(fleet, page):
+    page.goto(fleet.url + "/datasets")
+    form = page.locator(tid("preview-form"))
+    form.locator("[name='model']").select_option("tiny")
+    form.locator("[name='dataset']").select_option("tiny.json")
+    form.locator("[name='format']").select_option("alpaca-format")
+    form.locator("[name='train_only_after']").fill("### Response:")
+    page.locator(tid("preview-run")).click()
+    results = page.locator(tid("preview-results"))
+    results.locator(tid("preview-sample")).first.wait_for(timeout=60000)
+    samples = results.locator(tid("preview-sample"))
+    assert samples.count() == 6
+    first = samples.first
+    assert first.locator(".sample-prompt").inner_text().rstrip().endswith("### Response:")
+    trained = first.locator("mark").inner_text()
+    assert trained.strip() == tiny_rows(1)[0]["output"]
+    assert int(first.get_attribute("data-trained-tokens")) < int(first.get_attribute("data-tokens"))
+    stats = results.locator(tid("preview-stats"))
+    assert stats.get_attribute("data-samples") == "6"
+    assert stats.get_attribute("data-truncated") == "0"
+    assert "cut at 256" in stats.inner_text().lower()
+
+    # A cutoff shorter than the prompt cuts every sample and leaves nothing trained.
+    form.locator("[name='cutoff_len']").fill("16")
+    page.locator(tid("preview-run")).click()
+    page.wait_for_function(
+        "() => { const s = document.querySelector(\"[data-testid='preview-stats']\");"
+        " return s && s.dataset.truncated === '6'; }", timeout=60000)
+    assert "nothing trained" in samples.first.inner_text().lower()
+    page.screenshot(path=str(fleet.home / "datasets-page.png"), full_page=True)
+
+
+def test_new_job_form_previews_its_data(fleet, page):
+    page.goto(fleet.url + "/jobs/new")
+    page.locator("[name='base_model']").select_option("tiny")
+    page.locator("[name='dataset']").select_option("tiny.json")
+    page.locator("[name='format']").select_option("alpaca-format")
+    page.locator("[name='cutoff_len']").fill("64")
+    page.locator(tid("job-preview-run")).click()
+    box = page.locator(tid("job-preview"))
+    box.locator(tid("preview-stats")).wait_for(timeout=60000)
+    assert box.locator(tid("preview-sample")).count() == 6
+    assert box.locator(tid("preview-stats")).get_attribute("data-samples") == "6"
+    assert all(int(t) <= 64 for t in
+               box.locator(tid("preview-sample")).evaluate_all("els => els.map(e => e.dataset.tokens)"))
+    # A bad choice comes back as a message, not samples.
+    page.locator("[name='format']").select_option("")
+    page.locator(tid("job-preview-run")).click()
+    page.wait_for_function(
+        "() => { const e = document.querySelector(\"[data-testid='job-preview'] "
+        "[data-testid='preview-error']\"); return e && e.textContent.includes('format'); }",
+        timeout=10000)
