@@ -15,7 +15,14 @@ from dashboard.app import services
 from dashboard.forms import form_fields
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
-from dispatcher.specs import FIELD_DOCS, SpecError, default_spec, list_choices, parse_spec
+from dispatcher.specs import (
+    FIELD_DOCS,
+    SpecError,
+    default_spec,
+    list_choices,
+    lora_parameters,
+    parse_spec,
+)
 from dispatcher.states import TransitionError
 from dispatcher.store import KINDS, PRIORITIES, JobNotFound
 
@@ -215,3 +222,12 @@ def spec_defaults():
                     "fields": [f.to_dict() for f in form_fields(data_choices)],
                     "priorities": list(PRIORITIES)})
 
+
+
+@bp.get("/loras/<name>/parameters")
+def lora_parameters_route(name: str):
+    """A LoRA's training parameters as a spec ("copy parameters from"); webui's files too."""
+    try:
+        return jsonify({"lora": name, "spec": lora_parameters(name, services().settings.paths)})
+    except SpecError as e:
+        return _error(404, str(e), e.errors)

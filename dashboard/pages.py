@@ -7,7 +7,7 @@ from flask import Blueprint, abort, render_template, request
 from dashboard.api import job_detail, job_summary
 from dashboard.app import services
 from dashboard.forms import form_sections
-from dispatcher.specs import list_choices
+from dispatcher.specs import SpecError, list_choices, lora_parameters
 from dispatcher.store import PRIORITIES, JobNotFound
 
 bp = Blueprint("pages", __name__, template_folder="templates")
@@ -26,6 +26,7 @@ def new_job():
     svc = services()
     values = None
     copied_from = request.args.get("from", "")
+    from_lora = request.args.get("from_lora", "")
     priority = "normal"
     if copied_from:
         try:
@@ -34,10 +35,16 @@ def new_job():
             abort(404, f"no job {copied_from} to copy parameters from")
         values = dict(rec.get("spec") or {})
         priority = rec.get("priority", "normal")
+    elif from_lora:
+        try:
+            values = lora_parameters(from_lora, svc.settings.paths)
+        except SpecError as e:
+            abort(404, str(e))
     data_choices = list_choices(svc.settings.paths)
     return render_template("new_job.html", sections=form_sections(data_choices, values),
                            priorities=list(PRIORITIES), priority=priority,
-                           copied_from=copied_from, choices=data_choices, nav="new")
+                           copied_from=copied_from, from_lora=from_lora,
+                           choices=data_choices, nav="new")
 
 
 @bp.get("/jobs/<job_id>")

@@ -346,17 +346,27 @@ def follow_job(client: Client, job_id: str, out=None) -> str:
 
 
 @main.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=click.Path(dir_okay=False), required=False)
+@click.option("--from-lora", default=None,
+              help="start from this LoRA's training_parameters.json; SPEC's keys override it")
 @click.option("--wait", is_flag=True, help="follow the job; exit non-zero unless it succeeds")
 @click.option("--priority", default="normal", type=click.Choice(["low", "normal", "high", "urgent"]))
 @click.option("--owner", default=None, help="owner name (until accounts exist)")
 @click.option("--url", default=None, help=URL_HELP)
-def submit(spec: str, wait: bool, priority: str, owner: str | None, url: str | None) -> None:
+def submit(spec: str | None, from_lora: str | None, wait: bool, priority: str,
+           owner: str | None, url: str | None) -> None:
     """Submit a job from a JSON or YAML SPEC file; prints the job id.
 
     The file holds the training parameters; a `kind: evaluate` or `kind: generate` key makes
     it an evaluation or generation job instead."""
-    data = _load_spec(spec)
+    if not spec and not from_lora:
+        raise click.UsageError("give a SPEC file, --from-lora NAME, or both")
+    data = _load_spec(spec) if spec else {}
+    if from_lora:
+        try:
+            data = {**Client(_url(url)).lora_parameters(from_lora), **data}
+        except ApiError as e:
+            _fail_api(e)
     # A spec file may say what kind of job it is; a training job by default.
     kind = data.pop("kind", "train") if isinstance(data.get("kind"), str) else "train"
     _submit_and_maybe_wait(kind, data, wait, priority, owner, url)
@@ -435,6 +445,20 @@ def generate(base_model: str, lora: str, prompt: str, format_name: str, max_new_
     if r.get("lora"):
         click.echo(f"--- base + {lora} ({r['lora'].get('tokens')} tokens)")
         click.echo(r["lora"].get("text", ""))
+
+
+@main.command()
+@click.argument("lora")
+@click.option("--url", default=None, help=URL_HELP)
+def params(lora: str, url: str | None) -> None:
+    """Print a LoRA's training parameters as a YAML spec (edit it, then `lorafleet submit`)."""
+    import yaml
+
+    try:
+        spec = Client(_url(url)).lora_parameters(lora)
+    except ApiError as e:
+        _fail_api(e)
+    click.echo(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), nl=False)
 
 
 @main.command()

@@ -59,6 +59,9 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/jobs/{job_id}/cancel")
 
+    def lora_parameters(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/loras/{name}/parameters")["spec"]
+
     def workers(self) -> list[dict[str, Any]]:
         return self._call("GET", "/workers")["workers"]
 

@@ -508,3 +508,51 @@ def list_choices(paths: DataPaths) -> dict[str, list[str]]:
                            or (p.is_dir() and any(p.glob("*.txt")))),
         "loras": names(paths.loras, lambda p: (p / "adapter_config.json").is_file()),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# "copy parameters from" an existing LoRA
+
+# text-generation-webui writes one boolean per projection instead of a list.
+_WEBUI_PROJECTION_KEYS = {"q_proj_en": "q", "k_proj_en": "k", "v_proj_en": "v",
+                          "o_proj_en": "o", "gate_proj_en": "gate", "up_proj_en": "up",
+                          "down_proj_en": "down"}
+# Names the seed's form uses for "nothing chosen".
+_WEBUI_NONE = ("None", "none", None)
+
+
+def spec_from_training_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """A spec (as a form or the API takes it) from a LoRA's training_parameters.json, written by
+    lorafleet or by text-generation-webui. Keys neither knows are dropped; nothing is checked
+    against the disk (submitting does that)."""
+    known = {f.name for f in fields(TrainSpec)}
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in known:
+            out[key] = "" if (value in _WEBUI_NONE and key in (
+                "dataset", "eval_dataset", "format", "raw_text_file")) else value
+    if "target_modules" not in params and any(k in params for k in _WEBUI_PROJECTION_KEYS):
+        out["target_modules"] = [short for key, short in _WEBUI_PROJECTION_KEYS.items()
+                                 if params.get(key)]
+    # A resumed run's checkpoint belongs to that run, not to a copy of its parameters.
+    out.pop("resume_from_checkpoint", None)
+    return out
+
+
+def lora_parameters(name: str, paths: DataPaths) -> dict[str, Any]:
+    """The spec of the LoRA `name` from its training_parameters.json; SpecError if it has none."""
+    if not LORA_NAME_RE.match(name):
+        raise SpecError([{"field": "lora", "message": f"'{name}' is not a LoRA name"}])
+    path = paths.loras / name / "training_parameters.json"
+    try:
+        params = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError([{"field": "lora", "message":
+                          f"loras/{name} has no training_parameters.json"}]) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SpecError([{"field": "lora", "message":
+                          f"loras/{name}/training_parameters.json is not valid JSON: {e}"}]) from None
+    if not isinstance(params, dict):
+        raise SpecError([{"field": "lora", "message":
+                          f"loras/{name}/training_parameters.json is not a JSON object"}])
+    return spec_from_training_parameters(params)

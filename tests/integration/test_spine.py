@@ -116,3 +116,20 @@ def test_cli_refuses_bad_spec_and_queues_nothing(fleet, tmp_path):
     for field in ("lora_name", "lora_rank", "learning_rate", "overlap_len"):
         assert f"error: {field}:" in res.stderr, res.stderr
     assert len(fleet.store.list()) == before
+
+
+def test_cli_copies_parameters_from_a_lora(fleet, tmp_path):
+    import yaml
+
+    res = _cli(fleet, "params", "spine-ok")
+    assert res.returncode == 0, res.stderr
+    spec = yaml.safe_load(res.stdout)
+    assert spec["lora_name"] == "spine-ok" and spec["lora_rank"] == 4 and spec["epochs"] == 2
+    override = write_json(tmp_path / "o.json", {"lora_name": "spine-copied", "epochs": 1})
+    res = _cli(fleet, "submit", str(override), "--from-lora", "spine-ok", "--wait")
+    assert res.returncode == 0, res.stderr
+    rec = fleet.store.get(res.stdout.strip())
+    assert rec["spec"]["lora_rank"] == 4 and rec["spec"]["epochs"] == 1
+    assert rec["spec"]["lora_name"] == "spine-copied"
+    res = _cli(fleet, "params", "no-such-lora")
+    assert res.returncode == 2 and "has no training_parameters.json" in res.stderr

@@ -101,6 +101,23 @@ def test_new_job_form_copies_parameters_from_a_job(client, store):
     assert client.get("/jobs/new?from=nope").status_code == 404
 
 
+def test_new_job_form_copies_parameters_from_a_webui_lora(client, settings):
+    from tests.unit.test_specs import WEBUI_PARAMS
+
+    folder = settings.paths.loras / "webui-lora"
+    folder.mkdir(parents=True)
+    (folder / "training_parameters.json").write_text(json.dumps(WEBUI_PARAMS))
+    page = Elements(client.get("/jobs/new?from_lora=webui-lora").get_data(as_text=True))
+    assert page.find("input", name="lora_rank", value="32")
+    assert [a["value"] for a in page.find("input", name="target_modules") if "checked" in a] == [
+        "q", "v", "o"]
+    assert page.find(data_testid="copied-from-lora")
+    assert client.get("/jobs/new?from_lora=nope").status_code == 404
+    api = client.get("/api/v1/loras/webui-lora/parameters").get_json()
+    assert api["spec"]["target_modules"] == ["q", "v", "o"]
+    assert client.get("/api/v1/loras/nope/parameters").status_code == 404
+
+
 def test_jobs_page_lists_jobs(client, store):
     empty = client.get("/")
     assert empty.status_code == 200

@@ -139,3 +139,39 @@ def test_choices_list_the_data_folder(paths):
     assert c["raw_texts"] == ["book", "notes.txt"]
     assert "mine" in c["formats"] and "alpaca-format" in c["formats"]
     assert "broken" in c["formats"]  # listed; refused with a reason when chosen
+
+
+# A training_parameters.json as text-generation-webui writes it (its keys and habits).
+WEBUI_PARAMS = {
+    "lora_name": "webui-lora", "always_override": False, "q_proj_en": True, "v_proj_en": True,
+    "k_proj_en": False, "o_proj_en": True, "gate_proj_en": False, "down_proj_en": False,
+    "up_proj_en": False, "save_steps": 0, "micro_batch_size": 4, "batch_size": 128,
+    "epochs": 3, "learning_rate": "3e-4", "lr_scheduler_type": "linear", "lora_rank": 32,
+    "lora_alpha": 64, "lora_dropout": 0.05, "cutoff_len": 256, "dataset": "d",
+    "eval_dataset": "None", "format": "mine", "eval_steps": 100, "raw_text_file": "None",
+    "overlap_len": 128, "newline_favor_len": 128, "higher_rank_limit": False,
+    "warmup_steps": 100, "optimizer": "adamw_torch", "hard_cut_string": "\\n\\n\\n",
+    "train_only_after": "", "stop_at_loss": 0, "add_eos_token": False, "min_chars": 0,
+    "report_to": "None",
+}
+
+
+def test_copy_parameters_from_a_webui_lora(paths):
+    from dispatcher.specs import lora_parameters, spec_from_training_parameters
+
+    spec = spec_from_training_parameters(WEBUI_PARAMS)
+    assert spec["target_modules"] == ["q", "v", "o"]
+    assert spec["eval_dataset"] == "" and spec["raw_text_file"] == ""
+    assert "report_to" not in spec and "q_proj_en" not in spec
+    # It is a valid spec once a base model is chosen (webui's file does not name one).
+    s = parse_train_spec({**spec, "base_model": "tiny"}, paths)
+    assert (s.lora_rank, s.dataset, s.format, s.target_modules) == (32, "d.json", "mine",
+                                                                    ["q", "v", "o"])
+    # From a LoRA folder on disk, and the errors when there is nothing to copy.
+    (paths.loras / "webui-lora").mkdir()
+    (paths.loras / "webui-lora" / "training_parameters.json").write_text(json.dumps(WEBUI_PARAMS))
+    assert lora_parameters("webui-lora", paths) == spec
+    with pytest.raises(SpecError, match="has no training_parameters.json"):
+        lora_parameters("missing", paths)
+    with pytest.raises(SpecError, match="not a LoRA name"):
+        lora_parameters("../x", paths)
