@@ -1,0 +1,95 @@
+"""Training throughput and peak memory of lorafleet's engine, set up like `hf_baseline.py`.
+
+Same model shapes (random-initialised Llama), LoRA rank 32 on all linear layers, alpha 64,
+dropout 0.05, AdamW at 3e-4, micro batch = batch (no accumulation), every sample exactly `seq`
+tokens (no padding), first `warmup` steps not timed. Tokens/s counts every token of the batch.
+
+    python -m benchmarks.engine_bench --size 1b --precision 4bit --bs 4 --seq 512
+prints one line `RESULT {...}`; run the baseline in the same command to compare on one card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+SIZES = {"1b": "llama-3.2-1b", "8b": "llama-3-8b"}
+WORDS = ("the quick brown fox jumps over a lazy dog while small models learn to write short "
+         "answers about water tea trains birds and the sea").split()
+
+
+def prepare(home: Path, size: str, seq: int, n: int) -> None:
+    """Model folder (random weights + the tests' small tokenizer) and a dataset of long rows."""
+    from dispatcher.settings import DataPaths
+
+    paths = DataPaths(home)
+    paths.ensure()
+    model_dir = paths.models / size
+    if not (model_dir / "config.json").exists():
+        from benchmarks.random_model import make_random_model
+
+        make_random_model(model_dir, SIZES[size])
+    rng = random.Random(0)
+    # ~3 tokens a word with the small tokenizer: rows are longer than seq, so cutoff makes
+    # every sample exactly seq tokens.
+    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(seq * 2))} for _ in range(n)]
+    (paths.datasets / "bench.json").write_text(json.dumps(rows))
+    (paths.formats / "text.json").write_text(json.dumps({"text": "%text%"}))
+
+
+def run(a: argparse.Namespace) -> dict:
+    import torch
+
+    from dispatcher.settings import DataPaths
+    from dispatcher.specs import TrainSpec
+    from gpuworker.engine import train
+
+    home = Path(a.home)
+    steps = a.warmup + a.steps
+    prepare(home, a.size, a.seq, steps * a.bs)
+    spec = TrainSpec(
+        lora_name="bench", base_model=a.size, dataset="bench.json", format="text",
+        precision=a.precision, lora_rank=32, lora_alpha=64, lora_dropout=0.05,
+        target_modules=["all"], micro_batch_size=a.bs, batch_size=a.bs, epochs=1,
+        learning_rate="3e-4", lr_scheduler_type="constant", warmup_steps=0, cutoff_len=a.seq,
+        optimizer="adamw_torch", always_override=True)
+    stamps: list[float] = []
+
+    def progress(ev: dict) -> None:
+        if ev.get("type") == "train":
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    torch.cuda.reset_peak_memory_stats()
+    result = train(spec, DataPaths(home), progress, lambda: False, lambda line: None,
+                   device="cuda")
+    timed = stamps[a.warmup:]
+    dt = (timed[-1] - timed[0]) / (len(timed) - 1)
+    out = dict(engine="lorafleet", size=a.size, precision=a.precision, bs=a.bs, seq=a.seq,
+               steps=result["steps"], s_per_step=round(dt, 4), tokens_per_s=round(a.bs * a.seq / dt),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               gpu=torch.cuda.get_device_name())
+    shutil.rmtree(home / "loras" / "bench", ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default="1b", choices=sorted(SIZES))
+    p.add_argument("--precision", default="4bit")
+    p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "lorafleet-bench"))
+    a = p.parse_args()
+    print("RESULT " + json.dumps(run(a)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

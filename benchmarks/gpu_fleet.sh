@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The engine's GPU cases through the real fleet (see benchmarks/gpu_fleet_jobs.py).
+#   OUT=/some/folder benchmarks/gpu_fleet.sh
+set -u
+OUT=${OUT:-/tmp/lorafleet-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 LORAFLEET_HOME=/tmp/lorafleet-fleet LORAFLEET_PORT=8765
+rm -rf "$LORAFLEET_HOME"
+MODEL=llama-3.2-1b-random
+timeout -k 5 300 python3 -m benchmarks.random_model "$LORAFLEET_HOME/models/$MODEL" --shape llama-3.2-1b > /dev/null 2>&1 || exit 1
+python3 - <<'PY'
+import json, random
+from dispatcher.settings import Settings
+from gpuworker.demo import copy_samples, write_heldout_text
+p = Settings.from_env().paths
+p.ensure(); copy_samples(p, log=lambda s: None); write_heldout_text(p, log=lambda s: None)
+rng = random.Random(0)
+words = "the sea is wide and deep and the waves are grey and green".split()
+(p.datasets / "long.json").write_text(json.dumps(
+    [{"text": " ".join(rng.choice(words) for _ in range(9000))} for _ in range(64)]))
+(p.formats / "text.json").write_text(json.dumps({"text": "%text%"}))
+PY
+python3 -m dispatcher.cli up --gpus all > "$OUT/up.log" 2>&1 < /dev/null &
+UP=$!
+for _ in $(seq 1 120); do
+    curl -sf http://127.0.0.1:8765/api/v1/workers | grep -q '"alive":true' && break
+    sleep 1
+done
+timeout -k 5 480 python3 -m benchmarks.gpu_fleet_jobs --model "$MODEL" --out "$OUT/fleet_jobs.json"
+echo "driver exit $?"
+kill -INT $UP
+timeout 60 tail --pid=$UP -f /dev/null
+tail -2 "$OUT/up.log"
+tar czf "$OUT/fleet_logs.tgz" -C "$LORAFLEET_HOME" logs
