@@ -133,3 +133,13 @@ def test_cli_copies_parameters_from_a_lora(fleet, tmp_path):
     assert rec["spec"]["lora_name"] == "spine-copied"
     res = _cli(fleet, "params", "no-such-lora")
     assert res.returncode == 2 and "has no training_parameters.json" in res.stderr
+
+
+def test_eval_dataset_sends_eval_events(fleet):
+    job = submit(fleet, lora_name="spine-eval", eval_dataset="tiny", eval_steps=2, epochs=1)
+    rec = fleet.wait_for_state(job, ("succeeded", "failed", "cancelled"))
+    assert rec["state"] == "succeeded", rec.get("reason")
+    evals = [e for _, e in fleet.store.events.history(job) if e["type"] == "eval"]
+    # 24 samples, micro batch 2, batch 4: 6 steps; evaluated at steps 2, 4 and 6 (the last).
+    assert [e["step"] for e in evals] == [2, 4, 6]
+    assert all(e["eval_loss"] > 0 for e in evals)
