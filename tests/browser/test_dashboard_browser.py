@@ -3,9 +3,7 @@ submit the New job form, watch points appear on the loss chart, see the job succ
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 
 import pytest
@@ -14,8 +12,6 @@ from tests.fleetproc import FleetProcs
 from tests.tiny import make_tiny_model, write_tiny_dataset
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = os.environ.get("LORAFLEET_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -30,37 +26,6 @@ def fleet(redis_server, tmp_path_factory):
     f.wait_for_workers(1)
     yield f
     f.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium package "
-                    "(scripts/setup.sh --test does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    ctx = browser.new_context()
-    pg = ctx.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    # The dashboard must work offline: fail on any request that leaves this machine.
-    external: list[str] = []
-    pg.on("request", lambda r: external.append(r.url)
-          if not r.url.startswith(("http://127.0.0.1", "data:", "about:")) else None)
-    yield pg
-    ctx.close()
-    assert not errors, f"JavaScript errors: {errors}"
-    assert not external, f"requests outside the app: {external}"
 
 
 def _fill_form(page, **values):

@@ -1,0 +1,44 @@
+"""Headless Chromium (Debian's package) driven by Playwright, for every browser test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+CHROMIUM = os.environ.get("LORAFLEET_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+# No first-run work and no background connections: the machine may have no network at all.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium package "
+                    "(scripts/setup.sh --test does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page that fails the test on a JavaScript error or on any request that leaves the
+    machine (the dashboard must work offline: no CDN)."""
+    ctx = browser.new_context()
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    external: list[str] = []
+    pg.on("request", lambda r: external.append(r.url)
+          if not r.url.startswith(("http://127.0.0.1", "data:", "about:")) else None)
+    yield pg
+    ctx.close()
+    assert not errors, f"JavaScript errors: {errors}"
+    assert not external, f"requests outside the app: {external}"
