@@ -88,3 +88,34 @@ def test_form_shows_field_errors_and_queues_nothing(fleet, page):
         assert err.inner_text().strip()
     assert page.url.endswith("/jobs/new")
     assert len(fleet.store.list()) == before
+
+
+def test_try_it_and_evaluations_pages(fleet, page):
+    (fleet.settings.paths.datasets / "story.txt").write_text("The sea is wide and deep. " * 40)
+    page.goto(fleet.url + "/generate")
+    _fill_form(page, base_model="tiny", prompt="The sea is", max_new_tokens=8, temperature=0)
+    page.locator("[data-testid='submit-generate']").click()
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{12}$"), timeout=15000)
+    page.locator("[data-testid='answer-base']").wait_for(timeout=120000)
+    assert "8 tokens" in page.locator("[data-testid='answer-base']").inner_text()
+    assert page.locator("[data-testid='prompt-text']").inner_text() == "The sea is"
+
+    page.goto(fleet.url + "/evaluations")
+    _fill_form(page, base_model="tiny", text_file="story.txt", stride=32, max_length=64,
+               comment="from the browser")
+    page.locator("[data-testid='submit-eval']").click()
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{12}$"), timeout=15000)
+    page.wait_for_function(
+        "() => /^[0-9.]+$/.test((document.querySelector(\"[data-testid='perplexity']\") || {})"
+        ".textContent || '')", timeout=120000)
+    ppl = float(page.locator("[data-testid='perplexity']").inner_text())
+    page.goto(fleet.url + "/evaluations")
+    row = page.locator("[data-testid='evaluation-row']").first
+    assert float(row.locator("[data-testid='evaluation-ppl']").inner_text()) == round(ppl, 4)
+    comment = row.locator("[data-testid='evaluation-comment']")
+    assert comment.input_value() == "from the browser"
+    comment.fill("edited")
+    comment.press("Tab")  # change event: saved at once
+    row.locator(".saved").wait_for(state="visible")
+    page.reload()
+    assert page.locator("[data-testid='evaluation-comment']").first.input_value() == "edited"
