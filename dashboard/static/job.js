@@ -29,7 +29,8 @@
     }
     if (terminal) {
       $("stop-requested").hidden = true;
-      $("stat-eta").textContent = "—";
+      const eta = $("stat-eta");  // training jobs only
+      if (eta) eta.textContent = "—";
     }
     const r = $("job-reason");
     if (reason !== undefined) r.textContent = reason || "";
