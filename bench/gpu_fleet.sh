@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The engine's GPU cases through the real fleet (see benchmarks/gpu_fleet_jobs.py).
-#   OUT=/some/folder benchmarks/gpu_fleet.sh
+# The engine's GPU cases through the real fleet (see bench/gpu_fleet_jobs.py).
+#   OUT=/some/folder bench/gpu_fleet.sh
 set -u
 OUT=${OUT:-/tmp/lorafleet-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LORAFLEET_HOME=/tmp/lorafleet-fleet LORAFLEET_PORT=8765
 rm -rf "$LORAFLEET_HOME"
 MODEL=llama-3.2-1b-random
-timeout -k 5 300 python3 -m benchmarks.random_model "$LORAFLEET_HOME/models/$MODEL" --shape llama-3.2-1b > /dev/null 2>&1 || exit 1
+timeout -k 5 300 python3 -m bench.random_model "$LORAFLEET_HOME/models/$MODEL" --shape llama-3.2-1b > /dev/null 2>&1 || exit 1
 python3 - <<'PY'
 import json, random
 from dispatcher.settings import Settings
@@ -26,7 +26,7 @@ for _ in $(seq 1 120); do
     curl -sf http://127.0.0.1:8765/api/v1/workers | grep -q '"alive":true' && break
     sleep 1
 done
-timeout -k 5 480 python3 -m benchmarks.gpu_fleet_jobs --model "$MODEL" --out "$OUT/fleet_jobs.json"
+timeout -k 5 480 python3 -m bench.gpu_fleet_jobs --model "$MODEL" --out "$OUT/fleet_jobs.json"
 echo "driver exit $?"
 kill -INT $UP
 timeout 60 tail --pid=$UP -f /dev/null

@@ -3,7 +3,7 @@
 without the LoRA, generation, and an out-of-memory job followed by a good one on the same
 worker. Prints one summary line per job and writes the details as JSON.
 
-    python -m benchmarks.gpu_fleet_jobs --url http://127.0.0.1:8765 --model llama-3.2-1b-random \
+    python -m bench.gpu_fleet_jobs --url http://127.0.0.1:8765 --model llama-3.2-1b-random \
         --out summary.json
 """
 

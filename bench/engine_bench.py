@@ -4,7 +4,7 @@ Same model shapes (random-initialised Llama), LoRA rank 32 on all linear layers,
 dropout 0.05, AdamW at 3e-4, micro batch = batch (no accumulation), every sample exactly `seq`
 tokens (no padding), first `warmup` steps not timed. Tokens/s counts every token of the batch.
 
-    python -m benchmarks.engine_bench --size 1b --precision 4bit --bs 4 --seq 512
+    python -m bench.engine_bench --size 1b --precision 4bit --bs 4 --seq 512
 prints one line `RESULT {...}`; run the baseline in the same command to compare on one card.
 """
 
@@ -31,9 +31,18 @@ def prepare(home: Path, size: str, seq: int, n: int) -> None:
     paths.ensure()
     model_dir = paths.models / size
     if not (model_dir / "config.json").exists():
-        from benchmarks.random_model import make_random_model
+        from bench.random_model import make_random_model
 
         make_random_model(model_dir, SIZES[size])
+    elif not (model_dir / "tokenizer.json").exists():
+        # A model folder the baseline wrote (weights only): add the small tokenizer.
+        from transformers import AutoTokenizer
+
+        from tests.tiny import make_tiny_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            make_tiny_model(Path(tmp))
+            AutoTokenizer.from_pretrained(tmp).save_pretrained(model_dir)
     rng = random.Random(0)
     # ~3 tokens a word with the small tokenizer: rows are longer than seq, so cutoff makes
     # every sample exactly seq tokens.

@@ -3,7 +3,7 @@
 # rows, then a LoRA trained on the sample dataset for a few minutes, then the perplexity again,
 # all through the real fleet (`lorafleet up --gpus cpu`) and the CLI.
 #
-#   LORAFLEET_HOME=/path/with/demo/model benchmarks/demo_perplexity.sh
+#   LORAFLEET_HOME=/path/with/demo/model bench/demo_perplexity.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 LF=${LF:-.venv/bin/lorafleet}

@@ -4,7 +4,7 @@ Speed and memory do not depend on the weight values, so a Llama-3.2-1B-shaped mo
 weights measures what the real one would. The tokenizer is the small BPE the tests train on the
 spot (its ids are a subset of the model's vocabulary).
 
-    python -m benchmarks.random_model DEST --shape llama-3.2-1b
+    python -m bench.random_model DEST --shape llama-3.2-1b
 """
 
 from __future__ import annotations

