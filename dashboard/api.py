@@ -7,14 +7,17 @@ Errors are JSON objects `{"error": "..."}`; an invalid spec also lists every pro
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from dashboard.app import services
 from dashboard.forms import form_fields
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
+from dispatcher.estimate import job_memory_mb
+from dispatcher.scheduler import QueueView, queue_view, scheduling_env
 from dispatcher.specs import (
     FIELD_DOCS,
     SpecError,
@@ -33,7 +36,9 @@ ENVELOPE_KEYS = {"kind", "spec", "owner", "priority"}
 # Record fields that the job list leaves out (the spec can be long; the page fetches it).
 LIST_OMITS = ("spec", "result")
 SUMMARY_DEFAULTS = {"step": None, "total_steps": None, "loss": None, "eta_s": None,
-                    "epoch": None, "worker": "", "reason": ""}
+                    "epoch": None, "worker": "", "reason": "", "position": None,
+                    "estimated_start_s": None}
+PENDING_STATES = ("queued", "retrying")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -44,9 +49,29 @@ def _error(status: int, message: str, errors: list[dict[str, str]] | None = None
     return jsonify(body), status
 
 
+def _queue() -> QueueView:
+    """The dispatcher's plan of the pending jobs, worked out once per request."""
+    if "lorafleet_queue" not in g:
+        svc = services()
+        window_s, _ = scheduling_env()
+        g.lorafleet_queue = queue_view(svc.store, time.time(), window_s,
+                                       workers=svc.fleet.alive())
+    return g.lorafleet_queue
+
+
+def with_queue_place(rec: dict[str, Any]) -> dict[str, Any]:
+    """Add `position` (1 = next to start) and `estimated_start_s` (seconds from now; None when
+    no live worker could take it) to a queued or retrying job."""
+    if rec.get("state") in PENDING_STATES:
+        view = _queue()
+        rec["position"] = view.positions.get(rec["id"])
+        rec["estimated_start_s"] = view.starts.get(rec["id"])
+    return rec
+
+
 def job_summary(rec: dict[str, Any]) -> dict[str, Any]:
     out = {**SUMMARY_DEFAULTS, **{k: v for k, v in rec.items() if k not in LIST_OMITS}}
-    return out
+    return with_queue_place(out)
 
 
 def _get_job(job_id: str) -> dict[str, Any]:
@@ -99,7 +124,9 @@ def submit_job():
         n = len(problems)
         return _error(400, f"the job was not queued: {n} problem{'s' if n != 1 else ''} "
                            "in the request", problems)
-    job_id = services().store.create(kind, spec.to_dict(), owner, priority)
+    spec_dict = spec.to_dict()
+    need = job_memory_mb(kind, spec_dict, settings.paths.models)
+    job_id = services().store.create(kind, spec_dict, owner, priority, gpu_memory_mb=need)
     return jsonify({"id": job_id, "state": "queued"}), 201
 
 
@@ -127,7 +154,7 @@ def job_detail(job_id: str) -> dict[str, Any]:
     rec["history"] = svc.store.history(job_id)
     rec["stop_requested"] = svc.store.stop_requested(job_id)
     rec["lora_available"] = lora_available(rec, svc.settings.paths)
-    return rec
+    return with_queue_place(rec)
 
 
 @bp.get("/jobs/<job_id>")
@@ -147,6 +174,54 @@ def cancel_job(job_id: str):
         return _error(409, str(e))
     rec["stop_requested"] = store.stop_requested(job_id)
     return jsonify(rec)
+
+
+@bp.post("/jobs/<job_id>/priority")
+def set_priority(job_id: str):
+    """Re-prioritise a queued or retrying job: {"priority": "low"|"normal"|"high"|"urgent"}."""
+    body = request.get_json(silent=True)
+    priority = body.get("priority") if isinstance(body, dict) else None
+    if priority not in PRIORITIES:
+        return _error(400, f"priority must be one of {', '.join(PRIORITIES)}",
+                      [{"field": "priority", "message": f"must be one of {', '.join(PRIORITIES)}"}])
+    try:
+        services().store.set_priority(job_id, priority)
+    except TransitionError as e:
+        return _error(409, str(e))
+    return jsonify(job_detail(job_id))
+
+
+@bp.post("/estimate")
+def estimate():
+    """The card memory a job would need: a spec (or {"kind", "spec"}) -> {"gpu_memory_mb"}.
+
+    The spec need not be complete (the form asks while it is being filled in); what the
+    estimate reads must have the right type."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _error(400, "the request body must be a JSON object (a spec, or "
+                           '{"kind": "train", "spec": {...}})')
+    kind, spec = (body.get("kind", "train"), body["spec"]) if "spec" in body else ("train", body)
+    if kind not in KINDS or not isinstance(spec, dict):
+        return _error(400, f"kind must be one of {', '.join(KINDS)} and spec a JSON object")
+    problems = []
+    for key in ("lora_rank", "micro_batch_size", "cutoff_len", "min_gpu_memory_mb",
+                "max_length", "max_new_tokens"):
+        if key in spec and spec[key] not in ("", None):
+            try:
+                if int(str(spec[key]).strip()) < 0:
+                    raise ValueError
+            except ValueError:
+                problems.append({"field": key, "message": f"must be a whole number, got {spec[key]!r}"})
+    if problems:
+        return _error(400, "cannot estimate: " + "; ".join(
+            f"{p['field']} {p['message']}" for p in problems), problems)
+    clean = {k: v for k, v in spec.items() if v not in ("", None)}
+    models = services().settings.paths.models
+    need = job_memory_mb(kind, clean, models)
+    own = int(clean.get("min_gpu_memory_mb") or 0)
+    return jsonify({"gpu_memory_mb": need, "source": "user" if own > 0 else
+                    ("estimate" if need else "unknown")})
 
 
 @bp.get("/jobs/<job_id>/events")

@@ -464,14 +464,18 @@ def params(lora: str, url: str | None) -> None:
 @main.command()
 @click.argument("job", required=False)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--owner", default=None, help="only this owner's jobs")
 @click.option("--url", default=None, help=URL_HELP)
-def status(job: str | None, as_json: bool, url: str | None) -> None:
-    """Show one job, or the list of jobs."""
+def status(job: str | None, as_json: bool, owner: str | None, url: str | None) -> None:
+    """Show one job, or the list of jobs (a queued job's ETA column: #position and when it
+    should start)."""
     client = Client(_url(url))
     try:
         data: Any = client.job(job) if job else client.jobs()
     except ApiError as e:
         _fail_api(e)
+    if owner and not job:
+        data = [j for j in data if j.get("owner") == owner]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -482,10 +486,19 @@ def status(job: str | None, as_json: bool, url: str | None) -> None:
         loss = j.get("loss")
         click.echo(f"{j['id']:<13}{j['state']:<11}{str(j.get('owner', ''))[:9]:<10}{prog:<14}"
                    f"{(f'{float(loss):.4f}' if loss not in (None, '') else '-'):<9}"
-                   f"{_fmt_eta(j.get('eta_s')) if j['state'] == 'running' else '-':<9}"
+                   f"{_eta_column(j):<9}"
                    f"{j.get('name', '')}")
         if job and j.get("reason"):
             click.echo(f"reason: {j['reason']}")
+
+
+def _eta_column(j: dict[str, Any]) -> str:
+    if j["state"] == "running":
+        return _fmt_eta(j.get("eta_s"))
+    if j.get("position"):
+        start = j.get("estimated_start_s")
+        return f"#{j['position']}" + (f" {_fmt_eta(start)}" if start is not None else "")
+    return "-"
 
 
 @main.command()
@@ -510,6 +523,21 @@ def logs(job: str, follow: bool, url: str | None) -> None:
                            f"{float(ev.get('loss', 0)):.4f}")
     except ApiError as e:
         _fail_api(e)
+
+
+@main.command()
+@click.argument("job")
+@click.argument("level", type=click.Choice(["low", "normal", "high", "urgent"]))
+@click.option("--url", default=None, help=URL_HELP)
+def priority(job: str, level: str, url: str | None) -> None:
+    """Change the priority of a queued (or retrying) JOB to LEVEL."""
+    client = Client(_url(url))
+    try:
+        rec = client._call("POST", f"/jobs/{job}/priority", json={"priority": level})
+    except ApiError as e:
+        _fail_api(e)
+    place = f", position {rec['position']} in the queue" if rec.get("position") else ""
+    click.echo(f"{job} priority {rec.get('priority')}{place}")
 
 
 @main.command()

@@ -52,8 +52,14 @@ def free_port() -> int:
 
 
 def start_server(data_dir: Path, port: int, log_file: Path | None = None,
-                 timeout: float = 15.0) -> subprocess.Popen:
-    """Start redis-server on 127.0.0.1:`port` with AOF persistence in `data_dir`; wait for PING."""
+                 timeout: float = 15.0, appendfsync: str = "everysec") -> subprocess.Popen:
+    """Start redis-server on 127.0.0.1:`port` with AOF persistence in `data_dir`; wait for PING.
+
+    `appendfsync` is Redis's own setting: `everysec` (the default: at most about a second of
+    writes is lost if the machine loses power) or `always` (every write is on disk before it
+    is acknowledged; slower)."""
+    if appendfsync not in ("always", "everysec", "no"):
+        raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
     data_dir.mkdir(parents=True, exist_ok=True)
     if not port_is_free(port):
         raise EmbeddedRedisError(
@@ -61,7 +67,7 @@ def start_server(data_dir: Path, port: int, log_file: Path | None = None,
             "stop it or set LORAFLEET_REDIS_URL to use it")
     args = [
         server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-        "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+        "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", appendfsync,
         "--appendfilename", "lorafleet.aof", "--dbfilename", "lorafleet.rdb",
         "--save", "", "--protected-mode", "yes", "--daemonize", "no",
         "--logfile", str(log_file) if log_file else "",

@@ -3,14 +3,27 @@
 Only jobs that can start now are handed to Celery (to that worker's own queue), so cancelling
 and re-ordering act on the dispatcher's own pending set. One dispatcher schedules at a time:
 each holds a lock in Redis with an expiry and renews it every tick.
+
+The policy (README, "Scheduling"), as pure functions that the dashboard uses too, so the queue
+positions it shows are the dispatcher's real order:
+  - `plan_queue`: urgent jobs first (oldest first); then, one job at a time, the pending user
+    who has used the least worker time in the fair-share window, that user's highest-priority
+    oldest job; ties between users go by that job's priority, then its age.
+  - `fits`: quantised jobs need a CUDA card; a card needs as much free memory as the job's
+    `gpu_memory_mb` (its estimate); a CPU worker takes any other job (host memory not gated).
+  - a user may hold at most `max_cards_per_user` workers at once (0 = no limit).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 import uuid
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.fleet import Fleet
@@ -21,26 +34,200 @@ log = logging.getLogger("lorafleet.dispatcher")
 
 QUANTISED = ("4bit", "8bit")
 MAX_ATTEMPTS = 3
+DEFAULT_FAIR_WINDOW_S = 24 * 3600.0
+# What a job is expected to take when no similar job has finished yet.
+DEFAULT_DURATION_S = 600.0
+# How many recent runs of similar jobs the expected duration averages.
+DURATION_SAMPLES = 20
+
+
+def scheduling_env(env: dict[str, str] | None = None) -> tuple[float, int]:
+    """(fair-share window in seconds, cards per user at once, 0 = no limit) from
+    LORAFLEET_FAIR_WINDOW_S and LORAFLEET_MAX_CARDS_PER_USER."""
+    env = os.environ if env is None else env
+    window = float(env.get("LORAFLEET_FAIR_WINDOW_S") or DEFAULT_FAIR_WINDOW_S)
+    cards = int(env.get("LORAFLEET_MAX_CARDS_PER_USER") or 0)
+    return max(1.0, window), max(0, cards)
 
 
 def needs_cuda(job: dict[str, Any]) -> bool:
     return (job.get("spec") or {}).get("precision") in QUANTISED
 
 
+def is_cuda(worker: dict[str, Any]) -> bool:
+    return str(worker.get("device", "")).startswith("cuda")
+
+
+def _mem(worker: dict[str, Any], key: str) -> float | None:
+    v = worker.get(key, "")
+    return None if v in ("", None) else float(v)
+
+
+def fits(job: dict[str, Any], worker: dict[str, Any], key: str = "mem_free_mb") -> bool:
+    """Can `worker` take `job` now (key mem_free_mb), or once idle (key mem_total_mb)?"""
+    if not is_cuda(worker):
+        return not needs_cuda(job)
+    need = int(job.get("gpu_memory_mb") or 0)
+    have = _mem(worker, key)
+    return need <= 0 or have is None or have >= need
+
+
 def can_run_on(job: dict[str, Any], worker: dict[str, Any]) -> bool:
-    if needs_cuda(job) and not str(worker.get("device", "")).startswith("cuda"):
-        return False
-    return True
+    return fits(job, worker)
+
+
+def best_card(job: dict[str, Any], idle: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The idle worker to give `job`: a CUDA card before a CPU worker, and among cards the one
+    with the least free memory that is enough (big cards stay free for big jobs)."""
+    ok = [w for w in idle if fits(job, w)]
+    if not ok:
+        return None
+    return min(ok, key=lambda w: (not is_cuda(w), _mem(w, "mem_free_mb") or math.inf,
+                                  w["name"]))
+
+
+def _prio(job: dict[str, Any]) -> int:
+    return PRIORITIES.get(job.get("priority", "normal"), 1)
 
 
 def queue_order(job: dict[str, Any]) -> tuple:
-    """Higher priority first, then older first."""
-    return (-PRIORITIES.get(job.get("priority", "normal"), 1), float(job.get("created", 0)))
+    """Within one user: higher priority first, then older first."""
+    return (-_prio(job), float(job.get("created", 0)))
+
+
+def used_seconds(runs: Iterable[tuple[float, float]], running_since: Iterable[float],
+                 now: float, window_s: float) -> float:
+    """Worker time in (now - window, now]: finished runs (start, end) and runs still going
+    since a start time, each clipped to the window."""
+    lo = now - window_s
+    total = sum(max(0.0, min(end, now) - max(start, lo)) for start, end in runs)
+    total += sum(max(0.0, now - max(start, lo)) for start in running_since)
+    return total
+
+
+def expected_duration(job: dict[str, Any], durations: list[dict[str, Any]]) -> float:
+    """How long `job` will run: the mean of the latest succeeded runs of the same kind on the
+    same base model, else of the same kind, else DEFAULT_DURATION_S."""
+    kind = job.get("kind", "train")
+    model = (job.get("spec") or {}).get("base_model", "")
+    for same in (lambda d: d.get("kind") == kind and d.get("base_model") == model,
+                 lambda d: d.get("kind") == kind):
+        xs = [float(d["seconds"]) for d in durations if same(d)][:DURATION_SAMPLES]
+        if xs:
+            return sum(xs) / len(xs)
+    return DEFAULT_DURATION_S
+
+
+def plan_queue(pending: list[dict[str, Any]], used: dict[str, float],
+               expected: Callable[[dict[str, Any]], float]) -> list[dict[str, Any]]:
+    """The order in which pending jobs get a card.
+
+    Urgent jobs go first, oldest first. The rest are served one at a time to the user with
+    the least worker time `used` (seconds in the window); each job handed out counts its
+    `expected` duration against its owner, so users with equal needs take turns rather than
+    one getting every card of a burst. Ties go to the higher priority, then the older job.
+    """
+    urgent = sorted((j for j in pending if j.get("priority") == "urgent"),
+                    key=lambda j: float(j.get("created", 0)))
+    per_user: dict[str, list[dict[str, Any]]] = {}
+    for j in pending:
+        if j.get("priority") != "urgent":
+            per_user.setdefault(j.get("owner") or "local", []).append(j)
+    for jobs in per_user.values():
+        jobs.sort(key=queue_order, reverse=True)  # pop() takes the first in queue_order
+    charged = {o: float(used.get(o, 0.0)) for o in per_user}
+    for j in urgent:
+        o = j.get("owner") or "local"
+        if o in charged:
+            charged[o] += expected(j)
+    order = list(urgent)
+    while per_user:
+        owner = min(per_user, key=lambda o: (charged[o], queue_order(per_user[o][-1]), o))
+        job = per_user[owner].pop()
+        order.append(job)
+        charged[owner] += expected(job)
+        if not per_user[owner]:
+            del per_user[owner]
+    return order
+
+
+def estimate_starts(order: list[dict[str, Any]], workers: list[dict[str, Any]],
+                    active: list[dict[str, Any]], expected: Callable[[dict[str, Any]], float],
+                    now: float) -> dict[str, float | None]:
+    """Seconds from now until each job in `order` should start, or None when no live worker
+    could ever take it.
+
+    Each live worker is free after its running job's ETA (`eta_s`, else its expected duration
+    less the time it has run); the jobs then take, in order, the worker that frees first
+    among those whose card is big enough (its total memory), and keep it for their expected
+    duration. The per-user card limit and jobs yet to be submitted are not foreseen.
+    """
+    by_worker = {j.get("worker"): j for j in active}
+    free_at: dict[str, float] = {}
+    for w in workers:
+        j = by_worker.get(w["name"])
+        if j is None:
+            free_at[w["name"]] = 0.0
+        elif j.get("eta_s") not in (None, ""):
+            free_at[w["name"]] = max(0.0, float(j["eta_s"]))
+        else:
+            ran = now - float(j.get("started") or now)
+            free_at[w["name"]] = max(0.0, expected(j) - ran)
+    starts: dict[str, float | None] = {}
+    for job in order:
+        ok = [w for w in workers if fits(job, w, key="mem_total_mb")]
+        if not ok:
+            starts[job["id"]] = None
+            continue
+        w = min(ok, key=lambda w: (free_at[w["name"]], w["name"]))
+        starts[job["id"]] = round(free_at[w["name"]], 1)
+        free_at[w["name"]] += expected(job)
+    return starts
+
+
+@dataclass
+class QueueView:
+    """The pending jobs in the dispatcher's order, with positions (1 = next) and start times."""
+
+    order: list[dict[str, Any]] = field(default_factory=list)
+    used: dict[str, float] = field(default_factory=dict)
+    starts: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def positions(self) -> dict[str, int]:
+        return {j["id"]: i for i, j in enumerate(self.order, start=1)}
+
+
+def queue_view(store: JobStore, now: float, window_s: float,
+               active: list[dict[str, Any]] | None = None,
+               workers: list[dict[str, Any]] | None = None) -> QueueView:
+    """Read what the policy needs from Redis and plan the queue (starts only with `workers`)."""
+    pending = store.pending()
+    active = store.active() if active is None else active
+    owners = sorted({j.get("owner") or "local" for j in pending})
+    runs = store.runs(owners, now - window_s)
+    running: dict[str, list[float]] = {}
+    for j in active:
+        if j.get("state") == JobState.RUNNING.value and j.get("started") not in (None, ""):
+            running.setdefault(j.get("owner") or "local", []).append(float(j["started"]))
+    used = {o: used_seconds(runs.get(o, []), running.get(o, []), now, window_s) for o in owners}
+    durations = store.recent_durations()
+
+    def expected(j: dict[str, Any]) -> float:
+        return expected_duration(j, durations)
+
+    order = plan_queue(pending, used, expected)
+    starts = estimate_starts(order, workers, active, expected, now) if workers is not None else {}
+    return QueueView(order=order, used=used, starts=starts)
 
 
 class Dispatcher:
     def __init__(self, store: JobStore, fleet: Fleet, send: Callable[[str, dict[str, Any]], None],
-                 lock_ttl_s: float = 10.0, clock: Callable[[], float] = time.time):
+                 lock_ttl_s: float = 10.0, clock: Callable[[], float] = time.time,
+                 fair_window_s: float | None = None, max_cards_per_user: int | None = None):
+        env_window, env_cards = scheduling_env()
+        self.fair_window_s = env_window if fair_window_s is None else fair_window_s
+        self.max_cards_per_user = env_cards if max_cards_per_user is None else max_cards_per_user
         self.store = store
         self.fleet = fleet
         self.send = send
@@ -74,20 +261,32 @@ class Dispatcher:
             return []
         workers = self.fleet.alive()
         alive = {w["name"] for w in workers}
+        self._recover_lost(self.store.active(), alive)
         active = self.store.active()
-        self._recover_lost(active, alive)
-        busy = {j.get("worker") for j in self.store.active()}
+        busy = {j.get("worker") for j in active}
         idle = [w for w in workers if w["name"] not in busy]
+        in_use = Counter(j.get("owner") or "local" for j in active)
+        view = queue_view(self.store, self.clock(), self.fair_window_s, active=active)
         assigned: list[tuple[str, str]] = []
-        for job in sorted(self.store.pending(), key=queue_order):
+        for job in view.order:
+            if workers and not any(fits(job, w, key="mem_total_mb") for w in workers):
+                self._note_waiting(job, workers)
+                continue
             if not idle:
-                break
-            fit = next((w for w in idle if can_run_on(job, w)), None)
+                continue
+            owner = job.get("owner") or "local"
+            limit = self.max_cards_per_user
+            if limit and in_use[owner] >= limit and job.get("priority") != "urgent":
+                self._note(job, f"waiting: {owner} already uses {in_use[owner]} of "
+                                f"{limit} cards allowed per user")
+                continue
+            fit = best_card(job, idle)
             if fit is None:
                 self._note_waiting(job, workers)
                 continue
             if self._assign(job, fit):
                 idle.remove(fit)
+                in_use[owner] += 1
                 assigned.append((job["id"], fit["name"]))
         return assigned
 
@@ -107,9 +306,20 @@ class Dispatcher:
         return True
 
     def _note_waiting(self, job: dict[str, Any], workers: list[dict[str, Any]]) -> None:
-        reason = "waiting for a CUDA GPU worker" if needs_cuda(job) else "waiting for a worker"
+        """Say why a job that no idle worker can take is waiting."""
+        need = int(job.get("gpu_memory_mb") or 0)
+        if needs_cuda(job) and not any(is_cuda(w) for w in workers):
+            reason = "waiting for a CUDA GPU worker"
+        elif need > 0 and (needs_cuda(job) or not any(not is_cuda(w) for w in workers)):
+            reason = f"waiting for a card with {need} MB free"
+        else:
+            reason = "waiting for a worker"
+        self._note(job, reason)
+
+    def _note(self, job: dict[str, Any], reason: str) -> None:
         if job.get("reason") != reason:
             self.store.update_progress(job["id"], reason=reason)
+            job["reason"] = reason
 
     def _recover_lost(self, active: list[dict[str, Any]], alive: set[str]) -> None:
         """A job whose worker stopped sending heartbeats goes back to the queue (or fails)."""

@@ -73,6 +73,7 @@ class TrainSpec:
         "help": "Projections that get LoRA layers: q, k, v, o, gate, up, down, or all."})
     seed: int = _f(0, "Random seed for initialisation and data order.")
     resume_from_checkpoint: str = _f("", "Resume this LoRA's run from a checkpoint: latest, or checkpoint-<step> (empty = start anew).")
+    min_gpu_memory_mb: int = _f(0, "Card memory in MB this job needs before it is placed; 0 = the dispatcher's estimate.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -330,6 +331,7 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
             and not (paths.loras / s.lora_name / s.resume_from_checkpoint).is_dir()):
         bad("resume_from_checkpoint",
             f"loras/{s.lora_name}/{s.resume_from_checkpoint} does not exist")
+    _check_min_memory(s.min_gpu_memory_mb, bad)
     if errors:
         raise SpecError(errors)
     return s
@@ -353,6 +355,7 @@ class EvalSpec:
     precision: str = _f("auto", "How the base model is loaded (as for training).", choices=PRECISIONS)
     comment: str = _f("", "A note kept beside the result in the evaluations table.")
     force: bool = _f(False, "Evaluate again even if this combination was evaluated before.")
+    min_gpu_memory_mb: int = _f(0, "Card memory in MB this job needs before it is placed; 0 = the dispatcher's estimate.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -371,9 +374,18 @@ class GenerateSpec:
     top_p: float = _f(0.9, "Nucleus sampling: keep the most likely tokens up to this probability.")
     seed: int = _f(0, "Random seed; the same for both answers, so the difference is the LoRA's.")
     precision: str = _f("auto", "How the base model is loaded (as for training).", choices=PRECISIONS)
+    min_gpu_memory_mb: int = _f(0, "Card memory in MB this job needs before it is placed; 0 = the dispatcher's estimate.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+MAX_GPU_MEMORY_MB = 16 * 1024 * 1024  # 16 TB: anything more is a typo
+
+
+def _check_min_memory(value: int, bad) -> None:
+    if not 0 <= value <= MAX_GPU_MEMORY_MB:
+        bad("min_gpu_memory_mb", f"must be between 0 (use the estimate) and {MAX_GPU_MEMORY_MB}")
 
 
 def _check_model(name: str, paths: DataPaths, bad) -> str:
@@ -430,6 +442,7 @@ def parse_eval_spec(data: Any, paths: DataPaths) -> EvalSpec:
         bad("precision", f"must be one of {', '.join(PRECISIONS)}")
     if len(s.comment) > 500:
         bad("comment", "must be at most 500 characters")
+    _check_min_memory(s.min_gpu_memory_mb, bad)
     if errors:
         raise SpecError(errors)
     return s
@@ -467,6 +480,7 @@ def parse_generate_spec(data: Any, paths: DataPaths) -> GenerateSpec:
         bad("seed", "must be 0 or more")
     if s.precision not in PRECISIONS:
         bad("precision", f"must be one of {', '.join(PRECISIONS)}")
+    _check_min_memory(s.min_gpu_memory_mb, bad)
     if errors:
         raise SpecError(errors)
     return s

@@ -7,6 +7,9 @@ Keys (prefix `lf` by default):
   {p}:pending             sorted set of queued/retrying job ids by creation time
   {p}:active              set of assigned/running job ids
   {p}:stop:{id}           present when the user asked a running job to stop
+  {p}:usage:{owner}       sorted set of the owner's finished runs: member "{id}:{started}",
+                          score the time the run ended (what fair share sums over its window)
+  {p}:durations           list of recent succeeded runs as JSON {kind, base_model, seconds}
 """
 
 from __future__ import annotations
@@ -27,7 +30,11 @@ KINDS = ("train", "evaluate", "generate")
 # Record fields that hold JSON rather than text.
 _JSON_FIELDS = ("spec", "result")
 _NUM_FIELDS = ("created", "updated", "started", "finished", "step", "total_steps", "loss",
-               "eta_s", "epoch", "attempt")
+               "eta_s", "epoch", "attempt", "gpu_memory_mb")
+_INT_FIELDS = ("step", "total_steps", "attempt", "gpu_memory_mb")
+# Runs older than this are dropped from the usage sets (any fair-share window is shorter).
+USAGE_KEEP_S = 30 * 86400
+DURATIONS_KEPT = 200
 
 
 class JobNotFound(KeyError):
@@ -69,8 +76,16 @@ class JobStore:
         return f"{self.p}:stop:{job_id}"
 
     # records ----------------------------------------------------------------------------------
+    def usage_key(self, owner: str) -> str:
+        return f"{self.p}:usage:{owner}"
+
+    @property
+    def durations_key(self) -> str:
+        return f"{self.p}:durations"
+
     def create(self, kind: str, spec: dict[str, Any], owner: str = "local",
-               priority: str = "normal") -> str:
+               priority: str = "normal", gpu_memory_mb: int = 0) -> str:
+        """Queue a job. `gpu_memory_mb` is the card memory it needs (dispatcher.estimate)."""
         if kind not in KINDS:
             raise ValueError(f"unknown job kind {kind!r}")
         if priority not in PRIORITIES:
@@ -81,7 +96,7 @@ class JobStore:
             "id": job_id, "kind": kind, "owner": owner, "priority": priority,
             "state": JobState.QUEUED.value, "spec": json.dumps(spec), "created": now,
             "updated": now, "name": job_name(kind, spec), "worker": "", "reason": "",
-            "attempt": 0,
+            "attempt": 0, "gpu_memory_mb": int(gpu_memory_mb),
         }
         with self.r.pipeline() as pipe:
             pipe.hset(self.key(job_id), mapping=record)
@@ -108,7 +123,7 @@ class JobStore:
         for k in _NUM_FIELDS:
             if k in rec and rec[k] != "":
                 v = float(rec[k])
-                rec[k] = int(v) if k in ("step", "total_steps", "attempt") else v
+                rec[k] = int(v) if k in _INT_FIELDS else v
         return rec
 
     def history(self, job_id: str) -> list[dict[str, Any]]:
@@ -185,6 +200,8 @@ class JobStore:
                         pipe.srem(self.active_key, job_id)
                     if new.terminal:
                         pipe.delete(self.stop_key(job_id))
+                    if old == JobState.RUNNING and new != JobState.RUNNING and raw.get("started"):
+                        self._record_run(pipe, raw, job_id, now, new)
                     pipe.execute()
                 except redis_lib.WatchError:
                     continue
@@ -193,6 +210,68 @@ class JobStore:
         rec = dict(raw)
         rec.update({k: str(v) for k, v in mapping.items()})
         return self._decode(rec)
+
+    def _record_run(self, pipe, raw: dict[str, str], job_id: str, now: float,
+                    new: JobState) -> None:
+        """A run just ended: its interval goes to the owner's usage (fair share) and, if it
+        succeeded, its length to the recent durations (estimated start times)."""
+        started = float(raw["started"])
+        owner = raw.get("owner") or "local"
+        pipe.zadd(self.usage_key(owner), {f"{job_id}:{started!r}": now})
+        pipe.zremrangebyscore(self.usage_key(owner), "-inf", now - USAGE_KEEP_S)
+        if new == JobState.SUCCEEDED:
+            spec = json.loads(raw.get("spec") or "{}")
+            pipe.lpush(self.durations_key, json.dumps({
+                "kind": raw.get("kind", ""), "base_model": spec.get("base_model", ""),
+                "seconds": max(0.0, now - started)}))
+            pipe.ltrim(self.durations_key, 0, DURATIONS_KEPT - 1)
+
+    # scheduling inputs ------------------------------------------------------------------------
+    def runs(self, owners: list[str], since: float) -> dict[str, list[tuple[float, float]]]:
+        """Each owner's finished runs (start, end) that ended after `since`."""
+        with self.r.pipeline() as pipe:
+            for o in owners:
+                pipe.zrangebyscore(self.usage_key(o), since, "+inf", withscores=True)
+            raws = pipe.execute()
+        out: dict[str, list[tuple[float, float]]] = {}
+        for owner, rows in zip(owners, raws, strict=True):
+            out[owner] = [(float(member.rsplit(":", 1)[1]), float(end)) for member, end in rows]
+        return out
+
+    def recent_durations(self) -> list[dict[str, Any]]:
+        """The latest succeeded runs, newest first: {kind, base_model, seconds}."""
+        return [json.loads(x) for x in self.r.lrange(self.durations_key, 0, -1)]
+
+    def set_priority(self, job_id: str, priority: str) -> dict[str, Any]:
+        """Re-prioritise a pending job; TransitionError unless it is queued or retrying."""
+        from dispatcher.states import TransitionError
+
+        if priority not in PRIORITIES:
+            raise ValueError(f"unknown priority {priority!r}")
+        key = self.key(job_id)
+        while True:
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.hgetall(key)
+                    if not raw:
+                        raise JobNotFound(job_id)
+                    if raw["state"] not in (JobState.QUEUED.value, JobState.RETRYING.value):
+                        raise TransitionError(f"job {job_id} is {raw['state']}: only a queued "
+                                              "or retrying job can be re-prioritised")
+                    old = raw.get("priority", "normal")
+                    pipe.multi()
+                    pipe.hset(key, mapping={"priority": priority, "updated": self.clock()})
+                    pipe.execute()
+                except redis_lib.WatchError:
+                    continue
+            break
+        if old != priority:
+            self.events.append(job_id, "priority", priority=priority, previous=old,
+                               time=self.clock())
+            self.events.append(job_id, "log", line=f"priority changed from {old} to {priority}",
+                               time=self.clock())
+        return self.get(job_id)
 
     # stopping ---------------------------------------------------------------------------------
     def request_stop(self, job_id: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from dispatcher.celery_app import RUN_JOB_TASK
 from dispatcher.fleet import Fleet
-from dispatcher.settings import Settings, connect
+from dispatcher.settings import Settings
 from dispatcher.states import JobState, TransitionError
 from dispatcher.store import JobNotFound, JobStore
 
@@ -134,36 +134,85 @@ def _release_memory() -> None:
         pass
 
 
+def patient_redis(settings: Settings, patience_s: float):
+    """A Redis client that waits out a Redis restart: a command that cannot reach the server
+    is retried with backoff (at most 1 s apart) for about `patience_s` seconds, then raises.
+
+    A job's bookkeeping uses it, so a training run pauses while Redis is away instead of
+    losing its job (a job whose writes failed would stay `running` on a live worker)."""
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        settings.effective_redis_url(), decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=max(1, int(patience_s))),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+
+
+# How long (seconds) a job's bookkeeping waits for Redis before it gives up.
+REDIS_PATIENCE_S = 120.0
+
+
+def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str) -> str | None:
+    """Put a job back in the queue (or fail it after MAX_ATTEMPTS) when the task that ran it
+    ended without recording an outcome. Fenced: only a job still assigned to `name` changes.
+    Returns the new state, or None when the job was not (or no longer) this worker's."""
+    from dispatcher.scheduler import MAX_ATTEMPTS
+
+    r = patient_redis(settings, REDIS_PATIENCE_S)
+    try:
+        store = JobStore(r, settings.prefix)
+        attempt = int(store.get(job_id).get("attempt") or 1)
+        try:
+            if attempt >= MAX_ATTEMPTS:
+                store.transition(job_id, JobState.FAILED,
+                                 f"{why}; it happened {attempt} times, giving up",
+                                 expect_worker=name)
+                new = JobState.FAILED
+            else:
+                store.transition(job_id, JobState.RETRYING, f"{why}; re-queued",
+                                 expect_worker=name, worker="")
+                new = JobState.RETRYING
+        except TransitionError:
+            return None
+        Fleet(r, settings.prefix, settings.worker_timeout).heartbeat(name, state="idle", job="")
+        return new.value
+    except JobNotFound:
+        return None
+    finally:
+        r.close()
+
+
 def register_tasks(celery, settings: Settings) -> None:
     """Define the task on this worker's Celery app. Redis is connected in the child, per task."""
     from billiard.exceptions import WorkerLostError
     from celery.signals import task_failure
 
     @task_failure.connect(weak=False)
-    def on_child_lost(sender=None, task_id=None, exception=None, args=None, **kw) -> None:
-        # Runs in the worker's main process when the child that trained died (kill -9, the
-        # kernel's OOM killer): the job would otherwise stay "running" on a live worker.
-        if not isinstance(exception, WorkerLostError) or not args or len(args) < 2:
+    def on_task_failure(sender=None, task_id=None, exception=None, args=None, **kw) -> None:
+        # perform_job records every outcome itself, so a run_job that fails ended without one:
+        # the child that trained died (kill -9, the kernel's OOM killer; this handler then runs
+        # in the worker's main process), or Redis stayed away longer than the bookkeeping
+        # waited. The job would otherwise stay "assigned"/"running" on a live worker forever.
+        if getattr(sender, "name", RUN_JOB_TASK) != RUN_JOB_TASK or not args or len(args) < 2:
             return
         job_id, name = args[0], args[1]
-        r = connect(settings)
+        if isinstance(exception, WorkerLostError):
+            why = f"the training process on {name} died ({exception})"
+        else:
+            why = (f"the task on {name} ended without recording an outcome "
+                   f"({type(exception).__name__}: {str(exception)[:200]})")
         try:
-            store = JobStore(r, settings.prefix)
-            store.transition(job_id, JobState.RETRYING,
-                             f"the training process on {name} died ({exception}); re-queued",
-                             expect_worker=name, worker="")
-            Fleet(r, settings.prefix, settings.worker_timeout).heartbeat(name, state="idle",
-                                                                        job="")
-        except (TransitionError, JobNotFound):
-            pass
-        finally:
-            r.close()
+            requeue_after_crash(settings, job_id, name, why)
+        except Exception:
+            log.exception("could not re-queue job %s after its task failed", job_id)
 
     @celery.task(name=RUN_JOB_TASK)
     def run_job(job_id: str, worker_name: str) -> str:
         from gpuworker.jobs import run_job_kind
 
-        r = connect(settings)
+        r = patient_redis(settings, REDIS_PATIENCE_S)
         try:
             return perform_job(job_id, worker_name, JobStore(r, settings.prefix),
                                Fleet(r, settings.prefix, settings.worker_timeout), run_job_kind,

@@ -37,6 +37,7 @@ def start_heartbeat(settings: Settings, name: str, gpu: int | None,
         r = connect(settings)
         fleet = Fleet(r, settings.prefix, settings.worker_timeout)
         first = True
+        release_orphans(settings, name)
         while not stop.is_set():
             try:
                 fields = {"host": host, "queue": worker_queue(name), "pid": pid,
@@ -57,6 +58,27 @@ def start_heartbeat(settings: Settings, name: str, gpu: int | None,
     t = threading.Thread(target=beat, name="heartbeat", daemon=True)
     t.start()
     return t
+
+
+def release_orphans(settings: Settings, name: str) -> None:
+    """A worker that starts runs nothing yet: a job still assigned to its name belonged to an
+    earlier process of the same name (restarted before the dispatcher saw its heartbeats stop)
+    and would otherwise stay `running` forever. Put such jobs back in the queue."""
+    from dispatcher.store import JobStore
+    from gpuworker.tasks import requeue_after_crash
+
+    try:
+        r = connect(settings)
+        try:
+            mine = [j["id"] for j in JobStore(r, settings.prefix).active()
+                    if j.get("worker") == name]
+        finally:
+            r.close()
+        for job_id in mine:
+            requeue_after_crash(settings, job_id, name,
+                                f"worker {name} restarted while the job was on it")
+    except Exception:
+        logging.getLogger("lorafleet.worker").exception("could not check for orphaned jobs")
 
 
 def run_worker(settings: Settings, gpu: int | None, name: str | None = None,

@@ -58,8 +58,8 @@ class FleetProcs:
         self.procs[name] = p
         return p
 
-    def start_dispatcher(self) -> None:
-        self.start("dispatcher", ["-m", "dispatcher"])
+    def start_dispatcher(self, name: str = "dispatcher") -> None:
+        self.start(name, ["-m", "dispatcher"])
 
     def start_worker(self, name: str = "w1") -> None:
         self.start(f"worker-{name}", ["-m", "gpuworker.worker", "--name", name])
@@ -96,6 +96,12 @@ class FleetProcs:
             return rec if rec["state"] in states else None
 
         return self.wait_for(done, timeout, f"job {job_id} to reach {states}")
+
+    def children(self, name: str) -> list[int]:
+        """Process ids of the direct children of process `name` (a worker's Celery pool)."""
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.procs[name].pid)],
+                             capture_output=True, text=True)
+        return [int(x) for x in out.stdout.split()]
 
     def log(self, name: str) -> str:
         p = self.home / f"{name}.log"

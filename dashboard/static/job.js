@@ -63,7 +63,27 @@
     $("download-lora").hidden = !rec.lora_available;
     if (rec.stop_requested && !LF.TERMINAL.includes(rec.state)) showStopping();
     if (Array.isArray(rec.history)) drawHistory(rec.history);
+    const sel = $("priority-select");
+    if (rec.priority) sel.value = rec.priority;
+    sel.disabled = !["queued", "retrying"].includes(rec.state);
+    if (rec.position !== undefined) {
+      $("queue-position").textContent = rec.position ? `· #${rec.position} in the queue` : "";
+    }
   }
+
+  $("priority-select").addEventListener("change", async (e) => {
+    const err = $("action-error");
+    err.hidden = true;
+    const res = await LF.api(e.target.dataset.url, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ priority: e.target.value }),
+    });
+    if (!res.ok) {
+      err.textContent = (res.body && res.body.error) || `HTTP ${res.status}`;
+      err.hidden = false;
+    }
+    refreshRecord();
+  });
 
   let recordTimer = null;
   function scheduleRecordRefresh() {
@@ -296,6 +316,9 @@
         break;
       case "log":
         addLog(ev, String(ev.line === undefined ? "" : ev.line));
+        break;
+      case "priority":
+        scheduleRecordRefresh();
         break;
       case "warning":
         addLog(ev, `warning: ${ev.message}`, "warn");

@@ -45,6 +45,12 @@
     if (job.eta_s !== undefined || job.state) {
       cell(tr, "eta").textContent = state === "running" ? LF.fmtDuration(job.eta_s) : "";
     }
+    if (job.position !== undefined) {
+      // Only queued and retrying jobs have a place in the queue (GET /api/v1/jobs).
+      cell(tr, "position").textContent = job.position ? `#${job.position}` : "";
+      cell(tr, "start").textContent = !job.position ? "" : job.estimated_start_s === null
+        ? "no card fits" : `~${LF.fmtDuration(job.estimated_start_s)}`;
+    }
     if (job.worker !== undefined) cell(tr, "worker").textContent = job.worker || "";
     if (job.created !== undefined) {
       const c = cell(tr, "created");
@@ -88,11 +94,20 @@
     empty.hidden = jobs.length > 0 || body.children.length > 0;
   }
 
+  // A state or priority change moves every queued job's place: re-read the list, at most
+  // once per burst of events.
+  let refreshTimer = null;
+  function refreshSoon() {
+    if (refreshTimer) return;
+    refreshTimer = setTimeout(() => { refreshTimer = null; refreshAll(); }, 300);
+  }
+
   function onEvent(payload) {
     const ev = payload.event || {};
     const tr = rowFor(payload.job);
-    if (ev.type === "state" || !tr) {
+    if (ev.type === "state" || ev.type === "priority" || !tr) {
       refreshRow(payload.job);
+      refreshSoon();
       return;
     }
     if (ev.type === "train") {
@@ -111,7 +126,7 @@
     if (c.dataset.ts) c.textContent = LF.fmtTime(c.dataset.ts);
   });
   let opened = false;
-  LF.liveFeed("/api/v1/live?types=state,train", status, onEvent, () => {
+  LF.liveFeed("/api/v1/live?types=state,train,priority", status, onEvent, () => {
     if (opened) refreshAll();
     opened = true;
   });

@@ -75,6 +75,27 @@
       .then(() => previewBox.scrollIntoView({ block: "start", behavior: "smooth" }));
   });
 
+  // The card memory the job would need (the dispatcher's estimate), refreshed on each change.
+  const estimateLine = document.getElementById("memory-estimate");
+  let estimateTimer = null;
+  async function showEstimate() {
+    const res = await LF.api(estimateLine.getAttribute("data-api"), {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ kind: "train", spec: collect() }),
+    });
+    const mb = res.ok ? res.body.gpu_memory_mb : null;
+    estimateLine.dataset.mb = mb === null ? "" : String(mb);
+    estimateLine.textContent = !res.ok ? `GPU memory: ${(res.body && res.body.error) || "—"}`
+      : !mb ? "GPU memory: pick a base model to see an estimate"
+      : res.body.source === "user" ? `GPU memory: waits for a card with ${mb} MB free (your minimum)`
+      : `GPU memory: about ${mb} MB (an estimate on the high side); the job waits for a card with that much free`;
+  }
+  form.addEventListener("change", () => {
+    clearTimeout(estimateTimer);
+    estimateTimer = setTimeout(showEstimate, 150);
+  });
+  showEstimate();
+
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
     clearErrors();
