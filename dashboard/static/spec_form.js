@@ -38,6 +38,7 @@ LF.specForm = function (form, kind) {
 
   function showErrors(message, errors) {
     const unplaced = [];
+    let first = null;
     (errors || []).forEach((err) => {
       const field = form.querySelector(`.field[data-field="${CSS.escape(err.field)}"]`);
       if (!field) { unplaced.push(`${err.field}: ${err.message}`); return; }
@@ -45,9 +46,11 @@ LF.specForm = function (form, kind) {
       const box = field.querySelector(".field-error");
       box.textContent = box.textContent ? `${box.textContent}; ${err.message}` : err.message;
       box.hidden = false;
+      if (!first) first = field;
     });
     formError.textContent = [message].concat(unplaced).filter(Boolean).join(" — ");
     formError.hidden = false;
+    (first || formError).scrollIntoView({ block: "center", behavior: "smooth" });
   }
 
   form.addEventListener("submit", async (e) => {

@@ -17,19 +17,12 @@ from dispatcher.scheduler import (
 )
 from dispatcher.states import JobState, TransitionError
 from dispatcher.store import JobStore
-
-
-class Clock:
-    def __init__(self, t: float = 100_000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.unit.test_scheduler import Clock
 
 
 @pytest.fixture
 def env(redis_client, prefix):
-    clock = Clock()
+    clock = Clock(100_000.0)
     store = JobStore(redis_client, prefix, clock=clock)
     fleet = Fleet(redis_client, prefix, timeout=1e9, clock=clock)
     sent: list[tuple[str, str]] = []
