@@ -6,8 +6,8 @@ from flask import Blueprint, abort, render_template, request
 
 from dashboard.api import job_detail, job_summary
 from dashboard.app import services
-from dashboard.forms import form_sections
-from dispatcher.specs import SpecError, list_choices, lora_parameters
+from dashboard.forms import form_fields, form_sections
+from dispatcher.specs import GenerateSpec, SpecError, list_choices, lora_parameters
 from dispatcher.store import PRIORITIES, JobNotFound
 
 bp = Blueprint("pages", __name__, template_folder="templates")
@@ -53,7 +53,23 @@ def job(job_id: str):
         rec = job_detail(job_id)
     except JobNotFound:
         abort(404, f"no job {job_id}")
-    return render_template("job.html", job=rec, nav="jobs")
+    return render_template("job.html", job=rec, try_fields=_try_fields(rec), nav="jobs")
+
+
+# The Try it box of a training job's page: these generation settings are shown; the base model
+# and the LoRA are the job's own.
+TRY_SHOWN = ("prompt", "format", "max_new_tokens", "temperature", "top_p", "seed")
+
+
+def _try_fields(rec: dict) -> list:
+    if rec.get("kind", "train") != "train":
+        return []
+    spec = rec.get("spec") or {}
+    values = {"base_model": spec.get("base_model", ""), "lora": spec.get("lora_name", ""),
+              "format": spec.get("format", "")}
+    fields = form_fields(list_choices(services().settings.paths), values,
+                         spec_cls=GenerateSpec, required=("prompt",))
+    return [f for f in fields if f.name in TRY_SHOWN + ("base_model", "lora")]
 
 
 @bp.get("/fleet")

@@ -23,7 +23,7 @@ from typing import Any
 import redis as redis_lib
 
 from dispatcher.events import EventLog
-from dispatcher.states import ACTIVE, JobState, check_transition
+from dispatcher.states import ACTIVE, JobState, TransitionError, check_transition
 
 PRIORITIES = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
 KINDS = ("train", "evaluate", "generate")
@@ -158,13 +158,14 @@ class JobStore:
 
     # state ------------------------------------------------------------------------------------
     def transition(self, job_id: str, new: JobState, reason: str = "",
-                   expect_worker: str | None = None, **fields: Any) -> dict[str, Any]:
+                   expect_worker: str | None = None, expect_state: JobState | None = None,
+                   **fields: Any) -> dict[str, Any]:
         """Move a job to `new`, atomically, recording time and reason.
 
         `expect_worker` fences a worker: the change is refused (TransitionError) unless the job
         is still assigned to that worker, so a worker that lost its job cannot write to it.
+        `expect_state` refuses the change unless the job is still in that state.
         """
-        from dispatcher.states import TransitionError
 
         key = self.key(job_id)
         while True:
@@ -175,6 +176,9 @@ class JobStore:
                     if not raw:
                         raise JobNotFound(job_id)
                     old = JobState(raw["state"])
+                    if expect_state is not None and old != expect_state:
+                        raise TransitionError(f"job {job_id} is {old.value}, "
+                                              f"no longer {expect_state.value}")
                     check_transition(old, new)
                     if expect_worker is not None and raw.get("worker") != expect_worker:
                         raise TransitionError(
@@ -244,7 +248,6 @@ class JobStore:
 
     def set_priority(self, job_id: str, priority: str) -> dict[str, Any]:
         """Re-prioritise a pending job; TransitionError unless it is queued or retrying."""
-        from dispatcher.states import TransitionError
 
         if priority not in PRIORITIES:
             raise ValueError(f"unknown priority {priority!r}")
@@ -286,6 +289,14 @@ class JobStore:
         state = JobState(rec["state"])
         if state in (JobState.QUEUED, JobState.RETRYING):
             return self.transition(job_id, JobState.CANCELLED, reason)
+        if state == JobState.ASSIGNED:
+            # Sent to a worker that has not started it: cancel it outright (the worker then skips
+            # it). If the worker started it in the meantime, fall through and ask it to stop.
+            try:
+                return self.transition(job_id, JobState.CANCELLED, f"{reason} before it started",
+                                       expect_state=JobState.ASSIGNED)
+            except TransitionError:
+                state = JobState(self.get(job_id)["state"])
         if state in ACTIVE:
             self.request_stop(job_id)
             self.events.append(job_id, "log", line="stop requested: the trainer stops after the "

@@ -61,6 +61,8 @@
     $("job-owner").textContent = rec.owner || "";
     setState(rec.state, rec.reason);
     $("download-lora").hidden = !rec.lora_available;
+    const tryIt = $("try-it");
+    if (tryIt) tryIt.hidden = !(rec.lora_available && ["succeeded", "cancelled"].includes(rec.state));
     if (rec.stop_requested && !LF.TERMINAL.includes(rec.state)) showStopping();
     if (Array.isArray(rec.history)) drawHistory(rec.history);
     const sel = $("priority-select");
@@ -271,16 +273,50 @@
       const link = el("a", { href: "/evaluations" }, "All evaluations");
       out.push(link);
     } else {
-      out.push(el("h3", {}, "Prompt"));
-      out.push(el("pre", { class: "answer-text", "data-testid": "prompt-text" }, r.prompt_text || ""));
-      const cols = el("div", { class: "answers" });
-      cols.appendChild(answerBox("Base model", r.base, "answer-base"));
-      if (r.lora) cols.appendChild(answerBox(`Base + ${job.spec.lora}`, r.lora, "answer-lora"));
-      out.push(cols);
+      out.push(...answersView(r, job.spec.lora));
     }
     body.replaceChildren(...out);
   }
   if (job.result) showResult(job.result);
+
+  /* A generation result: the prompt as sent, then the two answers side by side. */
+  function answersView(r, loraName) {
+    const cols = el("div", { class: "answers" });
+    cols.appendChild(answerBox("Base model", r.base, "answer-base"));
+    if (r.lora) cols.appendChild(answerBox(`Base + ${loraName}`, r.lora, "answer-lora"));
+    return [el("h3", {}, "Prompt"),
+            el("pre", { class: "answer-text", "data-testid": "prompt-text" }, r.prompt_text || ""),
+            cols];
+  }
+
+  // ---- Try it: a generation job with this LoRA, followed here until its answers arrive -----
+  const tryForm = $("try-form");
+  if (tryForm) {
+    const tryStatus = $("try-status"), tryResult = $("try-result");
+    let tryFeed = null;
+    LF.specForm(tryForm, "generate", (id) => {
+      if (tryFeed) tryFeed.close();
+      const url = (attr) => tryForm.getAttribute(attr).replace("JOB_ID", encodeURIComponent(id));
+      const href = url("data-job-url");
+      const link = el("a", { href: href, "data-testid": "try-job-link" }, `generation job ${id}`);
+      const line = el("p", { class: "muted" });
+      const stateText = el("span", { "data-testid": "try-state" }, "queued");
+      line.append(link, " · ", stateText);
+      tryResult.replaceChildren(line);
+      tryFeed = new EventSource(url("data-events-url"));
+      tryFeed.addEventListener("message", (m) => {
+        let ev;
+        try { ev = JSON.parse(m.data); } catch (e) { return; }
+        if (ev.type === "state") {
+          stateText.textContent = ev.state + (ev.state === "failed" && ev.reason ? `: ${ev.reason}` : "");
+          tryResult.dataset.state = ev.state;
+        } else if (ev.type === "result") {
+          tryResult.replaceChildren(line, ...answersView(ev, job.spec.lora_name));
+        }
+      });
+      tryFeed.addEventListener("end", () => { tryFeed.close(); tryStatus.textContent = ""; });
+    });
+  }
 
   // ---- events ------------------------------------------------------------------------------
   function scheduleFlush() {

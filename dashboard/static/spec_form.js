@@ -1,9 +1,10 @@
 /* A job form generated from a spec class: collects the fields, posts {kind, spec} to the API,
-   shows each refusal next to its field, and opens the job page on success. */
+   shows each refusal next to its field, and on success opens the job page (or, with
+   `onQueued`, hands the new job's id to it instead). */
 "use strict";
 
 window.LF = window.LF || {};
-LF.specForm = function (form, kind) {
+LF.specForm = function (form, kind, onQueued) {
   const formError = form.querySelector(".form-error");
   const status = form.querySelector(".submit-status");
   const button = form.querySelector('button[type="submit"]');
@@ -73,6 +74,7 @@ LF.specForm = function (form, kind) {
     button.disabled = false;
     if (res.ok && res.body && res.body.id) {
       status.textContent = "queued";
+      if (onQueued) { onQueued(res.body.id); return; }
       window.location.assign(jobUrl.replace("JOB_ID", encodeURIComponent(res.body.id)));
       return;
     }

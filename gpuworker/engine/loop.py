@@ -114,9 +114,10 @@ class _Forward:
         self.model = model
         self.with_positions = True
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, batch: dict[str, torch.Tensor], padded: bool = True) -> torch.Tensor:
+        """`padded` False: no padding in the batch, so the model's own positions are right."""
         kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if self.with_positions:
+        if self.with_positions and padded:
             try:
                 return self.model(**kw, position_ids=_position_ids(batch["attention_mask"])).logits
             except TypeError as e:
@@ -182,11 +183,15 @@ def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[
         t0 = time.perf_counter()
         batches = [collate([samples[i] for i in idx], pad_id) for idx in group]
         n_targets = max(1, sum(_label_tokens(b) for b in batches))
-        step_loss = 0.0
+        # The step's loss stays on the device until the optimizer step is queued: reading it
+        # after each micro-batch would make the CPU wait for the GPU there, and the GPU then
+        # idle while the CPU queues the next kernels.
+        step_loss_t = torch.zeros((), device=device)
         for cpu_batch in batches:
             batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
+            padded = not bool(cpu_batch["attention_mask"].all())
             with autocast():
-                logits = forward(batch)  # (B, T, V)
+                logits = forward(batch, padded)  # (B, T, V)
             # Divide by the whole step's token count so the accumulated gradient is the
             # gradient of the step's mean token loss.
             loss = _token_loss_sum(logits, batch["labels"]) / n_targets
@@ -195,7 +200,7 @@ def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[
             # a 128k vocabulary).
             del logits
             (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += float(loss.detach())
+            step_loss_t += loss.detach()
             n_tokens = int(cpu_batch["attention_mask"].sum())
             out.tokens += n_tokens
             out.part_tokens += n_tokens
@@ -213,6 +218,7 @@ def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        step_loss = float(step_loss_t)  # the step's one wait for the GPU
         elapsed = time.perf_counter() - t0
         out.runtime_s += elapsed
         out.part_runtime_s += elapsed

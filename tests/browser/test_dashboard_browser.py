@@ -67,6 +67,21 @@ def test_submit_form_watch_chart_and_success(fleet, page):
         f".dataset.points || 0) === {total}", timeout=30000)
     assert page.locator("[data-testid='download-lora']").is_visible()
 
+    # Try it: a prompt answered by the base model and by base + this LoRA, on this page.
+    try_it = page.locator("[data-testid='try-it']")
+    assert try_it.is_visible()
+    _fill_form(page, prompt="Name a colour.", max_new_tokens=6, temperature=0)
+    page.locator("[data-testid='try-submit']").click()
+    result = page.locator("[data-testid='try-result']")
+    result.locator("[data-testid='answer-lora']").wait_for(timeout=120000)
+    assert "6 tokens" in result.locator("[data-testid='answer-base']").inner_text()
+    assert "Base + browser-lora" in result.locator("[data-testid='answer-lora']").inner_text()
+    assert page.url.endswith(job_id)  # the answers came here, with a link to their own job
+    gen_id = result.locator("[data-testid='try-job-link']").get_attribute("href").split("/")[-1]
+    gen = fleet.store.get(gen_id)
+    assert gen["kind"] == "generate" and gen["state"] == "succeeded"
+    assert gen["spec"]["lora"] == "browser-lora" and gen["spec"]["base_model"] == "tiny"
+
     # The job is in the Jobs list with its state.
     page.goto(fleet.url + "/jobs")
     row = page.locator(f"[data-testid='job-row'][data-job-id='{job_id}']")

@@ -419,9 +419,9 @@ def test_500_queued_jobs_over_three_workers(fleet_factory):
     # once; one that has started is asked to stop after its current step.
     for j in jobs:
         f.store.cancel(j)
-    ran = {j for j in jobs if "running" in states(f, j)}
-    f.wait_for(lambda: all(f.store.get(j)["state"] in TERMINAL for j in ran), 60,
-               "the started jobs to finish")
+    # A job already sent to a worker may still be starting; wait for every job to end.
+    f.wait_for(lambda: all(f.store.get(j)["state"] in TERMINAL for j in jobs), 90,
+               "every job to end")
     time.sleep(1.5)  # a few dispatcher ticks: nothing cancelled may be picked up
     ran = {j for j in jobs if "running" in states(f, j)}
 

@@ -333,3 +333,19 @@ def test_lora_files_are_readable_by_the_team(paths):
     for p in [lora, *lora.rglob("*")]:
         want = (0o777 if p.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(p.stat().st_mode) == want, p
+
+
+def test_a_loss_of_nan_or_inf_fails_the_run_and_keeps_the_last_checkpoint(paths):
+    """A learning rate far too high makes the weights overflow after the first step: the run
+    fails with the seed's advice, and the checkpoint written before that stays."""
+    rec = Recorder()
+    spec = make_spec(optimizer="sgd", learning_rate="1e38", save_steps=1)
+    with pytest.raises(EngineError, match="probably broken.*lower learning_rate"):
+        rec.run(spec, paths)
+    losses = [e["loss"] for e in rec.of("train")]
+    assert losses and all(0 < x < float("inf") for x in losses)  # only good steps reported
+    lora_dir = paths.loras / "tiny-lora"
+    checkpoints = sorted(p.name for p in lora_dir.glob("checkpoint-*"))
+    assert checkpoints and checkpoints[-1] == f"checkpoint-{len(losses)}"
+    assert (lora_dir / checkpoints[-1] / "adapter_model.safetensors").exists()
+    assert not (lora_dir / "adapter_model.safetensors").exists()  # no broken final adapter

@@ -79,6 +79,23 @@ def test_cancelled_pending_job_is_never_sent(env):
     assert store.get(a)["state"] == "cancelled"
 
 
+def test_cancel_between_assignment_and_start(env):
+    """A job sent to a worker but not started is cancelled outright and the worker may not start
+    it; once it runs, cancel only asks it to stop."""
+    store, fleet, d, sent, clock = env
+    a, b = job(store, clock, "a"), job(store, clock, "b")
+    fleet.heartbeat("w1", device="cpu")
+    fleet.heartbeat("w2", device="cpu")
+    assert len(d.tick()) == 2
+    assert store.cancel(a)["state"] == "cancelled"
+    assert "before it started" in store.get(a)["reason"]
+    with pytest.raises(TransitionError):
+        store.transition(a, JobState.RUNNING, "r", expect_worker=store.get(a)["worker"])
+    store.transition(b, JobState.RUNNING, "r")
+    assert store.cancel(b)["state"] == "running" and store.stop_requested(b)
+    assert [h["state"] for h in store.history(a)] == ["queued", "assigned", "cancelled"]
+
+
 def test_lost_worker_job_is_requeued_then_fails_after_max_attempts(env):
     store, fleet, d, sent, clock = env
     a = job(store, clock, "a")
