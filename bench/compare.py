@@ -30,18 +30,21 @@ def main() -> None:
     ap.add_argument("--size", action="append", default=None, choices=["1b", "8b"])
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (after 3 untimed)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each, alternating")
     ap.add_argument("--timeout", type=float, default=600)
     a = ap.parse_args()
     rows = []
     for size in a.size or ["1b"]:
-        common = ["--size", size, "--bs", str(a.bs), "--seq", str(a.seq)]
-        base = result_line([sys.executable, a.baseline, *common], a.timeout)
-        # The baseline leaves its model in /tmp/models/<size>; a data folder at /tmp makes the
-        # engine train that very folder (the small tokenizer is added to it).
-        ours = result_line([sys.executable, "-m", "bench.engine_bench", "--precision", "4bit",
-                            "--home", "/tmp", *common], a.timeout)
-        rows.append((size, base, ours))
-        print("RESULT " + json.dumps({"baseline": base, "lorafleet": ours}), flush=True)
+        common = ["--size", size, "--bs", str(a.bs), "--seq", str(a.seq), "--steps", str(a.steps)]
+        for _ in range(a.repeat):
+            base = result_line([sys.executable, a.baseline, *common], a.timeout)
+            # The baseline leaves its model in /tmp/models/<size>; a data folder at /tmp makes
+            # the engine train that very folder (the small tokenizer is added to it).
+            ours = result_line([sys.executable, "-m", "bench.engine_bench", "--precision",
+                                "4bit", "--home", "/tmp", *common], a.timeout)
+            rows.append((size, base, ours))
+            print("RESULT " + json.dumps({"baseline": base, "lorafleet": ours}), flush=True)
     print(f"\n{rows[0][1]['gpu']}, NF4 4-bit, LoRA r=32 all linear, batch {a.bs} x {a.seq}\n")
     print("| shape | baseline tokens/s | lorafleet tokens/s | ratio | baseline peak GiB | "
           "lorafleet peak GiB | ratio |")
