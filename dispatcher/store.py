@@ -277,8 +277,15 @@ class JobStore:
         return self.get(job_id)
 
     # stopping ---------------------------------------------------------------------------------
-    def request_stop(self, job_id: str) -> None:
-        self.r.set(self.stop_key(job_id), "1")
+    def request_stop(self, job_id: str, reason: str = "") -> None:
+        """Ask a running job to stop after its current step; `reason` (e.g. a sweep's early
+        stopping) becomes the job's end reason instead of "stopped by the user"."""
+        self.r.set(self.stop_key(job_id), reason or "1")
+
+    def stop_reason(self, job_id: str) -> str | None:
+        """The reason given with a stop request, if one was given."""
+        value = self.r.get(self.stop_key(job_id))
+        return None if value in (None, "1") else value
 
     def stop_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self.stop_key(job_id)))

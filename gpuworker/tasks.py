@@ -89,7 +89,8 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
         events.append(job_id, "result", **result)
         if result.get("stopped"):
             state = JobState.CANCELLED
-            reason = "stopped by the user; the incomplete LoRA was saved"
+            reason = store.stop_reason(job_id) or "stopped by the user"
+            reason += "; the incomplete LoRA was saved" if result.get("saved") else ""
         else:
             state = JobState.SUCCEEDED
             reason = result.get("reason") or "finished"
