@@ -6,13 +6,13 @@ Errors are JSON objects `{"error": "..."}`; an invalid spec also lists every pro
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from dashboard.app import services
+from dashboard.auth import owner_for, priority_problem
 from dashboard.forms import form_fields
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
@@ -31,7 +31,6 @@ from dispatcher.store import KINDS, PRIORITIES, JobNotFound
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 ENVELOPE_KEYS = {"kind", "spec", "owner", "priority"}
 # Record fields that the job list leaves out (the spec can be long; the page fetches it).
 LIST_OMITS = ("spec", "result")
@@ -104,15 +103,15 @@ def submit_job():
         owner = body.get("owner")
     else:
         spec_in, kind, priority, owner = body, "train", request.args.get("priority", "normal"), None
-    owner = owner or request.headers.get("X-Lorafleet-User") or "local"
+    owner, owner_problems = owner_for(owner)
+    problems.extend(owner_problems)
     if kind not in KINDS:
         problems.append({"field": "kind", "message": f"must be one of {', '.join(KINDS)}"})
     if priority not in PRIORITIES:
         problems.append({"field": "priority",
                          "message": f"must be one of {', '.join(PRIORITIES)}"})
-    if not isinstance(owner, str) or not OWNER_RE.match(owner):
-        problems.append({"field": "owner", "message": "must be a user name of letters, digits, "
-                                                      "'.', '_', '@' or '-' (at most 64)"})
+    elif priority_problem(priority):
+        problems.append(priority_problem(priority))
     settings = services().settings
     spec = None
     if kind in KINDS:
