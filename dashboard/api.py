@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from dashboard.app import services
-from dashboard.auth import owner_for, priority_problem
+from dashboard.auth import may_manage, owner_for, priority_problem
 from dashboard.forms import form_fields
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
@@ -161,10 +161,22 @@ def get_job(job_id: str):
     return jsonify(job_detail(job_id))
 
 
+def _not_yours(rec: dict[str, Any], action: str):
+    """A 403 response unless the user may change this job (its owner, or an admin)."""
+    owner = rec.get("owner", "")
+    if may_manage(owner):
+        return None
+    return _error(403, f"job {rec['id']} belongs to {owner}: only its owner or an admin may "
+                       f"{action} it")
+
+
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
     store = services().store
     rec = store.get(job_id)
+    denied = _not_yours(rec, "cancel")
+    if denied:
+        return denied
     if is_terminal(rec.get("state", "")):
         return _error(409, f"job {job_id} has already {rec['state']}: nothing to cancel")
     try:
@@ -183,6 +195,12 @@ def set_priority(job_id: str):
     if priority not in PRIORITIES:
         return _error(400, f"priority must be one of {', '.join(PRIORITIES)}",
                       [{"field": "priority", "message": f"must be one of {', '.join(PRIORITIES)}"}])
+    denied = _not_yours(services().store.get(job_id), "re-prioritise")
+    if denied:
+        return denied
+    problem = priority_problem(priority)
+    if problem:
+        return _error(403, problem["message"], [problem])
     try:
         services().store.set_priority(job_id, priority)
     except TransitionError as e:

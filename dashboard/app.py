@@ -116,13 +116,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         app.config["LORAFLEET_SETTINGS"] = settings
     app.extensions["lorafleet"] = Services(settings, app.config.get("LORAFLEET_REDIS"))
 
-    from dashboard import filters
+    from dashboard import auth, filters
     from dashboard.api import bp as api_bp
     from dashboard.datasets import bp as datasets_bp
     from dashboard.pages import bp as pages_bp
     from dashboard.tools import bp as tools_bp
 
     filters.register(app)
+    auth.init_app(app, settings.paths.home)
     app.register_blueprint(api_bp)
     app.register_blueprint(pages_bp)
     app.register_blueprint(datasets_bp)
@@ -135,6 +136,11 @@ def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app) ->
     """Run the dashboard with a threaded server (each live SSE view holds one thread)."""
     from werkzeug.serving import run_simple
 
+    from dispatcher.accounts import Accounts, single_user_refusal
+
+    refusal = single_user_refusal(settings.dashboard_host, Accounts(settings.paths.home))
+    if refusal:
+        raise SystemExit(f"lorafleet dashboard: {refusal}")
     app = app_factory({"LORAFLEET_SETTINGS": settings})
     run_simple(settings.dashboard_host, settings.dashboard_port, app, threaded=True,
                use_reloader=False, use_debugger=False)

@@ -1,6 +1,20 @@
-"""Who is asking, and what they may do.
+"""Who is asking, and what they may do: login, API tokens, CSRF, roles.
 
-(Accounts are being added: for now every request is the single local user, an admin.)
+Two modes, decided by the data folder's accounts file (dispatcher/accounts.py):
+
+- **Accounts** (at least one user): every page needs a login (a session cookie: HttpOnly,
+  SameSite=Lax) and every API call a login or an API token (`Authorization: Bearer lf_...`).
+  Roles: an admin may do anything (submit for others, urgent priority, cancel or re-prioritise
+  any job); a member submits and manages their own jobs and sees everything else read-only.
+- **Single user** (no accounts; the dashboard refuses to start on a non-loopback address): every
+  request is the local user, an admin; a non-browser client may name itself with the
+  `X-Lorafleet-User` header (used by scripts that act for several people on one machine).
+
+CSRF: a request that changes something (POST, PUT, PATCH, DELETE) and is not authenticated by a
+token must carry the session's CSRF token (`X-CSRF-Token` header, which LF.api adds from the
+page's meta tag, or a `csrf_token` form field). In single-user mode a request with neither an
+Origin header nor a cookie is a non-browser client (curl, the CLI) and needs no token: a browser
+always sends Origin with a cross-site POST.
 
     current_user()                  the request's user: .name, .role, .is_admin
     owner_for(requested)            the owner a new job (or sweep) gets, and problems if the
@@ -11,34 +25,68 @@
 
 from __future__ import annotations
 
+import hmac
+import os
 import re
-from dataclasses import dataclass
+import secrets
+from datetime import timedelta
+from pathlib import Path
 
-from flask import request
+from flask import (
+    Blueprint,
+    Flask,
+    abort,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+
+from dispatcher.accounts import Account, Accounts
 
 OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 ADMIN_ONLY_PRIORITIES = ("urgent",)
+UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+# Reachable without a login: the login page itself and the files every page needs.
+PUBLIC_ENDPOINTS = ("auth.login", "auth.login_post", "auth.healthz", "static")
+
+bp = Blueprint("auth", __name__, template_folder="templates")
+
+User = Account  # .name, .role, .is_admin
 
 
-@dataclass(frozen=True)
-class User:
-    name: str
-    role: str  # "admin" | "member"
+def _accounts() -> Accounts:
+    from dashboard.app import services
 
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
+    svc = services()
+    if getattr(svc, "accounts", None) is None:
+        svc.accounts = Accounts(svc.settings.paths.home)
+    return svc.accounts
+
+
+def accounts_mode() -> bool:
+    return _accounts().has_users()
 
 
 def current_user() -> User:
-    return User(request.headers.get("X-Lorafleet-User") or "local", "admin")
+    user = g.get("user")
+    if user is None:  # outside the request hook (a test calling a view directly)
+        user = User(request.headers.get("X-Lorafleet-User") or "local", "admin")
+    return user
 
 
 def owner_for(requested: object) -> tuple[str, list[dict[str, str]]]:
-    owner = requested or current_user().name
+    user = current_user()
+    owner = requested or user.name
     if not isinstance(owner, str) or not OWNER_RE.match(owner):
         return str(owner), [{"field": "owner", "message": "must be a user name of letters, "
-                                                          "digits, '.', '_', '@' or '-' (at most 64)"}]
+                             "digits, '.', '_', '@' or '-' (at most 64)"}]
+    if owner != user.name and accounts_mode() and not user.is_admin:
+        return owner, [{"field": "owner", "message": f"{user.name} is a member: only an admin "
+                                                     "may submit for another user"}]
     return owner, []
 
 
@@ -51,3 +99,148 @@ def priority_problem(priority: str) -> dict[str, str] | None:
 def may_manage(owner: str) -> bool:
     user = current_user()
     return user.is_admin or user.name == owner
+
+
+def csrf_token() -> str:
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(32)
+    return session["csrf"]
+
+
+# -- the request hook ----------------------------------------------------------------------------
+def _bearer() -> str | None:
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
+
+
+def _deny(status: int, message: str):
+    if request.path.startswith("/api/"):
+        return jsonify({"error": message}), status
+    if status == 401:
+        return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+    abort(status, message)
+
+
+def _before_request():
+    g.user = None
+    g.by_token = False
+    accounts = _accounts()
+    token = _bearer()
+    if token is not None:
+        user = accounts.for_token(token)
+        if user is None:
+            return _deny(401, "this API token is not valid (make a new one with "
+                              "`lorafleet user token NAME`)")
+        g.user, g.by_token = user, True
+        return None
+    if accounts.has_users():
+        name = session.get("user")
+        user = accounts.get(name) if name else None
+        if user is None and request.endpoint not in PUBLIC_ENDPOINTS:
+            session.pop("user", None)
+            return _deny(401, "log in first (or send an API token: `Authorization: Bearer "
+                              "...`, made with `lorafleet user token NAME`)")
+        g.user = user
+    else:
+        g.user = User(request.headers.get("X-Lorafleet-User") or "local", "admin")
+    if request.method in UNSAFE_METHODS and not _csrf_ok(accounts.has_users()):
+        return _deny(403, "missing or wrong CSRF token: reload the page and try again")
+    return None
+
+
+def _csrf_ok(with_accounts: bool) -> bool:
+    sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token", "")
+    want = session.get("csrf")
+    if want and sent and hmac.compare_digest(sent, want):
+        return True
+    # A non-browser client on a single-user (loopback) dashboard: no cookie, no Origin.
+    return (not with_accounts and "Origin" not in request.headers
+            and "Cookie" not in request.headers)
+
+
+# -- login and logout ----------------------------------------------------------------------------
+def _safe_next(target: str | None) -> str:
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return url_for("pages.jobs")
+
+
+@bp.get("/login")
+def login():
+    if not accounts_mode():
+        return redirect(url_for("pages.jobs"))
+    return render_template("login.html", next=request.args.get("next", ""), error=None)
+
+
+@bp.post("/login")
+def login_post():
+    name = request.form.get("username", "").strip()
+    user = _accounts().login(name, request.form.get("password", ""))
+    if user is None:
+        return render_template("login.html", next=request.form.get("next", ""), username=name,
+                               error="wrong user name or password"), 401
+    session.clear()  # a fresh session (and CSRF token) for the logged-in user
+    session.permanent = True
+    session["user"] = user.name
+    return redirect(_safe_next(request.form.get("next")))
+
+
+@bp.post("/logout")
+def logout():
+    session.clear()
+    return redirect(url_for("auth.login") if accounts_mode() else url_for("pages.jobs"))
+
+
+@bp.get("/healthz")
+def healthz():
+    """Is the dashboard up? (No login needed, nothing about the fleet in the answer.)"""
+    return jsonify({"ok": True})
+
+
+@bp.get("/api/v1/me")
+def me():
+    user = current_user()
+    return jsonify({"name": user.name, "role": user.role,
+                    "mode": "accounts" if accounts_mode() else "single-user",
+                    "by_token": bool(g.get("by_token"))})
+
+
+# -- wiring --------------------------------------------------------------------------------------
+def _secret_key(home: Path) -> str:
+    """The session-signing key: $LORAFLEET_SECRET_KEY, else one made once in the data folder
+    (mode 0600), so sessions survive a dashboard restart."""
+    env = os.environ.get("LORAFLEET_SECRET_KEY")
+    if env:
+        return env
+    path = Path(home) / ".secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as f:
+            f.write(key)
+        return key
+
+
+def init_app(app: Flask, home: Path) -> None:
+    if not app.config.get("SECRET_KEY"):
+        app.config["SECRET_KEY"] = _secret_key(home)
+    app.config.update(
+        SESSION_COOKIE_NAME="lorafleet_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=os.environ.get("LORAFLEET_SECURE_COOKIES", "") == "1",
+        PERMANENT_SESSION_LIFETIME=timedelta(days=14),
+    )
+    app.register_blueprint(bp)
+    app.before_request(_before_request)
+
+    @app.context_processor
+    def _auth_context():
+        return {"csrf_token": csrf_token, "current_user": g.get("user"),
+                "accounts_mode": accounts_mode()}

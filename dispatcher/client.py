@@ -1,11 +1,13 @@
 """A small client for the dashboard's REST API: what the user commands of the CLI use.
 
-A remote user needs the dashboard's URL (and later a token), never Redis credentials.
+A remote user needs the dashboard's URL and, where the dashboard has accounts, an API token
+(`--token` or $LORAFLEET_TOKEN, made with `lorafleet user token NAME`), never Redis credentials.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,10 +24,13 @@ class ApiError(RuntimeError):
 
 
 class Client:
-    def __init__(self, url: str, timeout: float = 30.0):
+    def __init__(self, url: str, timeout: float = 30.0, token: str | None = None):
         self.base = url.rstrip("/") + "/api/v1"
         self.timeout = timeout
         self.session = requests.Session()
+        token = token or os.environ.get("LORAFLEET_TOKEN")
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
         try:
@@ -40,6 +45,8 @@ class Client:
         if resp.status_code >= 400:
             errors = body.get("errors") if isinstance(body, dict) else None
             msg = body.get("error") if isinstance(body, dict) else None
+            if resp.status_code == 401:
+                msg = f"{msg or 'not logged in'} (set LORAFLEET_TOKEN)"
             raise ApiError(resp.status_code, msg or f"HTTP {resp.status_code}", errors)
         return body
 

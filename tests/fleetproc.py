@@ -68,7 +68,7 @@ class FleetProcs:
         import requests
 
         self.start("dashboard", ["-m", "dashboard"])
-        self.wait_for(lambda: _ok(requests, self.url + "/api/v1/workers"), 30, "dashboard")
+        self.wait_for(lambda: _ok(requests, self.url + "/healthz"), 30, "dashboard")
 
     def wait_for_workers(self, n: int = 1, timeout: float = 60) -> None:
         from dispatcher.fleet import Fleet

@@ -52,8 +52,16 @@ window.LF = (function () {
     el.textContent = state;
   }
 
+  // Every request that changes something carries the session's CSRF token (dashboard/auth.py).
+  const csrfMeta = document.querySelector('meta[name="csrf-token"]');
+  const CSRF = csrfMeta ? csrfMeta.content : "";
+
   async function api(url, options) {
-    const resp = await fetch(url, Object.assign({ headers: { Accept: "application/json" } }, options || {}));
+    const opts = Object.assign({}, options || {});
+    const headers = Object.assign({ Accept: "application/json" }, opts.headers || {});
+    if (opts.method && opts.method.toUpperCase() !== "GET") headers["X-CSRF-Token"] = CSRF;
+    opts.headers = headers;
+    const resp = await fetch(url, opts);
     let body = null;
     try { body = await resp.json(); } catch (e) { body = { error: `HTTP ${resp.status}` }; }
     return { ok: resp.ok, status: resp.status, body: body };

@@ -7,6 +7,7 @@
   const job = JSON.parse(document.getElementById("job-data").textContent);
   const $ = (testid) => page.querySelector(`[data-testid="${testid}"]`);
   const LOG_LINES = 200;
+  const mine = page.dataset.mine === "yes";  // may this user stop or re-prioritise the job?
 
   const train = new Map();  // step -> {loss, lr}
   const evals = new Map();  // step -> eval loss
@@ -22,7 +23,7 @@
     LF.setBadge($("job-state"), newState);
     const stop = $("stop-button");
     const terminal = LF.TERMINAL.includes(newState);
-    stop.hidden = terminal;
+    stop.hidden = terminal || !mine;
     if (!terminal && !stop.dataset.stopping) {
       stop.textContent = (newState === "queued" || newState === "retrying") ? "Cancel" : "Stop";
       stop.disabled = false;
@@ -67,7 +68,7 @@
     if (Array.isArray(rec.history)) drawHistory(rec.history);
     const sel = $("priority-select");
     if (rec.priority) sel.value = rec.priority;
-    sel.disabled = !["queued", "retrying"].includes(rec.state);
+    sel.disabled = !mine || !["queued", "retrying"].includes(rec.state);
     if (rec.position !== undefined) {
       $("queue-position").textContent = rec.position ? `· #${rec.position} in the queue` : "";
     }
