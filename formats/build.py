@@ -89,45 +89,20 @@ def collect_samples(
     ]
 
 
-def build_samples(
-    *,
-    tokenizer: Any,
-    cutoff_len: int,
-    dataset_path: str | Path | None = None,
-    format_path: str | Path | None = None,
-    raw_text_path: str | Path | None = None,
-    overlap_len: int = 128,
-    newline_favor_len: int = 128,
-    hard_cut_string: str = DEFAULT_HARD_CUT,
-    min_chars: int = 0,
-    add_eos_token: bool = False,
-    train_only_after: str = "",
-) -> list[dict[str, Any]]:
+def build_samples(*, tokenizer: Any, cutoff_len: int, **options: Any) -> list[dict[str, Any]]:
     """Training samples ``{"text", "input_ids", "labels"}`` from a dataset or raw text.
 
-    Give ``raw_text_path`` (a ``.txt`` file or a folder of them), or ``dataset_path`` with
-    ``format_path``. When both a raw text and a dataset are given, the raw text is used, as in
-    the webui (whose saved parameters always carry both fields). ``overlap_len``,
-    ``newline_favor_len``, ``hard_cut_string`` and ``min_chars`` only apply to raw text;
-    ``cutoff_len``, ``add_eos_token`` and ``train_only_after`` to both (for raw text, EOS is
-    added at each hard cut, see :mod:`formats.rawtext`).
+    ``options`` are :func:`collect_samples`' keywords: ``raw_text_path`` (a ``.txt`` file or a
+    folder of them), or ``dataset_path`` with ``format_path``. When both a raw text and a dataset
+    are given, the raw text is used, as in the webui (whose saved parameters always carry both
+    fields). ``overlap_len``, ``newline_favor_len``, ``hard_cut_string`` and ``min_chars`` only
+    apply to raw text; ``cutoff_len``, ``add_eos_token`` and ``train_only_after`` to both (for
+    raw text, EOS is added at each hard cut, see :mod:`formats.rawtext`).
 
     Samples are not padded; batch them with :func:`formats.pad_batch`. Bad files raise
     :class:`formats.FormatError` naming the file, row and key; bad numbers raise ``ValueError``.
     An input that yields no sample at all is an error too, since training on nothing is never
     what the user meant.
     """
-    samples = collect_samples(
-        tokenizer=tokenizer,
-        cutoff_len=cutoff_len,
-        dataset_path=dataset_path,
-        format_path=format_path,
-        raw_text_path=raw_text_path,
-        overlap_len=overlap_len,
-        newline_favor_len=newline_favor_len,
-        hard_cut_string=hard_cut_string,
-        min_chars=min_chars,
-        add_eos_token=add_eos_token,
-        train_only_after=train_only_after,
-    )
+    samples = collect_samples(tokenizer=tokenizer, cutoff_len=cutoff_len, **options)
     return [sample.as_dict() for sample in samples]

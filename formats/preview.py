@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from formats.build import collect_samples
-from formats.rawtext import DEFAULT_HARD_CUT
 from formats.tokenize import IGNORE_INDEX
 
 
@@ -44,37 +42,11 @@ class Preview:
     stats: PreviewStats
 
 
-def preview(
-    *,
-    tokenizer: Any,
-    cutoff_len: int,
-    dataset_path: str | Path | None = None,
-    format_path: str | Path | None = None,
-    raw_text_path: str | Path | None = None,
-    overlap_len: int = 128,
-    newline_favor_len: int = 128,
-    hard_cut_string: str = DEFAULT_HARD_CUT,
-    min_chars: int = 0,
-    add_eos_token: bool = False,
-    train_only_after: str = "",
-) -> Preview:
-    """Build the samples as :func:`formats.build_samples` does and count what matters.
-
-    Each returned sample is ``{"text", "input_ids", "labels", "truncated"}``.
+def preview(*, tokenizer: Any, cutoff_len: int, **options: Any) -> Preview:
+    """Build the samples as :func:`formats.build_samples` does (same keywords) and count what
+    matters. Each returned sample is ``{"text", "input_ids", "labels", "truncated"}``.
     """
-    collected = collect_samples(
-        tokenizer=tokenizer,
-        cutoff_len=cutoff_len,
-        dataset_path=dataset_path,
-        format_path=format_path,
-        raw_text_path=raw_text_path,
-        overlap_len=overlap_len,
-        newline_favor_len=newline_favor_len,
-        hard_cut_string=hard_cut_string,
-        min_chars=min_chars,
-        add_eos_token=add_eos_token,
-        train_only_after=train_only_after,
-    )
+    collected = collect_samples(tokenizer=tokenizer, cutoff_len=cutoff_len, **options)
     samples = [dict(s.as_dict(), truncated=s.tokens.truncated) for s in collected]
     trained = [s.tokens.trained_tokens for s in collected]
     stats = PreviewStats(

@@ -219,19 +219,28 @@ def perplexity(*, base_model: str, loras: list[str], text_file: str, paths: Data
     Raises EngineError (with a message for the user) for anything the user can fix.
     """
     dev = pick_device(device)
+    return run_releasing(
+        dev, lambda: _perplexity(base_model, list(loras), text_file, paths, stride, max_length,
+                                 precision, progress, should_stop, log, dev),
+        f"lower max_length (now {max_length or 'the context'})"
+        + ("" if precision == "4bit" else " or use precision 4bit"))
+
+
+def run_releasing(dev: torch.device, run: Callable[[], dict[str, Any]],
+                  oom_advice: str) -> dict[str, Any]:
+    """`run()`, with its failure as one EngineError: the engine's own message, or "out of GPU
+    memory: <oom_advice>". The card's memory is released whatever happens; only the message is
+    kept on failure, because the traceback's frames hold the model."""
     failure = ""
     try:
-        return _perplexity(base_model, list(loras), text_file, paths, stride, max_length,
-                           precision, progress, should_stop, log, dev)
+        return run()
     except EngineError as e:
         failure = str(e)
     except Exception as e:
         if not is_oom(e):
             raise
-        failure = (f"out of GPU memory: lower max_length (now {max_length or 'the context'})"
-                   + ("" if precision == "4bit" else " or use precision 4bit"))
+        failure = f"out of GPU memory: {oom_advice}"
     finally:
-        # Only the message is kept on failure: the traceback's frames hold the model.
         release_memory(dev)
     raise EngineError(failure)
 

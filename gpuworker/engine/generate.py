@@ -35,9 +35,8 @@ from gpuworker.engine.errors import EngineError
 from gpuworker.engine.evaluate import (
     autocast_for,
     check_lora_names,
-    is_oom,
     load_saved_loras,
-    release_memory,
+    run_releasing,
 )
 from gpuworker.engine.loading import (
     check_model_folder,
@@ -93,21 +92,12 @@ def generate(*, base_model: str, lora: str | None, prompt: str, format_file: Pat
     Raises EngineError (with a message for the user) for anything the user can fix.
     """
     dev = pick_device(device)
-    failure = ""
-    try:
-        return _generate(base_model, lora, prompt, format_file, paths, max_new_tokens,
-                         temperature, top_p, seed, precision, progress, should_stop, log, dev)
-    except EngineError as e:
-        failure = str(e)
-    except Exception as e:
-        if not is_oom(e):
-            raise
-        failure = (f"out of GPU memory: lower max_new_tokens (now {max_new_tokens})"
-                   + ("" if precision == "4bit" else " or use precision 4bit"))
-    finally:
-        # Only the message is kept on failure: the traceback's frames hold the model.
-        release_memory(dev)
-    raise EngineError(failure)
+    return run_releasing(
+        dev, lambda: _generate(base_model, lora, prompt, format_file, paths, max_new_tokens,
+                               temperature, top_p, seed, precision, progress, should_stop, log,
+                               dev),
+        f"lower max_new_tokens (now {max_new_tokens})"
+        + ("" if precision == "4bit" else " or use precision 4bit"))
 
 
 def _generate(base_model: str, lora: str | None, prompt: str, format_file: Path | None,
