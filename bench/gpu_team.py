@@ -7,9 +7,10 @@ measure what the fleet adds around training:
   (sum of job times / cards), the delay from one job's end to the next start on the same card,
   the order in which the users' jobs started, and the latency from a training event being written
   by the worker (its `time`) to its arrival at the SSE client.
-- sweep (with --sweep FILE): submits the sweep file, waits for every trial, and reports the
-  makespan against (sum of trial times / cards) and the GPU time that early stopping saved
-  (for each trial stopped early: the steps it did not run x its own mean step time).
+- sweep (with --sweep FILE, its base model replaced by --model): submits the sweep file, waits
+  for every trial, and reports the makespan against (sum of trial times / cards) and the GPU
+  time that early stopping saved (for each trial stopped early: the steps it did not run x its
+  own mean step time).
 
     python -m bench.gpu_team --model llama-3.2-1b-random --jobs 8 --out team.json [--sweep s.yaml]
 """
@@ -78,7 +79,7 @@ def card_report(recs: dict[str, dict[str, Any]], t0: float) -> dict[str, Any]:
     for w in cards:
         mine = sorted((r for r in ran if r["worker"] == w), key=lambda r: float(r["started"]))
         busy = sum(float(r["finished"]) - float(r["started"]) for r in mine)
-        card_gaps = [float(b["started"]) - float(a["finished"]) for a, b in zip(mine, mine[1:])]
+        card_gaps = [float(b["started"]) - float(a["finished"]) for a, b in zip(mine, mine[1:], strict=False)]
         gaps += card_gaps
         per_card[w] = {"jobs": len(mine), "busy_s": round(busy, 1),
                        "gaps_s": [round(g, 2) for g in card_gaps]}
@@ -132,38 +133,43 @@ def run_jobs(c: Client, url: str, model: str, n: int, users: list[str],
     return report
 
 
-def run_sweep(c: Client, path: Path) -> dict[str, Any]:
+def run_sweep(c: Client, path: Path, model: str | None) -> dict[str, Any]:
     import yaml
 
     body = yaml.safe_load(path.read_text())
+    if model:
+        body["base"]["base_model"] = model
     t0 = time.time()
-    sweep = c.submit_sweep(body)
-    sweep_id = sweep["id"]
+    sweep_id = c.create_sweep(body)["id"]
     deadline = time.monotonic() + 1200
-    while time.monotonic() < deadline:
-        info = c.sweep(sweep_id)
-        if info.get("state") in ("finished", "cancelled") or info.get("done"):
-            break
-        time.sleep(2)
     info = c.sweep(sweep_id)
-    trials = [t["id"] if isinstance(t, dict) else t for t in info.get("trials", [])]
-    recs = {j: c.job(j) for j in trials}
+    while info["summary"]["state"] not in ("finished", "cancelled"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"sweep {sweep_id} not finished")
+        time.sleep(2)
+        info = c.sweep(sweep_id)
+    rows = info["rows"]
+    recs = {r["id"]: c.job(r["id"]) for r in rows}
     report = card_report(recs, t0)
     saved = 0.0
     early = []
-    for j, r in recs.items():
-        res = r.get("result") or {}
-        if r["state"] == "cancelled" and "early" in (r.get("reason") or ""):
-            steps, total = res.get("steps") or 0, res.get("total_steps") or r.get("total_steps")
+    for r in rows:
+        rec = recs[r["id"]]
+        res = rec.get("result") or {}
+        if r["display_state"] == "stopped early":
+            steps, total = res.get("steps") or 0, res.get("total_steps") or 0
             run_s = res.get("train_runtime_s") or 0
-            if steps and total:
-                saved += (int(total) - int(steps)) * run_s / steps
-            early.append({"job": j, "steps": steps, "total_steps": total,
-                          "reason": r.get("reason")})
-    report.update({"sweep": sweep_id, "summary": info.get("summary"),
-                   "states": {j: recs[j]["state"] for j in trials},
-                   "stopped_early": early, "gpu_s_saved_by_early_stopping": round(saved, 1),
-                   "trial_names": [recs[j]["spec"].get("lora_name") for j in trials]})
+            if steps and total:  # the steps it did not run, at its own mean step time
+                saved += (total - steps) * run_s / steps
+            early.append({"name": r["name"], "steps": steps, "total_steps": total,
+                          "reason": rec.get("reason")})
+    report.update({
+        "sweep": sweep_id, "summary": info["summary"], "best": info.get("best"),
+        "trials": [{k: r.get(k) for k in ("name", "display_state", "final_loss", "gpu_time_s",
+                                          "tokens_per_s", "step", "total_steps")}
+                   for r in rows],
+        "stopped_early": early, "gpu_s_saved_by_early_stopping": round(saved, 1),
+    })
     return report
 
 
@@ -184,7 +190,7 @@ def main() -> None:
         out["jobs"] = run_jobs(c, a.url, a.model, a.jobs, a.users.split(","), a.precision)
         print("JOBS " + json.dumps(out["jobs"]), flush=True)
     if a.sweep:
-        out["sweep"] = run_sweep(c, Path(a.sweep))
+        out["sweep"] = run_sweep(c, Path(a.sweep), a.model)
         print("SWEEP " + json.dumps(out["sweep"]), flush=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
 

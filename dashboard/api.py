@@ -136,13 +136,12 @@ def list_jobs():
         offset = max(0, int(request.args.get("offset", 0)))
     except ValueError:
         return _error(400, "limit and offset must be whole numbers")
-    jobs = [job_summary(r) for r in services().store.list(limit=limit, offset=offset)]
-    for key in ("state", "owner"):
-        want = request.args.get(key)
-        if want:
-            allowed = set(want.split(","))
-            jobs = [j for j in jobs if j.get(key) in allowed]
-    return jsonify({"jobs": jobs})
+    # state/owner filter the whole list before paging; `total` counts every match.
+    states, owners = ([v for v in request.args.get(k, "").split(",") if v]
+                      for k in ("state", "owner"))
+    records, total = services().store.page(limit, offset, states, owners)
+    return jsonify({"jobs": [job_summary(r) for r in records], "total": total,
+                    "limit": limit, "offset": offset})
 
 
 def job_detail(job_id: str) -> dict[str, Any]:
@@ -297,9 +296,24 @@ def live():
 
 
 # fleet and choices ----------------------------------------------------------------------------
+def workers_with_jobs() -> list[dict[str, Any]]:
+    """Every worker, with the name and owner of the job it runs (job_name, job_owner)."""
+    svc = services()
+    out = svc.fleet.workers()
+    for w in out:
+        if w.get("job"):
+            try:
+                rec = svc.store.get(w["job"])
+            except JobNotFound:
+                continue
+            w["job_owner"] = rec.get("owner", "")
+            w["job_name"] = (rec.get("spec") or {}).get("lora_name") or rec.get("kind", "")
+    return out
+
+
 @bp.get("/workers")
 def workers():
-    return jsonify({"workers": services().fleet.workers()})
+    return jsonify({"workers": workers_with_jobs()})
 
 
 @bp.get("/choices")

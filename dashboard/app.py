@@ -120,6 +120,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from dashboard.api import bp as api_bp
     from dashboard.datasets import bp as datasets_bp
     from dashboard.pages import bp as pages_bp
+    from dashboard.sweeps import bp as sweeps_bp
     from dashboard.tools import bp as tools_bp
 
     filters.register(app)
@@ -128,6 +129,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(pages_bp)
     app.register_blueprint(datasets_bp)
     app.register_blueprint(tools_bp)
+    app.register_blueprint(sweeps_bp)
     _register_error_handlers(app)
     return app
 

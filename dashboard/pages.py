@@ -4,20 +4,47 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, render_template, request
 
-from dashboard.api import job_detail, job_summary
+from dashboard.api import job_detail, job_summary, workers_with_jobs
 from dashboard.app import services
 from dashboard.forms import form_fields, form_sections
 from dispatcher.specs import GenerateSpec, SpecError, list_choices, lora_parameters
+from dispatcher.states import JobState
 from dispatcher.store import PRIORITIES, JobNotFound
 
 bp = Blueprint("pages", __name__, template_folder="templates")
 
 
+# Jobs per page of the Jobs list.
+JOBS_PER_PAGE = 50
+
+
 @bp.get("/")
 @bp.get("/jobs")
 def jobs():
-    records = [job_summary(r) for r in services().store.list(limit=500)]
-    return render_template("jobs.html", jobs=records, nav="jobs")
+    """The job list, newest first, JOBS_PER_PAGE a page: `?page=N&state=running&owner=ada`
+    (state and owner may list several, comma-separated)."""
+    try:
+        page = int(request.args.get("page") or 1)
+    except ValueError:
+        page = 0
+    if page < 1:
+        abort(400, f"page must be a whole number from 1, not {request.args.get('page')!r}")
+    state = request.args.get("state", "").strip()
+    owner = request.args.get("owner", "").strip()
+    states = [s for s in state.split(",") if s]
+    unknown = [s for s in states if s not in {st.value for st in JobState}]
+    if unknown:
+        abort(400, f"unknown job state {unknown[0]!r}: use one of "
+                   f"{', '.join(st.value for st in JobState)}")
+    owners = [o for o in owner.split(",") if o]
+    offset = (page - 1) * JOBS_PER_PAGE
+    records, total = services().store.page(JOBS_PER_PAGE, offset, states, owners)
+    pages = max(1, -(-total // JOBS_PER_PAGE))
+    return render_template(
+        "jobs.html", jobs=[job_summary(r) for r in records], nav="jobs", total=total,
+        page=page, pages=pages, first=offset + 1, last=offset + len(records),
+        per_page=JOBS_PER_PAGE, state=state, owner=owner, states=[st.value for st in JobState],
+        filtered=bool(states or owners))
 
 
 @bp.get("/jobs/new")
@@ -74,4 +101,13 @@ def _try_fields(rec: dict) -> list:
 
 @bp.get("/fleet")
 def fleet():
-    return render_template("fleet.html", workers=services().fleet.workers(), nav="fleet")
+    return render_template("fleet.html", workers=workers_with_jobs(), nav="fleet",
+                           outside_pids=outside_pids)
+
+
+def outside_pids(worker: dict) -> str:
+    """`pid 123, 456` for a card held outside lorafleet (fleet.js words it the same way)."""
+    pids = [p for p in str(worker.get("outside_pids") or "").split(",") if p]
+    if not pids:
+        return "pid unknown"
+    return ("pid " if len(pids) == 1 else "pids ") + ", ".join(pids)

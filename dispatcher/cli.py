@@ -143,7 +143,8 @@ class Supervisor:
                 p.wait()
 
 
-def _worker_cmds(gpus: list[int | None], env: dict[str, str]) -> list[tuple[str, list[str], dict]]:
+def _worker_cmds(gpus: list[int | None], env: dict[str, str],
+                 memory_mb: int | None = None) -> list[tuple[str, list[str], dict]]:
     out = []
     for g in gpus:
         e = dict(env)
@@ -155,6 +156,7 @@ def _worker_cmds(gpus: list[int | None], env: dict[str, str]) -> list[tuple[str,
             e["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
             name = f"worker-gpu{g}"
         cmd = [sys.executable, "-m", "gpuworker.worker"] + ([] if g is None else ["--gpu", str(g)])
+        cmd += [] if memory_mb is None else ["--memory-mb", str(memory_mb)]
         out.append((name, cmd, e))
     return out
 
@@ -174,6 +176,12 @@ def up(gpus: str, host: str | None, port: int | None) -> None:
         env["LORAFLEET_HOST"] = host
     if port:
         env["LORAFLEET_PORT"] = str(port)
+    from dispatcher.accounts import Accounts, single_user_refusal
+
+    refusal = single_user_refusal(Settings.from_env(env).dashboard_host,
+                                  Accounts(settings.paths.home))
+    if refusal:  # before anything starts
+        raise click.ClickException(refusal)
     sup = Supervisor(logs=settings.paths.logs)
     code = 0
     try:
@@ -247,12 +255,15 @@ def dashboard() -> None:
 
 @main.command()
 @click.option("--gpus", default="all", show_default=True, help="all, cpu, or cards like 0,2")
-def worker(gpus: str) -> None:
+@click.option("--memory-mb", type=click.IntRange(min=1), default=None,
+              help="each worker advertises at most this much memory (MB) and only gets jobs "
+                   "that fit in it: share a card, or cap a CPU worker")
+def worker(gpus: str, memory_mb: int | None) -> None:
     """Start one worker process per card (each pinned with CUDA_VISIBLE_DEVICES)."""
     cards = parse_gpus(gpus)
     sup = Supervisor()
     try:
-        for name, cmd, env in _worker_cmds(cards, dict(os.environ)):
+        for name, cmd, env in _worker_cmds(cards, dict(os.environ), memory_mb):
             sup.start(name, cmd, env)
             click.echo(f"started {name}")
         code = sup.wait()
@@ -351,7 +362,7 @@ def follow_job(client: Client, job_id: str, out=None) -> str:
               help="start from this LoRA's training_parameters.json; SPEC's keys override it")
 @click.option("--wait", is_flag=True, help="follow the job; exit non-zero unless it succeeds")
 @click.option("--priority", default="normal", type=click.Choice(["low", "normal", "high", "urgent"]))
-@click.option("--owner", default=None, help="owner name (until accounts exist)")
+@click.option("--owner", default=None, help="submit for this user (admins only when there are accounts)")
 @click.option("--url", default=None, help=URL_HELP)
 def submit(spec: str | None, from_lora: str | None, wait: bool, priority: str,
            owner: str | None, url: str | None) -> None:
@@ -490,6 +501,8 @@ def status(job: str | None, as_json: bool, owner: str | None, url: str | None) -
                    f"{j.get('name', '')}")
         if job and j.get("reason"):
             click.echo(f"reason: {j['reason']}")
+        if job and j.get("sweep"):
+            click.echo(f"sweep: {j['sweep']}")
 
 
 def _eta_column(j: dict[str, Any]) -> str:
@@ -552,6 +565,99 @@ def cancel(job: str, url: str | None) -> None:
         _fail_api(e)
     click.echo(f"{job} {rec.get('state')}" + (" (stopping after the current step)"
                                               if rec.get("state") in ("running", "assigned") else ""))
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="only list the trials it would queue")
+@click.option("--wait", is_flag=True,
+              help="follow the sweep until every trial has ended; exit 0 if one succeeded")
+@click.option("--url", default=None, help=URL_HELP)
+def sweep(file: str, dry_run: bool, wait: bool, url: str | None) -> None:
+    """Queue a hyperparameter sweep from a YAML or JSON FILE (README, "Sweeps"); prints the
+    sweep id. Nothing is queued when any field is wrong."""
+    definition = _load_spec(file)
+    client = Client(_url(url))
+    try:
+        plan = client.create_sweep(definition, dry_run=dry_run)
+    except ApiError as e:
+        _fail_api(e)
+    if dry_run:
+        varied = plan.get("varied", [])
+        for t in plan["trials"]:
+            values = "  ".join(f"{k}={t['params'][k]}" for k in varied)
+            click.echo(f"{t['name']:<40} {values}")
+        for s in plan.get("skipped", []):
+            click.echo(f"skipped {s['name']}: the same as {s['same_as']}")
+        click.echo(f"{plan['count']} trial{'s' if plan['count'] != 1 else ''} "
+                   f"({len(plan.get('skipped', []))} duplicates skipped); nothing queued",
+                   err=True)
+        return
+    click.echo(plan["id"])
+    click.echo(f"{plan['count']} trials queued", err=True)
+    if wait:
+        sys.exit(follow_sweep(client, plan["id"]))
+
+
+def follow_sweep(client: Client, sweep_id: str, poll_s: float = 2.0) -> int:
+    """Print the sweep's counts as they change until it finishes; 0 if a trial succeeded."""
+    last = None
+    while True:
+        try:
+            rec = client.sweep(sweep_id)
+        except ApiError as e:
+            _fail_api(e)
+        s = rec["summary"]
+        line = (f"{s['state']}: {s['succeeded']} succeeded, {s['failed']} failed, "
+                f"{s['stopped_early']} stopped early, {s['cancelled']} cancelled, "
+                f"{s['running']} running, {s['queued']} queued")
+        if line != last:
+            click.echo(line, err=True)
+            last = line
+        if rec.get("finished"):
+            best = next((r for r in rec["rows"] if r["id"] == rec.get("best")), None)
+            if best:
+                click.echo(f"best: {best['name']} ({best['id']})", err=True)
+            return 0 if s["succeeded"] else 1
+        time.sleep(poll_s)
+
+
+@main.command()
+@click.argument("sweep_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--cancel", "do_cancel", is_flag=True, help="cancel the sweep's unfinished trials")
+@click.option("--url", default=None, help=URL_HELP)
+def sweeps(sweep_id: str | None, as_json: bool, do_cancel: bool, url: str | None) -> None:
+    """List the sweeps, or show one sweep's trials (`--cancel` cancels it)."""
+    client = Client(_url(url))
+    try:
+        if do_cancel:
+            if not sweep_id:
+                raise click.UsageError("--cancel needs a SWEEP_ID")
+            client.cancel_sweep(sweep_id)
+        data: Any = client.sweep(sweep_id) if sweep_id else client.sweeps()
+    except ApiError as e:
+        _fail_api(e)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not sweep_id:
+        click.echo(f"{'ID':<14}{'STATE':<12}{'TRIALS':<8}{'OK':<5}{'FAIL':<6}{'STOP':<6}NAME")
+        for s in data:
+            m = s["summary"]
+            click.echo(f"{s['id']:<14}{m['state']:<12}{m['trials']:<8}{m['succeeded']:<5}"
+                       f"{m['failed']:<6}{m['stopped_early']:<6}{s['name']}")
+        return
+    m = data["summary"]
+    click.echo(f"sweep {data['id']} {data['name']}: {m['state']}; {m['succeeded']} succeeded, "
+               f"{m['failed']} failed, {m['stopped_early']} stopped early")
+    click.echo(f"{'JOB':<13}{'STATE':<15}{'LOSS':<9}{'EVAL':<9}{'PPL':<9}TRIAL")
+    for r in data["rows"]:
+        def f(v: Any) -> str:
+            return f"{float(v):.4f}" if v not in (None, "") else "-"
+        star = " *best*" if r["id"] == data.get("best") else ""
+        click.echo(f"{r['id']:<13}{r['display_state']:<15}{f(r['final_loss']):<9}"
+                   f"{f(r['best_eval_loss']):<9}{f(r['perplexity']):<9}{r['name']}{star}")
 
 
 @main.group()
@@ -640,6 +746,98 @@ def data_preview(tokenizer_path: str, dataset: str | None, format_path: str | No
             "samples": st.samples, "tokens": st.tokens, "trained_tokens": st.trained_tokens,
             "truncated": st.truncated, "untrained": st.untrained, "longest": st.longest,
             "shown": len(shown), "cutoff_len": cutoff_len}}))
+
+
+# -- accounts -------------------------------------------------------------------------------------
+@main.group()
+def user() -> None:
+    """Accounts (in the data folder's accounts.json): add, remove, list, tokens, passwords.
+
+    These commands work on the data folder itself (LORAFLEET_HOME), so they are for whoever runs
+    the fleet's machine. With no account at all the dashboard is single-user and only serves
+    127.0.0.1; with accounts it needs a login (or an API token for the CLI)."""
+
+
+def _accounts():
+    from dispatcher.accounts import Accounts
+
+    return Accounts(Settings.from_env().paths.home)
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
+def _account_call(fn, *args):
+    from dispatcher.accounts import AccountError
+
+    try:
+        return fn(*args)
+    except AccountError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--role", default="member", show_default=True, type=click.Choice(["admin", "member"]))
+@click.option("--password-stdin", is_flag=True, help="read the password from one line of stdin")
+def user_add(name: str, role: str, password_stdin: bool) -> None:
+    """Add a user (the password is asked twice, or read from stdin)."""
+    acc = _accounts()
+    first = not acc.has_users()
+    _account_call(acc.add, name, _read_password(password_stdin), role)
+    click.echo(f"added {role} {name}")
+    if first:
+        click.echo("accounts are now on: the dashboard asks for a login (restart it if it runs "
+                   "in single-user mode)")
+
+
+@user.command("remove")
+@click.argument("name")
+def user_remove(name: str) -> None:
+    """Remove a user and their tokens (their jobs stay)."""
+    _account_call(_accounts().remove, name)
+    click.echo(f"removed {name}")
+
+
+@user.command("list")
+def user_list() -> None:
+    """The users, their roles and how many API tokens each has."""
+    for u in _accounts().users():
+        click.echo(f"{u['name']:<24}{u['role']:<8}{u['tokens']} token(s)")
+
+
+@user.command("token")
+@click.argument("name")
+@click.option("--label", default="", help="what the token is for (shown nowhere but the file)")
+@click.option("--revoke", is_flag=True, help="revoke every token of NAME instead")
+def user_token(name: str, label: str, revoke: bool) -> None:
+    """Make an API token for NAME (printed once: set it as LORAFLEET_TOKEN for the CLI)."""
+    acc = _accounts()
+    if revoke:
+        click.echo(f"revoked {_account_call(acc.revoke_tokens, name)} token(s) of {name}")
+        return
+    click.echo(_account_call(acc.new_token, name, label))
+
+
+@user.command("password")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="read the password from one line of stdin")
+def user_password(name: str, password_stdin: bool) -> None:
+    """Set a new password for NAME."""
+    _account_call(_accounts().set_password, name, _read_password(password_stdin))
+    click.echo(f"password of {name} changed")
+
+
+@user.command("role")
+@click.argument("name")
+@click.argument("role", type=click.Choice(["admin", "member"]))
+def user_role(name: str, role: str) -> None:
+    """Make NAME an admin or a member."""
+    _account_call(_accounts().set_role, name, role)
+    click.echo(f"{name} is now {role}")
 
 
 if __name__ == "__main__":

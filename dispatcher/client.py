@@ -69,6 +69,21 @@ class Client:
     def lora_parameters(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/loras/{name}/parameters")["spec"]
 
+    # sweeps (README, "Sweeps")
+    def create_sweep(self, definition: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        """Queue a sweep ({id, count, trials, skipped}); with dry_run only the trial list."""
+        return self._call("POST", "/sweeps", json=definition,
+                          params={"dry_run": "1"} if dry_run else None)
+
+    def sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/sweeps/{sweep_id}")
+
+    def sweeps(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/sweeps")["sweeps"]
+
+    def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/sweeps/{sweep_id}/cancel")
+
     def workers(self) -> list[dict[str, Any]]:
         return self._call("GET", "/workers")["workers"]
 

@@ -3,7 +3,11 @@
 Each worker writes `{p}:worker:{name}` (a hash) every few seconds and adds its name to
 `{p}:workers`. A worker whose last heartbeat is older than the timeout counts as gone.
 Heartbeat fields: name, host, queue, device (cuda:N or cpu), gpu_index, card, mem_total_mb,
-mem_free_mb, state (idle | busy | stopping), job, pid, started, seen.
+mem_free_mb, state (idle | busy | stopping), job, pid, started, seen; job_pid (the process that
+runs the job); outside_mb, outside_pids, outside_how (card memory held by processes that are not
+the worker's, gpuworker.telemetry.outside_use); mem_limit_mb (`--memory-mb`: the scheduler
+gates even a CPU worker on memory) and mem_usable_mb (what a job could have once the worker is
+idle: the total or the cap, less memory held outside lorafleet).
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-_NUM = ("mem_total_mb", "mem_free_mb", "seen", "started", "pid")
+_NUM = ("mem_total_mb", "mem_free_mb", "seen", "started", "pid", "job_pid", "outside_mb",
+        "mem_limit_mb", "mem_usable_mb")
 
 
 def worker_queue(name: str) -> str:

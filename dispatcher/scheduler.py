@@ -10,8 +10,12 @@ positions it shows are the dispatcher's real order:
     who has used the least worker time in the fair-share window, that user's highest-priority
     oldest job; ties between users go by that job's priority, then its age.
   - `fits`: quantised jobs need a CUDA card; a card needs as much free memory as the job's
-    `gpu_memory_mb` (its estimate); a CPU worker takes any other job (host memory not gated).
+    `gpu_memory_mb` (its estimate), and once idle as much as it has beyond what processes
+    outside lorafleet hold; a CPU worker takes any other job (host memory not gated) unless
+    it was started with `--memory-mb`, which gates it like a card.
   - a user may hold at most `max_cards_per_user` workers at once (0 = no limit).
+  - a sweep's trials hold at most its `max_concurrent` workers at once (`sweep_full`); the
+    skipped trial keeps its place and the next job in the same order may take the card.
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ log = logging.getLogger("lorafleet.dispatcher")
 
 QUANTISED = ("4bit", "8bit")
 MAX_ATTEMPTS = 3
+# An assigned job whose (live, idle) worker has not started it this long after the assignment
+# was never handed over: the dispatcher that assigned it died before sending it.
+UNSENT_AFTER_S = 30.0
 DEFAULT_FAIR_WINDOW_S = 24 * 3600.0
 # What a job is expected to take when no similar job has finished yet.
 DEFAULT_DURATION_S = 600.0
@@ -63,12 +70,23 @@ def _mem(worker: dict[str, Any], key: str) -> float | None:
     return None if v in ("", None) else float(v)
 
 
+def memory_gated(worker: dict[str, Any]) -> bool:
+    """Cards are placed by memory; a CPU worker only when it advertises a cap (--memory-mb)."""
+    return is_cuda(worker) or _mem(worker, "mem_limit_mb") is not None
+
+
 def fits(job: dict[str, Any], worker: dict[str, Any], key: str = "mem_free_mb") -> bool:
-    """Can `worker` take `job` now (key mem_free_mb), or once idle (key mem_total_mb)?"""
-    if not is_cuda(worker):
-        return not needs_cuda(job)
+    """Can `worker` take `job` now (key mem_free_mb), or once idle (key mem_total_mb: then
+    `mem_usable_mb` where the worker reports it, the total less memory held outside
+    lorafleet, capped by --memory-mb)?"""
+    if needs_cuda(job) and not is_cuda(worker):
+        return False
+    if not memory_gated(worker):
+        return True
     need = int(job.get("gpu_memory_mb") or 0)
     have = _mem(worker, key)
+    if key == "mem_total_mb" and _mem(worker, "mem_usable_mb") is not None:
+        have = _mem(worker, "mem_usable_mb")
     return need <= 0 or have is None or have >= need
 
 
@@ -84,6 +102,12 @@ def best_card(job: dict[str, Any], idle: list[dict[str, Any]]) -> dict[str, Any]
         return None
     return min(ok, key=lambda w: (not is_cuda(w), _mem(w, "mem_free_mb") or math.inf,
                                   w["name"]))
+
+
+def sweep_full(job: dict[str, Any], in_sweep: Counter) -> bool:
+    """Is `job` a trial of a sweep that already has its `sweep_cap` trials on workers?"""
+    cap = int(job.get("sweep_cap") or 0)
+    return bool(job.get("sweep")) and cap > 0 and in_sweep[job["sweep"]] >= cap
 
 
 def _prio(job: dict[str, Any]) -> int:
@@ -262,10 +286,13 @@ class Dispatcher:
         workers = self.fleet.alive()
         alive = {w["name"] for w in workers}
         self._recover_lost(self.store.active(), alive)
+        self._recover_unsent(self.store.active(), workers)
+        self._sweeps()
         active = self.store.active()
         busy = {j.get("worker") for j in active}
         idle = [w for w in workers if w["name"] not in busy]
         in_use = Counter(j.get("owner") or "local" for j in active)
+        in_sweep = Counter(j["sweep"] for j in active if j.get("sweep"))
         view = queue_view(self.store, self.clock(), self.fair_window_s, active=active)
         assigned: list[tuple[str, str]] = []
         for job in view.order:
@@ -280,6 +307,11 @@ class Dispatcher:
                 self._note(job, f"waiting: {owner} already uses {in_use[owner]} of "
                                 f"{limit} cards allowed per user")
                 continue
+            if sweep_full(job, in_sweep):
+                self._note(job, f"waiting: sweep {job['sweep']} already runs "
+                                f"{in_sweep[job['sweep']]} of its {job['sweep_cap']} trials "
+                                "allowed at once")
+                continue
             fit = best_card(job, idle)
             if fit is None:
                 self._note_waiting(job, workers)
@@ -287,8 +319,19 @@ class Dispatcher:
             if self._assign(job, fit):
                 idle.remove(fit)
                 in_use[owner] += 1
+                if job.get("sweep"):
+                    in_sweep[job["sweep"]] += 1
                 assigned.append((job["id"], fit["name"]))
         return assigned
+
+    def _sweeps(self) -> None:
+        """Early-stopping decisions and perplexity jobs of sweeps (dispatcher.sweeps)."""
+        from dispatcher import sweeps
+
+        try:
+            sweeps.tick(self.store)
+        except Exception:  # a sweep's bookkeeping must never stop the scheduling
+            log.exception("sweep pass failed")
 
     def _assign(self, job: dict[str, Any], worker: dict[str, Any]) -> bool:
         attempt = int(job.get("attempt", 0)) + 1
@@ -310,8 +353,12 @@ class Dispatcher:
         need = int(job.get("gpu_memory_mb") or 0)
         if needs_cuda(job) and not any(is_cuda(w) for w in workers):
             reason = "waiting for a CUDA GPU worker"
-        elif need > 0 and (needs_cuda(job) or not any(not is_cuda(w) for w in workers)):
+        elif need > 0 and (needs_cuda(job) or all(memory_gated(w) for w in workers)):
             reason = f"waiting for a card with {need} MB free"
+            held = [f"{w['name']}: {int(w['outside_mb'])} MB in use outside lorafleet"
+                    for w in workers if (_mem(w, "outside_mb") or 0) > 0]
+            if held:
+                reason += f" ({'; '.join(held)})"
         else:
             reason = "waiting for a worker"
         self._note(job, reason)
@@ -336,6 +383,28 @@ class Dispatcher:
                     self.store.transition(
                         job["id"], JobState.RETRYING,
                         f"worker {job.get('worker')} stopped answering; re-queued", worker="")
+            except TransitionError:
+                pass
+
+    def _recover_unsent(self, active: list[dict[str, Any]], workers: list[dict[str, Any]]) -> None:
+        """An assigned job that its worker, alive and idle, has not started UNSENT_AFTER_S after
+        the assignment goes back to the queue: its message never reached the worker (the
+        dispatcher died between assigning and sending). Should the message turn up late
+        anyway, the worker finds the job no longer assigned to it and skips it."""
+        by_name = {w["name"]: w for w in workers}
+        now = self.clock()
+        for job in active:
+            w = by_name.get(job.get("worker"))
+            if (job.get("state") != JobState.ASSIGNED.value or w is None
+                    or w.get("state") != "idle" or w.get("job")
+                    or now - float(job.get("updated") or now) < UNSENT_AFTER_S
+                    or float(w.get("seen") or 0) < float(job.get("updated") or 0) + 2):
+                continue
+            try:
+                self.store.transition(
+                    job["id"], JobState.RETRYING, f"{job['worker']} never received the job "
+                    "(the dispatcher stopped while handing it over); re-queued", worker="",
+                    expect_state=JobState.ASSIGNED)
             except TransitionError:
                 pass
 

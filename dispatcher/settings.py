@@ -64,6 +64,9 @@ class Settings:
     # Seconds without a heartbeat after which a worker counts as gone.
     worker_timeout: float = 15.0
     heartbeat_interval: float = 2.0
+    # Seconds a running job's trainer has to answer a stop request (cancel) before the worker
+    # kills the process that runs it.
+    stop_grace_s: float = 60.0
 
     @property
     def paths(self) -> DataPaths:
@@ -81,11 +84,25 @@ class Settings:
             prefix=env.get("LORAFLEET_PREFIX", "lf"),
             worker_timeout=float(env.get("LORAFLEET_WORKER_TIMEOUT", 15.0)),
             heartbeat_interval=float(env.get("LORAFLEET_HEARTBEAT", 2.0)),
+            stop_grace_s=_positive(env, "LORAFLEET_STOP_GRACE_S", 60.0),
         )
 
     def effective_redis_url(self) -> str:
         """The URL every process uses; the embedded server's default when none is configured."""
         return self.redis_url or f"redis://127.0.0.1:{DEFAULT_EMBEDDED_REDIS_PORT}/0"
+
+
+def _positive(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{name} must be a number of seconds above 0, not {raw!r}")
+    return value
 
 
 def connect(settings: Settings):

@@ -10,6 +10,7 @@ Keys (prefix `lf` by default):
   {p}:usage:{owner}       sorted set of the owner's finished runs: member "{id}:{started}",
                           score the time the run ended (what fair share sums over its window)
   {p}:durations           list of recent succeeded runs as JSON {kind, base_model, seconds}
+  (sweeps: dispatcher/sweeps.py; a trial's record has `sweep` and `sweep_cap` fields)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import redis as redis_lib
@@ -84,8 +85,10 @@ class JobStore:
         return f"{self.p}:durations"
 
     def create(self, kind: str, spec: dict[str, Any], owner: str = "local",
-               priority: str = "normal", gpu_memory_mb: int = 0) -> str:
-        """Queue a job. `gpu_memory_mb` is the card memory it needs (dispatcher.estimate)."""
+               priority: str = "normal", gpu_memory_mb: int = 0,
+               fields: dict[str, Any] | None = None) -> str:
+        """Queue a job. `gpu_memory_mb` is the card memory it needs (dispatcher.estimate);
+        `fields` are extra record fields (a sweep's trials carry `sweep` and `sweep_cap`)."""
         if kind not in KINDS:
             raise ValueError(f"unknown job kind {kind!r}")
         if priority not in PRIORITIES:
@@ -96,7 +99,7 @@ class JobStore:
             "id": job_id, "kind": kind, "owner": owner, "priority": priority,
             "state": JobState.QUEUED.value, "spec": json.dumps(spec), "created": now,
             "updated": now, "name": job_name(kind, spec), "worker": "", "reason": "",
-            "attempt": 0, "gpu_memory_mb": int(gpu_memory_mb),
+            "attempt": 0, "gpu_memory_mb": int(gpu_memory_mb), **(fields or {}),
         }
         with self.r.pipeline() as pipe:
             pipe.hset(self.key(job_id), mapping=record)
@@ -136,6 +139,28 @@ class JobStore:
                 pipe.hgetall(self.key(i))
             raws = pipe.execute()
         return [self._decode(raw) for raw in raws if raw]
+
+    def page(self, limit: int = 50, offset: int = 0, states: Collection[str] = (),
+             owners: Collection[str] = ()) -> tuple[list[dict[str, Any]], int]:
+        """One page of jobs, newest first, and how many match in all. Without filters it reads
+        only the page from the sorted index; with a state or owner filter it reads those two
+        fields of every job in one round trip (about 55 ms for 5,000 jobs) and then the page."""
+        key = f"{self.p}:jobs"
+        if not states and not owners:
+            return self.list(limit, offset), int(self.r.zcard(key))
+        ids = self.r.zrevrange(key, 0, -1)
+        with self.r.pipeline() as pipe:
+            for i in ids:
+                pipe.hmget(self.key(i), "state", "owner")
+            rows = pipe.execute()
+        match = [i for i, (state, owner) in zip(ids, rows, strict=True)
+                 if state is not None and (not states or state in states)
+                 and (not owners or owner in owners)]
+        with self.r.pipeline() as pipe:
+            for i in match[offset:offset + limit]:
+                pipe.hgetall(self.key(i))
+            raws = pipe.execute()
+        return [self._decode(raw) for raw in raws if raw], len(match)
 
     def pending(self) -> list[dict[str, Any]]:
         ids = self.r.zrange(self.pending_key, 0, -1)
@@ -289,6 +314,13 @@ class JobStore:
 
     def stop_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self.stop_key(job_id)))
+
+    def answer_stop(self, job_id: str) -> None:
+        """The trainer saw the stop request and is stopping (the worker then does not kill it)."""
+        self.r.hset(self.key(job_id), "stop_answered", self.clock())
+
+    def stop_answered(self, job_id: str) -> bool:
+        return bool(self.r.hexists(self.key(job_id), "stop_answered"))
 
     def cancel(self, job_id: str, reason: str = "cancelled by the user") -> dict[str, Any]:
         """Cancel a job: a pending one at once; a running one stops after its current step."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -23,9 +24,10 @@ from dispatcher.store import JobNotFound, JobStore
 
 log = logging.getLogger("lorafleet.worker")
 
-# How often (seconds) the job record's progress fields are rewritten; every event still goes
-# to the stream.
-_PROGRESS_EVERY_S = 1.0
+# How often (seconds) at most the job record's progress fields are rewritten; every event still
+# goes to the stream. A sweep's early stopping reads `step` from the record, so this bounds how
+# late a trial is judged after it passes a rung (plus one dispatcher pass).
+_PROGRESS_EVERY_S = 0.2
 
 
 class JobFenced(RuntimeError):
@@ -50,7 +52,8 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
     except TransitionError as e:
         log.warning("job %s: %s", job_id, e)
         return "skipped"
-    fleet.heartbeat(worker_name, state="busy", job=job_id)
+    # job_pid: the process to kill if the job does not answer a stop request (gpuworker.watchdog).
+    fleet.heartbeat(worker_name, state="busy", job=job_id, job_pid=os.getpid())
     events = store.events
     last_progress = [0.0]
 
@@ -75,8 +78,17 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
             store.update_progress(job_id, **{k: event.get(k) for k in
                                              ("step", "total_steps", "loss", "eta_s", "epoch")})
 
+    answered = [False]
+
     def should_stop() -> bool:
-        return store.stop_requested(job_id) or not still_mine()
+        if not still_mine():
+            return True
+        if not store.stop_requested(job_id):
+            return False
+        if not answered[0]:  # the worker's watchdog stops waiting to kill this process
+            answered[0] = True
+            store.answer_stop(job_id)
+        return True
 
     state = JobState.FAILED
     try:
@@ -108,7 +120,7 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
         except TransitionError:
             pass
     finally:
-        fleet.heartbeat(worker_name, state="idle", job="")
+        fleet.heartbeat(worker_name, state="idle", job="", job_pid="")
         _release_memory()
     return state.value
 
@@ -164,7 +176,13 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str) ->
     r = patient_redis(settings, REDIS_PATIENCE_S)
     try:
         store = JobStore(r, settings.prefix)
-        attempt = int(store.get(job_id).get("attempt") or 1)
+        rec = store.get(job_id)
+        if JobState(rec["state"]).terminal:
+            # Ended already: e.g. cancelled by the watchdog that killed the process for not
+            # answering a stop request. Such a job must not run again.
+            log.info("job %s is %s (%s): not re-queued", job_id, rec["state"], rec.get("reason"))
+            return None
+        attempt = int(rec.get("attempt") or 1)
         try:
             if attempt >= MAX_ATTEMPTS:
                 store.transition(job_id, JobState.FAILED,

@@ -4,7 +4,8 @@
 --gpu N`) with CUDA_VISIBLE_DEVICES set to that card, or a single CPU worker. The main process
 never imports torch: it reports the card through NVML; the Celery child that runs the task is
 the only process that initialises CUDA, and it is replaced after each job so a crashed or
-out-of-memory run cannot leave memory behind.
+out-of-memory run cannot leave memory behind. The heartbeat thread also kills that child when
+its job does not answer a stop request in time (gpuworker.watchdog).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import threading
 from dispatcher.celery_app import make_celery
 from dispatcher.fleet import Fleet, worker_queue
 from dispatcher.settings import Settings, connect
+from dispatcher.store import JobStore
 from gpuworker.tasks import register_tasks
-from gpuworker.telemetry import card_info
+from gpuworker.telemetry import CardReport
+from gpuworker.watchdog import StopWatchdog
 
 
 def worker_name(gpu: int | None, host: str | None = None) -> str:
@@ -28,27 +31,36 @@ def worker_name(gpu: int | None, host: str | None = None) -> str:
 
 
 def start_heartbeat(settings: Settings, name: str, gpu: int | None,
-                    stop: threading.Event) -> threading.Thread:
-    """Send this worker's heartbeat every few seconds until `stop` is set."""
+                    stop: threading.Event, memory_mb: int | None = None) -> threading.Thread:
+    """Send this worker's heartbeat every few seconds until `stop` is set, and kill the job's
+    process when it does not answer a stop request in time (gpuworker.watchdog)."""
     host = socket.gethostname()
     pid = os.getpid()
+    card = CardReport(gpu, memory_mb, root_pid=pid)
 
     def beat() -> None:
         r = connect(settings)
         fleet = Fleet(r, settings.prefix, settings.worker_timeout)
+        watchdog = StopWatchdog(JobStore(r, settings.prefix), fleet, name,
+                                settings.stop_grace_s, settings.paths.loras)
         first = True
         release_orphans(settings, name)
         while not stop.is_set():
             try:
+                busy = not first and bool(r.hget(fleet.key(name), "job"))
                 fields = {"host": host, "queue": worker_queue(name), "pid": pid,
-                          **card_info(gpu)}
+                          **card.fields(busy)}
                 if first:
                     # job/state are owned by the task while it runs; set them only at start.
-                    fields.update(state="idle", job="", started=fleet.clock())
+                    fields.update(state="idle", job="", job_pid="", started=fleet.clock())
                     first = False
                 fleet.heartbeat(name, **fields)
             except Exception:
                 logging.getLogger("lorafleet.worker").exception("heartbeat failed")
+            try:
+                watchdog.check()
+            except Exception:
+                logging.getLogger("lorafleet.worker").exception("stop watchdog failed")
             stop.wait(settings.heartbeat_interval)
         try:
             fleet.remove(name)
@@ -82,12 +94,12 @@ def release_orphans(settings: Settings, name: str) -> None:
 
 
 def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
-               loglevel: str = "INFO") -> None:
+               loglevel: str = "INFO", memory_mb: int | None = None) -> None:
     name = name or worker_name(gpu)
     celery = make_celery(settings)
     register_tasks(celery, settings)
     stop = threading.Event()
-    start_heartbeat(settings, name, gpu, stop)
+    start_heartbeat(settings, name, gpu, stop, memory_mb)
     try:
         celery.worker_main([
             "worker", "--queues", worker_queue(name), "--concurrency", "1",
@@ -104,9 +116,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gpu", type=int, default=None, help="physical card index (omit for CPU)")
     ap.add_argument("--name", default=None)
     ap.add_argument("--loglevel", default="INFO")
+    ap.add_argument("--memory-mb", type=int, default=None,
+                    help="advertise at most this much memory (MB); the scheduler gates on it")
     args = ap.parse_args(argv)
+    if args.memory_mb is not None and args.memory_mb <= 0:
+        ap.error(f"--memory-mb must be a positive number of MB, not {args.memory_mb}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_worker(Settings.from_env(), args.gpu, args.name, args.loglevel)
+    run_worker(Settings.from_env(), args.gpu, args.name, args.loglevel, args.memory_mb)
 
 
 if __name__ == "__main__":

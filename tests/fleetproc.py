@@ -61,8 +61,9 @@ class FleetProcs:
     def start_dispatcher(self, name: str = "dispatcher") -> None:
         self.start(name, ["-m", "dispatcher"])
 
-    def start_worker(self, name: str = "w1") -> None:
-        self.start(f"worker-{name}", ["-m", "gpuworker.worker", "--name", name])
+    def start_worker(self, name: str = "w1", *extra: str) -> None:
+        """A worker process; `extra` are more arguments, e.g. "--memory-mb", "300"."""
+        self.start(f"worker-{name}", ["-m", "gpuworker.worker", "--name", name, *extra])
 
     def start_dashboard(self) -> None:
         import requests

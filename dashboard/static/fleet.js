@@ -21,8 +21,31 @@
     tr.appendChild(td("name", w.name));
     tr.appendChild(td("host", w.host || ""));
     tr.appendChild(td("card", w.card || w.device || ""));
-    tr.appendChild(td("memory", LF.num(w.mem_total_mb)
-      ? `${LF.fmtMB(w.mem_free_mb)} / ${LF.fmtMB(w.mem_total_mb)}` : ""));
+    const mem = td("memory", LF.num(w.mem_total_mb)
+      ? `${LF.fmtMB(w.mem_free_mb)} / ${LF.fmtMB(w.mem_total_mb)}` : "");
+    if (LF.num(w.mem_limit_mb)) {
+      const cap = document.createElement("span");
+      cap.className = "muted";
+      cap.setAttribute("data-testid", "worker-cap");
+      cap.textContent = ` (capped at ${Math.round(w.mem_limit_mb)} MB)`;
+      mem.appendChild(cap);
+    }
+    if (LF.num(w.outside_mb)) {
+      // Card memory held by processes that are not this worker's (gpuworker/telemetry.py).
+      const pids = String(w.outside_pids || "").split(",").filter(Boolean);
+      const who = !pids.length ? "pid unknown"
+        : `${pids.length === 1 ? "pid" : "pids"} ${pids.join(", ")}`;
+      const out = document.createElement("span");
+      out.className = "outside";
+      out.setAttribute("data-testid", "worker-outside");
+      out.textContent = `in use outside lorafleet (${Math.round(w.outside_mb)} MB, ${who})`;
+      mem.appendChild(out);
+    }
+    tr.appendChild(mem);
+    const load = [];
+    if (LF.num(w.util_pct) !== null) load.push(`${w.util_pct} %`);
+    if (LF.num(w.temp_c) !== null) load.push(`${w.temp_c} °C`);
+    tr.appendChild(td("load", load.join(" · ")));
     const st = td("state");
     const badge = document.createElement("span");
     badge.setAttribute("data-testid", "worker-state");
@@ -33,10 +56,13 @@
     if (w.job) {
       const a = document.createElement("a");
       a.href = `/jobs/${encodeURIComponent(w.job)}`;
-      a.textContent = w.job;
+      a.textContent = w.job_name || w.job;
       job.appendChild(a);
     }
     tr.appendChild(job);
+    const owner = td("owner", w.job_owner || "");
+    owner.setAttribute("data-testid", "worker-job-owner");
+    tr.appendChild(owner);
     const seen = td("seen", LF.fmtTime(w.seen));
     seen.dataset.ts = w.seen;
     tr.appendChild(seen);
@@ -63,4 +89,7 @@
     clearTimeout(timer);
     timer = setTimeout(reload, 500);
   });
+  // Memory, load and temperature change between jobs too: re-read the heartbeats every few
+  // seconds while the page is visible.
+  setInterval(() => { if (!document.hidden) reload(); }, 5000);
 })();

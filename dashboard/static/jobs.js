@@ -1,4 +1,6 @@
-/* Jobs page: rows update from the live SSE feed (no timers). */
+/* Jobs page: rows update from the live SSE feed (no timers). The page shows one page of the
+   list (its filters and offset in the table's data-api-query); a job not on it shows up when
+   the page is read again, if it belongs there. */
 "use strict";
 
 (function () {
@@ -6,6 +8,8 @@
   const template = document.getElementById("job-row-template");
   const empty = document.getElementById("jobs-empty");
   const status = document.querySelector('[data-testid="live-status"]');
+  const count = document.querySelector('[data-testid="jobs-count"]');
+  const query = document.querySelector('[data-testid="jobs-table"]').dataset.apiQuery || "";
   const jobUrl = (id) => `/jobs/${encodeURIComponent(id)}`;
   const apiUrl = (id) => `/api/v1/jobs/${encodeURIComponent(id)}`;
 
@@ -69,29 +73,32 @@
   async function refreshRow(id) {
     const res = await LF.api(apiUrl(id));
     if (!res.ok) return;
-    let tr = rowFor(id);
-    if (!tr) {
-      tr = template.content.firstElementChild.cloneNode(true);
-      body.insertBefore(tr, body.firstChild);
-      empty.hidden = true;
-    }
-    fill(tr, withLive(res.body));
+    const tr = rowFor(id);
+    if (tr) fill(tr, withLive(res.body));
   }
 
   async function refreshAll() {
-    // After (re)connecting, catch up on anything missed while disconnected: one fetch, no timer.
-    const res = await LF.api("/api/v1/jobs");
+    // Read this page again (after reconnecting, or when jobs came, went or changed state):
+    // one fetch, no timer. Rows keep their elements; the order is the server's.
+    const res = await LF.api(`/api/v1/jobs?${query}`);
     if (!res.ok) return;
-    const jobs = res.body.jobs;
-    for (let i = jobs.length - 1; i >= 0; i--) {
-      let tr = rowFor(jobs[i].id);
-      if (!tr) {
-        tr = template.content.firstElementChild.cloneNode(true);
-        body.insertBefore(tr, body.firstChild);
-      }
-      fill(tr, withLive(jobs[i]));
+    const rows = res.body.jobs.map((job) => {
+      const tr = rowFor(job.id) || template.content.firstElementChild.cloneNode(true);
+      fill(tr, withLive(job));
+      return tr;
+    });
+    body.replaceChildren(...rows);
+    empty.hidden = rows.length > 0;
+    if (count && res.body.total !== undefined && res.body.total !== LF.num(count.dataset.total)) {
+      const offset = Number(new URLSearchParams(query).get("offset")) || 0;
+      const total = res.body.total;
+      const jobs = `${total} job${total === 1 ? "" : "s"}`;
+      count.dataset.total = total;
+      count.querySelector(".range").textContent = rows.length
+        ? `${offset + 1}–${offset + rows.length} of ${jobs}` : jobs;
+      count.querySelector(".pages").textContent =
+        Math.max(1, Math.ceil(total / Number(count.dataset.perPage)));
     }
-    empty.hidden = jobs.length > 0 || body.children.length > 0;
   }
 
   // A state or priority change moves every queued job's place: re-read the list, at most
@@ -105,7 +112,11 @@
   function onEvent(payload) {
     const ev = payload.event || {};
     const tr = rowFor(payload.job);
-    if (ev.type === "state" || ev.type === "priority" || !tr) {
+    if (!tr) {
+      if (ev.type === "state" || ev.type === "priority") refreshSoon();
+      return;
+    }
+    if (ev.type === "state" || ev.type === "priority") {
       refreshRow(payload.job);
       refreshSoon();
       return;

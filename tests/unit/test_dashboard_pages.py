@@ -200,6 +200,19 @@ def test_fleet_page_lists_workers(client, redis_client, prefix):
     assert "RTX 4090" in html and "2.0 GiB / 24.0 GiB" in html
 
 
+def test_fleet_shows_what_each_card_runs_and_whose_it_is(client, redis_client, prefix, store):
+    job_id = store.create("train", spec(lora_name="ada-lora"), "ada")
+    Fleet(redis_client, prefix).heartbeat("gpu0", host="box", card="H100", mem_total_mb=81559,
+                                          mem_free_mb=70000, state="busy", job=job_id,
+                                          util_pct=97, temp_c=61)
+    html = client.get("/fleet").get_data(as_text=True)
+    assert re.search(rf'<a href="/jobs/{job_id}">ada-lora</a>', html)
+    assert re.search(r'data-testid="worker-job-owner">ada<', html)
+    assert "97 % · 61 °C" in html
+    row = client.get("/api/v1/workers").get_json()["workers"][0]
+    assert row["job_owner"] == "ada" and row["job_name"] == "ada-lora"
+
+
 @pytest.mark.parametrize("path", ["/", "/jobs/new", "/fleet"])
 def test_pages_load_only_local_assets(client, path):
     page = Elements(client.get(path).get_data(as_text=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.fleet import Fleet
-from dispatcher.scheduler import MAX_ATTEMPTS, Dispatcher
+from dispatcher.scheduler import MAX_ATTEMPTS, UNSENT_AFTER_S, Dispatcher
 from dispatcher.states import JobState, TransitionError
 from dispatcher.store import JobStore
 
@@ -94,6 +94,27 @@ def test_cancel_between_assignment_and_start(env):
     store.transition(b, JobState.RUNNING, "r")
     assert store.cancel(b)["state"] == "running" and store.stop_requested(b)
     assert [h["state"] for h in store.history(a)] == ["queued", "assigned", "cancelled"]
+
+
+def test_a_job_assigned_but_never_sent_is_handed_over_again(env):
+    """The dispatcher died between assigning a job and sending it: the worker stays idle. After
+    UNSENT_AFTER_S the next dispatcher re-queues the job and sends it; before that it waits."""
+    store, fleet, d, sent, clock = env
+    a = job(store, clock, "a")
+    fleet.heartbeat("w1", device="cpu", state="idle", job="")
+    store.transition(a, JobState.ASSIGNED, "assigned to w1", worker="w1", attempt=1)  # no send
+    clock.t += UNSENT_AFTER_S - 1
+    fleet.heartbeat("w1", device="cpu", state="idle", job="")
+    assert d.tick() == [] and store.get(a)["state"] == "assigned"
+    clock.t += 2
+    fleet.heartbeat("w1", device="cpu", state="idle", job="")
+    assert d.tick() == [(a, "w1")] and sent == [(a, "w1")]
+    states = [h["state"] for h in store.history(a)]
+    assert states == ["queued", "assigned", "retrying", "assigned"]
+    # A worker that reports the job as its own is never second-guessed.
+    clock.t += 100
+    fleet.heartbeat("w1", device="cpu", state="busy", job=a)
+    assert d.tick() == [] and store.get(a)["state"] == "assigned"
 
 
 def test_lost_worker_job_is_requeued_then_fails_after_max_attempts(env):

@@ -1,0 +1,225 @@
+/* New sweep form: base parameters (the spec fields), the parameters to vary, method, cap, early
+   stopping and perplexity; Preview asks the API for the trial list (?dry_run=1), Queue creates
+   the sweep and opens its page. Refusals are shown next to the field they name. */
+"use strict";
+
+(function () {
+  const form = document.getElementById("sweep-form");
+  const rows = document.getElementById("vary-rows");
+  const tmpl = document.getElementById("vary-row-template");
+  const formError = document.getElementById("form-error");
+  const status = document.getElementById("submit-status");
+  const previewBox = document.getElementById("sweep-preview-result");
+  const apiUrl = form.getAttribute("data-api");
+  const sweepUrl = form.getAttribute("data-sweep-url");
+  const baseJob = form.getAttribute("data-base-job");
+
+  // ---- parameters to vary ------------------------------------------------------------------
+  function showKind(row) {
+    const kind = row.querySelector(".vary-kind").value;
+    row.querySelector(".vary-values").hidden = kind !== "list";
+    row.querySelector(".vary-min").hidden = kind === "list";
+    row.querySelector(".vary-max").hidden = kind === "list";
+    row.querySelector(".vary-step").hidden = kind !== "range";
+    row.querySelector(".vary-count").hidden = kind !== "log";
+  }
+
+  function addRow(param) {
+    const row = tmpl.content.firstElementChild.cloneNode(true);
+    if (param) row.querySelector(".vary-param").value = param;
+    row.querySelector(".vary-kind").addEventListener("change", () => showKind(row));
+    row.querySelector(".vary-remove").addEventListener("click", () => row.remove());
+    showKind(row);
+    rows.appendChild(row);
+    return row;
+  }
+  document.getElementById("add-vary").addEventListener("click", () => addRow());
+  addRow("lora_rank");
+
+  function scalar(text) {
+    const t = text.trim();
+    if (t === "true" || t === "false") return t === "true";
+    // Numbers go as numbers, except learning_rate-like text such as 1e-4, which the server
+    // reads either way; anything else stays text (optimizer names, datasets, ...).
+    return t !== "" && Number.isFinite(Number(t)) ? Number(t) : t;
+  }
+
+  function rowValue(row) {
+    const param = row.querySelector(".vary-param").value;
+    const kind = row.querySelector(".vary-kind").value;
+    const get = (cls) => row.querySelector(cls).value.trim();
+    if (kind === "list") {
+      const text = get(".vary-values");
+      if (param === "target_modules") {
+        return text.split(";").map((g) => g.split(/[,\s]+/).filter(Boolean)).filter((g) => g.length);
+      }
+      if (param === "learning_rate") return text.split(/[,\s]+/).filter(Boolean);
+      return text.split(",").map((v) => v.trim()).filter((v) => v !== "").map(scalar);
+    }
+    const out = { min: scalar(get(".vary-min")), max: scalar(get(".vary-max")) };
+    if (kind === "range") out.step = scalar(get(".vary-step"));
+    else {
+      out.log = true;
+      if (get(".vary-count")) out.count = Number(get(".vary-count"));
+    }
+    return out;
+  }
+
+  // ---- the definition ------------------------------------------------------------------------
+  function setting(name) {
+    const el = form.querySelector(`[name="s-${name}"]`);
+    return el ? el.value.trim() : "";
+  }
+
+  function collectBase() {
+    const spec = {};
+    form.querySelectorAll("#base-fields .field[data-field]").forEach((f) => {
+      const name = f.dataset.field;
+      const type = f.dataset.type;
+      if (type === "list[str]") {
+        spec[name] = Array.from(f.querySelectorAll(`input[name="${name}"]:checked`)).map((i) => i.value);
+      } else if (type === "bool") {
+        spec[name] = f.querySelector(`input[name="${name}"]`).checked;
+      } else {
+        spec[name] = f.querySelector(`[name="${name}"]`).value;
+      }
+    });
+    return spec;
+  }
+
+  function definition() {
+    const params = {};
+    rows.querySelectorAll(".vary-row").forEach((row) => {
+      params[row.querySelector(".vary-param").value] = rowValue(row);
+    });
+    const method = setting("method");
+    const def = {
+      base: collectBase(), parameters: params, method: method,
+      max_concurrent: Number(setting("max_concurrent") || 0), priority: setting("priority"),
+    };
+    if (baseJob) def.base_job = baseJob;
+    if (setting("name")) def.name = setting("name");
+    if (method === "random") {
+      def.trials = Number(setting("trials"));
+      def.seed = Number(setting("seed") || 0);
+    }
+    if (setting("policy") !== "none") {
+      def.early_stopping = {
+        policy: setting("policy"), rungs: setting("rungs"),
+        reduction_factor: Number(setting("reduction_factor")), min_trials: Number(setting("min_trials")),
+      };
+    }
+    if (setting("text_file")) {
+      def.evaluate = { text_file: setting("text_file"), stride: Number(setting("stride")),
+                       max_length: Number(setting("max_length") || 0) };
+    }
+    return def;
+  }
+
+  // ---- errors --------------------------------------------------------------------------------
+  function clearErrors() {
+    formError.hidden = true;
+    formError.textContent = "";
+    form.querySelectorAll(".field-error").forEach((e) => { e.hidden = true; e.textContent = ""; });
+    form.querySelectorAll(".invalid").forEach((e) => e.classList.remove("invalid"));
+  }
+
+  function place(box, holder, message) {
+    box.textContent = box.textContent ? `${box.textContent}; ${message}` : message;
+    box.hidden = false;
+    if (holder) holder.classList.add("invalid");
+  }
+
+  function showErrors(message, errors) {
+    const unplaced = [];
+    (errors || []).forEach((err) => {
+      const f = err.field || "";
+      if (f.startsWith("base.")) {
+        const field = form.querySelector(`#base-fields .field[data-field="${CSS.escape(f.slice(5))}"]`);
+        if (field) { place(field.querySelector(".field-error"), field, err.message); return; }
+      } else if (f.startsWith("parameters.")) {
+        const param = f.split(".")[1];
+        const row = Array.from(rows.querySelectorAll(".vary-row"))
+          .find((r) => r.querySelector(".vary-param").value === param);
+        if (row) { place(row.querySelector(".vary-error"), row, `${f.slice(11)}: ${err.message}`); return; }
+      } else if (f === "parameters") {
+        place(form.querySelector('[data-testid="error-parameters"]'), null, err.message);
+        return;
+      } else {
+        const box = form.querySelector(`[data-testid="error-${CSS.escape(f)}"]`);
+        if (box) { place(box, box.closest(".field"), err.message); return; }
+      }
+      unplaced.push(`${f}: ${err.message}`);
+    });
+    formError.textContent = [message].concat(unplaced).filter(Boolean).join(" — ");
+    formError.hidden = false;
+    formError.scrollIntoView({ block: "center", behavior: "smooth" });
+  }
+
+  // ---- preview and submit --------------------------------------------------------------------
+  async function send(dryRun) {
+    clearErrors();
+    status.textContent = dryRun ? "working out the trials…" : "submitting…";
+    let res;
+    try {
+      res = await LF.api(apiUrl + (dryRun ? "?dry_run=1" : ""), {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify(definition()),
+      });
+    } catch (e) {
+      res = { ok: false, status: 0, body: { error: "cannot reach the dashboard" } };
+    }
+    status.textContent = "";
+    if (!res.ok) {
+      previewBox.hidden = true;
+      showErrors((res.body && res.body.error) || `HTTP ${res.status}`, res.body && res.body.errors);
+      return null;
+    }
+    return res.body;
+  }
+
+  function showPreview(body) {
+    const h = document.createElement("h2");
+    const count = document.createElement("span");
+    count.dataset.testid = "preview-count";
+    count.textContent = String(body.count);
+    h.append(count, ` trial${body.count === 1 ? "" : "s"} will be queued`);
+    const list = document.createElement("ol");
+    list.className = "preview-list";
+    body.trials.forEach((t) => {
+      const li = document.createElement("li");
+      li.dataset.testid = "preview-trial";
+      li.textContent = t.name;
+      list.appendChild(li);
+    });
+    previewBox.replaceChildren(h, list);
+    if (body.skipped && body.skipped.length) {
+      const p = document.createElement("p");
+      p.className = "muted";
+      p.dataset.testid = "preview-skipped";
+      p.textContent = `${body.skipped.length} duplicate${body.skipped.length === 1 ? "" : "s"} skipped: ` +
+        body.skipped.map((s) => `${s.name} (same as ${s.same_as})`).join(", ");
+      previewBox.appendChild(p);
+    }
+    previewBox.hidden = false;
+    previewBox.scrollIntoView({ block: "start", behavior: "smooth" });
+  }
+
+  document.getElementById("preview-sweep").addEventListener("click", async () => {
+    const body = await send(true);
+    if (body) showPreview(body);
+  });
+
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const button = form.querySelector('button[type="submit"]');
+    button.disabled = true;
+    const body = await send(false);
+    button.disabled = false;
+    if (body && body.id) {
+      status.textContent = "queued";
+      window.location.assign(sweepUrl.replace("SWEEP_ID", encodeURIComponent(body.id)));
+    }
+  });
+})();

@@ -1,0 +1,203 @@
+"""Sweeps: the REST API under /api/v1/sweeps and the Sweeps, New sweep and Sweep pages.
+
+A sweep's definition is the same object in the form, the API body and a `lorafleet sweep`
+file (README, "Sweeps"); dispatcher.sweeps validates it and queues nothing when anything is
+wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from typing import Any
+
+from flask import Blueprint, Response, abort, jsonify, render_template, request
+
+from dashboard.app import services
+from dashboard.auth import may_manage, owner_for, priority_problem
+from dashboard.forms import form_sections
+from dispatcher.specs import SpecError, list_choices
+from dispatcher.store import PRIORITIES, JobNotFound
+from dispatcher.sweeps import (
+    METHODS,
+    SweepNotFound,
+    SweepStore,
+    best_trial,
+    parse_sweep,
+    summary,
+    trial_rows,
+)
+
+bp = Blueprint("sweeps", __name__, template_folder="templates")
+API = "/api/v1/sweeps"
+CSV_COLUMNS = ("final_loss", "best_eval_loss", "perplexity", "tokens_per_s", "gpu_time_s")
+
+
+def _error(status: int, message: str, errors: list[dict[str, str]] | None = None):
+    body: dict[str, Any] = {"error": message}
+    if errors is not None:
+        body["errors"] = errors
+    return jsonify(body), status
+
+
+def _sweeps() -> SweepStore:
+    return SweepStore(services().store)
+
+
+def _job_spec(job_id: str) -> dict[str, Any]:
+    """A training job's spec, as the base of a sweep (KeyError if there is no such job)."""
+    try:
+        rec = services().store.get(job_id)
+    except JobNotFound:
+        raise KeyError(job_id) from None
+    if rec.get("kind", "train") != "train":
+        raise KeyError(job_id)
+    return dict(rec.get("spec") or {})
+
+
+def sweep_detail(sweep_id: str, with_curves: bool = False) -> dict[str, Any]:
+    sweeps = _sweeps()
+    rec = sweeps.get(sweep_id)
+    rows = trial_rows(sweeps, rec, time.time(), with_curves=with_curves)
+    # `varied` keeps the parameters' order: JSON responses sort the keys of `parameters`.
+    return {**rec, "rows": rows, "summary": summary(rec, rows), "best": best_trial(rows),
+            "decisions": sweeps.decisions(sweep_id), "varied": list(rec["parameters"] or {})}
+
+
+# API ------------------------------------------------------------------------------------------
+@bp.post(API)
+@bp.post(API + "/preview")
+def create_sweep():
+    """A sweep definition -> 201 {id, count, trials, skipped}; with ?dry_run=1 (or at
+    /preview) 200 and the trials it would create, queueing nothing."""
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _error(400, "the request body must be a JSON object: a sweep definition "
+                           "{base, parameters, method, ...}",
+                      [{"field": "sweep", "message": "must be a JSON object"}])
+    dry = request.path.endswith("/preview") or request.args.get("dry_run", "") in (
+        "1", "true", "yes")
+    problems: list[dict[str, str]] = []
+    owner, owner_problems = owner_for(body.get("owner"))
+    problems.extend(owner_problems)
+    priority = body.get("priority", "normal")
+    if priority not in PRIORITIES:
+        problems.append({"field": "priority", "message": f"must be one of {', '.join(PRIORITIES)}"})
+    elif priority_problem(priority):
+        problems.append(priority_problem(priority))
+    plan = None
+    try:
+        plan = parse_sweep(body, services().settings.paths, job_spec=_job_spec)
+    except SpecError as e:
+        problems.extend(e.errors)
+    if problems or plan is None:
+        n = len(problems)
+        return _error(400, f"the sweep was not queued: {n} problem{'s' if n != 1 else ''} "
+                           "in the definition", problems)
+    if dry:
+        return jsonify({"dry_run": True, **plan.preview()})
+    sweep_id = _sweeps().create(plan, owner, priority)
+    return jsonify({"id": sweep_id, **plan.preview()}), 201
+
+
+@bp.get(API)
+def list_sweeps():
+    sweeps = _sweeps()
+    out = []
+    for rec in sweeps.list():
+        rows = trial_rows(sweeps, rec)
+        out.append({k: rec[k] for k in ("id", "name", "owner", "created", "method",
+                                        "max_concurrent", "finished", "cancelled")}
+                   | {"summary": summary(rec, rows), "varied": list(rec["parameters"] or {})})
+    return jsonify({"sweeps": out})
+
+
+@bp.get(API + "/<sweep_id>")
+def get_sweep(sweep_id: str):
+    try:
+        return jsonify(sweep_detail(sweep_id, request.args.get("curves") in ("1", "true")))
+    except SweepNotFound:
+        return _error(404, f"no sweep {sweep_id}")
+
+
+@bp.post(API + "/<sweep_id>/cancel")
+def cancel_sweep(sweep_id: str):
+    sweeps = _sweeps()
+    try:
+        rec = sweeps.get(sweep_id)
+    except SweepNotFound:
+        return _error(404, f"no sweep {sweep_id}")
+    if not may_manage(rec.get("owner", "")):
+        return _error(403, f"sweep {sweep_id} belongs to {rec.get('owner')}: only its owner or "
+                           "an admin may cancel it")
+    if rec.get("finished"):
+        return _error(409, f"sweep {sweep_id} has already finished: nothing to cancel")
+    sweeps.cancel(sweep_id)
+    return jsonify(sweep_detail(sweep_id))
+
+
+@bp.get(API + "/<sweep_id>/trials.csv")
+def export_csv(sweep_id: str):
+    try:
+        detail = sweep_detail(sweep_id)
+    except SweepNotFound:
+        return _error(404, f"no sweep {sweep_id}")
+    varied = list(detail["parameters"] or {})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial", "job", *varied, "state", *CSV_COLUMNS, "best", "reason"])
+    for r in detail["rows"]:
+        w.writerow([r["name"], r["id"], *(_csv_value(r["params"].get(p)) for p in varied),
+                    r["display_state"], *(_csv_value(r[c]) for c in CSV_COLUMNS),
+                    "yes" if r["id"] == detail["best"] else "", r["reason"]])
+    name = f"sweep-{detail['name'] or sweep_id}.csv"
+    return Response(buf.getvalue(), mimetype="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def _csv_value(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return " ".join(str(x) for x in v)
+    return str(v)
+
+
+# pages ----------------------------------------------------------------------------------------
+@bp.get("/sweeps")
+def sweeps_page():
+    sweeps = _sweeps()
+    items = []
+    for rec in sweeps.list():
+        items.append({**rec, "summary": summary(rec, trial_rows(sweeps, rec))})
+    return render_template("sweeps.html", sweeps=items, nav="sweeps")
+
+
+@bp.get("/sweeps/new")
+def new_sweep_page():
+    """The form; `?from=<job id>` starts from that training job's parameters."""
+    svc = services()
+    values = None
+    copied_from = request.args.get("from", "")
+    if copied_from:
+        try:
+            values = _job_spec(copied_from)
+        except KeyError:
+            abort(404, f"no training job {copied_from} to start a sweep from")
+    data_choices = list_choices(svc.settings.paths)
+    train_jobs = [j for j in svc.store.list(limit=200) if j.get("kind", "train") == "train"]
+    sections = form_sections(data_choices, values)
+    varyable = [f.name for _, group in sections for f in group if f.name != "lora_name"]
+    return render_template("sweep_new.html", sections=sections, priorities=list(PRIORITIES),
+                           methods=METHODS, copied_from=copied_from, train_jobs=train_jobs,
+                           varyable=varyable, choices=data_choices, nav="sweeps")
+
+
+@bp.get("/sweeps/<sweep_id>")
+def sweep_page(sweep_id: str):
+    try:
+        detail = sweep_detail(sweep_id)
+    except SweepNotFound:
+        abort(404, f"no sweep {sweep_id}")
+    return render_template("sweep.html", sweep=detail, nav="sweeps")

@@ -1,0 +1,144 @@
+"""The Sweeps pages in headless Chromium against real processes: define a sweep in the form,
+preview its trials (a duplicate skipped), queue it, watch the Sweep page fill in (table, best
+trial, overlaid loss curves, scatter), sort the table, and cancel a running sweep."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import requests
+
+from tests.fleetproc import FleetProcs, small_spec
+from tests.tiny import make_tiny_model, write_tiny_dataset
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def fleet(redis_server, tmp_path_factory):
+    home = tmp_path_factory.mktemp("sweephome")
+    f = FleetProcs(home, redis_server, prefix=f"bs{time.monotonic_ns()}")
+    make_tiny_model(f.settings.paths.models / "tiny")
+    write_tiny_dataset(f.settings.paths.datasets / "tiny.json")
+    f.start_dispatcher()
+    f.start_worker("sw1")
+    f.start_dashboard()
+    f.wait_for_workers(1)
+    yield f
+    f.stop()
+
+
+BASE = {"lora_name": "br-sweep", "base_model": "tiny", "dataset": "tiny.json",
+        "format": "alpaca-format", "lora_rank": 4, "lora_alpha": 8, "micro_batch_size": 2,
+        "batch_size": 4, "epochs": 2, "learning_rate": "1e-3", "cutoff_len": 64, "warmup_steps": 0}
+
+
+def _fill_base(page, **values):
+    for name, value in values.items():
+        el = page.locator(f"#base-fields [name='{name}']")
+        if el.evaluate("e => e.tagName.toLowerCase()") == "select":
+            el.select_option(str(value))
+        else:
+            el.fill(str(value))
+
+
+def test_define_preview_queue_and_watch_a_sweep(fleet, page):
+    page.goto(fleet.url + "/sweeps")
+    page.locator("[data-testid='new-sweep']").click()
+    page.wait_for_url(re.compile(r"/sweeps/new$"))
+    _fill_base(page, **BASE)
+    row = page.locator("[data-testid='vary-row']").first
+    row.locator("[data-testid='vary-param']").select_option("lora_rank")
+    row.locator("[data-testid='vary-values']").fill("4, 8, 4")
+    page.locator("#add-vary").click()
+    row2 = page.locator("[data-testid='vary-row']").nth(1)
+    row2.locator("[data-testid='vary-param']").select_option("learning_rate")
+    row2.locator("[data-testid='vary-kind']").select_option("range")
+    row2.locator("[data-testid='vary-min']").fill("1e-3")
+    row2.locator("[data-testid='vary-max']").fill("2e-3")
+    row2.locator("[data-testid='vary-step']").fill("1e-3")
+    page.locator("[name='s-max_concurrent']").fill("1")
+
+    page.locator("[data-testid='sweep-preview']").click()
+    count = page.locator("[data-testid='preview-count']")
+    count.wait_for(timeout=10000)
+    assert count.inner_text() == "4"
+    assert page.locator("[data-testid='preview-trial']").all_inner_texts() == [
+        "br-sweep-r4-lr1e-3", "br-sweep-r4-lr2e-3", "br-sweep-r8-lr1e-3", "br-sweep-r8-lr2e-3"]
+    assert "2 duplicates skipped" in page.locator("[data-testid='preview-skipped']").inner_text()
+    assert fleet.store.list() == []  # the preview queued nothing
+
+    page.locator("[data-testid='submit-sweep']").click()
+    page.wait_for_url(re.compile(r"/sweeps/s[0-9a-f]{11}$"), timeout=15000)
+    sid = page.url.rstrip("/").split("/")[-1]
+    page.wait_for_function(
+        "() => document.querySelector(\"[data-testid='sweep-page']\").dataset.state === 'finished'",
+        timeout=240000)
+    rows = page.locator("[data-testid='trial-row']")
+    assert rows.count() == 4
+    assert page.locator("[data-testid='trial-state']").all_inner_texts() == ["succeeded"] * 4
+    assert page.locator("[data-testid='best-mark']").count() == 1
+    # Each varied value sits under its own column.
+    first = rows.first.locator("td")
+    assert [first.nth(1).inner_text(), first.nth(2).inner_text()] == ["4", "1e-3"]
+    best = fleet.store.get(page.locator("tr[data-best='1']").get_attribute("data-job-id"))
+    assert best["sweep"] == sid
+    assert page.locator("[data-testid='sweep-chart']").get_attribute("data-series") == "4"
+    assert page.locator("[data-testid='sweep-chart'] canvas").count() == 1
+    assert page.locator("[data-testid='scatter-point']").count() == 4
+    summary = page.locator("[data-testid='sweep-summary']").inner_text()
+    assert summary.startswith("4 trials: 4 succeeded, 0 failed, 0 stopped early")
+
+    # Sorting by final loss orders the rows by that column, and again reverses it.
+    header = page.locator("th[data-sort='final_loss']")
+    header.click()
+    col = 3 + 1  # trial, lora_rank, learning_rate, state, final loss (0-based index 4)
+    losses = [float(t) for t in rows.locator(f"td:nth-child({col + 1})").all_inner_texts()]
+    assert losses == sorted(losses)
+    header.click()
+    losses = [float(t) for t in rows.locator(f"td:nth-child({col + 1})").all_inner_texts()]
+    assert losses == sorted(losses, reverse=True)
+    # The row of the best trial holds the lowest final loss (no evaluation set).
+    assert page.locator("tr[data-best='1'] td:nth-child(5)").inner_text() == f"{min(losses):.4f}"
+    # Hovering a row highlights it (and its curve).
+    rows.first.hover()
+    assert "hover" in rows.first.get_attribute("class")
+    csv = requests.get(fleet.url + page.locator("[data-testid='export-csv']").get_attribute("href"),
+                       timeout=10)
+    assert csv.status_code == 200 and len(csv.text.strip().splitlines()) == 5
+    page.screenshot(path=str(fleet.home / "sweep-page.png"), full_page=True)
+
+    page.goto(fleet.url + "/sweeps")
+    assert "finished" in page.locator(f"[data-sweep-id='{sid}']").inner_text()
+
+
+def test_bad_values_are_shown_and_nothing_is_queued(fleet, page):
+    before = len(fleet.store.list())
+    page.goto(fleet.url + "/sweeps/new")
+    _fill_base(page, **{**BASE, "epochs": 0})
+    page.locator("[data-testid='vary-row'] [data-testid='vary-values']").fill("0, 8")
+    page.locator("[data-testid='submit-sweep']").click()
+    err = page.locator("[data-testid='vary-row'] .vary-error")
+    err.wait_for(state="visible", timeout=10000)
+    assert "value 0" in err.inner_text()
+    assert page.locator("[data-testid='error-epochs']").is_visible()
+    assert page.url.endswith("/sweeps/new")
+    assert len(fleet.store.list()) == before
+
+
+def test_cancel_a_running_sweep(fleet, page):
+    body = {"base": small_spec(lora_name="br-cancel", epochs=200),
+            "parameters": {"lora_rank": [4, 8]}, "max_concurrent": 1}
+    sid = requests.post(fleet.url + "/api/v1/sweeps", json=body, timeout=10).json()["id"]
+    page.goto(f"{fleet.url}/sweeps/{sid}")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll(\"[data-testid='trial-state']\")]"
+        ".some((e) => e.textContent === 'running')", timeout=60000)
+    page.locator("[data-testid='cancel-sweep']").click()
+    page.wait_for_function(
+        "() => document.querySelector(\"[data-testid='sweep-page']\").dataset.state === 'cancelled'",
+        timeout=60000)
+    assert page.locator("[data-testid='trial-state']").all_inner_texts() == ["cancelled"] * 2
+    assert not page.locator("[data-testid='cancel-sweep']").is_visible()
