@@ -30,6 +30,16 @@ for _ in $(seq 1 120); do
     sleep 1
 done
 echo "cards: $CARDS, workers alive: $n"
+if [ "$CARDS" -ge 2 ]; then
+    # A process outside lorafleet takes 16 GiB of the last card: its worker must report it.
+    python3 -c "import torch, time; x = torch.empty(16 << 30, dtype=torch.uint8, device='cuda:$((CARDS - 1))'); time.sleep(40)" > "$OUT/outside.log" 2>&1 < /dev/null &
+    HOG=$!
+    sleep 15
+    curl -s http://127.0.0.1:8765/api/v1/workers > "$OUT/workers_with_outside_use.json"
+    echo "outside process pid $HOG"
+    kill $HOG; wait $HOG 2>/dev/null
+    sleep 4
+fi
 timeout -k 5 "${BUDGET:-420}" python3 -m bench.gpu_team --model "$MODEL" --jobs "${JOBS:-8}" \
     --sweep bench/gpu_sweep.yaml --out "$OUT/team.json"
 echo "driver exit $?"
