@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import requests
-
 from dispatcher.client import TERMINAL_STATES, Client
 
 JOB = {"dataset": "alpaca-sample", "format": "alpaca-format", "precision": "4bit",
@@ -44,20 +42,12 @@ class SseLatency(threading.Thread):
         self.latencies: list[float] = []
 
     def run(self) -> None:
-        with requests.get(f"{self.url}/api/v1/jobs/{self.job}/events", stream=True,
-                          timeout=(5, 600)) as resp:
-            for line in resp.iter_lines(decode_unicode=True):
-                now = time.time()
-                if line.startswith("event: end"):
-                    return
-                if not line.startswith("data: "):
-                    continue
-                try:
-                    ev = json.loads(line[6:])
-                except ValueError:
-                    continue
-                if ev.get("type") == "train" and ev.get("time"):
-                    self.latencies.append(now - float(ev["time"]))
+        # The CLI's follower: it reconnects with Last-Event-ID as a browser does, so a dropped
+        # stream shows up as late events, not as missing ones.
+        for ev in Client(self.url).follow(self.job):
+            now = time.time()
+            if ev.get("type") == "train" and ev.get("time"):
+                self.latencies.append(now - float(ev["time"]))
 
 
 def wait_all(c: Client, jobs: list[str], timeout: float) -> dict[str, dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFAULT_PORT = 8765
 DEFAULT_EMBEDDED_REDIS_PORT = 6390
@@ -105,8 +106,16 @@ def _positive(env: dict[str, str], name: str, default: float) -> float:
     return value
 
 
-def connect(settings: Settings):
+# A command that gets no answer in this long fails (redis-py's own default, 5 s, is shorter
+# than the blocking reads that feed the live pages: XREAD BLOCK waits up to 15 s for a job's
+# next event, and must not be cut off while a queued job or a model load is quiet).
+SOCKET_TIMEOUT_S = 60.0
+
+
+def connect(settings: Settings, **kwargs: Any):
     """A Redis client for these settings (created only when asked, never at import)."""
     import redis
 
-    return redis.Redis.from_url(settings.effective_redis_url(), decode_responses=True)
+    kwargs.setdefault("socket_timeout", SOCKET_TIMEOUT_S)
+    kwargs.setdefault("socket_connect_timeout", 5.0)
+    return redis.Redis.from_url(settings.effective_redis_url(), decode_responses=True, **kwargs)

@@ -18,7 +18,7 @@ from typing import Any
 
 from dispatcher.celery_app import RUN_JOB_TASK
 from dispatcher.fleet import Fleet
-from dispatcher.settings import Settings
+from dispatcher.settings import Settings, connect
 from dispatcher.states import JobState, TransitionError
 from dispatcher.store import JobNotFound, JobStore
 
@@ -157,9 +157,9 @@ def patient_redis(settings: Settings, patience_s: float):
     from redis.backoff import ExponentialBackoff
     from redis.retry import Retry
 
-    return redis.Redis.from_url(
-        settings.effective_redis_url(), decode_responses=True,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=max(1, int(patience_s))),
+    return connect(
+        settings, retry=Retry(ExponentialBackoff(cap=1.0, base=0.05),
+                              retries=max(1, int(patience_s))),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
 

@@ -18,9 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-# Memory a card reports as used with nothing running on it (driver reservations, display):
-# used memory above this on an idle worker's card belongs to someone else.
-IDLE_BASELINE_MB = 512
+# Memory a card reports as used with nothing running on it (driver reservations, display; an
+# idle H200 reports about 620 MB): used memory above this on an idle worker's card belongs to
+# someone else.
+IDLE_BASELINE_MB = 1024
 # What NVML returns for "not available" in usedGpuMemory when the binding does not map it to None.
 _NVML_NOT_AVAILABLE = 2**64 - 1
 

@@ -415,3 +415,14 @@ def test_errors_are_json_not_tracebacks(client, monkeypatch):
     assert resp.status_code == 500
     page = client.get("/jobs")
     assert page.status_code == 500 and b"Traceback" not in page.data
+
+
+def test_a_quiet_job_stream_waits_past_redis_default_timeout(settings, store):
+    """A queued job sends nothing for longer than redis-py's default 5 s socket timeout: the
+    stream must keep waiting (and send a keep-alive), not break off as "interrupted"."""
+    app = create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True,
+                      "LORAFLEET_SSE_BLOCK_MS": 6500})  # Redis connected from the settings
+    job_id = store.create("train", good_spec(), "ada")
+    resp = app.test_client().get(f"/api/v1/jobs/{job_id}/events")
+    text = read_sse(resp, until=b": keep-alive")
+    assert ": keep-alive" in text and "interrupted" not in text

@@ -45,12 +45,14 @@ def test_idle_card_in_a_container_uses_memory_above_the_baseline():
     # worker holds nothing, so what is used above the baseline is someone else's.
     procs = [GpuProcess(48213, 20000)]
     got = outside_use(procs, OWN, visible_pids=set(), used_mb=20600, busy=False)
-    assert got == OutsideUse(20600 - IDLE_BASELINE_MB, (48213,), "idle memory")
+    assert got == OutsideUse(max(20000, 20600 - IDLE_BASELINE_MB), (48213,), "idle memory")
     # NVML lists nothing at all (another container's processes are hidden): the same rule.
-    got = outside_use([], OWN, set(), used_mb=8512, busy=False)
+    got = outside_use([], OWN, set(), used_mb=IDLE_BASELINE_MB + 8000, busy=False)
     assert got == OutsideUse(8000, (), "idle memory")
-    # Used memory within the baseline is the driver's, not a process's.
+    # Used memory within the baseline is the driver's, not a process's (an idle H200 with no
+    # process on it reported 618 MB used).
     assert outside_use([], OWN, set(), used_mb=IDLE_BASELINE_MB, busy=False) == OutsideUse()
+    assert outside_use([], OWN, set(), used_mb=618, busy=False) == OutsideUse()
 
 
 def test_busy_worker_in_a_container_keeps_the_last_idle_figure():
@@ -67,17 +69,17 @@ def test_busy_worker_in_a_container_keeps_the_last_idle_figure():
 
 def test_unknown_per_process_memory_falls_back_to_idle_memory():
     procs = [GpuProcess(555, None)]
-    assert outside_use(procs, OWN, {555}, used_mb=4512, busy=False) == \
+    assert outside_use(procs, OWN, {555}, used_mb=IDLE_BASELINE_MB + 4000, busy=False) == \
         OutsideUse(4000, (555,), "idle memory")
     last = OutsideUse(4000, (555,), "idle memory")
-    assert outside_use(procs + [GpuProcess(101, 900)], OWN, {555, 101}, used_mb=5412,
+    assert outside_use(procs + [GpuProcess(101, 900)], OWN, {555, 101}, used_mb=IDLE_BASELINE_MB + 4900,
                        busy=True, last=last) == last
 
 
 def test_idle_used_memory_beyond_the_listed_processes_counts():
     # One stranger is visible (1000 MB) but the card has 6000 MB more in use than the
     # baseline: processes this namespace cannot list hold the rest.
-    got = outside_use([GpuProcess(555, 1000)], OWN, {555}, used_mb=6512, busy=False)
+    got = outside_use([GpuProcess(555, 1000)], OWN, {555}, used_mb=IDLE_BASELINE_MB + 6000, busy=False)
     assert got == OutsideUse(6000, (555,), "idle memory")
 
 
