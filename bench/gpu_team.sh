@@ -40,8 +40,9 @@ if [ "$CARDS" -ge 2 ]; then
     kill $HOG; wait $HOG 2>/dev/null
     sleep 4
 fi
+SWEEP=${SWEEP-bench/gpu_sweep.yaml}   # SWEEP= (empty): jobs only
 timeout -k 5 "${BUDGET:-420}" python3 -m bench.gpu_team --model "$MODEL" --jobs "${JOBS:-8}" \
-    --sweep bench/gpu_sweep.yaml --out "$OUT/team.json"
+    ${SWEEP:+--sweep "$SWEEP"} --out "$OUT/team.json"
 echo "driver exit $?"
 kill -INT $UP
 timeout 60 tail --pid=$UP -f /dev/null
