@@ -4,6 +4,27 @@
 "use strict";
 
 window.LF = window.LF || {};
+
+/* The values of the generated spec fields (`.field[data-field]`) under `root`, typed as the
+   spec wants them: checkbox lists as lists, checkboxes as booleans, the rest as typed (the
+   server validates and names the field if one is wrong). */
+LF.collectFields = function (root, skip) {
+  const spec = {};
+  root.querySelectorAll(".field[data-field]").forEach((f) => {
+    const name = f.dataset.field;
+    if ((skip || []).includes(name)) return;
+    const type = f.dataset.type;
+    if (type === "list[str]") {
+      spec[name] = Array.from(f.querySelectorAll(`input[name="${name}"]:checked`)).map((i) => i.value);
+    } else if (type === "bool") {
+      spec[name] = f.querySelector(`input[name="${name}"]`).checked;
+    } else {
+      spec[name] = f.querySelector(`[name="${name}"]`).value;
+    }
+  });
+  return spec;
+};
+
 LF.specForm = function (form, kind, onQueued) {
   const formError = form.querySelector(".form-error");
   const status = form.querySelector(".submit-status");
@@ -13,21 +34,7 @@ LF.specForm = function (form, kind, onQueued) {
   const jobUrl = form.getAttribute("data-job-url");
 
   function collect() {
-    const spec = {};
-    form.querySelectorAll(".field[data-field]").forEach((f) => {
-      const name = f.dataset.field;
-      if (name === "priority") return;
-      const type = f.dataset.type;
-      if (type === "list[str]") {
-        spec[name] = Array.from(f.querySelectorAll(`input[name="${name}"]:checked`)).map((i) => i.value);
-      } else if (type === "bool") {
-        spec[name] = f.querySelector(`input[name="${name}"]`).checked;
-      } else {
-        // Numbers go as typed: the server validates and names the field if one is wrong.
-        spec[name] = f.querySelector(`[name="${name}"]`).value;
-      }
-    });
-    return spec;
+    return LF.collectFields(form, ["priority"]);
   }
 
   function clearErrors() {

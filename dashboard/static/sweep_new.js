@@ -72,19 +72,7 @@
   }
 
   function collectBase() {
-    const spec = {};
-    form.querySelectorAll("#base-fields .field[data-field]").forEach((f) => {
-      const name = f.dataset.field;
-      const type = f.dataset.type;
-      if (type === "list[str]") {
-        spec[name] = Array.from(f.querySelectorAll(`input[name="${name}"]:checked`)).map((i) => i.value);
-      } else if (type === "bool") {
-        spec[name] = f.querySelector(`input[name="${name}"]`).checked;
-      } else {
-        spec[name] = f.querySelector(`[name="${name}"]`).value;
-      }
-    });
-    return spec;
+    return LF.collectFields(form.querySelector("#base-fields"));
   }
 
   function definition() {
