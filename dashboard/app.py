@@ -122,6 +122,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from dashboard.pages import bp as pages_bp
     from dashboard.sweeps import bp as sweeps_bp
     from dashboard.tools import bp as tools_bp
+    from dashboard.users import bp as users_bp
 
     filters.register(app)
     auth.init_app(app, settings.paths.home)
@@ -130,6 +131,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(datasets_bp)
     app.register_blueprint(tools_bp)
     app.register_blueprint(sweeps_bp)
+    app.register_blueprint(users_bp)
     _register_error_handlers(app)
     return app
 

@@ -58,7 +58,7 @@ bp = Blueprint("auth", __name__, template_folder="templates")
 User = Account  # .name, .role, .is_admin
 
 
-def _accounts() -> Accounts:
+def accounts_store() -> Accounts:
     from dashboard.app import services
 
     svc = services()
@@ -68,7 +68,7 @@ def _accounts() -> Accounts:
 
 
 def accounts_mode() -> bool:
-    return _accounts().has_users()
+    return accounts_store().has_users()
 
 
 def current_user() -> User:
@@ -124,7 +124,7 @@ def _deny(status: int, message: str):
 def _before_request():
     g.user = None
     g.by_token = False
-    accounts = _accounts()
+    accounts = accounts_store()
     token = _bearer()
     if token is not None:
         user = accounts.for_token(token)
@@ -175,7 +175,7 @@ def login():
 @bp.post("/login")
 def login_post():
     name = request.form.get("username", "").strip()
-    user = _accounts().login(name, request.form.get("password", ""))
+    user = accounts_store().login(name, request.form.get("password", ""))
     if user is None:
         return render_template("login.html", next=request.form.get("next", ""), username=name,
                                error="wrong user name or password"), 401

@@ -36,7 +36,11 @@ _N, _R, _P = 2**15, 8, 1
 
 
 class AccountError(ValueError):
-    """A refused account change, with a message for the user."""
+    """A refused account change, with a message for the user and the field it is about."""
+
+    def __init__(self, message: str, field: str = "name"):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ class Accounts:
             raise AccountError(f"user name {name!r}: use letters, digits, '.', '_', '@' or '-' "
                                "(at most 64, starting with a letter or digit)")
         if role not in ROLES:
-            raise AccountError(f"role {role!r}: must be one of {', '.join(ROLES)}")
+            raise AccountError(f"role {role!r}: must be one of {', '.join(ROLES)}", "role")
         _check_password(password)
         with self._editing() as data:
             if name in data["users"]:
@@ -167,7 +171,7 @@ class Accounts:
 
     def set_role(self, name: str, role: str) -> None:
         if role not in ROLES:
-            raise AccountError(f"role {role!r}: must be one of {', '.join(ROLES)}")
+            raise AccountError(f"role {role!r}: must be one of {', '.join(ROLES)}", "role")
         with self._editing() as data:
             self._user(data, name)["role"] = role
 
@@ -201,7 +205,8 @@ class Accounts:
 
 def _check_password(password: str) -> None:
     if len(password or "") < MIN_PASSWORD:
-        raise AccountError(f"the password must have at least {MIN_PASSWORD} characters")
+        raise AccountError(f"the password must have at least {MIN_PASSWORD} characters",
+                           "password")
 
 
 @functools.lru_cache(maxsize=1)

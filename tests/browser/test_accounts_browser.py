@@ -105,3 +105,26 @@ def test_dashboard_refuses_a_public_address_without_accounts(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dashboard"], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "without accounts" in r.stderr
+
+
+def test_an_admin_adds_a_user_and_makes_a_token_on_the_users_page(fleet, page):
+    page.goto(fleet.url + "/login")
+    page.fill("#username", "ana")
+    page.fill("#password", PASSWORD)
+    page.click("[data-testid='login-submit']")
+    page.wait_for_url(re.compile(r"/jobs$"))
+    page.click("[data-testid='nav-users']")
+    page.fill("#u-name", "flo")
+    page.fill("#u-password", PASSWORD)
+    page.fill("#u-password2", PASSWORD)
+    page.click("[data-testid='add-user-submit']")
+    row = page.locator("[data-testid='user-row'][data-user='flo']")
+    row.wait_for()
+    assert Accounts(fleet.settings.home).login("flo", PASSWORD).role == "member"
+    row.locator("[data-testid='user-token']").click()
+    token = page.locator("[data-testid='new-token'] code").inner_text()
+    assert Accounts(fleet.settings.home).for_token(token).name == "flo"
+    page.on("dialog", lambda d: d.accept())
+    row.locator("[data-testid='user-remove']").click()
+    row.wait_for(state="detached")
+    assert Accounts(fleet.settings.home).get("flo") is None

@@ -259,3 +259,59 @@ def test_up_refuses_a_public_address_without_accounts(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["up", "--gpus", "cpu", "--host", "0.0.0.0"])
     assert r.exit_code != 0 and "without accounts" in r.output
     assert not (tmp_path / "h" / "redis").exists() or not any((tmp_path / "h" / "redis").iterdir())
+
+
+# ------------------------------------------------------------------------------ the Users page
+def test_admins_manage_users_in_the_dashboard(app, settings):
+    ana, ana_csrf = login(app, "ana")
+    page = ana.get("/users")
+    assert page.status_code == 200 and b'data-user="bo"' in page.data
+    assert b'data-testid="nav-users"' in ana.get("/jobs").data
+
+    def post(client, path, body, headers):
+        return client.post(f"/api/v1/users{path}", json=body, headers=headers)
+
+    resp = post(ana, "", {"name": "dee", "role": "member", "password": PASSWORD}, ana_csrf)
+    assert resp.status_code == 201 and Accounts(settings.home).login("dee", PASSWORD)
+    resp = post(ana, "", {"name": "dee", "role": "member", "password": PASSWORD}, ana_csrf)
+    assert resp.status_code == 400 and resp.get_json()["errors"][0]["field"] == "name"
+    resp = post(ana, "", {"name": "eve", "role": "member", "password": "short"}, ana_csrf)
+    assert resp.status_code == 400 and resp.get_json()["errors"][0]["field"] == "password"
+    assert post(ana, "", {"name": "eve", "password": PASSWORD}, {}).status_code == 403  # no CSRF
+
+    token = post(ana, "/dee/token", {}, ana_csrf).get_json()["token"]
+    me = app.test_client().get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.get_json()["name"] == "dee"
+    assert post(ana, "/dee/token/revoke", {}, ana_csrf).get_json()["revoked"] == 1
+    assert post(ana, "/dee/role", {"role": "admin"}, ana_csrf).status_code == 200
+    assert Accounts(settings.home).get("dee").is_admin
+    assert post(ana, "/dee/remove", {}, ana_csrf).status_code == 200
+    assert Accounts(settings.home).get("dee") is None
+
+    # No lock-out: an admin cannot remove or demote themself.
+    resp = post(ana, "/ana/remove", {}, ana_csrf)
+    assert resp.status_code == 409 and "your own account" in resp.get_json()["error"]
+    assert post(ana, "/ana/role", {"role": "member"}, ana_csrf).status_code == 409
+    assert Accounts(settings.home).get("ana").is_admin
+
+    # Members neither see nor use any of it.
+    bo, bo_csrf = login(app, "bo")
+    assert bo.get("/users").status_code == 403
+    assert b'data-testid="nav-users"' not in bo.get("/jobs").data
+    resp = post(bo, "", {"name": "mal", "role": "admin", "password": PASSWORD}, bo_csrf)
+    assert resp.status_code == 403 and Accounts(settings.home).get("mal") is None
+
+
+def test_the_first_account_made_in_the_dashboard_turns_logins_on(tmp_path, redis_server, prefix):
+    s = Settings(home=tmp_path / "solo", redis_url=redis_server, prefix=prefix)
+    s.paths.ensure()
+    app = create_app({"LORAFLEET_SETTINGS": s, "TESTING": True})
+    c = app.test_client()
+    page = c.get("/users")
+    assert page.status_code == 200 and b"single-user mode" in page.data
+    csrf = re.search(rb'name="csrf-token" content="([^"]+)"', page.data).group(1).decode()
+    resp = c.post("/api/v1/users", json={"name": "ana", "role": "admin", "password": PASSWORD},
+                  headers={"X-CSRF-Token": csrf})
+    assert resp.status_code == 201 and resp.get_json()["logins_on"] is True
+    assert c.get("/api/v1/jobs").status_code == 401
+    assert c.get("/jobs").status_code == 302

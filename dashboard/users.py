@@ -1,0 +1,123 @@
+"""The Users page and API: admins add and remove users, change roles, make and revoke API tokens.
+
+The same accounts file as `lorafleet user` (dispatcher/accounts.py). Only admins get here (in
+single-user mode the local user is one, so the first account can be made from the page; that
+turns logins on). Two guards keep a fleet from locking itself out: an admin cannot remove or
+demote themself, and the last admin cannot be removed or demoted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, abort, jsonify, render_template, request
+
+from dashboard.auth import accounts_mode, accounts_store, current_user
+from dispatcher.accounts import ROLES, AccountError
+
+bp = Blueprint("users", __name__, template_folder="templates")
+API = "/api/v1/users"
+
+
+def _error(status: int, message: str, field: str | None = None):
+    body: dict[str, Any] = {"error": message}
+    if field:
+        body["errors"] = [{"field": field, "message": message}]
+    return jsonify(body), status
+
+
+@bp.before_request
+def _admins_only():
+    if not current_user().is_admin:
+        if request.path.startswith("/api/"):
+            return _error(403, "only an admin may manage users")
+        abort(403, "only an admin may manage users")
+    return None
+
+
+def _guard(name: str, action: str):
+    """A 409 response if `action` on `name` would leave the fleet without an admin in charge."""
+    me = current_user()
+    if accounts_mode() and name == me.name:
+        return _error(409, f"you cannot {action} your own account: ask another admin")
+    admins = [u["name"] for u in accounts_store().users() if u["role"] == "admin"]
+    if admins == [name]:
+        return _error(409, f"{name} is the last admin: make another admin first")
+    return None
+
+
+@bp.get("/users")
+def users_page():
+    return render_template("users.html", users=accounts_store().users(), roles=ROLES, nav="users")
+
+
+@bp.get(API)
+def list_users():
+    return jsonify({"users": accounts_store().users(), "mode": "accounts" if accounts_mode()
+                    else "single-user"})
+
+
+@bp.post(API)
+def add_user():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _error(400, "send a JSON object: {name, role, password}")
+    name, role, password = body.get("name"), body.get("role", "member"), body.get("password")
+    if not all(isinstance(v, str) for v in (name, role, password)):
+        return _error(400, "name, role and password must be text")
+    first = not accounts_mode()
+    try:
+        accounts_store().add(name.strip(), password, role)
+    except AccountError as e:
+        return _error(400, str(e), e.field)
+    return jsonify({"name": name.strip(), "role": role, "logins_on": first}), 201
+
+
+@bp.post(API + "/<name>/remove")
+def remove_user(name: str):
+    refused = _guard(name, "remove")
+    if refused:
+        return refused
+    try:
+        accounts_store().remove(name)
+    except AccountError as e:
+        return _error(404, str(e))
+    return jsonify({"removed": name})
+
+
+@bp.post(API + "/<name>/role")
+def set_role(name: str):
+    body = request.get_json(silent=True)
+    role = body.get("role") if isinstance(body, dict) else None
+    if role not in ROLES:
+        return _error(400, f"role must be one of {', '.join(ROLES)}", "role")
+    if role != "admin":
+        refused = _guard(name, "demote")
+        if refused:
+            return refused
+    try:
+        accounts_store().set_role(name, role)
+    except AccountError as e:
+        return _error(404, str(e))
+    return jsonify({"name": name, "role": role})
+
+
+@bp.post(API + "/<name>/token")
+def new_token(name: str):
+    """A new API token for `name`, in the answer only (it is not kept in clear anywhere)."""
+    body = request.get_json(silent=True) or {}
+    label = body.get("label", "") if isinstance(body, dict) else ""
+    try:
+        token = accounts_store().new_token(name, str(label))
+    except AccountError as e:
+        return _error(404, str(e))
+    return jsonify({"name": name, "token": token}), 201
+
+
+@bp.post(API + "/<name>/token/revoke")
+def revoke_tokens(name: str):
+    try:
+        n = accounts_store().revoke_tokens(name)
+    except AccountError as e:
+        return _error(404, str(e))
+    return jsonify({"name": name, "revoked": n})
