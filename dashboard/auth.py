@@ -45,7 +45,7 @@ from flask import (
     url_for,
 )
 
-from dispatcher.accounts import Account, Accounts
+from dispatcher.accounts import Account, Accounts, is_loopback
 
 OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 ADMIN_ONLY_PRIORITIES = ("urgent",)
@@ -142,10 +142,21 @@ def _before_request():
                               "...`, made with `lorafleet user token NAME`)")
         g.user = user
     else:
+        if not is_loopback(_bound_host()) and request.endpoint not in PUBLIC_ENDPOINTS:
+            # Started with accounts on a public address, and every account has since been
+            # removed: never fall back to the open single-user mode there.
+            return _deny(503, "this dashboard serves a public address and has no accounts left: "
+                              "add one with `lorafleet user add NAME --role admin`")
         g.user = User(request.headers.get("X-Lorafleet-User") or "local", "admin")
     if request.method in UNSAFE_METHODS and not _csrf_ok(accounts.has_users()):
         return _deny(403, "missing or wrong CSRF token: reload the page and try again")
     return None
+
+
+def _bound_host() -> str:
+    from dashboard.app import services
+
+    return services().settings.dashboard_host
 
 
 def _csrf_ok(with_accounts: bool) -> bool:

@@ -83,7 +83,7 @@ class Accounts:
     def __init__(self, home: Path):
         self.path = Path(home) / "accounts.json"
         self._lock_path = Path(home) / "accounts.lock"
-        self._cache: tuple[tuple[int, int], dict[str, Any]] | None = None
+        self._cache: tuple[tuple[int, int, int], dict[str, Any]] | None = None
 
     # -- reading ---------------------------------------------------------------------------
     def _load(self) -> dict[str, Any]:
@@ -91,7 +91,9 @@ class Accounts:
             st = self.path.stat()
         except FileNotFoundError:
             return {"users": {}}
-        stamp = (st.st_mtime_ns, st.st_size)
+        # Every write replaces the file (a new inode), so a change is seen even within one
+        # tick of a coarse file-system clock.
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._cache is None or self._cache[0] != stamp:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self._cache = (stamp, data)

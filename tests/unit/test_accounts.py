@@ -315,3 +315,20 @@ def test_the_first_account_made_in_the_dashboard_turns_logins_on(tmp_path, redis
     assert resp.status_code == 201 and resp.get_json()["logins_on"] is True
     assert c.get("/api/v1/jobs").status_code == 401
     assert c.get("/jobs").status_code == 302
+
+
+def test_a_public_dashboard_never_falls_back_to_single_user(tmp_path, redis_server, prefix):
+    """Serving 0.0.0.0 with accounts, then every account removed (with the CLI): requests are
+    refused, not served as the open single-user mode."""
+    s = Settings(home=tmp_path / "pub", redis_url=redis_server, prefix=prefix,
+                 dashboard_host="0.0.0.0")
+    s.paths.ensure()
+    acc = Accounts(s.home)
+    acc.add("ana", PASSWORD, "admin")
+    app = create_app({"LORAFLEET_SETTINGS": s, "TESTING": True})
+    assert app.test_client().get("/api/v1/jobs").status_code == 401
+    acc.remove("ana")
+    resp = app.test_client().get("/api/v1/jobs")
+    assert resp.status_code == 503 and "no accounts left" in resp.get_json()["error"]
+    assert app.test_client().get("/jobs").status_code == 503
+    assert app.test_client().get("/healthz").status_code == 200
