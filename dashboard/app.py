@@ -133,6 +133,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(sweeps_bp)
     app.register_blueprint(users_bp)
     _register_error_handlers(app)
+    # No request body may be larger than an upload (plus its multipart envelope): Werkzeug
+    # refuses it (413) before anything reads it, login and CSRF checks included.
+    if app.config.get("MAX_CONTENT_LENGTH") is None:
+        app.config["MAX_CONTENT_LENGTH"] = int(app.config["LORAFLEET_UPLOAD_MAX_BYTES"]) + 2**20
     return app
 
 

@@ -142,6 +142,11 @@ def _before_request():
                               "...`, made with `lorafleet user token NAME`)")
         g.user = user
     else:
+        if not _local_host_header():
+            # DNS rebinding: a page on another site, its name pointed at 127.0.0.1, would be
+            # same-origin with the open dashboard. Only names of this machine are served.
+            return _deny(403, "single-user mode answers only to localhost, 127.0.0.1 or [::1] "
+                              f"(this request named {request.host!r})")
         if not is_loopback(_bound_host()) and request.endpoint not in PUBLIC_ENDPOINTS:
             # Started with accounts on a public address, and every account has since been
             # removed: never fall back to the open single-user mode there.
@@ -151,6 +156,13 @@ def _before_request():
     if request.method in UNSAFE_METHODS and not _csrf_ok(accounts.has_users()):
         return _deny(403, "missing or wrong CSRF token: reload the page and try again")
     return None
+
+
+def _local_host_header() -> bool:
+    """Does the request's Host name this machine (a loopback name or the configured host)?"""
+    host = request.host.rsplit(":", 1)[0] if not request.host.endswith("]") else request.host
+    host = host.strip("[]").lower()
+    return host in ("localhost", _bound_host().lower()) or is_loopback(host)
 
 
 def _bound_host() -> str:
@@ -171,8 +183,16 @@ def _csrf_ok(with_accounts: bool) -> bool:
 
 # -- login and logout ----------------------------------------------------------------------------
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
+    """`target` if it is a path on this dashboard, else the Jobs page. No white space or control
+    character (browsers and Werkzeug drop tabs, so "/\t/evil" would become "//evil"), no
+    scheme, no host, one leading slash."""
+    from urllib.parse import urlsplit
+
+    if (target and target.startswith("/") and not target.startswith("//")
+            and "\\" not in target and all(c.isprintable() and not c.isspace() for c in target)):
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc:
+            return target
     return url_for("pages.jobs")
 
 
@@ -225,17 +245,26 @@ def _secret_key(home: Path) -> str:
         return env
     path = Path(home) / ".secret_key"
     try:
-        return path.read_text().strip()
+        key = path.read_text().strip()
     except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(48)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it first
-            return path.read_text().strip()
-        with os.fdopen(fd, "w") as f:
-            f.write(key)
+        key = ""
+    if key:
         return key
+    # Written whole to a temporary file, then linked into place: another process sees either
+    # no key or a whole one; the first link wins and everyone uses that key.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".secret_key.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(48))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        if not path.read_text().strip():  # an empty file left by a crash: replace it
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text().strip()
 
 
 def init_app(app: Flask, home: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import time
 from typing import Any
 
@@ -91,6 +92,8 @@ def create_sweep():
         plan = parse_sweep(body, services().settings.paths, job_spec=_job_spec)
     except SpecError as e:
         problems.extend(e.errors)
+    if plan is not None:
+        problems.extend(_names_in_use(plan))
     if problems or plan is None:
         n = len(problems)
         return _error(400, f"the sweep was not queued: {n} problem{'s' if n != 1 else ''} "
@@ -99,6 +102,22 @@ def create_sweep():
         return jsonify({"dry_run": True, **plan.preview()})
     sweep_id = _sweeps().create(plan, owner, priority)
     return jsonify({"id": sweep_id, **plan.preview()}), 201
+
+
+def _names_in_use(plan: Any) -> list[dict[str, str]]:
+    """A trial whose LoRA folder exists, or whose name a queued or running job uses, would
+    continue (or race with) that LoRA instead of training from scratch: refused, named."""
+    svc = services()
+    busy = {(j.get("spec") or {}).get("lora_name") for j in svc.store.pending() + svc.store.active()}
+    taken = [t.name for t in plan.trials
+             if (svc.settings.paths.loras / t.name).exists() or t.name in busy]
+    if not taken:
+        return []
+    shown = ", ".join(taken[:5]) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
+    return [{"field": "base.lora_name",
+             "message": f"trial LoRA names already in use ({shown}): a sweep trains every trial "
+                        "from scratch, so choose another lora_name for the sweep (or remove "
+                        "those LoRAs)"}]
 
 
 @bp.get(API)
@@ -148,20 +167,31 @@ def export_csv(sweep_id: str):
     w = csv.writer(buf)
     w.writerow(["trial", "job", *varied, "state", *CSV_COLUMNS, "best", "reason"])
     for r in detail["rows"]:
-        w.writerow([r["name"], r["id"], *(_csv_value(r["params"].get(p)) for p in varied),
+        w.writerow([_csv_value(r["name"]), r["id"],
+                    *(_csv_value(r["params"].get(p)) for p in varied),
                     r["display_state"], *(_csv_value(r[c]) for c in CSV_COLUMNS),
-                    "yes" if r["id"] == detail["best"] else "", r["reason"]])
-    name = f"sweep-{detail['name'] or sweep_id}.csv"
+                    "yes" if r["id"] == detail["best"] else "", _csv_value(r["reason"])])
+    # A file name of plain characters: the sweep's name is free text.
+    name = "sweep-" + (re.sub(r"[^A-Za-z0-9._-]+", "_", detail["name"] or "").strip("_")
+                       or sweep_id) + ".csv"
     return Response(buf.getvalue(), mimetype="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 def _csv_value(v: Any) -> str:
+    """A cell: lists joined by spaces; text a spreadsheet would run as a formula (=, +, -, @,
+    tab, CR first) gets a leading apostrophe. Numbers stay numbers."""
     if v is None:
         return ""
-    if isinstance(v, list):
-        return " ".join(str(x) for x in v)
-    return str(v)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    text = " ".join(str(x) for x in v) if isinstance(v, list) else str(v)
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(text)  # a negative number, not a formula
+        except ValueError:
+            return "'" + text
+    return text
 
 
 # pages ----------------------------------------------------------------------------------------

@@ -159,6 +159,9 @@ class Accounts:
             raise AccountError(f"role {role!r}: must be one of {', '.join(ROLES)}", "role")
         _check_password(password)
         with self._editing() as data:
+            if not data["users"] and role != "admin":
+                raise AccountError("the first account must be an admin (--role admin): "
+                                   "someone has to manage the others", "role")
             if name in data["users"]:
                 raise AccountError(f"user {name} already exists (remove it first, or use "
                                    "`lorafleet user password` to change the password)")

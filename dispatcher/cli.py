@@ -790,8 +790,7 @@ def user_add(name: str, role: str, password_stdin: bool) -> None:
     _account_call(acc.add, name, _read_password(password_stdin), role)
     click.echo(f"added {role} {name}")
     if first:
-        click.echo("accounts are now on: the dashboard asks for a login (restart it if it runs "
-                   "in single-user mode)")
+        click.echo("accounts are now on: the dashboard asks for a login from its next request")
 
 
 @user.command("remove")

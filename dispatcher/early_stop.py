@@ -73,12 +73,14 @@ def rung_value(events: Iterable[dict[str, Any]], rung: int, previous: int,
     `train` events with previous < step <= rung, once the rung's step has been logged.
     """
     if metric == "eval_loss":
-        evals = [(int(e["step"]), float(e["eval_loss"])) for e in events
-                 if e.get("type") == "eval" and e.get("eval_loss") is not None]
-        if not any(step >= rung for step, _ in evals):
+        evals: dict[int, float] = {}
+        for e in events:
+            if e.get("type") == "eval" and e.get("eval_loss") is not None:
+                evals[int(e["step"])] = float(e["eval_loss"])  # a retried run: last wins
+        if not any(step >= rung for step in evals):
             return None
-        upto = [(s, v) for s, v in evals if s <= rung]
-        return max(upto)[1] if upto else None
+        upto = [s for s in evals if s <= rung]
+        return evals[max(upto)] if upto else None
     steps: dict[int, float] = {}
     for e in events:
         if e.get("type") == "train" and e.get("loss") is not None:
@@ -100,6 +102,9 @@ def decide(policy: Policy, rung: int, value: float, earlier: list[float],
     """Stop or go on, for a trial that reached `rung` with `value`, given the values recorded
     at that rung by the trials that reached it before (in arrival order)."""
     what = metric_name(metric)
+    # A loss that is not a number (NaN, inf) is the worst there is, not the best.
+    value = value if math.isfinite(value) else math.inf
+    earlier = [v if math.isfinite(v) else math.inf for v in earlier]
     n = len(earlier) + 1
     # Rank among the values so far; an equal earlier value ranks ahead (first come wins ties).
     rank = 1 + sum(1 for v in earlier if v <= value)

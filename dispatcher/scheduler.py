@@ -375,7 +375,15 @@ class Dispatcher:
                 continue
             attempt = int(job.get("attempt", 0))
             try:
-                if attempt >= MAX_ATTEMPTS:
+                if self.store.stop_requested(job["id"]):
+                    # It was being stopped (by its user, a sweep's early stopping or a cancel):
+                    # the stop stands; running it again would only redo steps.
+                    why = self.store.stop_reason(job["id"]) or "stopped by the user"
+                    self.store.transition(
+                        job["id"], JobState.CANCELLED,
+                        f"{why}; worker {job.get('worker')} was lost before the job stopped "
+                        "(its last checkpoint, if any, stays)")
+                elif attempt >= MAX_ATTEMPTS:
                     self.store.transition(
                         job["id"], JobState.FAILED,
                         f"worker {job.get('worker')} was lost {attempt} times; giving up")

@@ -243,8 +243,10 @@ def parse_domain(name: str, spec: Any, method: str, bad: Callable[[str, str], No
             bad(f"{where}.min", "must be more than 0 for a log-uniform range")
             return None
         count = spec.get("count", 0)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0 or count == 1:
-            bad(f"{where}.count", "must be a whole number of at least 2 (log-spaced points)")
+        if (isinstance(count, bool) or not isinstance(count, int) or count < 0 or count == 1
+                or count > MAX_TRIALS):
+            bad(f"{where}.count", "must be a whole number from 2 to "
+                                  f"{MAX_TRIALS} (log-spaced points)")
             return None
         if method == "grid" and not count:
             bad(where, "a log-uniform range is sampled: a grid needs count (how many "

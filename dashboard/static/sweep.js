@@ -6,6 +6,7 @@
 (function () {
   const page = document.querySelector('[data-testid="sweep-page"]');
   const $ = (testid) => page.querySelector(`[data-testid="${testid}"]`);
+  const mine = page.dataset.mine === "yes";  // may this user cancel the sweep and its trials?
   const api = page.getAttribute("data-api");
   const jobUrl = page.getAttribute("data-job-url");
   let sweep = JSON.parse(document.getElementById("sweep-data").textContent);
@@ -92,7 +93,7 @@
       tr.appendChild(cell(fmt.num(r.tokens_per_s, 0), "num"));
       tr.appendChild(cell(LF.fmtDuration(r.gpu_time_s), "num"));
       const act = document.createElement("td");
-      if (!LF.TERMINAL.includes(r.state)) {
+      if (mine && !LF.TERMINAL.includes(r.state)) {
         const b = document.createElement("button");
         b.type = "button";
         b.className = "danger";
@@ -128,7 +129,7 @@
     $("sweep-summary").textContent =
       `${s.trials} trials: ${s.succeeded} succeeded, ${s.failed} failed, ` +
       `${s.stopped_early} stopped early, ${s.cancelled} cancelled, ${s.running} running, ${s.queued} queued`;
-    $("cancel-sweep").hidden = Boolean(sweep.finished) || Boolean(sweep.cancelled);
+    $("cancel-sweep").hidden = !mine || Boolean(sweep.finished) || Boolean(sweep.cancelled);
   }
 
   // ---- loss curves ---------------------------------------------------------------------------

@@ -27,8 +27,8 @@ def fleet(redis_server, tmp_path_factory):
     make_tiny_model(f.settings.paths.models / "tiny")
     write_tiny_dataset(f.settings.paths.datasets / "tiny.json")
     acc = Accounts(f.settings.home)
-    acc.add("bo", PASSWORD, "member")
     acc.add("ana", PASSWORD, "admin")
+    acc.add("bo", PASSWORD, "member")
     f.start_dashboard()  # no worker: jobs stay queued, which is all these tests need
     yield f
     f.stop()

@@ -37,7 +37,9 @@ def test_passwords_are_hashed_and_checked(tmp_path):
 
 def test_account_changes_refuse_bad_input(tmp_path):
     acc = Accounts(tmp_path)
-    acc.add("ana", PASSWORD)
+    with pytest.raises(AccountError, match="first account must be an admin"):
+        acc.add("ana", PASSWORD)
+    acc.add("ana", PASSWORD, "admin")
     with pytest.raises(AccountError, match="already exists"):
         acc.add("ana", PASSWORD)
     with pytest.raises(AccountError, match="at least 8"):
@@ -53,7 +55,7 @@ def test_account_changes_refuse_bad_input(tmp_path):
 
 def test_tokens_are_kept_as_digests_and_can_be_revoked(tmp_path):
     acc = Accounts(tmp_path)
-    acc.add("ana", PASSWORD)
+    acc.add("ana", PASSWORD, "admin")
     token = acc.new_token("ana", "laptop")
     assert token.startswith("lf_") and token not in (tmp_path / "accounts.json").read_text()
     assert acc.for_token(token).name == "ana"
@@ -207,7 +209,8 @@ def test_login_redirects_only_inside_the_dashboard(app):
     c = app.test_client()
     page = c.get("/login")
     csrf = re.search(rb'name="csrf_token" value="([^"]+)"', page.data).group(1).decode()
-    for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example"):
+    for target in ("https://evil.example/", "//evil.example/x", "/\\evil.example",
+                   "/\t/evil.example", "/\n/evil.example", "/ /evil.example"):
         resp = c.post("/login", data={"username": "ana", "password": PASSWORD,
                                       "csrf_token": csrf, "next": target})
         assert resp.headers["Location"] == "/jobs"
@@ -332,3 +335,25 @@ def test_a_public_dashboard_never_falls_back_to_single_user(tmp_path, redis_serv
     assert resp.status_code == 503 and "no accounts left" in resp.get_json()["error"]
     assert app.test_client().get("/jobs").status_code == 503
     assert app.test_client().get("/healthz").status_code == 200
+
+
+def test_single_user_mode_answers_only_to_this_machines_names(tmp_path, redis_server, prefix):
+    """DNS rebinding: another site's name pointed at 127.0.0.1 must not reach the open
+    dashboard."""
+    s = Settings(home=tmp_path / "solo2", redis_url=redis_server, prefix=prefix)
+    s.paths.ensure()
+    c = create_app({"LORAFLEET_SETTINGS": s, "TESTING": True}).test_client()
+    for host in ("localhost", "127.0.0.1:8765", "[::1]:8765", "localhost:9000"):
+        assert c.get("/api/v1/me", headers={"Host": host}).status_code == 200, host
+    resp = c.get("/api/v1/me", headers={"Host": "evil.example:8765"})
+    assert resp.status_code == 403 and "evil.example" in resp.get_json()["error"]
+
+
+def test_request_bodies_are_bounded(tmp_path, redis_server, prefix):
+    s = Settings(home=tmp_path / "small", redis_url=redis_server, prefix=prefix)
+    s.paths.ensure()
+    app = create_app({"LORAFLEET_SETTINGS": s, "TESTING": True,
+                      "LORAFLEET_UPLOAD_MAX_BYTES": 1000})
+    resp = app.test_client().post("/api/v1/jobs", data=b"x" * (2 * 2**20),
+                                  content_type="application/json")
+    assert resp.status_code == 413

@@ -113,3 +113,17 @@ def test_arrival_order_decides_who_is_judged_against_whom(order):
     r = simulate(Policy("asha", (2,), reduction_factor=2), curves)
     # The first at the rung always goes on; the second is cut only if it is worse.
     assert list(r.stopped) == (["B"] if order == ["A", "B"] else [])
+
+
+def test_a_nan_value_is_the_worst_not_the_best():
+    asha = Policy("asha", (10,), reduction_factor=2)
+    assert decide(asha, 10, float("nan"), [2.0]).stop
+    assert not decide(asha, 10, 2.0, [float("nan")]).stop
+    median = Policy("median", (10,), min_trials=2)
+    assert decide(median, 10, float("nan"), [2.0, 3.0]).stop
+
+
+def test_a_retried_trial_uses_its_last_evaluation_at_a_step():
+    events = [{"type": "eval", "step": 10, "eval_loss": 3.0},   # first attempt
+              {"type": "eval", "step": 10, "eval_loss": 2.5}]   # the retry, same step
+    assert rung_value(events, 10, 0, "eval_loss") == 2.5

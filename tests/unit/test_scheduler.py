@@ -135,6 +135,20 @@ def test_lost_worker_job_is_requeued_then_fails_after_max_attempts(env):
     assert states.count("retrying") == MAX_ATTEMPTS - 1
 
 
+def test_a_job_being_stopped_is_not_requeued_when_its_worker_is_lost(env):
+    store, fleet, d, sent, clock = env
+    a = job(store, clock, "a")
+    fleet.heartbeat("w1", device="cpu")
+    d.tick()
+    store.transition(a, JobState.RUNNING, "r", expect_worker="w1")
+    store.request_stop(a, "stopped early: ranks 3 of 3")
+    clock.t += 60  # the worker is gone
+    d.tick()
+    rec = store.get(a)
+    assert rec["state"] == "cancelled" and rec["reason"].startswith("stopped early: ranks 3")
+    assert "was lost" in rec["reason"] and sent == [(a, "w1")]
+
+
 def test_fenced_worker_cannot_write_a_moved_job(env):
     store, fleet, d, sent, clock = env
     a = job(store, clock, "a")

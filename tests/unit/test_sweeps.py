@@ -221,6 +221,10 @@ def test_api_preview_create_get_csv_and_cancel(client, store):
     assert d["summary"] == {"trials": 4, "succeeded": 0, "failed": 0, "stopped_early": 0,
                             "cancelled": 0, "running": 0, "queued": 4, "state": "running"}
     assert [s["id"] for s in client.get("/api/v1/sweeps").json["sweeps"]] == [sid]
+    # The same definition again would train on top of these trials' LoRAs: refused, named.
+    again = client.post("/api/v1/sweeps", json=DEF)
+    assert again.status_code == 400 and again.json["errors"][0]["field"] == "base.lora_name"
+    assert "mylora-r8-lr1e-4" in again.json["errors"][0]["message"] and len(store.list()) == 4
 
     text = client.get(f"/api/v1/sweeps/{sid}/trials.csv").get_data(as_text=True)
     rows = list(csv.reader(io.StringIO(text)))
@@ -364,3 +368,12 @@ def test_perplexity_job_for_each_succeeded_trial_once(settings, redis_client, pr
     store.transition(ev["id"], JobState.SUCCEEDED, "done")
     rows = {r["id"]: r for r in trial_rows(sweeps, sweeps.get(sid))}
     assert rows[ids[0]]["perplexity"] == 12.5
+
+
+def test_csv_cells_cannot_be_formulas():
+    from dashboard.sweeps import _csv_value
+
+    assert _csv_value("=HYPERLINK(\"http://x\")") == "'=HYPERLINK(\"http://x\")"
+    assert _csv_value("@SUM(A1)") == "'@SUM(A1)" and _csv_value("+1+2") == "'+1+2"
+    assert _csv_value("-5e-4") == "-5e-4" and _csv_value(-3) == "-3"
+    assert _csv_value(["q", "v"]) == "q v" and _csv_value(None) == ""
