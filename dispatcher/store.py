@@ -51,6 +51,9 @@ def job_name(kind: str, spec: dict[str, Any]) -> str:
     return f"{what}: {spec.get('base_model', '')}" + (f" + {', '.join(loras)}" if loras else "")
 
 
+STOP_KEY_TTL_S = 24 * 3600
+
+
 class JobStore:
     def __init__(self, redis, prefix: str = "lf", clock: Callable[[], float] = time.time):
         self.r = redis
@@ -305,7 +308,10 @@ class JobStore:
     def request_stop(self, job_id: str, reason: str = "") -> None:
         """Ask a running job to stop after its current step; `reason` (e.g. a sweep's early
         stopping) becomes the job's end reason instead of "stopped by the user"."""
-        self.r.set(self.stop_key(job_id), reason or "1")
+        # The first request's reason stands (a Stop pressed after a sweep stopped the trial
+        # early keeps "stopped early"). A request that arrives after the job ended would leave
+        # a key that nothing deletes: it expires after a day, long after any trainer answered.
+        self.r.set(self.stop_key(job_id), reason or "1", nx=True, ex=STOP_KEY_TTL_S)
 
     def stop_reason(self, job_id: str) -> str | None:
         """The reason given with a stop request, if one was given."""

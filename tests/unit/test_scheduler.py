@@ -142,6 +142,8 @@ def test_a_job_being_stopped_is_not_requeued_when_its_worker_is_lost(env):
     d.tick()
     store.transition(a, JobState.RUNNING, "r", expect_worker="w1")
     store.request_stop(a, "stopped early: ranks 3 of 3")
+    store.request_stop(a)  # a Stop pressed afterwards keeps the first reason
+    assert store.stop_reason(a) == "stopped early: ranks 3 of 3"
     clock.t += 60  # the worker is gone
     d.tick()
     rec = store.get(a)
