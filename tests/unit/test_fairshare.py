@@ -17,7 +17,7 @@ from dispatcher.scheduler import (
 )
 from dispatcher.states import JobState, TransitionError
 from dispatcher.store import JobStore
-from tests.unit.test_scheduler import Clock
+from tests.clock import Clock
 
 
 @pytest.fixture

@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.fleet import Fleet
-from dispatcher.scheduler import Dispatcher, estimate_starts, fits
+from dispatcher.scheduler import estimate_starts, fits
 from dispatcher.states import JobState
-from dispatcher.store import JobStore
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.clock import dispatcher_env
 
 
 @pytest.fixture
 def env(redis_client, prefix):
-    clock = Clock()
-    store = JobStore(redis_client, prefix, clock=clock)
-    fleet = Fleet(redis_client, prefix, timeout=10, clock=clock)
-    sent: list[tuple[str, str]] = []
-    d = Dispatcher(store, fleet, lambda job, w: sent.append((job, w["name"])), clock=clock)
+    store, fleet, d, _, clock = dispatcher_env(redis_client, prefix)
     return store, fleet, d, clock
 
 

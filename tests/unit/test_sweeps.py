@@ -26,6 +26,7 @@ from dispatcher.sweeps import (
     trial_name,
     trial_rows,
 )
+from tests.clock import Clock
 
 
 @pytest.fixture
@@ -262,14 +263,6 @@ def test_base_job_gives_the_base_parameters(client, store, settings):
 
 
 # the dispatcher ---------------------------------------------------------------------------------
-class Clock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def make_sweep(settings, store, **over):
     p = parse_sweep({**DEF, **over}, settings.paths)
     sweeps = SweepStore(store)
