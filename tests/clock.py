@@ -1,0 +1,28 @@
+"""A settable clock, and the dispatcher set up against it on the tests' real Redis server."""
+
+from __future__ import annotations
+
+from dispatcher.fleet import Fleet
+from dispatcher.scheduler import Dispatcher
+from dispatcher.store import JobStore
+
+
+class Clock:
+    """time.time() for the code under test; a test moves it by setting `t`."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def dispatcher_env(redis_client, prefix: str, clock: Clock | None = None):
+    """(store, fleet, dispatcher, sent, clock): `sent` records the (job, worker) pairs the
+    dispatcher hands to Celery."""
+    clock = clock or Clock()
+    store = JobStore(redis_client, prefix, clock=clock)
+    fleet = Fleet(redis_client, prefix, timeout=10, clock=clock)
+    sent: list[tuple[str, str]] = []
+    d = Dispatcher(store, fleet, lambda job, w: sent.append((job, w["name"])), clock=clock)
+    return store, fleet, d, sent, clock
