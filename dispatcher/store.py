@@ -328,8 +328,10 @@ class JobStore:
     def stop_answered(self, job_id: str) -> bool:
         return bool(self.r.hexists(self.key(job_id), "stop_answered"))
 
-    def cancel(self, job_id: str, reason: str = "cancelled by the user") -> dict[str, Any]:
-        """Cancel a job: a pending one at once; a running one stops after its current step."""
+    def cancel(self, job_id: str, reason: str = "cancelled by the user",
+               stop_reason: str = "") -> dict[str, Any]:
+        """Cancel a job: a pending one at once (`reason`); a running one stops after its current
+        step (`stop_reason`, default "stopped by the user", becomes its end reason)."""
         rec = self.get(job_id)
         state = JobState(rec["state"])
         if state in (JobState.QUEUED, JobState.RETRYING):
@@ -343,7 +345,7 @@ class JobStore:
             except TransitionError:
                 state = JobState(self.get(job_id)["state"])
         if state in ACTIVE:
-            self.request_stop(job_id)
+            self.request_stop(job_id, stop_reason)
             self.events.append(job_id, "log", line="stop requested: the trainer stops after the "
                                                    "current step and saves the LoRA")
             return self.get(job_id)

@@ -695,9 +695,7 @@ class SweepStore:
                 job = self.store.get(job_id)
                 if JobState(job["state"]).terminal:
                     continue
-                job = self.store.cancel(job_id, reason)
-                if not JobState(job["state"]).terminal:
-                    self.store.request_stop(job_id, reason=f"stopped: {reason}")
+                self.store.cancel(job_id, reason, stop_reason=f"stopped: {reason}")
             except Exception:  # it ended (or vanished) meanwhile
                 log.exception("sweep %s: could not cancel job %s", sweep_id, job_id)
         return self.get(sweep_id)

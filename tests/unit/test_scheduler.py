@@ -137,6 +137,16 @@ def test_a_job_being_stopped_is_not_requeued_when_its_worker_is_lost(env):
     assert "was lost" in rec["reason"] and sent == [(a, "w1")]
 
 
+def test_cancel_of_a_running_job_carries_its_stop_reason(env):
+    store, fleet, d, sent, clock = env
+    a = job(store, clock, "a")
+    fleet.heartbeat("w1", device="cpu")
+    d.tick()
+    store.transition(a, JobState.RUNNING, "r", expect_worker="w1")
+    store.cancel(a, "cancelled with its sweep", stop_reason="stopped: cancelled with its sweep")
+    assert store.stop_reason(a) == "stopped: cancelled with its sweep"
+
+
 def test_fenced_worker_cannot_write_a_moved_job(env):
     store, fleet, d, sent, clock = env
     a = job(store, clock, "a")
