@@ -41,11 +41,13 @@ PENDING_STATES = ("queued", "retrying")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _error(status: int, message: str, errors: list[dict[str, str]] | None = None):
+def api_error(status: int, message: str, errors: list[dict[str, str]] | None = None):
+    """A JSON error: {"error": one sentence, "errors": [{field, message}, ...]}."""
     body: dict[str, Any] = {"error": message}
     if errors is not None:
         body["errors"] = errors
     return jsonify(body), status
+
 
 
 def _queue() -> QueueView:
@@ -79,7 +81,7 @@ def _get_job(job_id: str) -> dict[str, Any]:
 
 @bp.errorhandler(JobNotFound)
 def _job_not_found(e: JobNotFound):
-    return _error(404, f"no job {e.args[0] if e.args else ''}".strip())
+    return api_error(404, f"no job {e.args[0] if e.args else ''}".strip())
 
 
 # jobs -----------------------------------------------------------------------------------------
@@ -87,10 +89,10 @@ def _job_not_found(e: JobNotFound):
 def submit_job():
     body = request.get_json(silent=True)
     if body is None:
-        return _error(400, "the request body must be a JSON object (a spec, or "
+        return api_error(400, "the request body must be a JSON object (a spec, or "
                            '{"kind": "train", "spec": {...}})')
     if not isinstance(body, dict):
-        return _error(400, "the request body must be a JSON object",
+        return api_error(400, "the request body must be a JSON object",
                       [{"field": "spec", "message": "must be a JSON object of training parameters"}])
     problems: list[dict[str, str]] = []
     if "spec" in body:  # an envelope: {"kind", "spec", "owner", "priority"}
@@ -121,7 +123,7 @@ def submit_job():
             problems.extend(e.errors)
     if problems or spec is None:
         n = len(problems)
-        return _error(400, f"the job was not queued: {n} problem{'s' if n != 1 else ''} "
+        return api_error(400, f"the job was not queued: {n} problem{'s' if n != 1 else ''} "
                            "in the request", problems)
     spec_dict = spec.to_dict()
     need = job_memory_mb(kind, spec_dict, settings.paths.models)
@@ -135,7 +137,7 @@ def list_jobs():
         limit = max(1, min(1000, int(request.args.get("limit", 200))))
         offset = max(0, int(request.args.get("offset", 0)))
     except ValueError:
-        return _error(400, "limit and offset must be whole numbers")
+        return api_error(400, "limit and offset must be whole numbers")
     # state/owner filter the whole list before paging; `total` counts every match.
     states, owners = ([v for v in request.args.get(k, "").split(",") if v]
                       for k in ("state", "owner"))
@@ -165,7 +167,7 @@ def _not_yours(rec: dict[str, Any], action: str):
     owner = rec.get("owner", "")
     if may_manage(owner):
         return None
-    return _error(403, f"job {rec['id']} belongs to {owner}: only its owner or an admin may "
+    return api_error(403, f"job {rec['id']} belongs to {owner}: only its owner or an admin may "
                        f"{action} it")
 
 
@@ -177,11 +179,11 @@ def cancel_job(job_id: str):
     if denied:
         return denied
     if is_terminal(rec.get("state", "")):
-        return _error(409, f"job {job_id} has already {rec['state']}: nothing to cancel")
+        return api_error(409, f"job {job_id} has already {rec['state']}: nothing to cancel")
     try:
         rec = store.cancel(job_id)
     except TransitionError as e:  # it changed state under us (e.g. it just finished)
-        return _error(409, str(e))
+        return api_error(409, str(e))
     rec["stop_requested"] = store.stop_requested(job_id)
     return jsonify(rec)
 
@@ -192,18 +194,18 @@ def set_priority(job_id: str):
     body = request.get_json(silent=True)
     priority = body.get("priority") if isinstance(body, dict) else None
     if priority not in PRIORITIES:
-        return _error(400, f"priority must be one of {', '.join(PRIORITIES)}",
+        return api_error(400, f"priority must be one of {', '.join(PRIORITIES)}",
                       [{"field": "priority", "message": f"must be one of {', '.join(PRIORITIES)}"}])
     denied = _not_yours(services().store.get(job_id), "re-prioritise")
     if denied:
         return denied
     problem = priority_problem(priority)
     if problem:
-        return _error(403, problem["message"], [problem])
+        return api_error(403, problem["message"], [problem])
     try:
         services().store.set_priority(job_id, priority)
     except TransitionError as e:
-        return _error(409, str(e))
+        return api_error(409, str(e))
     return jsonify(job_detail(job_id))
 
 
@@ -215,11 +217,11 @@ def estimate():
     estimate reads must have the right type."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        return _error(400, "the request body must be a JSON object (a spec, or "
+        return api_error(400, "the request body must be a JSON object (a spec, or "
                            '{"kind": "train", "spec": {...}})')
     kind, spec = (body.get("kind", "train"), body["spec"]) if "spec" in body else ("train", body)
     if kind not in KINDS or not isinstance(spec, dict):
-        return _error(400, f"kind must be one of {', '.join(KINDS)} and spec a JSON object")
+        return api_error(400, f"kind must be one of {', '.join(KINDS)} and spec a JSON object")
     problems = []
     for key in ("lora_rank", "micro_batch_size", "cutoff_len", "min_gpu_memory_mb",
                 "max_length", "max_new_tokens"):
@@ -230,7 +232,7 @@ def estimate():
             except ValueError:
                 problems.append({"field": key, "message": f"must be a whole number, got {spec[key]!r}"})
     if problems:
-        return _error(400, "cannot estimate: " + "; ".join(
+        return api_error(400, "cannot estimate: " + "; ".join(
             f"{p['field']} {p['message']}" for p in problems), problems)
     clean = {k: v for k, v in spec.items() if v not in ("", None)}
     models = services().settings.paths.models
@@ -248,7 +250,7 @@ def job_events_route(job_id: str):
     try:
         after = valid_stream_id(raw_after)
     except ValueError as e:
-        return _error(400, str(e))
+        return api_error(400, str(e))
     if request.args.get("format") == "json":
         events = []
         last = after
@@ -272,12 +274,12 @@ def download_lora(job_id: str):
     rec = svc.store.get(job_id)
     folder = lora_dir(rec, svc.settings.paths)
     if folder is None:
-        return _error(404, f"job {job_id} has no LoRA folder")
+        return api_error(404, f"job {job_id} has no LoRA folder")
     if not is_terminal(rec.get("state", "")):
-        return _error(409, f"job {job_id} is {rec.get('state')}: its LoRA can be downloaded "
+        return api_error(409, f"job {job_id} is {rec.get('state')}: its LoRA can be downloaded "
                            "once it has finished")
     if not lora_available(rec, svc.settings.paths):
-        return _error(404, f"job {job_id} saved no LoRA (loras/{folder.name}/ has no adapter)")
+        return api_error(404, f"job {job_id} saved no LoRA (loras/{folder.name}/ has no adapter)")
     with_checkpoints = request.args.get("checkpoints", "") in ("1", "true", "yes")
     name = folder.name
     return Response(stream_zip(folder, name, with_checkpoints), mimetype="application/zip",
@@ -336,4 +338,4 @@ def lora_parameters_route(name: str):
     try:
         return jsonify({"lora": name, "spec": lora_parameters(name, services().settings.paths)})
     except SpecError as e:
-        return _error(404, str(e), e.errors)
+        return api_error(404, str(e), e.errors)

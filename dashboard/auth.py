@@ -283,4 +283,4 @@ def init_app(app: Flask, home: Path) -> None:
     @app.context_processor
     def _auth_context():
         return {"csrf_token": csrf_token, "current_user": g.get("user"),
-                "accounts_mode": accounts_mode()}
+                "accounts_mode": accounts_mode(), "may_manage": may_manage}

@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, jsonify, render_template, request
 
+from dashboard.api import api_error
 from dashboard.app import services
 from dashboard.auth import may_manage, owner_for, priority_problem
 from dashboard.forms import form_sections
@@ -33,13 +34,6 @@ from dispatcher.sweeps import (
 bp = Blueprint("sweeps", __name__, template_folder="templates")
 API = "/api/v1/sweeps"
 CSV_COLUMNS = ("final_loss", "best_eval_loss", "perplexity", "tokens_per_s", "gpu_time_s")
-
-
-def _error(status: int, message: str, errors: list[dict[str, str]] | None = None):
-    body: dict[str, Any] = {"error": message}
-    if errors is not None:
-        body["errors"] = errors
-    return jsonify(body), status
 
 
 def _sweeps() -> SweepStore:
@@ -74,7 +68,7 @@ def create_sweep():
     /preview) 200 and the trials it would create, queueing nothing."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        return _error(400, "the request body must be a JSON object: a sweep definition "
+        return api_error(400, "the request body must be a JSON object: a sweep definition "
                            "{base, parameters, method, ...}",
                       [{"field": "sweep", "message": "must be a JSON object"}])
     dry = request.path.endswith("/preview") or request.args.get("dry_run", "") in (
@@ -96,7 +90,7 @@ def create_sweep():
         problems.extend(_names_in_use(plan))
     if problems or plan is None:
         n = len(problems)
-        return _error(400, f"the sweep was not queued: {n} problem{'s' if n != 1 else ''} "
+        return api_error(400, f"the sweep was not queued: {n} problem{'s' if n != 1 else ''} "
                            "in the definition", problems)
     if dry:
         return jsonify({"dry_run": True, **plan.preview()})
@@ -137,7 +131,7 @@ def get_sweep(sweep_id: str):
     try:
         return jsonify(sweep_detail(sweep_id, request.args.get("curves") in ("1", "true")))
     except SweepNotFound:
-        return _error(404, f"no sweep {sweep_id}")
+        return api_error(404, f"no sweep {sweep_id}")
 
 
 @bp.post(API + "/<sweep_id>/cancel")
@@ -146,12 +140,12 @@ def cancel_sweep(sweep_id: str):
     try:
         rec = sweeps.get(sweep_id)
     except SweepNotFound:
-        return _error(404, f"no sweep {sweep_id}")
+        return api_error(404, f"no sweep {sweep_id}")
     if not may_manage(rec.get("owner", "")):
-        return _error(403, f"sweep {sweep_id} belongs to {rec.get('owner')}: only its owner or "
+        return api_error(403, f"sweep {sweep_id} belongs to {rec.get('owner')}: only its owner or "
                            "an admin may cancel it")
     if rec.get("finished"):
-        return _error(409, f"sweep {sweep_id} has already finished: nothing to cancel")
+        return api_error(409, f"sweep {sweep_id} has already finished: nothing to cancel")
     sweeps.cancel(sweep_id)
     return jsonify(sweep_detail(sweep_id))
 
@@ -161,7 +155,7 @@ def export_csv(sweep_id: str):
     try:
         detail = sweep_detail(sweep_id)
     except SweepNotFound:
-        return _error(404, f"no sweep {sweep_id}")
+        return api_error(404, f"no sweep {sweep_id}")
     varied = list(detail["parameters"] or {})
     buf = io.StringIO()
     w = csv.writer(buf)

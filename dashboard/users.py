@@ -8,10 +8,9 @@ demote themself, and the last admin cannot be removed or demoted.
 
 from __future__ import annotations
 
-from typing import Any
-
 from flask import Blueprint, abort, jsonify, render_template, request
 
+from dashboard.api import api_error
 from dashboard.auth import accounts_mode, accounts_store, current_user
 from dispatcher.accounts import ROLES, AccountError
 
@@ -20,10 +19,7 @@ API = "/api/v1/users"
 
 
 def _error(status: int, message: str, field: str | None = None):
-    body: dict[str, Any] = {"error": message}
-    if field:
-        body["errors"] = [{"field": field, "message": message}]
-    return jsonify(body), status
+    return api_error(status, message, [{"field": field, "message": message}] if field else None)
 
 
 @bp.before_request

@@ -378,7 +378,7 @@ class Dispatcher:
                 if self.store.stop_requested(job["id"]):
                     # It was being stopped (by its user, a sweep's early stopping or a cancel):
                     # the stop stands; running it again would only redo steps.
-                    why = self.store.stop_reason(job["id"]) or "stopped by the user"
+                    why = self.store.stop_cause(job["id"])
                     self.store.transition(
                         job["id"], JobState.CANCELLED,
                         f"{why}; worker {job.get('worker')} was lost before the job stopped "

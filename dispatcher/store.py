@@ -52,6 +52,7 @@ def job_name(kind: str, spec: dict[str, Any]) -> str:
 
 
 STOP_KEY_TTL_S = 24 * 3600
+USER_STOP = "stopped by the user"  # the end reason of a stop requested without one
 
 
 class JobStore:
@@ -185,6 +186,25 @@ class JobStore:
         self.r.hset(self.key(job_id), "result", json.dumps(result))
 
     # state ------------------------------------------------------------------------------------
+    def _watched(self, job_id: str, write: Callable[[Any, dict[str, str]], None]
+                 ) -> dict[str, str]:
+        """Read a job's record and change it atomically: `write(pipe, record)` checks the record
+        (raising refuses the change) and queues its writes after `pipe.multi()`; a concurrent
+        change to the record makes it run again on the new record. Returns the record read."""
+        key = self.key(job_id)
+        while True:
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.hgetall(key)
+                    if not raw:
+                        raise JobNotFound(job_id)
+                    write(pipe, raw)
+                    pipe.execute()
+                    return raw
+                except redis_lib.WatchError:
+                    continue
+
     def transition(self, job_id: str, new: JobState, reason: str = "",
                    expect_worker: str | None = None, expect_state: JobState | None = None,
                    **fields: Any) -> dict[str, Any]:
@@ -196,48 +216,42 @@ class JobStore:
         """
 
         key = self.key(job_id)
-        while True:
-            with self.r.pipeline() as pipe:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.hgetall(key)
-                    if not raw:
-                        raise JobNotFound(job_id)
-                    old = JobState(raw["state"])
-                    if expect_state is not None and old != expect_state:
-                        raise TransitionError(f"job {job_id} is {old.value}, "
-                                              f"no longer {expect_state.value}")
-                    check_transition(old, new)
-                    if expect_worker is not None and raw.get("worker") != expect_worker:
-                        raise TransitionError(
-                            f"job {job_id} is no longer assigned to {expect_worker}")
-                    now = self.clock()
-                    mapping: dict[str, Any] = {"state": new.value, "updated": now,
-                                               "reason": reason, **fields}
-                    if new == JobState.RUNNING:
-                        mapping.setdefault("started", now)
-                    if new.terminal:
-                        mapping["finished"] = now
-                    pipe.multi()
-                    pipe.hset(key, mapping=mapping)
-                    pipe.rpush(self._history_key(job_id), json.dumps(
-                        {"state": new.value, "time": now, "reason": reason}))
-                    if new in (JobState.QUEUED, JobState.RETRYING):
-                        pipe.zadd(self.pending_key, {job_id: float(raw["created"])})
-                    else:
-                        pipe.zrem(self.pending_key, job_id)
-                    if new in ACTIVE:
-                        pipe.sadd(self.active_key, job_id)
-                    else:
-                        pipe.srem(self.active_key, job_id)
-                    if new.terminal:
-                        pipe.delete(self.stop_key(job_id))
-                    if old == JobState.RUNNING and new != JobState.RUNNING and raw.get("started"):
-                        self._record_run(pipe, raw, job_id, now, new)
-                    pipe.execute()
-                except redis_lib.WatchError:
-                    continue
-            break
+        mapping: dict[str, Any] = {}
+
+        def write(pipe: Any, raw: dict[str, str]) -> None:
+            old = JobState(raw["state"])
+            if expect_state is not None and old != expect_state:
+                raise TransitionError(f"job {job_id} is {old.value}, "
+                                      f"no longer {expect_state.value}")
+            check_transition(old, new)
+            if expect_worker is not None and raw.get("worker") != expect_worker:
+                raise TransitionError(f"job {job_id} is no longer assigned to {expect_worker}")
+            now = self.clock()
+            mapping.clear()
+            mapping.update({"state": new.value, "updated": now, "reason": reason, **fields})
+            if new == JobState.RUNNING:
+                mapping.setdefault("started", now)
+            if new.terminal:
+                mapping["finished"] = now
+            pipe.multi()
+            pipe.hset(key, mapping=mapping)
+            pipe.rpush(self._history_key(job_id), json.dumps(
+                {"state": new.value, "time": now, "reason": reason}))
+            if new in (JobState.QUEUED, JobState.RETRYING):
+                pipe.zadd(self.pending_key, {job_id: float(raw["created"])})
+            else:
+                pipe.zrem(self.pending_key, job_id)
+            if new in ACTIVE:
+                pipe.sadd(self.active_key, job_id)
+            else:
+                pipe.srem(self.active_key, job_id)
+            if new.terminal:
+                pipe.delete(self.stop_key(job_id))
+            if old == JobState.RUNNING and new != JobState.RUNNING and raw.get("started"):
+                self._record_run(pipe, raw, job_id, now, new)
+
+        raw = self._watched(job_id, write)
+        now = mapping["updated"]
         self.events.append(job_id, "state", state=new.value, reason=reason, time=now)
         rec = dict(raw)
         rec.update({k: str(v) for k, v in mapping.items()})
@@ -279,24 +293,14 @@ class JobStore:
 
         if priority not in PRIORITIES:
             raise ValueError(f"unknown priority {priority!r}")
-        key = self.key(job_id)
-        while True:
-            with self.r.pipeline() as pipe:
-                try:
-                    pipe.watch(key)
-                    raw = pipe.hgetall(key)
-                    if not raw:
-                        raise JobNotFound(job_id)
-                    if raw["state"] not in (JobState.QUEUED.value, JobState.RETRYING.value):
-                        raise TransitionError(f"job {job_id} is {raw['state']}: only a queued "
-                                              "or retrying job can be re-prioritised")
-                    old = raw.get("priority", "normal")
-                    pipe.multi()
-                    pipe.hset(key, mapping={"priority": priority, "updated": self.clock()})
-                    pipe.execute()
-                except redis_lib.WatchError:
-                    continue
-            break
+        def write(pipe: Any, raw: dict[str, str]) -> None:
+            if raw["state"] not in (JobState.QUEUED.value, JobState.RETRYING.value):
+                raise TransitionError(f"job {job_id} is {raw['state']}: only a queued "
+                                      "or retrying job can be re-prioritised")
+            pipe.multi()
+            pipe.hset(self.key(job_id), mapping={"priority": priority, "updated": self.clock()})
+
+        old = self._watched(job_id, write).get("priority", "normal")
         if old != priority:
             self.events.append(job_id, "priority", priority=priority, previous=old,
                                time=self.clock())
@@ -317,6 +321,10 @@ class JobStore:
         """The reason given with a stop request, if one was given."""
         value = self.r.get(self.stop_key(job_id))
         return None if value in (None, "1") else value
+
+    def stop_cause(self, job_id: str) -> str:
+        """Why a stopping job stops: the request's reason, else "stopped by the user"."""
+        return self.stop_reason(job_id) or USER_STOP
 
     def stop_requested(self, job_id: str) -> bool:
         return bool(self.r.exists(self.stop_key(job_id)))

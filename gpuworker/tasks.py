@@ -101,7 +101,7 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
         events.append(job_id, "result", **result)
         if result.get("stopped"):
             state = JobState.CANCELLED
-            reason = store.stop_reason(job_id) or "stopped by the user"
+            reason = store.stop_cause(job_id)
             reason += "; the incomplete LoRA was saved" if result.get("saved") else ""
         else:
             state = JobState.SUCCEEDED

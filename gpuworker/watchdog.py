@@ -116,7 +116,7 @@ class StopWatchdog:
                 pass
 
     def _kill(self, job_id: str, pid: int | None) -> str | None:
-        why = self.store.stop_reason(job_id) or "stopped by the user"
+        why = self.store.stop_cause(job_id)
         reason = (f"{why}: the training process was killed after not answering the stop "
                   f"request within {self.grace_s:g} s")
         lora = (self.store.get(job_id).get("spec") or {}).get("lora_name")

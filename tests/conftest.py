@@ -34,3 +34,11 @@ def redis_client(redis_server):
 def prefix():
     """A fresh key prefix per test, so tests sharing one server never see each other's keys."""
     return f"t{next(_prefixes)}"
+
+
+@pytest.fixture
+def store(redis_client, prefix):
+    """A job store on the real Redis, under this test's own key prefix."""
+    from dispatcher.store import JobStore
+
+    return JobStore(redis_client, prefix)

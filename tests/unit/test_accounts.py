@@ -15,7 +15,6 @@ from dashboard.app import create_app
 from dispatcher.accounts import AccountError, Accounts, is_loopback, single_user_refusal
 from dispatcher.cli import main as cli
 from dispatcher.settings import Settings
-from dispatcher.store import JobStore
 
 PASSWORD = "correct horse battery"
 
@@ -97,11 +96,6 @@ def settings(tmp_path, redis_server, prefix):
 @pytest.fixture
 def app(settings):
     return create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True})
-
-
-@pytest.fixture
-def store(redis_client, prefix):
-    return JobStore(redis_client, prefix)
 
 
 SPEC = {"lora_name": "l", "base_model": "tiny", "dataset": "d.json", "format": "alpaca-format",

@@ -44,11 +44,6 @@ def client(app):
 
 
 @pytest.fixture
-def store(redis_client, prefix):
-    return JobStore(redis_client, prefix)
-
-
-@pytest.fixture
 def events(redis_client, prefix):
     return EventLog(redis_client, prefix)
 

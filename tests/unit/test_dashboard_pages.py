@@ -14,7 +14,6 @@ from dispatcher.fleet import Fleet
 from dispatcher.settings import Settings
 from dispatcher.specs import TrainSpec
 from dispatcher.states import JobState
-from dispatcher.store import JobStore
 
 
 class Elements(HTMLParser):
@@ -49,11 +48,6 @@ def settings(tmp_path, redis_server, prefix):
 @pytest.fixture
 def client(settings):
     return create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True}).test_client()
-
-
-@pytest.fixture
-def store(redis_client, prefix):
-    return JobStore(redis_client, prefix)
 
 
 def spec(**over):

@@ -13,7 +13,6 @@ from dispatcher import cli
 from dispatcher.fleet import Fleet
 from dispatcher.settings import Settings
 from dispatcher.states import JobState
-from dispatcher.store import JobStore
 
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
@@ -33,11 +32,6 @@ def settings(tmp_path, redis_server, prefix):
 @pytest.fixture
 def client(settings):
     return create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True}).test_client()
-
-
-@pytest.fixture
-def store(redis_client, prefix):
-    return JobStore(redis_client, prefix)
 
 
 def spec(**over):

@@ -193,11 +193,6 @@ def client(settings):
     return OrderedClient(app.test_client())
 
 
-@pytest.fixture
-def store(redis_client, prefix):
-    return JobStore(redis_client, prefix)
-
-
 DEF = {"base": BASE, "parameters": {"lora_rank": [8, 16], "learning_rate": ["1e-4", "3e-4"]},
        "max_concurrent": 2, "early_stopping": {"policy": "asha", "rungs": [10, 20]}}
 
