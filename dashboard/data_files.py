@@ -133,7 +133,7 @@ def _decode(name: str, data: bytes) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _file_error(400, f"{name}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise _file_error(400, f"{name}: {formats.not_utf8(e)}") from None
     return text[1:] if text.startswith("\ufeff") else text
 
 

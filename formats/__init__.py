@@ -14,6 +14,7 @@ from formats.build import build_samples
 from formats.collate import pad_batch, padding_fraction
 from formats.datasets import Row, load_rows, parse_rows
 from formats.errors import FormatError, InvalidJSONError, NoMatchingTemplateError, ValueTypeError
+from formats.jsontext import not_utf8
 from formats.preview import Preview, PreviewStats, format_table, preview
 from formats.rawtext import (
     chunk_tokens,
@@ -53,6 +54,7 @@ __all__ = [
     "format_table",
     "load_format",
     "load_rows",
+    "not_utf8",
     "pad_batch",
     "padding_fraction",
     "parse_format",

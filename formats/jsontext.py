@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from formats.errors import InvalidJSONError
+from formats.errors import FormatError, InvalidJSONError
 
 BOM = "\ufeff"
 
@@ -21,9 +21,19 @@ def read_text(path: str | Path) -> str:
 
     Why not ``encoding="utf-8-sig"`` alone: the same helper is used for text that arrives
     already decoded (an upload), so the BOM is stripped from the string in :func:`strip_bom`.
+    A file that is not UTF-8 (a Latin-1 export, a binary copied by mistake) is a
+    :class:`FormatError` naming the file and the first bad byte, like any other bad data file.
     """
-    with open(path, encoding="utf-8") as handle:
-        return strip_bom(handle.read())
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return strip_bom(handle.read())
+    except UnicodeDecodeError as err:
+        raise FormatError(not_utf8(err), source=str(path)) from None
+
+
+def not_utf8(err: UnicodeDecodeError) -> str:
+    """The message for text that does not decode: where the first bad byte is, and why."""
+    return f"not UTF-8 text (byte {err.start}: {err.reason})"
 
 
 def strip_bom(text: str) -> str:

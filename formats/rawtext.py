@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from formats.errors import FormatError
-from formats.jsontext import strip_bom
+from formats.jsontext import not_utf8, strip_bom
 from formats.tokenize import TokenizedSample, encode, tokenize_text
 
 DEFAULT_HARD_CUT = "\\n\\n\\n"
@@ -119,9 +119,7 @@ def read_raw_text(path: str | Path, separator: str = "\n\n\n") -> str:
             with open(file, encoding="utf-8", newline="") as handle:
                 texts.append(strip_bom(handle.read()).replace("\r", ""))
         except UnicodeDecodeError as err:
-            raise FormatError(
-                f"not UTF-8 text (byte {err.start}: {err.reason})", source=str(file)
-            ) from None
+            raise FormatError(not_utf8(err), source=str(file)) from None
     return separator.join(texts)
 
 

@@ -103,3 +103,39 @@ def test_stats_count_samples_cut_at_the_cutoff(tok, tmp_path):
               "--cutoff-len", 8, "--stats")
     assert "2 samples" in res.output
     assert json.loads(res.output.splitlines()[-1])["stats"]["truncated"] == 2
+
+
+def test_errors_go_to_stderr_and_nothing_to_stdout(tok, tmp_path):
+    fmt = SHIPPED_DIR / "alpaca-format.json"
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('[{"instruction": "caf\xe9", "output": "b"}]'.encode("latin-1"))
+    cases = [
+        # A file that is not UTF-8 is named, with the first bad byte (no traceback).
+        (["--tokenizer", tok, "--dataset", latin, "--format", fmt],
+         f"{latin}: not UTF-8 text (byte 21: invalid continuation byte)"),
+        (["--tokenizer", tok, "--dataset", latin], "--dataset needs --format"),
+        (["--tokenizer", tmp_path, "--dataset", latin, "--format", fmt],
+         f"{tmp_path}: cannot load a tokenizer"),
+    ]
+    for args, message in cases:
+        res = run(*args)
+        assert res.exit_code != 0, res.output
+        assert message in res.stderr and res.stdout == "", res.output
+        assert "Traceback" not in res.output
+
+
+def test_raw_text_folder_with_hard_cut_min_chars_and_newline_favor(tok, tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    # Name order: a.txt before b.txt; CRs are removed; "##" typed with \n around it is the cut.
+    (folder / "b.txt").write_bytes(b"second file line one\r\nline two of the second file\r\n")
+    (folder / "a.txt").write_text("first part here\n##\nshort\n##\nthird part is long enough\n")
+    res = run("--tokenizer", tok, "--raw-text", folder, "--hard-cut-string", "\\n##\\n",
+              "--min-chars", 6, "--newline-favor-len", 0, "--cutoff-len", 64,
+              "--overlap-len", 8, "--json", "--limit", 0)
+    assert res.exit_code == 0, res.output
+    texts = [json.loads(line)["text"] for line in res.stdout.splitlines()]
+    # "short" (5 characters) is dropped; each file starts a part of its own; no CR survives.
+    # A chunk's text is its tokens decoded, BOS included (as text-generation-webui decodes them).
+    assert texts == ["<s>first part here", "<s>third part is long enough\n",
+                     "<s>second file line one\nline two of the second file\n"]

@@ -160,6 +160,26 @@ def test_the_listing_reports_broken_files_already_in_the_folder(client, settings
     assert fmt["key_sets"] == [] and "must be a JSON object" in fmt["error"]
 
 
+def test_files_that_are_not_utf8_are_listed_with_the_reason(client, settings):
+    """A Latin-1 export copied into the folder by hand: listed with its error, and the page,
+    the listing and a preview of it still answer (they used to fail on the decode error)."""
+    latin = '[{"instruction": "caf\xe9", "output": "b"}]'.encode("latin-1")
+    (settings.paths.datasets / "latin.json").write_bytes(latin)
+    (settings.paths.formats / "latin.json").write_bytes(b'{"instruction,output": "\xff"}')
+    listing = client.get("/api/v1/datasets").json
+    ds = next(d for d in listing["datasets"] if d["name"] == "latin.json")
+    assert ds["rows"] is None
+    assert ds["error"] == "latin.json: not UTF-8 text (byte 21: invalid continuation byte)"
+    fmt = next(f for f in listing["formats"] if f["name"] == "latin")
+    assert fmt["error"].startswith("latin.json: not UTF-8 text (byte 24")
+    assert client.get("/datasets").status_code == 200
+    res = client.get("/api/v1/datasets/preview", query_string={
+        "model": "tiny", "dataset": "latin", "format": "alpaca-format"})
+    assert res.status_code == 400
+    assert res.json["error"] == "datasets/latin.json: not UTF-8 text (byte 21: invalid " \
+                                "continuation byte)"
+
+
 # preview --------------------------------------------------------------------------------------
 def test_preview_of_a_dataset_highlights_the_trained_part(client, settings):
     (settings.paths.formats / "qa.json").write_text(json.dumps(FORMAT))
