@@ -349,3 +349,49 @@ def test_a_loss_of_nan_or_inf_fails_the_run_and_keeps_the_last_checkpoint(paths)
     assert checkpoints and checkpoints[-1] == f"checkpoint-{len(losses)}"
     assert (lora_dir / checkpoints[-1] / "adapter_model.safetensors").exists()
     assert not (lora_dir / "adapter_model.safetensors").exists()  # no broken final adapter
+
+
+def test_the_engines_loss_honours_train_only_after(paths, tiny_model_dir):
+    """The mask reaches the loss the engine itself computes (not only Hugging Face's): its loss
+    equals the model's own on the same batch, a masked position's prediction gets no gradient,
+    and a job with train_only_after trains."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import formats
+    from gpuworker.engine.data import collate
+    from gpuworker.engine.loop import _Forward, _label_tokens, _token_loss_sum
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    samples = formats.build_samples(
+        tokenizer=tok, cutoff_len=64, dataset_path=paths.datasets / "tiny.json",
+        format_path=paths.formats / "alpaca-test.json", train_only_after="### Response:\n",
+        add_eos_token=True)[:3]
+    batch = collate(samples, tok.pad_token_id or 0)
+    labels = batch["labels"]
+    masked = labels == -100
+    assert masked[:, 0].all() and (~masked).any(dim=1).all()  # every row: a prompt, then trained
+
+    logits = _Forward(model)(batch).detach().requires_grad_(True)  # (B, T, V)
+    loss_sum = _token_loss_sum(logits, labels)
+    engine_loss = loss_sum / _label_tokens(batch)
+    with torch.no_grad():
+        hf_loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=labels).loss
+    assert float(engine_loss.detach()) == pytest.approx(float(hf_loss), rel=1e-5)
+
+    loss_sum.backward()
+    # The logits at position t predict token t+1: they matter exactly where labels[t+1] is kept.
+    predicts_trained = torch.zeros_like(masked)
+    predicts_trained[:, :-1] = ~masked[:, 1:]
+    grad_norm = logits.grad.abs().sum(dim=-1)  # (B, T)
+    assert (grad_norm[~predicts_trained] == 0).all()
+    assert (grad_norm[predicts_trained] > 0).all()
+
+    rec = Recorder()
+    result = rec.run(make_spec(train_only_after="### Response:\n", add_eos_token=True), paths)
+    losses = [e["loss"] for e in rec.of("train")]
+    assert result["steps"] == result["total_steps"] == 6 and not result["stopped"]
+    assert losses[-1] < losses[0], losses
+    params = json.loads((paths.loras / "tiny-lora" / "training_parameters.json").read_text())
+    assert params["train_only_after"] == "### Response:\n"
