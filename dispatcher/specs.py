@@ -79,8 +79,31 @@ class TrainSpec:
         return asdict(self)
 
     def training_parameters(self) -> dict[str, Any]:
-        """text-generation-webui's training_parameters.json keys (plus lorafleet's own)."""
-        return self.to_dict()
+        """training_parameters.json: text-generation-webui's keys with its values, then
+        lorafleet's own fields, so either program can copy a LoRA's parameters.
+
+        The webui writes what its form holds: one boolean per projection (`q_proj_en`, ...,
+        and `all_linear` in newer versions) instead of a list, file names without their
+        extension (its dropdowns list stems), and the string "None" for an empty choice.
+        lorafleet's reader (:func:`spec_from_training_parameters`) prefers `target_modules`
+        when it is there, so nothing is lost on the way back.
+        """
+        own = self.to_dict()
+        targets = set(self.target_modules)
+        out: dict[str, Any] = {}
+        for key in WEBUI_PARAMETERS:
+            if key in _WEBUI_PROJECTION_KEYS:
+                out[key] = "all" in targets or _WEBUI_PROJECTION_KEYS[key] in targets
+            elif key == "all_linear":
+                out[key] = "all" in targets
+            elif key in _WEBUI_CHOICES:
+                out[key] = _webui_choice(own[key])
+            elif key == "report_to":
+                out[key] = "None"
+            else:
+                out[key] = own[key]
+        out.update((k, v) for k, v in own.items() if k not in out)
+        return out
 
 
 FIELD_DOCS = {f.name: f.metadata.get("help", "") for f in fields(TrainSpec)}
@@ -527,12 +550,33 @@ def list_choices(paths: DataPaths) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------------
 # "copy parameters from" an existing LoRA
 
+# The webui's own list, in its order (the version whose raw-text settings lorafleet keeps),
+# with `all_linear` from later versions.
+WEBUI_PARAMETERS = (
+    "lora_name", "always_override", "all_linear", "q_proj_en", "v_proj_en", "k_proj_en",
+    "o_proj_en", "gate_proj_en", "down_proj_en", "up_proj_en", "save_steps", "micro_batch_size",
+    "batch_size", "epochs", "learning_rate", "lr_scheduler_type", "lora_rank", "lora_alpha",
+    "lora_dropout", "cutoff_len", "dataset", "eval_dataset", "format", "eval_steps",
+    "raw_text_file", "overlap_len", "newline_favor_len", "higher_rank_limit", "warmup_steps",
+    "optimizer", "hard_cut_string", "train_only_after", "stop_at_loss", "add_eos_token",
+    "min_chars", "report_to")
 # text-generation-webui writes one boolean per projection instead of a list.
 _WEBUI_PROJECTION_KEYS = {"q_proj_en": "q", "k_proj_en": "k", "v_proj_en": "v",
                           "o_proj_en": "o", "gate_proj_en": "gate", "up_proj_en": "up",
                           "down_proj_en": "down"}
-# Names the seed's form uses for "nothing chosen".
+# Its file choices: dropdown values are names without extension, "None" when nothing is chosen.
+_WEBUI_CHOICES = ("dataset", "eval_dataset", "format", "raw_text_file")
 _WEBUI_NONE = ("None", "none", None)
+
+
+def _webui_choice(name: str) -> str:
+    """A data-folder name as the webui's dropdown holds it: no extension, "None" when empty."""
+    if not name:
+        return "None"
+    for ext in (*DATASET_EXTS, *RAW_TEXT_EXTS):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
 
 
 def spec_from_training_parameters(params: dict[str, Any]) -> dict[str, Any]:
@@ -543,11 +587,13 @@ def spec_from_training_parameters(params: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in params.items():
         if key in known:
-            out[key] = "" if (value in _WEBUI_NONE and key in (
-                "dataset", "eval_dataset", "format", "raw_text_file")) else value
-    if "target_modules" not in params and any(k in params for k in _WEBUI_PROJECTION_KEYS):
-        out["target_modules"] = [short for key, short in _WEBUI_PROJECTION_KEYS.items()
-                                 if params.get(key)]
+            out[key] = "" if (value in _WEBUI_NONE and key in _WEBUI_CHOICES) else value
+    if "target_modules" not in params:
+        if params.get("all_linear"):
+            out["target_modules"] = ["all"]
+        elif any(k in params for k in _WEBUI_PROJECTION_KEYS):
+            out["target_modules"] = [short for key, short in _WEBUI_PROJECTION_KEYS.items()
+                                     if params.get(key)]
     # A resumed run's checkpoint belongs to that run, not to a copy of its parameters.
     out.pop("resume_from_checkpoint", None)
     return out
@@ -569,4 +615,13 @@ def lora_parameters(name: str, paths: DataPaths) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise SpecError([{"field": "lora", "message":
                           f"loras/{name}/training_parameters.json is not a JSON object"}])
-    return spec_from_training_parameters(params)
+    spec = spec_from_training_parameters(params)
+    # The webui's file names data without extension: name the file that is there now, as the
+    # form's dropdowns do. A name that is not there stays, and submitting reports it.
+    for key, exts, allow_dir in (("dataset", DATASET_EXTS, False),
+                                 ("eval_dataset", DATASET_EXTS, False),
+                                 ("raw_text_file", RAW_TEXT_EXTS, True)):
+        if isinstance(spec.get(key), str) and spec[key]:
+            found, _ = resolve_data_name(spec[key], paths.datasets, exts, allow_dir=allow_dir)
+            spec[key] = found or spec[key]
+    return spec

@@ -107,7 +107,7 @@ def move_checkpoints(lora_dir: Path, dest: Path) -> list[str]:
 
 def run_settings(spec: TrainSpec) -> dict[str, Any]:
     """The RUN_SETTINGS of `spec`, normalised so equal meanings compare equal."""
-    d = spec.training_parameters()
+    d = spec.to_dict()
     out = {k: d[k] for k in RUN_SETTINGS}
     out["target_modules"] = sorted(set(out["target_modules"]))
     try:

@@ -156,6 +156,35 @@ WEBUI_PARAMS = {
 }
 
 
+def test_training_parameters_are_written_the_way_the_webui_writes_them(paths):
+    """Our training_parameters.json carries every key of the webui's file with the webui's
+    values (so its "Copy parameters from" fills its form), and copying it back into lorafleet
+    gives the same spec."""
+    from dispatcher.specs import WEBUI_PARAMETERS, lora_parameters
+
+    s = parse_train_spec({"lora_name": "ours", "base_model": "tiny", "dataset": "d",
+                          "format": "mine", "target_modules": ["q", "v", "o"],
+                          "learning_rate": "2e-4"}, paths)
+    written = json.loads(json.dumps(s.training_parameters()))
+    assert list(written)[:len(WEBUI_PARAMETERS)] == list(WEBUI_PARAMETERS)
+    # Every key the webui writes, with the value it would write for the same settings.
+    assert {k: written[k] for k in WEBUI_PARAMS} == {
+        **WEBUI_PARAMS, "lora_name": "ours", "learning_rate": "2e-4", "epochs": 3.0}
+    assert written["all_linear"] is False and written["target_modules"] == ["q", "v", "o"]
+    every = parse_train_spec({"lora_name": "all", "base_model": "tiny", "raw_text_file": "notes",
+                              "target_modules": ["all"]}, paths).training_parameters()
+    assert every["all_linear"] is True and every["raw_text_file"] == "notes"
+    assert all(every[k] for k in WEBUI_PARAMETERS if k.endswith("_proj_en"))
+    assert every["dataset"] == every["format"] == "None"
+
+    (paths.loras / "ours").mkdir()
+    (paths.loras / "ours" / "training_parameters.json").write_text(json.dumps(written))
+    copied = lora_parameters("ours", paths)
+    expected = s.to_dict()
+    del expected["resume_from_checkpoint"]
+    assert copied == expected
+
+
 def test_copy_parameters_from_a_webui_lora(paths):
     from dispatcher.specs import lora_parameters, spec_from_training_parameters
 
@@ -170,7 +199,8 @@ def test_copy_parameters_from_a_webui_lora(paths):
     # From a LoRA folder on disk, and the errors when there is nothing to copy.
     (paths.loras / "webui-lora").mkdir()
     (paths.loras / "webui-lora" / "training_parameters.json").write_text(json.dumps(WEBUI_PARAMS))
-    assert lora_parameters("webui-lora", paths) == spec
+    # On disk, a name without extension becomes the file that is there (the form's choice).
+    assert lora_parameters("webui-lora", paths) == {**spec, "dataset": "d.json"}
     with pytest.raises(SpecError, match="has no training_parameters.json"):
         lora_parameters("missing", paths)
     with pytest.raises(SpecError, match="not a LoRA name"):
