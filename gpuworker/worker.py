@@ -101,14 +101,21 @@ def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
     stop = threading.Event()
     start_heartbeat(settings, name, gpu, stop, memory_mb)
     try:
-        celery.worker_main([
-            "worker", "--queues", worker_queue(name), "--concurrency", "1",
-            "--pool", "prefork", "--prefetch-multiplier", "1", "--max-tasks-per-child", "1",
-            "--hostname", f"{name}@%h", "--loglevel", loglevel,
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-        ])
+        celery.worker_main(celery_worker_argv(name, loglevel))
     finally:
         stop.set()
+
+
+def celery_worker_argv(name: str, loglevel: str = "INFO") -> list[str]:
+    """The Celery worker's command line: its own queue, one job at a time, a prefetch of one,
+    and a fresh pool child for every job (the child that imported torch and touched CUDA exits
+    with its job, so the worker's main process never holds a CUDA context or leaked memory)."""
+    return [
+        "worker", "--queues", worker_queue(name), "--concurrency", "1",
+        "--pool", "prefork", "--prefetch-multiplier", "1", "--max-tasks-per-child", "1",
+        "--hostname", f"{name}@%h", "--loglevel", loglevel,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

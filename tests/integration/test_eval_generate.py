@@ -89,3 +89,20 @@ def test_generate_from_the_cli_shows_both_answers(fleet, trained):
     base_text = res.stdout.split("--- base model (12 tokens)\n")[1].split("\n--- base +")[0]
     lora_text = res.stdout.split(f"--- base + {trained} (12 tokens)\n")[1].rstrip("\n")
     assert base_text != lora_text  # the trained LoRA changes what the model says
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether process `pid` has torch's shared library mapped (it imported torch)."""
+    with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+        return any("libtorch" in line for line in maps)
+
+
+def test_only_the_job_process_imports_torch(fleet, trained):
+    """After jobs ran, the worker's main process (heartbeats, the stop watchdog, Celery's
+    consumer) has never imported torch, and its waiting pool child is a fresh one: CUDA can
+    only ever be initialised in the process that runs a job, which exits with it."""
+    main = fleet.procs["worker-w1"].pid
+    assert not _maps_torch(main)
+    children = fleet.wait_for(lambda: fleet.children("worker-w1") or None, 30,
+                              "a fresh pool child")
+    assert children and not any(_maps_torch(pid) for pid in children)
