@@ -62,8 +62,7 @@ tail -5 "$OUT/submit.log"
 python3 - "$OUT" <<'EOF'
 import json, sys
 out = sys.argv[1]
-ev = json.load(open(f"{out}/events.json"))
-ev = ev.get("events", ev)
+ev = json.load(open(f"{out}/events.json"))  # ?format=json: the history as a bare list
 train = [e for e in ev if e.get("type") == "train"]
 print(f"train events: {len(train)}")
 if train:

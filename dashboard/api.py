@@ -252,6 +252,7 @@ def job_events_route(job_id: str):
     except ValueError as e:
         return api_error(400, str(e))
     if request.args.get("format") == "json":
+        # The history as a bare list of {"id", "type", ...}, oldest first (README, REST API).
         events = []
         last = after
         while True:
@@ -260,7 +261,7 @@ def job_events_route(job_id: str):
             if len(batch) < 1000:
                 break
             last = batch[-1][0]
-        return jsonify({"job": job_id, "events": events})
+        return jsonify(events)
     cfg = current_app.config
     gen = job_events(svc.store, svc.events, job_id, after,
                      block_ms=int(cfg["LORAFLEET_SSE_BLOCK_MS"]),

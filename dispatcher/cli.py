@@ -21,16 +21,24 @@ import click
 
 from dispatcher.client import TERMINAL_STATES, ApiError, Client
 from dispatcher.settings import DEFAULT_EMBEDDED_REDIS_PORT, DEFAULT_PORT, Settings
+from dispatcher.states import JobState
 
 URL_HELP = "dashboard URL (default: $LORAFLEET_URL or http://127.0.0.1:8765)"
 
 
 def _url(url: str | None) -> str:
-    return url or os.environ.get("LORAFLEET_URL") or f"http://127.0.0.1:{DEFAULT_PORT}"
+    """The dashboard URL: the command's own --url, else the --url given before the command
+    (`lorafleet --url URL status`), else $LORAFLEET_URL, else this machine's dashboard."""
+    ctx = click.get_current_context(silent=True)
+    before = ctx.find_root().params.get("url") if ctx else None
+    return (url or before or os.environ.get("LORAFLEET_URL")
+            or f"http://127.0.0.1:{DEFAULT_PORT}")
 
 
 @click.group()
-def main() -> None:
+@click.option("--url", default=None,
+              help=f"{URL_HELP}, for every command; a command's own --url wins")
+def main(url: str | None) -> None:
     """lorafleet: a queue, a dashboard and a fleet of GPU workers for LoRA fine-tuning."""
 
 
@@ -475,18 +483,27 @@ def params(lora: str, url: str | None) -> None:
 @main.command()
 @click.argument("job", required=False)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-@click.option("--owner", default=None, help="only this owner's jobs")
+@click.option("--owner", default=None, help="only these owners' jobs (comma-separated)")
+@click.option("--state", default=None,
+              help="only jobs in these states (comma-separated, e.g. queued,running)")
 @click.option("--url", default=None, help=URL_HELP)
-def status(job: str | None, as_json: bool, owner: str | None, url: str | None) -> None:
-    """Show one job, or the list of jobs (a queued job's ETA column: #position and when it
-    should start)."""
+def status(job: str | None, as_json: bool, owner: str | None, state: str | None,
+           url: str | None) -> None:
+    """Show one job, or every job, newest first (a queued job's ETA column: #position and
+    when it should start). --owner and --state filter the list."""
+    if job and (owner or state):
+        raise click.UsageError("--owner and --state filter the list: give them without a JOB")
+    states = [v.strip() for v in (state or "").split(",") if v.strip()]
+    known = [s.value for s in JobState]
+    unknown = [v for v in states if v not in known]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: use {', '.join(known)}",
+                                 param_hint="--state")
     client = Client(_url(url))
     try:
-        data: Any = client.job(job) if job else client.jobs()
+        data: Any = client.job(job) if job else client.jobs(owner=owner, state=",".join(states))
     except ApiError as e:
         _fail_api(e)
-    if owner and not job:
-        data = [j for j in data if j.get("owner") == owner]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -703,6 +720,12 @@ def data_preview(tokenizer_path: str, dataset: str | None, format_path: str | No
     if raw_text and overlap_len >= cutoff_len:
         raise click.UsageError(f"--overlap-len ({overlap_len}) must be less than "
                                f"--cutoff-len ({cutoff_len})")
+    # Raw text is a .txt file or a folder of them (whose other files formats.raw_text_files
+    # skips); a single file of another kind is a mistake, such as a dataset given here.
+    if raw_text and Path(raw_text).is_file() and Path(raw_text).suffix.lower() != ".txt":
+        raise click.UsageError(f"--raw-text {raw_text}: not a .txt file (raw text is a .txt "
+                               "file or a folder of them; for a JSON dataset use --dataset "
+                               "with --format)")
     # Imported here: the pure data code and the tokenizer library are only needed by this command.
     from transformers import AutoTokenizer
 

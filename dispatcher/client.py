@@ -1,7 +1,7 @@
 """A small client for the dashboard's REST API: what the user commands of the CLI use.
 
 A remote user needs the dashboard's URL and, where the dashboard has accounts, an API token
-(`--token` or $LORAFLEET_TOKEN, made with `lorafleet user token NAME`), never Redis credentials.
+($LORAFLEET_TOKEN, made with `lorafleet user token NAME`), never Redis credentials.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 import requests
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+# Jobs asked for per request when listing them all (the API allows up to 1000).
+JOBS_PAGE_SIZE = 500
 
 
 class ApiError(RuntimeError):
@@ -60,8 +62,33 @@ class Client:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{job_id}")
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/jobs")["jobs"]
+    def jobs_page(self, limit: int = JOBS_PAGE_SIZE, offset: int = 0, owner: str | None = None,
+                  state: str | None = None) -> dict[str, Any]:
+        """One page of the job list, newest first: {"jobs", "total", "limit", "offset"}.
+
+        `owner` and `state` may be comma-separated lists; the dashboard filters before paging,
+        so `total` counts every match."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if owner:
+            params["owner"] = owner
+        if state:
+            params["state"] = state
+        return self._call("GET", "/jobs", params=params)
+
+    def jobs(self, owner: str | None = None, state: str | None = None,
+             page_size: int = JOBS_PAGE_SIZE) -> list[dict[str, Any]]:
+        """Every job that matches, newest first, fetched a page at a time."""
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        offset = 0
+        while True:
+            page = self.jobs_page(page_size, offset, owner, state)
+            # A job submitted meanwhile shifts the newest-first list by one: skip the repeat.
+            out.extend(j for j in page["jobs"] if j["id"] not in seen)
+            seen.update(j["id"] for j in page["jobs"])
+            offset += len(page["jobs"])
+            if not page["jobs"] or offset >= page["total"]:
+                return out
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/jobs/{job_id}/cancel")
@@ -88,10 +115,11 @@ class Client:
         return self._call("GET", "/workers")["workers"]
 
     def history(self, job_id: str, after: str | None = None) -> list[dict[str, Any]]:
+        """The job's stored events, oldest first (only those after stream id `after`)."""
         params = {"format": "json"}
         if after:
             params["after"] = after
-        return self._call("GET", f"/jobs/{job_id}/events", params=params)["events"]
+        return self._call("GET", f"/jobs/{job_id}/events", params=params)
 
     def follow(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Every event of the job, history first, then live until the job ends (SSE)."""

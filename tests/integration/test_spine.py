@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from dispatcher.client import Client
 from dispatcher.specs import parse_train_spec
 from tests.fleetproc import ROOT, FleetProcs, small_spec, write_json
 
@@ -28,10 +29,16 @@ def test_job_trains_and_leaves_a_loadable_lora(fleet):
     train = [e for e in events if e["type"] == "train"]
     assert len(train) == rec["total_steps"] >= 2
     assert [e["step"] for e in train] == list(range(1, len(train) + 1))
-    for e in train:
-        for key in ("step", "total_steps", "epoch", "loss", "learning_rate", "tokens_per_s",
-                    "eta_s", "time"):
-            assert key in e, key
+    # Every number the Job page shows, as the page gets it (the REST history); the card memory
+    # is None on this CPU worker, so the page shows a dash rather than a made-up 0.
+    served = [e for e in Client(fleet.url).history(job) if e["type"] == "train"]
+    assert [e["step"] for e in served] == [e["step"] for e in train]
+    for e in served:
+        assert e["total_steps"] == rec["total_steps"]
+        for key in ("epoch", "loss", "learning_rate", "tokens_per_s", "eta_s", "time"):
+            assert isinstance(e[key], (int, float)) and e[key] >= 0, (key, e)
+        assert e["gpu_mem_mb"] is None, e
+    assert served[-1]["epoch"] == pytest.approx(2.0) and served[-1]["eta_s"] == 0
     states = [e["state"] for e in events if e["type"] == "state"]
     assert states == ["queued", "assigned", "running", "succeeded"]
     assert rec["worker"] == "w1"
@@ -79,8 +86,11 @@ def test_stop_saves_incomplete_lora(fleet):
     assert (fleet.settings.paths.loras / "spine-stop" / "adapter_model.safetensors").is_file()
 
 
-def _cli(fleet: FleetProcs, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dispatcher.cli", *args, "--url", fleet.url],
+def _cli(fleet: FleetProcs, *args: str, timeout: float = 240,
+         url_first: bool = False) -> subprocess.CompletedProcess:
+    """`lorafleet ARGS --url URL`, or `lorafleet --url URL ARGS` with url_first."""
+    argv = ["--url", fleet.url, *args] if url_first else [*args, "--url", fleet.url]
+    return subprocess.run([sys.executable, "-m", "dispatcher.cli", *argv],
                           capture_output=True, text=True, env=fleet.env, cwd=ROOT,
                           timeout=timeout)
 
@@ -99,6 +109,12 @@ def test_cli_submit_wait_status_logs(fleet, tmp_path):
     assert st.returncode == 0 and json.loads(st.stdout)["state"] == "succeeded"
     listing = _cli(fleet, "status")
     assert job in listing.stdout
+    # --url before the command works too, and so do the filters, applied by the dashboard.
+    mine = _cli(fleet, "status", "--owner", "local", "--state", "succeeded", url_first=True)
+    assert mine.returncode == 0, mine.stderr
+    assert job in mine.stdout
+    others = _cli(fleet, "status", "--owner", "nobody-here", url_first=True)
+    assert others.returncode == 0 and job not in others.stdout
     logs = _cli(fleet, "logs", job)
     assert "state: succeeded" in logs.stdout
     follow = _cli(fleet, "logs", "-f", job)
@@ -116,6 +132,22 @@ def test_cli_refuses_bad_spec_and_queues_nothing(fleet, tmp_path):
     for field in ("lora_name", "lora_rank", "learning_rate", "overlap_len"):
         assert f"error: {field}:" in res.stderr, res.stderr
     assert len(fleet.store.list()) == before
+
+    # A model and a dataset that are not in the data folder, and a LoRA name that climbs out
+    # of loras/: each field is named with the value it got, and still nothing is queued.
+    spec = write_json(tmp_path / "missing.json", small_spec(
+        lora_name="../../etc/passwd", base_model="no-such-model", dataset="no-such-data"))
+    res = _cli(fleet, "submit", str(spec))
+    assert res.returncode == 2, res.stderr
+    errors = {line.split(":", 2)[1].strip(): line.split(":", 2)[2]
+              for line in res.stderr.splitlines() if line.startswith("error: ")}
+    assert set(errors) == {"lora_name", "base_model", "dataset"}, res.stderr
+    assert "'../../etc/passwd'" in errors["lora_name"]
+    assert "'no-such-model' was not found in models/" in errors["base_model"]
+    assert "'no-such-data' was not found in datasets/" in errors["dataset"]
+    assert res.stdout == ""
+    assert len(fleet.store.list()) == before
+    assert not (fleet.settings.paths.loras / "../../etc/passwd").exists()
 
 
 def test_cli_copies_parameters_from_a_lora(fleet, tmp_path):

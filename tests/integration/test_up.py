@@ -122,7 +122,7 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.3)
         assert rec.json()["state"] == "succeeded"
-        events = requests.get(f"{url}/api/v1/jobs/{job}/events?format=json").json()["events"]
+        events = requests.get(f"{url}/api/v1/jobs/{job}/events?format=json").json()
         assert sum(e["type"] == "train" for e in events) == rec.json()["total_steps"]
     finally:
         proc.send_signal(signal.SIGINT)

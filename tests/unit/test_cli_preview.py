@@ -139,3 +139,23 @@ def test_raw_text_folder_with_hard_cut_min_chars_and_newline_favor(tok, tmp_path
     # A chunk's text is its tokens decoded, BOS included (as text-generation-webui decodes them).
     assert texts == ["<s>first part here", "<s>third part is long enough\n",
                      "<s>second file line one\nline two of the second file\n"]
+
+
+def test_raw_text_refuses_a_single_file_that_is_not_txt(tok, tmp_path):
+    # Raw text is "a .txt file, or a folder of them": a JSON dataset given as --raw-text would
+    # otherwise be chunked as text, braces and all.
+    ds = write_tiny_dataset(tmp_path / "d.json", n=3)
+    res = run("--tokenizer", tok, "--raw-text", ds)
+    assert res.exit_code == 2, res.output
+    assert f"--raw-text {ds}: not a .txt file" in res.stderr and res.stdout == ""
+    assert "--dataset" in res.stderr and "Traceback" not in res.output
+    # A folder is fine whatever else it holds: only its .txt files are read, so the folder
+    # with d.json and r.txt gives exactly the samples of r.txt alone.
+    raw = write_tiny_raw_text(tmp_path / "r.txt")
+    outputs = []
+    for path in (tmp_path, raw):
+        res = run("--tokenizer", tok, "--raw-text", path, "--cutoff-len", 32, "--overlap-len", 8,
+                  "--json", "--limit", 0)
+        assert res.exit_code == 0, res.output
+        outputs.append(res.stdout)
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) > 3

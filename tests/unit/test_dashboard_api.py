@@ -214,8 +214,8 @@ def _job_with_events(store: JobStore, events: EventLog, final: JobState | None =
 
 def test_events_json_history(client, store, events):
     job_id = _job_with_events(store, events)
-    body = client.get(f"/api/v1/jobs/{job_id}/events?format=json").get_json()
-    evs = body["events"]
+    evs = client.get(f"/api/v1/jobs/{job_id}/events?format=json").get_json()
+    assert isinstance(evs, list)  # the bare history, as the README's REST API table says
     assert [e["type"] for e in evs] == ["state", "state", "state", "train", "train", "train",
                                         "eval", "log"]
     assert [e["loss"] for e in evs if e["type"] == "train"] == pytest.approx([1.9, 1.8, 1.7])
@@ -223,7 +223,9 @@ def test_events_json_history(client, store, events):
     # ?after= gives only the newer events.
     after = evs[4]["id"]
     newer = client.get(f"/api/v1/jobs/{job_id}/events?format=json&after={after}").get_json()
-    assert [e["id"] for e in newer["events"]] == [e["id"] for e in evs[5:]]
+    assert [e["id"] for e in newer] == [e["id"] for e in evs[5:]]
+    last = evs[-1]["id"]
+    assert client.get(f"/api/v1/jobs/{job_id}/events?format=json&after={last}").get_json() == []
 
 
 def test_sse_replays_history_then_ends_for_a_finished_job(client, store, events):
@@ -234,7 +236,7 @@ def test_sse_replays_history_then_ends_for_a_finished_job(client, store, events)
     text = read_sse(resp, until=b"event: end")
     msgs = parse_sse(text)
     history = [e for e in msgs if "event" not in e]
-    stored = client.get(f"/api/v1/jobs/{job_id}/events?format=json").get_json()["events"]
+    stored = client.get(f"/api/v1/jobs/{job_id}/events?format=json").get_json()
     assert [m["id"] for m in history] == [e["id"] for e in stored]
     assert [m["data"] for m in history] == stored  # each message carries its stream id too
     assert msgs[-1]["event"] == "end"
@@ -243,7 +245,7 @@ def test_sse_replays_history_then_ends_for_a_finished_job(client, store, events)
 
 def test_sse_resumes_after_last_event_id(client, store, events):
     job_id = _job_with_events(store, events, final=JobState.FAILED)
-    stored = client.get(f"/api/v1/jobs/{job_id}/events?format=json").get_json()["events"]
+    stored = client.get(f"/api/v1/jobs/{job_id}/events?format=json").get_json()
     resp = client.get(f"/api/v1/jobs/{job_id}/events",
                       headers={"Last-Event-ID": stored[5]["id"]})
     msgs = parse_sse(read_sse(resp, until=b"event: end"))

@@ -1,0 +1,155 @@
+"""The CLI's user commands over real HTTP: the real dashboard app served on a loopback port,
+a real Redis behind it, and `lorafleet` run as a user would (`status`, `logs`, `--url`)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+from werkzeug.serving import make_server
+
+from dashboard.app import create_app
+from dispatcher.cli import main
+from dispatcher.client import JOBS_PAGE_SIZE, Client
+from dispatcher.embedded import free_port
+from dispatcher.events import EventLog
+from dispatcher.settings import Settings
+from dispatcher.states import JobState
+from dispatcher.store import JobStore
+
+N_JOBS = 520  # more than the API's default page (200) and more than one page of the client
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        self.t += 1
+        return self.t
+
+
+@pytest.fixture
+def url(tmp_path, redis_server, prefix):
+    """The dashboard, served over HTTP on a free loopback port for this test."""
+    s = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
+    s.paths.ensure()
+    server = make_server("127.0.0.1", 0, create_app({"LORAFLEET_SETTINGS": s, "TESTING": True}),
+                         threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(10)
+    server.server_close()
+
+
+@pytest.fixture
+def jobs(redis_client, prefix):
+    """520 jobs, one a second, newest first: every 4th is ada's, every 10th has succeeded."""
+    store = JobStore(redis_client, prefix, clock=Clock())
+    ids = []
+    for i in range(N_JOBS):
+        j = store.create("train", {"lora_name": f"lora-{i}"}, owner="ada" if i % 4 == 0 else "bo")
+        if i % 10 == 0:
+            store.transition(j, JobState.ASSIGNED, "a", worker="w")
+            store.transition(j, JobState.RUNNING, "r")
+            store.transition(j, JobState.SUCCEEDED, "done")
+        ids.append(j)
+    return store, ids[::-1]
+
+
+def cli(*args: str, env: dict[str, str | None] | None = None):
+    # LORAFLEET_URL unset unless a test sets it, so only the --url under test picks the dashboard.
+    return CliRunner().invoke(main, list(args), env={"LORAFLEET_URL": None, **(env or {})})
+
+
+def listed(output: str) -> list[str]:
+    return [j["id"] for j in json.loads(output)]
+
+
+def test_status_lists_every_job_past_the_first_page(url, jobs):
+    _, newest = jobs
+    assert N_JOBS > JOBS_PAGE_SIZE
+    res = cli("status", "--json", "--url", url)
+    assert res.exit_code == 0, res.output
+    assert listed(res.stdout) == newest
+    table = cli("status", "--url", url).stdout.splitlines()
+    assert table[0].split()[:3] == ["ID", "STATE", "OWNER"]
+    assert [line.split()[0] for line in table[1:]] == newest
+
+
+def test_status_filters_by_owner_and_state_on_the_dashboard(url, jobs):
+    store, newest = jobs
+    owner = {j: store.get(j)["owner"] for j in newest}
+    state = {j: store.get(j)["state"] for j in newest}
+    res = cli("status", "--json", "--owner", "ada", "--url", url)
+    assert res.exit_code == 0, res.output
+    assert listed(res.stdout) == [j for j in newest if owner[j] == "ada"]
+    assert len(listed(res.stdout)) == N_JOBS // 4
+    res = cli("status", "--json", "--owner", "ada", "--state", "succeeded", "--url", url)
+    assert listed(res.stdout) == [j for j in newest
+                                  if owner[j] == "ada" and state[j] == "succeeded"]
+    # Comma-separated lists, as the API takes them.
+    res = cli("status", "--json", "--state", "queued,succeeded", "--owner", "bo,ada",
+              "--url", url)
+    assert listed(res.stdout) == newest
+    res = cli("status", "--json", "--owner", "nobody", "--url", url)
+    assert res.exit_code == 0 and json.loads(res.stdout) == []
+
+
+def test_status_refuses_an_unknown_state_or_filters_with_a_job(url, jobs):
+    res = cli("status", "--state", "done", "--url", url)
+    assert res.exit_code == 2 and res.stdout == ""
+    assert "--state" in res.stderr and "done: use queued, assigned, running" in res.stderr
+    res = cli("status", jobs[1][0], "--owner", "ada", "--url", url)
+    assert res.exit_code == 2 and "give them without a JOB" in res.stderr
+
+
+def test_client_pages_through_a_filtered_list(url, jobs):
+    store, newest = jobs
+    ada = [j for j in newest if store.get(j)["owner"] == "ada"]
+    client = Client(url)
+    # 130 matches in pages of 50: three requests, the last one short.
+    assert [j["id"] for j in client.jobs(owner="ada", page_size=50)] == ada
+    page = client.jobs_page(limit=50, offset=100, owner="ada")
+    assert page["total"] == len(ada) and [j["id"] for j in page["jobs"]] == ada[100:]
+    assert [j["id"] for j in client.jobs(page_size=1000)] == newest
+
+
+def test_url_before_or_after_the_command(url, jobs):
+    _, newest = jobs
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for args in (["--url", url, "status", "--json"],          # before the command
+                 ["status", "--json", "--url", url],          # after it, as before
+                 ["--url", dead, "status", "--json", "--url", url]):  # the command's own wins
+        res = cli(*args)
+        assert res.exit_code == 0, (args, res.output)
+        assert listed(res.stdout) == newest, args
+    res = cli("--url", url, "status", "--url", dead)
+    assert res.exit_code == 2 and f"cannot reach the dashboard at {dead}/api/v1" in res.stderr
+    # Without any --url, $LORAFLEET_URL; a --url before the command beats it.
+    res = cli("status", "--json", env={"LORAFLEET_URL": url})
+    assert res.exit_code == 0 and listed(res.stdout) == newest
+    res = cli("--url", dead, "status", env={"LORAFLEET_URL": url})
+    assert res.exit_code == 2 and dead in res.stderr
+
+
+def test_logs_reads_the_history_list(url, redis_client, prefix):
+    store = JobStore(redis_client, prefix)
+    events = EventLog(redis_client, prefix)
+    job = store.create("train", {"lora_name": "x"}, "local")
+    store.transition(job, JobState.ASSIGNED, "placed", worker="w0")
+    store.transition(job, JobState.RUNNING, "started")
+    for step in (1, 2):
+        events.append(job, "train", step=step, total_steps=2, loss=2.0 - step / 4)
+    events.append(job, "log", line="saving the LoRA")
+    store.transition(job, JobState.SUCCEEDED, "done")
+    res = cli("--url", url, "logs", job)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        "state: queued (submitted)", "state: assigned (placed)", "state: running (started)",
+        "step 1/2 loss 1.7500", "step 2/2 loss 1.5000", "saving the LoRA",
+        "state: succeeded (done)"]
