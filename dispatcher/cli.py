@@ -47,24 +47,47 @@ def main(url: str | None) -> None:
 
 
 def _detect_gpus() -> list[int]:
-    """Physical card indices, found without initialising CUDA (NVML, then nvidia-smi)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    """Physical card indices this process may use, found without initialising CUDA (NVML,
+    then nvidia-smi), filtered by CUDA_VISIBLE_DEVICES."""
+    cards: dict[int, str] = {}  # index -> UUID
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        found = list(range(pynvml.nvmlDeviceGetCount()))
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            uuid = pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i))
+            cards[i] = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
     except Exception:
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=20, check=True).stdout
-            found = [int(x) for x in out.split()]
+            for line in out.splitlines():
+                index, _, uuid = line.partition(",")
+                cards[int(index)] = uuid.strip()
         except Exception:
-            found = []
-    if visible is not None and visible.strip():
-        allowed = {int(x) for x in visible.split(",") if x.strip().isdigit()}
-        found = [i for i in found if i in allowed]
-    return found
+            cards = {}
+    return visible_cards(cards, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def visible_cards(cards: dict[int, str], visible: str | None) -> list[int]:
+    """The cards of `cards` (index -> UUID) that CUDA_VISIBLE_DEVICES = `visible` lets through.
+
+    As CUDA reads it: unset means every card, set but empty means none; entries are indices or
+    UUIDs (a unique prefix such as ``GPU-8a3f`` is enough), and the list ends at the first entry
+    that names no card. Indices come back in the order the variable gives them."""
+    if visible is None:
+        return sorted(cards)
+    chosen: list[int] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit() and int(entry) in cards:
+            match = [int(entry)]
+        else:
+            match = [i for i, uuid in cards.items() if entry and uuid.startswith(entry)]
+        if len(match) != 1:
+            break
+        if match[0] not in chosen:
+            chosen.append(match[0])
+    return chosen
 
 
 def parse_gpus(value: str) -> list[int | None]:

@@ -153,3 +153,17 @@ def test_logs_reads_the_history_list(url, redis_client, prefix):
         "state: queued (submitted)", "state: assigned (placed)", "state: running (started)",
         "step 1/2 loss 1.7500", "step 2/2 loss 1.5000", "saving the LoRA",
         "state: succeeded (done)"]
+
+
+def test_visible_cards_reads_cuda_visible_devices_as_cuda_does():
+    from dispatcher.cli import visible_cards
+
+    cards = {0: "GPU-aaaa-1111", 1: "GPU-bbbb-2222", 2: "GPU-bbbc-3333"}
+    assert visible_cards(cards, None) == [0, 1, 2]
+    assert visible_cards(cards, "") == [] and visible_cards(cards, " ") == []
+    assert visible_cards(cards, "2,0") == [2, 0]
+    assert visible_cards(cards, "GPU-bbbb-2222,GPU-aaaa") == [1, 0]
+    # An ambiguous prefix or a missing card ends the list there, as CUDA does.
+    assert visible_cards(cards, "0,GPU-bbb,1") == [0]
+    assert visible_cards(cards, "1,7,2") == [1]
+    assert visible_cards({}, "0") == []
