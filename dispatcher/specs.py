@@ -338,7 +338,11 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
                 bad("format", problem)
             else:
                 s.format = fmt.stem
-    if s.eval_dataset.strip():
+    if s.eval_dataset.strip() and has_raw and not has_dataset:
+        # It would be formatted with the training set's format file, and raw text has none.
+        bad("eval_dataset", "works with a dataset and its format, not with raw text; to score "
+                            "a held-out text, queue a perplexity job")
+    elif s.eval_dataset.strip():
         rel, err = resolve_data_name(s.eval_dataset, paths.datasets, DATASET_EXTS, allow_dir=False)
         if err:
             bad("eval_dataset", err)

@@ -83,6 +83,8 @@ def test_form_text_is_coerced(paths):
     ({"overlap_len": 256, "dataset": "", "format": "", "raw_text_file": "notes"}, "overlap_len",
      "less than cutoff_len (256)"),
     ({"dataset": "", "format": ""}, "dataset", "raw_text_file"),
+    ({"dataset": "", "format": "", "raw_text_file": "notes", "eval_dataset": "d"},
+     "eval_dataset", "not with raw text"),
     ({"base_model": "nope"}, "base_model", "not found"),
     ({"base_model": "not-a-model"}, "base_model", "config.json"),
     ({"base_model": "/etc"}, "base_model", "no absolute paths"),
