@@ -296,3 +296,54 @@ def test_without_newline_favor_every_token_of_every_kept_part_is_covered(
         add_eos_token=eos,
     )
     assert texts_out == [tok.decode(ids) for ids in chunks if tok.decode(ids).strip()]
+
+
+# -- the issue's rules, restated ----------------------------------------------------------------
+
+
+def reference_chunks(text, tok, cutoff, overlap, favor, cut, min_chars, eos) -> list[str]:
+    """The raw-text steps as the issue words them, written out plainly and independently of
+    formats/rawtext.py (no shared helper), so the two can be compared on any input."""
+    text = text.replace("\r", "")
+    out = []
+    for part in text.split(cut) if cut else [text]:
+        if part.strip() == "" or len(part.strip()) < min_chars:
+            continue
+        ids = tok(part)["input_ids"]
+        if eos:
+            ids = ids + [tok.eos_token_id]
+        step = cutoff - overlap
+        previous: list[int] = []
+        for start in range(0, len(ids), step):
+            piece = ids[start:start + step]
+            chunk = (previous[max(0, len(previous) - overlap):] if overlap else []) + piece
+            previous = chunk
+            chunk_text = tok.decode(chunk)
+            if favor > 0 and "\n" in chunk_text:
+                first = chunk_text.find("\n")
+                if first < favor:
+                    chunk_text = chunk_text[first + 1:]
+                last = chunk_text.rfind("\n")
+                if last != -1 and len(chunk_text) - last < favor:
+                    chunk_text = chunk_text[:last]
+            if chunk_text.strip():
+                out.append(chunk_text)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    text=st.text(alphabet="ab \n|\r", max_size=160),
+    cut=cuts,
+    sizes=lengths,
+    favor=st.integers(0, 12),
+    min_chars=st.integers(0, 4),
+    eos=st.booleans(),
+)
+def test_chunks_equal_the_restated_rules(text, cut, sizes, favor, min_chars, eos) -> None:
+    tok = bpe_tokenizer()
+    cutoff, overlap = sizes
+    ours = raw_text_chunks(text.replace("\r", ""), tok, cutoff_len=cutoff, overlap_len=overlap,
+                           newline_favor_len=favor, hard_cut=cut, min_chars=min_chars,
+                           add_eos_token=eos)
+    assert ours == reference_chunks(text, tok, cutoff, overlap, favor, cut, min_chars, eos)
