@@ -62,7 +62,7 @@ class TrainSpec:
     newline_favor_len: int = _f(128, "Raw text: move chunk edges to a newline within this many characters.")
     higher_rank_limit: bool = _f(False, "Allow ranks up to 2048 (instead of 1024).")
     warmup_steps: int = _f(100, "Optimizer steps of learning-rate warm-up at the start.")
-    optimizer: str = _f("adamw_torch", "Optimizer.", choices=OPTIMIZERS)
+    optimizer: str = _f("adamw_torch", "How weights are updated; adamw_torch is the usual choice, the 8-bit and paged ones save memory (CUDA only).", choices=OPTIMIZERS)
     hard_cut_string: str = _f("\\n\\n\\n", "Raw text: split the text at this string (\\n means a newline); no chunk crosses it.")
     train_only_after: str = _f("", "Train only on the text after this string in each sample (e.g. 'Assistant:').")
     stop_at_loss: float = _f(0.0, "Stop once the loss reaches this value (0 = never).")
