@@ -138,20 +138,28 @@
   });
 
   // A preview takes a dataset with its format, or a raw text: picking one clears the other.
+  // The raw-text settings (chunking) are shown, and sent, only while a raw text is chosen.
   const dsSelect = previewForm.querySelector('select[name="dataset"]');
   const rawSelect = previewForm.querySelector('select[name="raw_text_file"]');
-  dsSelect.addEventListener("change", () => { if (dsSelect.value) rawSelect.value = ""; });
-  rawSelect.addEventListener("change", () => { if (rawSelect.value) dsSelect.value = ""; });
+  const RAW_FIELDS = ["overlap_len", "newline_favor_len", "hard_cut_string", "min_chars"];
+  function showRawFields() {
+    previewForm.querySelectorAll("[data-raw-only]").forEach((f) => { f.hidden = !rawSelect.value; });
+  }
+  dsSelect.addEventListener("change", () => { if (dsSelect.value) rawSelect.value = ""; showRawFields(); });
+  rawSelect.addEventListener("change", () => { if (rawSelect.value) dsSelect.value = ""; showRawFields(); });
 
   previewForm.addEventListener("submit", (e) => {
     e.preventDefault();
     const values = {};
-    ["model", "dataset", "format", "raw_text_file", "cutoff_len", "train_only_after", "limit"]
-      .forEach((n) => { values[n] = previewForm.querySelector(`[name="${n}"]`).value; });
+    const names = ["model", "dataset", "format", "raw_text_file", "cutoff_len", "train_only_after",
+                   "limit"];
+    if (rawSelect.value) names.push(...RAW_FIELDS);
+    names.forEach((n) => { values[n] = previewForm.querySelector(`[name="${n}"]`).value; });
     if (!values.dataset) values.format = "";
     values.add_eos_token = previewForm.querySelector('[name="add_eos_token"]').checked;
     LFPreview.run(previewApi, values, previewResults, previewStatus, previewButton);
   });
 
   renderListing(JSON.parse(document.getElementById("datasets-listing").textContent));
+  showRawFields();  // a reload may bring back a chosen raw text
 })();

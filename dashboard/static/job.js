@@ -183,12 +183,16 @@
     }, lrData(), el);
   }
 
+  // The number of non-empty values of series `i` that a plot holds (0 without a plot).
+  function drawnPoints(plot, i) {
+    return plot ? plot.data[i].filter((v) => v !== null && v !== undefined).length : 0;
+  }
+
   function drawCharts() {
     const lossEl = $("loss-chart"), lrEl = $("lr-chart");
     if (!lossEl) return;  // evaluation and generation jobs have no training charts
     const ld = lossData(), rd = lrData();
-    const lossPoints = ld[1].filter((v) => v !== null).length;
-    const evalPoints = ld[2].filter((v) => v !== null).length;
+    // Without uPlot (its script failed to load) nothing is drawn, and the counts stay at 0.
     if (ld[0].length && typeof uPlot !== "undefined") {
       if (!lossPlot) lossPlot = makeLossPlot(lossEl); else lossPlot.setData(ld);
     }
@@ -197,9 +201,10 @@
     }
     document.getElementById("loss-empty").hidden = ld[0].length > 0;
     document.getElementById("lr-empty").hidden = rd[0].length > 0;
-    lossEl.dataset.points = String(lossPoints);
-    lossEl.dataset.evalPoints = String(evalPoints);
-    lrEl.dataset.points = String(rd[0].length);
+    // What the charts hold, not what arrived: the page's own record of points drawn.
+    lossEl.dataset.points = String(drawnPoints(lossPlot, 1));
+    lossEl.dataset.evalPoints = String(drawnPoints(lossPlot, 2));
+    lrEl.dataset.points = String(drawnPoints(lrPlot, 1));
   }
 
   window.addEventListener("resize", () => {

@@ -1,10 +1,12 @@
 """The dashboard in a real headless Chromium (Debian's package), against real processes:
-submit the New job form, watch points appear on the loss chart, see the job succeed."""
+submit the New job form, watch points appear live on the loss chart, see the job succeed; stop a
+running job and download what it saved."""
 
 from __future__ import annotations
 
 import re
 import time
+import zipfile
 
 import pytest
 
@@ -20,6 +22,7 @@ def fleet(redis_server, tmp_path_factory):
     f = FleetProcs(home, redis_server, prefix=f"br{time.monotonic_ns()}")
     make_tiny_model(f.settings.paths.models / "tiny")
     write_tiny_dataset(f.settings.paths.datasets / "tiny.json")
+    write_tiny_dataset(f.settings.paths.datasets / "tiny-eval.json", n=4)  # quick to score
     f.start_dispatcher()
     f.start_worker("bw1")
     f.start_dashboard()
@@ -38,26 +41,99 @@ def _fill_form(page, **values):
             el.fill(str(value))
 
 
+# Installed before the job page's own scripts: every time job.js changes the loss chart's
+# point count, note it with what the page showed at that moment, so a test can tell points
+# that arrived live (state "running") from points replayed after the job ended.
+RECORD_CHART_UPDATES = """
+document.addEventListener("DOMContentLoaded", () => {
+  const chart = document.querySelector("[data-testid='loss-chart']");
+  if (!chart) return;
+  const text = (id) => document.querySelector(`[data-testid='${id}']`).textContent.trim();
+  window.chartUpdates = [];
+  new MutationObserver(() => window.chartUpdates.push({
+    points: Number(chart.dataset.points), state: text("job-state"), step: text("stat-step"),
+    epoch: text("stat-epoch"), tokens: text("stat-tokens"), eta: text("stat-eta"),
+  })).observe(chart, { attributes: true, attributeFilter: ["data-points"] });
+});
+"""
+
+# Pixels of a chart's canvas drawn in about this colour (what job.js gives each series).
+COUNT_PIXELS = """([selector, rgb]) => {
+  const canvas = document.querySelector(selector + " canvas");
+  if (!canvas || !canvas.width || !canvas.height) return -1;
+  const d = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    if (d[i + 3] > 200 && Math.abs(d[i] - rgb[0]) < 40 && Math.abs(d[i + 1] - rgb[1]) < 40
+        && Math.abs(d[i + 2] - rgb[2]) < 40) n++;
+  }
+  return n;
+}"""
+LOSS_BLUE, EVAL_PINK, LR_GREEN = (37, 99, 235), (252, 165, 165), (5, 150, 105)
+
+
+def _data(page, testid: str, attr: str) -> int:
+    return int(page.locator(f"[data-testid='{testid}']").get_attribute(f"data-{attr}"))
+
+
 def test_submit_form_watch_chart_and_success(fleet, page):
+    epochs, eval_steps = 6, 8
+    page.add_init_script(RECORD_CHART_UPDATES)
     page.goto(fleet.url + "/jobs/new")
     _fill_form(page, lora_name="browser-lora", base_model="tiny", dataset="tiny.json",
                format="alpaca-format", lora_rank=4, lora_alpha=8, micro_batch_size=2,
-               batch_size=4, epochs=6, learning_rate="1e-3", cutoff_len=64, warmup_steps=0)
+               batch_size=4, epochs=epochs, learning_rate="1e-3", cutoff_len=64, warmup_steps=0,
+               eval_dataset="tiny-eval.json", eval_steps=eval_steps)
     page.locator("[data-testid='submit-job']").click()
     page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{12}$"), timeout=15000)
     job_id = page.url.rstrip("/").split("/")[-1]
     assert len(job_id) == 12
 
-    chart = page.locator("[data-testid='loss-chart']")
-    # Points arrive through Server-Sent Events while the job runs.
-    page.wait_for_function(
-        "() => Number(document.querySelector(\"[data-testid='loss-chart']\")"
-        ".dataset.points || 0) >= 2", timeout=180000)
     page.wait_for_function(
         "() => document.querySelector(\"[data-testid='job-state']\").textContent"
         ".trim() === 'succeeded'", timeout=180000)
     total = fleet.store.get(job_id)["total_steps"]
-    assert int(chart.get_attribute("data-points")) == total
+    assert total == epochs * 24 // 4  # 24 rows, 4 per optimizer step
+    # The last events may still be waiting for the page's next redraw (30 ms).
+    page.wait_for_function(
+        f"() => Number(document.querySelector(\"[data-testid='loss-chart']\")"
+        f".dataset.points) === {total}", timeout=10000)
+
+    # Points arrived through Server-Sent Events while the job ran, not only afterwards, and the
+    # stats moved with them.
+    updates = page.evaluate("window.chartUpdates")
+    live = [u for u in updates if u["state"] == "running" and 0 < u["points"] < total]
+    assert len({u["points"] for u in live}) >= 2, f"no live points: {updates}"
+    for u in live:
+        assert re.fullmatch(rf"{u['points']} / {total}", u["step"]), u
+        assert re.fullmatch(r"\d+\.\d\d", u["epoch"]) and 0 < float(u["epoch"]) <= epochs, u
+        assert int(re.sub(r"\D", "", u["tokens"]) or 0) > 0, u  # digits, grouped by locale
+        assert re.fullmatch(r"\d+:\d\d", u["eta"]), u  # m:ss to go
+    assert [u["points"] for u in updates] == sorted(u["points"] for u in updates)
+
+    # Both charts are uPlot canvases with their series drawn, one point per step; the eval loss
+    # is a dot every eval_steps steps and one at the end.
+    evals = len([s for s in range(1, total + 1) if s % eval_steps == 0 or s == total])
+    assert _data(page, "loss-chart", "points") == total
+    assert _data(page, "lr-chart", "points") == total
+    assert _data(page, "loss-chart", "eval-points") == evals
+    for chart, colour in (("#loss-chart", LOSS_BLUE), ("#loss-chart", EVAL_PINK),
+                          ("#lr-chart", LR_GREEN)):
+        assert page.locator(f"{chart} canvas").count() == 1
+        assert page.evaluate(COUNT_PIXELS, [chart, list(colour)]) > 10, (chart, colour)
+    assert page.locator("#loss-empty").is_hidden() and page.locator("#lr-empty").is_hidden()
+
+    stat = lambda name: page.locator(f"[data-testid='stat-{name}']").inner_text().strip()  # noqa: E731
+    assert stat("step") == f"{total} / {total}"
+    assert stat("epoch") == f"{epochs:.2f}"
+    assert int(re.sub(r"\D", "", stat("tokens")) or 0) > 0
+    assert stat("eta") == "—"  # nothing left to wait for
+    log = page.locator("[data-testid='log-tail']")
+    assert int(log.get_attribute("data-lines")) > 0
+    lines = log.locator(".line").all_inner_texts()
+    assert any("state → running" in ln for ln in lines)
+    assert any(f"eval at step {total}: loss" in ln for ln in lines)
+    assert any("Done! LoRA saved to loras/browser-lora/" in ln for ln in lines)
     page.screenshot(path=str(fleet.home / "job-page.png"), full_page=True)
 
     # A reload redraws the whole curve from the Redis Stream.
@@ -65,6 +141,8 @@ def test_submit_form_watch_chart_and_success(fleet, page):
     page.wait_for_function(
         f"() => Number(document.querySelector(\"[data-testid='loss-chart']\")"
         f".dataset.points || 0) === {total}", timeout=30000)
+    assert _data(page, "lr-chart", "points") == total
+    assert _data(page, "loss-chart", "eval-points") == evals
     assert page.locator("[data-testid='download-lora']").is_visible()
 
     # Try it: a prompt answered by the base model and by base + this LoRA, on this page.
@@ -89,6 +167,57 @@ def test_submit_form_watch_chart_and_success(fleet, page):
 
     page.goto(fleet.url + "/fleet")
     assert "bw1" in page.locator("body").inner_text()
+
+
+def test_stop_a_running_job_keeps_the_incomplete_lora(fleet, page, tmp_path):
+    page.goto(fleet.url + "/jobs/new")
+    # 300 epochs (1800 steps) would take minutes: the job is surely still running when stopped.
+    _fill_form(page, lora_name="stopped-lora", base_model="tiny", dataset="tiny.json",
+               format="alpaca-format", lora_rank=4, lora_alpha=8, micro_batch_size=2,
+               batch_size=4, epochs=300, learning_rate="1e-3", cutoff_len=64, warmup_steps=0)
+    page.locator("[data-testid='submit-job']").click()
+    page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{12}$"), timeout=15000)
+    job_id = page.url.rstrip("/").split("/")[-1]
+    page.wait_for_function(
+        "() => document.querySelector(\"[data-testid='job-state']\").textContent.trim()"
+        " === 'running' && Number(document.querySelector(\"[data-testid='loss-chart']\")"
+        ".dataset.points) >= 2", timeout=120000)
+    stop = page.locator("[data-testid='stop-button']")
+    assert stop.inner_text().strip() == "Stop"
+    assert page.locator("[data-testid='download-lora']").is_hidden()
+    stop.click()
+
+    page.wait_for_function(
+        "() => document.querySelector(\"[data-testid='job-state']\").textContent"
+        ".trim() === 'cancelled'", timeout=60000)
+    rec = fleet.store.get(job_id)
+    assert rec["state"] == "cancelled"
+    steps, total = rec["result"]["steps"], rec["result"]["total_steps"]
+    assert 2 <= steps < total == 1800
+    reason = page.locator("[data-testid='job-reason']")
+    assert reason.is_visible()
+    assert reason.inner_text().strip() == "stopped by the user; the incomplete LoRA was saved"
+    assert stop.is_hidden()
+    assert page.locator("[data-testid='stop-requested']").is_hidden()
+    # The chart holds the steps that were trained and no more.
+    page.wait_for_function(
+        f"() => Number(document.querySelector(\"[data-testid='loss-chart']\")"
+        f".dataset.points) === {steps}", timeout=10000)
+    log = page.locator("[data-testid='log-tail']")
+    log.locator(".line", has_text="Incomplete LoRA saved to loras/stopped-lora/").wait_for()
+    assert log.locator(".line", has_text="stop requested").count() == 1
+
+    # The saved adapter is offered for download (and to try), and the zip holds it.
+    download = page.locator("[data-testid='download-lora']")
+    download.wait_for(state="visible", timeout=10000)
+    assert page.locator("[data-testid='try-it']").is_visible()
+    with page.expect_download() as info:
+        download.click()
+    path = tmp_path / "stopped-lora.zip"
+    info.value.save_as(path)
+    with zipfile.ZipFile(path) as zf:
+        names = {n.split("/")[-1] for n in zf.namelist()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "training_log.json"} <= names
 
 
 def test_form_shows_field_errors_and_queues_nothing(fleet, page):

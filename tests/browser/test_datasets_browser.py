@@ -1,5 +1,6 @@
 """The Datasets page in a real headless Chromium against a real dashboard process: upload a good
-and a bad dataset, preview samples, and preview from the New job form."""
+and a bad dataset, preview samples (of a dataset, and of a raw text with its chunking settings),
+and preview from the New job form."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from tests.fleetproc import FleetProcs
-from tests.tiny import make_tiny_model, tiny_rows, write_tiny_dataset
+from tests.tiny import CORPUS, make_tiny_model, tiny_rows, write_tiny_dataset
 
 pytestmark = pytest.mark.browser
 
@@ -119,3 +120,94 @@ def test_new_job_form_previews_its_data(fleet, page):
         "() => { const e = document.querySelector(\"[data-testid='job-preview'] "
         "[data-testid='preview-error']\"); return e && e.textContent.includes('format'); }",
         timeout=10000)
+
+
+def test_raw_text_preview_follows_its_chunking_settings(fleet, page):
+    """The raw-text fields appear with a raw text, and each of them changes the samples: the
+    page shows exactly what formats.preview gives for the settings typed in."""
+    from transformers import AutoTokenizer
+
+    import formats
+
+    blocks = CORPUS.splitlines()
+    text = "\n\n\n".join(["\n".join(blocks[0:5]), "\n".join(blocks[5:9]), "Short note.",
+                          "\n".join(blocks[9:])]) + "\n"
+    story = fleet.settings.paths.datasets / "story.txt"
+    story.write_text(text)
+    tok = AutoTokenizer.from_pretrained(fleet.settings.paths.models / "tiny")
+    defaults = {"cutoff_len": 256, "overlap_len": 128, "newline_favor_len": 128,
+                "hard_cut_string": "\\n\\n\\n", "min_chars": 0}
+
+    def expected(**settings) -> tuple[int, int, list[int]]:
+        """(samples, tokens, tokens of each sample) that these settings give."""
+        got = formats.preview(tokenizer=tok, raw_text_path=str(story), add_eos_token=False,
+                              train_only_after="", **{**defaults, **settings})
+        return got.stats.samples, got.stats.tokens, [len(s["input_ids"]) for s in got.samples]
+
+    form = page.locator(tid("preview-form"))
+    results = page.locator(tid("preview-results"))
+    raw_fields = ("overlap_len", "newline_favor_len", "hard_cut_string", "min_chars")
+
+    def preview(**values) -> tuple[int, int, list[int]]:
+        for name, value in values.items():
+            form.locator(f"[name='{name}']").fill(str(value))
+        results.evaluate("box => box.replaceChildren()")  # so the next stats are the new ones
+        page.locator(tid("preview-run")).click()
+        results.locator(f"{tid('preview-stats')}, {tid('preview-error')}").wait_for(timeout=60000)
+        error = results.locator(tid("preview-error"))
+        assert not error.count(), error.inner_text()
+        stats = results.locator(tid("preview-stats"))
+        return (int(stats.get_attribute("data-samples")), int(stats.get_attribute("data-tokens")),
+                results.locator(tid("preview-sample")).evaluate_all(
+                    "els => els.map(e => Number(e.dataset.tokens))"))
+
+    def texts() -> str:
+        return "\n".join(results.locator(".sample-text").all_inner_texts())
+
+    page.goto(fleet.url + "/datasets")
+    form.locator("[name='model']").select_option("tiny")
+    form.locator("[name='limit']").fill("200")  # every sample, to compare them all
+    form.locator("[name='dataset']").select_option("tiny.json")
+    for name in raw_fields:
+        assert form.locator(f"[name='{name}']").is_hidden(), name
+    form.locator("[name='raw_text_file']").select_option("story.txt")
+    assert form.locator("[name='dataset']").input_value() == ""
+    for name in raw_fields:
+        field = form.locator(f"[name='{name}']")
+        assert field.is_visible(), name
+        assert field.input_value() == str(defaults[name]), name
+
+    # The defaults: a hard cut at three newlines keeps the short block as a sample of its own.
+    assert preview() == expected()
+    assert "Short note." in texts()
+
+    # Shorter chunks, no newline favouring, and blocks under 20 characters dropped. Each
+    # setting counts: with any one of them at another value the samples differ.
+    changed = {"cutoff_len": 32, "overlap_len": 8, "newline_favor_len": 0, "min_chars": 20}
+    want = expected(**changed)
+    for name, other in (("cutoff_len", 48), ("overlap_len", 0), ("newline_favor_len", 128),
+                        ("min_chars", 0)):
+        assert expected(**{**changed, name: other}) != want, name
+    assert preview(**changed) == want
+    assert want[0] > expected()[0]
+    assert "Short note." not in texts()
+
+    # A typed \n is a newline: a hard cut at every line.
+    lines = {**defaults, "hard_cut_string": "\\n"}
+    assert expected(**lines) != expected()
+    assert preview(**lines) == expected(**lines)
+    assert "Short note." in texts()
+
+    # Settings the server refuses come back as a message naming the field.
+    form.locator("[name='cutoff_len']").fill("32")
+    form.locator("[name='overlap_len']").fill("40")
+    page.locator(tid("preview-run")).click()
+    page.wait_for_function(
+        "() => { const e = document.querySelector(\"[data-testid='preview-error']\");"
+        " return e && e.textContent.includes('overlap_len'); }", timeout=10000)
+
+    # A dataset has no chunking: the fields go away again.
+    form.locator("[name='dataset']").select_option("tiny.json")
+    assert form.locator("[name='raw_text_file']").input_value() == ""
+    for name in raw_fields:
+        assert form.locator(f"[name='{name}']").is_hidden(), name

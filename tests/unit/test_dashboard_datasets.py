@@ -286,3 +286,35 @@ def test_datasets_page_and_new_job_preview_button(client):
     html = client.get("/jobs/new").get_data(as_text=True)
     assert 'data-testid="job-preview-run"' in html and 'data-testid="job-preview"' in html
     assert 'data-preview-api="/api/v1/datasets/preview"' in html
+
+
+def test_preview_form_offers_the_raw_text_settings_at_their_defaults(client):
+    """overlap_len, newline_favor_len, hard_cut_string and min_chars are in the preview form,
+    hidden until a raw text is chosen (datasets.js shows them), with the job spec's defaults."""
+    from html.parser import HTMLParser
+
+    from dispatcher.specs import default_spec
+
+    class Fields(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.wrappers: dict[str, dict] = {}
+            self.inputs: dict[str, dict] = {}
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "div" and "data-raw-only" in a:
+                self.wrappers[a["data-testid"]] = a
+            elif tag == "input" and a.get("name"):
+                self.inputs[a["name"]] = a
+
+    page = Fields()
+    page.feed(client.get("/datasets").get_data(as_text=True))
+    defaults = default_spec()
+    names = ("overlap_len", "newline_favor_len", "hard_cut_string", "min_chars")
+    assert sorted(page.wrappers) == sorted(f"preview-field-{n}" for n in names)
+    assert all("hidden" in w for w in page.wrappers.values())
+    for name in names:
+        assert page.inputs[name]["value"] == str(defaults[name]), name
+    assert page.inputs["hard_cut_string"]["value"] == "\\n\\n\\n"  # typed form: backslash-n
+    assert page.inputs["overlap_len"]["type"] == "number"

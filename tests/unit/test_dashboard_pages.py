@@ -137,8 +137,9 @@ def test_job_page_shows_state_params_and_controls(client, store, redis_client, p
     download = page.find("a", data_testid="download-lora")
     assert download and "hidden" in download[0]
     chart = page.find(data_testid="loss-chart")
-    assert chart and chart[0]["data-points"] == "0"
-    assert page.find(data_testid="lr-chart")
+    assert chart and chart[0]["data-points"] == "0" and chart[0]["data-eval-points"] == "0"
+    lr_chart = page.find(data_testid="lr-chart")
+    assert lr_chart and lr_chart[0]["data-points"] == "0"
     assert page.find(data_testid="log-tail")
     assert page.find(data_testid="params-table")
     assert page.find("tr", data_param="lora_rank")
@@ -208,7 +209,7 @@ def test_fleet_shows_what_each_card_runs_and_whose_it_is(client, redis_client, p
     assert row["job_owner"] == "ada" and row["job_name"] == "ada-lora"
 
 
-@pytest.mark.parametrize("path", ["/", "/jobs/new", "/fleet"])
+@pytest.mark.parametrize("path", ["/", "/jobs/new", "/fleet", "/datasets"])
 def test_pages_load_only_local_assets(client, path):
     page = Elements(client.get(path).get_data(as_text=True))
     srcs = [a.get("src") for t, a in page.tags if t == "script" and a.get("src")]
@@ -224,6 +225,8 @@ def test_vendored_uplot_is_served(client, store):
     page = Elements(client.get(f"/jobs/{job_id}").get_data(as_text=True))
     srcs = [a.get("src") for t, a in page.tags if t == "script" and a.get("src")]
     assert "/static/vendor/uPlot.iife.min.js" in srcs
+    # uPlot is loaded before the page's script that draws with it.
+    assert srcs.index("/static/vendor/uPlot.iife.min.js") < srcs.index("/static/job.js")
     js = client.get("/static/vendor/uPlot.iife.min.js")
     assert js.status_code == 200 and b"uPlot" in js.data
     assert client.get("/static/vendor/uPlot.min.css").status_code == 200
