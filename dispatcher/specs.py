@@ -289,9 +289,12 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
         bad("cutoff_len", "must be between 8 and 131072 tokens")
     if s.overlap_len < 0:
         bad("overlap_len", "must be 0 or more")
-    elif s.overlap_len >= s.cutoff_len and s.raw_text_file.strip():
-        # Overlap only shapes raw-text chunks, so a dataset job is not refused for it.
-        bad("overlap_len", f"must be less than cutoff_len ({s.cutoff_len})")
+    elif s.overlap_len >= s.cutoff_len:
+        # Refused for every job, as the issue lists it among bad values: a dataset job does not
+        # use the overlap, but a copy of its parameters onto raw text would not run.
+        bad("overlap_len", f"must be less than cutoff_len ({s.cutoff_len})"
+            + ("" if s.raw_text_file.strip() else "; it shapes raw-text chunks only, so for a "
+               "dataset lower it to anything below cutoff_len"))
     if s.newline_favor_len < 0:
         bad("newline_favor_len", "must be 0 or more")
     for name in ("save_steps", "warmup_steps", "min_chars"):

@@ -139,7 +139,7 @@ def small_spec(**over: Any) -> dict[str, Any]:
     spec = {
         "lora_name": "tiny-lora", "base_model": "tiny", "dataset": "tiny", "format": "alpaca-format",
         "lora_rank": 4, "lora_alpha": 8, "micro_batch_size": 2, "batch_size": 4, "epochs": 1,
-        "learning_rate": "1e-3", "cutoff_len": 64, "warmup_steps": 0, "lr_scheduler_type": "linear",
+        "learning_rate": "1e-3", "cutoff_len": 64, "overlap_len": 32, "warmup_steps": 0, "lr_scheduler_type": "linear",
     }
     spec.update(over)
     return spec

@@ -82,7 +82,8 @@ def test_submit_form_watch_chart_and_success(fleet, page):
     page.goto(fleet.url + "/jobs/new")
     _fill_form(page, lora_name="browser-lora", base_model="tiny", dataset="tiny.json",
                format="alpaca-format", lora_rank=4, lora_alpha=8, micro_batch_size=2,
-               batch_size=4, epochs=epochs, learning_rate="1e-3", cutoff_len=64, warmup_steps=0,
+               batch_size=4, epochs=epochs, learning_rate="1e-3", cutoff_len=64, overlap_len=32,
+               warmup_steps=0,
                eval_dataset="tiny-eval.json", eval_steps=eval_steps)
     page.locator("[data-testid='submit-job']").click()
     page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{12}$"), timeout=15000)
@@ -174,7 +175,8 @@ def test_stop_a_running_job_keeps_the_incomplete_lora(fleet, page, tmp_path):
     # 300 epochs (1800 steps) would take minutes: the job is surely still running when stopped.
     _fill_form(page, lora_name="stopped-lora", base_model="tiny", dataset="tiny.json",
                format="alpaca-format", lora_rank=4, lora_alpha=8, micro_batch_size=2,
-               batch_size=4, epochs=300, learning_rate="1e-3", cutoff_len=64, warmup_steps=0)
+               batch_size=4, epochs=300, learning_rate="1e-3", cutoff_len=64, overlap_len=32,
+               warmup_steps=0)
     page.locator("[data-testid='submit-job']").click()
     page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{12}$"), timeout=15000)
     job_id = page.url.rstrip("/").split("/")[-1]

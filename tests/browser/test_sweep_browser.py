@@ -32,7 +32,8 @@ def fleet(redis_server, tmp_path_factory):
 
 BASE = {"lora_name": "br-sweep", "base_model": "tiny", "dataset": "tiny.json",
         "format": "alpaca-format", "lora_rank": 4, "lora_alpha": 8, "micro_batch_size": 2,
-        "batch_size": 4, "epochs": 2, "learning_rate": "1e-3", "cutoff_len": 64, "warmup_steps": 0}
+        "batch_size": 4, "epochs": 2, "learning_rate": "1e-3", "cutoff_len": 64, "overlap_len": 32,
+        "warmup_steps": 0}
 
 
 def _fill_base(page, **values):

@@ -390,7 +390,7 @@ def test_500_queued_jobs_over_three_workers(fleet_factory):
     time budget run; typically a few dozen)."""
     f = fleet_factory(workers=(), dashboard=True)
     base = parse_train_spec(small_spec(
-        lora_name="many-0", dataset="two", micro_batch_size=1, batch_size=1, cutoff_len=16,
+        lora_name="many-0", dataset="two", micro_batch_size=1, batch_size=1, cutoff_len=16, overlap_len=8,
         epochs=1), f.settings.paths).to_dict()
     jobs = [f.store.create("train", {**base, "lora_name": f"many-{i}"}, owner=f"user{i % 4}")
             for i in range(N_JOBS)]

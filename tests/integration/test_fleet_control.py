@@ -24,7 +24,7 @@ from tests.tiny import make_tiny_model, write_tiny_dataset
 pytestmark = pytest.mark.integration
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-TRIVIAL = {"dataset": "two", "micro_batch_size": 1, "batch_size": 1, "cutoff_len": 16,
+TRIVIAL = {"dataset": "two", "micro_batch_size": 1, "batch_size": 1, "cutoff_len": 16, "overlap_len": 8,
            "epochs": 1}
 # Runs on for minutes: 24 rows, one optimizer step of 12 micro-batches per epoch.
 LONG = {"micro_batch_size": 2, "batch_size": 24, "epochs": 300}

@@ -112,6 +112,15 @@ def test_each_bad_value_is_named(paths, over, field, words):
     assert words in msgs[field]
 
 
+def test_overlap_not_below_cutoff_is_refused_for_dataset_jobs_too(paths):
+    with pytest.raises(SpecError) as ei:
+        parse_train_spec(good(cutoff_len=128, overlap_len=128), paths)
+    assert ei.value.errors == [{"field": "overlap_len", "message":
+                                "must be less than cutoff_len (128); it shapes raw-text chunks "
+                                "only, so for a dataset lower it to anything below cutoff_len"}]
+    assert parse_train_spec(good(cutoff_len=128, overlap_len=127), paths).cutoff_len == 128
+
+
 def test_all_problems_reported_at_once(paths):
     with pytest.raises(SpecError) as ei:
         parse_train_spec(good(lora_rank=0, learning_rate="abc", overlap_len=999,
