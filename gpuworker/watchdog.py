@@ -4,7 +4,7 @@ A cancelled running job is asked to stop (`JobStore.request_stop`); the trainer 
 after every optimizer step, answers it (`JobStore.answer_stop`), saves and ends `cancelled`.
 A trainer that does not answer within the grace period (`LORAFLEET_STOP_GRACE_S`, a hung
 data loader, a deadlocked collective, a process stopped with SIGSTOP) is killed: this runs in
-the worker's main process, which never imports torch and keeps beating while the child that
+the worker's main process, which never touches the GPU and keeps beating while the child that
 runs the job is stuck. The job is ended `cancelled` first, so the Celery task_failure handler
 that then sees the child die finds nothing to re-queue; the card is free and the new child
 that Celery starts takes the next job.

@@ -2,10 +2,15 @@
 
 `lorafleet worker --gpus all` starts one of these per card (`python -m gpuworker.worker
 --gpu N`) with CUDA_VISIBLE_DEVICES set to that card, or a single CPU worker. The main process
-never imports torch: it reports the card through NVML; the Celery child that runs the task is
-the only process that initialises CUDA, and it is replaced after each job so a crashed or
-out-of-memory run cannot leave memory behind. The heartbeat thread also kills that child when
-its job does not answer a stop request in time (gpuworker.watchdog).
+reports the card through NVML and never initialises CUDA; the Celery child that runs the task
+is the only process that does, and it is replaced after each job so a crashed or out-of-memory
+run cannot leave memory behind. The heartbeat thread also kills that child when its job does
+not answer a stop request in time (gpuworker.watchdog).
+
+Because every job gets a fresh child, the main process imports the training libraries (torch,
+transformers and the engine; not peft, whose import initialises CUDA) once at start-up, so each
+forked child starts with them already imported instead of spending seconds on it inside the
+job's time (:func:`preload_libraries`; ``LORAFLEET_PRELOAD=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import socket
 import threading
+import time
 
 from dispatcher.celery_app import make_celery
 from dispatcher.fleet import Fleet, worker_queue
@@ -93,6 +99,35 @@ def release_orphans(settings: Settings, name: str) -> None:
         logging.getLogger("lorafleet.worker").exception("could not check for orphaned jobs")
 
 
+def preload_libraries() -> float | None:
+    """Import what every job imports, in this (parent) process, without initialising CUDA.
+
+    A forked child inherits the imported modules, so a job no longer spends the first seconds
+    of its time importing torch and transformers' model and tokenizer classes (7 s on a fresh
+    GPU machine, measured in docs/BENCHMARKS.md). What would touch the GPU is left to the
+    child: peft, because importing it imports bitsandbytes, which initialises CUDA (seen on an
+    H200: after ``import peft``, ``torch.cuda.is_initialized()`` is true), and every
+    ``torch.cuda`` call. torch's availability checks are switched to NVML
+    (``PYTORCH_NVML_BASED_CUDA_CHECK``), which does not initialise the CUDA driver, in case a
+    library asks at import time; and if CUDA did get initialised anyway the worker stops with
+    a message rather than start children whose CUDA cannot work. Returns the seconds spent, or
+    None when ``LORAFLEET_PRELOAD=0`` turns it off.
+    """
+    if os.environ.get("LORAFLEET_PRELOAD", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    started = time.monotonic()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import gpuworker.engine  # noqa: F401
+
+    if torch.cuda.is_initialized():  # would make every forked child's CUDA unusable
+        raise RuntimeError("preloading the training libraries initialised CUDA; "
+                           "start the worker with LORAFLEET_PRELOAD=0")
+    return time.monotonic() - started
+
+
 def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
                loglevel: str = "INFO", memory_mb: int | None = None) -> None:
     name = name or worker_name(gpu)
@@ -100,6 +135,10 @@ def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
     register_tasks(celery, settings)
     stop = threading.Event()
     start_heartbeat(settings, name, gpu, stop, memory_mb)
+    spent = preload_libraries()
+    if spent is not None:
+        logging.getLogger("lorafleet.worker").info(
+            "training libraries imported in %.1f s (CUDA untouched); jobs start from them", spent)
     try:
         celery.worker_main(celery_worker_argv(name, loglevel))
     finally:

@@ -97,12 +97,13 @@ def _maps_torch(pid: int) -> bool:
         return any("libtorch" in line for line in maps)
 
 
-def test_only_the_job_process_imports_torch(fleet, trained):
-    """After jobs ran, the worker's main process (heartbeats, the stop watchdog, Celery's
-    consumer) has never imported torch, and its waiting pool child is a fresh one: CUDA can
-    only ever be initialised in the process that runs a job, which exits with it."""
+def test_the_worker_preloads_torch_for_its_job_children(fleet, trained):
+    """The worker's main process imports torch and transformers once at start-up (without
+    initialising CUDA: it refuses to go on if that happened), so each job's fresh child starts
+    with them; the idle child waiting for the next job already has torch."""
     main = fleet.procs["worker-w1"].pid
-    assert not _maps_torch(main)
+    assert _maps_torch(main)
+    assert "training libraries imported in" in fleet.log("worker-w1")
     children = fleet.wait_for(lambda: fleet.children("worker-w1") or None, 30,
                               "a fresh pool child")
-    assert children and not any(_maps_torch(pid) for pid in children)
+    assert children and all(_maps_torch(pid) for pid in children)

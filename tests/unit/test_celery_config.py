@@ -6,6 +6,10 @@ worker's main process keeping a CUDA context after a job."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from dispatcher.celery_app import VISIBILITY_TIMEOUT_S, make_celery
 from dispatcher.fleet import worker_queue
 from dispatcher.settings import Settings
@@ -39,3 +43,25 @@ def test_each_worker_takes_one_job_at_a_time_from_its_own_queue():
     assert _option(argv, "--max-tasks-per-child") == "1"
     assert _option(argv, "--pool") == "prefork"
     assert _option(argv, "--hostname") == "gpu3@%h"
+
+
+def test_preloading_imports_the_libraries_and_can_be_turned_off(monkeypatch):
+    import sys
+
+    import torch
+
+    from gpuworker.worker import preload_libraries
+
+    monkeypatch.setenv("LORAFLEET_PRELOAD", "0")
+    assert preload_libraries() is None
+    monkeypatch.delenv("LORAFLEET_PRELOAD")
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    assert preload_libraries() >= 0
+    assert "transformers" in sys.modules and "gpuworker.engine" in sys.modules
+    # Availability checks in this process go through NVML, which leaves the driver alone.
+    assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+    # A library that initialised CUDA while being imported stops the worker: its forked job
+    # processes could not use the GPU.
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="LORAFLEET_PRELOAD=0"):
+        preload_libraries()
