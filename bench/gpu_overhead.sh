@@ -7,7 +7,7 @@
 # the imports and the loading inside the job's time. A worker whose preloading initialised CUDA would
 # stop with a message (gpuworker.worker.preload_libraries), so the jobs succeeding is the check.
 #
-#   OUT=/some/folder bench/gpu_overhead.sh
+#   OUT=/some/folder [PRELOADS="0 1"] bench/gpu_overhead.sh
 set -u
 OUT=${OUT:-/tmp/lorafleet-overhead}
 mkdir -p "$OUT"
@@ -16,7 +16,7 @@ MODEL_HOME=/tmp/lorafleet-overhead-model
 timeout -k 5 300 python3 -m bench.random_model "$MODEL_HOME/llama-3.2-1b-random" \
     --shape llama-3.2-1b > "$OUT/model.log" 2>&1 || exit 1
 
-for preload in 0 1; do
+for preload in ${PRELOADS:-0 1}; do
     export LORAFLEET_PRELOAD=$preload LORAFLEET_HOME=/tmp/lorafleet-overhead-$preload
     rm -rf "$LORAFLEET_HOME"; mkdir -p "$LORAFLEET_HOME/datasets" "$LORAFLEET_HOME/models"
     # A copy: a link that leads outside models/ is refused, as any such path is.

@@ -139,7 +139,7 @@ def list_jobs():
     except ValueError:
         return api_error(400, "limit and offset must be whole numbers")
     # state/owner filter the whole list before paging; `total` counts every match.
-    states, owners = ([v for v in request.args.get(k, "").split(",") if v]
+    states, owners = ([v.strip() for v in request.args.get(k, "").split(",") if v.strip()]
                       for k in ("state", "owner"))
     records, total = services().store.page(limit, offset, states, owners)
     return jsonify({"jobs": [job_summary(r) for r in records], "total": total,

@@ -524,7 +524,8 @@ def status(job: str | None, as_json: bool, owner: str | None, state: str | None,
                                  param_hint="--state")
     client = Client(_url(url))
     try:
-        data: Any = client.job(job) if job else client.jobs(owner=owner, state=",".join(states))
+        owners = ",".join(v.strip() for v in (owner or "").split(",") if v.strip()) or None
+        data: Any = client.job(job) if job else client.jobs(owner=owners, state=",".join(states))
     except ApiError as e:
         _fail_api(e)
     if as_json:

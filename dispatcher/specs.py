@@ -85,8 +85,9 @@ class TrainSpec:
         The webui writes what its form holds: one boolean per projection (`q_proj_en`, ...,
         and `all_linear` in newer versions) instead of a list, file names without their
         extension (its dropdowns list stems), and the string "None" for an empty choice.
-        lorafleet's reader (:func:`spec_from_training_parameters`) prefers `target_modules`
-        when it is there, so nothing is lost on the way back.
+        The exact names lorafleet used go under `lorafleet_files` (`d.jsonl`, not `d`, which
+        could also be `d.json`), and lorafleet's reader (:func:`spec_from_training_parameters`)
+        prefers them and `target_modules`, so nothing is lost on the way back.
         """
         own = self.to_dict()
         targets = set(self.target_modules)
@@ -103,6 +104,7 @@ class TrainSpec:
             else:
                 out[key] = own[key]
         out.update((k, v) for k, v in own.items() if k not in out)
+        out[LORAFLEET_FILES] = {k: own[k] for k in _WEBUI_CHOICES}
         return out
 
 
@@ -573,6 +575,8 @@ _WEBUI_PROJECTION_KEYS = {"q_proj_en": "q", "k_proj_en": "k", "v_proj_en": "v",
                           "down_proj_en": "down"}
 # Its file choices: dropdown values are names without extension, "None" when nothing is chosen.
 _WEBUI_CHOICES = ("dataset", "eval_dataset", "format", "raw_text_file")
+# Where lorafleet keeps its exact file names in training_parameters.json (the webui ignores it).
+LORAFLEET_FILES = "lorafleet_files"
 _WEBUI_NONE = ("None", "none", None)
 
 
@@ -595,6 +599,9 @@ def spec_from_training_parameters(params: dict[str, Any]) -> dict[str, Any]:
     for key, value in params.items():
         if key in known:
             out[key] = "" if (value in _WEBUI_NONE and key in _WEBUI_CHOICES) else value
+    exact = params.get(LORAFLEET_FILES)
+    if isinstance(exact, dict):
+        out.update((k, v) for k, v in exact.items() if k in _WEBUI_CHOICES and isinstance(v, str))
     if "target_modules" not in params:
         if params.get("all_linear"):
             out["target_modules"] = ["all"]
@@ -623,6 +630,8 @@ def lora_parameters(name: str, paths: DataPaths) -> dict[str, Any]:
         raise SpecError([{"field": "lora", "message":
                           f"loras/{name}/training_parameters.json is not a JSON object"}])
     spec = spec_from_training_parameters(params)
+    if isinstance(params.get(LORAFLEET_FILES), dict):
+        return spec  # lorafleet's own file: the exact names are there
     # The webui's file names data without extension: name the file that is there now, as the
     # form's dropdowns do. A name that is not there stays, and submitting reports it.
     for key, exts, allow_dir in (("dataset", DATASET_EXTS, False),

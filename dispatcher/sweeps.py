@@ -442,6 +442,13 @@ def parse_sweep(data: Any, paths: DataPaths,
     trials: list[Trial] = []
     skipped: list[dict[str, Any]] = []
     if combos and prefix and LORA_NAME_RE.match(prefix):
+        # Problems of the base spec on its own, to tell them from those a trial's values cause
+        # with it (cutoff_len 64 against the base's overlap_len 128).
+        try:
+            parse_train_spec({**base, "lora_name": prefix}, paths)
+            base_problems: set[tuple[str, str]] = set()
+        except SpecError as e:
+            base_problems = {(err["field"], err["message"]) for err in e.errors}
         seen: dict[str, str] = {}
         names: set[str] = set()
         for combo in combos:
@@ -454,8 +461,11 @@ def parse_sweep(data: Any, paths: DataPaths,
                     f = err["field"]
                     if f in combo:
                         bad(f"parameters.{f}", f"value {combo[f]!r}: {err['message']}")
-                    else:
+                    elif (f, err["message"]) in base_problems:
                         bad(f"base.{f}", err["message"])
+                    else:
+                        varied = ", ".join(f"{k}={v!r}" for k, v in combo.items())
+                        bad(f"base.{f}", f"{err['message']} (in trial {tname}: {varied})")
                 continue
             key = _dedupe_key(spec)
             if key in seen:

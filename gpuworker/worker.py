@@ -16,6 +16,7 @@ job's time (:func:`preload_libraries`; ``LORAFLEET_PRELOAD=0`` turns it off).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import socket
@@ -107,38 +108,66 @@ def preload_libraries() -> float | None:
     GPU machine, measured in docs/BENCHMARKS.md). What would touch the GPU is left to the
     child: peft, because importing it imports bitsandbytes, which initialises CUDA (seen on an
     H200: after ``import peft``, ``torch.cuda.is_initialized()`` is true), and every
-    ``torch.cuda`` call. torch's availability checks are switched to NVML
-    (``PYTORCH_NVML_BASED_CUDA_CHECK``), which does not initialise the CUDA driver, in case a
-    library asks at import time; and if CUDA did get initialised anyway the worker stops with
-    a message rather than start children whose CUDA cannot work. Returns the seconds spent, or
-    None when ``LORAFLEET_PRELOAD=0`` turns it off.
+    ``torch.cuda`` call. While importing, torch's availability checks go through NVML
+    (``PYTORCH_NVML_BASED_CUDA_CHECK``), which leaves the CUDA driver alone, in case a library
+    asks. Afterwards both torch and the driver itself must still be uninitialised: a forked
+    child cannot use a CUDA its parent initialised, so the worker stops with a message rather
+    than fail every job. Returns the seconds spent, or None when ``LORAFLEET_PRELOAD=0`` turns
+    it off or torch is not installed (jobs then fail with their own message, as before).
     """
     if os.environ.get("LORAFLEET_PRELOAD", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     started = time.monotonic()
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    before = os.environ.get(NVML_CHECK)
+    os.environ[NVML_CHECK] = "1"
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-    import gpuworker.engine  # noqa: F401
-
-    if torch.cuda.is_initialized():  # would make every forked child's CUDA unusable
-        raise RuntimeError("preloading the training libraries initialised CUDA; "
-                           "start the worker with LORAFLEET_PRELOAD=0")
+        import gpuworker.engine  # noqa: F401
+    except ImportError as e:
+        logging.getLogger("lorafleet.worker").warning(
+            "not preloading the training libraries: %s", e)
+        return None
+    finally:
+        if before is None:
+            os.environ.pop(NVML_CHECK, None)
+        else:
+            os.environ[NVML_CHECK] = before
+    if torch.cuda.is_initialized() or cuda_driver_initialised():
+        raise RuntimeError("preloading the training libraries initialised CUDA, which the job "
+                           "processes forked from this one could not use; start the worker "
+                           "with LORAFLEET_PRELOAD=0")
     return time.monotonic() - started
+
+
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def cuda_driver_initialised() -> bool:
+    """Whether this process has initialised the CUDA driver (``cuInit``), asked without
+    initialising it: ``cuDeviceGetCount`` answers CUDA_ERROR_NOT_INITIALIZED until then.
+    False where there is no driver."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return driver.cuDeviceGetCount(ctypes.byref(count)) == 0
 
 
 def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
                loglevel: str = "INFO", memory_mb: int | None = None) -> None:
     name = name or worker_name(gpu)
-    celery = make_celery(settings)
-    register_tasks(celery, settings)
-    stop = threading.Event()
-    start_heartbeat(settings, name, gpu, stop, memory_mb)
+    # Before the first heartbeat, so the dispatcher sends nothing to a worker still importing.
     spent = preload_libraries()
     if spent is not None:
         logging.getLogger("lorafleet.worker").info(
             "training libraries imported in %.1f s (CUDA untouched); jobs start from them", spent)
+    celery = make_celery(settings)
+    register_tasks(celery, settings)
+    stop = threading.Event()
+    start_heartbeat(settings, name, gpu, stop, memory_mb)
     try:
         celery.worker_main(celery_worker_argv(name, loglevel))
     finally:

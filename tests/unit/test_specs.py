@@ -194,6 +194,12 @@ def test_training_parameters_are_written_the_way_the_webui_writes_them(paths):
     expected = s.to_dict()
     del expected["resume_from_checkpoint"]
     assert copied == expected
+    # "d" could be d.json or d.jsonl once both exist: lorafleet's exact names decide.
+    (paths.datasets / "d.jsonl").write_text("")
+    jsonl = parse_train_spec({**expected, "dataset": "d.jsonl"}, paths).training_parameters()
+    assert jsonl["dataset"] == "d" and jsonl["lorafleet_files"]["dataset"] == "d.jsonl"
+    (paths.loras / "ours" / "training_parameters.json").write_text(json.dumps(jsonl))
+    assert lora_parameters("ours", paths)["dataset"] == "d.jsonl"
 
 
 def test_copy_parameters_from_a_webui_lora(paths):

@@ -140,6 +140,20 @@ def test_every_bad_field_is_named(settings):
                       "evaluate.text_file"]
 
 
+def test_a_value_that_clashes_with_the_base_names_the_trial(settings):
+    """cutoff_len 64 is fine alone, but not with the base's overlap_len 128: the message says
+    which trial, so the user knows to lower overlap_len rather than hunt in the base."""
+    with pytest.raises(SpecError) as e:
+        plan(settings, parameters={"cutoff_len": [64, 256]})
+    assert e.value.errors == [{"field": "base.overlap_len", "message":
+                               "must be less than cutoff_len (64); it shapes raw-text chunks "
+                               "only, so for a dataset lower it to anything below cutoff_len "
+                               "(in trial mylora-cl64: cutoff_len=64)"}]
+    assert [t.name for t in plan(settings, base={**BASE, "overlap_len": 32},
+                                 parameters={"cutoff_len": [64, 256]}).trials] == [
+        "mylora-cl64", "mylora-cl256"]
+
+
 def test_a_bad_value_is_named_with_its_parameter(settings):
     with pytest.raises(SpecError) as e:
         plan(settings, parameters={"lora_rank": [0, 8, 4096], "optimizer": ["adamw_torch"]})
