@@ -17,6 +17,18 @@ class Clock:
         return self.t
 
 
+class TickingClock(Clock):
+    """A clock that moves one second at every reading: records made one after another get
+    distinct, ordered times (the job list sorts by creation time)."""
+
+    def __init__(self, t: float = 1_700_000_000.0):
+        super().__init__(t)
+
+    def __call__(self) -> float:
+        self.t += 1
+        return self.t
+
+
 def dispatcher_env(redis_client, prefix: str, clock: Clock | None = None):
     """(store, fleet, dispatcher, sent, clock): `sent` records the (job, worker) pairs the
     dispatcher hands to Celery."""

@@ -18,17 +18,9 @@ from dispatcher.events import EventLog
 from dispatcher.settings import Settings
 from dispatcher.states import JobState
 from dispatcher.store import JobStore
+from tests.clock import TickingClock
 
 N_JOBS = 520  # more than the API's default page (200) and more than one page of the client
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        self.t += 1
-        return self.t
 
 
 @pytest.fixture
@@ -49,7 +41,7 @@ def url(tmp_path, redis_server, prefix):
 @pytest.fixture
 def jobs(redis_client, prefix):
     """520 jobs, one a second, newest first: every 4th is ada's, every 10th has succeeded."""
-    store = JobStore(redis_client, prefix, clock=Clock())
+    store = JobStore(redis_client, prefix, clock=TickingClock())
     ids = []
     for i in range(N_JOBS):
         j = store.create("train", {"lora_name": f"lora-{i}"}, owner="ada" if i % 4 == 0 else "bo")

@@ -13,16 +13,8 @@ from dispatcher.fleet import Fleet
 from dispatcher.settings import Settings
 from dispatcher.states import JobState
 from dispatcher.store import JobStore
+from tests.clock import TickingClock
 from tests.unit.test_dashboard_pages import Elements
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        self.t += 1
-        return self.t
 
 
 @pytest.fixture
@@ -35,7 +27,7 @@ def client(tmp_path, redis_server, prefix):
 @pytest.fixture
 def jobs(redis_client, prefix):
     """520 jobs, one a second: every 4th is ada's, every 10th has succeeded."""
-    store = JobStore(redis_client, prefix, clock=Clock())
+    store = JobStore(redis_client, prefix, clock=TickingClock())
     ids = []
     for i in range(520):
         j = store.create("train", {"lora_name": f"lora-{i}"}, owner="ada" if i % 4 == 0 else "bo")
