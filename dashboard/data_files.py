@@ -18,10 +18,16 @@ Choices (the issue left them open):
   then looks for in the dropdowns. Extensions are lower case, as the job form lists them.
 * The preview runs ``python -m dispatcher.cli data preview --json --stats`` so the dashboard
   process never imports torch or transformers; at most ``PREVIEW_SLOTS`` run at a time.
+* A format is named as a job names it (``alpaca-format``, ``.json`` optional) under the upload
+  file-name rules. Viewing and copying take the user's file first, as a job does, unless the
+  request asks for ``source`` ``user`` or ``shipped`` (so a shipped format hidden by a user file
+  of the same name can still be seen and copied). A copy is checked like an uploaded format
+  file and written by :func:`save_upload`; it may take a shipped name, and then hides it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -67,8 +73,8 @@ class DataFileError(Exception):
         return self.message
 
 
-def _file_error(status: int, message: str) -> DataFileError:
-    return DataFileError(status, message, [{"field": "file", "message": message}])
+def _file_error(status: int, message: str, field: str = "file") -> DataFileError:
+    return DataFileError(status, message, [{"field": field, "message": message}])
 
 
 def human_size(n: int) -> str:
@@ -119,13 +125,15 @@ def infer_kind(name: str, kind: str = "") -> str:
     return kind
 
 
-def check_name(name: str) -> str:
-    """`name` if it is a plain file name for the data folder; otherwise a 400 naming the rule."""
+def check_name(name: str, field: str = "file") -> str:
+    """`name` if it is a plain file name for the data folder; otherwise a 400 naming the rule
+    (and the request's `field` that held it)."""
     if not name:
-        raise _file_error(400, "no file was sent (use the form field 'file')")
+        raise _file_error(400, "no file was sent (use the form field 'file')", field)
     if not NAME_RE.match(name):
         raise _file_error(400, f"'{name}' is not a usable file name: use only letters, digits, "
-                               "'.', '_' and '-', starting with a letter or digit (no folders)")
+                               "'.', '_' and '-', starting with a letter or digit (no folders)",
+                          field)
     return name
 
 
@@ -159,11 +167,13 @@ def check_upload(name: str, kind: str, data: bytes, paths: DataPaths) -> Upload:
     return Upload(name, kind, folder)
 
 
-def save_upload(upload: Upload, data: bytes, overwrite: bool) -> Path:
+def save_upload(upload: Upload, data: bytes, overwrite: bool,
+                replace_hint: str = "tick 'overwrite' to replace it") -> Path:
     """Write `data` to its folder atomically: a temporary file beside it, then a rename.
 
     Without `overwrite` the final step is a hard link, which fails if the name appeared in the
-    meantime, so two uploads of one name cannot silently replace each other.
+    meantime, so two uploads of one name cannot silently replace each other. `replace_hint`
+    ends the message of that refusal: how the caller's user asks for a replacement.
     """
     folder = upload.folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -172,7 +182,7 @@ def save_upload(upload: Upload, data: bytes, overwrite: bool) -> Path:
     if target.is_dir() or target.is_symlink():
         raise _file_error(409, f"{place} is a folder or a link; upload under another name")
     if target.exists() and not overwrite:
-        raise _file_error(409, f"{place} already exists; tick 'overwrite' to replace it")
+        raise _file_error(409, f"{place} already exists; {replace_hint}")
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".upload-", suffix=".part")
     tmp = Path(tmp_name)
     try:
@@ -187,8 +197,7 @@ def save_upload(upload: Upload, data: bytes, overwrite: bool) -> Path:
             try:
                 os.link(tmp, target)
             except FileExistsError:
-                raise _file_error(409, f"{place} already exists; tick 'overwrite' to replace "
-                                       "it") from None
+                raise _file_error(409, f"{place} already exists; {replace_hint}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return target
@@ -223,6 +232,14 @@ def _entry(path: Path, kind: str) -> dict[str, Any]:
     return {"name": path.name, "kind": kind, "size": st.st_size, "modified": st.st_mtime}
 
 
+def _format_entry(path: Path, source: str, hidden_by_user_file: bool) -> dict[str, Any]:
+    """A format file as the listing shows it."""
+    st = path.stat()
+    keys, error = _format_keys(str(path), st.st_mtime_ns, st.st_size)
+    return {**_entry(path, "format"), "name": path.stem, "file": path.name, "source": source,
+            "key_sets": list(keys), "error": error, "hidden_by_user_file": hidden_by_user_file}
+
+
 def list_data(paths: DataPaths) -> dict[str, list[dict[str, Any]]]:
     """Datasets, raw texts (files, or folders of .txt) and format files (the user's, then the
     shipped ones, which a user file of the same name hides)."""
@@ -247,15 +264,90 @@ def list_data(paths: DataPaths) -> dict[str, list[dict[str, Any]]]:
         for p in _visible(folder):
             if not (p.is_file() and p.suffix in FORMAT_EXTS):
                 continue
-            st = p.stat()
-            keys, error = _format_keys(str(p), st.st_mtime_ns, st.st_size)
-            e = {**_entry(p, "format"), "name": p.stem, "file": p.name, "source": source,
-                 "key_sets": list(keys), "error": error,
-                 "hidden_by_user_file": source == "shipped" and p.stem in user_stems}
+            fmts.append(_format_entry(p, source, source == "shipped" and p.stem in user_stems))
             if source == "user":
                 user_stems.add(p.stem)
-            fmts.append(e)
     return {"datasets": datasets, "formats": fmts, "raw_texts": raw_texts}
+
+
+# format files: view and copy -----------------------------------------------------------------
+FORMAT_SOURCES = ("user", "shipped")
+COPY_REPLACE_HINT = "choose another name, or copy with overwrite to replace it"
+
+
+def format_file_name(name: object, field: str) -> str:
+    """The file name (`NAME.json`) of a format named with or without `.json`, under the upload
+    file-name rules; a 400 naming the request's `field` otherwise."""
+    if not isinstance(name, str) or not name:
+        raise _file_error(400, f"{field} is required: the name of a format file, like "
+                               "alpaca-format", field)
+    check_name(name, field)  # so the message quotes the name as it was given
+    return check_name(name if name.endswith(".json") else f"{name}.json", field)
+
+
+def _format_folders(paths: DataPaths) -> dict[str, Path]:
+    return {"user": paths.formats, "shipped": formats.SHIPPED_DIR}
+
+
+def find_format_file(name: object, paths: DataPaths, source: object = "",
+                     field: str = "name") -> tuple[Path, str]:
+    """The format file `name` names and its source: the user's formats/ first, as a job
+    resolves a format, unless `source` ("user" or "shipped") asks for one; 404 if absent."""
+    file_name = format_file_name(name, field)
+    source = source or ""
+    if source not in ("", *FORMAT_SOURCES):
+        raise _file_error(400, f"source must be one of {', '.join(FORMAT_SOURCES)} (or left "
+                               "out: the user's file first)", "source")
+    folders = _format_folders(paths)
+    for src in (source,) if source else FORMAT_SOURCES:
+        # resolve_data_name, as a job's format is found: nothing resolving outside the folder.
+        rel, _ = resolve_data_name(file_name, folders[src], FORMAT_EXTS, allow_dir=False)
+        if rel:
+            return folders[src] / rel, src
+    where = {"": "in formats/ or among the shipped formats", "user": "in formats/",
+             "shipped": "among the shipped formats"}[source]
+    raise _file_error(404, f"format '{name}' was not found {where}", field)
+
+
+def _check_format_file(path: Path, source: str, data: bytes, paths: DataPaths,
+                       field: str) -> Upload:
+    """The checks an uploaded format file gets, applied to a file already in place."""
+    try:
+        return check_upload(path.name, "format", data, paths)
+    except DataFileError as e:
+        raise _file_error(e.status, f"the {source} format {path.stem} cannot be used: "
+                                    f"{e.message}", field) from None
+
+
+def read_format(name: object, paths: DataPaths, source: object = "") -> dict[str, Any]:
+    """A format file for viewing: its listing entry plus `templates`, the file's JSON object
+    (key set -> template). The entry's `key_sets` keep the file's order, which decides the
+    template a row gets; the API's JSON answer sorts object keys."""
+    path, src = find_format_file(name, paths, source)
+    data = path.read_bytes()
+    _check_format_file(path, src, data, paths, "name")
+    hidden = src == "shipped" and (paths.formats / path.name).is_file()
+    return {**_format_entry(path, src, hidden),
+            "templates": json.loads(_decode(path.name, data))}
+
+
+def copy_format(from_name: object, new_name: object, overwrite: bool, paths: DataPaths,
+                source: object = "") -> tuple[dict[str, Any], bool]:
+    """Copy a format file (the user's or a shipped one) to formats/NEW.json, checked and
+    written as an upload is. Returns the new file's listing entry and whether it replaced one.
+    """
+    file_name = format_file_name(new_name, "name")
+    path, src = find_format_file(from_name, paths, source, field="from")
+    data = path.read_bytes()
+    checked = _check_format_file(path, src, data, paths, "from")
+    copy = dataclasses.replace(checked, name=file_name)
+    target = copy.folder / copy.name
+    existed = target.exists()
+    try:
+        target = save_upload(copy, data, overwrite, replace_hint=COPY_REPLACE_HINT)
+    except DataFileError as e:
+        raise _file_error(e.status, e.message, "name") from None
+    return _format_entry(target, "user", False), existed
 
 
 # preview --------------------------------------------------------------------------------------

@@ -5,6 +5,14 @@ Routes:
   GET  /api/v1/datasets           datasets, format files (user and shipped), raw texts
   POST /api/v1/datasets           multipart upload: `file`, optional `kind`, `overwrite=1`
   GET  /api/v1/datasets/preview   the samples a job would train on (runs the CLI's preview)
+  GET  /api/v1/formats/<name>     one format file: its listing entry plus `templates` (the
+                                  file's JSON object); the user's file first, else the shipped
+                                  one, or `?source=user|shipped`
+  POST /api/v1/formats/copy       JSON {"from", "name", "overwrite": false, "source"?}: copy a
+                                  format file to formats/<name>.json; 201 with its listing entry
+
+The format routes are guarded like the upload (dashboard/auth.py's request hook: a login or a
+token with accounts, the CSRF token on a browser's POST); any user who may upload may copy.
 
 Config keys:
   LORAFLEET_UPLOAD_MAX_BYTES      largest file accepted (default 50 MB); larger gets 413
@@ -27,9 +35,11 @@ from dashboard.data_files import (
     TRUE_WORDS,
     DataFileError,
     check_upload,
+    copy_format,
     human_size,
     list_data,
     parse_preview_request,
+    read_format,
     run_preview,
     save_upload,
 )
@@ -141,3 +151,27 @@ def preview():
         "add_eos_token": req.add_eos_token, "train_only_after": req.train_only_after,
     }
     return jsonify(result)
+
+
+@bp.get("/api/v1/formats/<path:name>")
+def format_file(name: str):
+    # <path:...> so that a name with a slash gets the name rule's 400, not the router's 404.
+    paths = services().settings.paths
+    return jsonify(read_format(name, paths, request.args.get("source", "")))
+
+
+@bp.post("/api/v1/formats/copy")
+def copy_format_file():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise DataFileError(400, 'send a JSON object: {"from": NAME, "name": NEW_NAME, '
+                                 '"overwrite": false}')
+    overwrite = body.get("overwrite", False)
+    if isinstance(overwrite, str):
+        overwrite = overwrite.strip().lower() in TRUE_WORDS
+    if not isinstance(overwrite, bool):
+        raise DataFileError(400, "overwrite must be true or false",
+                            [{"field": "overwrite", "message": "must be true or false"}])
+    entry, replaced = copy_format(body.get("from"), body.get("name"), overwrite,
+                                  services().settings.paths, body.get("source", ""))
+    return jsonify({**entry, "replaced": replaced}), 201

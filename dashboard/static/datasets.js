@@ -1,5 +1,6 @@
 /* Datasets page: upload a file (checked by the server before it is saved), list the data
-   folder's files, preview the samples a dataset + format or a raw text gives. */
+   folder's files, view a format file's templates or copy it to a user format, preview the
+   samples a dataset + format or a raw text gives. */
 "use strict";
 
 (function () {
@@ -17,6 +18,13 @@
   const previewStatus = document.getElementById("preview-status");
   const previewButton = previewForm.querySelector('button[type="submit"]');
   const previewApi = previewForm.getAttribute("data-api");
+
+  const formatsTable = document.querySelector("[data-testid='formats-table']");
+  const formatApi = formatsTable.getAttribute("data-format-api");
+  const copyApi = formatsTable.getAttribute("data-copy-api");
+  const formatError = document.getElementById("format-error");
+  const formatStatus = document.getElementById("format-status");
+  const formatView = document.getElementById("format-view");
 
   function humanSize(n) {
     let size = Number(n);
@@ -44,6 +52,15 @@
     return td;
   }
 
+  function rowButton(label, action, testid) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = label;
+    b.setAttribute("data-action", action);
+    b.setAttribute("data-testid", testid);
+    return b;
+  }
+
   function fillTable(bodyId, emptyId, items, rowFor) {
     const body = document.getElementById(bodyId);
     body.replaceChildren(...items.map(rowFor));
@@ -66,8 +83,12 @@
       tr.setAttribute("data-source", f.source);
       let source = f.source;
       if (f.hidden_by_user_file) source += " (hidden by your file)";
+      const actions = cell("", "row-actions");
+      actions.append(rowButton("View", "view", "format-view-button"),
+                     rowButton("Copy…", "copy", "format-copy-button"));
       tr.append(codeCell(f.name), cell(source),
-                cell(f.error || f.key_sets.map((k) => `{${k}}`).join("  "), f.error ? "problem" : "mono"));
+                cell(f.error || f.key_sets.map((k) => `{${k}}`).join("  "), f.error ? "problem" : "mono"),
+                actions);
       return tr;
     });
     fillTable("raw-texts-body", "raw-texts-empty", listing.raw_texts, (r) => {
@@ -103,6 +124,74 @@
     uploadError.textContent = parts.join(" — ");
     uploadError.hidden = false;
   }
+
+  // Format files: View shows the templates under the table; Copy… makes a user format of one.
+  function showFormatMessage(error, status) {
+    formatError.textContent = error || "";
+    formatError.hidden = !error;
+    formatStatus.textContent = status || "";
+  }
+
+  async function viewFormat(name, source) {
+    showFormatMessage();
+    const res = await LF.api(`${formatApi}${encodeURIComponent(name)}?source=${encodeURIComponent(source)}`);
+    if (!res.ok) {
+      formatView.hidden = true;
+      showFormatMessage((res.body && res.body.error) || `HTTP ${res.status}`);
+      return;
+    }
+    const f = res.body;
+    document.getElementById("format-view-title").textContent =
+      `${f.name} — ${f.source === "user" ? `your file formats/${f.file}` : "shipped"}`;
+    // key_sets are in the file's order (the first matching entry is the one a row gets).
+    document.getElementById("format-view-body").replaceChildren(...f.key_sets.map((keys) => {
+      const tr = document.createElement("tr");
+      tr.setAttribute("data-testid", "format-template");
+      tr.setAttribute("data-keys", keys);
+      const td = document.createElement("td");
+      const pre = document.createElement("pre");
+      pre.className = "sample-text";
+      pre.textContent = f.templates[keys];
+      td.append(pre);
+      tr.append(codeCell(keys), td);
+      return tr;
+    }));
+    formatView.setAttribute("data-name", f.name);
+    formatView.setAttribute("data-source", f.source);
+    formatView.hidden = false;
+  }
+
+  async function copyFormat(name, source) {
+    showFormatMessage();
+    const newName = window.prompt(`Copy the ${source} format ${name} to formats/ as:`, `${name}-copy`);
+    if (newName === null) return;  // cancelled
+    let res;
+    try {
+      res = await LF.api(copyApi, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ from: name, source: source, name: newName.trim(), overwrite: false }),
+      });
+    } catch (err) {
+      res = { ok: false, status: 0, body: { error: "cannot reach the dashboard" } };
+    }
+    if (!res.ok) {
+      showFormatMessage((res.body && res.body.error) || `HTTP ${res.status}`);
+      return;
+    }
+    await refreshListing();
+    showFormatMessage("", `copied ${name} to formats/${res.body.file}`);
+  }
+
+  document.getElementById("formats-body").addEventListener("click", (e) => {
+    const button = e.target.closest("button[data-action]");
+    if (!button) return;
+    const row = button.closest("tr");
+    const name = row.getAttribute("data-name");
+    const source = row.getAttribute("data-source");
+    if (button.getAttribute("data-action") === "view") viewFormat(name, source);
+    else copyFormat(name, source);
+  });
 
   uploadForm.addEventListener("submit", async (e) => {
     e.preventDefault();

@@ -211,3 +211,60 @@ def test_raw_text_preview_follows_its_chunking_settings(fleet, page):
     assert form.locator("[name='raw_text_file']").input_value() == ""
     for name in raw_fields:
         assert form.locator(f"[name='{name}']").is_hidden(), name
+
+
+def test_view_and_copy_a_format_file(fleet, page):
+    """View a shipped format's templates, copy it to a user format through the name prompt, and
+    see the refusal when the same name is asked for again."""
+    import formats
+
+    alpaca = json.loads((formats.SHIPPED_DIR / "alpaca-format.json").read_text())
+    page.goto(fleet.url + "/datasets")
+    table = page.locator(tid("formats-table"))
+    row = table.locator("[data-testid='format-row'][data-name='alpaca-format']"
+                        "[data-source='shipped']")
+    row.locator(tid("format-view-button")).click()
+    view = page.locator(tid("format-view"))
+    view.wait_for(state="visible", timeout=10000)
+    assert "alpaca-format" in page.locator(tid("format-view-title")).inner_text()
+    templates = view.locator(tid("format-template"))
+    assert templates.evaluate_all("rows => rows.map(r => r.dataset.keys)") == list(alpaca)
+    assert templates.locator("pre").all_text_contents() == list(alpaca.values())
+
+    asked: list[tuple[str, str]] = []
+
+    def answer(dialog):
+        asked.append((dialog.type, dialog.default_value))
+        dialog.accept("my-alpaca")
+
+    page.on("dialog", answer)
+    row.locator(tid("format-copy-button")).click()
+    copied = table.locator("[data-testid='format-row'][data-name='my-alpaca']")
+    copied.wait_for(timeout=10000)
+    assert asked == [("prompt", "alpaca-format-copy")]
+    assert copied.get_attribute("data-source") == "user"
+    assert copied.locator("td").nth(1).inner_text() == "user"
+    assert "copied alpaca-format to formats/my-alpaca.json" in \
+        page.locator(tid("format-status")).inner_text()
+    target = fleet.settings.paths.formats / "my-alpaca.json"
+    assert json.loads(target.read_text()) == alpaca
+    # The preview's format list has it without a reload.
+    assert page.locator(tid("preview-format")).locator("option[value='my-alpaca']").count() == 1
+
+    # Its own View shows the user's file.
+    copied.locator(tid("format-view-button")).click()
+    page.wait_for_function(
+        "() => document.querySelector(\"[data-testid='format-view']\").dataset.source === 'user'",
+        timeout=10000)
+    assert "formats/my-alpaca.json" in page.locator(tid("format-view-title")).inner_text()
+
+    # The same name again: refused, with the server's message, and the file is untouched.
+    target.write_text(json.dumps({"instruction,output": "%instruction% => %output%"}))
+    before = target.read_bytes()
+    row.locator(tid("format-copy-button")).click()
+    error = page.locator(tid("format-error"))
+    error.wait_for(state="visible", timeout=10000)
+    assert "formats/my-alpaca.json already exists" in error.inner_text()
+    assert target.read_bytes() == before
+    assert table.locator("[data-testid='format-row'][data-name='my-alpaca']").count() == 1
+    assert len(asked) == 2

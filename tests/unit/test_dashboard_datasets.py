@@ -318,3 +318,234 @@ def test_preview_form_offers_the_raw_text_settings_at_their_defaults(client):
         assert page.inputs[name]["value"] == str(defaults[name]), name
     assert page.inputs["hard_cut_string"]["value"] == "\\n\\n\\n"  # typed form: backslash-n
     assert page.inputs["overlap_len"]["type"] == "number"
+
+
+# format files: view and copy ------------------------------------------------------------------
+def shipped_file(name: str):
+    import formats
+
+    return formats.SHIPPED_DIR / f"{name}.json"
+
+
+SHIPPED = json.loads(shipped_file("alpaca-format").read_text())
+
+
+def copy(client, body, **kwargs):
+    return client.post("/api/v1/formats/copy", json=body, **kwargs)
+
+
+def test_view_a_shipped_and_a_user_format(client, settings):
+    res = client.get("/api/v1/formats/alpaca-format")
+    assert res.status_code == 200, res.json
+    body = res.json
+    assert body["source"] == "shipped" and body["name"] == "alpaca-format"
+    assert body["file"] == "alpaca-format.json" and body["hidden_by_user_file"] is False
+    assert body["templates"] == SHIPPED
+    assert body["key_sets"] == list(SHIPPED)  # the file's order
+    assert client.get("/api/v1/formats/alpaca-format.json").json["templates"] == SHIPPED
+
+    (settings.paths.formats / "qa.json").write_text(json.dumps(FORMAT))
+    body = client.get("/api/v1/formats/qa").json
+    assert body["source"] == "user" and body["templates"] == FORMAT
+    assert body["key_sets"] == ["instruction,output", "instruction,input,output"]
+
+    # A user file of a shipped name is the one a job uses, so it is the one shown; the shipped
+    # one can still be asked for.
+    (settings.paths.formats / "alpaca-format.json").write_text(json.dumps(FORMAT))
+    body = client.get("/api/v1/formats/alpaca-format").json
+    assert body["source"] == "user" and body["templates"] == FORMAT
+    body = client.get("/api/v1/formats/alpaca-format?source=shipped").json
+    assert body["source"] == "shipped" and body["templates"] == SHIPPED
+    assert body["hidden_by_user_file"] is True
+    assert client.get("/api/v1/formats/qa?source=user").json["source"] == "user"
+
+
+@pytest.mark.parametrize("url, status, message", [
+    ("/api/v1/formats/nope", 404, "format 'nope' was not found in formats/ or among the shipped"),
+    ("/api/v1/formats/qa?source=shipped", 404, "format 'qa' was not found among the shipped"),
+    ("/api/v1/formats/chatml-format?source=user", 404, "'chatml-format' was not found in formats/"),
+    ("/api/v1/formats/..%2Fx", 400, "'../x' is not a usable file name"),
+    ("/api/v1/formats/sub/alpaca-format", 400, "'sub/alpaca-format' is not a usable file name"),
+    ("/api/v1/formats/.secret", 400, "'.secret' is not a usable file name"),
+    ("/api/v1/formats/a%20b", 400, "'a b' is not a usable file name"),
+    ("/api/v1/formats/qa?source=theirs", 400, "source must be one of user, shipped"),
+    ("/api/v1/formats/broken", 400,
+     "the user format broken cannot be used: broken.json: invalid JSON at line 1"),
+])
+def test_viewing_a_missing_or_badly_named_format(client, settings, url, status, message):
+    (settings.paths.formats / "qa.json").write_text(json.dumps(FORMAT))
+    (settings.paths.formats / "broken.json").write_text('{"instruction,output": ')
+    (settings.home / "x.json").write_text(json.dumps(FORMAT))  # what '../x' would reach
+    res = client.get(url)
+    assert res.status_code == status, res.json
+    assert message in res.json["error"], res.json["error"]
+
+
+def test_copy_a_shipped_format_then_view_it_as_a_user_format(client, settings):
+    res = copy(client, {"from": "alpaca-format", "name": "my-format"})
+    assert res.status_code == 201, res.json
+    entry = res.json
+    assert entry["name"] == "my-format" and entry["file"] == "my-format.json"
+    assert entry["source"] == "user" and entry["kind"] == "format"
+    assert entry["key_sets"] == list(SHIPPED) and entry["error"] is None
+    assert entry["replaced"] is False
+    copied = settings.paths.formats / "my-format.json"
+    assert copied.read_bytes() == shipped_file("alpaca-format").read_bytes()
+    # The answer is the entry the listing now has.
+    listed = next(f for f in client.get("/api/v1/datasets").json["formats"]
+                  if f["name"] == "my-format")
+    assert {**listed, "replaced": False} == entry
+    body = client.get("/api/v1/formats/my-format").json
+    assert body["source"] == "user" and body["templates"] == SHIPPED
+
+    # From a user format, ".json" given in the new name; nothing is left beside the copies.
+    res = copy(client, {"from": "my-format", "name": "second.json"})
+    assert res.status_code == 201 and res.json["name"] == "second"
+    assert sorted(p.name for p in settings.paths.formats.iterdir()) == \
+        ["my-format.json", "second.json"]
+
+    # A shipped name: the user file takes its place, as the listing reports.
+    res = copy(client, {"from": "vicuna-format", "name": "chatml-format"})
+    assert res.status_code == 201, res.json
+    chatml = [f for f in client.get("/api/v1/datasets").json["formats"]
+              if f["name"] == "chatml-format"]
+    assert [(f["source"], f["hidden_by_user_file"]) for f in chatml] == \
+        [("user", False), ("shipped", True)]
+    vicuna = json.loads(shipped_file("vicuna-format").read_text())
+    assert client.get("/api/v1/formats/chatml-format").json["templates"] == vicuna
+
+
+def test_copy_a_shipped_format_hidden_by_a_user_file(client, settings):
+    (settings.paths.formats / "alpaca-format.json").write_text(json.dumps(FORMAT))
+    res = copy(client, {"from": "alpaca-format", "name": "a", "source": "shipped"})
+    assert res.status_code == 201, res.json
+    assert json.loads((settings.paths.formats / "a.json").read_text()) == SHIPPED
+    res = copy(client, {"from": "alpaca-format", "name": "b"})  # the user's, as a job would use
+    assert json.loads((settings.paths.formats / "b.json").read_text()) == FORMAT
+
+
+@pytest.mark.parametrize("body, status, field, message", [
+    ({"from": "alpaca-format", "name": "a b"}, 400, "name", "'a b' is not a usable file name"),
+    ({"from": "alpaca-format", "name": "../x"}, 400, "name", "'../x' is not a usable file name"),
+    ({"from": "alpaca-format", "name": "sub/x"}, 400, "name", "'sub/x' is not a usable"),
+    ({"from": "alpaca-format", "name": ".json"}, 400, "name", "'.json' is not a usable"),
+    ({"from": "alpaca-format", "name": "x" * 125}, 400, "name", ".json' is not a usable"),
+    ({"from": "alpaca-format", "name": ""}, 400, "name", "name is required"),
+    ({"from": "alpaca-format"}, 400, "name", "name is required"),
+    ({"from": "alpaca-format", "name": ["x"]}, 400, "name", "name is required"),
+    ({"from": "nope", "name": "x"}, 404, "from",
+     "format 'nope' was not found in formats/ or among the shipped formats"),
+    ({"from": "qa", "name": "x", "source": "shipped"}, 404, "from",
+     "format 'qa' was not found among the shipped formats"),
+    ({"from": "../x", "name": "y"}, 400, "from", "'../x' is not a usable file name"),
+    ({"name": "y"}, 400, "from", "from is required"),
+    ({"from": "qa", "name": "y", "source": "mine"}, 400, "source", "source must be one of"),
+    ({"from": "broken", "name": "y", "overwrite": True}, 400, "from",
+     "the user format broken cannot be used: broken.json: invalid JSON"),
+    ({"from": "alpaca-format", "name": "qa"}, 409, "name",
+     "formats/qa.json already exists; choose another name, or copy with overwrite"),
+    ({"from": "qa", "name": "qa.json", "overwrite": False}, 409, "name", "already exists"),
+    ({"from": "alpaca-format", "name": "x", "overwrite": "maybe?"}, None, None, None),
+    ({"from": "alpaca-format", "name": "x", "overwrite": 1}, 400, "overwrite",
+     "overwrite must be true or false"),
+])
+def test_bad_copies_are_refused_and_change_nothing(client, settings, body, status, field,
+                                                   message):
+    (settings.paths.formats / "qa.json").write_text(json.dumps(FORMAT))
+    (settings.paths.formats / "broken.json").write_text('{"instruction,output": ')
+    (settings.home / "x.json").write_text(json.dumps(FORMAT))
+    before = snapshot(settings)
+    res = copy(client, body)
+    if status is None:  # a word that is not a "yes" is a no, as for the upload form's checkbox
+        assert res.status_code == 201 and res.json["replaced"] is False
+        return
+    assert res.status_code == status, res.json
+    assert message in res.json["error"], res.json["error"]
+    assert res.json["errors"][0]["field"] == field
+    assert snapshot(settings) == before
+    assert (settings.home / "x.json").read_text() == json.dumps(FORMAT)
+
+
+def test_copy_needs_a_json_object(client, settings):
+    before = snapshot(settings)
+    for data in ("not json", "[1, 2]", ""):
+        res = client.post("/api/v1/formats/copy", data=data, content_type="application/json")
+        assert res.status_code == 400 and "send a JSON object" in res.json["error"]
+    assert snapshot(settings) == before
+
+
+def test_copy_with_overwrite_replaces_a_user_format(client, settings):
+    target = settings.paths.formats / "qa.json"
+    target.write_text(json.dumps(FORMAT))
+    res = copy(client, {"from": "alpaca-format", "name": "qa", "overwrite": True})
+    assert res.status_code == 201, res.json
+    assert res.json["replaced"] is True and res.json["key_sets"] == list(SHIPPED)
+    assert target.read_bytes() == shipped_file("alpaca-format").read_bytes()
+    # Onto itself: the same bytes again.
+    res = copy(client, {"from": "qa", "name": "qa", "overwrite": "true"})
+    assert res.status_code == 201 and res.json["replaced"] is True
+    assert json.loads(target.read_text()) == SHIPPED
+    assert sorted(p.name for p in settings.paths.formats.iterdir()) == ["qa.json"]
+
+
+def _log_in(app, name):
+    """A browser-like client logged in as `name`, and the CSRF header its pages carry."""
+    import re
+
+    c = app.test_client()
+    page = c.get("/login")
+    token = re.search(rb'name="csrf_token" value="([^"]+)"', page.data).group(1).decode()
+    res = c.post("/login", data={"username": name, "password": ACCOUNT_PASSWORD,
+                                 "csrf_token": token})
+    assert res.status_code == 302, res.data
+    page = c.get("/datasets")
+    token = re.search(rb'name="csrf-token" content="([^"]+)"', page.data).group(1).decode()
+    return c, {"X-CSRF-Token": token}
+
+
+ACCOUNT_PASSWORD = "correct horse battery"
+
+
+def test_format_copies_follow_the_upload_rules_for_who_may_write(settings):
+    """With accounts: no login, no copy (nor upload); a member may copy with the page's CSRF
+    token and not without it, like an upload; an API token needs no CSRF token."""
+    from dispatcher.accounts import Accounts
+
+    accounts = Accounts(settings.home)
+    accounts.add("ana", ACCOUNT_PASSWORD, "admin")  # the first account must be an admin
+    accounts.add("bo", ACCOUNT_PASSWORD, "member")
+    token = accounts.new_token("bo")
+    app = create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True})
+    anonymous = app.test_client()
+    before = snapshot(settings)
+    assert anonymous.get("/api/v1/formats/alpaca-format").status_code == 401
+    assert copy(anonymous, {"from": "alpaca-format", "name": "a"}).status_code == 401
+    assert upload(anonymous, "a-format.json", json.dumps(FORMAT)).status_code == 401
+
+    bo, csrf = _log_in(app, "bo")
+    res = copy(bo, {"from": "alpaca-format", "name": "a"})
+    assert res.status_code == 403 and "CSRF" in res.json["error"]
+    assert upload(bo, "a-format.json", json.dumps(FORMAT)).status_code == 403
+    assert snapshot(settings) == before
+
+    assert bo.get("/api/v1/formats/alpaca-format").json["source"] == "shipped"
+    assert copy(bo, {"from": "alpaca-format", "name": "a"}, headers=csrf).status_code == 201
+    res = bo.post("/api/v1/datasets", headers=csrf, content_type="multipart/form-data",
+                  data={"file": (io.BytesIO(json.dumps(FORMAT).encode()), "b-format.json")})
+    assert res.status_code == 201
+    res = copy(app.test_client(), {"from": "a", "name": "c"},
+               headers={"Authorization": f"Bearer {token}"})
+    assert res.status_code == 201, res.json
+    assert sorted(p.name for p in settings.paths.formats.iterdir()) == \
+        ["a.json", "b-format.json", "c.json"]
+
+
+def test_single_user_browser_copies_need_the_csrf_token(client, settings):
+    """A cross-site page posting from the user's browser is refused, as for an upload."""
+    before = snapshot(settings)
+    evil = {"Origin": "https://evil.example"}
+    assert copy(client, {"from": "alpaca-format", "name": "a"}, headers=evil).status_code == 403
+    res = client.post("/api/v1/datasets", headers=evil, content_type="multipart/form-data",
+                      data={"file": (io.BytesIO(json.dumps(FORMAT).encode()), "a-format.json")})
+    assert res.status_code == 403
+    assert snapshot(settings) == before
