@@ -703,7 +703,92 @@ def sweeps(sweep_id: str | None, as_json: bool, do_cancel: bool, url: str | None
 
 @main.group()
 def data() -> None:
-    """Look at datasets the way the trainer will see them."""
+    """Datasets, format files and raw texts: list, upload, view and copy formats (through the
+    dashboard), and preview samples the way the trainer will see them (locally)."""
+
+
+@data.command("list")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--url", default=None, help=URL_HELP)
+def data_list(as_json: bool, url: str | None) -> None:
+    """The data folder's datasets, format files (yours and the shipped ones) and raw texts."""
+    try:
+        listing = Client(_url(url)).data_files()
+    except ApiError as e:
+        _fail_api(e)
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    click.echo("datasets:")
+    for d in listing.get("datasets", []):
+        what = d["error"] if d.get("error") else f"{d.get('rows')} rows"
+        click.echo(f"  {d['name']:<40} {what}")
+    click.echo("format files:")
+    for f in listing.get("formats", []):
+        hidden = ", hidden by your file" if f.get("hidden_by_user_file") else ""
+        what = f["error"] if f.get("error") else " | ".join(f.get("key_sets", []))
+        click.echo(f"  {f['name']:<32} {f.get('source', ''):<8}{hidden} {what}")
+    click.echo("raw texts:")
+    for r in listing.get("raw_texts", []):
+        click.echo(f"  {r['name']}")
+
+
+@data.command("upload")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--kind", type=click.Choice(["dataset", "format", "raw_text"]), default=None,
+              help="what the file is (default: from its name: .txt raw text, *-format.json or "
+                   "*_format.json a format file, other .json/.jsonl a dataset)")
+@click.option("--overwrite", is_flag=True, help="replace a file of the same name")
+@click.option("--url", default=None, help=URL_HELP)
+def data_upload(file: str, kind: str | None, overwrite: bool, url: str | None) -> None:
+    """Upload a dataset, format file or raw text into the data folder. It is checked in full
+    first: a bad file is refused with its row and reason, and nothing is written."""
+    try:
+        saved = Client(_url(url)).upload(file, kind or "", overwrite)
+    except ApiError as e:
+        _fail_api(e)
+    rows = f", {saved['rows']} rows" if saved.get("rows") is not None else ""
+    click.echo(f"{'replaced' if saved.get('replaced') else 'saved'} {saved['path']} "
+               f"({saved['kind']}{rows})")
+
+
+@data.command("show-format")
+@click.argument("name")
+@click.option("--source", type=click.Choice(["user", "shipped"]), default=None,
+              help="the shipped file even where your own file of that name hides it")
+@click.option("--json", "as_json", is_flag=True, help="print the format file's JSON")
+@click.option("--url", default=None, help=URL_HELP)
+def data_show_format(name: str, source: str | None, as_json: bool, url: str | None) -> None:
+    """A format file's templates, in the order rows are matched against them."""
+    try:
+        fmt = Client(_url(url)).format_file(name, source or "")
+    except ApiError as e:
+        _fail_api(e)
+    templates = fmt.get("templates", {})
+    if as_json:
+        click.echo(json.dumps({k: templates[k] for k in fmt.get("key_sets", templates)},
+                              indent=2, ensure_ascii=False))
+        return
+    click.echo(f"{fmt['name']} ({fmt.get('source')}: {fmt.get('file')})")
+    for keys in fmt.get("key_sets", list(templates)):
+        click.echo(f"\n[{keys}]\n{templates.get(keys, '')}")
+
+
+@data.command("copy-format")
+@click.argument("source_name")
+@click.argument("new_name")
+@click.option("--overwrite", is_flag=True, help="replace your format file of that name")
+@click.option("--source", type=click.Choice(["user", "shipped"]), default=None,
+              help="copy the shipped file even where your own file of that name hides it")
+@click.option("--url", default=None, help=URL_HELP)
+def data_copy_format(source_name: str, new_name: str, overwrite: bool, source: str | None,
+                     url: str | None) -> None:
+    """Copy a format file (a shipped one, or yours) to formats/NEW_NAME.json to edit it."""
+    try:
+        made = Client(_url(url)).copy_format(source_name, new_name, overwrite, source or "")
+    except ApiError as e:
+        _fail_api(e)
+    click.echo(f"copied {source_name} to formats/{made.get('file', new_name)}")
 
 
 @data.command("preview")

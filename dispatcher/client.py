@@ -52,6 +52,30 @@ class Client:
             raise ApiError(resp.status_code, msg or f"HTTP {resp.status_code}", errors)
         return body
 
+    # data files -----------------------------------------------------------------------------
+    def data_files(self) -> dict[str, Any]:
+        """The data folder's datasets, format files (own and shipped) and raw texts."""
+        return self._call("GET", "/datasets")
+
+    def upload(self, path: str, kind: str = "", overwrite: bool = False) -> dict[str, Any]:
+        """Upload a dataset, format file or raw text; the dashboard checks it in full first.
+        `kind` is guessed from the name when empty."""
+        with open(path, "rb") as handle:
+            return self._call("POST", "/datasets",
+                              files={"file": (os.path.basename(path), handle)},
+                              data={"kind": kind, "overwrite": "yes" if overwrite else "no"})
+
+    def format_file(self, name: str, source: str = "") -> dict[str, Any]:
+        """A format file's listing entry with its `templates`."""
+        return self._call("GET", f"/formats/{name}", params={"source": source} if source else None)
+
+    def copy_format(self, source_name: str, new_name: str, overwrite: bool = False,
+                    source: str = "") -> dict[str, Any]:
+        body: dict[str, Any] = {"from": source_name, "name": new_name, "overwrite": overwrite}
+        if source:
+            body["source"] = source
+        return self._call("POST", "/formats/copy", json=body)
+
     def submit(self, spec: dict[str, Any], kind: str = "train", priority: str = "normal",
                owner: str | None = None) -> str:
         body: dict[str, Any] = {"kind": kind, "spec": spec, "priority": priority}

@@ -159,3 +159,51 @@ def test_visible_cards_reads_cuda_visible_devices_as_cuda_does():
     assert visible_cards(cards, "0,GPU-bbb,1") == [0]
     assert visible_cards(cards, "1,7,2") == [1]
     assert visible_cards({}, "0") == []
+
+
+# data files through the dashboard ------------------------------------------------------------
+
+
+def test_data_upload_list_show_and_copy_a_format(url, tmp_path):
+    from formats import SHIPPED_DIR
+
+    rows = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Count", "output": "1 2"}]
+    good = tmp_path / "greetings.json"
+    good.write_text(json.dumps(rows))
+    res = cli("data", "upload", str(good), "--url", url)
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "saved datasets/greetings.json (dataset, 2 rows)\n"
+    # The same name again needs --overwrite; nothing changes without it.
+    res = cli("data", "upload", str(good), "--url", url)
+    assert res.exit_code == 2 and "already exists" in res.stderr and res.stdout == ""
+    assert cli("data", "upload", str(good), "--overwrite", "--url", url).stdout.startswith(
+        "replaced datasets/greetings.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": ["x"], "output": "y"}]')
+    res = cli("data", "upload", str(bad), "--url", url)
+    assert res.exit_code == 2 and "row 1: key 'instruction' is a list" in res.stderr
+
+    res = cli("data", "show-format", "alpaca-format", "--json", "--url", url)
+    assert res.exit_code == 0, res.output
+    shipped = json.loads((SHIPPED_DIR / "alpaca-format.json").read_text())
+    assert json.loads(res.stdout) == shipped
+    assert list(json.loads(res.stdout)) == list(shipped)  # the order rows are matched in
+
+    res = cli("data", "copy-format", "alpaca-format", "my-alpaca", "--url", url)
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "copied alpaca-format to formats/my-alpaca.json\n"
+    res = cli("data", "copy-format", "alpaca-format", "my-alpaca", "--url", url)
+    assert res.exit_code == 2 and "already exists" in res.stderr
+    res = cli("data", "copy-format", "alpaca-format", "../evil", "--url", url)
+    assert res.exit_code == 2 and "name" in res.stderr
+
+    res = cli("data", "list", "--url", url)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert any(ln.split()[:3] == ["greetings.json", "2", "rows"] for ln in lines)
+    assert any(ln.split()[:2] == ["my-alpaca", "user"] for ln in lines)
+    assert any(ln.split()[:2] == ["alpaca-format", "shipped"] for ln in lines)
+    assert "bad.json" not in res.stdout
+    res = cli("data", "show-format", "my-alpaca", "--url", url)
+    assert res.stdout.startswith("my-alpaca (user: my-alpaca.json)\n")
+    assert "[instruction,output]" in res.stdout
