@@ -207,7 +207,10 @@ def test_stop_a_running_job_keeps_the_incomplete_lora(fleet, page, tmp_path):
         f".dataset.points) === {steps}", timeout=10000)
     log = page.locator("[data-testid='log-tail']")
     log.locator(".line", has_text="Incomplete LoRA saved to loras/stopped-lora/").wait_for()
-    assert log.locator(".line", has_text="stop requested").count() == 1
+    # The request is logged once (the worker's watchdog may add its own "stop requested;
+    # the trainer has 60 s" line when its heartbeat comes before the trainer's answer).
+    assert log.locator(".line", has_text="stop requested: the trainer stops after the current "
+                                         "step").count() == 1
 
     # The saved adapter is offered for download (and to try), and the zip holds it.
     download = page.locator("[data-testid='download-lora']")
