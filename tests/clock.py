@@ -1,9 +1,11 @@
-"""A settable clock, and the dispatcher set up against it on the tests' real Redis server."""
+"""A settable clock, the dispatcher set up against it, and a store full of jobs, on the tests'
+real Redis server."""
 
 from __future__ import annotations
 
 from dispatcher.fleet import Fleet
 from dispatcher.scheduler import Dispatcher
+from dispatcher.states import JobState
 from dispatcher.store import JobStore
 
 
@@ -38,3 +40,18 @@ def dispatcher_env(redis_client, prefix: str, clock: Clock | None = None):
     sent: list[tuple[str, str]] = []
     d = Dispatcher(store, fleet, lambda job, w: sent.append((job, w["name"])), clock=clock)
     return store, fleet, d, sent, clock
+
+
+def many_jobs(redis_client, prefix: str, n: int = 520) -> tuple[JobStore, list[str]]:
+    """`n` jobs created one a second: every 4th is ada's (the rest bo's), every 10th has
+    succeeded. Returns the store and the ids newest first, as the job list shows them."""
+    store = JobStore(redis_client, prefix, clock=TickingClock())
+    ids = []
+    for i in range(n):
+        j = store.create("train", {"lora_name": f"lora-{i}"}, owner="ada" if i % 4 == 0 else "bo")
+        if i % 10 == 0:
+            store.transition(j, JobState.ASSIGNED, "a", worker="w")
+            store.transition(j, JobState.RUNNING, "r")
+            store.transition(j, JobState.SUCCEEDED, "done")
+        ids.append(j)
+    return store, ids[::-1]

@@ -18,7 +18,7 @@ from dispatcher.events import EventLog
 from dispatcher.settings import Settings
 from dispatcher.states import JobState
 from dispatcher.store import JobStore
-from tests.clock import TickingClock
+from tests.clock import many_jobs
 
 N_JOBS = 520  # more than the API's default page (200) and more than one page of the client
 
@@ -41,16 +41,7 @@ def url(tmp_path, redis_server, prefix):
 @pytest.fixture
 def jobs(redis_client, prefix):
     """520 jobs, one a second, newest first: every 4th is ada's, every 10th has succeeded."""
-    store = JobStore(redis_client, prefix, clock=TickingClock())
-    ids = []
-    for i in range(N_JOBS):
-        j = store.create("train", {"lora_name": f"lora-{i}"}, owner="ada" if i % 4 == 0 else "bo")
-        if i % 10 == 0:
-            store.transition(j, JobState.ASSIGNED, "a", worker="w")
-            store.transition(j, JobState.RUNNING, "r")
-            store.transition(j, JobState.SUCCEEDED, "done")
-        ids.append(j)
-    return store, ids[::-1]
+    return many_jobs(redis_client, prefix, N_JOBS)
 
 
 def cli(*args: str, env: dict[str, str | None] | None = None):

@@ -11,9 +11,7 @@ import pytest
 from dashboard.app import create_app
 from dispatcher.fleet import Fleet
 from dispatcher.settings import Settings
-from dispatcher.states import JobState
-from dispatcher.store import JobStore
-from tests.clock import TickingClock
+from tests.clock import many_jobs
 from tests.unit.test_dashboard_pages import Elements
 
 
@@ -27,16 +25,7 @@ def client(tmp_path, redis_server, prefix):
 @pytest.fixture
 def jobs(redis_client, prefix):
     """520 jobs, one a second: every 4th is ada's, every 10th has succeeded."""
-    store = JobStore(redis_client, prefix, clock=TickingClock())
-    ids = []
-    for i in range(520):
-        j = store.create("train", {"lora_name": f"lora-{i}"}, owner="ada" if i % 4 == 0 else "bo")
-        if i % 10 == 0:
-            store.transition(j, JobState.ASSIGNED, "a", worker="w")
-            store.transition(j, JobState.RUNNING, "r")
-            store.transition(j, JobState.SUCCEEDED, "done")
-        ids.append(j)
-    return store, ids[::-1]  # newest first
+    return many_jobs(redis_client, prefix)  # ids newest first
 
 
 def rows(html: str) -> list[str]:
