@@ -141,7 +141,11 @@ def list_jobs():
     # state/owner filter the whole list before paging; `total` counts every match.
     states, owners = ([v.strip() for v in request.args.get(k, "").split(",") if v.strip()]
                       for k in ("state", "owner"))
-    records, total = services().store.page(limit, offset, states, owners)
+    before = request.args.get("before") or None
+    try:
+        records, total = services().store.page(limit, offset, states, owners, before)
+    except KeyError:
+        return api_error(400, f"before: there is no job {before}")
     return jsonify({"jobs": [job_summary(r) for r in records], "total": total,
                     "limit": limit, "offset": offset})
 

@@ -87,12 +87,14 @@ class Client:
         return self._call("GET", f"/jobs/{job_id}")
 
     def jobs_page(self, limit: int = JOBS_PAGE_SIZE, offset: int = 0, owner: str | None = None,
-                  state: str | None = None) -> dict[str, Any]:
+                  state: str | None = None, before: str | None = None) -> dict[str, Any]:
         """One page of the job list, newest first: {"jobs", "total", "limit", "offset"}.
 
         `owner` and `state` may be comma-separated lists; the dashboard filters before paging,
-        so `total` counts every match."""
+        so `total` counts every match. `before` (a job id) starts just after that job."""
         params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if before:
+            params["before"] = before
         if owner:
             params["owner"] = owner
         if state:
@@ -101,18 +103,17 @@ class Client:
 
     def jobs(self, owner: str | None = None, state: str | None = None,
              page_size: int = JOBS_PAGE_SIZE) -> list[dict[str, Any]]:
-        """Every job that matches, newest first, fetched a page at a time."""
+        """Every job that matches, newest first, fetched a page at a time. Each page starts
+        after the last job of the one before (not at an offset), so jobs submitted, or leaving
+        the filter, while the list is read shift nothing out of it."""
         out: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        offset = 0
+        before = None
         while True:
-            page = self.jobs_page(page_size, offset, owner, state)
-            # A job submitted meanwhile shifts the newest-first list by one: skip the repeat.
-            out.extend(j for j in page["jobs"] if j["id"] not in seen)
-            seen.update(j["id"] for j in page["jobs"])
-            offset += len(page["jobs"])
-            if not page["jobs"] or offset >= page["total"]:
+            page = self.jobs_page(page_size, 0, owner, state, before)
+            out.extend(page["jobs"])
+            if len(page["jobs"]) < page_size:
                 return out
+            before = page["jobs"][-1]["id"]
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/jobs/{job_id}/cancel")

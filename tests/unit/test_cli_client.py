@@ -12,7 +12,7 @@ from werkzeug.serving import make_server
 
 from dashboard.app import create_app
 from dispatcher.cli import main
-from dispatcher.client import JOBS_PAGE_SIZE, Client
+from dispatcher.client import JOBS_PAGE_SIZE, ApiError, Client
 from dispatcher.embedded import free_port
 from dispatcher.events import EventLog
 from dispatcher.settings import Settings
@@ -100,6 +100,26 @@ def test_client_pages_through_a_filtered_list(url, jobs):
     page = client.jobs_page(limit=50, offset=100, owner="ada")
     assert page["total"] == len(ada) and [j["id"] for j in page["jobs"]] == ada[100:]
     assert [j["id"] for j in client.jobs(page_size=1000)] == newest
+
+
+def test_jobs_leaving_the_filter_while_the_list_is_read_shift_nothing_out(url, jobs):
+    """Reading queued jobs page by page while some on the first page are cancelled: the next
+    page starts after the last job read, so none of the still-queued ones is skipped (an offset
+    would have moved past three of them)."""
+    store, newest = jobs
+    queued = [j for j in newest if store.get(j)["state"] == "queued"]
+    client = Client(url)
+    first = client.jobs_page(limit=50, state="queued")["jobs"]
+    assert [j["id"] for j in first] == queued[:50]
+    for job_id in queued[10:13]:
+        store.cancel(job_id, "changed my mind")
+    second = client.jobs_page(limit=50, state="queued", before=first[-1]["id"])["jobs"]
+    assert [j["id"] for j in second] == queued[50:100]
+    by_offset = client.jobs_page(limit=50, offset=50, state="queued")["jobs"]
+    assert [j["id"] for j in by_offset] == queued[53:103]  # what offsets would have done
+    with pytest.raises(ApiError, match="before: there is no job nosuchjob0000") as refused:
+        client.jobs_page(limit=5, before="nosuchjob0000", state="queued")
+    assert refused.value.status == 400
 
 
 def test_url_before_or_after_the_command(url, jobs):
