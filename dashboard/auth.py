@@ -45,6 +45,7 @@ from flask import (
     url_for,
 )
 
+from dashboard.throttle import LoginThrottle
 from dispatcher.accounts import Account, Accounts, is_loopback
 
 OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -205,11 +206,22 @@ def login():
 
 @bp.post("/login")
 def login_post():
+    from dashboard.app import services
+
     name = request.form.get("username", "").strip()
+    svc = services()
+    throttle = LoginThrottle(svc.redis, svc.settings.prefix)
+    wait = throttle.wait_s(name, request.remote_addr)
+    if wait:
+        minutes = -(-wait // 60)
+        return render_template("login.html", next=request.form.get("next", ""), username=name,
+                               error=f"too many failed logins: try again in {minutes} min"), 429
     user = accounts_store().login(name, request.form.get("password", ""))
     if user is None:
+        throttle.failed(name, request.remote_addr)
         return render_template("login.html", next=request.form.get("next", ""), username=name,
                                error="wrong user name or password"), 401
+    throttle.succeeded(name)
     session.clear()  # a fresh session (and CSRF token) for the logged-in user
     session.permanent = True
     session["user"] = user.name

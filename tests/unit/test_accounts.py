@@ -351,3 +351,40 @@ def test_request_bodies_are_bounded(tmp_path, redis_server, prefix):
     resp = app.test_client().post("/api/v1/jobs", data=b"x" * (2 * 2**20),
                                   content_type="application/json")
     assert resp.status_code == 413
+
+
+def test_failed_logins_lock_the_name_for_a_while(app, settings, redis_client, prefix):
+    """Five wrong passwords for ana: the sixth try is refused before the password is checked,
+    even the right one, until the window ends; other names still log in; a success resets."""
+    def attempt(name, password):  # a fresh browser each time: a login renews the CSRF token
+        c = app.test_client()
+        page = c.get("/login")
+        csrf = re.search(rb'name="csrf_token" value="([^"]+)"', page.data).group(1).decode()
+        return c.post("/login", data={"username": name, "password": password,
+                                      "csrf_token": csrf})
+
+    assert attempt("bo", "wrong-password").status_code == 401
+    assert attempt("bo", PASSWORD).status_code == 302  # a success clears bo's count
+    for _ in range(5):
+        assert attempt("ana", "wrong-password").status_code == 401
+    refused = attempt("ANA", PASSWORD)  # names count case-insensitively, as they log in
+    assert refused.status_code == 429
+    assert b"too many failed logins: try again in 15 min" in refused.data
+    assert attempt("cy", PASSWORD).status_code == 302
+    key = f"{prefix}:login-failures:name:ana"
+    assert 0 < redis_client.ttl(key) <= 15 * 60
+    redis_client.delete(key)  # the window has passed
+    assert attempt("ana", PASSWORD).status_code == 302
+    assert redis_client.get(key) is None
+
+
+def test_failed_logins_from_one_address_are_limited_too(settings, redis_server, redis_client,
+                                                        prefix):
+    from dashboard.throttle import LoginThrottle
+
+    throttle = LoginThrottle(redis_client, prefix, name_limit=100, address_limit=3, window_s=60)
+    for n in range(3):
+        assert throttle.wait_s(f"guess{n}", "203.0.113.9") == 0
+        throttle.failed(f"guess{n}", "203.0.113.9")
+    assert 0 < throttle.wait_s("anyone", "203.0.113.9") <= 60
+    assert throttle.wait_s("anyone", "198.51.100.1") == 0
