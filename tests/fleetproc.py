@@ -71,6 +71,13 @@ class FleetProcs:
         self.start("dashboard", ["-m", "dashboard"])
         self.wait_for(lambda: _ok(requests, self.url + "/healthz"), 30, "dashboard")
 
+    def start_fleet(self, worker: str = "w1") -> None:
+        """The dispatcher, one worker named `worker` and the dashboard, up and heard from."""
+        self.start_dispatcher()
+        self.start_worker(worker)
+        self.start_dashboard()
+        self.wait_for_workers(1)
+
     def wait_for_workers(self, n: int = 1, timeout: float = 60) -> None:
         from dispatcher.fleet import Fleet
 
@@ -149,3 +156,14 @@ def write_json(path: Path, obj: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1))
     return path
+
+
+def tiny_fleet(redis_url: str, home: Path, tag: str, rows: int = 24) -> FleetProcs:
+    """A fleet (nothing started yet) whose data folder holds the tiny model as models/tiny and
+    a `rows`-row dataset as datasets/tiny.json; `tag` starts its Redis key prefix."""
+    from tests.tiny import make_tiny_model, write_tiny_dataset
+
+    f = FleetProcs(home, redis_url, prefix=f"{tag}{time.monotonic_ns()}")
+    make_tiny_model(f.settings.paths.models / "tiny")
+    write_tiny_dataset(f.settings.paths.datasets / "tiny.json", n=rows)
+    return f

@@ -8,13 +8,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
 from dispatcher.accounts import Accounts
-from tests.fleetproc import ROOT, FleetProcs
-from tests.tiny import make_tiny_model, write_tiny_dataset
+from tests.fleetproc import ROOT, tiny_fleet
 
 pytestmark = pytest.mark.browser
 PASSWORD = "a long enough password"
@@ -22,10 +20,7 @@ PASSWORD = "a long enough password"
 
 @pytest.fixture(scope="module")
 def fleet(redis_server, tmp_path_factory):
-    home = tmp_path_factory.mktemp("accountshome")
-    f = FleetProcs(home, redis_server, prefix=f"acc{time.monotonic_ns()}")
-    make_tiny_model(f.settings.paths.models / "tiny")
-    write_tiny_dataset(f.settings.paths.datasets / "tiny.json")
+    f = tiny_fleet(redis_server, tmp_path_factory.mktemp("accountshome"), "acc")
     acc = Accounts(f.settings.home)
     acc.add("ana", PASSWORD, "admin")
     acc.add("bo", PASSWORD, "member")

@@ -5,28 +5,21 @@ running job and download what it saved."""
 from __future__ import annotations
 
 import re
-import time
 import zipfile
 
 import pytest
 
-from tests.fleetproc import FleetProcs
-from tests.tiny import make_tiny_model, write_tiny_dataset
+from tests.fleetproc import tiny_fleet
+from tests.tiny import write_tiny_dataset
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def fleet(redis_server, tmp_path_factory):
-    home = tmp_path_factory.mktemp("browserhome")
-    f = FleetProcs(home, redis_server, prefix=f"br{time.monotonic_ns()}")
-    make_tiny_model(f.settings.paths.models / "tiny")
-    write_tiny_dataset(f.settings.paths.datasets / "tiny.json")
+    f = tiny_fleet(redis_server, tmp_path_factory.mktemp("browserhome"), "br")
     write_tiny_dataset(f.settings.paths.datasets / "tiny-eval.json", n=4)  # quick to score
-    f.start_dispatcher()
-    f.start_worker("bw1")
-    f.start_dashboard()
-    f.wait_for_workers(1)
+    f.start_fleet("bw1")
     yield f
     f.stop()
 

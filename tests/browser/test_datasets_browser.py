@@ -5,22 +5,18 @@ and preview from the New job form."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from tests.fleetproc import FleetProcs
-from tests.tiny import CORPUS, make_tiny_model, tiny_rows, write_tiny_dataset
+from tests.fleetproc import tiny_fleet
+from tests.tiny import CORPUS, tiny_rows
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def fleet(redis_server, tmp_path_factory):
-    home = tmp_path_factory.mktemp("datasetshome")
-    f = FleetProcs(home, redis_server, prefix=f"bd{time.monotonic_ns()}")
-    make_tiny_model(f.settings.paths.models / "tiny")
-    write_tiny_dataset(f.settings.paths.datasets / "tiny.json", n=6)
+    f = tiny_fleet(redis_server, tmp_path_factory.mktemp("datasetshome"), "bd", rows=6)
     f.start_dashboard()
     yield f
     f.stop()

@@ -5,27 +5,19 @@ trial, overlaid loss curves, scatter), sort the table, and cancel a running swee
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 import requests
 
-from tests.fleetproc import FleetProcs, small_spec
-from tests.tiny import make_tiny_model, write_tiny_dataset
+from tests.fleetproc import small_spec, tiny_fleet
 
 pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
 def fleet(redis_server, tmp_path_factory):
-    home = tmp_path_factory.mktemp("sweephome")
-    f = FleetProcs(home, redis_server, prefix=f"bs{time.monotonic_ns()}")
-    make_tiny_model(f.settings.paths.models / "tiny")
-    write_tiny_dataset(f.settings.paths.datasets / "tiny.json")
-    f.start_dispatcher()
-    f.start_worker("sw1")
-    f.start_dashboard()
-    f.wait_for_workers(1)
+    f = tiny_fleet(redis_server, tmp_path_factory.mktemp("sweephome"), "bs")
+    f.start_fleet("sw1")
     yield f
     f.stop()
 
