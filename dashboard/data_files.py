@@ -285,10 +285,6 @@ def format_file_name(name: object, field: str) -> str:
     return check_name(name if name.endswith(".json") else f"{name}.json", field)
 
 
-def _format_folders(paths: DataPaths) -> dict[str, Path]:
-    return {"user": paths.formats, "shipped": formats.SHIPPED_DIR}
-
-
 def find_format_file(name: object, paths: DataPaths, source: object = "",
                      field: str = "name") -> tuple[Path, str]:
     """The format file `name` names and its source: the user's formats/ first, as a job
@@ -298,12 +294,9 @@ def find_format_file(name: object, paths: DataPaths, source: object = "",
     if source not in ("", *FORMAT_SOURCES):
         raise _file_error(400, f"source must be one of {', '.join(FORMAT_SOURCES)} (or left "
                                "out: the user's file first)", "source")
-    folders = _format_folders(paths)
-    for src in (source,) if source else FORMAT_SOURCES:
-        # resolve_data_name, as a job's format is found: nothing resolving outside the folder.
-        rel, _ = resolve_data_name(file_name, folders[src], FORMAT_EXTS, allow_dir=False)
-        if rel:
-            return folders[src] / rel, src
+    found = find_format(file_name, paths, only=source)  # as a job finds its format
+    if found is not None:
+        return found, "user" if found.parent == paths.formats else "shipped"
     where = {"": "in formats/ or among the shipped formats", "user": "in formats/",
              "shipped": "among the shipped formats"}[source]
     raise _file_error(404, f"format '{name}' was not found {where}", field)

@@ -167,9 +167,11 @@ def _check_format_file(path: Path) -> str | None:
     return None
 
 
-def find_format(name: str, paths: DataPaths) -> Path | None:
-    """The format file a spec's `format` names: the user's formats/ first, then the shipped ones."""
-    for base in (paths.formats, SHIPPED_FORMATS):
+def find_format(name: str, paths: DataPaths, only: str = "") -> Path | None:
+    """The format file a spec's `format` names: the user's formats/ first, then the shipped ones
+    (`only` "user" or "shipped" looks in that one place)."""
+    places = {"user": paths.formats, "shipped": SHIPPED_FORMATS}
+    for base in [places[only]] if only else places.values():
         rel, _ = resolve_data_name(name, base, FORMAT_EXTS, allow_dir=False)
         if rel:
             return base / rel
