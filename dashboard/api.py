@@ -131,6 +131,14 @@ def submit_job():
     return jsonify({"id": job_id, "state": "queued"}), 201
 
 
+def job_filters(args: Any) -> tuple[list[str], list[str]]:
+    """The job list's `state` and `owner` filters of a request: comma-separated, spaces ignored."""
+    def values(key: str) -> list[str]:
+        return [v.strip() for v in args.get(key, "").split(",") if v.strip()]
+
+    return values("state"), values("owner")
+
+
 @bp.get("/jobs")
 def list_jobs():
     try:
@@ -139,8 +147,7 @@ def list_jobs():
     except ValueError:
         return api_error(400, "limit and offset must be whole numbers")
     # state/owner filter the whole list before paging; `total` counts every match.
-    states, owners = ([v.strip() for v in request.args.get(k, "").split(",") if v.strip()]
-                      for k in ("state", "owner"))
+    states, owners = job_filters(request.args)
     before = request.args.get("before") or None
     try:
         records, total = services().store.page(limit, offset, states, owners, before)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, render_template, request
 
-from dashboard.api import job_detail, job_summary, workers_with_jobs
+from dashboard.api import job_detail, job_filters, job_summary, workers_with_jobs
 from dashboard.app import services
 from dashboard.forms import form_fields, form_sections
 from dispatcher.specs import GenerateSpec, SpecError, list_choices, lora_parameters
@@ -29,14 +29,13 @@ def jobs():
         page = 0
     if page < 1:
         abort(400, f"page must be a whole number from 1, not {request.args.get('page')!r}")
-    state = request.args.get("state", "").strip()
+    state = request.args.get("state", "").strip()  # shown again in the filter fields
     owner = request.args.get("owner", "").strip()
-    states = [s for s in state.split(",") if s]
+    states, owners = job_filters(request.args)
     unknown = [s for s in states if s not in {st.value for st in JobState}]
     if unknown:
         abort(400, f"unknown job state {unknown[0]!r}: use one of "
                    f"{', '.join(st.value for st in JobState)}")
-    owners = [o for o in owner.split(",") if o]
     offset = (page - 1) * JOBS_PER_PAGE
     records, total = services().store.page(JOBS_PER_PAGE, offset, states, owners)
     pages = max(1, -(-total // JOBS_PER_PAGE))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import redis as redis_lib
@@ -136,13 +136,17 @@ class JobStore:
     def history(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.r.lrange(self._history_key(job_id), 0, -1)]
 
-    def list(self, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
-        ids = self.r.zrevrange(f"{self.p}:jobs", offset, offset + limit - 1)
+    def get_many(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The records of `ids` in that order, in one round trip; a missing job is left out."""
         with self.r.pipeline() as pipe:
             for i in ids:
                 pipe.hgetall(self.key(i))
             raws = pipe.execute()
         return [self._decode(raw) for raw in raws if raw]
+
+    def list(self, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
+        ids = self.r.zrevrange(f"{self.p}:jobs", offset, offset + limit - 1)
+        return self.get_many(ids)
 
     def page(self, limit: int = 50, offset: int = 0, states: Collection[str] = (),
              owners: Collection[str] = (), before: str | None = None
@@ -174,19 +178,11 @@ class JobStore:
                  and (not owners or owner in owners)]
         after = set(ids[start:]) if start else None
         picked = [i for i in match if after is None or i in after][offset:offset + limit]
-        with self.r.pipeline() as pipe:
-            for i in picked:
-                pipe.hgetall(self.key(i))
-            raws = pipe.execute()
-        return [self._decode(raw) for raw in raws if raw], len(match)
+        return self.get_many(picked), len(match)
 
     def pending(self) -> list[dict[str, Any]]:
         ids = self.r.zrange(self.pending_key, 0, -1)
-        with self.r.pipeline() as pipe:
-            for i in ids:
-                pipe.hgetall(self.key(i))
-            raws = pipe.execute()
-        return [self._decode(raw) for raw in raws if raw]
+        return self.get_many(ids)
 
     def active(self) -> list[dict[str, Any]]:
         ids = sorted(self.r.smembers(self.active_key))

@@ -679,11 +679,7 @@ class SweepStore:
 
     def trial_jobs(self, rec: dict[str, Any]) -> list[dict[str, Any]]:
         """The trials' job records, in trial order (a deleted job is left out)."""
-        with self.r.pipeline() as pipe:
-            for t in rec["trials"]:
-                pipe.hgetall(self.store.key(t["job"]))
-            raws = pipe.execute()
-        return [JobStore._decode(raw) for raw in raws if raw]
+        return self.store.get_many(t["job"] for t in rec["trials"])
 
     def evals(self, sweep_id: str) -> dict[str, str]:
         return self.r.hgetall(self.key(sweep_id, "evals"))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -28,11 +27,11 @@ import redis
 from dispatcher.fleet import Fleet
 from dispatcher.states import JobState, TransitionError
 from dispatcher.store import JobStore
+from gpuworker.checkpoints import list_checkpoints
 from gpuworker.telemetry import parent_pid
 
 log = logging.getLogger("lorafleet.worker")
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def kill_child(pid: int | None, parent: int | None = None) -> int | None:
@@ -56,11 +55,10 @@ def kill_child(pid: int | None, parent: int | None = None) -> int | None:
 def last_checkpoint(lora_dir: Path) -> str | None:
     """The newest `checkpoint-<step>` folder name in `lora_dir`, if any."""
     try:
-        steps = [int(m.group(1)) for p in lora_dir.iterdir()
-                 if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+        found = list_checkpoints(lora_dir)
     except OSError:
         return None
-    return f"checkpoint-{max(steps)}" if steps else None
+    return found[-1].name if found else None
 
 
 class StopWatchdog:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from array import array
 from dataclasses import dataclass
@@ -25,11 +24,11 @@ from typing import Any
 import torch
 
 from dispatcher.specs import TrainSpec
+from gpuworker.checkpoints import CHECKPOINT_RE, list_checkpoints
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 LATEST = "latest"
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What a checkpoint folder holds when it can be resumed from (save.py writes exactly these).
 CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "training_state.pt", "training_state.json")
 
@@ -42,22 +41,8 @@ RUN_SETTINGS = ("base_model", "lora_rank", "lora_alpha", "target_modules", "micr
                 "lr_scheduler_type", "warmup_steps")
 
 
-def checkpoint_step(folder: Path) -> int | None:
-    """The step of a `checkpoint-<step>` folder name, or None for any other name."""
-    m = CHECKPOINT_RE.match(folder.name)
-    return int(m.group(1)) if m else None
-
-
 def is_complete(folder: Path) -> bool:
     return folder.is_dir() and all((folder / name).is_file() for name in CHECKPOINT_FILES)
-
-
-def list_checkpoints(lora_dir: Path) -> list[Path]:
-    """The `checkpoint-<step>/` folders directly in `lora_dir`, complete or not, by step."""
-    if not lora_dir.is_dir():
-        return []
-    found = [p for p in lora_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
 
 def latest_checkpoint(lora_dir: Path) -> Path | None:
