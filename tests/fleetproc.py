@@ -45,6 +45,10 @@ class FleetProcs:
         self.settings.paths.ensure()
         self.r = redis.Redis.from_url(redis_url, decode_responses=True)
         self.store = JobStore(self.r, prefix)
+        # What tests use to talk to this fleet's dashboard over HTTP, as the CLI would.
+        import requests
+
+        self.http = requests.Session()
 
     @property
     def url(self) -> str:
