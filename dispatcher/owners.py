@@ -113,8 +113,8 @@ def admit_lora_write(owners: Owners, loras: Path, name: str, job_owner: str,
     if owner is None and not (loras / name).exists() and not (loras / name).is_symlink():
         owner = owners.claim(rel, job_owner)  # a new name: the first to claim it has it
     why = refusal(rel, owner, actor, LORA_VERB)
-    if why is None and owner is not None and owner != job_owner and actor.name != owner:
-        # e.g. an admin queueing for bo into ana's LoRA: allowed, and said so on the job
+    if why is None and owner is not None and owner != job_owner:
+        # An admin queueing for bo into ana's LoRA: allowed, and said so on the job.
         return actor.name
     if why is not None:
         raise OwnerRefused(why + " (choose another lora_name)", "lora_name")

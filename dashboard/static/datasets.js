@@ -90,7 +90,7 @@
       tr.setAttribute("data-name", f.name);
       tr.setAttribute("data-source", f.source);
       let source = f.source;
-      if (f.hidden_by_user_file) source += " (hidden by your file)";
+      if (f.hidden_by_user_file) source += " (hidden by a file in formats/)";
       const actions = cell("", "row-actions");
       actions.append(rowButton("View", "view", "format-view-button"),
                      rowButton("Copy…", "copy", "format-copy-button"));
