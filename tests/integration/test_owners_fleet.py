@@ -38,7 +38,8 @@ def test_data_list_shows_each_files_owner(fleet):
                           fleet.url], capture_output=True, text=True, env=fleet.env, cwd=ROOT,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    lines = {line.split()[0]: line.split()[1] for line in out.stdout.splitlines()
+    # datasets: name, rows, owner (last); format files: name, source, owner, key sets
+    lines = {line.split()[0]: line.split()[-1] for line in out.stdout.splitlines()
              if line.startswith("  ")}
     assert lines["bo-data.json"] == "bo"
     assert lines["tiny.json"] == "—"  # put there by hand: no one's
