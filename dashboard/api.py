@@ -15,6 +15,7 @@ from dashboard.app import services
 from dashboard.auth import may_manage, owner_for, priority_problem
 from dashboard.forms import form_fields
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
+from dashboard.ownership import OwnerRefused, admit_train_job
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
 from dispatcher.estimate import job_memory_mb
 from dispatcher.scheduler import QueueView, queue_view, scheduling_env
@@ -126,8 +127,17 @@ def submit_job():
         return api_error(400, f"the job was not queued: {n} problem{'s' if n != 1 else ''} "
                            "in the request", problems)
     spec_dict = spec.to_dict()
+    fields = {}
+    if kind == "train":  # the LoRA folder it writes: the owner's, or an admin's word for it
+        try:
+            admitted_by = admit_train_job(spec_dict, owner)
+        except OwnerRefused as e:
+            return api_error(403, f"the job was not queued: {e}",
+                             [{"field": e.field, "message": str(e)}])
+        fields = {"lora_admitted_by": admitted_by} if admitted_by else {}
     need = job_memory_mb(kind, spec_dict, settings.paths.models)
-    job_id = services().store.create(kind, spec_dict, owner, priority, gpu_memory_mb=need)
+    job_id = services().store.create(kind, spec_dict, owner, priority, gpu_memory_mb=need,
+                                     fields=fields)
     return jsonify({"id": job_id, "state": "queued"}), 201
 
 

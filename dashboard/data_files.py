@@ -22,7 +22,10 @@ Choices (the issue left them open):
   file-name rules. Viewing and copying take the user's file first, as a job does, unless the
   request asks for ``source`` ``user`` or ``shipped`` (so a shipped format hidden by a user file
   of the same name can still be seen and copied). A copy is checked like an uploaded format
-  file and written by :func:`save_upload`; it may take a shipped name, and then hides it.
+  file and written by :func:`save_upload` (through the dashboard's owner checks: only an
+  admin may give a file a shipped format's name, which then changes it for every user).
+* Links: the listing leaves out entries whose real path is outside their folder (a link to
+  /etc/passwd is neither read nor shown); a link that stays inside is listed like its target.
 """
 
 from __future__ import annotations
@@ -35,11 +38,13 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import formats
+from dispatcher.links import inside
 from dispatcher.settings import DataPaths
 from dispatcher.specs import (
     DATASET_EXTS,
@@ -222,9 +227,11 @@ def _format_keys(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, ...], 
 
 
 def _visible(folder: Path) -> list[Path]:
+    """The entries of `folder` a user sees: not hidden, and not leading out of the folder."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir()
+                  if not p.name.startswith(".") and inside(p, folder))
 
 
 def _entry(path: Path, kind: str) -> dict[str, Any]:
@@ -253,7 +260,7 @@ def list_data(paths: DataPaths) -> dict[str, list[dict[str, Any]]]:
         elif p.is_file() and p.suffix in RAW_TEXT_EXTS:
             raw_texts.append({**_entry(p, "raw_text"), "files": 1})
         elif p.is_dir():
-            txts = sorted(p.glob("*.txt"))
+            txts = sorted(t for t in p.glob("*.txt") if inside(t, paths.datasets))
             if txts:
                 e = _entry(p, "raw_text")
                 e["size"] = sum(t.stat().st_size for t in txts)
@@ -325,9 +332,11 @@ def read_format(name: object, paths: DataPaths, source: object = "") -> dict[str
 
 
 def copy_format(from_name: object, new_name: object, overwrite: bool, paths: DataPaths,
-                source: object = "") -> tuple[dict[str, Any], bool]:
+                source: object = "", save: Callable[..., Path] = save_upload
+                ) -> tuple[dict[str, Any], bool]:
     """Copy a format file (the user's or a shipped one) to formats/NEW.json, checked and
-    written as an upload is. Returns the new file's listing entry and whether it replaced one.
+    written as an upload is (by `save`: the dashboard's checks who may write it). Returns the
+    new file's listing entry and whether it replaced one.
     """
     file_name = format_file_name(new_name, "name")
     path, src = find_format_file(from_name, paths, source, field="from")
@@ -337,7 +346,7 @@ def copy_format(from_name: object, new_name: object, overwrite: bool, paths: Dat
     target = copy.folder / copy.name
     existed = target.exists()
     try:
-        target = save_upload(copy, data, overwrite, replace_hint=COPY_REPLACE_HINT)
+        target = save(copy, data, overwrite, replace_hint=COPY_REPLACE_HINT)
     except DataFileError as e:
         raise _file_error(e.status, e.message, "name") from None
     return _format_entry(target, "user", False), existed

@@ -41,8 +41,8 @@ from dashboard.data_files import (
     parse_preview_request,
     read_format,
     run_preview,
-    save_upload,
 )
+from dashboard.ownership import owners, save_owned, with_owners
 from dispatcher.specs import default_spec, list_choices
 
 bp = Blueprint("datasets", __name__, template_folder="templates")
@@ -80,7 +80,7 @@ def _too_large(name: str = "") -> DataFileError:
 
 
 def _listing() -> dict:
-    out = list_data(services().settings.paths)
+    out = with_owners(list_data(services().settings.paths))
     out["max_upload_bytes"] = _max_upload()
     return out
 
@@ -120,7 +120,7 @@ def upload():
     paths = services().settings.paths
     checked = check_upload(name, kind, data, paths)
     existed = (checked.folder / checked.name).exists()
-    target = save_upload(checked, data, overwrite)
+    target = save_owned(checked, data, overwrite)
     return jsonify({
         "name": checked.name, "kind": checked.kind,
         "path": f"{checked.folder.name}/{checked.name}", "size": len(data),
@@ -173,5 +173,7 @@ def copy_format_file():
         raise DataFileError(400, "overwrite must be true or false",
                             [{"field": "overwrite", "message": "must be true or false"}])
     entry, replaced = copy_format(body.get("from"), body.get("name"), overwrite,
-                                  services().settings.paths, body.get("source", ""))
-    return jsonify({**entry, "replaced": replaced}), 201
+                                  services().settings.paths, body.get("source", ""),
+                                  save=save_owned)
+    owner = owners().get(f"formats/{entry['file']}")
+    return jsonify({**entry, "owner": owner, "replaced": replaced}), 201

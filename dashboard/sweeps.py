@@ -19,6 +19,8 @@ from dashboard.api import api_error
 from dashboard.app import services
 from dashboard.auth import may_manage, owner_for, priority_problem
 from dashboard.forms import form_sections
+from dashboard.ownership import owners
+from dispatcher.owners import lora_rel
 from dispatcher.specs import SpecError, list_choices
 from dispatcher.store import PRIORITIES, JobNotFound
 from dispatcher.sweeps import (
@@ -94,8 +96,27 @@ def create_sweep():
                            "in the definition", problems)
     if dry:
         return jsonify({"dry_run": True, **plan.preview()})
+    refused = _claim_trial_names(plan, owner)
+    if refused:
+        return api_error(403, f"the sweep was not queued: {refused[0]['message']}", refused)
     sweep_id = _sweeps().create(plan, owner, priority)
     return jsonify({"id": sweep_id, **plan.preview()}), 201
+
+
+def _claim_trial_names(plan: Any, owner: str) -> list[dict[str, str]]:
+    """Claim every trial's LoRA name for the sweep's owner (dispatcher/owners.py); a name
+    someone else holds refuses the sweep (the names claimed here stay the owner's)."""
+    reg = owners()
+    taken = [(t.name, who) for t in plan.trials
+             if (who := reg.claim(lora_rel(t.name), owner)) != owner]
+    if not taken:
+        return []
+    name, who = taken[0]
+    return [{"field": "base.lora_name",
+             "message": f"{lora_rel(name)} belongs to {who}"
+                        + (f" (and {len(taken) - 1} more trial names are taken)"
+                           if len(taken) > 1 else "")
+                        + "; choose another lora_name for the sweep"}]
 
 
 def _names_in_use(plan: Any) -> list[dict[str, str]]:

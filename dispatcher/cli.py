@@ -719,18 +719,22 @@ def data_list(as_json: bool, url: str | None) -> None:
     if as_json:
         click.echo(json.dumps(listing, indent=2))
         return
+
+    def owner(entry: dict) -> str:  # who made it; "—": no one (put there by hand, or shipped)
+        return f"{entry.get('owner') or '—':<12}"
+
     click.echo("datasets:")
     for d in listing.get("datasets", []):
         what = d["error"] if d.get("error") else f"{d.get('rows')} rows"
-        click.echo(f"  {d['name']:<40} {what}")
+        click.echo(f"  {d['name']:<40} {what:<12} {owner(d)}".rstrip())
     click.echo("format files:")
     for f in listing.get("formats", []):
-        hidden = ", hidden by your file" if f.get("hidden_by_user_file") else ""
+        hidden = ", hidden by a file in formats/" if f.get("hidden_by_user_file") else ""
         what = f["error"] if f.get("error") else " | ".join(f.get("key_sets", []))
-        click.echo(f"  {f['name']:<32} {f.get('source', ''):<8}{hidden} {what}")
+        click.echo(f"  {f['name']:<32} {f.get('source', ''):<8}{owner(f)}{hidden} {what}")
     click.echo("raw texts:")
     for r in listing.get("raw_texts", []):
-        click.echo(f"  {r['name']}")
+        click.echo(f"  {r['name']:<40} {owner(r)}".rstrip())
 
 
 @data.command("upload")

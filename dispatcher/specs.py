@@ -14,6 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dispatcher.links import inside, too_long
 from dispatcher.settings import DataPaths
 
 SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts",
@@ -24,7 +25,7 @@ PRECISIONS = ("auto", "4bit", "8bit", "bf16", "fp16", "fp32")
 # Short projection names; the engine maps them onto each architecture's module names.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 LORA_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-RESUME_RE = re.compile(r"^(latest|checkpoint-[0-9]+)$")
+RESUME_RE = re.compile(r"^(latest|checkpoint-[0-9]{1,18})$")
 DATASET_EXTS = (".json", ".jsonl")
 RAW_TEXT_EXTS = (".txt",)
 FORMAT_EXTS = (".json",)
@@ -141,6 +142,9 @@ def resolve_data_name(name: str, root: Path, exts: tuple[str, ...], *, allow_dir
     name = name.strip()
     if not name:
         return None, "is empty"
+    long = too_long(name)
+    if long:  # before the file system answers ENAMETOOLONG
+        return None, f"'{name[:40]}...' {long}"
     p = Path(name)
     if p.is_absolute() or ".." in p.parts or "\x00" in name:
         return None, f"'{name}' must be a name inside {root.name}/ (no absolute paths, no '..')"
@@ -148,11 +152,15 @@ def resolve_data_name(name: str, root: Path, exts: tuple[str, ...], *, allow_dir
         candidates = [base / name] + [base / (name + e) for e in exts]
         for c in candidates:
             if not _is_inside(c, base):
-                return None, f"'{name}' points outside {root.name}/"
-            if c.is_file() and (c.suffix.lower() in exts):
-                return c.relative_to(base).as_posix(), None
-            if allow_dir and c.is_dir():
-                return c.relative_to(base).as_posix(), None
+                return None, (f"'{name}' is a link that leads outside {root.name}/: only links "
+                              "that stay inside the data folder are followed")
+            try:
+                if c.is_file() and (c.suffix.lower() in exts):
+                    return c.relative_to(base).as_posix(), None
+                if allow_dir and c.is_dir():
+                    return c.relative_to(base).as_posix(), None
+            except OSError as e:  # a name the file system refuses
+                return None, f"'{name[:40]}' cannot be used: {e.strerror}"
     return None, f"'{name}' was not found in {root.name}/"
 
 
@@ -259,7 +267,7 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
     if not s.lora_name.strip():
         bad("lora_name", "is required")
     elif not LORA_NAME_RE.match(s.lora_name):
-        bad("lora_name", f"'{s.lora_name}' may use only letters, digits, '.', '_' and '-', "
+        bad("lora_name", f"'{s.lora_name[:40]}' may use only letters, digits, '.', '_' and '-', "
                          "start with a letter or digit, and be at most 100 characters")
     max_rank = 2048 if s.higher_rank_limit else 1024
     if not 1 <= s.lora_rank <= max_rank:
@@ -361,7 +369,11 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
             bad("raw_text_file", err)
         else:
             s.raw_text_file = rel
-    if (s.resume_from_checkpoint.startswith("checkpoint-") and LORA_NAME_RE.match(s.lora_name)
+    link = LORA_NAME_RE.match(s.lora_name) and lora_folder_problem(s.lora_name, paths)
+    if link:
+        bad("lora_name", link)
+    elif (s.resume_from_checkpoint.startswith("checkpoint-") and LORA_NAME_RE.match(s.lora_name)
+            and RESUME_RE.match(s.resume_from_checkpoint)
             and not (paths.loras / s.lora_name / s.resume_from_checkpoint).is_dir()):
         bad("resume_from_checkpoint",
             f"loras/{s.lora_name}/{s.resume_from_checkpoint} does not exist")
@@ -436,9 +448,22 @@ def _check_model(name: str, paths: DataPaths, bad) -> str:
     return name
 
 
+def lora_folder_problem(name: str, paths: DataPaths) -> str | None:
+    """Why a training job may not write loras/`name` (None: it may). The folder must be a real
+    folder: writing through a link would write where the link leads (another LoRA's folder, or
+    outside the data folder)."""
+    folder = paths.loras / name
+    if folder.is_symlink():
+        return (f"loras/{name} is a link, not a folder: a job writes only into a real folder "
+                "under loras/ (choose another lora_name, or replace the link)")
+    return None
+
+
 def _check_lora(name: str, paths: DataPaths, field_name: str, bad) -> str:
     if not LORA_NAME_RE.match(name):
-        bad(field_name, f"'{name}' is not a LoRA name")
+        bad(field_name, f"'{name[:40]}' is not a LoRA name")
+    elif not inside(paths.loras / name, paths.loras):
+        bad(field_name, f"loras/{name} is a link that leads outside loras/: refused")
     elif not (paths.loras / name / "adapter_config.json").is_file():
         bad(field_name, f"loras/{name} has no adapter_config.json: not a trained LoRA")
     return name
@@ -544,7 +569,9 @@ def list_choices(paths: DataPaths) -> dict[str, list[str]]:
     def names(root: Path, pred) -> list[str]:
         if not root.is_dir():
             return []
-        return sorted(p.relative_to(root).as_posix() for p in root.iterdir() if pred(p))
+        # A link that leads out of its folder is not offered (a job would refuse it).
+        return sorted(p.relative_to(root).as_posix() for p in root.iterdir()
+                      if inside(p, root) and pred(p))
 
     formats = set(names(paths.formats, lambda p: p.suffix == ".json"))
     formats |= set(names(SHIPPED_FORMATS, lambda p: p.suffix == ".json"))
@@ -620,6 +647,10 @@ def lora_parameters(name: str, paths: DataPaths) -> dict[str, Any]:
     if not LORA_NAME_RE.match(name):
         raise SpecError([{"field": "lora", "message": f"'{name}' is not a LoRA name"}])
     path = paths.loras / name / "training_parameters.json"
+    if not inside(path, paths.loras):
+        raise SpecError([{"field": "lora", "message":
+                          f"loras/{name}/training_parameters.json is a link that leads outside "
+                          "loras/: refused"}])
     try:
         params = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -93,8 +93,11 @@ def raw_text_files(path: str | Path) -> list[Path]:
     ``*.txt`` files (not its subfolders) in natural name order."""
     path = Path(path)
     if path.is_dir():
+        # A link that leads out of the folder is not part of the text (it is not the user's).
+        real = path.resolve()
         files = sorted(
-            (child for child in path.glob("*.txt") if child.is_file()),
+            (child for child in path.glob("*.txt")
+             if child.is_file() and real in child.resolve().parents),
             key=lambda child: natural_key(child.name),
         )
         if not files:

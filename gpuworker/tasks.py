@@ -18,6 +18,7 @@ from typing import Any
 
 from dispatcher.celery_app import RUN_JOB_TASK
 from dispatcher.fleet import Fleet
+from dispatcher.owners import OwnerRefused, Owners, job_write_refusal
 from dispatcher.settings import Settings, connect
 from dispatcher.states import JobState, TransitionError
 from dispatcher.store import JobNotFound, JobStore
@@ -92,6 +93,12 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
 
     state = JobState.FAILED
     try:
+        if rec.get("kind", "train") == "train":
+            # Defence in depth: the dashboard checked who may write this LoRA; check again
+            # before the engine moves or writes anything in its folder.
+            refused = job_write_refusal(Owners(store.r, store.p), rec)
+            if refused:
+                raise OwnerRefused(refused, "lora_name")
         result = run(rec.get("kind", "train"), rec["spec"], settings, job_id=job_id,
                      attempt=int(rec.get("attempt") or 1), progress=progress,
                      should_stop=should_stop, log=emit_log)
@@ -127,7 +134,7 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
 
 def _reason(e: BaseException) -> str:
     """A user-facing reason: engine errors as they are, anything else with its type."""
-    if type(e).__name__ == "EngineError":
+    if type(e).__name__ in ("EngineError", "OwnerRefused"):
         return str(e)
     if "out of memory" in str(e).lower():
         return ("out of GPU memory: lower micro_batch_size, cutoff_len or lora_rank "

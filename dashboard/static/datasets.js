@@ -61,6 +61,13 @@
     return b;
   }
 
+  // Who made the file ("—": put in the data folder by hand, or shipped: no one's).
+  function ownerCell(item) {
+    const td = cell(item.owner || "—", "owner");
+    td.setAttribute("data-testid", "owner");
+    return td;
+  }
+
   function fillTable(bodyId, emptyId, items, rowFor) {
     const body = document.getElementById(bodyId);
     body.replaceChildren(...items.map(rowFor));
@@ -73,7 +80,8 @@
       tr.setAttribute("data-testid", "dataset-row");
       tr.setAttribute("data-name", d.name);
       tr.append(codeCell(d.name), cell(d.rows, "num"), cell(humanSize(d.size), "num"),
-                cell(LF.fmtTime(d.modified)), cell(d.error || "", d.error ? "problem" : ""));
+                cell(LF.fmtTime(d.modified)), ownerCell(d),
+                cell(d.error || "", d.error ? "problem" : ""));
       return tr;
     });
     fillTable("formats-body", null, listing.formats, (f) => {
@@ -82,11 +90,11 @@
       tr.setAttribute("data-name", f.name);
       tr.setAttribute("data-source", f.source);
       let source = f.source;
-      if (f.hidden_by_user_file) source += " (hidden by your file)";
+      if (f.hidden_by_user_file) source += " (hidden by a file in formats/)";
       const actions = cell("", "row-actions");
       actions.append(rowButton("View", "view", "format-view-button"),
                      rowButton("Copy…", "copy", "format-copy-button"));
-      tr.append(codeCell(f.name), cell(source),
+      tr.append(codeCell(f.name), cell(source), ownerCell(f),
                 cell(f.error || f.key_sets.map((k) => `{${k}}`).join("  "), f.error ? "problem" : "mono"),
                 actions);
       return tr;
@@ -96,7 +104,7 @@
       tr.setAttribute("data-testid", "raw-text-row");
       tr.setAttribute("data-name", r.name);
       tr.append(codeCell(r.name), cell(r.files, "num"), cell(humanSize(r.size), "num"),
-                cell(LF.fmtTime(r.modified)));
+                cell(LF.fmtTime(r.modified)), ownerCell(r));
       return tr;
     });
     // Keep the preview's dropdowns in step with the tables, keeping what is selected.

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from dispatcher.links import inside
 from dispatcher.settings import DataPaths
 from dispatcher.specs import TrainSpec, find_format
 from gpuworker.engine.errors import EngineError
@@ -48,6 +49,9 @@ def resolve_data_files(spec: TrainSpec, paths: DataPaths) -> DataFiles:
     """Find the spec's files; a missing one is an EngineError naming it."""
     def need(rel: str, what: str, allow_dir: bool = False) -> Path:
         p = paths.datasets / rel
+        if not inside(p, paths.datasets):
+            raise EngineError(f"{what} datasets/{rel} is a link that leads outside datasets/: "
+                              "it is not read")
         if not (p.is_file() or (allow_dir and p.is_dir())):
             raise EngineError(f"{what} '{rel}' was not found in datasets/")
         return p

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from dispatcher.links import inside
 from dispatcher.settings import DataPaths
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.loading import (
@@ -120,6 +121,9 @@ def check_lora_names(names: list[str], paths: DataPaths) -> list[Path]:
         folder = paths.loras / name
         if not folder.is_dir():
             raise EngineError(f"LoRA '{name}' was not found in loras/")
+        if not inside(folder, paths.loras):
+            raise EngineError(f"loras/{name} is a link that leads outside loras/: it is not "
+                              "loaded")
         if existing_adapter(folder) is None or not (folder / ADAPTER_CONFIG).is_file():
             raise EngineError(f"LoRA '{name}' has no saved adapter (adapter_config.json and "
                               "adapter_model.safetensors): was its training stopped before "

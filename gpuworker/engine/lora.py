@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from dispatcher.links import LeadsOutside, check_inside
 from gpuworker.engine.errors import EngineError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,6 +37,8 @@ class Existing:
 def existing_adapter(lora_dir: Path) -> Existing | None:
     for name in (ADAPTER_WEIGHTS, ADAPTER_LEGACY):
         if (lora_dir / name).is_file():
+            _refuse_outside(lora_dir / name, lora_dir)
+            _refuse_outside(lora_dir / ADAPTER_CONFIG, lora_dir)
             rank = None
             cfg = lora_dir / ADAPTER_CONFIG
             if cfg.is_file():
@@ -45,6 +48,14 @@ def existing_adapter(lora_dir: Path) -> Existing | None:
                     rank = None
             return Existing(weights=lora_dir / name, rank=rank)
     return None
+
+
+def _refuse_outside(path: Path, lora_dir: Path) -> None:
+    """A file of the LoRA that is a link leading out of its folder is not read."""
+    try:
+        check_inside(path, lora_dir, f"loras/{lora_dir.name}/{path.name}")
+    except LeadsOutside as e:
+        raise EngineError(str(e)) from None
 
 
 def check_continue(lora_name: str, existing: Existing | None, rank: int) -> None:
@@ -76,9 +87,11 @@ def backup_folder(lora_dir: Path, *, move: bool) -> Path | None:
     dest.mkdir()
     for p in items:
         if move:
-            p.rename(dest / p.name)
+            p.rename(dest / p.name)  # a link moves as the link, never its target
         else:
-            shutil.copy2(p, dest / p.name)
+            # A link is copied as a link: copying must never turn a link (to /etc/passwd,
+            # say) into a plain file of the LoRA that a download would then carry.
+            shutil.copy2(p, dest / p.name, follow_symlinks=False)
     return dest
 
 

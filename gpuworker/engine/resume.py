@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from dispatcher.links import inside
 from dispatcher.specs import TrainSpec
 from gpuworker.checkpoints import CHECKPOINT_RE, list_checkpoints
 from gpuworker.engine.errors import EngineError
@@ -58,7 +59,8 @@ def find_checkpoint(lora_dir: Path, resume_from: str) -> Path | None:
     that is missing or incomplete is an EngineError naming it.
     """
     if resume_from == LATEST:
-        return latest_checkpoint(lora_dir)
+        found = latest_checkpoint(lora_dir)
+        return _inside(found, lora_dir) if found is not None else None
     if not CHECKPOINT_RE.match(resume_from):
         raise EngineError(f"resume_from '{resume_from}' must be 'latest' or a checkpoint folder "
                           "name like 'checkpoint-200'")
@@ -71,6 +73,15 @@ def find_checkpoint(lora_dir: Path, resume_from: str) -> Path | None:
         missing = [n for n in CHECKPOINT_FILES if not (folder / n).is_file()]
         raise EngineError(f"checkpoint '{resume_from}' of loras/{lora_dir.name}/ is incomplete "
                           f"(no {', '.join(missing)}); resume from another one")
+    return _inside(folder, lora_dir)
+
+
+def _inside(folder: Path, lora_dir: Path) -> Path:
+    """A checkpoint folder (and its state files) must not be a link leading out of the LoRA."""
+    for p in (folder, *(folder / n for n in CHECKPOINT_FILES)):
+        if not inside(p, lora_dir):
+            raise EngineError(f"loras/{lora_dir.name}/{p.relative_to(lora_dir)} is a link that "
+                              "leads outside the LoRA's folder: it is not resumed from")
     return folder
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from dispatcher.links import inside
 from dispatcher.settings import DataPaths
 from dispatcher.specs import TrainSpec
 from gpuworker.engine import data as data_phase
@@ -143,6 +144,10 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
     if spec.micro_batch_size < 1 or spec.batch_size < spec.micro_batch_size:
         raise EngineError("batch_size must be at least micro_batch_size, and both at least 1")
     lora_dir = paths.loras / spec.lora_name
+    if lora_dir.is_symlink() or not inside(lora_dir, paths.loras):
+        # Writing through a link would write (and move files aside) wherever it leads.
+        raise EngineError(f"loras/{spec.lora_name} is a link, not a folder: the job does not "
+                          "write through it (choose another lora_name, or replace the link)")
     resume_dir = find_checkpoint(lora_dir, resume_from) if resume_from else None
     if resume_from == LATEST and resume_dir is None:
         log(f"No checkpoint to resume from in loras/{spec.lora_name}/: starting from scratch")

@@ -42,6 +42,10 @@ def test_upload_a_good_and_a_bad_dataset(fleet, page, tmp_path):
     row = table.locator("[data-testid='dataset-row'][data-name='good.json']")
     row.wait_for(timeout=10000)
     assert row.locator("td").nth(1).inner_text() == "5"
+    # Its owner is the uploader (the single user, "local"); a file put there by hand is no one's.
+    assert row.locator(tid("owner")).inner_text() == "local"
+    hand = table.locator("[data-testid='dataset-row'][data-name='tiny.json']")
+    assert hand.locator(tid("owner")).inner_text() == "—"
     assert "saved datasets/good.json (5 rows)" in page.locator(tid("upload-status")).inner_text()
     assert (fleet.settings.paths.datasets / "good.json").read_text() == good.read_text()
     # It is offered in the preview's dataset list without a reload.

@@ -163,7 +163,9 @@ def test_members_manage_their_own_jobs_admins_any(app, store, settings):
     cy_token = Accounts(settings.home).new_token("cy")
     cy = {"Authorization": f"Bearer {cy_token}"}  # a token needs no CSRF token
     bo_job = bo.post("/api/v1/jobs", json={"spec": SPEC}, headers=bo_csrf).get_json()["id"]
-    cy_job = app.test_client().post("/api/v1/jobs", json={"spec": SPEC}, headers=cy)
+    # (Another LoRA name: "l" is bo's now, and a member may not train into another's LoRA.)
+    cy_job = app.test_client().post("/api/v1/jobs", json={"spec": {**SPEC, "lora_name": "cy-l"}},
+                                    headers=cy)
     cy_job = cy_job.get_json()["id"]
 
     # A member cannot submit for someone else, nor use urgent; an admin can.
