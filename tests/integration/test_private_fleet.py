@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,14 @@ def test_a_fresh_up_keeps_redis_and_the_private_files_to_the_fleet(other_user):
 
             if other_user is not None:
                 check_from_another_account(other_user, home, redis_port)
+
+            # The worker connected (Celery prints its broker URL): no log holds the password.
+            deadline = time.monotonic() + 60
+            while "Connected to redis://" not in (home / "logs" / "worker-cpu.log").read_text():
+                assert time.monotonic() < deadline, "the worker did not connect"
+                time.sleep(0.3)
+            for log in (home / "logs").iterdir():
+                assert password not in log.read_text(), log
         finally:
             proc.send_signal(signal.SIGINT)
             rest, _ = proc.communicate(timeout=60)
