@@ -170,3 +170,8 @@ def test_dockerfile_installs_torch_first_then_the_worker_and_gpu_extras():
     project_at = next(i for i, ln in enumerate(lines) if 'pip install ".[worker,gpu]"' in ln)
     assert torch_at < project_at
     assert "8765" in text
+
+
+def test_the_env_file_with_the_redis_password_stays_out_of_git_and_images():
+    assert "/.env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()
