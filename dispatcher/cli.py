@@ -263,8 +263,15 @@ def _start_embedded_redis(settings: Settings) -> subprocess.Popen:
     """The embedded server of this data folder, with its password (made on first use)."""
     from dispatcher.embedded import start_server
     from dispatcher.private import secret_file
+    from dispatcher.settings import RedisCredentialsError
 
-    password = secret_file(settings.paths.redis_password)
+    try:
+        password = secret_file(settings.paths.redis_password)
+    except PermissionError:
+        raise RedisCredentialsError(
+            f"cannot read or make the data folder's Redis password "
+            f"({settings.paths.redis_password}): run lorafleet as the OS user that owns the "
+            "data folder, or set LORAFLEET_REDIS_URL") from None
     return start_server(settings.paths.redis, settings.embedded_redis_port, password=password,
                         log_file=settings.paths.logs / "redis.log")
 
