@@ -20,6 +20,7 @@ from dashboard.app import services
 from dashboard.auth import may_manage, owner_for, priority_problem
 from dashboard.forms import form_sections
 from dashboard.ownership import owners
+from dispatcher.csvcells import cell as _csv_value
 from dispatcher.owners import lora_rel
 from dispatcher.specs import SpecError, list_choices
 from dispatcher.store import PRIORITIES, JobNotFound
@@ -191,22 +192,6 @@ def export_csv(sweep_id: str):
                        or sweep_id) + ".csv"
     return Response(buf.getvalue(), mimetype="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
-
-
-def _csv_value(v: Any) -> str:
-    """A cell: lists joined by spaces; text a spreadsheet would run as a formula (=, +, -, @,
-    tab, CR first) gets a leading apostrophe. Numbers stay numbers."""
-    if v is None:
-        return ""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return str(v)
-    text = " ".join(str(x) for x in v) if isinstance(v, list) else str(v)
-    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        try:
-            float(text)  # a negative number, not a formula
-        except ValueError:
-            return "'" + text
-    return text
 
 
 # pages ----------------------------------------------------------------------------------------

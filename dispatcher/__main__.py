@@ -8,7 +8,7 @@ import signal
 from dispatcher.celery_app import RUN_JOB_TASK, make_celery
 from dispatcher.fleet import Fleet, worker_queue
 from dispatcher.scheduler import Dispatcher
-from dispatcher.settings import Settings, connect
+from dispatcher.settings import RedisCredentialsError, Settings, connect
 from dispatcher.store import JobStore
 
 
@@ -34,7 +34,10 @@ def run_dispatcher(settings: Settings, interval: float = 0.5) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s dispatcher %(message)s")
-    run_dispatcher(Settings.from_env())
+    try:
+        run_dispatcher(Settings.from_env())
+    except RedisCredentialsError as e:
+        raise SystemExit(f"lorafleet dispatcher: {e}") from None
 
 
 if __name__ == "__main__":

@@ -213,22 +213,19 @@ def up(gpus: str, host: str | None, port: int | None) -> None:
                                   Accounts(settings.paths.home))
     if refusal:  # before anything starts
         raise click.ClickException(refusal)
+    _guard_data_folder(settings)
     sup = Supervisor(logs=settings.paths.logs)
     code = 0
     try:
         if not settings.redis_url:
-            from dispatcher.embedded import start_server
-
-            redis_port = int(os.environ.get("LORAFLEET_EMBEDDED_REDIS_PORT",
-                                            DEFAULT_EMBEDDED_REDIS_PORT))
-            proc = start_server(settings.paths.redis, redis_port,
-                                log_file=settings.paths.logs / "redis.log")
-            sup.procs.append(("redis", proc))
-            env["LORAFLEET_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-            click.echo(f"redis:      embedded server on port {redis_port} "
+            sup.procs.append(("redis", _start_embedded_redis(settings)))
+            # The children find the server as any later lorafleet process does: its port here,
+            # its password in the data folder (not in their environment).
+            env["LORAFLEET_EMBEDDED_REDIS_PORT"] = str(settings.embedded_redis_port)
+            click.echo(f"redis:      {settings.redis_display()} "
                        f"(append-only file in {settings.paths.redis})")
         else:
-            click.echo(f"redis:      {settings.redis_url}")
+            click.echo(f"redis:      {settings.redis_display()}")
         sup.start("dispatcher", [sys.executable, "-m", "dispatcher"], env)
         sup.start("dashboard", [sys.executable, "-m", "dashboard"], env)
         cards = parse_gpus(gpus)
@@ -252,16 +249,53 @@ def up(gpus: str, host: str | None, port: int | None) -> None:
     sys.exit(code)
 
 
+def _guard_data_folder(settings: Settings) -> None:
+    """Make the data folder's private files private again, and say (on stderr) how other OS
+    users could still change the folder under the fleet."""
+    from dispatcher.private import exposure_warnings, tighten
+
+    tighten(settings.home)
+    for line in exposure_warnings(settings.home):
+        click.echo(f"lorafleet: warning: {line}", err=True)
+
+
+def _start_embedded_redis(settings: Settings) -> subprocess.Popen:
+    """The embedded server of this data folder, with its password (made on first use)."""
+    from dispatcher.embedded import start_server
+    from dispatcher.private import secret_file
+    from dispatcher.settings import RedisCredentialsError
+
+    try:
+        password = secret_file(settings.paths.redis_password)
+    except PermissionError:
+        raise RedisCredentialsError(
+            f"cannot read or make the data folder's Redis password "
+            f"({settings.paths.redis_password}): run lorafleet as the OS user that owns the "
+            "data folder, or set LORAFLEET_REDIS_URL") from None
+    return start_server(settings.paths.redis, settings.embedded_redis_port, password=password,
+                        log_file=settings.paths.logs / "redis.log")
+
+
 @main.command()
-@click.option("--port", default=DEFAULT_EMBEDDED_REDIS_PORT, show_default=True)
-def redis(port: int) -> None:
-    """Run the embedded Redis-compatible server in the foreground."""
-    from dispatcher.embedded import start_server, stop_server
+@click.option("--port", default=None, type=int,
+              help=f"port (default $LORAFLEET_EMBEDDED_REDIS_PORT or "
+                   f"{DEFAULT_EMBEDDED_REDIS_PORT})")
+def redis(port: int | None) -> None:
+    """Run the embedded Redis-compatible server in the foreground. Clients started with the
+    same data folder (LORAFLEET_HOME) and port find its password there."""
+    from dataclasses import replace
+
+    from dispatcher.embedded import stop_server
 
     settings = Settings.from_env()
+    if port is not None:
+        settings = replace(settings, embedded_redis_port=port)
     settings.paths.ensure()
-    proc = start_server(settings.paths.redis, port, log_file=settings.paths.logs / "redis.log")
-    click.echo(f"redis://127.0.0.1:{port}/0  (data in {settings.paths.redis}); Ctrl-C stops it")
+    _guard_data_folder(settings)
+    proc = _start_embedded_redis(settings)
+    click.echo(f"redis: embedded server on port {settings.embedded_redis_port}, password in "
+               f"{settings.paths.redis_password} (data in {settings.paths.redis}); "
+               "Ctrl-C stops it")
     try:
         proc.wait()
     except KeyboardInterrupt:

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dispatcher.csvcells import cell, restore
+
 COLUMNS = ("id", "date", "base_model", "loras", "text_file", "perplexity", "stride",
            "max_length", "tokens", "job", "comment")
 
@@ -50,7 +52,7 @@ class EvalTable:
         with open(self.path, newline="", encoding="utf-8") as f:
             out = []
             for r in csv.DictReader(f):
-                row: dict[str, Any] = {k: r.get(k, "") for k in COLUMNS}
+                row: dict[str, Any] = {k: restore(r.get(k) or "") for k in COLUMNS}
                 row["loras"] = [x for x in row["loras"].split("|") if x]
                 for k in ("perplexity",):
                     row[k] = float(row[k]) if row[k] else None
@@ -64,7 +66,9 @@ class EvalTable:
         w = csv.DictWriter(buf, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "loras": "|".join(r.get("loras") or [])})
+            # Every cell guarded: comments, and file or model names, are the users' own text.
+            w.writerow({k: cell(v) for k, v in {**r, "loras": "|".join(r.get("loras") or [])}
+                        .items() if k in COLUMNS})
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".evaluations.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(buf.getvalue())

@@ -6,9 +6,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 DEFAULT_PORT = 8765
 DEFAULT_EMBEDDED_REDIS_PORT = 6390
+# The embedded Redis's password, made once by `lorafleet up` / `lorafleet redis` (mode 0600).
+REDIS_PASSWORD_FILE = ".redis_password"
+
+
+class RedisCredentialsError(RuntimeError):
+    """The embedded Redis's password cannot be had from the data folder."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,10 @@ class DataPaths:
     def logs(self) -> Path:
         return self.home / "logs"
 
+    @property
+    def redis_password(self) -> Path:
+        return self.home / REDIS_PASSWORD_FILE
+
     def ensure(self) -> None:
         for p in (self.models, self.datasets, self.formats, self.loras, self.evals, self.redis,
                   self.logs):
@@ -56,8 +67,10 @@ class Settings:
     """Where the data lives and how to reach Redis and the dashboard."""
 
     home: Path = field(default_factory=lambda: Path("lorafleet-data").resolve())
-    # Empty means: `lorafleet up` starts the embedded server and everything uses its URL.
+    # Empty means: `lorafleet up` starts the embedded server and everything finds it through
+    # the data folder (its port, and the password in .redis_password).
     redis_url: str = ""
+    embedded_redis_port: int = DEFAULT_EMBEDDED_REDIS_PORT
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = DEFAULT_PORT
     # Key prefix in Redis, so tests (and two deployments) can share one server.
@@ -80,6 +93,8 @@ class Settings:
         return cls(
             home=home,
             redis_url=env.get("LORAFLEET_REDIS_URL", ""),
+            embedded_redis_port=int(env.get("LORAFLEET_EMBEDDED_REDIS_PORT",
+                                            DEFAULT_EMBEDDED_REDIS_PORT)),
             dashboard_host=env.get("LORAFLEET_HOST", "127.0.0.1"),
             dashboard_port=int(env.get("LORAFLEET_PORT", DEFAULT_PORT)),
             prefix=env.get("LORAFLEET_PREFIX", "lf"),
@@ -89,8 +104,49 @@ class Settings:
         )
 
     def effective_redis_url(self) -> str:
-        """The URL every process uses; the embedded server's default when none is configured."""
-        return self.redis_url or f"redis://127.0.0.1:{DEFAULT_EMBEDDED_REDIS_PORT}/0"
+        """The URL every process uses: LORAFLEET_REDIS_URL, else the embedded server of this
+        data folder, with the password read from the folder (never printed or logged)."""
+        if self.redis_url:
+            return self.redis_url
+        password = self.embedded_redis_password()
+        return f"redis://:{quote(password, safe='')}@127.0.0.1:{self.embedded_redis_port}/0"
+
+    def embedded_redis_password(self) -> str:
+        path = self.paths.redis_password
+        try:
+            password = path.read_text().strip()
+        except PermissionError:
+            raise RedisCredentialsError(
+                f"cannot read the data folder's Redis password ({path}): run lorafleet as the "
+                "OS user that owns the data folder, or set LORAFLEET_REDIS_URL") from None
+        except FileNotFoundError:
+            password = ""
+        if not password:
+            raise RedisCredentialsError(
+                f"no Redis password in the data folder ({path}): the embedded Redis of this "
+                "data folder has not been started yet; start it with `lorafleet up` (or "
+                "`lorafleet redis`) with the same LORAFLEET_HOME, or set LORAFLEET_REDIS_URL")
+        return password
+
+    def redis_display(self) -> str:
+        """Where Redis is, for messages: the URL without its password."""
+        if not self.redis_url:
+            return f"embedded server on port {self.embedded_redis_port}"
+        return redact_url(self.redis_url)
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _positive(env: dict[str, str], name: str, default: float) -> float:

@@ -25,7 +25,7 @@ import time
 
 from dispatcher.celery_app import make_celery
 from dispatcher.fleet import Fleet, worker_queue
-from dispatcher.settings import Settings, connect
+from dispatcher.settings import RedisCredentialsError, Settings, connect
 from dispatcher.store import JobStore
 from gpuworker.tasks import register_tasks
 from gpuworker.telemetry import CardReport
@@ -197,7 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_mb is not None and args.memory_mb <= 0:
         ap.error(f"--memory-mb must be a positive number of MB, not {args.memory_mb}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_worker(Settings.from_env(), args.gpu, args.name, args.loglevel, args.memory_mb)
+    try:
+        run_worker(Settings.from_env(), args.gpu, args.name, args.loglevel, args.memory_mb)
+    except RedisCredentialsError as e:
+        raise SystemExit(f"lorafleet worker: {e}") from None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import secrets
 
 import pytest
 
@@ -13,11 +14,14 @@ _prefixes = itertools.count()
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    """A real redis-server process on a free loopback port for the whole test session."""
+    """A real redis-server process on a free loopback port for the whole test session, started
+    as `lorafleet up` starts it (a password, dangerous commands renamed); its URL carries the
+    password."""
     data = tmp_path_factory.mktemp("redis")
     port = free_port()
-    proc = start_server(data, port, log_file=data / "redis.log")
-    yield f"redis://127.0.0.1:{port}/0"
+    password = secrets.token_urlsafe(16)
+    proc = start_server(data, port, password=password, log_file=data / "redis.log")
+    yield f"redis://:{password}@127.0.0.1:{port}/0"
     stop_server(proc)
 
 

@@ -92,3 +92,9 @@ window.LF = (function () {
   return { TERMINAL, num, fmtDuration, fmtTime, fmtLoss, fmtMB, pct, setBadge, api,
            setLiveStatus, liveFeed };
 })();
+
+// Server-rendered progress: the width comes as data-pct, since the Content-Security-Policy
+// refuses style="" attributes (a style set from a script is allowed).
+document.querySelectorAll(".bar[data-pct]").forEach((b) => {
+  b.style.width = `${b.dataset.pct}%`;
+});

@@ -13,6 +13,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 
+REPORT_CSP_VIOLATIONS = """
+document.addEventListener("securitypolicyviolation", (e) => console.error(
+  `Content Security Policy violation: ${e.violatedDirective} ${e.blockedURI} ${e.sample}`));
+"""
+
 
 @pytest.fixture(scope="module")
 def browser():
@@ -35,10 +40,17 @@ def page(browser):
     pg = ctx.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
+    # Anything the Content-Security-Policy refused (Chromium logs each as a console error;
+    # the event catches what it does not log) fails the test: every page must live with it.
+    pg.csp_violations = []
+    pg.on("console", lambda m: pg.csp_violations.append(m.text)
+          if "Content Security Policy" in m.text else None)
+    pg.add_init_script(REPORT_CSP_VIOLATIONS)
     external: list[str] = []
     pg.on("request", lambda r: external.append(r.url)
           if not r.url.startswith(("http://127.0.0.1", "data:", "about:")) else None)
     yield pg
     ctx.close()
     assert not errors, f"JavaScript errors: {errors}"
+    assert not pg.csp_violations, f"Content-Security-Policy violations: {pg.csp_violations}"
     assert not external, f"requests outside the app: {external}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import statistics
 import time
@@ -252,11 +253,13 @@ def test_redis_restart_with_jobs_queued_and_running(tmp_path):
     the running job carries on, and every job succeeds."""
     port = free_port()
     data = tmp_path / "redis"
-    server = start_server(data, port, log_file=tmp_path / "redis.log", appendfsync="always")
+    password = secrets.token_urlsafe(16)
+    server = start_server(data, port, password=password, log_file=tmp_path / "redis.log",
+                          appendfsync="always")
     f = None
     try:
-        f = make_fleet(f"redis://127.0.0.1:{port}/0", tmp_path / "home", workers=("a",),
-                       dashboard=True)
+        f = make_fleet(f"redis://:{password}@127.0.0.1:{port}/0", tmp_path / "home",
+                       workers=("a",), dashboard=True)
         long = submit(f, lora_name="outage-long", epochs=80, **SLOW)
         f.wait_for(lambda: last_step(f, long) >= 3, 60, "the long job to train")
         queued = [submit(f, lora_name=f"outage-q{i}") for i in range(3)]
@@ -269,7 +272,8 @@ def test_redis_restart_with_jobs_queued_and_running(tmp_path):
         time.sleep(2.5)  # the outage; shorter than the 6 s worker timeout
         for name, p in f.procs.items():
             assert p.poll() is None, f"{name} died with Redis:\n{f.log(name)[-3000:]}"
-        server = start_server(data, port, log_file=tmp_path / "redis.log", appendfsync="always")
+        server = start_server(data, port, password=password, log_file=tmp_path / "redis.log",
+                              appendfsync="always")
 
         after = _snapshot(f, jobs)
         # The waiting jobs: exactly as they were, position in the queue included.

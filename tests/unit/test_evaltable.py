@@ -48,3 +48,27 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         th.join()
     assert sorted(r["perplexity"] for r in t.rows()) == [float(i) for i in range(20)]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_formula_comment_is_plain_text_in_the_file_and_survives_edits_unchanged(tmp_path):
+    """A comment (or name) a spreadsheet would run as a formula is written with one leading
+    apostrophe; reading it back gives the text as typed, and editing the table again (here:
+    twice) never adds a second apostrophe."""
+    import csv
+
+    t = EvalTable(tmp_path / "evaluations.csv")
+    formula = '=HYPERLINK("http://x","y")'
+    row = add(t, 7.5, loras=["@lora"], comment=formula)
+    add(t, 8.0, comment="-2+3")
+    for _ in range(2):  # each edit reads the whole table back and rewrites it
+        t.set_comment(row["id"], formula)
+    with open(t.path, newline="") as f:
+        cells = list(csv.DictReader(f))
+    assert cells[0]["comment"] == "'" + formula
+    assert cells[0]["loras"] == "'@lora"
+    assert cells[1]["comment"] == "'-2+3" and cells[1]["perplexity"] == "8.0"
+    rows = t.rows()
+    assert rows[0]["comment"] == formula and rows[0]["loras"] == ["@lora"]
+    assert rows[1]["comment"] == "-2+3"
+    t.set_comment(row["id"], "'=typed with its own apostrophe")
+    assert t.rows()[0]["comment"] == "'=typed with its own apostrophe"
