@@ -88,11 +88,11 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
         url, token = re.fullmatch(r"(http://[^/]+)/\?token=(\S+)", printed).groups()
         assert url == f"http://127.0.0.1:{port}"
         assert token == (home / ".dashboard_token").read_text().strip()
-        assert requests.get(url + "/api/v1/workers", timeout=10).status_code == 401
         http = requests.Session()
         http.headers["Authorization"] = f"Bearer {token}"
         assert "embedded server" in out and "1 (CPU)" in out
         _wait_worker(http, url)
+        assert requests.get(url + "/api/v1/workers", timeout=10).status_code == 401  # no token
         w = http.get(url + "/api/v1/workers").json()["workers"][0]
         assert w["device"] == "cpu" and w["state"] == "idle"
         children = _children(proc.pid)
