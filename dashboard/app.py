@@ -146,6 +146,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from dashboard.api import bp as api_bp
     from dashboard.datasets import bp as datasets_bp
     from dashboard.pages import bp as pages_bp
+    from dashboard.solo import bp as solo_bp
     from dashboard.sweeps import bp as sweeps_bp
     from dashboard.tools import bp as tools_bp
     from dashboard.users import bp as users_bp
@@ -158,6 +159,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(tools_bp)
     app.register_blueprint(sweeps_bp)
     app.register_blueprint(users_bp)
+    app.register_blueprint(solo_bp)
     _register_error_handlers(app)
     app.after_request(_security_headers)
     # No request body may be larger than an upload (plus its multipart envelope): Werkzeug
@@ -177,5 +179,12 @@ def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app) ->
     if refusal:
         raise SystemExit(f"lorafleet dashboard: {refusal}")
     app = app_factory({"LORAFLEET_SETTINGS": settings})
+    from dispatcher.dashtoken import remember
+
+    try:
+        remember(settings)  # so this OS user's CLI finds the token for this URL from anywhere
+    except OSError as e:
+        log.warning("could not record this dashboard for the CLI (%s): set LORAFLEET_HOME "
+                    "or LORAFLEET_TOKEN where you run it", e)
     run_simple(settings.dashboard_host, settings.dashboard_port, app, threaded=True,
                use_reloader=False, use_debugger=False)

@@ -6,15 +6,18 @@ Two modes, decided by the data folder's accounts file (dispatcher/accounts.py):
   SameSite=Lax) and every API call a login or an API token (`Authorization: Bearer lf_...`).
   Roles: an admin may do anything (submit for others, urgent priority, cancel or re-prioritise
   any job); a member submits and manages their own jobs and sees everything else read-only.
-- **Single user** (no accounts; the dashboard refuses to start on a non-loopback address): every
-  request is the local user, an admin; a non-browser client may name itself with the
+- **Single user** (no accounts; the dashboard refuses to start on a non-loopback address): the
+  holder of the data folder's dashboard token (dashboard/solo.py) is the local user, an admin:
+  a browser through a session made from `?token=` (or the token page's form), a script or the
+  CLI with `Authorization: Bearer <token>`. Such a client may name itself with the
   `X-Lorafleet-User` header (used by scripts that act for several people on one machine).
+
+Sessions are server-side (dashboard/sessions.py): the signed cookie holds a random id (and the
+CSRF token), never who the user is.
 
 CSRF: a request that changes something (POST, PUT, PATCH, DELETE) and is not authenticated by a
 token must carry the session's CSRF token (`X-CSRF-Token` header, which LF.api adds from the
-page's meta tag, or a `csrf_token` form field). In single-user mode a request with neither an
-Origin header nor a cookie is a non-browser client (curl, the CLI) and needs no token: a browser
-always sends Origin with a cross-site POST.
+page's meta tag, or a `csrf_token` form field).
 
     current_user()                  the request's user: .name, .role, .is_admin
     owner_for(requested)            the owner a new job (or sweep) gets, and problems if the
@@ -45,14 +48,22 @@ from flask import (
     url_for,
 )
 
+from dashboard.sessions import Sessions, account_of
 from dashboard.throttle import LoginThrottle
 from dispatcher.accounts import Account, Accounts, is_loopback
+from dispatcher.dashtoken import dashboard_token
+from dispatcher.private import secret_file
 
 OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 ADMIN_ONLY_PRIORITIES = ("urgent",)
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 # Reachable without a login: the login page itself and the files every page needs.
-PUBLIC_ENDPOINTS = ("auth.login", "auth.login_post", "auth.healthz", "static")
+PUBLIC_ENDPOINTS = ("auth.login", "auth.login_post", "auth.healthz", "static", "solo.token_post")
+# The token page's form checks nothing but the dashboard token (dashboard/solo.py says why it
+# needs no CSRF token).
+CSRF_EXEMPT = ("solo.token_post",)
+# Served without looking at the session or Redis at all.
+OPEN_ENDPOINTS = ("auth.healthz", "static")
 
 bp = Blueprint("auth", __name__, template_folder="templates")
 
@@ -102,6 +113,20 @@ def may_manage(owner: str) -> bool:
     return user.is_admin or user.name == owner
 
 
+def sessions() -> Sessions:
+    from dashboard.app import services
+
+    svc = services()
+    return Sessions(svc.redis, svc.settings.prefix)
+
+
+def start_session(sid: str) -> None:
+    """A fresh signed cookie (and CSRF token) holding only the new session id."""
+    session.clear()
+    session.permanent = True
+    session["sid"] = sid
+
+
 def csrf_token() -> str:
     if "csrf" not in session:
         session["csrf"] = secrets.token_urlsafe(32)
@@ -125,38 +150,62 @@ def _deny(status: int, message: str):
 def _before_request():
     g.user = None
     g.by_token = False
+    if request.endpoint in OPEN_ENDPOINTS:
+        return None
     accounts = accounts_store()
+    if accounts.has_users():
+        refused = _accounts_user(accounts)
+    else:
+        refused = _single_user()
+    if refused is not None:
+        return refused
+    if (request.method in UNSAFE_METHODS and not g.by_token
+            and request.endpoint not in CSRF_EXEMPT and not _csrf_ok()):
+        return _deny(403, "missing or wrong CSRF token: reload the page and try again")
+    return None
+
+
+def _accounts_user(accounts: Accounts):
     token = _bearer()
     if token is not None:
         user = accounts.for_token(token)
         if user is None:
-            return _deny(401, "this API token is not valid (make a new one with "
-                              "`lorafleet user token NAME`)")
+            from dashboard.solo import is_dashboard_token
+
+            hint = (" (the data folder's dashboard token is for single-user mode only)"
+                    if is_dashboard_token(token) else "")
+            return _deny(401, f"this API token is not valid{hint}: make one with "
+                              "`lorafleet user token NAME` and set LORAFLEET_TOKEN")
         g.user, g.by_token = user, True
         return None
-    if accounts.has_users():
-        name = session.get("user")
-        user = accounts.get(name) if name else None
-        if user is None and request.endpoint not in PUBLIC_ENDPOINTS:
-            session.pop("user", None)
+    sid = session.get("sid")
+    record = sessions().get(sid) if sid else None
+    user = account_of(record, accounts) if record else None
+    if user is None:
+        if sid:  # ended (logout, password or role change, removal) or expired
+            sessions().delete(sid)
+            session.pop("sid", None)
+        if request.endpoint not in PUBLIC_ENDPOINTS:
             return _deny(401, "log in first (or send an API token: `Authorization: Bearer "
                               "...`, made with `lorafleet user token NAME`)")
-        g.user = user
-    else:
-        if not _local_host_header():
-            # DNS rebinding: a page on another site, its name pointed at 127.0.0.1, would be
-            # same-origin with the open dashboard. Only names of this machine are served.
-            return _deny(403, "single-user mode answers only to localhost, 127.0.0.1 or [::1] "
-                              f"(this request named {request.host!r})")
-        if not is_loopback(_bound_host()) and request.endpoint not in PUBLIC_ENDPOINTS:
-            # Started with accounts on a public address, and every account has since been
-            # removed: never fall back to the open single-user mode there.
-            return _deny(503, "this dashboard serves a public address and has no accounts left: "
-                              "add one with `lorafleet user add NAME --role admin`")
-        g.user = User(request.headers.get("X-Lorafleet-User") or "local", "admin")
-    if request.method in UNSAFE_METHODS and not _csrf_ok(accounts.has_users()):
-        return _deny(403, "missing or wrong CSRF token: reload the page and try again")
+    g.user = user
     return None
+
+
+def _single_user():
+    from dashboard.solo import gate
+
+    if not _local_host_header():
+        # DNS rebinding: a page on another site, its name pointed at 127.0.0.1, would be
+        # same-origin with the open dashboard. Only names of this machine are served.
+        return _deny(403, "single-user mode answers only to localhost, 127.0.0.1 or [::1] "
+                          f"(this request named {request.host!r})")
+    if not is_loopback(_bound_host()) and request.endpoint not in PUBLIC_ENDPOINTS:
+        # Started with accounts on a public address, and every account has since been
+        # removed: never fall back to the open single-user mode there.
+        return _deny(503, "this dashboard serves a public address and has no accounts left: "
+                          "add one with `lorafleet user add NAME --role admin`")
+    return gate(_bearer())
 
 
 def _local_host_header() -> bool:
@@ -172,14 +221,10 @@ def _bound_host() -> str:
     return services().settings.dashboard_host
 
 
-def _csrf_ok(with_accounts: bool) -> bool:
+def _csrf_ok() -> bool:
     sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token", "")
     want = session.get("csrf")
-    if want and sent and hmac.compare_digest(sent, want):
-        return True
-    # A non-browser client on a single-user (loopback) dashboard: no cookie, no Origin.
-    return (not with_accounts and "Origin" not in request.headers
-            and "Cookie" not in request.headers)
+    return bool(want and sent and hmac.compare_digest(sent, want))
 
 
 # -- login and logout ----------------------------------------------------------------------------
@@ -211,25 +256,24 @@ def login_post():
     name = request.form.get("username", "").strip()
     svc = services()
     throttle = LoginThrottle(svc.redis, svc.settings.prefix)
-    wait = throttle.wait_s(name, request.remote_addr)
+    # Counted before the (slow) check, so parallel guesses get no more checks than serial ones.
+    wait = throttle.reserve(name, request.remote_addr)
     if wait:
         minutes = -(-wait // 60)
         return render_template("login.html", next=request.form.get("next", ""), username=name,
                                error=f"too many failed logins: try again in {minutes} min"), 429
     user = accounts_store().login(name, request.form.get("password", ""))
     if user is None:
-        throttle.failed(name, request.remote_addr)
         return render_template("login.html", next=request.form.get("next", ""), username=name,
                                error="wrong user name or password"), 401
-    throttle.succeeded(name)
-    session.clear()  # a fresh session (and CSRF token) for the logged-in user
-    session.permanent = True
-    session["user"] = user.name
+    throttle.succeeded(name, request.remote_addr)
+    start_session(sessions().for_account(user))  # a fresh session and CSRF token
     return redirect(_safe_next(request.form.get("next")))
 
 
 @bp.post("/logout")
 def logout():
+    sessions().delete(session.get("sid"))  # a replayed cookie finds nothing
     session.clear()
     return redirect(url_for("auth.login") if accounts_mode() else url_for("pages.jobs"))
 
@@ -253,30 +297,7 @@ def _secret_key(home: Path) -> str:
     """The session-signing key: $LORAFLEET_SECRET_KEY, else one made once in the data folder
     (mode 0600), so sessions survive a dashboard restart."""
     env = os.environ.get("LORAFLEET_SECRET_KEY")
-    if env:
-        return env
-    path = Path(home) / ".secret_key"
-    try:
-        key = path.read_text().strip()
-    except FileNotFoundError:
-        key = ""
-    if key:
-        return key
-    # Written whole to a temporary file, then linked into place: another process sees either
-    # no key or a whole one; the first link wins and everyone uses that key.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".secret_key.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(48))
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        if not path.read_text().strip():  # an empty file left by a crash: replace it
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.read_text().strip()
+    return env or secret_file(Path(home) / ".secret_key")
 
 
 def init_app(app: Flask, home: Path) -> None:
@@ -289,6 +310,9 @@ def init_app(app: Flask, home: Path) -> None:
         SESSION_COOKIE_SECURE=os.environ.get("LORAFLEET_SECURE_COOKIES", "") == "1",
         PERMANENT_SESSION_LIFETIME=timedelta(days=14),
     )
+    # The single-user token is made with the app (like the key above), so it is in its file
+    # before the first request, for `lorafleet up` to print and the CLI to read.
+    dashboard_token(home)
     app.register_blueprint(bp)
     app.before_request(_before_request)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, render_template, request
 
 from dashboard.app import services
+from dashboard.auth import current_user
 from dashboard.forms import form_fields
 from dispatcher.evaltable import EvalTable
 from dispatcher.specs import EvalSpec, GenerateSpec, list_choices
+from dispatcher.store import JobNotFound
 
 bp = Blueprint("tools", __name__, template_folder="templates")
 EVAL_TABLE = "evaluations.csv"  # the worker writes the same file (gpuworker/jobs.py)
@@ -40,6 +42,29 @@ def evaluations_api():
     return jsonify({"evaluations": list(reversed(_table().rows()))})
 
 
+def _comment_refusal(row_id: str):
+    """Only the owner of the evaluation job that made the row, or an admin, edits its comment.
+    A row with no job (written by hand, or its job record gone) is the admins' alone."""
+    user = current_user()
+    if user.is_admin:
+        return None
+    row = next((r for r in _table().rows() if r["id"] == row_id), None)
+    if row is None:
+        return jsonify({"error": f"no evaluation {row_id}"}), 404
+    owner = None
+    if row.get("job"):
+        try:
+            owner = services().store.get(row["job"]).get("owner")
+        except JobNotFound:
+            owner = None
+    if owner == user.name:
+        return None
+    whose = f"it belongs to {owner} (job {row['job']})" if owner else \
+        "it was not made by a job of the fleet"
+    return jsonify({"error": f"only the owner of evaluation {row_id} or an admin may edit its "
+                             f"comment: {whose}"}), 403
+
+
 @bp.post("/api/v1/evaluations/<row_id>")
 def edit_evaluation(row_id: str):
     body = request.get_json(silent=True)
@@ -49,6 +74,9 @@ def edit_evaluation(row_id: str):
     if len(body["comment"]) > 500:
         return jsonify({"error": "comment too long",
                         "errors": [{"field": "comment", "message": "must be at most 500 characters"}]}), 400
+    refused = _comment_refusal(row_id)
+    if refused is not None:
+        return refused
     try:
         row = _table().set_comment(row_id, body["comment"])
     except KeyError:

@@ -3,7 +3,9 @@
 The same accounts file as `lorafleet user` (dispatcher/accounts.py). Only admins get here (in
 single-user mode the local user is one, so the first account can be made from the page; that
 turns logins on). Two guards keep a fleet from locking itself out: an admin cannot remove or
-demote themself, and the last admin cannot be removed or demoted.
+demote themself (here: the CLI has no "self"), and the last admin cannot be removed or demoted
+(dispatcher/accounts.py, under the accounts lock, so the CLI keeps it too). A removal or a role
+change ends that user's open sessions at once.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from __future__ import annotations
 from flask import Blueprint, abort, jsonify, render_template, request
 
 from dashboard.api import api_error
-from dashboard.auth import accounts_mode, accounts_store, current_user
-from dispatcher.accounts import ROLES, AccountError
+from dashboard.auth import accounts_mode, accounts_store, current_user, sessions
+from dispatcher.accounts import ROLES, AccountError, LastAdmin
 
 bp = Blueprint("users", __name__, template_folder="templates")
 API = "/api/v1/users"
@@ -32,14 +34,15 @@ def _admins_only():
 
 
 def _guard(name: str, action: str):
-    """A 409 response if `action` on `name` would leave the fleet without an admin in charge."""
+    """A 409 response if `action` is an admin's on their own account."""
     me = current_user()
     if accounts_mode() and name == me.name:
         return _error(409, f"you cannot {action} your own account: ask another admin")
-    admins = [u["name"] for u in accounts_store().users() if u["role"] == "admin"]
-    if admins == [name]:
-        return _error(409, f"{name} is the last admin: make another admin first")
     return None
+
+
+def _account_error(e: AccountError):
+    return _error(409, str(e)) if isinstance(e, LastAdmin) else _error(404, str(e))
 
 
 @bp.get("/users")
@@ -77,7 +80,8 @@ def remove_user(name: str):
     try:
         accounts_store().remove(name)
     except AccountError as e:
-        return _error(404, str(e))
+        return _account_error(e)
+    sessions().end_all(name)  # (the account's uid is gone too: they could not be used anyway)
     return jsonify({"removed": name})
 
 
@@ -94,7 +98,8 @@ def set_role(name: str):
     try:
         accounts_store().set_role(name, role)
     except AccountError as e:
-        return _error(404, str(e))
+        return _account_error(e)
+    sessions().end_all(name)
     return jsonify({"name": name, "role": role})
 
 

@@ -3,7 +3,11 @@
 `accounts.json` (mode 0600) holds, per user, the role (admin | member), the password as a scrypt
 hash (hashlib.scrypt, a random 16-byte salt; never the password), and the API tokens as SHA-256
 digests (a token is 32 random bytes: a fast digest is enough, and the token itself is shown once,
-when it is made). Writes take an exclusive lock on `accounts.lock` and replace the file
+when it is made). Each account also has a random `uid` (made when it is added, so a name removed
+and added again is a new account) and a `session_version`, raised by a password or role change:
+a login session is valid only while both still match (dashboard/sessions.py), which ends it even
+when the change is made by the CLI with no dashboard running. The last admin can be neither
+removed nor demoted (checked here, under the lock, for the CLI and the dashboard alike). Writes take an exclusive lock on `accounts.lock` and replace the file
 atomically, so the CLI and a running dashboard never see half a file.
 
 With no user at all lorafleet runs in single-user mode, which only a loopback address may serve.
@@ -43,10 +47,16 @@ class AccountError(ValueError):
         self.field = field
 
 
+class LastAdmin(AccountError):
+    """The change would leave users without an admin."""
+
+
 @dataclass(frozen=True)
 class Account:
     name: str
     role: str
+    uid: str = ""
+    version: int = 0
 
     @property
     def is_admin(self) -> bool:
@@ -109,7 +119,7 @@ class Accounts:
 
     def get(self, name: str) -> Account | None:
         u = self._load()["users"].get(name)
-        return Account(name, u["role"]) if u else None
+        return _account(name, u) if u else None
 
     def login(self, name: str, password: str) -> Account | None:
         u = self._load()["users"].get(name)
@@ -117,7 +127,7 @@ class Accounts:
             # Spend the same time as a real check, so a wrong name looks like a wrong password.
             check_password(password, _dummy_hash())
             return None
-        return Account(name, u["role"]) if check_password(password, u["password"]) else None
+        return _account(name, u) if check_password(password, u["password"]) else None
 
     def for_token(self, token: str) -> Account | None:
         if not token.startswith(TOKEN_PREFIX):
@@ -126,7 +136,7 @@ class Accounts:
         for name, u in self._load()["users"].items():
             for t in u.get("tokens", []):
                 if hmac.compare_digest(t["sha256"], digest):
-                    return Account(name, u["role"])
+                    return _account(name, u)
         return None
 
     # -- writing ---------------------------------------------------------------------------
@@ -166,23 +176,32 @@ class Accounts:
                 raise AccountError(f"user {name} already exists (remove it first, or use "
                                    "`lorafleet user password` to change the password)")
             data["users"][name] = {"role": role, "password": hash_password(password),
-                                   "tokens": [], "created": time.time()}
-        return Account(name, role)
+                                   "tokens": [], "created": time.time(),
+                                   "uid": secrets.token_hex(8), "session_version": 0}
+            return _account(name, data["users"][name])
 
     def set_password(self, name: str, password: str) -> None:
         _check_password(password)
         with self._editing() as data:
-            self._user(data, name)["password"] = hash_password(password)
+            u = self._user(data, name)
+            u["password"] = hash_password(password)
+            _end_sessions(u)
 
     def set_role(self, name: str, role: str) -> None:
         if role not in ROLES:
             raise AccountError(f"role {role!r}: must be one of {', '.join(ROLES)}", "role")
         with self._editing() as data:
-            self._user(data, name)["role"] = role
+            u = self._user(data, name)
+            if role != "admin" and u["role"] == "admin":
+                _keep_an_admin(data, name, "demoted")
+            if u["role"] != role:
+                u["role"] = role
+                _end_sessions(u)
 
     def remove(self, name: str) -> None:
         with self._editing() as data:
-            self._user(data, name)
+            if self._user(data, name)["role"] == "admin":
+                _keep_an_admin(data, name, "removed")
             del data["users"][name]
 
     def new_token(self, name: str, label: str = "") -> str:
@@ -206,6 +225,23 @@ class Accounts:
             return data["users"][name]
         except KeyError:
             raise AccountError(f"no user {name}") from None
+
+
+def _account(name: str, u: dict[str, Any]) -> Account:
+    return Account(name, u["role"], u.get("uid", ""), int(u.get("session_version", 0)))
+
+
+def _end_sessions(u: dict[str, Any]) -> None:
+    """Every login session of this account stops matching it (and so ends)."""
+    u["session_version"] = int(u.get("session_version", 0)) + 1
+
+
+def _keep_an_admin(data: dict[str, Any], name: str, what: str) -> None:
+    # The last account of all may go (that turns accounts off): no member is left without one.
+    admins = [n for n, u in data["users"].items() if u["role"] == "admin"]
+    if admins == [name] and (what == "demoted" or len(data["users"]) > 1):
+        raise LastAdmin(f"{name} is the last admin and cannot be {what}: make another "
+                           "admin first", "role" if what == "demoted" else "name")
 
 
 def _check_password(password: str) -> None:

@@ -236,7 +236,7 @@ def up(gpus: str, host: str | None, port: int | None) -> None:
         click.echo(f"workers:    {len(cards)} ({desc})")
         click.echo(f"data:       {settings.home}")
         click.echo(f"logs:       {settings.paths.logs}")
-        click.echo(f"dashboard:  http://{s2.dashboard_host}:{s2.dashboard_port}/")
+        click.echo(f"dashboard:  {_dashboard_url(s2)}")
         click.echo("Press Ctrl-C to stop everything.")
         code = sup.wait()
     except Exception as e:
@@ -274,6 +274,16 @@ def _start_embedded_redis(settings: Settings) -> subprocess.Popen:
             "data folder, or set LORAFLEET_REDIS_URL") from None
     return start_server(settings.paths.redis, settings.embedded_redis_port, password=password,
                         log_file=settings.paths.logs / "redis.log")
+
+
+def _dashboard_url(settings: Settings) -> str:
+    """The URL to open: with the token in single-user mode (opening it logs the browser in)."""
+    from dispatcher.accounts import Accounts
+    from dispatcher.dashtoken import dashboard_token, own_url, printed_url
+
+    if Accounts(settings.home).has_users():
+        return own_url(settings) + "/"
+    return printed_url(settings, dashboard_token(settings.home))
 
 
 @main.command()
@@ -315,6 +325,7 @@ def dispatcher() -> None:
 @main.command()
 def dashboard() -> None:
     """Run the web dashboard in the foreground."""
+    click.echo(f"dashboard:  {_dashboard_url(Settings.from_env())}")
     os.execv(sys.executable, [sys.executable, "-m", "dashboard"])
 
 

@@ -1,7 +1,9 @@
 """A small client for the dashboard's REST API: what the user commands of the CLI use.
 
 A remote user needs the dashboard's URL and, where the dashboard has accounts, an API token
-($LORAFLEET_TOKEN, made with `lorafleet user token NAME`), never Redis credentials.
+($LORAFLEET_TOKEN, made with `lorafleet user token NAME`), never Redis credentials. With no
+LORAFLEET_TOKEN, the OS user who runs a single-user fleet needs nothing: the client reads the
+dashboard token that belongs to the URL (dispatcher/dashtoken.py) and sends it to that URL only.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ class Client:
         self.base = url.rstrip("/") + "/api/v1"
         self.timeout = timeout
         self.session = requests.Session()
-        token = token or os.environ.get("LORAFLEET_TOKEN")
+        self.token_source = "argument" if token else ""
+        if not token and os.environ.get("LORAFLEET_TOKEN"):
+            token, self.token_source = os.environ["LORAFLEET_TOKEN"], "LORAFLEET_TOKEN"
+        if not token:
+            from dispatcher.dashtoken import token_for
+
+            token = token_for(url)
+            self.token_source = "dashboard token" if token else ""
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
@@ -48,9 +57,19 @@ class Client:
             errors = body.get("errors") if isinstance(body, dict) else None
             msg = body.get("error") if isinstance(body, dict) else None
             if resp.status_code == 401:
-                msg = f"{msg or 'not logged in'} (set LORAFLEET_TOKEN)"
+                msg = f"{msg or 'not logged in'}\n{self._token_hint()}"
             raise ApiError(resp.status_code, msg or f"HTTP {resp.status_code}", errors)
         return body
+
+    def _token_hint(self) -> str:
+        if self.token_source == "LORAFLEET_TOKEN":
+            return "LORAFLEET_TOKEN was sent and refused: is it a current token of this dashboard?"
+        if self.token_source == "dashboard token":
+            return ("the data folder's dashboard token was sent and refused: with accounts, set "
+                    "LORAFLEET_TOKEN to a token made with `lorafleet user token NAME`")
+        return ("no token was found for this URL: run the command as the OS user who started "
+                "the fleet (from its data folder, or with LORAFLEET_HOME set to it), or set "
+                "LORAFLEET_TOKEN (with accounts: `lorafleet user token NAME`)")
 
     # data files -----------------------------------------------------------------------------
     def data_files(self) -> dict[str, Any]:

@@ -19,11 +19,22 @@ PRIVATE_FILES = (".redis_password", ".secret_key", ".dashboard_token", "accounts
 PRIVATE_DIRS = ("redis",)
 
 
+def read_secret(path: Path) -> str:
+    """The secret in `path`, or "" when there is none (no file, an empty one, or one this OS
+    user may not read)."""
+    try:
+        return Path(path).read_text().strip()
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return ""
+
+
 def secret_file(path: Path, nbytes: int = 32) -> str:
     """The secret kept in `path`, made once at random (mode 0600) if there is none yet.
 
     Written whole to a temporary file, then linked into place: another process sees either no
-    file or a whole one; the first link wins and everyone uses that secret."""
+    file or a whole one; the first link wins and everyone uses that secret. A file this OS user
+    may not read raises PermissionError: it is someone else's, and is never replaced."""
+    path = Path(path)
     try:
         value = path.read_text().strip()
     except FileNotFoundError:

@@ -40,15 +40,40 @@ class FleetProcs:
             "LORAFLEET_HEARTBEAT": "0.5", "LORAFLEET_WORKER_TIMEOUT": "6",
             "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2",
+            # The dashboard records itself for the CLI here, not in the real ~/.config.
+            "XDG_CONFIG_HOME": str(home / ".config"),
         })
         self.settings = Settings.from_env(self.env)
         self.settings.paths.ensure()
         self.r = redis.Redis.from_url(redis_url, decode_responses=True)
         self.store = JobStore(self.r, prefix)
-        # What tests use to talk to this fleet's dashboard over HTTP, as the CLI would.
+        # What tests use to talk to this fleet's dashboard over HTTP, as the CLI would: with
+        # the data folder's dashboard token while it has no accounts (made now, as `lorafleet
+        # up` makes it before it starts anything).
         import requests
 
+        from dispatcher.dashtoken import dashboard_token
+
+        dashboard_token(home)
         self.http = requests.Session()
+        self.http.auth = _OwnerAuth(home)
+
+    @property
+    def token(self) -> str:
+        """The data folder's dashboard token (single-user mode)."""
+        from dispatcher.dashtoken import read_token
+
+        return read_token(self.home)
+
+    def printed_url(self, path: str = "/") -> str:
+        """What `lorafleet up` prints (with `path`): opening it logs a browser in."""
+        return f"{self.url}{path}{'&' if '?' in path else '?'}token={self.token}"
+
+    def open_printed_url(self, page: Any, path: str = "/") -> None:
+        """Log a Playwright page in as a user does: open the printed URL, which drops the
+        token from the address bar."""
+        page.goto(self.printed_url(path))
+        page.wait_for_url(lambda u: "token=" not in u)
 
     @property
     def url(self) -> str:
@@ -136,6 +161,22 @@ class FleetProcs:
         for name in list(self.procs):
             self.kill(name)
         self.r.close()
+
+
+class _OwnerAuth:
+    """requests auth: the dashboard token, unless the request names its own Authorization or
+    the data folder has accounts (then tests log in or pass an API token)."""
+
+    def __init__(self, home: Path):
+        self.home = home
+
+    def __call__(self, r: Any) -> Any:
+        from dispatcher.accounts import Accounts
+        from dispatcher.dashtoken import read_token
+
+        if "Authorization" not in r.headers and not Accounts(self.home).has_users():
+            r.headers["Authorization"] = f"Bearer {read_token(self.home)}"
+        return r
 
 
 def _ok(requests, url: str) -> bool:

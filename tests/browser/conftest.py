@@ -33,9 +33,10 @@ def browser():
 
 
 @pytest.fixture
-def page(browser):
+def page(browser, request):
     """A fresh page that fails the test on a JavaScript error or on any request that leaves the
-    machine (the dashboard must work offline: no CDN)."""
+    machine (the dashboard must work offline: no CDN). Where the test uses a single-user
+    `fleet`, the page is logged in as its user is: by opening the printed URL (?token=...)."""
     ctx = browser.new_context()
     pg = ctx.new_page()
     errors: list[str] = []
@@ -49,6 +50,12 @@ def page(browser):
     external: list[str] = []
     pg.on("request", lambda r: external.append(r.url)
           if not r.url.startswith(("http://127.0.0.1", "data:", "about:")) else None)
+    if "fleet" in request.fixturenames:
+        from dispatcher.accounts import Accounts
+
+        fleet = request.getfixturevalue("fleet")
+        if not Accounts(fleet.home).has_users():
+            fleet.open_printed_url(pg)
     yield pg
     ctx.close()
     assert not errors, f"JavaScript errors: {errors}"

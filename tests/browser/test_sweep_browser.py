@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 
 import pytest
-import requests
 
 from tests.fleetproc import small_spec, tiny_fleet
 
@@ -98,7 +97,7 @@ def test_define_preview_queue_and_watch_a_sweep(fleet, page):
     # Hovering a row highlights it (and its curve).
     rows.first.hover()
     assert "hover" in rows.first.get_attribute("class")
-    csv = requests.get(fleet.url + page.locator("[data-testid='export-csv']").get_attribute("href"),
+    csv = fleet.http.get(fleet.url + page.locator("[data-testid='export-csv']").get_attribute("href"),
                        timeout=10)
     assert csv.status_code == 200 and len(csv.text.strip().splitlines()) == 5
     page.screenshot(path=str(fleet.home / "sweep-page.png"), full_page=True)
@@ -124,7 +123,7 @@ def test_bad_values_are_shown_and_nothing_is_queued(fleet, page):
 def test_cancel_a_running_sweep(fleet, page):
     body = {"base": small_spec(lora_name="br-cancel", epochs=200),
             "parameters": {"lora_rank": [4, 8]}, "max_concurrent": 1}
-    sid = requests.post(fleet.url + "/api/v1/sweeps", json=body, timeout=10).json()["id"]
+    sid = fleet.http.post(fleet.url + "/api/v1/sweeps", json=body, timeout=10).json()["id"]
     page.goto(f"{fleet.url}/sweeps/{sid}")
     page.wait_for_function(
         "() => [...document.querySelectorAll(\"[data-testid='trial-state']\")]"

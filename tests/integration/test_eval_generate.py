@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 
 
 def post(fleet: FleetProcs, kind: str, spec: dict) -> requests.Response:
-    return requests.post(f"{fleet.url}/api/v1/jobs", json={"kind": kind, "spec": spec},
+    return fleet.http.post(f"{fleet.url}/api/v1/jobs", json={"kind": kind, "spec": spec},
                          timeout=10)
 
 
@@ -47,7 +47,7 @@ def test_perplexity_with_and_without_lora_lands_in_the_table(fleet, trained):
     assert ppl_lora < ppl_base * 0.95, (ppl_base, ppl_lora)
     assert with_lora["name"] == f"perplexity: tiny + {trained}"
 
-    rows = requests.get(f"{fleet.url}/api/v1/evaluations", timeout=5).json()["evaluations"]
+    rows = fleet.http.get(f"{fleet.url}/api/v1/evaluations", timeout=5).json()["evaluations"]
     assert [(r["loras"], round(r["perplexity"], 4)) for r in rows[:2]] == [
         ([trained], round(ppl_lora, 4)), ([], round(ppl_base, 4))]
     assert rows[0]["comment"] == "after training" and rows[0]["job"] == with_lora["id"]
@@ -57,15 +57,15 @@ def test_perplexity_with_and_without_lora_lands_in_the_table(fleet, trained):
                                         "stride": 32, "max_length": 64})
     assert again["result"]["skipped"] is True
     assert again["result"]["perplexity"] == pytest.approx(ppl_base, rel=1e-5)
-    assert len(requests.get(f"{fleet.url}/api/v1/evaluations").json()["evaluations"]) == 2
+    assert len(fleet.http.get(f"{fleet.url}/api/v1/evaluations").json()["evaluations"]) == 2
     forced = run_job(fleet, "evaluate", {"base_model": "tiny", "text_file": "story.txt",
                                          "stride": 32, "max_length": 64, "force": True})
     assert forced["result"]["perplexity"] == pytest.approx(ppl_base, rel=1e-4)
-    assert len(requests.get(f"{fleet.url}/api/v1/evaluations").json()["evaluations"]) == 3
+    assert len(fleet.http.get(f"{fleet.url}/api/v1/evaluations").json()["evaluations"]) == 3
 
     # Comments are editable.
     row = rows[0]["id"]
-    resp = requests.post(f"{fleet.url}/api/v1/evaluations/{row}", json={"comment": "kept"})
+    resp = fleet.http.post(f"{fleet.url}/api/v1/evaluations/{row}", json={"comment": "kept"})
     assert resp.status_code == 200 and resp.json()["comment"] == "kept"
 
 

@@ -18,7 +18,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import requests
 
 from dispatcher.embedded import free_port, start_server, stop_server
 from dispatcher.fleet import Fleet
@@ -298,7 +297,7 @@ def test_redis_restart_with_jobs_queued_and_running(tmp_path):
         steps = [e["step"] for e in events(f, long) if e["type"] == "train"]
         assert steps == list(range(1, f.store.get(long)["total_steps"] + 1))
         assert step_before < len(steps)
-        listed = requests.get(f.url + "/api/v1/jobs", timeout=5).json()["jobs"]
+        listed = f.http.get(f.url + "/api/v1/jobs", timeout=5).json()["jobs"]
         assert {j["id"] for j in listed} == set(jobs)
         for name, p in f.procs.items():
             assert p.poll() is None, f"{name} exited:\n{f.log(name)[-3000:]}"
@@ -372,7 +371,7 @@ def _time_job_list(f: FleetProcs, n: int = 5) -> dict[str, float]:
         for key, path in (("api", "/api/v1/jobs"), ("api_all", "/api/v1/jobs?limit=1000"),
                           ("page", "/jobs")):
             t = time.perf_counter()
-            resp = requests.get(f.url + path, timeout=10)
+            resp = f.http.get(f.url + path, timeout=10)
             timings[key].append(time.perf_counter() - t)
             assert resp.status_code == 200 and resp.content
     return {k: round(statistics.median(v), 3) for k, v in timings.items()}
@@ -404,7 +403,7 @@ def test_500_queued_jobs_over_three_workers(fleet_factory):
     # with no worker training on this machine's CPU (on a GPU box the CPU is free), then again
     # while three CPU workers train on this (possibly 2-core) machine, with a looser bound.
     idle = _time_job_list(f)
-    all_jobs = requests.get(f.url + "/api/v1/jobs?limit=1000", timeout=10).json()["jobs"]
+    all_jobs = f.http.get(f.url + "/api/v1/jobs?limit=1000", timeout=10).json()["jobs"]
     assert len(all_jobs) == N_JOBS and {j["id"] for j in all_jobs} == set(jobs)
     for w in ("a", "b", "c"):
         f.start_worker(w)

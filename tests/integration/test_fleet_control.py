@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from dispatcher.estimate import job_memory_mb
 from dispatcher.fleet import Fleet
@@ -117,7 +116,7 @@ def test_cancel_kills_a_trainer_that_does_not_answer(make_fleet):
     frozen_at_step = last_step(f, job)
 
     cancelled_at = time.monotonic()
-    resp = requests.post(f"{f.url}/api/v1/jobs/{job}/cancel", timeout=10)
+    resp = f.http.post(f"{f.url}/api/v1/jobs/{job}/cancel", timeout=10)
     assert resp.status_code == 200, resp.text
     assert resp.json()["stop_requested"] is True
     rec = f.wait_for_state(job, TERMINAL, GRACE_S + 15)

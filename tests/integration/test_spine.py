@@ -31,7 +31,7 @@ def test_job_trains_and_leaves_a_loadable_lora(fleet):
     assert [e["step"] for e in train] == list(range(1, len(train) + 1))
     # Every number the Job page shows, as the page gets it (the REST history); the card memory
     # is None on this CPU worker, so the page shows a dash rather than a made-up 0.
-    served = [e for e in Client(fleet.url).history(job) if e["type"] == "train"]
+    served = [e for e in Client(fleet.url, token=fleet.token).history(job) if e["type"] == "train"]
     assert [e["step"] for e in served] == [e["step"] for e in train]
     for e in served:
         assert e["total_steps"] == rec["total_steps"]

@@ -48,9 +48,7 @@ def test_sweep_with_a_stopped_and_a_failed_trial(fleet, tmp_path):
     sid = res.stdout.strip()
     assert "best: it-sweep-opt_adamw_torch" in res.stderr
 
-    import requests
-
-    d = requests.get(f"{fleet.url}/api/v1/sweeps/{sid}", timeout=10).json()
+    d = fleet.http.get(f"{fleet.url}/api/v1/sweeps/{sid}", timeout=10).json()
     rows = {r["name"]: r for r in d["rows"]}
     ok, sgd, fused = (rows[f"it-sweep-opt_{o}"] for o in ("adamw_torch", "sgd",
                                                            "adamw_torch_fused"))
@@ -82,7 +80,7 @@ def test_sweep_with_a_stopped_and_a_failed_trial(fleet, tmp_path):
     assert f"sweep: {sid}" in st.stdout
     listing = _cli(fleet, "sweeps", sid)
     assert "stopped early" in listing.stdout and "*best*" in listing.stdout
-    csv_text = requests.get(f"{fleet.url}/api/v1/sweeps/{sid}/trials.csv", timeout=10).text
+    csv_text = fleet.http.get(f"{fleet.url}/api/v1/sweeps/{sid}/trials.csv", timeout=10).text
     assert csv_text.splitlines()[0].startswith("trial,job,optimizer,state,")
 
 

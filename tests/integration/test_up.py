@@ -25,7 +25,8 @@ def _start_up(home, port, redis_port):
     env.pop("LORAFLEET_REDIS_URL", None)
     env.update({"LORAFLEET_HOME": str(home), "LORAFLEET_PORT": str(port),
                 "LORAFLEET_EMBEDDED_REDIS_PORT": str(redis_port), "PYTHONPATH": str(ROOT),
-                "LORAFLEET_HEARTBEAT": "0.5", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
+                "LORAFLEET_HEARTBEAT": "0.5", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2",
+                "XDG_CONFIG_HOME": str(home / ".config")})
     return subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "up", "--gpus", "cpu"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -61,11 +62,11 @@ def _alive(pid: int) -> bool:
     return bool(st.stdout.strip()) and not st.stdout.strip().startswith("Z")
 
 
-def _wait_worker(url: str, timeout: float = 60) -> None:
+def _wait_worker(http: requests.Session, url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            ws = requests.get(url + "/api/v1/workers", timeout=2).json()["workers"]
+            ws = http.get(url + "/api/v1/workers", timeout=2).json()["workers"]
             if any(w["alive"] for w in ws):
                 return
         except requests.RequestException:
@@ -82,20 +83,26 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
     proc = _start_up(home, port, redis_port)
     try:
         out = _read_until(proc, r"dashboard:\s+http://")
-        url = re.search(r"dashboard:\s+(http://\S+)", out).group(1).rstrip("/")
+        # The printed URL carries the data folder's token (single-user mode).
+        printed = re.search(r"dashboard:\s+(http://\S+)", out).group(1)
+        url, token = re.fullmatch(r"(http://[^/]+)/\?token=(\S+)", printed).groups()
         assert url == f"http://127.0.0.1:{port}"
+        assert token == (home / ".dashboard_token").read_text().strip()
+        http = requests.Session()
+        http.headers["Authorization"] = f"Bearer {token}"
         assert "embedded server" in out and "1 (CPU)" in out
-        _wait_worker(url)
-        w = requests.get(url + "/api/v1/workers").json()["workers"][0]
+        _wait_worker(http, url)
+        assert requests.get(url + "/api/v1/workers", timeout=10).status_code == 401  # no token
+        w = http.get(url + "/api/v1/workers").json()["workers"][0]
         assert w["device"] == "cpu" and w["state"] == "idle"
         children = _children(proc.pid)
         assert len(children) >= 4  # redis, dispatcher, dashboard, worker
 
-        resp = requests.post(url + "/api/v1/jobs", json=small_spec(lora_name="up-lora"))
+        resp = http.post(url + "/api/v1/jobs", json=small_spec(lora_name="up-lora"))
         assert resp.status_code == 201, resp.text
         job = resp.json()["id"]
         deadline = time.monotonic() + 120
-        while requests.get(f"{url}/api/v1/jobs/{job}").json()["state"] != "succeeded":
+        while http.get(f"{url}/api/v1/jobs/{job}").json()["state"] != "succeeded":
             assert time.monotonic() < deadline, "job did not succeed"
             time.sleep(0.5)
     finally:
@@ -114,7 +121,7 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
         deadline = time.monotonic() + 30
         while True:
             try:
-                rec = requests.get(f"{url}/api/v1/jobs/{job}", timeout=2)
+                rec = http.get(f"{url}/api/v1/jobs/{job}", timeout=2)
                 if rec.status_code == 200:
                     break
             except requests.RequestException:
@@ -122,7 +129,7 @@ def test_up_runs_everything_and_ctrl_c_stops_it(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.3)
         assert rec.json()["state"] == "succeeded"
-        events = requests.get(f"{url}/api/v1/jobs/{job}/events?format=json").json()
+        events = http.get(f"{url}/api/v1/jobs/{job}/events?format=json").json()
         assert sum(e["type"] == "train" for e in events) == rec.json()["total_steps"]
     finally:
         proc.send_signal(signal.SIGINT)

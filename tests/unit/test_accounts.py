@@ -15,6 +15,7 @@ from dashboard.app import create_app
 from dispatcher.accounts import AccountError, Accounts, is_loopback, single_user_refusal
 from dispatcher.cli import main as cli
 from dispatcher.settings import Settings
+from tests.appclient import browser_for, client_for
 
 PASSWORD = "correct horse battery"
 
@@ -220,16 +221,21 @@ def test_single_user_mode_browser_posts_need_the_csrf_token(tmp_path, redis_serv
     s = Settings(home=tmp_path / "solo", redis_url=redis_server, prefix=prefix)
     s.paths.ensure()
     app = create_app({"LORAFLEET_SETTINGS": s, "TESTING": True})
-    c = app.test_client()
+    c, csrf = browser_for(app)
     page = c.get("/jobs")
     assert page.status_code == 200 and b"single-user mode" in page.data
     # A cross-site page posting from the user's browser: it has the cookie, not the token.
     resp = c.post("/api/v1/jobs", json={"spec": SPEC}, headers={"Origin": "https://evil.example"})
     assert resp.status_code == 403
-    # A script or the CLI (no cookie, no Origin) needs none on a loopback-only dashboard.
-    resp = app.test_client().post("/api/v1/jobs", json={"spec": SPEC})
+    assert c.post("/api/v1/jobs", json={"spec": SPEC}).status_code == 403
+    resp = c.post("/api/v1/jobs", json={"spec": SPEC}, headers=csrf)
     assert resp.status_code == 400  # reached the spec check: no model in this data folder
-    assert app.test_client().get("/api/v1/me").get_json()["mode"] == "single-user"
+    # A script or the CLI sends the dashboard token and needs no CSRF token.
+    resp = client_for(app).post("/api/v1/jobs", json={"spec": SPEC})
+    assert resp.status_code == 400
+    assert client_for(app).get("/api/v1/me").get_json()["mode"] == "single-user"
+    # Neither a cookie-less request without the token (another local account) gets in.
+    assert app.test_client().post("/api/v1/jobs", json={"spec": SPEC}).status_code == 401
 
 
 # ------------------------------------------------------------------------------ the CLI
@@ -305,7 +311,7 @@ def test_the_first_account_made_in_the_dashboard_turns_logins_on(tmp_path, redis
     s = Settings(home=tmp_path / "solo", redis_url=redis_server, prefix=prefix)
     s.paths.ensure()
     app = create_app({"LORAFLEET_SETTINGS": s, "TESTING": True})
-    c = app.test_client()
+    c, _ = browser_for(app)
     page = c.get("/users")
     assert page.status_code == 200 and b"single-user mode" in page.data
     csrf = re.search(rb'name="csrf-token" content="([^"]+)"', page.data).group(1).decode()
@@ -338,7 +344,7 @@ def test_single_user_mode_answers_only_to_this_machines_names(tmp_path, redis_se
     dashboard."""
     s = Settings(home=tmp_path / "solo2", redis_url=redis_server, prefix=prefix)
     s.paths.ensure()
-    c = create_app({"LORAFLEET_SETTINGS": s, "TESTING": True}).test_client()
+    c = client_for(create_app({"LORAFLEET_SETTINGS": s, "TESTING": True}))
     for host in ("localhost", "127.0.0.1:8765", "[::1]:8765", "localhost:9000"):
         assert c.get("/api/v1/me", headers={"Host": host}).status_code == 200, host
     resp = c.get("/api/v1/me", headers={"Host": "evil.example:8765"})
@@ -350,7 +356,7 @@ def test_request_bodies_are_bounded(tmp_path, redis_server, prefix):
     s.paths.ensure()
     app = create_app({"LORAFLEET_SETTINGS": s, "TESTING": True,
                       "LORAFLEET_UPLOAD_MAX_BYTES": 1000})
-    resp = app.test_client().post("/api/v1/jobs", data=b"x" * (2 * 2**20),
+    resp = client_for(app).post("/api/v1/jobs", data=b"x" * (2 * 2**20),
                                   content_type="application/json")
     assert resp.status_code == 413
 
@@ -386,7 +392,6 @@ def test_failed_logins_from_one_address_are_limited_too(settings, redis_server, 
 
     throttle = LoginThrottle(redis_client, prefix, name_limit=100, address_limit=3, window_s=60)
     for n in range(3):
-        assert throttle.wait_s(f"guess{n}", "203.0.113.9") == 0
-        throttle.failed(f"guess{n}", "203.0.113.9")
-    assert 0 < throttle.wait_s("anyone", "203.0.113.9") <= 60
-    assert throttle.wait_s("anyone", "198.51.100.1") == 0
+        assert throttle.reserve(f"guess{n}", "203.0.113.9") == 0
+    assert 0 < throttle.reserve("anyone", "203.0.113.9") <= 60
+    assert throttle.reserve("anyone", "198.51.100.1") == 0

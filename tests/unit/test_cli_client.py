@@ -24,12 +24,16 @@ N_JOBS = 520  # more than the API's default page (200) and more than one page of
 
 
 @pytest.fixture
-def url(tmp_path, redis_server, prefix):
-    """The dashboard, served over HTTP on a free loopback port for this test."""
+def url(tmp_path, redis_server, prefix, monkeypatch):
+    """The dashboard, served over HTTP on a free loopback port for this test; the CLI runs as
+    the OS user who owns its data folder (LORAFLEET_HOME and PORT set: it reads the token)."""
     s = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
     s.paths.ensure()
     server = make_server("127.0.0.1", 0, create_app({"LORAFLEET_SETTINGS": s, "TESTING": True}),
                          threaded=True)
+    monkeypatch.setenv("LORAFLEET_HOME", str(s.home))
+    monkeypatch.setenv("LORAFLEET_PORT", str(server.server_port))
+    monkeypatch.delenv("LORAFLEET_TOKEN", raising=False)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"

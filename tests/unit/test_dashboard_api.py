@@ -16,6 +16,7 @@ from dispatcher.fleet import Fleet
 from dispatcher.settings import Settings
 from dispatcher.states import JobState
 from dispatcher.store import JobStore
+from tests.appclient import client_for
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def app(settings):
 
 @pytest.fixture
 def client(app):
-    return app.test_client()
+    return client_for(app)
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ def test_create_app_makes_no_redis_connection(tmp_path):
     # A port where nothing listens: creating the app must still work (no connection yet).
     app = create_app({"LORAFLEET_SETTINGS": Settings(home=tmp_path,
                                                      redis_url="redis://127.0.0.1:1/0")})
-    resp = app.test_client().get("/api/v1/jobs")
+    resp = client_for(app).get("/api/v1/jobs")
     assert resp.status_code == 503
     assert "cannot reach Redis" in resp.get_json()["error"]
 
@@ -420,6 +421,6 @@ def test_a_quiet_job_stream_waits_past_redis_default_timeout(settings, store):
     app = create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True,
                       "LORAFLEET_SSE_BLOCK_MS": 6500})  # Redis connected from the settings
     job_id = store.create("train", good_spec(), "ada")
-    resp = app.test_client().get(f"/api/v1/jobs/{job_id}/events")
+    resp = client_for(app).get(f"/api/v1/jobs/{job_id}/events")
     text = read_sse(resp, until=b": keep-alive")
     assert ": keep-alive" in text and "interrupted" not in text

@@ -14,6 +14,7 @@ import pytest
 from dashboard.app import create_app
 from dashboard.data_files import parse_preview_request
 from dispatcher.settings import Settings
+from tests.appclient import browser_for, client_for
 from tests.tiny import make_tiny_model, tiny_rows
 
 ALPACA_ROWS = tiny_rows(5)
@@ -44,7 +45,7 @@ def app(settings):
 
 @pytest.fixture
 def client(app):
-    return app.test_client()
+    return client_for(app)
 
 
 def upload(client, name, content, **form):
@@ -492,7 +493,7 @@ def _log_in(app, name):
     """A browser-like client logged in as `name`, and the CSRF header its pages carry."""
     import re
 
-    c = app.test_client()
+    c = client_for(app)
     page = c.get("/login")
     token = re.search(rb'name="csrf_token" value="([^"]+)"', page.data).group(1).decode()
     res = c.post("/login", data={"username": name, "password": ACCOUNT_PASSWORD,
@@ -516,7 +517,7 @@ def test_format_copies_follow_the_upload_rules_for_who_may_write(settings):
     accounts.add("bo", ACCOUNT_PASSWORD, "member")
     token = accounts.new_token("bo")
     app = create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True})
-    anonymous = app.test_client()
+    anonymous = client_for(app)
     before = snapshot(settings)
     assert anonymous.get("/api/v1/formats/alpaca-format").status_code == 401
     assert copy(anonymous, {"from": "alpaca-format", "name": "a"}).status_code == 401
@@ -533,15 +534,16 @@ def test_format_copies_follow_the_upload_rules_for_who_may_write(settings):
     res = bo.post("/api/v1/datasets", headers=csrf, content_type="multipart/form-data",
                   data={"file": (io.BytesIO(json.dumps(FORMAT).encode()), "b-format.json")})
     assert res.status_code == 201
-    res = copy(app.test_client(), {"from": "a", "name": "c"},
+    res = copy(client_for(app), {"from": "a", "name": "c"},
                headers={"Authorization": f"Bearer {token}"})
     assert res.status_code == 201, res.json
     assert sorted(p.name for p in settings.paths.formats.iterdir()) == \
         ["a.json", "b-format.json", "c.json"]
 
 
-def test_single_user_browser_copies_need_the_csrf_token(client, settings):
+def test_single_user_browser_copies_need_the_csrf_token(app, settings):
     """A cross-site page posting from the user's browser is refused, as for an upload."""
+    client, _ = browser_for(app)  # the user's browser: its session cookie, no CSRF token
     before = snapshot(settings)
     evil = {"Origin": "https://evil.example"}
     assert copy(client, {"from": "alpaca-format", "name": "a"}, headers=evil).status_code == 403

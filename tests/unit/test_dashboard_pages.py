@@ -14,6 +14,7 @@ from dispatcher.fleet import Fleet
 from dispatcher.settings import Settings
 from dispatcher.specs import TrainSpec
 from dispatcher.states import JobState
+from tests.appclient import client_for
 
 
 class Elements(HTMLParser):
@@ -47,7 +48,7 @@ def settings(tmp_path, redis_server, prefix):
 
 @pytest.fixture
 def client(settings):
-    return create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True}).test_client()
+    return client_for(create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True}))
 
 
 def spec(**over):

@@ -11,6 +11,7 @@ import pytest
 from dashboard.app import create_app
 from dispatcher.fleet import Fleet
 from dispatcher.settings import Settings
+from tests.appclient import client_for
 from tests.clock import many_jobs
 from tests.unit.test_dashboard_pages import Elements
 
@@ -19,7 +20,7 @@ from tests.unit.test_dashboard_pages import Elements
 def client(tmp_path, redis_server, prefix):
     s = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
     s.paths.ensure()
-    return create_app({"LORAFLEET_SETTINGS": s, "TESTING": True}).test_client()
+    return client_for(create_app({"LORAFLEET_SETTINGS": s, "TESTING": True}))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from dispatcher import cli
 from dispatcher.fleet import Fleet
 from dispatcher.settings import Settings
 from dispatcher.states import JobState
+from tests.appclient import client_for
 
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
@@ -31,7 +32,7 @@ def settings(tmp_path, redis_server, prefix):
 
 @pytest.fixture
 def client(settings):
-    return create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True}).test_client()
+    return client_for(create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True}))
 
 
 def spec(**over):

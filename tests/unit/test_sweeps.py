@@ -26,6 +26,7 @@ from dispatcher.sweeps import (
     trial_name,
     trial_rows,
 )
+from tests.appclient import client_for
 from tests.clock import Clock
 
 
@@ -204,7 +205,7 @@ class OrderedClient:
 @pytest.fixture
 def client(settings):
     app = create_app({"LORAFLEET_SETTINGS": settings, "TESTING": True})
-    return OrderedClient(app.test_client())
+    return OrderedClient(client_for(app))
 
 
 DEF = {"base": BASE, "parameters": {"lora_rank": [8, 16], "learning_rate": ["1e-4", "3e-4"]},

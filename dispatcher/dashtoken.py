@@ -1,0 +1,170 @@
+"""The single-user dashboard's token, the way Jupyter does it on a shared machine.
+
+With no accounts the dashboard serves only loopback, which every local OS account can reach, so
+it also wants a token: made once at random in the data folder (`.dashboard_token`, mode 0600)
+and printed by `lorafleet up` as part of the dashboard's URL. Whoever can read the data folder's
+private files is the fleet's owner; nobody else gets in.
+
+The CLI finds the token by itself, and only ever sends it to the URL it belongs to:
+- the data folder's own dashboard (`$LORAFLEET_HOME`, default ./lorafleet-data, and its
+  LORAFLEET_HOST/PORT), or
+- an entry of the per-user registry (`~/.config/lorafleet/dashboards.json`, 0600), which every
+  dashboard writes when it starts: URL -> path of its token file. It holds paths, not tokens:
+  the secret stays in one place, and replacing the token file needs no second edit.
+On Linux it also checks that the socket listening on that port belongs to the same OS user, so
+another account that took the port while the fleet was down never receives the token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from dispatcher.private import read_secret, secret_file
+from dispatcher.settings import Settings
+
+TOKEN_FILE = ".dashboard_token"
+
+
+def token_path(home: Path) -> Path:
+    return Path(home) / TOKEN_FILE
+
+
+def dashboard_token(home: Path) -> str:
+    """The data folder's token, made now if there is none."""
+    return secret_file(token_path(home), 32)
+
+
+def read_token(home: Path) -> str:
+    """The data folder's token, or "" (none yet, or not readable by this OS user)."""
+    return read_secret(token_path(home))
+
+
+def fingerprint(token: str) -> str:
+    """What a session keeps of the token: replacing the token file ends those sessions."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+def tokens_match(sent: str | None, want: str) -> bool:
+    return bool(sent and want) and hmac.compare_digest(sent.encode(), want.encode())
+
+
+# -- URLs ---------------------------------------------------------------------------------------
+def normal_url(url: str) -> str:
+    """scheme://host:port of `url`, lower-case, with the default port filled in."""
+    parts = urlsplit(url.strip())
+    scheme = (parts.scheme or "http").lower()
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        port = 0
+    host = (parts.hostname or "").lower()
+    return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def own_url(settings: Settings) -> str:
+    host = settings.dashboard_host
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{host}:{settings.dashboard_port}"
+
+
+def printed_url(settings: Settings, token: str) -> str:
+    """What `lorafleet up` prints: opening it logs the browser in (single-user mode)."""
+    return f"{own_url(settings)}/?token={token}"
+
+
+# -- the per-user registry ----------------------------------------------------------------------
+def registry_path(env: dict[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "lorafleet" / "dashboards.json"
+
+
+def _registry(path: Path) -> dict[str, dict[str, str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def remember(settings: Settings, env: dict[str, str] | None = None) -> None:
+    """Record (for this OS user's CLI) which token file belongs to this dashboard's URL."""
+    path = registry_path(env)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = _registry(path)
+    data[normal_url(own_url(settings))] = {"token_file": str(token_path(settings.home))}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def token_for(url: str, env: dict[str, str] | None = None) -> str:
+    """The token this OS user holds for the dashboard at `url`, or "" if none belongs to it."""
+    env = dict(os.environ if env is None else env)
+    want = normal_url(url)
+    local = Settings.from_env(env)  # $LORAFLEET_HOME, else ./lorafleet-data
+    entry = _registry(registry_path(env)).get(want) or {}
+    files = []
+    if "LORAFLEET_HOME" in env and normal_url(own_url(local)) == want:
+        files.append(token_path(local.home))
+    if isinstance(entry.get("token_file"), str):
+        files.append(Path(entry["token_file"]))
+    if normal_url(own_url(local)) == want:
+        files.append(token_path(local.home))
+    for f in files:
+        token = read_secret(f)
+        if token:
+            return token if listener_is_mine(want) else ""
+    return ""
+
+
+# -- who listens on a port (Linux) --------------------------------------------------------------
+def _proc_addr(hexaddr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = bytes.fromhex(hexaddr)
+    if len(raw) == 4:
+        return ipaddress.ip_address(raw[::-1])
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+
+def listener_uids(host: str, port: int) -> set[int] | None:
+    """OS user ids of the sockets listening where host:port connects; None where unknown."""
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].exists():
+        return None
+    try:
+        targets = {ipaddress.ip_address(a[4][0].split("%")[0])
+                   for a in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, ValueError):
+        return None
+    uids: set[int] = set()
+    for table in tables:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 8 or f[3] != "0A":  # 0A: LISTEN
+                continue
+            hexaddr, hexport = f[1].split(":")
+            addr = _proc_addr(hexaddr)
+            mapped = getattr(addr, "ipv4_mapped", None)
+            if int(hexport, 16) == port and (addr.is_unspecified or addr in targets
+                                             or mapped in targets):
+                uids.add(int(f[7]))
+    return uids
+
+
+def listener_is_mine(url: str) -> bool:
+    """False when a socket of another OS user listens at `url` (where the token would go)."""
+    parts = urlsplit(url)
+    uids = listener_uids(parts.hostname or "", parts.port or 80)
+    return uids is None or not uids or uids == {os.getuid()}
