@@ -127,7 +127,12 @@ def submit_job():
                            "in the request", problems)
     spec_dict = spec.to_dict()
     need = job_memory_mb(kind, spec_dict, settings.paths.models)
-    job_id = services().store.create(kind, spec_dict, owner, priority, gpu_memory_mb=need)
+    from dashboard.limits import queue_guard
+
+    with queue_guard(owner, 1) as over:
+        if over:
+            return api_error(400, f"the job was not queued: {over['message']}", [over])
+        job_id = services().store.create(kind, spec_dict, owner, priority, gpu_memory_mb=need)
     return jsonify({"id": job_id, "state": "queued"}), 201
 
 

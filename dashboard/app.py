@@ -119,6 +119,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from dashboard import auth, filters
     from dashboard.api import bp as api_bp
     from dashboard.datasets import bp as datasets_bp
+    from dashboard.limits import bp as limits_bp
     from dashboard.pages import bp as pages_bp
     from dashboard.sweeps import bp as sweeps_bp
     from dashboard.tools import bp as tools_bp
@@ -132,6 +133,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(tools_bp)
     app.register_blueprint(sweeps_bp)
     app.register_blueprint(users_bp)
+    app.register_blueprint(limits_bp)
     _register_error_handlers(app)
     # No request body may be larger than an upload (plus its multipart envelope): Werkzeug
     # refuses it (413) before anything reads it, login and CSRF checks included.

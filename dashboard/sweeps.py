@@ -19,6 +19,8 @@ from dashboard.api import api_error
 from dashboard.app import services
 from dashboard.auth import may_manage, owner_for, priority_problem
 from dashboard.forms import form_sections
+from dashboard.limits import queue_guard
+from dispatcher.limits import Limits, trials_problem
 from dispatcher.specs import SpecError, list_choices
 from dispatcher.store import PRIORITIES, JobNotFound
 from dispatcher.sweeps import (
@@ -88,13 +90,19 @@ def create_sweep():
         problems.extend(e.errors)
     if plan is not None:
         problems.extend(_names_in_use(plan))
+        over = trials_problem(Limits(services().redis, services().settings.prefix), owner,
+                              len(plan.trials))
+        problems.extend([over] if over else [])
     if problems or plan is None:
         n = len(problems)
         return api_error(400, f"the sweep was not queued: {n} problem{'s' if n != 1 else ''} "
                            "in the definition", problems)
     if dry:
         return jsonify({"dry_run": True, **plan.preview()})
-    sweep_id = _sweeps().create(plan, owner, priority)
+    with queue_guard(owner, len(plan.trials)) as over:  # every trial counts
+        if over:
+            return api_error(400, f"the sweep was not queued: {over['message']}", [over])
+        sweep_id = _sweeps().create(plan, owner, priority)
     return jsonify({"id": sweep_id, **plan.preview()}), 201
 
 

@@ -136,6 +136,16 @@ class Client:
     def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
         return self._call("POST", f"/sweeps/{sweep_id}/cancel")
 
+    # per-user limits (README, "Limits")
+    def limits(self) -> dict[str, Any]:
+        """Your effective limits ({"user", "limits", "waiting"}); admins also get "settings"
+        and "defaults"."""
+        return self._call("GET", "/limits")
+
+    def set_limit(self, name: str, value: int | None, user: str = "*") -> dict[str, Any]:
+        """Set limit `name` for `user` ("*" = everyone); None unsets it. Admins only."""
+        return self._call("POST", "/limits", json={"name": name, "value": value, "user": user})
+
     def workers(self) -> list[dict[str, Any]]:
         return self._call("GET", "/workers")["workers"]
 

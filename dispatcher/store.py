@@ -5,6 +5,10 @@ Keys (prefix `lf` by default):
   {p}:job:{id}:history    list: every transition as JSON {state, time, reason}
   {p}:jobs                sorted set of every job id by creation time
   {p}:pending             sorted set of queued/retrying job ids by creation time
+  {p}:pending:{owner}     the same, of one owner only (kept in the same MULTI as {p}:pending,
+                          so counting a user's waiting jobs is one ZCARD, not a scan)
+  {p}:pending:by-owner    present once the per-owner sets hold every pending job (set by
+                          the first count after an upgrade, see pending_count)
   {p}:active              set of assigned/running job ids
   {p}:stop:{id}           present when the user asked a running job to stop
   {p}:usage:{owner}       sorted set of the owner's finished runs: member "{id}:{started}",
@@ -73,6 +77,9 @@ class JobStore:
     def pending_key(self) -> str:
         return f"{self.p}:pending"
 
+    def pending_owner_key(self, owner: str) -> str:
+        return f"{self.p}:pending:{owner or 'local'}"
+
     @property
     def active_key(self) -> str:
         return f"{self.p}:active"
@@ -111,6 +118,7 @@ class JobStore:
                 {"state": "queued", "time": now, "reason": "submitted"}))
             pipe.zadd(f"{self.p}:jobs", {job_id: now})
             pipe.zadd(self.pending_key, {job_id: now})
+            pipe.zadd(self.pending_owner_key(owner), {job_id: now})
             pipe.execute()
         self.events.append(job_id, "state", state="queued", reason="submitted", time=now)
         return job_id
@@ -184,6 +192,30 @@ class JobStore:
         ids = self.r.zrange(self.pending_key, 0, -1)
         return self.get_many(ids)
 
+    def pending_count(self, owner: str) -> int:
+        """How many of `owner`'s jobs are waiting (queued or retrying): one ZCARD."""
+        if not self.r.exists(f"{self.p}:pending:by-owner"):
+            self._index_pending_owners()
+        return int(self.r.zcard(self.pending_owner_key(owner)))
+
+    def _index_pending_owners(self) -> None:
+        """Fill the per-owner pending sets from {p}:pending, once: jobs queued by a version
+        that kept no per-owner sets are counted too. Retried if the queue changes meanwhile."""
+        while True:
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(self.pending_key)
+                    ids = pipe.zrange(self.pending_key, 0, -1, withscores=True)
+                    owners = [pipe.hget(self.key(i), "owner") for i, _ in ids]
+                    pipe.multi()
+                    for (job_id, score), owner in zip(ids, owners, strict=True):
+                        pipe.zadd(self.pending_owner_key(owner or ""), {job_id: score})
+                    pipe.set(f"{self.p}:pending:by-owner", 1)
+                    pipe.execute()
+                    return
+                except redis_lib.WatchError:
+                    continue
+
     def active(self) -> list[dict[str, Any]]:
         ids = sorted(self.r.smembers(self.active_key))
         return [self.get(i) for i in ids if self.r.exists(self.key(i))]
@@ -247,10 +279,13 @@ class JobStore:
             pipe.hset(key, mapping=mapping)
             pipe.rpush(self._history_key(job_id), json.dumps(
                 {"state": new.value, "time": now, "reason": reason}))
+            mine = self.pending_owner_key(raw.get("owner", ""))
             if new in (JobState.QUEUED, JobState.RETRYING):
                 pipe.zadd(self.pending_key, {job_id: float(raw["created"])})
+                pipe.zadd(mine, {job_id: float(raw["created"])})
             else:
                 pipe.zrem(self.pending_key, job_id)
+                pipe.zrem(mine, job_id)
             if new in ACTIVE:
                 pipe.sadd(self.active_key, job_id)
             else:
