@@ -168,6 +168,8 @@ class Client:
                                       stream=True, timeout=(10, 60)) as resp:
                     if resp.status_code == 404:
                         raise ApiError(404, f"no job {job_id}")
+                    if resp.status_code == 429:  # the dashboard's cap on live views
+                        raise ApiError(429, resp.json().get("error", "too many live views"))
                     resp.raise_for_status()
                     for eid, name, data in _parse_sse(resp.iter_lines(decode_unicode=True)):
                         if name == "end":
