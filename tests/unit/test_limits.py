@@ -60,9 +60,9 @@ def test_jobs_queued_before_the_per_owner_count_are_counted(store, redis_client,
     for i in range(3):
         store.create("train", {"lora_name": f"x{i}"}, "bo")
     # What a fleet queued with a version that kept no per-owner sets looks like.
-    redis_client.delete(f"{prefix}:pending:bo", f"{prefix}:pending:by-owner")
+    redis_client.delete(f"{prefix}:pending-owner:bo", f"{prefix}:pending-owners")
     assert store.pending_count("bo") == 3
-    assert redis_client.exists(f"{prefix}:pending:by-owner")
+    assert redis_client.exists(f"{prefix}:pending-owners")
 
 
 # the API -----------------------------------------------------------------------------------------
