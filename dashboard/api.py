@@ -13,8 +13,8 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from dashboard.app import services
 from dashboard.auth import current_user, may_manage, owner_for, priority_problem
-from dashboard.live import TooManyLive
 from dashboard.forms import form_fields
+from dashboard.live import TooManyLive
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
 from dispatcher.estimate import job_memory_mb

@@ -65,7 +65,7 @@ class Limits:
         """Every limit as it applies to `user`: their own value, else everyone's, else the
         built-in default."""
         fields = [f"{who}:{name}" for name in DEFAULTS for who in (user, EVERYONE)]
-        values = dict(zip(fields, self.r.hmget(self.key, fields)))
+        values = dict(zip(fields, self.r.hmget(self.key, fields), strict=True))
         out = {}
         for name, default in DEFAULTS.items():
             own, everyone = values[f"{user}:{name}"], values[f"{EVERYONE}:{name}"]
