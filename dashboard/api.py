@@ -12,8 +12,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from dashboard.app import services
-from dashboard.auth import may_manage, owner_for, priority_problem
+from dashboard.auth import current_user, may_manage, owner_for, priority_problem
 from dashboard.forms import form_fields
+from dashboard.live import TooManyLive
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.ownership import OwnerRefused, admit_train_job
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
@@ -127,17 +128,23 @@ def submit_job():
         return api_error(400, f"the job was not queued: {n} problem{'s' if n != 1 else ''} "
                            "in the request", problems)
     spec_dict = spec.to_dict()
-    fields = {}
-    if kind == "train":  # the LoRA folder it writes: the owner's, or an admin's word for it
-        try:
-            admitted_by = admit_train_job(spec_dict, owner)
-        except OwnerRefused as e:
-            return api_error(403, f"the job was not queued: {e}",
-                             [{"field": e.field, "message": str(e)}])
-        fields = {"lora_admitted_by": admitted_by} if admitted_by else {}
     need = job_memory_mb(kind, spec_dict, settings.paths.models)
-    job_id = services().store.create(kind, spec_dict, owner, priority, gpu_memory_mb=need,
-                                     fields=fields)
+    from dashboard.limits import queue_guard
+
+    with queue_guard(owner, 1) as over:
+        if over:
+            return api_error(400, f"the job was not queued: {over['message']}", [over])
+        fields = {}
+        if kind == "train":  # the LoRA folder it writes: the owner's, or an admin's word for it
+            # Last check before queueing: a refused job must not keep the name it claimed.
+            try:
+                admitted_by = admit_train_job(spec_dict, owner)
+            except OwnerRefused as e:
+                return api_error(403, f"the job was not queued: {e}",
+                                 [{"field": e.field, "message": str(e)}])
+            fields = {"lora_admitted_by": admitted_by} if admitted_by else {}
+        job_id = services().store.create(kind, spec_dict, owner, priority, gpu_memory_mb=need,
+                                         fields=fields)
     return jsonify({"id": job_id, "state": "queued"}), 201
 
 
@@ -284,10 +291,23 @@ def job_events_route(job_id: str):
             last = batch[-1][0]
         return jsonify(events)
     cfg = current_app.config
-    gen = job_events(svc.store, svc.events, job_id, after,
+    try:
+        view = svc.live.open(current_user().name, job_id)
+    except TooManyLive as e:
+        return api_error(429, str(e))
+    gen = job_events(svc.store, svc.events, job_id, after, view, svc.live,
                      block_ms=int(cfg["LORAFLEET_SSE_BLOCK_MS"]),
                      grace_ms=int(cfg["LORAFLEET_SSE_GRACE_MS"]))
-    return Response(gen, mimetype="text/event-stream", headers=SSE_HEADERS)
+    return _live_response(gen, view)
+
+
+def _live_response(gen: Any, view: Any) -> Response:
+    """An SSE response whose live-view slot is freed when it closes, even if the client went
+    away before the stream began (the generator's `finally` never runs then)."""
+    resp = Response(gen, mimetype="text/event-stream", headers=SSE_HEADERS)
+    hub = services().live
+    resp.call_on_close(lambda: hub.close(view))
+    return resp
 
 
 @bp.get("/jobs/<job_id>/lora.zip")
@@ -314,9 +334,13 @@ def live():
     """Every job event announced on pub/sub, as SSE; `?types=state,train` keeps only those."""
     svc = services()
     types = frozenset(t for t in request.args.get("types", "").split(",") if t) or None
-    gen = live_feed(svc.redis, svc.events.channel, types,
+    try:
+        view = svc.live.open(current_user().name)
+    except TooManyLive as e:
+        return api_error(429, str(e))
+    gen = live_feed(view, svc.live, types,
                     block_ms=int(current_app.config["LORAFLEET_SSE_BLOCK_MS"]))
-    return Response(gen, mimetype="text/event-stream", headers=SSE_HEADERS)
+    return _live_response(gen, view)
 
 
 # fleet and choices ----------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Config keys:
                             callable returning one, instead of connecting from the settings
   LORAFLEET_SSE_BLOCK_MS    how long an SSE stream waits for news before a keep-alive (15000)
   LORAFLEET_SSE_GRACE_MS    how long a job's stream keeps reading after the job ended (1000)
+  LORAFLEET_LIVE_PER_USER, LORAFLEET_LIVE_TOTAL   live views (SSE) open at once per user and
+                            in all (default: the environment's, else 20 and 200); past them 429
   LORAFLEET_UPLOAD_MAX_BYTES   largest data file the Datasets page accepts (50 MB)
   LORAFLEET_PREVIEW_TIMEOUT_S  how long a sample preview may run (60)
 """
@@ -16,6 +18,7 @@ Config keys:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +46,9 @@ class Services:
         self._redis_source = redis
         self._redis: Any = None
         self._lock = threading.Lock()
+        self._live: Any = None
+        # Live views (SSE) open at once, per user and in all (LORAFLEET_LIVE_PER_USER/_TOTAL).
+        self.live_per_user, self.live_total = live_caps()
 
     @property
     def redis(self) -> Any:
@@ -69,6 +75,33 @@ class Services:
     @property
     def fleet(self) -> Fleet:
         return Fleet(self.redis, self.settings.prefix, timeout=self.settings.worker_timeout)
+
+    @property
+    def live(self) -> Any:
+        """The process's one live subscription, shared by every SSE view (dashboard/live.py)."""
+        if self._live is None:
+            from dashboard.live import Hub
+
+            channel = EventLog(None, self.settings.prefix).channel
+            with self._lock:
+                if self._live is None:
+                    self._live = Hub(lambda: self.redis, channel, self.live_per_user,
+                                     self.live_total)
+        return self._live
+
+
+def live_caps(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(live views per user, in all) from LORAFLEET_LIVE_PER_USER and LORAFLEET_LIVE_TOTAL."""
+    from dashboard.live import DEFAULT_PER_USER, DEFAULT_TOTAL
+
+    env = os.environ if env is None else env
+    try:
+        per_user = int(env.get("LORAFLEET_LIVE_PER_USER") or DEFAULT_PER_USER)
+        total = int(env.get("LORAFLEET_LIVE_TOTAL") or DEFAULT_TOTAL)
+    except ValueError:
+        raise SystemExit("LORAFLEET_LIVE_PER_USER and LORAFLEET_LIVE_TOTAL must be whole "
+                         "numbers") from None
+    return max(1, per_user), max(1, total)
 
 
 def services() -> Services:
@@ -140,11 +173,14 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if settings is None:
         settings = Settings.from_env()
         app.config["LORAFLEET_SETTINGS"] = settings
-    app.extensions["lorafleet"] = Services(settings, app.config.get("LORAFLEET_REDIS"))
+    svc = app.extensions["lorafleet"] = Services(settings, app.config.get("LORAFLEET_REDIS"))
+    svc.live_per_user = int(app.config.get("LORAFLEET_LIVE_PER_USER") or svc.live_per_user)
+    svc.live_total = int(app.config.get("LORAFLEET_LIVE_TOTAL") or svc.live_total)
 
     from dashboard import auth, filters
     from dashboard.api import bp as api_bp
     from dashboard.datasets import bp as datasets_bp
+    from dashboard.limits import bp as limits_bp
     from dashboard.pages import bp as pages_bp
     from dashboard.solo import bp as solo_bp
     from dashboard.sweeps import bp as sweeps_bp
@@ -160,6 +196,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(sweeps_bp)
     app.register_blueprint(users_bp)
     app.register_blueprint(solo_bp)
+    app.register_blueprint(limits_bp)
     _register_error_handlers(app)
     app.after_request(_security_headers)
     # No request body may be larger than an upload (plus its multipart envelope): Werkzeug

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from dispatcher.specs import PROJECTIONS, TrainSpec
+from dispatcher.specs import PROJECTIONS, SPEC_CLASSES, TrainSpec, upper_bound
 
 SECTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("Model and data", ("lora_name", "base_model", "precision", "dataset", "format",
@@ -40,6 +40,8 @@ class FormField:
     required: bool = False
     # Data-folder dropdowns start with an empty entry ("— choose —" or "(none)").
     empty_option: bool = False
+    # A number's upper bound (dispatcher.specs.UPPER_BOUNDS): the input's max attribute.
+    max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -55,6 +57,7 @@ def form_fields(data_choices: dict[str, list[str]],
     """Every field of a spec class as a form field, with `values` (e.g. a copied job) over
     the defaults."""
     values = {**{f.name: _default(f) for f in fields(spec_cls)}, **(values or {})}
+    kind = next((k for k, c in SPEC_CLASSES.items() if c is spec_cls), "")
     out = []
     for f in fields(spec_cls):
         typ = str(f.type)
@@ -83,7 +86,8 @@ def form_fields(data_choices: dict[str, list[str]],
             name=f.name, type=typ, widget=widget, default=_default(f),
             value=values.get(f.name, _default(f)), help=meta.get("help", ""), choices=choices,
             step=step, required=f.name in required,
-            empty_option=bool(meta.get("choice"))))
+            empty_option=bool(meta.get("choice")),
+            max=upper_bound(kind, f.name) if widget == "number" else None))
     return out
 
 

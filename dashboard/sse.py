@@ -1,8 +1,10 @@
 """Server-Sent Events fed from Redis: a job's event stream, and the pub/sub live feed.
 
-A job's stream is replayed from the Redis Stream, then followed with XREAD BLOCK; each message
-carries `id: <stream id>` so a browser reconnecting with Last-Event-ID resumes exactly where it
-stopped. The stream ends with `event: end` shortly after the job reaches a terminal state.
+A job's stream is replayed from the Redis Stream, then followed: the dashboard's one shared
+subscription (dashboard/live.py) wakes it when the job's events are announced, and it reads
+them with XRANGE. Each message carries `id: <stream id>` so a browser reconnecting with
+Last-Event-ID resumes exactly where it stopped. The stream ends with `event: end` shortly after
+the job reaches a terminal state.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import redis as redis_lib
 
+from dashboard.live import LOST, Hub, View
 from dispatcher.events import EventLog
 from dispatcher.states import TERMINAL
 from dispatcher.store import JobNotFound, JobStore
@@ -27,6 +30,8 @@ KEEP_ALIVE = ": keep-alive\n\n"
 TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 # Tell the browser how long to wait before reconnecting after a dropped connection (ms).
 RETRY_MS = 3000
+# How long a new view waits for the shared subscription (Redis just restarted, say).
+SUBSCRIBE_WAIT_S = 5.0
 
 
 def message(data: Any, event: str | None = None, id: str | None = None) -> str:
@@ -52,9 +57,13 @@ def valid_stream_id(value: str | None) -> str | None:
     return value
 
 
-def job_events(store: JobStore, events: EventLog, job_id: str, after: str | None,
-               block_ms: int = 15000, grace_ms: int = 1000) -> Iterator[str]:
-    """Replay a job's events after `after`, follow live ones, and end after the job ends."""
+def job_events(store: JobStore, events: EventLog, job_id: str, after: str | None, view: View,
+               hub: Hub, block_ms: int = 15000, grace_ms: int = 1000) -> Iterator[str]:
+    """Replay a job's events after `after`, follow live ones, and end after the job ends.
+
+    `view` (opened on `hub` for this job) wakes the stream when the job's events are announced;
+    each wake-up reads the new events with one short XRANGE, so no Redis connection is held
+    while the stream waits."""
     yield f"retry: {RETRY_MS}\n\n"
     last = after
     state = ""
@@ -62,6 +71,12 @@ def job_events(store: JobStore, events: EventLog, job_id: str, after: str | None
         state = store.get(job_id).get("state", "")
     except JobNotFound:
         yield message({"error": f"no job {job_id}"}, event="end")
+        hub.close(view)
+        return
+    except (redis_lib.ConnectionError, redis_lib.TimeoutError) as e:
+        log.warning("job event stream %s stopped: %s", job_id, e)
+        yield message({"error": "the event stream was interrupted; reconnecting"}, event="interrupted")
+        hub.close(view)
         return
 
     def emit(batch: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[str]:
@@ -72,24 +87,37 @@ def job_events(store: JobStore, events: EventLog, job_id: str, after: str | None
                 state = ev["state"]
             yield message({"id": eid, **ev}, id=eid)
 
+    def news(wait_s: float) -> list[tuple[str, dict[str, Any]]] | None:
+        """Wait up to `wait_s` for an announcement, then read what is new (None: no news)."""
+        item = view.get(wait_s)
+        if item is LOST or not view.drain():
+            raise redis_lib.ConnectionError("the live subscription was lost")
+        batch = events.history(job_id, after=last, count=REPLAY_BATCH)
+        return batch if (batch or item is not None) else None
+
     try:
+        # Announcements from here on are queued (the hub is subscribed): none slips between
+        # the replay and the wait.
+        if not hub.wait_ready(SUBSCRIBE_WAIT_S):
+            raise redis_lib.ConnectionError("cannot subscribe to the live channel")
         while True:  # replay in batches, so a long run never loads in one reply
             batch = events.history(job_id, after=last, count=REPLAY_BATCH)
             yield from emit(batch)
             if len(batch) < REPLAY_BATCH:
                 break
         while state not in TERMINAL_VALUES:
-            batch = events.wait(job_id, last or "0-0", block_ms=max(1, block_ms))
+            batch = news(max(1, block_ms) / 1000)
             if batch:
                 yield from emit(batch)
                 continue
-            yield KEEP_ALIVE
-            # The stream is the source of truth, but re-read the record when idle in case an
-            # event was lost between the record change and the stream append.
-            state = store.get(job_id).get("state", state)
+            if batch is None:
+                yield KEEP_ALIVE
+                # The stream is the source of truth, but re-read the record when idle in case
+                # an event was lost between the record change and the stream append.
+                state = store.get(job_id).get("state", state)
         # Terminal: pick up what the worker writes right after (e.g. its result), then end.
         while True:
-            batch = events.wait(job_id, last or "0-0", block_ms=max(1, grace_ms))
+            batch = news(max(1, grace_ms) / 1000)
             if not batch:
                 break
             yield from emit(batch)
@@ -98,39 +126,35 @@ def job_events(store: JobStore, events: EventLog, job_id: str, after: str | None
         # The browser reconnects with Last-Event-ID and resumes; the CLI does the same.
         log.warning("job event stream %s stopped: %s", job_id, e)
         yield message({"error": "the event stream was interrupted; reconnecting"}, event="interrupted")
+    finally:
+        hub.close(view)
 
 
-def live_feed(redis: Any, channel: str, types: frozenset[str] | None = None,
+def live_feed(view: View, hub: Hub, types: frozenset[str] | None = None,
               block_ms: int = 15000) -> Iterator[str]:
-    """Every pub/sub announcement on `channel` (optionally only some event types), as SSE."""
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    """Every announcement on the live channel (optionally only some event types), as SSE,
+    from the dashboard's one shared subscription (`hub`)."""
     try:
-        pubsub.subscribe(channel)
-        # Sent after subscribing: a reader that sees it knows no later event is missed.
+        if not hub.wait_ready(SUBSCRIBE_WAIT_S):
+            raise redis_lib.ConnectionError("cannot subscribe to the live channel")
+        # Sent once subscribed: a reader that sees it knows no later event is missed.
         yield f"retry: {RETRY_MS}\n: connected\n\n"
         while True:
-            msg = pubsub.get_message(timeout=max(0.001, block_ms / 1000))
-            if msg is None:
+            payload = view.get(max(0.001, block_ms / 1000))
+            if payload is None:
                 yield KEEP_ALIVE
                 continue
-            if msg.get("type") != "message":
-                continue
-            try:
-                payload = json.loads(msg["data"])
-                event = payload.get("event") or {}
-            except (TypeError, ValueError, AttributeError):
-                continue
-            if types and event.get("type") not in types:
+            if payload is LOST:
+                raise redis_lib.ConnectionError("the live subscription was lost")
+            event = payload.get("event") or {}
+            if not isinstance(event, dict) or (types and event.get("type") not in types):
                 continue
             yield message(payload, event="job")
     except (redis_lib.ConnectionError, redis_lib.TimeoutError) as e:
         log.warning("live feed stopped: %s", e)
         yield message({"error": "the live feed was interrupted; reconnecting"}, event="interrupted")
     finally:
-        try:
-            pubsub.close()
-        except Exception:  # closing a broken connection must not hide the real error
-            pass
+        hub.close(view)
 
 
 def is_terminal(state: str) -> bool:

@@ -19,8 +19,10 @@ from dashboard.api import api_error
 from dashboard.app import services
 from dashboard.auth import may_manage, owner_for, priority_problem
 from dashboard.forms import form_sections
+from dashboard.limits import queue_guard
 from dashboard.ownership import owners
 from dispatcher.csvcells import cell as _csv_value
+from dispatcher.limits import Limits, trials_problem
 from dispatcher.owners import lora_rel
 from dispatcher.specs import SpecError, list_choices
 from dispatcher.store import PRIORITIES, JobNotFound
@@ -91,16 +93,22 @@ def create_sweep():
         problems.extend(e.errors)
     if plan is not None:
         problems.extend(_names_in_use(plan))
+        over = trials_problem(Limits(services().redis, services().settings.prefix), owner,
+                              len(plan.trials))
+        problems.extend([over] if over else [])
     if problems or plan is None:
         n = len(problems)
         return api_error(400, f"the sweep was not queued: {n} problem{'s' if n != 1 else ''} "
                            "in the definition", problems)
     if dry:
         return jsonify({"dry_run": True, **plan.preview()})
-    refused = _claim_trial_names(plan, owner)
-    if refused:
-        return api_error(403, f"the sweep was not queued: {refused[0]['message']}", refused)
-    sweep_id = _sweeps().create(plan, owner, priority)
+    with queue_guard(owner, len(plan.trials)) as over:  # every trial counts
+        if over:
+            return api_error(400, f"the sweep was not queued: {over['message']}", [over])
+        refused = _claim_trial_names(plan, owner)  # last: a refused sweep claims no name
+        if refused:
+            return api_error(403, f"the sweep was not queued: {refused[0]['message']}", refused)
+        sweep_id = _sweeps().create(plan, owner, priority)
     return jsonify({"id": sweep_id, **plan.preview()}), 201
 
 

@@ -1020,5 +1020,51 @@ def user_role(name: str, role: str) -> None:
     click.echo(f"{name} is now {role}")
 
 
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--url", default=None, help=URL_HELP)
+@click.pass_context
+def limits(ctx: click.Context, as_json: bool, url: str | None) -> None:
+    """Per-user limits (queued jobs, trials per sweep, upload space): yours, and for admins
+    every setting. `lorafleet limits set NAME VALUE [--user NAME]` changes one (admins)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    try:
+        body = Client(_url(url)).limits()
+    except ApiError as e:
+        _fail_api(e)
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+        return
+    click.echo(f"limits of {body['user']} ({body['waiting']} job(s) waiting; 0 = no limit):")
+    for name, lim in body["limits"].items():
+        click.echo(f"  {name:<18} {lim['value']:>10}  ({lim['source']}) {lim['help']}")
+    for who, values in sorted((body.get("settings") or {}).items()):
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(values.items()))
+        click.echo(f"set for {'everyone' if who == '*' else who}: {shown}")
+
+
+@limits.command("set")
+@click.argument("name")
+@click.argument("value")
+@click.option("--user", default="*", show_default=True, help='a user name, or "*" for everyone')
+@click.option("--url", default=None, help=URL_HELP)
+def limits_set(name: str, value: str, user: str, url: str | None) -> None:
+    """Set limit NAME to VALUE (0 = no limit; "unset" removes the setting) for --user."""
+    if value.lower() in ("unset", "none", "default"):
+        number = None
+    else:
+        try:
+            number = int(value)
+        except ValueError:
+            raise click.BadParameter("a whole number, or unset", param_hint="VALUE") from None
+    try:
+        Client(_url(url)).set_limit(name, number, user)
+    except ApiError as e:
+        _fail_api(e)
+    who = "everyone" if user == "*" else user
+    click.echo(f"{name} {'unset' if number is None else f'= {number}'} for {who}")
+
+
 if __name__ == "__main__":
     main()

@@ -155,6 +155,16 @@ class Client:
     def cancel_sweep(self, sweep_id: str) -> dict[str, Any]:
         return self._call("POST", f"/sweeps/{sweep_id}/cancel")
 
+    # per-user limits (README, "Limits")
+    def limits(self) -> dict[str, Any]:
+        """Your effective limits ({"user", "limits", "waiting"}); admins also get "settings"
+        and "defaults"."""
+        return self._call("GET", "/limits")
+
+    def set_limit(self, name: str, value: int | None, user: str = "*") -> dict[str, Any]:
+        """Set limit `name` for `user` ("*" = everyone); None unsets it. Admins only."""
+        return self._call("POST", "/limits", json={"name": name, "value": value, "user": user})
+
     def workers(self) -> list[dict[str, Any]]:
         return self._call("GET", "/workers")["workers"]
 
@@ -177,6 +187,8 @@ class Client:
                                       stream=True, timeout=(10, 60)) as resp:
                     if resp.status_code == 404:
                         raise ApiError(404, f"no job {job_id}")
+                    if resp.status_code == 429:  # the dashboard's cap on live views
+                        raise ApiError(429, resp.json().get("error", "too many live views"))
                     resp.raise_for_status()
                     for eid, name, data in _parse_sse(resp.iter_lines(decode_unicode=True)):
                         if name == "end":

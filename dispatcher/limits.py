@@ -16,6 +16,8 @@ A value of 0 means "no limit". The names:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +34,8 @@ HELP: dict[str, str] = {
 EVERYONE = "*"
 # Above this a limit is no limit in practice; it keeps a typo from being stored.
 LIMIT_MAX = 10**9
+# How long one submission may hold its owner's queueing lock (a 1,000-trial sweep takes ~2 s).
+SUBMIT_LOCK_S = 60.0
 
 
 class LimitError(ValueError):
@@ -61,7 +65,7 @@ class Limits:
         """Every limit as it applies to `user`: their own value, else everyone's, else the
         built-in default."""
         fields = [f"{who}:{name}" for name in DEFAULTS for who in (user, EVERYONE)]
-        values = dict(zip(fields, self.r.hmget(self.key, fields)))
+        values = dict(zip(fields, self.r.hmget(self.key, fields), strict=True))
         out = {}
         for name, default in DEFAULTS.items():
             own, everyone = values[f"{user}:{name}"], values[f"{EVERYONE}:{name}"]
@@ -108,3 +112,47 @@ def refusal(limit: Limit, amount: int, what: str) -> str:
     """The sentence a refusal over `limit` gives: names the limit, its value and who sets it."""
     return (f"{what} would be {amount}, over your limit {limit.name} = {limit.value}; an admin "
             f"can raise it (`lorafleet limits set {limit.name} N --user NAME`)")
+
+
+def queue_problem(store: Any, limits: Limits, owner: str, adding: int) -> dict[str, str] | None:
+    """A problem ({"field", "message"}) if queueing `adding` more jobs for `owner` would take
+    their waiting jobs (queued + retrying) over max_queued_jobs; None if there is room."""
+    limit = limits.get(owner, "max_queued_jobs")
+    if not limit.value:
+        return None
+    waiting = store.pending_count(owner)
+    if not limit.exceeded_by(waiting + adding):
+        return None
+    what = (f"{owner}'s waiting jobs (queued or retrying: {waiting} now, {adding} more "
+            f"asked for)")
+    return {"field": limit.name, "message": refusal(limit, waiting + adding, what)}
+
+
+def trials_problem(limits: Limits, owner: str, trials: int) -> dict[str, str] | None:
+    """A problem if a sweep of `owner` with `trials` trials is over max_sweep_trials."""
+    limit = limits.get(owner, "max_sweep_trials")
+    if not limit.exceeded_by(trials):
+        return None
+    return {"field": limit.name,
+            "message": refusal(limit, trials, f"the sweep's trials for {owner}")}
+
+
+@contextmanager
+def queueing(store: Any, limits: Limits, owner: str, adding: int
+             ) -> Iterator[dict[str, str] | None]:
+    """Check the room in `owner`'s queue and queue, under that owner's lock: two submissions
+    sent at once cannot both pass the check with room for one. Yields the problem (then
+    queue nothing) or None (then queue the `adding` jobs inside the block)."""
+    lock = store.r.lock(f"{store.p}:queueing:{owner}", timeout=SUBMIT_LOCK_S,
+                        blocking_timeout=SUBMIT_LOCK_S)
+    if not lock.acquire():
+        yield {"field": "max_queued_jobs", "message": f"another submission of {owner} is still "
+                                                      "being queued; try again"}
+        return
+    try:
+        yield queue_problem(store, limits, owner, adding)
+    finally:
+        try:
+            lock.release()
+        except Exception:  # it expired under a very slow submission: nothing to release
+            pass

@@ -327,6 +327,9 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
         if unknown:
             bad("target_modules", f"unknown {', '.join(unknown)}; use {', '.join(PROJECTIONS)} or all")
 
+    _check_min_memory(s.min_gpu_memory_mb, bad)
+    check_bounds("train", s, errors)
+
     # Names in the data folder.
     s.base_model = _check_model(s.base_model, paths, bad)
     has_dataset, has_raw = bool(s.dataset.strip()), bool(s.raw_text_file.strip())
@@ -377,7 +380,6 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
             and not (paths.loras / s.lora_name / s.resume_from_checkpoint).is_dir()):
         bad("resume_from_checkpoint",
             f"loras/{s.lora_name}/{s.resume_from_checkpoint} does not exist")
-    _check_min_memory(s.min_gpu_memory_mb, bad)
     if errors:
         raise SpecError(errors)
     return s
@@ -427,6 +429,84 @@ class GenerateSpec:
 
 
 MAX_GPU_MEMORY_MB = 16 * 1024 * 1024  # 16 TB: anything more is a typo
+# The most tokens in one sample or window: 128k, the longest context of common open models (a
+# longer window needs attention memory beyond any single card lorafleet places jobs on).
+MAX_TOKENS = 131072
+# Optimizer steps: a million steps is weeks on any card; more is a typo.
+MAX_STEPS = 10**6
+# Seeds: transformers.set_seed also seeds numpy, whose seeds end at 2**32 - 1.
+MAX_SEED = 2**32 - 1
+# A perplexity window slides by at least max_length / this many tokens, so each token is
+# scored at most this many times (stride 1 on a 1024-token window is still allowed).
+MAX_WINDOW_OVERLAP = 1024
+
+# The upper bound of every number in a spec, per job kind. Each is generous for any real job
+# and keeps one request from asking a worker for what no machine can do (a 1e9-sample batch,
+# a 1e9-token window) or from overflowing what the engine hands to torch and numpy. Lower
+# bounds are checked with each field (their messages say what 0 means); a field that a
+# field-specific check already refused is not named twice.
+UPPER_BOUNDS: dict[str, dict[str, float]] = {
+    "train": {
+        "micro_batch_size": 4096,  # samples per forward pass: more fits no card, even at 8 tokens
+        "batch_size": 65536,  # samples per optimizer step (accumulated): large-batch runs use ~4k
+        "epochs": 1000,  # tiny datasets are run for hundreds of epochs; fair share bounds the rest
+        "cutoff_len": MAX_TOKENS,
+        "overlap_len": MAX_TOKENS,
+        "newline_favor_len": MAX_TOKENS,  # characters, used near chunk edges of MAX_TOKENS
+        "lora_rank": 2048,  # higher_rank_limit's ceiling (the check names 1024 without it)
+        "lora_alpha": 4096,
+        "lora_dropout": 1.0,  # a probability (the check refuses 1 itself)
+        "save_steps": MAX_STEPS,
+        "eval_steps": MAX_STEPS,
+        "warmup_steps": MAX_STEPS,
+        "stop_at_loss": 100.0,  # cross-entropy of a uniform guess over 256k tokens is 12.5
+        "min_chars": 10**7,  # characters: a 10 MB block is longer than any dataset's paragraph
+        "seed": MAX_SEED,
+        "min_gpu_memory_mb": MAX_GPU_MEMORY_MB,
+    },
+    "evaluate": {
+        "stride": MAX_TOKENS,
+        "max_length": MAX_TOKENS,
+        "min_gpu_memory_mb": MAX_GPU_MEMORY_MB,
+    },
+    "generate": {
+        "max_new_tokens": 4096,
+        "temperature": 5.0,
+        "top_p": 1.0,
+        "seed": MAX_SEED,
+        "min_gpu_memory_mb": MAX_GPU_MEMORY_MB,
+    },
+}
+
+
+def upper_bound(kind: str, name: str) -> float | None:
+    """The largest value `name` may have in a spec of `kind` (None: not a bounded number)."""
+    return UPPER_BOUNDS.get(kind, {}).get(name)
+
+
+def check_bounds(kind: str, spec: Any, errors: list[dict[str, str]]) -> None:
+    """Refuse every number of `spec` above its bound: "at most 4096 (got 1000000000)"."""
+    named = {e["field"] for e in errors}
+    for name, most in UPPER_BOUNDS[kind].items():
+        value = getattr(spec, name)
+        if name not in named and isinstance(value, (int, float)) and value > most:
+            shown = int(most) if float(most).is_integer() else most
+            errors.append({"field": name, "message": f"at most {shown} (got {value})"})
+
+
+def _window_problem(s: EvalSpec, paths: DataPaths) -> str | None:
+    """Stride against the window: each token is scored about window / stride times."""
+    from dispatcher.estimate import read_model_shape
+
+    window = s.max_length
+    if not window:
+        shape = read_model_shape(paths.models / s.base_model)
+        window = shape.max_positions if shape else 0
+    least = math.ceil(window / MAX_WINDOW_OVERLAP) if window else 1
+    if 1 <= s.stride < least:
+        return (f"at least {least} with a {window}-token window (got {s.stride}): each token "
+                f"would be scored {window // s.stride} times, at most {MAX_WINDOW_OVERLAP}")
+    return None
 
 
 def _check_min_memory(value: int, bad) -> None:
@@ -502,6 +582,11 @@ def parse_eval_spec(data: Any, paths: DataPaths) -> EvalSpec:
     if len(s.comment) > 500:
         bad("comment", "must be at most 500 characters")
     _check_min_memory(s.min_gpu_memory_mb, bad)
+    check_bounds("evaluate", s, errors)
+    if not any(e["field"] in ("stride", "max_length", "base_model") for e in errors):
+        problem = _window_problem(s, paths)
+        if problem:
+            bad("stride", problem)
     if errors:
         raise SpecError(errors)
     return s
@@ -540,6 +625,7 @@ def parse_generate_spec(data: Any, paths: DataPaths) -> GenerateSpec:
     if s.precision not in PRECISIONS:
         bad("precision", f"must be one of {', '.join(PRECISIONS)}")
     _check_min_memory(s.min_gpu_memory_mb, bad)
+    check_bounds("generate", s, errors)
     if errors:
         raise SpecError(errors)
     return s

@@ -5,12 +5,21 @@ Keys (prefix `lf` by default):
   {p}:job:{id}:history    list: every transition as JSON {state, time, reason}
   {p}:jobs                sorted set of every job id by creation time
   {p}:pending             sorted set of queued/retrying job ids by creation time
+  {p}:pending-owner:{owner}  the same, of one owner only (kept in the same MULTI as {p}:pending,
+                          so counting a user's waiting jobs is one ZCARD, not a scan)
+  {p}:pending-owners      present once the per-owner sets hold every pending job (set by
+                          the first count after an upgrade, see pending_count)
+  {p}:pending-rev         counter raised by every change a pending job can see (submission,
+                          transition, priority): the dispatcher re-reads its queue only then
   {p}:active              set of assigned/running job ids
   {p}:stop:{id}           present when the user asked a running job to stop
   {p}:usage:{owner}       sorted set of the owner's finished runs: member "{id}:{started}",
                           score the time the run ended (what fair share sums over its window)
   {p}:durations           list of recent succeeded runs as JSON {kind, base_model, seconds}
-  (sweeps: dispatcher/sweeps.py; a trial's record has `sweep` and `sweep_cap` fields)
+  {p}:sweeps:dirty        ids of sweeps one of whose jobs changed state since the dispatcher's
+                          last sweep pass
+  (sweeps: dispatcher/sweeps.py; a trial's record has `sweep` and `sweep_cap` fields, a
+  sweep's perplexity job `sweep_eval`)
 """
 
 from __future__ import annotations
@@ -33,6 +42,8 @@ _JSON_FIELDS = ("spec", "result")
 _NUM_FIELDS = ("created", "updated", "started", "finished", "step", "total_steps", "loss",
                "eta_s", "epoch", "attempt", "gpu_memory_mb")
 _INT_FIELDS = ("step", "total_steps", "attempt", "gpu_memory_mb")
+# The record fields that can change while a job is queued or retrying.
+WAITING_FIELDS = ("state", "updated", "priority", "attempt", "reason")
 # Runs older than this are dropped from the usage sets (any fair-share window is shorter).
 USAGE_KEEP_S = 30 * 86400
 DURATIONS_KEPT = 200
@@ -73,6 +84,17 @@ class JobStore:
     def pending_key(self) -> str:
         return f"{self.p}:pending"
 
+    def pending_owner_key(self, owner: str) -> str:
+        return f"{self.p}:pending-owner:{owner or 'local'}"
+
+    @property
+    def pending_rev_key(self) -> str:
+        return f"{self.p}:pending-rev"
+
+    @property
+    def dirty_sweeps_key(self) -> str:
+        return f"{self.p}:sweeps:dirty"
+
     @property
     def active_key(self) -> str:
         return f"{self.p}:active"
@@ -111,6 +133,8 @@ class JobStore:
                 {"state": "queued", "time": now, "reason": "submitted"}))
             pipe.zadd(f"{self.p}:jobs", {job_id: now})
             pipe.zadd(self.pending_key, {job_id: now})
+            pipe.zadd(self.pending_owner_key(owner), {job_id: now})
+            pipe.incr(self.pending_rev_key)
             pipe.execute()
         self.events.append(job_id, "state", state="queued", reason="submitted", time=now)
         return job_id
@@ -184,6 +208,45 @@ class JobStore:
         ids = self.r.zrange(self.pending_key, 0, -1)
         return self.get_many(ids)
 
+    def pending_rev(self) -> int:
+        return int(self.r.get(self.pending_rev_key) or 0)
+
+    def pending_heads(self) -> list[tuple[str, dict[str, Any]]]:
+        """The pending job ids, in order, each with the fields that change while a job waits
+        (state, priority, attempt, reason, updated): one pipelined read, no spec decoded."""
+        ids = self.r.zrange(self.pending_key, 0, -1)
+        with self.r.pipeline(transaction=False) as pipe:
+            for i in ids:
+                pipe.hmget(self.key(i), *WAITING_FIELDS)
+            rows = pipe.execute()
+        return [(i, self._decode({k: v for k, v in zip(WAITING_FIELDS, row, strict=True)
+                                  if v is not None}))
+                for i, row in zip(ids, rows, strict=True) if row[0] is not None]
+
+    def pending_count(self, owner: str) -> int:
+        """How many of `owner`'s jobs are waiting (queued or retrying): one ZCARD."""
+        if not self.r.exists(f"{self.p}:pending-owners"):
+            self._index_pending_owners()
+        return int(self.r.zcard(self.pending_owner_key(owner)))
+
+    def _index_pending_owners(self) -> None:
+        """Fill the per-owner pending sets from {p}:pending, once: jobs queued by a version
+        that kept no per-owner sets are counted too. Retried if the queue changes meanwhile."""
+        while True:
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(self.pending_key)
+                    ids = pipe.zrange(self.pending_key, 0, -1, withscores=True)
+                    owners = [pipe.hget(self.key(i), "owner") for i, _ in ids]
+                    pipe.multi()
+                    for (job_id, score), owner in zip(ids, owners, strict=True):
+                        pipe.zadd(self.pending_owner_key(owner or ""), {job_id: score})
+                    pipe.set(f"{self.p}:pending-owners", 1)
+                    pipe.execute()
+                    return
+                except redis_lib.WatchError:
+                    continue
+
     def active(self) -> list[dict[str, Any]]:
         ids = sorted(self.r.smembers(self.active_key))
         return [self.get(i) for i in ids if self.r.exists(self.key(i))]
@@ -247,10 +310,16 @@ class JobStore:
             pipe.hset(key, mapping=mapping)
             pipe.rpush(self._history_key(job_id), json.dumps(
                 {"state": new.value, "time": now, "reason": reason}))
+            mine = self.pending_owner_key(raw.get("owner", ""))
             if new in (JobState.QUEUED, JobState.RETRYING):
                 pipe.zadd(self.pending_key, {job_id: float(raw["created"])})
+                pipe.zadd(mine, {job_id: float(raw["created"])})
             else:
                 pipe.zrem(self.pending_key, job_id)
+                pipe.zrem(mine, job_id)
+            pipe.incr(self.pending_rev_key)
+            if raw.get("sweep") or raw.get("sweep_eval"):
+                pipe.sadd(self.dirty_sweeps_key, raw.get("sweep") or raw["sweep_eval"])
             if new in ACTIVE:
                 pipe.sadd(self.active_key, job_id)
             else:
@@ -309,6 +378,7 @@ class JobStore:
                                       "or retrying job can be re-prioritised")
             pipe.multi()
             pipe.hset(self.key(job_id), mapping={"priority": priority, "updated": self.clock()})
+            pipe.incr(self.pending_rev_key)
 
         old = self._watched(job_id, write).get("priority", "normal")
         if old != priority:

@@ -707,8 +707,21 @@ class SweepStore:
         return self.get(sweep_id)
 
     # the dispatcher's pass -------------------------------------------------------------------
-    def tick(self) -> None:
-        for sweep_id in sorted(self.r.smembers(self.active_key)):
+    def tick(self, active: list[dict[str, Any]] | None = None) -> None:
+        """One pass over the sweeps that may have work: with `active` (the running and
+        assigned jobs), only the sweeps one of whose jobs changed state since the last pass
+        (JobStore.transition marks them) or is on a worker (early stopping follows its
+        steps); without, every unfinished sweep. A sweep of 1,000 queued trials costs nothing
+        until one of them moves."""
+        with self.r.pipeline() as pipe:  # take the marks: a change from now on marks again
+            pipe.smembers(self.store.dirty_sweeps_key)
+            pipe.delete(self.store.dirty_sweeps_key)
+            pipe.smembers(self.active_key)
+            dirty, _, unfinished = pipe.execute()
+        if active is not None:
+            wanted = set(dirty) | {j.get("sweep") or j.get("sweep_eval") for j in active}
+            unfinished &= wanted
+        for sweep_id in sorted(unfinished):
             try:
                 self._tick_one(sweep_id)
             except SweepNotFound:
@@ -803,9 +816,9 @@ class SweepStore:
         return {k: v for k, v in evals.items() if v != "pending"}
 
 
-def tick(store: JobStore) -> None:
+def tick(store: JobStore, active: list[dict[str, Any]] | None = None) -> None:
     """The dispatcher's pass over sweeps that still have work (see SweepStore.tick)."""
-    SweepStore(store).tick()
+    SweepStore(store).tick(active)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,6 +73,9 @@ window.LF = (function () {
     el.textContent = text;
   }
 
+  const refusedText = "live updates refused (too many live views open? close some tabs, " +
+    "then reload)";
+
   /* An EventSource on the live feed that reports its connection state in `statusEl`. */
   function liveFeed(url, statusEl, onJobEvent, onOpen) {
     const es = new EventSource(url);
@@ -80,7 +83,15 @@ window.LF = (function () {
       setLiveStatus(statusEl, "live", "live");
       if (onOpen) onOpen();
     });
-    es.addEventListener("error", () => setLiveStatus(statusEl, "reconnecting", "reconnecting…"));
+    es.addEventListener("error", () => {
+      // A refused stream (429: too many live views open, or 401/503) is closed for good by
+      // the browser; a dropped one reconnects by itself.
+      if (es.readyState === EventSource.CLOSED) {
+        setLiveStatus(statusEl, "refused", refusedText);
+      } else {
+        setLiveStatus(statusEl, "reconnecting", "reconnecting…");
+      }
+    });
     es.addEventListener("job", (m) => {
       let payload;
       try { payload = JSON.parse(m.data); } catch (e) { return; }
@@ -90,7 +101,7 @@ window.LF = (function () {
   }
 
   return { TERMINAL, num, fmtDuration, fmtTime, fmtLoss, fmtMB, pct, setBadge, api,
-           setLiveStatus, liveFeed };
+           setLiveStatus, liveFeed, refusedText };
 })();
 
 // Server-rendered progress: the width comes as data-pct, since the Content-Security-Policy

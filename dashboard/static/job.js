@@ -401,6 +401,11 @@
   });
   es.addEventListener("error", () => {
     if (page.dataset.stream === "ended") return;
+    if (es.readyState === EventSource.CLOSED) {  // refused (429 past the live-view caps)
+      page.dataset.stream = "refused";
+      LF.setLiveStatus(statusEl, "refused", LF.refusedText);
+      return;
+    }
     page.dataset.stream = "reconnecting";
     LF.setLiveStatus(statusEl, "reconnecting", "reconnecting…");
   });

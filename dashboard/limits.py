@@ -1,0 +1,74 @@
+"""Per-user limits in the API: `GET /api/v1/limits` (anyone: their own effective limits; admins
+also every setting) and `POST /api/v1/limits` (admins: set or unset one), plus the guard that
+submissions (single jobs and sweeps) queue under. The values live in dispatcher/limits.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from flask import Blueprint, jsonify, request
+
+from dashboard.api import api_error
+from dashboard.app import services
+from dashboard.auth import OWNER_RE, current_user
+from dispatcher.limits import DEFAULTS, EVERYONE, HELP, LimitError, Limits, queueing
+
+bp = Blueprint("limits", __name__)
+API = "/api/v1/limits"
+
+
+def _limits() -> Limits:
+    svc = services()
+    return Limits(svc.redis, svc.settings.prefix)
+
+
+@contextmanager
+def queue_guard(owner: str, adding: int) -> Iterator[dict[str, str] | None]:
+    """Yield a problem if `adding` more waiting jobs would take `owner` over max_queued_jobs;
+    else None, and the jobs queued inside the block count before anyone else's check."""
+    with queueing(services().store, _limits(), owner, adding) as problem:
+        yield problem
+
+
+def effective(user: str) -> dict[str, dict[str, object]]:
+    return {name: {"value": lim.value, "source": lim.source, "help": HELP[name]}
+            for name, lim in _limits().for_user(user).items()}
+
+
+@bp.get(API)
+def get_limits():
+    """Your limits (value 0 = none; source default, everyone or user) and how many of your jobs
+    wait; for admins also `settings` ({user or "*": {name: value}}) and the built-in defaults."""
+    user = current_user()
+    body: dict[str, object] = {"user": user.name, "limits": effective(user.name),
+                               "waiting": services().store.pending_count(user.name)}
+    if user.is_admin:
+        body["settings"] = _limits().settings()
+        body["defaults"] = dict(DEFAULTS)
+    return jsonify(body)
+
+
+@bp.post(API)
+def set_limit():
+    """{"name", "value", "user"}: value null unsets; user "*" (the default) is everyone."""
+    if not current_user().is_admin:
+        return api_error(403, "only an admin may change limits")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or "name" not in body or "value" not in body:
+        return api_error(400, 'send a JSON object: {"name", "value", "user"} (value null '
+                              'unsets, user "*" is everyone)')
+    unknown = sorted(set(body) - {"name", "value", "user"})
+    if unknown:
+        return api_error(400, f"unknown field(s) {', '.join(map(str, unknown))}",
+                         [{"field": str(k), "message": "is not a limits field"} for k in unknown])
+    who = body.get("user") or EVERYONE
+    if who != EVERYONE and not (isinstance(who, str) and OWNER_RE.match(who)):
+        return api_error(400, "user must be a user name or \"*\" (everyone)",
+                         [{"field": "user", "message": "must be a user name or \"*\""}])
+    try:
+        _limits().set(who, str(body["name"]), body["value"])
+    except LimitError as e:
+        return api_error(400, str(e), [{"field": e.field, "message": str(e)}])
+    return jsonify({"settings": _limits().settings(), "defaults": dict(DEFAULTS)})
