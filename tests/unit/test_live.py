@@ -13,6 +13,7 @@ from dispatcher.embedded import free_port, start_server, stop_server
 from dispatcher.events import EventLog
 from dispatcher.settings import Settings
 from dispatcher.store import JobStore
+from tests.appclient import client_for
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def open_view(client, path: str, user: str):
 
 
 def test_caps_per_user_and_in_all_answer_429_and_closing_frees_the_slot(app, store):
-    c = app.test_client()
+    c = client_for(app)
     hub = app.extensions["lorafleet"].live
     job = store.create("train", {"lora_name": "x"}, "bo")
     bo = [open_view(c, "/api/v1/live", "bo"), open_view(c, f"/api/v1/jobs/{job}/events", "bo"),
@@ -56,7 +57,7 @@ def test_caps_per_user_and_in_all_answer_429_and_closing_frees_the_slot(app, sto
 
 
 def test_a_view_closed_before_its_stream_began_frees_its_slot(app):
-    c = app.test_client()
+    c = client_for(app)
     resp = c.get("/api/v1/live", headers={"X-Lorafleet-User": "bo"})
     assert app.extensions["lorafleet"].live.open_count("bo") == 1
     resp.close()  # never read: the generator never ran, its `finally` cannot free the slot
@@ -67,14 +68,14 @@ def test_views_are_interrupted_when_redis_goes_and_follow_again_after(tmp_path, 
     data = tmp_path / "redis"
     data.mkdir()
     port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    proc = start_server(data, port, log_file=data / "redis.log")
+    url = f"redis://:pw-{prefix}@127.0.0.1:{port}/0"
+    proc = start_server(data, port, password=f"pw-{prefix}", log_file=data / "redis.log")
     try:
         s = Settings(home=tmp_path / "home", redis_url=url, prefix=prefix)
         s.paths.ensure()
         app = create_app({"LORAFLEET_SETTINGS": s, "TESTING": True,
                           "LORAFLEET_SSE_BLOCK_MS": 200})
-        c = app.test_client()
+        c = client_for(app)
         import redis
 
         r = redis.Redis.from_url(url, decode_responses=True)
@@ -87,7 +88,7 @@ def test_views_are_interrupted_when_redis_goes_and_follow_again_after(tmp_path, 
             assert f"event: interrupted\ndata: {{\"error\":\"the {what} was interrupted; " \
                    "reconnecting\"}" in text
         assert app.extensions["lorafleet"].live.open_count() == 0
-        proc = start_server(data, port, log_file=data / "redis.log")
+        proc = start_server(data, port, password=f"pw-{prefix}", log_file=data / "redis.log")
         again = open_view(c, "/api/v1/live", "bo")
         assert again.status_code == 200  # a fresh subscription
         EventLog(r, prefix).append(job, "train", step=1, loss=0.5)

@@ -17,6 +17,7 @@ from dispatcher.specs import (
     parse_train_spec,
 )
 from dispatcher.sweeps import parse_sweep
+from tests.appclient import client_for
 
 
 @pytest.fixture
@@ -165,5 +166,5 @@ def test_the_forms_number_inputs_carry_the_bounds(tmp_path, redis_server, prefix
             if f.widget == "number"} == UPPER_BOUNDS["evaluate"]
     app = create_app({"LORAFLEET_SETTINGS": Settings(home=tmp_path, redis_url=redis_server,
                                                      prefix=prefix), "TESTING": True})
-    page = app.test_client().get("/jobs/new").get_data(as_text=True)
+    page = client_for(app).get("/jobs/new").get_data(as_text=True)
     assert 'name="micro_batch_size" value="4"\n             step="1" max="4096">' in page
