@@ -99,8 +99,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        proc = start_server(Path(tmp), port, log_file=Path(tmp) / "redis.log")
-        url = f"redis://127.0.0.1:{port}/0"
+        proc = start_server(Path(tmp), port, password="bench", log_file=Path(tmp) / "redis.log")
+        url = f"redis://:bench@127.0.0.1:{port}/0"
         r = redis.Redis.from_url(url, decode_responses=True)
         stop = threading.Event()
         try:

@@ -22,10 +22,11 @@ python3 -m dispatcher.cli up --gpus "${GPUS:-all}" > "$OUT/up.log" 2>&1 < /dev/n
 UP=$!
 for _ in $(seq 1 120); do
     python3 - <<'EOF' && break
-import sys, requests
-try:
-    w = requests.get("http://127.0.0.1:8765/api/v1/workers", timeout=2).json()
-    sys.exit(0 if any(x.get("alive") for x in w.get("workers", w)) else 1)
+import sys
+from dispatcher.client import Client
+try:  # the client finds the dashboard token in LORAFLEET_HOME, as the CLI does
+    w = Client("http://127.0.0.1:8765", timeout=2).workers()
+    sys.exit(0 if any(x.get("alive") for x in w) else 1)
 except Exception:
     sys.exit(1)
 EOF
