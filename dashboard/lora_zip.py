@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dispatcher.links import inside
 from dispatcher.settings import DataPaths
 from dispatcher.states import TERMINAL
 
@@ -22,11 +23,10 @@ def lora_dir(job: dict[str, Any], paths: DataPaths) -> Path | None:
     name = str(spec.get("lora_name") or "").strip()
     if not name:
         return None
-    root = paths.loras.resolve()
-    path = (paths.loras / name).resolve()
-    if path == root or root not in path.parents:
+    path = paths.loras / name
+    if not inside(path, paths.loras) or path.resolve() == paths.loras.resolve():
         return None
-    return path
+    return path.resolve()
 
 
 def lora_available(job: dict[str, Any], paths: DataPaths) -> bool:
@@ -44,7 +44,7 @@ def _files(folder: Path, with_checkpoints: bool) -> list[Path]:
         if not with_checkpoints and rel.parts[0].startswith("checkpoint-"):
             continue
         # A link that points out of the folder is not part of the LoRA.
-        if p.is_file() and folder in p.resolve().parents:
+        if p.is_file() and inside(p, folder):
             out.append(p)
     return out
 

@@ -15,7 +15,7 @@ import formats
 from dashboard.app import services
 from dashboard.auth import current_user
 from dashboard.data_files import DataFileError, Upload, save_upload
-from dispatcher.limits import Limits
+from dispatcher.limits import Limits, owner_lock
 from dispatcher.limits import refusal as limit_refusal
 from dispatcher.owners import Actor, OwnerRefused, Owners, admit_lora_write, refusal, used_space
 
@@ -71,15 +71,22 @@ def save_owned(upload: Upload, data: bytes, overwrite: bool,
         why = refusal(rel, owner, who)
         if why:
             raise _refuse(403, why)
-    replacing = target.lstat().st_size if existed and owner == who.name and overwrite else 0
-    _check_space(reg, who, rel, len(data), replacing)
-    # Replace only what was there when ownership was checked: a file that appeared since is
-    # refused (409) by save_upload's hard link, not replaced unseen.
-    saved = save_upload(upload, data, overwrite and existed, replace_hint)
-    if existed:
-        reg.claim(rel, who.name)  # an unowned file an admin replaced becomes theirs
-    else:
-        reg.record(rel, who.name)
+    svc = services()
+    # Under the user's lock (the one their job submissions hold): parallel uploads cannot all
+    # pass the space check before any of them is saved.
+    with owner_lock(svc.redis, svc.settings.prefix, who.name) as held:
+        if not held:
+            raise _refuse(409, f"{rel} was not saved: another upload or submission of "
+                               f"{who.name} is still being saved; try again")
+        replacing = target.lstat().st_size if existed and owner == who.name and overwrite else 0
+        _check_space(reg, who, rel, len(data), replacing)
+        # Replace only what was there when ownership was checked: a file that appeared since
+        # is refused (409) by save_upload's hard link, not replaced unseen.
+        saved = save_upload(upload, data, overwrite and existed, replace_hint)
+        if existed:
+            reg.claim(rel, who.name)  # an unowned file an admin replaced becomes theirs
+        else:
+            reg.record(rel, who.name)
     return saved
 
 

@@ -23,7 +23,7 @@ from dashboard.limits import queue_guard
 from dashboard.ownership import owners
 from dispatcher.csvcells import cell as _csv_value
 from dispatcher.limits import Limits, trials_problem
-from dispatcher.owners import lora_rel
+from dispatcher.owners import claim_loras, lora_rel
 from dispatcher.specs import SpecError, list_choices
 from dispatcher.store import PRIORITIES, JobNotFound
 from dispatcher.sweeps import (
@@ -113,14 +113,13 @@ def create_sweep():
 
 
 def _claim_trial_names(plan: Any, owner: str) -> list[dict[str, str]]:
-    """Claim every trial's LoRA name for the sweep's owner (dispatcher/owners.py); a name
-    someone else holds refuses the sweep (the names claimed here stay the owner's)."""
-    reg = owners()
-    taken = [(t.name, who) for t in plan.trials
-             if (who := reg.claim(lora_rel(t.name), owner)) != owner]
+    """Claim every trial's LoRA name for the sweep's owner, all or none
+    (dispatcher/owners.py claim_loras): a name someone else holds refuses the sweep, and a
+    refused sweep claims no name."""
+    taken = claim_loras(owners(), [t.name for t in plan.trials], owner)
     if not taken:
         return []
-    name, who = taken[0]
+    name, who = next(iter(taken.items()))
     return [{"field": "base.lora_name",
              "message": f"{lora_rel(name)} belongs to {who}"
                         + (f" (and {len(taken) - 1} more trial names are taken)"

@@ -3,13 +3,54 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import time
+from pathlib import Path
+from typing import Any
 
 from dispatcher.celery_app import RUN_JOB_TASK, make_celery
+from dispatcher.claims import RELEASE_EVERY_S, backfill, release_unused
 from dispatcher.fleet import Fleet, worker_queue
+from dispatcher.owners import Owners
 from dispatcher.scheduler import Dispatcher
 from dispatcher.settings import RedisCredentialsError, Settings, connect
 from dispatcher.store import JobStore
+
+log = logging.getLogger("lorafleet.dispatcher")
+
+
+class FleetDispatcher(Dispatcher):
+    """The scheduler's loop plus the care of LoRA name claims (dispatcher/claims.py): a
+    back-fill of owners once, and every RELEASE_EVERY_S a release of names no job will use."""
+
+    def __init__(self, *args: Any, loras: Path, **kw: Any):
+        super().__init__(*args, **kw)
+        self.owners = Owners(self.r, self.store.p)
+        self.loras = loras
+        self._last_release = -math.inf
+
+    def tick(self) -> list[tuple[str, str]]:
+        assigned = super().tick()
+        now = time.monotonic()
+        if now - self._last_release >= RELEASE_EVERY_S:
+            self._last_release = now
+            try:
+                for rel in release_unused(self.owners, self.store, self.loras):
+                    log.info("released %s: its jobs ended without making the folder", rel)
+            except Exception:  # the claims' care must never stop the scheduling
+                log.exception("releasing unused LoRA names failed")
+        return assigned
+
+    def backfill(self) -> None:
+        try:
+            done = backfill(self.owners, self.store, self.loras)
+        except Exception:
+            log.exception("back-filling owners from the job records failed")
+            return
+        if done is not None:
+            log.info("owners back-filled from the job records: %d LoRA folders, %d names of "
+                     "waiting jobs", done["folders"], done["waiting"])
 
 
 def run_dispatcher(settings: Settings, interval: float = 0.5) -> None:
@@ -29,7 +70,9 @@ def run_dispatcher(settings: Settings, interval: float = 0.5) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    Dispatcher(store, fleet, send).run(interval, should_stop=lambda: stopping["flag"])
+    dispatcher = FleetDispatcher(store, fleet, send, loras=settings.paths.loras)
+    dispatcher.backfill()  # once per prefix, before any job is placed
+    dispatcher.run(interval, should_stop=lambda: stopping["flag"])
 
 
 def main() -> None:

@@ -143,14 +143,26 @@ def queueing(store: Any, limits: Limits, owner: str, adding: int
     """Check the room in `owner`'s queue and queue, under that owner's lock: two submissions
     sent at once cannot both pass the check with room for one. Yields the problem (then
     queue nothing) or None (then queue the `adding` jobs inside the block)."""
-    lock = store.r.lock(f"{store.p}:queueing:{owner}", timeout=SUBMIT_LOCK_S,
-                        blocking_timeout=SUBMIT_LOCK_S)
+    with owner_lock(store.r, store.p, owner) as held:
+        if not held:
+            yield {"field": "max_queued_jobs", "message": f"another submission of {owner} is "
+                                                          "still being queued; try again"}
+            return
+        yield queue_problem(store, limits, owner, adding)
+
+
+@contextmanager
+def owner_lock(r: Any, prefix: str, owner: str, wait_s: float = SUBMIT_LOCK_S
+               ) -> Iterator[bool]:
+    """Hold `owner`'s lock (yields True), or yield False after `wait_s`. Whatever checks one
+    user's limit and then claims against it (queueing jobs, saving an upload, releasing a
+    LoRA name nobody uses) holds it, so two of them cannot both pass one check."""
+    lock = r.lock(f"{prefix}:queueing:{owner}", timeout=SUBMIT_LOCK_S, blocking_timeout=wait_s)
     if not lock.acquire():
-        yield {"field": "max_queued_jobs", "message": f"another submission of {owner} is still "
-                                                      "being queued; try again"}
+        yield False
         return
     try:
-        yield queue_problem(store, limits, owner, adding)
+        yield True
     finally:
         try:
             lock.release()

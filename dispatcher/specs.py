@@ -124,14 +124,6 @@ class SpecError(ValueError):
         super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
 
 
-def _is_inside(path: Path, root: Path) -> bool:
-    try:
-        path.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def resolve_data_name(name: str, root: Path, exts: tuple[str, ...], *, allow_dir: bool,
                       extra_roots: tuple[Path, ...] = ()) -> tuple[str | None, str | None]:
     """Find `name` (with or without extension, or a relative path) under `root`.
@@ -151,7 +143,7 @@ def resolve_data_name(name: str, root: Path, exts: tuple[str, ...], *, allow_dir
     for base in (root, *extra_roots):
         candidates = [base / name] + [base / (name + e) for e in exts]
         for c in candidates:
-            if not _is_inside(c, base):
+            if not inside(c, base):
                 return None, (f"'{name}' is a link that leads outside {root.name}/: only links "
                               "that stay inside the data folder are followed")
             try:
@@ -258,8 +250,11 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
     """Build a TrainSpec from untrusted input (form, JSON, YAML) or raise SpecError."""
     if not isinstance(data, dict):
         raise SpecError([{"field": "spec", "message": "must be a JSON object of training parameters"}])
+    check_size(data)
     errors: list[dict[str, str]] = []
     s = _build(TrainSpec, data, errors, "training parameter")
+    check_lengths("train", s, errors)
+    s.target_modules = list(dict.fromkeys(s.target_modules))  # ["q", "q"] is ["q"]
 
     def bad(name: str, message: str) -> None:
         errors.append({"field": name, "message": message})
@@ -494,6 +489,81 @@ def check_bounds(kind: str, spec: Any, errors: list[dict[str, str]]) -> None:
             errors.append({"field": name, "message": f"at most {shown} (got {value})"})
 
 
+# The longest value of every text field of a spec, per job kind: characters for text, entries
+# for a list (each entry at most MAX_LIST_ENTRY characters). A spec is stored in full in its job
+# record (and in every trial of a sweep), and its owner may keep max_queued_jobs of them in
+# Redis: nothing in one may be unbounded. Names in the data folder also have their own checks.
+NAME_CHARS = 4096  # a relative path in the data folder (links.too_long's bound)
+MAX_LIST_ENTRY = 100  # an entry of a list: a LoRA name (LORA_NAME_RE) or a projection
+TEXT_BOUNDS: dict[str, dict[str, int]] = {
+    "train": {
+        "lora_name": 100,
+        "base_model": NAME_CHARS,
+        "dataset": NAME_CHARS,
+        "eval_dataset": NAME_CHARS,
+        "format": NAME_CHARS,
+        "raw_text_file": NAME_CHARS,
+        "learning_rate": 32,  # a number written as text: "3e-4"
+        "lr_scheduler_type": 32,
+        "optimizer": 32,
+        "precision": 32,
+        "hard_cut_string": 1000,  # a separator, like "\\n\\n\\n" or "### End"
+        "train_only_after": 1000,  # a marker, like "### Response:" or "Assistant:"
+        "resume_from_checkpoint": 32,  # latest or checkpoint-<step>
+        "target_modules": len(PROJECTIONS) + 1,  # entries: the 7 projections and "all"
+    },
+    "evaluate": {
+        "base_model": NAME_CHARS,
+        "loras": 16,  # entries: LoRAs applied together; more is no real experiment
+        "text_file": NAME_CHARS,
+        "precision": 32,
+        "comment": 500,
+    },
+    "generate": {
+        "base_model": NAME_CHARS,
+        "lora": 100,
+        "prompt": 32000,  # a real prompt: a long document with its instruction
+        "format": NAME_CHARS,
+        "precision": 32,
+    },
+}
+# The most characters a spec may take as JSON: a backstop for what the fields do not bound
+# (unknown keys) and a cap on the record. A 32,000-character prompt in a script of 3-byte
+# characters is 96 KB; every training spec the bounds allow is far smaller.
+MAX_SPEC_CHARS = 128 * 1024
+
+
+def check_size(data: Any, field: str = "spec", most: int = MAX_SPEC_CHARS) -> None:
+    """Refuse (SpecError, alone) input whose JSON text is over `most` characters, before
+    anything else looks at it."""
+    size = len(json.dumps(data, ensure_ascii=False, default=str))
+    if size > most:
+        raise SpecError([{"field": field, "message": f"is {size} characters as JSON; at "
+                                                     f"most {most}"}])
+
+
+def check_lengths(kind: str, spec: Any, errors: list[dict[str, str]]) -> None:
+    """Refuse every text over its bound ("at most 1000 characters (got 20000000)"), every list
+    with too many entries, and then raise: nothing else is checked on oversized input (the
+    checks that follow read lists entry by entry and names on disk)."""
+    named, before = {e["field"] for e in errors}, len(errors)
+    for name, most in TEXT_BOUNDS[kind].items():
+        value = getattr(spec, name)
+        if name in named:  # of the wrong type: already refused
+            continue
+        if isinstance(value, str) and len(value) > most:
+            errors.append({"field": name, "message": f"at most {most} characters (got "
+                                                     f"{len(value)})"})
+        elif isinstance(value, list) and len(value) > most:
+            errors.append({"field": name, "message": f"at most {most} entries (got "
+                                                     f"{len(value)})"})
+        elif isinstance(value, list) and any(len(v) > MAX_LIST_ENTRY for v in value):
+            errors.append({"field": name, "message": f"each entry is at most {MAX_LIST_ENTRY} "
+                                                     "characters"})
+    if len(errors) > before:
+        raise SpecError(errors)
+
+
 def _window_problem(s: EvalSpec, paths: DataPaths) -> str | None:
     """Stride against the window: each token is scored about window / stride times."""
     from dispatcher.estimate import read_model_shape
@@ -552,8 +622,10 @@ def _check_lora(name: str, paths: DataPaths, field_name: str, bad) -> str:
 def parse_eval_spec(data: Any, paths: DataPaths) -> EvalSpec:
     if not isinstance(data, dict):
         raise SpecError([{"field": "spec", "message": "must be a JSON object of evaluation settings"}])
+    check_size(data)
     errors: list[dict[str, str]] = []
     s = _build(EvalSpec, data, errors, "evaluation setting")
+    check_lengths("evaluate", s, errors)
 
     def bad(name: str, message: str) -> None:
         errors.append({"field": name, "message": message})
@@ -579,8 +651,6 @@ def parse_eval_spec(data: Any, paths: DataPaths) -> EvalSpec:
         bad("stride", f"must not be more than max_length ({s.max_length})")
     if s.precision not in PRECISIONS:
         bad("precision", f"must be one of {', '.join(PRECISIONS)}")
-    if len(s.comment) > 500:
-        bad("comment", "must be at most 500 characters")
     _check_min_memory(s.min_gpu_memory_mb, bad)
     check_bounds("evaluate", s, errors)
     if not any(e["field"] in ("stride", "max_length", "base_model") for e in errors):
@@ -595,8 +665,10 @@ def parse_eval_spec(data: Any, paths: DataPaths) -> EvalSpec:
 def parse_generate_spec(data: Any, paths: DataPaths) -> GenerateSpec:
     if not isinstance(data, dict):
         raise SpecError([{"field": "spec", "message": "must be a JSON object of generation settings"}])
+    check_size(data)
     errors: list[dict[str, str]] = []
     s = _build(GenerateSpec, data, errors, "generation setting")
+    check_lengths("generate", s, errors)
 
     def bad(name: str, message: str) -> None:
         errors.append({"field": name, "message": message})
@@ -606,8 +678,6 @@ def parse_generate_spec(data: Any, paths: DataPaths) -> GenerateSpec:
         _check_lora(s.lora, paths, "lora", bad)
     if not s.prompt.strip():
         bad("prompt", "is required")
-    elif len(s.prompt) > 20000:
-        bad("prompt", "must be at most 20000 characters")
     if s.format.strip():
         fmt = find_format(s.format, paths)
         if fmt is None:

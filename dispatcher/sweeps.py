@@ -43,6 +43,7 @@ from dispatcher.specs import (
     EvalSpec,
     SpecError,
     TrainSpec,
+    check_size,
     parse_eval_spec,
     parse_train_spec,
 )
@@ -54,6 +55,9 @@ log = logging.getLogger("lorafleet.sweeps")
 METHODS = ("grid", "random")
 MAX_TRIALS = 1000
 MAX_RUNGS = 20
+# The most characters a sweep definition may take as JSON (its base spec is one spec; its
+# value lists are at most MAX_TRIALS short values each): it is stored with the sweep.
+MAX_SWEEP_CHARS = 256 * 1024
 TOP_KEYS = ("name", "base", "base_job", "parameters", "method", "trials", "seed",
             "max_concurrent", "early_stopping", "evaluate", "priority", "owner")
 EARLY_KEYS = ("policy", "rungs", "reduction_factor", "min_trials")
@@ -201,6 +205,9 @@ def parse_domain(name: str, spec: Any, method: str, bad: Callable[[str, str], No
         if not spec:
             bad(where, "lists no values")
             return None
+        if len(spec) > MAX_TRIALS:
+            bad(where, f"lists {len(spec)} values; at most {MAX_TRIALS}")
+            return None
         for v in spec:
             if isinstance(v, dict) or (isinstance(v, list) and name != "target_modules"):
                 bad(where, f"value {v!r} must be a single value")
@@ -340,6 +347,12 @@ def _dedupe_key(spec: dict[str, Any]) -> str:
     return json.dumps(s, sort_keys=True)
 
 
+def _shown(value: Any) -> str:
+    """A value as a message names it: its first 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _int_setting(data: dict[str, Any], key: str, default: int, lo: int, hi: int, where: str,
                  bad: Callable[[str, str], None]) -> int:
     v = data.get(key, default)
@@ -359,6 +372,7 @@ def parse_sweep(data: Any, paths: DataPaths,
     if not isinstance(data, dict):
         raise SpecError([{"field": "sweep", "message": "must be an object with base, parameters "
                                                        "and method"}])
+    check_size(data, "sweep", MAX_SWEEP_CHARS)
     errors: list[dict[str, str]] = []
 
     def bad(name: str, message: str) -> None:
@@ -460,7 +474,7 @@ def parse_sweep(data: Any, paths: DataPaths,
                 for err in e.errors:
                     f = err["field"]
                     if f in combo:
-                        bad(f"parameters.{f}", f"value {combo[f]!r}: {err['message']}")
+                        bad(f"parameters.{f}", f"value {_shown(combo[f])}: {err['message']}")
                     elif (f, err["message"]) in base_problems:
                         bad(f"base.{f}", err["message"])
                     else:

@@ -68,6 +68,7 @@ from typing import Any
 
 from formats.errors import FormatError
 from formats.jsontext import not_utf8, strip_bom
+from formats.paths import inside
 from formats.tokenize import TokenizedSample, encode, tokenize_text
 
 DEFAULT_HARD_CUT = "\\n\\n\\n"
@@ -94,10 +95,8 @@ def raw_text_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if path.is_dir():
         # A link that leads out of the folder is not part of the text (it is not the user's).
-        real = path.resolve()
         files = sorted(
-            (child for child in path.glob("*.txt")
-             if child.is_file() and real in child.resolve().parents),
+            (child for child in path.glob("*.txt") if child.is_file() and inside(child, path)),
             key=lambda child: natural_key(child.name),
         )
         if not files:

@@ -96,7 +96,7 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
         if rec.get("kind", "train") == "train":
             # Defence in depth: the dashboard checked who may write this LoRA; check again
             # before the engine moves or writes anything in its folder.
-            refused = job_write_refusal(Owners(store.r, store.p), rec)
+            refused = job_write_refusal(Owners(store.r, store.p), settings.paths.loras, rec)
             if refused:
                 raise OwnerRefused(refused, "lora_name")
         result = run(rec.get("kind", "train"), rec["spec"], settings, job_id=job_id,

@@ -47,3 +47,21 @@ def test_data_list_shows_each_files_owner(fleet):
         [sys.executable, "-m", "dispatcher.cli", "data", "list", "--json", "--url", fleet.url],
         capture_output=True, text=True, env=fleet.env, cwd=ROOT, timeout=60).stdout)
     assert {d["name"]: d["owner"] for d in listing["datasets"]}["bo-data.json"] == "bo"
+
+
+def test_the_worker_does_not_take_over_a_hand_made_lora(fleet):
+    """REVIEW #10: a job record that skipped the dashboard (no admin's lora_admitted_by) into a
+    LoRA folder made by hand, which no one owns: the worker fails it and claims nothing (it
+    used to claim the folder for the job's owner and train into it)."""
+    lora = fleet.settings.paths.loras / "hand-made"
+    lora.mkdir()
+    (lora / "adapter_model.safetensors").write_bytes(b"hand-made weights")
+    spec = small_spec(lora_name="hand-made", dataset="tiny.json", always_override=True)
+    job_id = fleet.store.create("train", spec, owner="bo")
+    rec = fleet.wait_for_state(job_id, ("failed", "succeeded", "cancelled"), timeout=120)
+    assert rec["state"] == "failed"
+    assert rec["reason"] == ("loras/hand-made was put in the data folder by hand and belongs "
+                             "to no one: the job does not touch it (only an admin may admit a "
+                             "job into it)")
+    assert Owners(fleet.r, fleet.prefix).get("loras/hand-made") is None
+    assert sorted(p.name for p in lora.iterdir()) == ["adapter_model.safetensors"]

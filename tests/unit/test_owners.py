@@ -286,3 +286,93 @@ def test_a_5000_character_name_is_a_400_naming_its_field(users):
     resp = ana.post("/api/v1/sweeps", {"base": {**SPEC, "dataset": long},
                                        "parameters": {"lora_rank": [4, 8]}})
     assert resp.status_code == 400
+
+
+# review: all-or-nothing claims, the worker's check, parallel uploads ---------------------------
+def test_a_refused_sweep_claims_none_of_its_trial_names(users, settings):
+    """One trial name held by cy refuses bo's sweep, and none of its other names is bo's."""
+    bo, cy = users["bo"], users["cy"]
+    sweep = {"base": {**SPEC, "lora_name": "sq"}, "parameters": {"lora_rank": [4, 8, 16]}}
+    names = [t["name"] for t in bo.post("/api/v1/sweeps/preview", sweep).json["trials"]]
+    job = cy.post("/api/v1/jobs", {"spec": {**SPEC, "lora_name": names[1]}}).json["id"]
+    # Cancelled: the name is not busy, but cy's claim stays until the dispatcher's release.
+    assert cy.post(f"/api/v1/jobs/{job}/cancel", {}).status_code == 200
+    resp = bo.post("/api/v1/sweeps", sweep)
+    assert resp.status_code == 403, resp.json
+    assert f"loras/{names[1]} belongs to cy" in resp.json["error"]
+    reg = owners(settings)
+    assert reg.many([f"loras/{n}" for n in names]) == {
+        f"loras/{names[0]}": None, f"loras/{names[1]}": "cy", f"loras/{names[2]}": None}
+    assert reg.owned_by("bo") == []
+
+
+def test_claims_keep_each_users_index_in_step(settings):
+    reg = owners(settings)
+    assert reg.claim_all(["loras/a", "loras/b"], "bo") == {}
+    assert reg.claim_all(["loras/b", "loras/c"], "cy") == {"loras/b": "bo"}
+    assert reg.get("loras/c") is None  # all or none
+    reg.record("datasets/x.json", "cy")
+    reg.record("loras/a", "cy")  # an owner changes: both users' sets follow
+    assert reg.owned_by("bo") == ["loras/b"] and reg.owned_by("cy") == ["datasets/x.json",
+                                                                        "loras/a"]
+    assert not reg.release("loras/b", "cy") and reg.release("loras/b", "bo")
+    reg.drop("datasets/x.json")
+    assert reg.owned_by("bo") == [] and reg.owned_by("cy", "loras/") == ["loras/a"]
+    assert reg.r.hgetall(reg.key) == {"loras/a": "cy"}
+
+
+def test_the_workers_check_claims_no_hand_made_folder(settings):
+    """REVIEW #10: job_write_refusal refuses a folder that exists with no owner (no admin's
+    word on the job) and claims nothing; a new name is claimed for the job owner."""
+    from dispatcher.owners import job_write_refusal
+
+    reg, loras = owners(settings), settings.paths.loras
+    (loras / "hand").mkdir()
+    rec = {"owner": "bo", "spec": {"lora_name": "hand"}}
+    why = job_write_refusal(reg, loras, rec)
+    assert why == ("loras/hand was put in the data folder by hand and belongs to no one: the "
+                   "job does not touch it (only an admin may admit a job into it)")
+    assert reg.get("loras/hand") is None
+    assert job_write_refusal(reg, loras, {**rec, "lora_admitted_by": "ana"}) is None
+    assert reg.get("loras/hand") is None
+    assert job_write_refusal(reg, loras, {"owner": "bo", "spec": {"lora_name": "new"}}) is None
+    assert reg.get("loras/new") == "bo"
+    assert "belongs to bo" in job_write_refusal(reg, loras, {"owner": "cy",
+                                                             "spec": {"lora_name": "new"}})
+
+
+def test_parallel_uploads_stay_within_the_upload_space(settings):
+    """REVIEW #8: 8 uploads of 300 KB sent at once by bo, whose limit is 1 MB, against a real
+    threaded server: at most 3 are saved (before, every one passed the check)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    from werkzeug.serving import make_server
+
+    Limits(owners(settings).r, settings.prefix).set("bo", "upload_space_mb", 1)
+    token = Accounts(settings.home).new_token("bo")
+    server = make_server("127.0.0.1", 0, create_app({"LORAFLEET_SETTINGS": settings,
+                                                     "TESTING": True}), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    body = ("word " * (60 * 1024)).encode()  # 300 KB
+    barrier = threading.Barrier(8)
+
+    def upload(i):
+        barrier.wait()
+        return requests.post(f"http://127.0.0.1:{server.server_port}/api/v1/datasets",
+                             files={"file": (f"p{i}.txt", body)},
+                             headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            codes = sorted(r.status_code for r in pool.map(upload, range(8)))
+    finally:
+        server.shutdown()
+        thread.join(10)
+        server.server_close()
+    saved = sorted(settings.paths.datasets.glob("p*.txt"))
+    assert codes == [201] * 3 + [400] * 5, codes
+    assert sum(p.stat().st_size for p in saved) <= 1024 * 1024
+    assert len(owners(settings).owned_by("bo")) == 3

@@ -1,0 +1,109 @@
+"""The dispatcher's care of LoRA name claims (dispatcher/owners.py): owners back-filled once
+after an upgrade, and claims released when no job will make their folder.
+
+Back-fill. Versions before owners recorded none: every LoRA folder then belongs to no one, so
+a member could no longer continue their own LoRA, and jobs queued before the upgrade hold no
+claim. Once per Redis prefix (the marker {p}:owners:backfilled), from the job records: a LoRA
+folder that exists and has no owner gets the owner of the newest training job with its name,
+and the name of every waiting or active training job is claimed for that job's owner (its
+newest). Uploaded data files from before stay no one's: nothing recorded who uploaded them.
+The dispatcher does it as it starts: it runs once per fleet and before it no job is placed.
+
+Release. A claim is made when a job is accepted, before its folder exists. When the job ends
+(failed, cancelled) without making the folder, the name is released, so names cannot be
+squatted by jobs that never run. The dispatcher's loop does it every RELEASE_EVERY_S rather
+than the code that ends jobs: jobs end in the dashboard (cancel), the worker and the
+dispatcher (lost workers), and a pass that looks at claims finds every case in one place.
+It holds the owner's lock (the one their submissions hold while claiming and queueing), so a
+name is never released between a submission's claim and its job, nor while any waiting or
+active job still uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from dispatcher.limits import owner_lock
+from dispatcher.owners import Owners, lora_rel
+from dispatcher.states import TERMINAL
+from dispatcher.store import JobStore
+
+log = logging.getLogger("lorafleet.claims")
+
+RELEASE_EVERY_S = 60.0
+_ENDED = {s.value for s in TERMINAL}
+
+
+def _exists(folder: Path) -> bool:
+    return folder.exists() or folder.is_symlink()
+
+
+def names_in_use(store: JobStore) -> set[str]:
+    """The LoRA names of every waiting or active training job."""
+    return {str((j.get("spec") or {}).get("lora_name") or "")
+            for j in store.pending() + store.active() if j.get("kind", "train") == "train"}
+
+
+def release_unused(owners: Owners, store: JobStore, loras: Path, wait_s: float = 0.5
+                   ) -> list[str]:
+    """Release every LoRA claim whose folder does not exist and that no waiting or active job
+    uses; returns the released paths. An owner whose lock is busy is left for the next pass."""
+    unmade: dict[str, list[str]] = {}
+    for rel, who in owners.r.hscan_iter(owners.key, match="loras/*", count=1000):
+        if not _exists(loras / rel.removeprefix("loras/")):
+            unmade.setdefault(who, []).append(rel)
+    released: list[str] = []
+    for who, rels in unmade.items():
+        with owner_lock(store.r, store.p, who, wait_s) as held:
+            if not held:
+                continue
+            busy = names_in_use(store)  # read under the lock: no submission of theirs between
+            for rel in rels:
+                name = rel.removeprefix("loras/")
+                if name not in busy and not _exists(loras / name) and owners.release(rel, who):
+                    released.append(rel)
+    return released
+
+
+def backfill(owners: Owners, store: JobStore, loras: Path) -> dict[str, int] | None:
+    """Give owners from the job records, once per prefix (None if done before); returns how
+    many folders got an owner and how many waiting jobs' names were claimed."""
+    marker = f"{store.p}:owners:backfilled"
+    if store.r.exists(marker):
+        return None
+    owners.reindex()  # entries recorded before the per-user sets
+    done = {"folders": 0, "waiting": 0}
+    seen: set[str] = set()  # names whose owner the newest job that counts has decided
+    for rec in _train_jobs_newest_first(store):
+        name, owner = rec["lora_name"], rec["owner"]
+        made = _exists(loras / name)
+        if name in seen or not (made or rec["state"] not in _ENDED):
+            continue  # an ended job that made no folder gives no owner
+        seen.add(name)
+        if owners.get(lora_rel(name)) is None and owners.claim(lora_rel(name), owner) == owner:
+            done["folders" if made else "waiting"] += 1
+    store.r.set(marker, 1)
+    return done
+
+
+def _train_jobs_newest_first(store: JobStore, chunk: int = 500
+                             ) -> Iterator[dict[str, str]]:
+    """{lora_name, owner, state} of every training job with a LoRA name, newest first."""
+    ids = store.r.zrevrange(f"{store.p}:jobs", 0, -1)
+    for start in range(0, len(ids), chunk):
+        with store.r.pipeline(transaction=False) as pipe:
+            for job_id in ids[start:start + chunk]:
+                pipe.hmget(store.key(job_id), "kind", "owner", "state", "spec")
+            rows = pipe.execute()
+        for kind, owner, state, spec in rows:
+            if (kind or "train") != "train" or not spec:
+                continue
+            try:
+                name = str(json.loads(spec).get("lora_name") or "")
+            except (ValueError, AttributeError):
+                continue
+            if name and "/" not in name:
+                yield {"lora_name": name, "owner": owner or "local", "state": state or ""}
