@@ -83,11 +83,22 @@ def accounts_mode() -> bool:
     return accounts_store().has_users()
 
 
+# Who a request is that the hook let through unauthenticated (a public endpoint: the login
+# page, the token form): no name, no role, no rights.
+ANONYMOUS = User("", "anonymous")
+
+
+def local_user() -> User:
+    """The single-user dashboard's user (an admin): the holder of the data folder's token, who
+    may name itself with the `X-Lorafleet-User` header."""
+    return User(request.headers.get("X-Lorafleet-User") or "local", "admin")
+
+
 def current_user() -> User:
-    user = g.get("user")
-    if user is None:  # outside the request hook (a test calling a view directly)
-        user = User(request.headers.get("X-Lorafleet-User") or "local", "admin")
-    return user
+    if "user" not in g:  # outside the request hook (a test calling a view directly)
+        return local_user()
+    # The hook ran: None is an anonymous request on a public endpoint, never the admin.
+    return g.user if g.user is not None else ANONYMOUS
 
 
 def owner_for(requested: object) -> tuple[str, list[dict[str, str]]]:
