@@ -311,7 +311,23 @@ def _secret_key(home: Path) -> str:
     return env or secret_file(Path(home) / ".secret_key")
 
 
+def _trust_proxies(app: Flask) -> None:
+    """Behind N reverse proxies (LORAFLEET_TRUSTED_PROXIES=N) the client's address and scheme
+    are the ones the proxies forwarded: without it every user behind the proxy (or an ssh
+    tunnel) is 127.0.0.1, and one address's failed logins lock them all out. Only trusted when
+    set: a client could otherwise name any address it likes."""
+    settings = app.config.get("LORAFLEET_SETTINGS")
+    n = int(getattr(settings, "trusted_proxies", 0) or 0)
+    if n < 0:
+        raise SystemExit(f"LORAFLEET_TRUSTED_PROXIES must be 0 or more, not {n}")
+    if n:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
+
+
 def init_app(app: Flask, home: Path) -> None:
+    _trust_proxies(app)
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = _secret_key(home)
     app.config.update(
