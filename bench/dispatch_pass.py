@@ -5,7 +5,11 @@ several users on a private redis-server, with one worker busy on a running job (
 card), then measures (1) the mean time of `Dispatcher.tick` in this process and (2) the CPU
 share of a real `python -m dispatcher` process left idle with that queue for a while.
 
-    PYTHONPATH=. python -m bench.dispatch_pass [--jobs-per-sweep 1000] [--seconds 20]
+With --free-unfit a second worker, w2, is idle the whole time with a card too small for every
+queued job (2,000 MB; each needs 4,000): a free card that nothing in the queue fits, so every
+pass gets as far as planning the queue and places nothing (review of issue 10, #14).
+
+    PYTHONPATH=. python -m bench.dispatch_pass [--jobs-per-sweep 1000] [--seconds 20] [--free-unfit]
 """
 
 from __future__ import annotations
@@ -53,12 +57,15 @@ def fill(r: redis.Redis, per_sweep: int) -> None:
     store.transition(running, JobState.RUNNING, "started")
 
 
-def heartbeat(r: redis.Redis, stop: threading.Event) -> None:
+def heartbeat(r: redis.Redis, stop: threading.Event, free_unfit: bool = False) -> None:
     fleet = Fleet(r, PREFIX)
     job = JobStore(r, PREFIX).active()[0]["id"]
     while not stop.is_set():
         fleet.heartbeat("w1", state="busy", job=job, device="cuda:0", mem_total_mb=81559,
                         mem_free_mb=60000)
+        if free_unfit:  # idle, and too small for any queued job (each needs 4,000 MB)
+            fleet.heartbeat("w2", state="idle", job="", device="cuda:1", mem_total_mb=2000,
+                            mem_free_mb=2000)
         stop.wait(1.0)
 
 
@@ -96,6 +103,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs-per-sweep", type=int, default=1000)
     ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--free-unfit", action="store_true",
+                    help="also an idle worker whose card no queued job fits")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -105,12 +114,14 @@ def main() -> None:
         stop = threading.Event()
         try:
             fill(r, args.jobs_per_sweep)
-            threading.Thread(target=heartbeat, args=(r, stop), daemon=True).start()
+            threading.Thread(target=heartbeat, args=(r, stop, args.free_unfit),
+                             daemon=True).start()
             time.sleep(0.2)
             queued = r.zcard(f"{PREFIX}:pending")
             per_pass = time_ticks(r)
             share = cpu_share(url, args.seconds, Path(tmp))
-            print(f"queued jobs: {queued}; one pass: {per_pass * 1000:.1f} ms; dispatcher "
+            case = "a free card no queued job fits" if args.free_unfit else "no free card"
+            print(f"{case}; queued jobs: {queued}; one pass: {per_pass * 1000:.1f} ms; dispatcher "
                   f"process (passes every 0.5 s): {share * 100:.1f} % of a core")
         finally:
             stop.set()

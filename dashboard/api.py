@@ -58,7 +58,7 @@ def _queue() -> QueueView:
         svc = services()
         window_s, _ = scheduling_env()
         g.lorafleet_queue = queue_view(svc.store, time.time(), window_s,
-                                       workers=svc.fleet.alive())
+                                       workers=svc.fleet.alive(), pending=svc.pending.read())
     return g.lorafleet_queue
 
 

@@ -47,6 +47,7 @@ class Services:
         self._redis: Any = None
         self._lock = threading.Lock()
         self._live: Any = None
+        self._pending: Any = None
         # Live views (SSE) open at once, per user and in all (LORAFLEET_LIVE_PER_USER/_TOTAL).
         self.live_per_user, self.live_total = live_caps()
 
@@ -75,6 +76,19 @@ class Services:
     @property
     def fleet(self) -> Fleet:
         return Fleet(self.redis, self.settings.prefix, timeout=self.settings.worker_timeout)
+
+    @property
+    def pending(self) -> Any:
+        """The process's kept copy of the queue (dispatcher.scheduler.PendingCache): a job list
+        reads only what changed since the last one, not every queued record."""
+        if self._pending is None:
+            from dispatcher.scheduler import PendingCache
+
+            store = self.store  # (outside the lock: connecting takes it too)
+            with self._lock:
+                if self._pending is None:
+                    self._pending = PendingCache(store)
+        return self._pending
 
     @property
     def live(self) -> Any:

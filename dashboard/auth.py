@@ -83,11 +83,22 @@ def accounts_mode() -> bool:
     return accounts_store().has_users()
 
 
+# Who a request is that the hook let through unauthenticated (a public endpoint: the login
+# page, the token form): no name, no role, no rights.
+ANONYMOUS = User("", "anonymous")
+
+
+def local_user() -> User:
+    """The single-user dashboard's user (an admin): the holder of the data folder's token, who
+    may name itself with the `X-Lorafleet-User` header."""
+    return User(request.headers.get("X-Lorafleet-User") or "local", "admin")
+
+
 def current_user() -> User:
-    user = g.get("user")
-    if user is None:  # outside the request hook (a test calling a view directly)
-        user = User(request.headers.get("X-Lorafleet-User") or "local", "admin")
-    return user
+    if "user" not in g:  # outside the request hook (a test calling a view directly)
+        return local_user()
+    # The hook ran: None is an anonymous request on a public endpoint, never the admin.
+    return g.user if g.user is not None else ANONYMOUS
 
 
 def owner_for(requested: object) -> tuple[str, list[dict[str, str]]]:
@@ -300,7 +311,23 @@ def _secret_key(home: Path) -> str:
     return env or secret_file(Path(home) / ".secret_key")
 
 
+def _trust_proxies(app: Flask) -> None:
+    """Behind N reverse proxies (LORAFLEET_TRUSTED_PROXIES=N) the client's address and scheme
+    are the ones the proxies forwarded: without it every user behind the proxy (or an ssh
+    tunnel) is 127.0.0.1, and one address's failed logins lock them all out. Only trusted when
+    set: a client could otherwise name any address it likes."""
+    settings = app.config.get("LORAFLEET_SETTINGS")
+    n = int(getattr(settings, "trusted_proxies", 0) or 0)
+    if n < 0:
+        raise SystemExit(f"LORAFLEET_TRUSTED_PROXIES must be 0 or more, not {n}")
+    if n:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
+
+
 def init_app(app: Flask, home: Path) -> None:
+    _trust_proxies(app)
     if not app.config.get("SECRET_KEY"):
         app.config["SECRET_KEY"] = _secret_key(home)
     app.config.update(

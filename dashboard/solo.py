@@ -1,5 +1,6 @@
 """The single-user dashboard's token gate (no accounts): who holds the data folder's token is the
-local user, an admin; nobody else gets anything but the token page, a 401 or /healthz.
+local user, an admin; nobody else gets anything but the token page, a 401, /healthz and the
+static files.
 
 - `?token=<token>` on any GET: the right token starts a server-side session bound to the
   token's fingerprint, then redirects to the same URL without the token (so it leaves the
@@ -25,7 +26,6 @@ from flask import Blueprint, g, jsonify, redirect, render_template, request, ses
 
 from dashboard.sessions import token_session_ok
 from dashboard.throttle import token_throttle
-from dispatcher.accounts import Account
 from dispatcher.dashtoken import fingerprint, read_token, token_path, tokens_match
 
 bp = Blueprint("solo", __name__, template_folder="templates")
@@ -43,10 +43,6 @@ def _token() -> str:
 
 def is_dashboard_token(sent: str) -> bool:
     return tokens_match(sent, _token())
-
-
-def _local_user() -> Account:
-    return Account(request.headers.get("X-Lorafleet-User") or "local", "admin")
 
 
 def _how() -> str:
@@ -80,19 +76,23 @@ def _start(token: str) -> None:
 
 
 def _without_token() -> str:
+    """The same URL without `token=`: a path on this dashboard only (a request for
+    `//evil.example/` must not turn into a redirect to another host)."""
+    from dashboard.auth import _safe_next
+
     args = [(k, v) for k, v in request.args.items(multi=True) if k != "token"]
-    return request.path + ("?" + urlencode(args) if args else "")
+    return _safe_next(request.path + ("?" + urlencode(args) if args else ""))
 
 
 def gate(bearer: str | None):
     """The request hook's single-user part: None to go on, else the answer."""
-    from dashboard.auth import PUBLIC_ENDPOINTS, sessions
+    from dashboard.auth import PUBLIC_ENDPOINTS, local_user, sessions
 
     want = _token()
     if bearer is not None:
         if not tokens_match(bearer, want):
             return _wrong()
-        g.user, g.by_token = _local_user(), True
+        g.user, g.by_token = local_user(), True
         return None
     if request.endpoint == "solo.token_post":
         return None
@@ -105,7 +105,7 @@ def gate(bearer: str | None):
     sid = session.get("sid")
     record = sessions().get(sid) if sid else None
     if record and token_session_ok(record, fingerprint(want) if want else ""):
-        g.user = _local_user()
+        g.user = local_user()
         return None
     if sid:  # logged out, or made from a token that has since been replaced
         sessions().delete(sid)

@@ -11,6 +11,11 @@ Counts live in Redis (shared by every dashboard process and kept across restarts
 window as their expiry: the first attempt starts the window, and it ends on its own. The address
 limit is higher than the name's, since a team behind one NAT address shares it. Wrong dashboard
 tokens (single-user mode) are counted per address the same way (`kind="token"`).
+
+The trade-off: counting before the check means anyone who can reach the login page can use up
+a name's (or an address's) tries: a local account can lock a name for the window. An admin lifts
+it (`lorafleet user unlock NAME`, or the Users page); behind a reverse proxy,
+LORAFLEET_TRUSTED_PROXIES makes addresses real (dashboard/auth.py). API tokens are not throttled.
 """
 
 from __future__ import annotations
@@ -75,6 +80,13 @@ class LoginThrottle:
             pipe.eval("if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', "
                       "KEYS[1]) end return 0", 1, keys["address"])
         pipe.execute()
+
+    def unlock(self, name: str | None = None, addresses: tuple[str, ...] = ()) -> int:
+        """Clear the failed-login counts of `name` and of `addresses` (an admin lifting a lock
+        that another account caused). Returns how many counts there were."""
+        keys = [self._keys(name, None)["name"]] if name is not None else []
+        keys += [self._keys(None, a)["address"] for a in addresses if a]
+        return int(self.r.delete(*keys)) if keys else 0
 
 
 def token_throttle(redis: Any, prefix: str) -> LoginThrottle:

@@ -5,7 +5,8 @@ single-user mode the local user is one, so the first account can be made from th
 turns logins on). Two guards keep a fleet from locking itself out: an admin cannot remove or
 demote themself (here: the CLI has no "self"), and the last admin cannot be removed or demoted
 (dispatcher/accounts.py, under the accounts lock, so the CLI keeps it too). A removal or a role
-change ends that user's open sessions at once.
+change ends that user's open sessions at once. An admin may also lift a login lock
+(`POST /api/v1/users/NAME/unlock`, like `lorafleet user unlock NAME`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,17 @@ def set_role(name: str):
         return _account_error(e)
     sessions().end_all(name)
     return jsonify({"name": name, "role": role})
+
+
+@bp.post(API + "/<name>/unlock")
+def unlock_user(name: str):
+    """Clear `name`'s failed logins (another account's wrong passwords may have locked it)."""
+    from dashboard.app import services
+    from dashboard.throttle import LoginThrottle
+
+    svc = services()
+    cleared = LoginThrottle(svc.redis, svc.settings.prefix).unlock(name)
+    return jsonify({"name": name, "unlocked": bool(cleared)})
 
 
 @bp.post(API + "/<name>/token")

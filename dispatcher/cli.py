@@ -1020,6 +1020,31 @@ def user_role(name: str, role: str) -> None:
     click.echo(f"{name} is now {role}")
 
 
+@user.command("unlock")
+@click.argument("name")
+@click.option("--address", "addresses", multiple=True,
+              help="also clear this client address's failed logins (e.g. 127.0.0.1)")
+def user_unlock(name: str, addresses: tuple[str, ...]) -> None:
+    """Lift a login lock: clear NAME's failed logins (and --address's), so NAME may log in now.
+
+    Failed logins are counted before the password is checked, so any local account can lock a
+    name for 15 minutes with wrong passwords; this undoes it. Needs the fleet's Redis."""
+    from dashboard.throttle import LoginThrottle
+    from dispatcher.settings import RedisCredentialsError, connect
+
+    settings = Settings.from_env()
+    try:
+        r = connect(settings)
+        n = LoginThrottle(r, settings.prefix).unlock(name, addresses)
+    except RedisCredentialsError as e:
+        raise click.ClickException(str(e)) from None
+    except Exception as e:  # redis-py's connection errors
+        raise click.ClickException(f"cannot reach Redis ({settings.redis_display()}): {e}") \
+            from None
+    click.echo(f"unlocked {name}" if n else f"{name} had no failed logins counted: nothing to "
+               "lift", err=not n)
+
+
 @main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--url", default=None, help=URL_HELP)

@@ -27,8 +27,13 @@ class ApiError(RuntimeError):
         super().__init__(message)
 
 
+class ListenerNotOurs(ApiError):
+    """Another OS user's socket listens where the data folder's dashboard token would go."""
+
+
 class Client:
     def __init__(self, url: str, timeout: float = 30.0, token: str | None = None):
+        self.url = url
         self.base = url.rstrip("/") + "/api/v1"
         self.timeout = timeout
         self.session = requests.Session()
@@ -40,12 +45,33 @@ class Client:
 
             token = token_for(url)
             self.token_source = "dashboard token" if token else ""
-        if token:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+        # A token the user gave (argument, LORAFLEET_TOKEN) goes where the user pointed it. The
+        # data folder's own token goes only to this OS user's listener, checked before every
+        # request (see _auth), not once: the dashboard may restart during `submit --wait` or
+        # `logs -f`, and another account may take its port meanwhile.
+        self.token = token or ""
+
+    def _auth(self) -> dict[str, str]:
+        """The Authorization header for the next request ({} when there is no token)."""
+        if not self.token:
+            return {}
+        if self.token_source == "dashboard token":
+            from dispatcher.dashtoken import listener_is_mine
+
+            if not listener_is_mine(self.url):
+                self.token, self.token_source = "", ""  # never again from this client
+                raise ListenerNotOurs(0, f"another OS user's program now listens at {self.url} "
+                                         "(the dashboard stopped and its port was taken): the "
+                                         "data folder's dashboard token was not sent. Restart "
+                                         "the fleet with `lorafleet up` (on a free port if need "
+                                         "be: LORAFLEET_PORT) and run the command again")
+        return {"Authorization": f"Bearer {self.token}"}
 
     def _call(self, method: str, path: str, **kw: Any) -> Any:
+        headers = {**kw.pop("headers", {}), **self._auth()}
         try:
-            resp = self.session.request(method, self.base + path, timeout=self.timeout, **kw)
+            resp = self.session.request(method, self.base + path, timeout=self.timeout,
+                                        headers=headers, **kw)
         except requests.ConnectionError as e:
             raise ApiError(0, f"cannot reach the dashboard at {self.base}: is `lorafleet up` "
                               "running there? (set --url or LORAFLEET_URL)") from e
@@ -179,7 +205,7 @@ class Client:
         """Every event of the job, history first, then live until the job ends (SSE)."""
         last_id = None
         while True:
-            headers = {"Accept": "text/event-stream"}
+            headers = {"Accept": "text/event-stream", **self._auth()}  # checked at each reconnect
             if last_id:
                 headers["Last-Event-ID"] = last_id
             try:

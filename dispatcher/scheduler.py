@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections import Counter
@@ -48,6 +49,11 @@ DEFAULT_DURATION_S = 600.0
 DURATION_SAMPLES = 20
 # Every unfinished sweep is looked at this often even when none of its jobs moved.
 FULL_SWEEP_PASS_S = 60.0
+# The kept copy of the queue (PendingCache) is read again in full at least this often.
+FULL_PENDING_READ_S = 60.0
+# A pass that placed nothing is not planned again, while nothing it looked at changed, for up to
+# this long (a free card that no queued job fits would otherwise replan the queue every pass).
+REPLAN_UNCHANGED_S = 10.0
 
 
 def scheduling_env(env: dict[str, str] | None = None) -> tuple[float, int]:
@@ -253,38 +259,72 @@ def queue_view(store: JobStore, now: float, window_s: float,
     return QueueView(order=order, used=used, starts=starts)
 
 
+_WORKER_FIELDS = ("device", "mem_free_mb", "mem_total_mb", "mem_usable_mb", "mem_limit_mb",
+                  "outside_mb")
+
+
+def _pass_inputs(pending_version: int, active: list[dict[str, Any]],
+                 workers: list[dict[str, Any]], idle: list[dict[str, Any]]) -> tuple:
+    """Everything a pass's placement depends on, but the clock (fair share only orders jobs)."""
+    return (pending_version,
+            tuple(sorted((j["id"], j.get("worker"), j.get("owner"), j.get("sweep"))
+                         for j in active)),
+            tuple((w["name"], *(w.get(k) for k in _WORKER_FIELDS)) for w in workers),
+            tuple(w["name"] for w in idle))
+
+
 class PendingCache:
-    """The dispatcher's copy of the pending jobs' records from one pass to the next.
+    """A copy of the pending jobs' records kept from one read to the next: the dispatcher's,
+    from one pass to the next, and each dashboard process's, for the queue places of its job
+    lists (dashboard/app.py Services.pending).
 
     Reading and decoding every queued record each half second was most of a busy dispatcher's
     work (3,010 queued jobs: 0.46 s a pass, 44 % of a core). The store raises a counter with
     every change a pending job can see; while it stands still the copy is used as it is, and
     when it moves only the records whose `updated` stamp changed are read again. The
-    dispatcher's own notes (`reason`) are written to Redis and to the copy alike."""
+    dispatcher's own notes (`reason`) are written to Redis and to the copy alike. A write that
+    does not go through JobStore moves no counter: every `full_every_s` the whole queue is
+    read again anyway, so such a change is seen within that time. Safe to share between
+    threads (the dashboard's requests)."""
 
-    def __init__(self, store: JobStore):
+    def __init__(self, store: JobStore, full_every_s: float = FULL_PENDING_READ_S,
+                 clock: Callable[[], float] = time.monotonic):
         self.store = store
+        self.full_every_s = full_every_s
+        self.clock = clock
         self.rev: int | None = None
         self.jobs: dict[str, dict[str, Any]] = {}
         self.order: list[str] = []
+        self._full_at = -math.inf
+        self._lock = threading.Lock()
+        self.version = 0  # raised whenever the copy is read again (what it holds may differ)
 
     def read(self) -> list[dict[str, Any]]:
-        rev = self.store.pending_rev()  # read first: a change after it is seen next pass
-        if rev != self.rev:
-            heads = self.store.pending_heads()
-            # A record whose `updated` moved went through more than a waiting job's changes
-            # (it ran, say): read it whole; a new one too. Others take the waiting fields.
-            again = [i for i, head in heads if i not in self.jobs
-                     or self.jobs[i].get("updated") != head.get("updated")]
-            fresh = {j["id"]: j for j in self.store.get_many(again)}
-            jobs: dict[str, dict[str, Any]] = {}
-            for i, head in heads:
-                if i in fresh:
-                    jobs[i] = fresh[i]
-                elif i in self.jobs and i not in again:
-                    jobs[i] = {**self.jobs[i], **head}
-            self.jobs, self.order, self.rev = jobs, [i for i, _ in heads if i in jobs], rev
-        return [self.jobs[i] for i in self.order]
+        with self._lock:
+            now = self.clock()
+            if now - self._full_at >= self.full_every_s:
+                self.jobs, self._full_at = {}, now  # read every record again below
+                self.rev = None
+            rev = self.store.pending_rev()  # read first: a change after it is seen next time
+            if rev != self.rev:
+                self._refresh(rev)
+            return [self.jobs[i] for i in self.order]
+
+    def _refresh(self, rev: int) -> None:
+        heads = self.store.pending_heads()
+        # A record whose `updated` moved went through more than a waiting job's changes
+        # (it ran, say): read it whole; a new one too. Others take the waiting fields.
+        again = [i for i, head in heads if i not in self.jobs
+                 or self.jobs[i].get("updated") != head.get("updated")]
+        fresh = {j["id"]: j for j in self.store.get_many(again)}
+        jobs: dict[str, dict[str, Any]] = {}
+        for i, head in heads:
+            if i in fresh:
+                jobs[i] = fresh[i]
+            elif i in self.jobs and i not in again:
+                jobs[i] = {**self.jobs[i], **head}
+        self.jobs, self.order, self.rev = jobs, [i for i, _ in heads if i in jobs], rev
+        self.version += 1
 
 
 class Dispatcher:
@@ -304,6 +344,8 @@ class Dispatcher:
         self.clock = clock
         self.pending = PendingCache(store)
         self._full_sweep_pass = -math.inf
+        # What the last pass that placed nothing looked at, and when (see _unchanged).
+        self._fruitless: tuple[tuple, float] | None = None
 
     # leadership ------------------------------------------------------------------------------
     def hold_lock(self) -> bool:
@@ -341,6 +383,9 @@ class Dispatcher:
                 if workers and not any(fits(job, w, key="mem_total_mb") for w in workers):
                     self._note_waiting(job, workers)
             return []
+        looked_at = _pass_inputs(self.pending.version, active, workers, idle)
+        if self._unchanged(looked_at):
+            return []
         in_use = Counter(j.get("owner") or "local" for j in active)
         in_sweep = Counter(j["sweep"] for j in active if j.get("sweep"))
         view = queue_view(self.store, self.clock(), self.fair_window_s, active=active,
@@ -373,7 +418,17 @@ class Dispatcher:
                 if job.get("sweep"):
                     in_sweep[job["sweep"]] += 1
                 assigned.append((job["id"], fit["name"]))
+        self._fruitless = None if assigned else (looked_at, self.clock())
         return assigned
+
+    def _unchanged(self, looked_at: tuple) -> bool:
+        """Did the last pass place nothing with exactly these inputs, not long ago? Then this
+        one would place nothing either: a job is placed only when the queue, the running jobs
+        (per-user and per-sweep counts) or the idle cards change."""
+        if self._fruitless is None:
+            return False
+        before, at = self._fruitless
+        return before == looked_at and 0 <= self.clock() - at < REPLAN_UNCHANGED_S
 
     def _sweeps(self, active: list[dict[str, Any]]) -> None:
         """Early-stopping decisions and perplexity jobs of sweeps (dispatcher.sweeps): the

@@ -81,6 +81,7 @@ class Settings:
     # Seconds a running job's trainer has to answer a stop request (cancel) before the worker
     # kills the process that runs it.
     stop_grace_s: float = 60.0
+    trusted_proxies: int = 0
 
     @property
     def paths(self) -> DataPaths:
@@ -101,6 +102,7 @@ class Settings:
             worker_timeout=float(env.get("LORAFLEET_WORKER_TIMEOUT", 15.0)),
             heartbeat_interval=float(env.get("LORAFLEET_HEARTBEAT", 2.0)),
             stop_grace_s=_positive(env, "LORAFLEET_STOP_GRACE_S", 60.0),
+            trusted_proxies=int(env.get("LORAFLEET_TRUSTED_PROXIES") or 0),
         )
 
     def effective_redis_url(self) -> str:

@@ -103,3 +103,43 @@ def test_a_sweep_is_looked_at_when_one_of_its_jobs_moves(env, redis_client, pref
     # Every trial has ended: the sweep is finished, on the next pass, not the next full one.
     assert not redis_client.sismember(f"{prefix}:sweeps:active", sid)
     assert SweepStore(store).get(sid)["finished"]
+
+
+def test_a_free_card_that_no_queued_job_fits_is_not_replanned_every_pass(env, redis_client):
+    """Review of issue 10, #14: an idle worker that no queued job fits (each needs more memory
+    than its card has) made every pass plan the whole queue (3,010 jobs: 49 ms a pass)."""
+    from dispatcher.scheduler import REPLAN_UNCHANGED_S
+
+    store, fleet, d, sent, clock = env
+    for i in range(300):
+        clock.t += 0.001
+        store.create("train", {"lora_name": f"j{i}"}, ("bo", "cy")[i % 2], gpu_memory_mb=4000)
+    small = {"device": "cuda:0", "mem_total_mb": 2000, "mem_free_mb": 2000}
+    fleet.heartbeat("w1", **small)
+    assert d.tick() == []
+    d.tick()  # (the first pass's notes "waiting for a card with 4000 MB free" are in)
+    planned = calls(redis_client, "lrange", "zrangebyscore")
+    for _ in range(5):
+        clock.t += 1
+        fleet.heartbeat("w1", **small)  # the same card, heard from again
+        assert d.tick() == []
+    assert calls(redis_client, "lrange", "zrangebyscore") == planned  # no plan made
+    assert all(j["reason"] == "waiting for a card with 4000 MB free" for j in store.pending())
+    # Whatever could change the answer is seen on the next pass: a job that fits ...
+    fits = store.create("train", {"lora_name": "small"}, "dee", gpu_memory_mb=1000)
+    assert d.tick() == [(fits, "w1")]
+    store.transition(fits, JobState.RUNNING, "started")
+    store.transition(fits, JobState.SUCCEEDED, "done")
+    assert d.tick() == []
+    # ... a bigger card on the same worker ...
+    fleet.heartbeat("w1", device="cuda:0", mem_total_mb=8000, mem_free_mb=8000)
+    [(job, _)] = d.tick()
+    assert store.get(job)["gpu_memory_mb"] == 4000
+    store.transition(job, JobState.RUNNING, "started")
+    store.transition(job, JobState.SUCCEEDED, "done")
+    fleet.heartbeat("w1", **small)
+    assert d.tick() == []
+    # ... and, whatever happens, a plan at least every REPLAN_UNCHANGED_S.
+    planned = calls(redis_client, "lrange", "zrangebyscore")
+    clock.t += REPLAN_UNCHANGED_S
+    assert d.tick() == [] and calls(redis_client, "lrange", "zrangebyscore") > planned
