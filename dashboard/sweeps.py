@@ -131,7 +131,8 @@ def _names_in_use(plan: Any) -> list[dict[str, str]]:
     """A trial whose LoRA folder exists, or whose name a queued or running job uses, would
     continue (or race with) that LoRA instead of training from scratch: refused, named."""
     svc = services()
-    busy = {(j.get("spec") or {}).get("lora_name") for j in svc.store.pending() + svc.store.active()}
+    busy = {(j.get("spec") or {}).get("lora_name")
+            for j in svc.pending.read() + svc.store.active()}
     taken = [t.name for t in plan.trials
              if (svc.settings.paths.loras / t.name).exists() or t.name in busy]
     if not taken:
