@@ -9,11 +9,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 LF=${LF:-.venv/bin/lorafleet}
 export LORAFLEET_PORT=${LORAFLEET_PORT:-8790} LORAFLEET_EMBEDDED_REDIS_PORT=${LORAFLEET_EMBEDDED_REDIS_PORT:-6395}
 URL="http://127.0.0.1:$LORAFLEET_PORT"
+# The dashboard wants its token (the data folder's .dashboard_token, 0600) on every API call.
+lfcurl() { curl -s -H "Authorization: Bearer $(cat "$LORAFLEET_HOME/.dashboard_token" 2>/dev/null)" "$@"; }
 $LF init >/dev/null
+# up.out holds the printed URL, with the token: readable by this OS user only.
+install -m 600 /dev/null "$LORAFLEET_HOME/up.out"
 $LF up --gpus cpu > "$LORAFLEET_HOME/up.out" 2>&1 < /dev/null &
 UP=$!
 trap 'kill -INT $UP; wait $UP' EXIT
-for _ in $(seq 1 60); do curl -sf "$URL/api/v1/workers" | grep -q '"alive":true' && break; sleep 1; done
+for _ in $(seq 1 60); do lfcurl -f "$URL/api/v1/workers" | grep -q '"alive":true' && break; sleep 1; done
 
 spec=$(mktemp --suffix .yaml)
 cat > "$spec" <<YAML

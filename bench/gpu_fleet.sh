@@ -6,6 +6,8 @@ OUT=${OUT:-/tmp/lorafleet-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LORAFLEET_HOME=/tmp/lorafleet-fleet LORAFLEET_PORT=8765
 rm -rf "$LORAFLEET_HOME"
+# The dashboard wants its token (the data folder's .dashboard_token, 0600) on every API call.
+lfcurl() { curl -s -H "Authorization: Bearer $(cat "$LORAFLEET_HOME/.dashboard_token" 2>/dev/null)" "$@"; }
 MODEL=llama-3.2-1b-random
 timeout -k 5 300 python3 -m bench.random_model "$LORAFLEET_HOME/models/$MODEL" --shape llama-3.2-1b > /dev/null 2>&1 || exit 1
 python3 - <<'PY'
@@ -20,10 +22,11 @@ words = "the sea is wide and deep and the waves are grey and green".split()
     [{"text": " ".join(rng.choice(words) for _ in range(9000))} for _ in range(64)]))
 (p.formats / "text.json").write_text(json.dumps({"text": "%text%"}))
 PY
+install -m 600 /dev/null "$OUT/up.log"  # it holds the printed URL, with the token
 python3 -m dispatcher.cli up --gpus all > "$OUT/up.log" 2>&1 < /dev/null &
 UP=$!
 for _ in $(seq 1 120); do
-    curl -sf http://127.0.0.1:8765/api/v1/workers | grep -q '"alive":true' && break
+    lfcurl -f http://127.0.0.1:8765/api/v1/workers | grep -q '"alive":true' && break
     sleep 1
 done
 timeout -k 5 480 python3 -m bench.gpu_fleet_jobs --model "$MODEL" --out "$OUT/fleet_jobs.json"

@@ -12,6 +12,8 @@ set -u
 OUT=${OUT:-/tmp/lorafleet-overhead}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LORAFLEET_PORT=8766
+# The dashboard wants its token (the data folder's .dashboard_token, 0600) on every API call.
+lfcurl() { curl -s -H "Authorization: Bearer $(cat "$LORAFLEET_HOME/.dashboard_token" 2>/dev/null)" "$@"; }
 MODEL_HOME=/tmp/lorafleet-overhead-model
 timeout -k 5 300 python3 -m bench.random_model "$MODEL_HOME/llama-3.2-1b-random" \
     --shape llama-3.2-1b > "$OUT/model.log" 2>&1 || exit 1
@@ -22,10 +24,11 @@ for preload in ${PRELOADS:-0 1}; do
     # A copy: a link that leads outside models/ is refused, as any such path is.
     cp -r "$MODEL_HOME/llama-3.2-1b-random" "$LORAFLEET_HOME/models/"
     cp formats/samples/alpaca-sample.json "$LORAFLEET_HOME/datasets/"
+    install -m 600 /dev/null "$OUT/up-$preload.log"  # it holds the printed URL, with the token
     python3 -m dispatcher.cli up --gpus 0 > "$OUT/up-$preload.log" 2>&1 < /dev/null &
     UP=$!
     for _ in $(seq 1 120); do
-        curl -sf "http://127.0.0.1:$LORAFLEET_PORT/api/v1/workers" | grep -q '"alive": *true' && break
+        lfcurl -f "http://127.0.0.1:$LORAFLEET_PORT/api/v1/workers" | grep -q '"alive": *true' && break
         sleep 1
     done
     ids=()

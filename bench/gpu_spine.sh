@@ -10,6 +10,8 @@ OUT=${OUT:-/tmp/lorafleet-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LORAFLEET_HOME=/tmp/lorafleet-home LORAFLEET_PORT=8765
 rm -rf "$LORAFLEET_HOME"; mkdir -p "$LORAFLEET_HOME/datasets"
+# The dashboard wants its token (the data folder's .dashboard_token, 0600) on every API call.
+lfcurl() { curl -s -H "Authorization: Bearer $(cat "$LORAFLEET_HOME/.dashboard_token" 2>/dev/null)" "$@"; }
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$OUT/cards.csv" 2>&1
 
 echo "== random Llama-3.2-1B-shaped model"
@@ -18,6 +20,7 @@ timeout -k 5 300 python3 -m bench.random_model "$LORAFLEET_HOME/models/llama-3.2
 cp formats/samples/alpaca-sample.json "$LORAFLEET_HOME/datasets/"
 
 echo "== lorafleet up"
+install -m 600 /dev/null "$OUT/up.log"  # it holds the printed URL, with the token
 python3 -m dispatcher.cli up --gpus "${GPUS:-all}" > "$OUT/up.log" 2>&1 < /dev/null &
 UP=$!
 for _ in $(seq 1 120); do
@@ -57,8 +60,8 @@ end=$(date +%s.%N)
 echo "submit --wait exit code $rc, $(python3 -c "print(round($end-$start,1))") s wall"
 JOB=$(head -1 "$OUT/job_id.txt")
 python3 -m dispatcher.cli status "$JOB" --json > "$OUT/status.json" 2>&1
-curl -s "http://127.0.0.1:8765/api/v1/jobs/$JOB/events?format=json" > "$OUT/events.json"
-curl -s "http://127.0.0.1:8765/api/v1/workers" > "$OUT/workers.json"
+lfcurl "http://127.0.0.1:8765/api/v1/jobs/$JOB/events?format=json" > "$OUT/events.json"
+lfcurl "http://127.0.0.1:8765/api/v1/workers" > "$OUT/workers.json"
 tail -5 "$OUT/submit.log"
 python3 - "$OUT" <<'EOF'
 import json, sys

@@ -7,6 +7,8 @@ OUT=${OUT:-/tmp/lorafleet-team}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LORAFLEET_HOME=/tmp/lorafleet-team-home LORAFLEET_PORT=8765
 rm -rf "$LORAFLEET_HOME"
+# The dashboard wants its token (the data folder's .dashboard_token, 0600) on every API call.
+lfcurl() { curl -s -H "Authorization: Bearer $(cat "$LORAFLEET_HOME/.dashboard_token" 2>/dev/null)" "$@"; }
 MODEL=llama-3.2-1b-random
 CARDS=$(nvidia-smi -L | wc -l)
 timeout -k 5 300 python3 -m bench.random_model "$LORAFLEET_HOME/models/$MODEL" --shape llama-3.2-1b > "$OUT/model.log" 2>&1 || { tail "$OUT/model.log"; exit 1; }
@@ -22,10 +24,11 @@ words = "the sea is wide and deep and the waves are grey and green".split()
     [{"text": " ".join(rng.choice(words) for _ in range(3000))} for _ in range(64)]))
 (p.formats / "text.json").write_text(json.dumps({"text": "%text%"}))
 PY
+install -m 600 /dev/null "$OUT/up.log"  # it holds the printed URL, with the token
 python3 -m dispatcher.cli up --gpus all > "$OUT/up.log" 2>&1 < /dev/null &
 UP=$!
 for _ in $(seq 1 120); do
-    n=$(curl -sf http://127.0.0.1:8765/api/v1/workers | grep -o '"alive":true' | wc -l)
+    n=$(lfcurl -f http://127.0.0.1:8765/api/v1/workers | grep -o '"alive":true' | wc -l)
     [ "$n" -ge "$CARDS" ] && break
     sleep 1
 done
@@ -35,7 +38,7 @@ if [ "$CARDS" -ge 2 ]; then
     python3 -c "import torch, time; x = torch.empty(16 << 30, dtype=torch.uint8, device='cuda:$((CARDS - 1))'); time.sleep(40)" > "$OUT/outside.log" 2>&1 < /dev/null &
     HOG=$!
     sleep 15
-    curl -s http://127.0.0.1:8765/api/v1/workers > "$OUT/workers_with_outside_use.json"
+    lfcurl http://127.0.0.1:8765/api/v1/workers > "$OUT/workers_with_outside_use.json"
     echo "outside process pid $HOG"
     kill $HOG; wait $HOG 2>/dev/null
     sleep 4

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -220,6 +221,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     return app
 
 
+class RedactToken(logging.Filter):
+    """Werkzeug logs each request line with its query ("GET /?token=… HTTP/1.1" 200): the
+    dashboard's log keeps the line, never the token's value."""
+
+    PATTERN = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message.lower():
+            record.msg, record.args = self.PATTERN.sub(r"\1***", message), ()
+        return True
+
+
 def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app) -> None:
     """Run the dashboard with a threaded server (each live SSE view holds one thread)."""
     from werkzeug.serving import run_simple
@@ -237,5 +251,6 @@ def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app) ->
     except OSError as e:
         log.warning("could not record this dashboard for the CLI (%s): set LORAFLEET_HOME "
                     "or LORAFLEET_TOKEN where you run it", e)
+    logging.getLogger("werkzeug").addFilter(RedactToken())
     run_simple(settings.dashboard_host, settings.dashboard_port, app, threaded=True,
                use_reloader=False, use_debugger=False)

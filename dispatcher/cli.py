@@ -125,8 +125,13 @@ class Supervisor:
     def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
         out: Any = None
         if self.logs is not None:
-            self.logs.mkdir(parents=True, exist_ok=True)
-            out = open(self.logs / f"{name}.log", "ab")
+            # 0700 / 0600: a log line may hold what only the fleet's user may see (the
+            # dashboard's request log is filtered, other libraries' output cannot be).
+            self.logs.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.logs / f"{name}.log",
+                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+            os.fchmod(fd, 0o600)  # a log made by an older version
+            out = open(fd, "ab")
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT if out else None,
                                 start_new_session=True)
@@ -209,10 +214,11 @@ def up(gpus: str, host: str | None, port: int | None) -> None:
         env["LORAFLEET_PORT"] = str(port)
     from dispatcher.accounts import Accounts, single_user_refusal
 
-    refusal = single_user_refusal(Settings.from_env(env).dashboard_host,
-                                  Accounts(settings.paths.home))
+    s2 = Settings.from_env(env)
+    refusal = single_user_refusal(s2.dashboard_host, Accounts(settings.paths.home))
     if refusal:  # before anything starts
         raise click.ClickException(refusal)
+    _check_dashboard_port(s2)
     _guard_data_folder(settings)
     sup = Supervisor(logs=settings.paths.logs)
     code = 0
@@ -227,15 +233,15 @@ def up(gpus: str, host: str | None, port: int | None) -> None:
         else:
             click.echo(f"redis:      {settings.redis_display()}")
         sup.start("dispatcher", [sys.executable, "-m", "dispatcher"], env)
-        sup.start("dashboard", [sys.executable, "-m", "dashboard"], env)
+        dash = sup.start("dashboard", [sys.executable, "-m", "dashboard"], env)
         cards = parse_gpus(gpus)
         for name, cmd, wenv in _worker_cmds(cards, env):
             sup.start(name, cmd, wenv)
         desc = ", ".join("CPU" if g is None else f"GPU {g}" for g in cards)
-        s2 = Settings.from_env(env)
         click.echo(f"workers:    {len(cards)} ({desc})")
         click.echo(f"data:       {settings.home}")
         click.echo(f"logs:       {settings.paths.logs}")
+        _wait_dashboard(s2, dash)  # the URL (and its token) only once the port is ours
         click.echo(f"dashboard:  {_dashboard_url(s2)}")
         click.echo("Press Ctrl-C to stop everything.")
         code = sup.wait()
@@ -251,12 +257,58 @@ def up(gpus: str, host: str | None, port: int | None) -> None:
 
 def _guard_data_folder(settings: Settings) -> None:
     """Make the data folder's private files private again, and say (on stderr) how other OS
-    users could still change the folder under the fleet."""
-    from dispatcher.private import exposure_warnings, tighten
+    users could still change the folder under the fleet, or read what is not private in it
+    (a note: the folder is the user's, and is not changed for them)."""
+    from dispatcher.private import exposure_warnings, readable_note, tighten
 
     tighten(settings.home)
     for line in exposure_warnings(settings.home):
         click.echo(f"lorafleet: warning: {line}", err=True)
+    note = readable_note(settings.home)
+    if note:
+        click.echo(f"lorafleet: note: {note}", err=True)
+
+
+def _check_dashboard_port(settings: Settings) -> None:
+    """Refuse before anything starts when the dashboard's port is taken: the printed URL (with
+    its token) would lead to whoever holds it."""
+    from dispatcher.embedded import port_is_free
+
+    host, port = settings.dashboard_host, settings.dashboard_port
+    if not port_is_free(port, host):
+        raise click.ClickException(
+            f"the dashboard's port {port} on {host} is already in use (another lorafleet, or "
+            f"another program); stop it, or pick another port: lorafleet up --port {port + 1} "
+            "(or LORAFLEET_PORT)")
+
+
+def _wait_dashboard(settings: Settings, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Until the dashboard answers /healthz on its port, which a socket of this OS user holds.
+    Raises when the dashboard exits first (it could not bind) or another user's socket is
+    there: then no URL is printed, and no token goes anywhere."""
+    import requests
+
+    from dispatcher.dashtoken import own_url
+    from dispatcher.private import foreign_listener
+
+    url = own_url(settings)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the dashboard exited with code {proc.returncode} before it "
+                               f"answered on {url}; see {settings.paths.logs}/dashboard.log")
+        uid = foreign_listener(settings.dashboard_host, settings.dashboard_port)
+        if uid is not None:
+            raise RuntimeError(f"port {settings.dashboard_port} is held by another OS user's "
+                               f"process (uid {uid}), not this fleet's dashboard; pick another "
+                               "port: lorafleet up --port N")
+        try:
+            if requests.get(url + "/healthz", timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the dashboard did not answer on {url} within {timeout:.0f}s")
 
 
 def _start_embedded_redis(settings: Settings) -> subprocess.Popen:
@@ -325,6 +377,7 @@ def dispatcher() -> None:
 @main.command()
 def dashboard() -> None:
     """Run the web dashboard in the foreground."""
+    _check_dashboard_port(Settings.from_env())
     click.echo(f"dashboard:  {_dashboard_url(Settings.from_env())}")
     os.execv(sys.executable, [sys.executable, "-m", "dashboard"])
 

@@ -13,20 +13,26 @@ The CLI finds the token by itself, and only ever sends it to the URL it belongs 
   the secret stays in one place, and replacing the token file needs no second edit.
 On Linux it also checks that the socket listening on that port belongs to the same OS user, so
 another account that took the port while the fleet was down never receives the token.
+Loopback names (localhost, 127.0.0.1, [::1]) count as one host when a URL is matched.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
-import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from dispatcher.private import read_secret, secret_file
+from dispatcher.private import (
+    foreign_listener,
+    listener_uids,  # noqa: F401  (its old home; others import it here)
+    read_secret,
+    secret_file,
+    write_private,
+)
 from dispatcher.settings import Settings
 
 TOKEN_FILE = ".dashboard_token"
@@ -56,8 +62,14 @@ def tokens_match(sent: str | None, want: str) -> bool:
 
 
 # -- URLs ---------------------------------------------------------------------------------------
+# Names of this machine's loopback: one dashboard on 127.0.0.1 is reached as any of them
+# (LORAFLEET_URL=http://localhost:8765), and the listener check guards where the token goes.
+LOOPBACK = ("localhost", "127.0.0.1", "::1", "ip6-localhost")
+
+
 def normal_url(url: str) -> str:
-    """scheme://host:port of `url`, lower-case, with the default port filled in."""
+    """scheme://host:port of `url`, lower-case, with the default port filled in and loopback
+    names written as 127.0.0.1."""
     parts = urlsplit(url.strip())
     scheme = (parts.scheme or "http").lower()
     try:
@@ -65,6 +77,7 @@ def normal_url(url: str) -> str:
     except ValueError:
         port = 0
     host = (parts.hostname or "").lower()
+    host = "127.0.0.1" if host in LOOPBACK else host
     return f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
@@ -95,15 +108,19 @@ def _registry(path: Path) -> dict[str, dict[str, str]]:
 
 
 def remember(settings: Settings, env: dict[str, str] | None = None) -> None:
-    """Record (for this OS user's CLI) which token file belongs to this dashboard's URL."""
+    """Record (for this OS user's CLI) which token file belongs to this dashboard's URL.
+    Under a lock next to the registry: two dashboards starting at once both stay in it."""
     path = registry_path(env)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data = _registry(path)
-    data[normal_url(own_url(settings))] = {"token_file": str(token_path(settings.home))}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    lock = os.open(path.with_name(path.name + ".lock"),
+                   os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = _registry(path)
+        data[normal_url(own_url(settings))] = {"token_file": str(token_path(settings.home))}
+        write_private(path, json.dumps(data, indent=1, sort_keys=True))
+    finally:
+        os.close(lock)  # closing releases the lock
 
 
 def token_for(url: str, env: dict[str, str] | None = None) -> str:
@@ -122,49 +139,13 @@ def token_for(url: str, env: dict[str, str] | None = None) -> str:
     for f in files:
         token = read_secret(f)
         if token:
-            return token if listener_is_mine(want) else ""
+            # The URL as given: it is where the token goes ([::1] is not 127.0.0.1's socket).
+            return token if listener_is_mine(url) else ""
     return ""
 
 
-# -- who listens on a port (Linux) --------------------------------------------------------------
-def _proc_addr(hexaddr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    raw = bytes.fromhex(hexaddr)
-    if len(raw) == 4:
-        return ipaddress.ip_address(raw[::-1])
-    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
-
-
-def listener_uids(host: str, port: int) -> set[int] | None:
-    """OS user ids of the sockets listening where host:port connects; None where unknown."""
-    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
-    if not tables[0].exists():
-        return None
-    try:
-        targets = {ipaddress.ip_address(a[4][0].split("%")[0])
-                   for a in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
-    except (OSError, ValueError):
-        return None
-    uids: set[int] = set()
-    for table in tables:
-        try:
-            lines = table.read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) < 8 or f[3] != "0A":  # 0A: LISTEN
-                continue
-            hexaddr, hexport = f[1].split(":")
-            addr = _proc_addr(hexaddr)
-            mapped = getattr(addr, "ipv4_mapped", None)
-            if int(hexport, 16) == port and (addr.is_unspecified or addr in targets
-                                             or mapped in targets):
-                uids.add(int(f[7]))
-    return uids
-
-
+# -- who listens on a port (Linux; the reading of /proc is in dispatcher.private) ---------------
 def listener_is_mine(url: str) -> bool:
     """False when a socket of another OS user listens at `url` (where the token would go)."""
     parts = urlsplit(url)
-    uids = listener_uids(parts.hostname or "", parts.port or 80)
-    return uids is None or not uids or uids == {os.getuid()}
+    return foreign_listener(parts.hostname or "", parts.port or 80) is None

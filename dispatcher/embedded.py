@@ -20,6 +20,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from dispatcher.private import foreign_listener, write_private
+
 
 class EmbeddedRedisError(RuntimeError):
     pass
@@ -52,6 +54,9 @@ def server_binary() -> str:
 RENAMED_COMMANDS = ("CONFIG", "DEBUG", "MODULE", "SLAVEOF", "REPLICAOF", "MIGRATE", "ACL",
                     "SYNC", "PSYNC")
 CONFIG_FILE = "redis.conf"
+# The port the server of this folder started on, read back by every lorafleet process of the
+# data folder (dispatcher.settings), so they find it with no LORAFLEET_EMBEDDED_REDIS_PORT.
+PORT_FILE = "port"
 
 
 def _quoted(value: str) -> str:
@@ -73,21 +78,16 @@ def config_text(data_dir: Path, port: int, password: str, appendfsync: str,
     return "\n".join(lines) + "\n"
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Replace `path` with `text`, readable by this OS user only from the first byte on."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """Can a server bind host:port now? (IPv4 or IPv6, whichever `host` is.)"""
+    try:
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return False
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
+            s.bind(addr)
             return True
         except OSError:
             return False
@@ -114,11 +114,17 @@ def start_server(data_dir: Path, port: int, *, password: str, log_file: Path | N
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     if not port_is_free(port):
+        uid = foreign_listener("127.0.0.1", port)
+        if uid is not None:
+            raise EmbeddedRedisError(
+                f"port {port} is held by another OS user's process (uid {uid}), not this data "
+                "folder's Redis: start the fleet on another port (LORAFLEET_EMBEDDED_REDIS_PORT)")
         raise EmbeddedRedisError(
             f"port {port} is already in use: another lorafleet (or Redis) is running there; "
             "stop it or set LORAFLEET_REDIS_URL to use it")
     conf = data_dir / CONFIG_FILE
-    _write_private(conf, config_text(data_dir, port, password, appendfsync, log_file))
+    write_private(conf, config_text(data_dir, port, password, appendfsync, log_file))
+    write_private(data_dir / PORT_FILE, f"{port}\n")
     # Its own session: a Ctrl-C in the terminal reaches only `lorafleet up`, which stops the
     # server last, after everything that writes to it. umask 077: the append-only file (and
     # any rewrite of it) is 0600.
@@ -135,6 +141,9 @@ def start_server(data_dir: Path, port: int, *, password: str, log_file: Path | N
             raise EmbeddedRedisError(
                 f"redis-server exited with code {proc.returncode}"
                 + (f"; see {log_file}" if log_file else ""))
+        if foreign_listener("127.0.0.1", port) is not None:  # took the port first: no password
+            proc.terminate()
+            raise EmbeddedRedisError(f"port {port} was taken by another OS user's process")
         try:
             if client.ping():
                 # Loading a large AOF answers PING with LOADING errors until done.

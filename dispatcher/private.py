@@ -7,8 +7,12 @@ local accounts may be able to list the data folder, never to read or replace the
 
 from __future__ import annotations
 
+import grp
+import ipaddress
 import os
+import pwd
 import secrets
+import socket
 import stat
 from pathlib import Path
 
@@ -16,44 +20,70 @@ from pathlib import Path
 PRIVATE_FILES = (".redis_password", ".secret_key", ".dashboard_token", "accounts.json",
                  "accounts.lock")
 # Folders only the fleet's OS user may enter (0700); everything directly inside is 0600.
-PRIVATE_DIRS = ("redis",)
+# logs/: a request line of the dashboard's log may hold the token of the URL `up` prints.
+PRIVATE_DIRS = ("redis", "logs")
+
+
+def read_private(path: Path) -> str:
+    """`path`'s text, never through a link (a link put in place of a private file could hand
+    out another file, or make us read one that is not the fleet's). FileNotFoundError when
+    there is none; OSError (ELOOP) when it is a link."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, encoding="utf-8") as f:
+        return f.read()
 
 
 def read_secret(path: Path) -> str:
-    """The secret in `path`, or "" when there is none (no file, an empty one, or one this OS
-    user may not read)."""
+    """The secret in `path`, or "" when there is none (no file, an empty one, a link, or one
+    this OS user may not read)."""
     try:
-        return Path(path).read_text().strip()
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return read_private(Path(path)).strip()
+    except OSError:
         return ""
+
+
+def write_private(path: Path, text: str, *, replace: bool = True) -> bool:
+    """Put `text` in `path`, readable by this OS user only from the first byte on (0600).
+
+    Written whole to a new temporary file (O_EXCL | O_NOFOLLOW: never one that someone else
+    made or linked there), then moved into place: another process sees the old file or the
+    new one, never half of one. With replace=False an existing `path` is kept (the first
+    writer wins) and False is returned."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if not replace:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        os.replace(tmp, path)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def secret_file(path: Path, nbytes: int = 32) -> str:
     """The secret kept in `path`, made once at random (mode 0600) if there is none yet.
 
-    Written whole to a temporary file, then linked into place: another process sees either no
-    file or a whole one; the first link wins and everyone uses that secret. A file this OS user
-    may not read raises PermissionError: it is someone else's, and is never replaced."""
+    The first writer wins and everyone uses that secret. A file this OS user may not read
+    raises PermissionError, and a link in its place OSError: it is not ours, never replaced."""
     path = Path(path)
     try:
-        value = path.read_text().strip()
+        value = read_private(path).strip()
     except FileNotFoundError:
         value = ""
     if value:
         return value
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(nbytes) + "\n")
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        if not path.read_text().strip():  # an empty file left by a crash: replace it
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.read_text().strip()
+    made = secrets.token_urlsafe(nbytes) + "\n"
+    if not write_private(path, made, replace=False) and not read_private(path).strip():
+        write_private(path, made)  # an empty file left by a crash: replace it
+    return read_private(path).strip()
 
 
 def _chmod_own(path: Path, mode: int) -> bool:
@@ -83,11 +113,67 @@ def tighten(home: Path) -> list[Path]:
     return changed
 
 
+def private_group(gid: int) -> bool:
+    """True when group `gid` is this OS user's own (per-user) group: its primary group, named
+    like the user, with no other members. Group rights on it reach nobody else (distros with
+    user private groups and umask 002 make every folder group-writable)."""
+    try:
+        me = pwd.getpwuid(os.geteuid())
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return me.pw_gid == gid and group.gr_name == me.pw_name and not group.gr_mem
+
+
+def _others_bits(st: os.stat_result, group_bits: int, other_bits: int) -> int:
+    """The bits of `st` that reach other OS users: the group's count unless it is ours alone."""
+    bits = st.st_mode & other_bits
+    if st.st_mode & group_bits and not private_group(st.st_gid):
+        bits |= st.st_mode & group_bits
+    return bits
+
+
+def _private_file_warnings(home: Path) -> list[str]:
+    """A private file (or folder) that is a link, or that another OS user owns: the fleet
+    neither reads nor tightens it, and someone else may be reading what it holds."""
+    out: list[str] = []
+    me = os.geteuid()
+    for name in PRIVATE_FILES + PRIVATE_DIRS:
+        path = home / name
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            out.append(f"{path} is a link (to {os.readlink(path)}); private files must be "
+                       f"plain files of yours: remove the link (rm {path})")
+        elif st.st_uid != me:
+            out.append(f"{path} belongs to another OS user (uid {st.st_uid}), who can read "
+                       f"it; remove it so that the fleet makes its own (rm -r {path})")
+    return out
+
+
+def readable_note(home: Path) -> str:
+    """One line when other OS users may read the data folder (datasets, LoRAs, models, logs,
+    evaluations.csv: everything but its private files), else "". Not a warning: a team may
+    want to share models, so the folder is left as its owner made it."""
+    try:
+        st = home.stat()
+    except FileNotFoundError:
+        return ""
+    if not _others_bits(st, stat.S_IRGRP | stat.S_IXGRP, stat.S_IROTH | stat.S_IXOTH):
+        return ""
+    return (f"other OS users can read the data folder {home} (datasets, LoRAs, models, logs, "
+            f"evaluations.csv; not its private files); to close it: chmod 700 {home}")
+
+
 def exposure_warnings(home: Path) -> list[str]:
     """One line per way another OS user could change the data folder under the fleet: the
     folder itself writable by group or others (or not ours), or a folder above it that they
     could write without the sticky bit (they could rename the data folder away and put their
-    own in its place). A sticky folder like /tmp only lets its owner rename what is ours."""
+    own in its place); a private file that is a link or someone else's. A sticky folder like
+    /tmp only lets its owner rename what is ours. A group that is the user's own private
+    group counts as the user."""
     out: list[str] = []
     try:
         st = home.stat()
@@ -97,18 +183,66 @@ def exposure_warnings(home: Path) -> list[str]:
     if st.st_uid not in (me, 0):
         out.append(f"the data folder {home} belongs to another OS user (uid {st.st_uid}), who "
                    "can read and change everything in it; use a folder of your own")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if _others_bits(st, stat.S_IWGRP, stat.S_IWOTH):
         out.append(f"the data folder {home} can be written by other OS users; "
                    f"fix: chmod g-w,o-w {home}")
+    out += _private_file_warnings(home)
     for parent in home.parents:
         try:
             pst = parent.stat()
         except OSError:
             continue
-        if pst.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
+        if _others_bits(pst, stat.S_IWGRP, stat.S_IWOTH) and not pst.st_mode & stat.S_ISVTX:
             out.append(f"{parent} (above the data folder) can be written by other OS users, "
                        f"who could replace the data folder; fix: chmod g-w,o-w {parent}")
         if pst.st_uid not in (me, 0):
             out.append(f"{parent} (above the data folder) belongs to another OS user "
                        f"(uid {pst.st_uid}), who could replace the data folder")
     return out
+
+
+# -- who listens on a port (Linux) --------------------------------------------------------------
+def _proc_addr(hexaddr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = bytes.fromhex(hexaddr)
+    if len(raw) == 4:
+        return ipaddress.ip_address(raw[::-1])
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+
+def listener_uids(host: str, port: int) -> set[int] | None:
+    """OS user ids of the sockets listening where host:port connects; None where unknown
+    (no /proc/net/tcp, or a host name that does not resolve)."""
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].exists():
+        return None
+    try:
+        targets = {ipaddress.ip_address(a[4][0].split("%")[0])
+                   for a in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, ValueError):
+        return None
+    uids: set[int] = set()
+    for table in tables:
+        try:
+            lines = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 8 or f[3] != "0A":  # 0A: LISTEN
+                continue
+            hexaddr, hexport = f[1].split(":")
+            addr = _proc_addr(hexaddr)
+            mapped = getattr(addr, "ipv4_mapped", None)
+            if int(hexport, 16) == port and (addr.is_unspecified or addr in targets
+                                             or mapped in targets):
+                uids.add(int(f[7]))
+    return uids
+
+
+def foreign_listener(host: str, port: int) -> int | None:
+    """The uid of another OS user's socket listening at host:port, or None (nobody listens,
+    only this user does, or it cannot be told: not Linux). A secret sent there would go to
+    whoever took the port while the fleet's own server was down."""
+    uids = listener_uids(host, port)
+    others = sorted((uids or set()) - {os.geteuid()})
+    return others[0] if others else None

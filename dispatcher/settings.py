@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +13,16 @@ DEFAULT_PORT = 8765
 DEFAULT_EMBEDDED_REDIS_PORT = 6390
 # The embedded Redis's password, made once by `lorafleet up` / `lorafleet redis` (mode 0600).
 REDIS_PASSWORD_FILE = ".redis_password"
+# The port the embedded server of the data folder last started on (written by start_server).
+REDIS_PORT_FILE = "redis/port"
 
 
 class RedisCredentialsError(RuntimeError):
     """The embedded Redis's password cannot be had from the data folder."""
+
+
+class RedisPortTakenError(RedisCredentialsError):
+    """Another OS user's process listens on the embedded server's port: no password goes there."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +63,19 @@ class DataPaths:
     def redis_password(self) -> Path:
         return self.home / REDIS_PASSWORD_FILE
 
+    @property
+    def redis_port(self) -> Path:
+        return self.home / REDIS_PORT_FILE
+
     def ensure(self) -> None:
-        for p in (self.models, self.datasets, self.formats, self.loras, self.evals, self.redis,
-                  self.logs):
+        """Make the folders that are missing. A new data folder is the fleet's OS user's alone
+        (0700: others use the dashboard, not the files); redis/ and logs/ are always 0700."""
+        if not self.home.exists():
+            self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for p in (self.models, self.datasets, self.formats, self.loras, self.evals):
             p.mkdir(parents=True, exist_ok=True)
+        for p in (self.redis, self.logs):
+            p.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
 @dataclass(frozen=True)
@@ -94,8 +110,7 @@ class Settings:
         return cls(
             home=home,
             redis_url=env.get("LORAFLEET_REDIS_URL", ""),
-            embedded_redis_port=int(env.get("LORAFLEET_EMBEDDED_REDIS_PORT",
-                                            DEFAULT_EMBEDDED_REDIS_PORT)),
+            embedded_redis_port=_embedded_port(env, DataPaths(home)),
             dashboard_host=env.get("LORAFLEET_HOST", "127.0.0.1"),
             dashboard_port=int(env.get("LORAFLEET_PORT", DEFAULT_PORT)),
             prefix=env.get("LORAFLEET_PREFIX", "lf"),
@@ -111,18 +126,25 @@ class Settings:
         if self.redis_url:
             return self.redis_url
         password = self.embedded_redis_password()
+        check_redis_listener(self.embedded_redis_port)
         return f"redis://:{quote(password, safe='')}@127.0.0.1:{self.embedded_redis_port}/0"
 
     def embedded_redis_password(self) -> str:
+        from dispatcher.private import read_private
+
         path = self.paths.redis_password
         try:
-            password = path.read_text().strip()
+            password = read_private(path).strip()
         except PermissionError:
             raise RedisCredentialsError(
                 f"cannot read the data folder's Redis password ({path}): run lorafleet as the "
                 "OS user that owns the data folder, or set LORAFLEET_REDIS_URL") from None
         except FileNotFoundError:
             password = ""
+        except OSError as e:  # a link in its place (ELOOP), a folder: not the fleet's secret
+            raise RedisCredentialsError(
+                f"the data folder's Redis password ({path}) is not a plain file of yours ({e}); "
+                "remove it and start the fleet again") from None
         if not password:
             raise RedisCredentialsError(
                 f"no Redis password in the data folder ({path}): the embedded Redis of this "
@@ -135,6 +157,40 @@ class Settings:
         if not self.redis_url:
             return f"embedded server on port {self.embedded_redis_port}"
         return redact_url(self.redis_url)
+
+
+def _embedded_port(env: dict[str, str], paths: DataPaths) -> int:
+    """LORAFLEET_EMBEDDED_REDIS_PORT when set (it wins, and the server records it when it
+    starts), else the port the data folder's server last started on, else 6390: every process
+    of one data folder finds the same server with no setting."""
+    from dispatcher.private import read_secret
+
+    raw = env.get("LORAFLEET_EMBEDDED_REDIS_PORT") or read_secret(paths.redis_port)
+    if not raw:
+        return DEFAULT_EMBEDDED_REDIS_PORT
+    try:
+        port = int(raw)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        where = ("LORAFLEET_EMBEDDED_REDIS_PORT" if env.get("LORAFLEET_EMBEDDED_REDIS_PORT")
+                 else str(paths.redis_port))
+        raise ValueError(f"{where} must be a port number (1-65535), not {raw!r}")
+    return port
+
+
+def check_redis_listener(port: int) -> None:
+    """Refuse to send the embedded server's password to 127.0.0.1:`port` when another OS user's
+    process listens there (it took the port while the fleet's server was down)."""
+    from dispatcher.private import foreign_listener
+
+    uid = foreign_listener("127.0.0.1", port)
+    if uid is not None:
+        raise RedisPortTakenError(
+            f"port {port} is held by another OS user's process (uid {uid}), not this data "
+            "folder's Redis: lorafleet does not send it the password. Find it with "
+            f"`ss -ltnp 'sport = :{port}'`, or start the fleet on another port "
+            "(LORAFLEET_EMBEDDED_REDIS_PORT)")
 
 
 def redact_url(url: str) -> str:
@@ -176,4 +232,27 @@ def connect(settings: Settings, **kwargs: Any):
 
     kwargs.setdefault("socket_timeout", SOCKET_TIMEOUT_S)
     kwargs.setdefault("socket_connect_timeout", 5.0)
-    return redis.Redis.from_url(settings.effective_redis_url(), decode_responses=True, **kwargs)
+    url = settings.effective_redis_url()
+    if not settings.redis_url:  # every reconnect checks the listener again
+        kwargs.setdefault("connection_class", _owned_connection_class())
+    return redis.Redis.from_url(url, decode_responses=True, **kwargs)
+
+
+@functools.cache
+def _owned_connection_class():
+    """A redis-py connection that, before it sends AUTH, checks that the socket it reached
+    listens for this OS user (the server may have been restarted, or its port taken, since
+    the client was made)."""
+    import redis
+
+    class OwnedConnection(redis.Connection):
+        def _connect(self):
+            sock = super()._connect()
+            try:
+                check_redis_listener(int(self.port))
+            except RedisPortTakenError as e:
+                sock.close()
+                raise redis.ConnectionError(str(e)) from None
+            return sock
+
+    return OwnedConnection

@@ -5,6 +5,7 @@ it from another account; a process with a different, empty data folder stands in
 
 from __future__ import annotations
 
+import grp
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import pytest
 import redis
 
 from dispatcher.embedded import free_port
+from dispatcher.private import private_group
 from dispatcher.settings import RedisCredentialsError, Settings
 from tests.fleetproc import ROOT
 from tests.integration.test_up import _children, _read_until, _start_up
@@ -112,6 +114,12 @@ def test_a_fresh_up_keeps_redis_and_the_private_files_to_the_fleet(other_user):
     home = Path(tempfile.mkdtemp(prefix="lf-private-"))
     try:
         os.chmod(home, 0o775)
+        if private_group(os.stat(home).st_gid):  # a per-user group counts as the user
+            if os.geteuid() == 0:  # give the folder to a group of other users
+                os.chown(home, -1, next(g.gr_gid for g in grp.getgrall()
+                                        if not private_group(g.gr_gid)))
+            else:
+                os.chmod(home, 0o777)
         (home / ".secret_key").write_text("made-by-an-older-version\n")
         os.chmod(home / ".secret_key", 0o644)
         port, redis_port = free_port(), free_port()

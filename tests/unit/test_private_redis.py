@@ -58,14 +58,14 @@ def test_a_data_folder_whose_server_never_started_is_a_clear_error(tmp_path):
 def test_unreadable_password_file_names_the_fix(tmp_path, monkeypatch):
     """Another OS user's process gets PermissionError reading the file (shown for real, from
     another account, in tests/integration/test_private_fleet.py); the message says what to do."""
-    from pathlib import Path
+    import dispatcher.private
 
     (tmp_path / ".redis_password").write_text("x")
 
-    def refuse(self, *a, **k):
-        raise PermissionError(13, "Permission denied", str(self))
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(Path, "read_text", refuse)
+    monkeypatch.setattr(dispatcher.private, "read_private", refuse)
     with pytest.raises(RedisCredentialsError) as e:
         Settings(home=tmp_path).effective_redis_url()
     assert "cannot read the data folder's Redis password" in str(e.value)
@@ -126,7 +126,7 @@ def test_tighten_and_warnings(tmp_path):
     os.chmod(home, 0o755)
     os.chmod(tmp_path, 0o1777)  # sticky, like /tmp: others cannot rename what is ours
     assert not [w for w in exposure_warnings(home) if str(tmp_path) in w]
-    os.chmod(tmp_path, 0o775)
+    os.chmod(tmp_path, 0o777)
     (warning,) = [w for w in exposure_warnings(home) if str(tmp_path) in w]
     assert f"chmod g-w,o-w {tmp_path}" in warning and "above the data folder" in warning
     os.chmod(tmp_path, 0o755)
