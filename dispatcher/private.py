@@ -15,6 +15,7 @@ import secrets
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 # Files readable by the fleet's OS user only (0600), by name in the data folder.
 PRIVATE_FILES = (".redis_password", ".secret_key", ".dashboard_token", "accounts.json",
@@ -209,33 +210,58 @@ def _proc_addr(hexaddr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
 
 
+def _listening(table: Path, port: int) -> list[tuple[Any, int]]:
+    """(address, uid) of every socket in LISTEN state on `port` in one /proc/net table."""
+    try:
+        lines = table.read_text().splitlines()[1:]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        f = line.split()
+        if len(f) < 8 or f[3] != "0A":  # 0A: LISTEN
+            continue
+        hexaddr, hexport = f[1].split(":")
+        if int(hexport, 16) == port:
+            out.append((_proc_addr(hexaddr), int(f[7])))
+    return out
+
+
+def _receivers(target: Any, v4: list[tuple[Any, int]], v6: list[tuple[Any, int]]) -> set[int]:
+    """The uids of the sockets a connection to `target` reaches, as the kernel picks them: a
+    listener on the exact address before a wildcard one of the same family; for an IPv4
+    address with no IPv4 listener, an IPv6 one (v4-mapped, or the dual-stack wildcard). So an
+    IPv6-only wildcard socket that another user binds beside the fleet's 127.0.0.1 listener is
+    not mistaken for it: while an IPv4 listener holds the port, IPv4 connections go there."""
+    same = v4 if target.version == 4 else v6
+    for pick in (lambda a: a == target, lambda a: a.is_unspecified):
+        found = {uid for addr, uid in same if pick(addr)}
+        if found:
+            return found
+    if target.version == 4:
+        for pick in (lambda a: getattr(a, "ipv4_mapped", None) == target,
+                     lambda a: a.is_unspecified):
+            found = {uid for addr, uid in v6 if pick(addr)}
+            if found:
+                return found
+    return set()
+
+
 def listener_uids(host: str, port: int) -> set[int] | None:
     """OS user ids of the sockets listening where host:port connects; None where unknown
     (no /proc/net/tcp, or a host name that does not resolve)."""
-    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
-    if not tables[0].exists():
+    if not Path("/proc/net/tcp").exists():
         return None
     try:
         targets = {ipaddress.ip_address(a[4][0].split("%")[0])
                    for a in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)}
     except (OSError, ValueError):
         return None
+    v4 = _listening(Path("/proc/net/tcp"), port)
+    v6 = _listening(Path("/proc/net/tcp6"), port)
     uids: set[int] = set()
-    for table in tables:
-        try:
-            lines = table.read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) < 8 or f[3] != "0A":  # 0A: LISTEN
-                continue
-            hexaddr, hexport = f[1].split(":")
-            addr = _proc_addr(hexaddr)
-            mapped = getattr(addr, "ipv4_mapped", None)
-            if int(hexport, 16) == port and (addr.is_unspecified or addr in targets
-                                             or mapped in targets):
-                uids.add(int(f[7]))
+    for target in targets:
+        uids |= _receivers(target, v4, v6)
     return uids
 
 

@@ -37,9 +37,15 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 # Another OS user's process that takes a port and keeps whatever clients send it.
 SQUATTER = r"""
 import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
+if sys.argv[2:3] == ["v6"]:  # the IPv6 wildcard; "only": IPv6 connections only
+    s = socket.socket(socket.AF_INET6)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(sys.argv[3] == "only"))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", int(sys.argv[1])))
+else:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", int(sys.argv[1])))
 s.listen()
 print("LISTENING", flush=True)
 s.settimeout(30)
@@ -88,9 +94,10 @@ def squatter(other_user):
         stop_squatter(proc)
 
 
-def start_squatter(user: str, port: int) -> subprocess.Popen:
+def start_squatter(user: str, port: int, *how: str) -> subprocess.Popen:
+    """`how`: nothing (127.0.0.1), or "v6", "only" / "v6", "dual" (the IPv6 wildcard)."""
     proc = subprocess.Popen(["runuser", "-u", user, "--", SYSTEM_PYTHON, "-c", SQUATTER,
-                             str(port)], stdout=subprocess.PIPE, text=True,
+                             str(port), *how], stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     assert proc.stdout.readline().strip() == "LISTENING"
     return proc
@@ -296,3 +303,26 @@ def test_a_client_made_before_the_port_was_taken_checks_again(tmp_path, other_us
     finally:
         out = stop_squatter(squat)
     assert password not in out and "AUTH" not in out
+
+
+def test_an_ipv6_only_socket_beside_the_fleets_port_is_not_taken_for_it(tmp_path, other_user):
+    """Another user may bind [::]:P (IPv6 only) next to the fleet's 127.0.0.1:P: IPv4
+    connections still reach the fleet's server, so nothing is refused (no way to cut a running
+    fleet off); with no IPv4 listener, a dual-stack [::]:P would receive them, and is refused."""
+    port = free_port()
+    password = secret_file(tmp_path / ".redis_password")
+    server = start_server(tmp_path / "redis", port, password=password)
+    squat = start_squatter(other_user, port, "v6", "only")
+    try:
+        assert foreign_listener("127.0.0.1", port) is None
+        client = connect(Settings.from_env({"LORAFLEET_HOME": str(tmp_path)}))
+        assert client.ping()
+        client.close()
+    finally:
+        stop_squatter(squat)
+        stop_server(server)
+    squat = start_squatter(other_user, port, "v6", "dual")
+    try:
+        assert foreign_listener("127.0.0.1", port) == pwd.getpwnam(other_user).pw_uid
+    finally:
+        stop_squatter(squat)
