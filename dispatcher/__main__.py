@@ -36,7 +36,8 @@ class FleetDispatcher(Dispatcher):
         if now - self._last_release >= RELEASE_EVERY_S:
             self._last_release = now
             try:
-                for rel in release_unused(self.owners, self.store, self.loras):
+                for rel in release_unused(self.owners, self.store, self.loras,
+                                          pending=self.pending.read):
                     log.info("released %s: its jobs ended without making the folder", rel)
             except Exception:  # the claims' care must never stop the scheduling
                 log.exception("releasing unused LoRA names failed")

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from dispatcher.limits import owner_lock
 from dispatcher.owners import Owners, lora_rel
@@ -41,16 +42,23 @@ def _exists(folder: Path) -> bool:
     return folder.exists() or folder.is_symlink()
 
 
-def names_in_use(store: JobStore) -> set[str]:
-    """The LoRA names of every waiting or active training job."""
+def names_in_use(store: JobStore,
+                 pending: Callable[[], list[dict[str, Any]]] | None = None) -> set[str]:
+    """The LoRA names of every waiting or active training job. `pending` reads the queue (the
+    dispatcher's kept copy; else every queued record). The two reads are not one snapshot, but
+    only the dispatcher moves a job between the queue and the workers, and it is the one
+    calling this, between its passes."""
+    waiting = (pending or store.pending)()
     return {str((j.get("spec") or {}).get("lora_name") or "")
-            for j in store.pending() + store.active() if j.get("kind", "train") == "train"}
+            for j in waiting + store.active() if j.get("kind", "train") == "train"}
 
 
-def release_unused(owners: Owners, store: JobStore, loras: Path, wait_s: float = 0.5
-                   ) -> list[str]:
+def release_unused(owners: Owners, store: JobStore, loras: Path, wait_s: float = 0.5,
+                   pending: Callable[[], list[dict[str, Any]]] | None = None) -> list[str]:
     """Release every LoRA claim whose folder does not exist and that no waiting or active job
-    uses; returns the released paths. An owner whose lock is busy is left for the next pass."""
+    uses; returns the released paths. An owner whose lock is busy is left for the next pass.
+    `pending` as in names_in_use: with thousands queued, the kept copy is what keeps a pass
+    per owner cheap while their lock is held."""
     unmade: dict[str, list[str]] = {}
     for rel, who in owners.r.hscan_iter(owners.key, match="loras/*", count=1000):
         if not _exists(loras / rel.removeprefix("loras/")):
@@ -60,7 +68,7 @@ def release_unused(owners: Owners, store: JobStore, loras: Path, wait_s: float =
         with owner_lock(store.r, store.p, who, wait_s) as held:
             if not held:
                 continue
-            busy = names_in_use(store)  # read under the lock: no submission of theirs between
+            busy = names_in_use(store, pending)  # under the lock: no submission of theirs between
             for rel in rels:
                 name = rel.removeprefix("loras/")
                 if name not in busy and not _exists(loras / name) and owners.release(rel, who):

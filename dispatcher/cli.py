@@ -303,7 +303,9 @@ def _wait_dashboard(settings: Settings, proc: subprocess.Popen, timeout: float =
                                f"process (uid {uid}), not this fleet's dashboard; pick another "
                                "port: lorafleet up --port N")
         try:
-            if requests.get(url + "/healthz", timeout=2).ok:
+            # No proxy: an http_proxy of the environment would take even 127.0.0.1 elsewhere.
+            if requests.get(url + "/healthz", timeout=2,
+                            proxies={"http": None, "https": None}).ok:
                 return
         except requests.RequestException:
             pass

@@ -27,6 +27,14 @@ class ApiError(RuntimeError):
         super().__init__(message)
 
 
+def _is_loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    from dispatcher.accounts import is_loopback
+
+    return is_loopback(urlsplit(url).hostname or "")
+
+
 class ListenerNotOurs(ApiError):
     """Another OS user's socket listens where the data folder's dashboard token would go."""
 
@@ -37,6 +45,11 @@ class Client:
         self.base = url.rstrip("/") + "/api/v1"
         self.timeout = timeout
         self.session = requests.Session()
+        if _is_loopback_url(url):
+            # This machine's dashboard: never through an http_proxy of the environment, which
+            # would take the request (and its token) elsewhere; the listener check below is
+            # about the socket at this address.
+            self.session.trust_env = False
         self.token_source = "argument" if token else ""
         if not token and os.environ.get("LORAFLEET_TOKEN"):
             token, self.token_source = os.environ["LORAFLEET_TOKEN"], "LORAFLEET_TOKEN"

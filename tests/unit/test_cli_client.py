@@ -4,6 +4,7 @@ a real Redis behind it, and `lorafleet` run as a user would (`status`, `logs`, `
 from __future__ import annotations
 
 import json
+import socket
 import threading
 
 import pytest
@@ -222,3 +223,16 @@ def test_data_upload_list_show_and_copy_a_format(url, tmp_path):
     res = cli("data", "show-format", "my-alpaca", "--url", url)
     assert res.stdout.startswith("my-alpaca (user: my-alpaca.json)\n")
     assert "[instruction,output]" in res.stdout
+
+
+def test_an_http_proxy_in_the_environment_never_gets_this_machines_dashboard(url, monkeypatch):
+    """On a proxied machine (http_proxy set, no no_proxy), the CLI still talks straight to the
+    loopback dashboard: the proxy would otherwise get the request and the data folder's token."""
+    with socket.socket() as dead:  # a proxy that is not there: any use fails
+        dead.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{dead.getsockname()[1]}"
+        for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+            monkeypatch.setenv(name, proxy)
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        assert Client(url).workers() == []
