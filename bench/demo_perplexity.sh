@@ -10,7 +10,7 @@ LF=${LF:-.venv/bin/lorafleet}
 export LORAFLEET_PORT=${LORAFLEET_PORT:-8790} LORAFLEET_EMBEDDED_REDIS_PORT=${LORAFLEET_EMBEDDED_REDIS_PORT:-6395}
 URL="http://127.0.0.1:$LORAFLEET_PORT"
 # The dashboard wants its token (the data folder's .dashboard_token, 0600) on every API call.
-lfcurl() { curl -s -H "Authorization: Bearer $(cat "$LORAFLEET_HOME/.dashboard_token" 2>/dev/null)" "$@"; }
+. "$(dirname "${BASH_SOURCE[0]}")/lfcurl.sh"  # lfcurl: curl with the dashboard token
 $LF init >/dev/null
 # up.out holds the printed URL, with the token: readable by this OS user only.
 install -m 600 /dev/null "$LORAFLEET_HOME/up.out"

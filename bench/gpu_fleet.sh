@@ -7,7 +7,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LORAFLEET_HOME=/tmp/lorafleet-fleet LORAFLEET_PORT=8765
 rm -rf "$LORAFLEET_HOME"
 # The dashboard wants its token (the data folder's .dashboard_token, 0600) on every API call.
-lfcurl() { curl -s -H "Authorization: Bearer $(cat "$LORAFLEET_HOME/.dashboard_token" 2>/dev/null)" "$@"; }
+. "$(dirname "${BASH_SOURCE[0]}")/lfcurl.sh"  # lfcurl: curl with the dashboard token
 MODEL=llama-3.2-1b-random
 timeout -k 5 300 python3 -m bench.random_model "$LORAFLEET_HOME/models/$MODEL" --shape llama-3.2-1b > /dev/null 2>&1 || exit 1
 python3 - <<'PY'

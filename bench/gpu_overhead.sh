@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/lorafleet-overhead}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LORAFLEET_PORT=8766
 # The dashboard wants its token (the data folder's .dashboard_token, 0600) on every API call.
-lfcurl() { curl -s -H "Authorization: Bearer $(cat "$LORAFLEET_HOME/.dashboard_token" 2>/dev/null)" "$@"; }
+. "$(dirname "${BASH_SOURCE[0]}")/lfcurl.sh"  # lfcurl: curl with the dashboard token
 MODEL_HOME=/tmp/lorafleet-overhead-model
 timeout -k 5 300 python3 -m bench.random_model "$MODEL_HOME/llama-3.2-1b-random" \
     --shape llama-3.2-1b > "$OUT/model.log" 2>&1 || exit 1

@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LORAFLEET_HOME=/tmp/lorafleet-home LORAFLEET_PORT=8765
 rm -rf "$LORAFLEET_HOME"; mkdir -p "$LORAFLEET_HOME/datasets"
 # The dashboard wants its token (the data folder's .dashboard_token, 0600) on every API call.
-lfcurl() { curl -s -H "Authorization: Bearer $(cat "$LORAFLEET_HOME/.dashboard_token" 2>/dev/null)" "$@"; }
+. "$(dirname "${BASH_SOURCE[0]}")/lfcurl.sh"  # lfcurl: curl with the dashboard token
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$OUT/cards.csv" 2>&1
 
 echo "== random Llama-3.2-1B-shaped model"

@@ -8,7 +8,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LORAFLEET_HOME=/tmp/lorafleet-team-home LORAFLEET_PORT=8765
 rm -rf "$LORAFLEET_HOME"
 # The dashboard wants its token (the data folder's .dashboard_token, 0600) on every API call.
-lfcurl() { curl -s -H "Authorization: Bearer $(cat "$LORAFLEET_HOME/.dashboard_token" 2>/dev/null)" "$@"; }
+. "$(dirname "${BASH_SOURCE[0]}")/lfcurl.sh"  # lfcurl: curl with the dashboard token
 MODEL=llama-3.2-1b-random
 CARDS=$(nvidia-smi -L | wc -l)
 timeout -k 5 300 python3 -m bench.random_model "$LORAFLEET_HOME/models/$MODEL" --shape llama-3.2-1b > "$OUT/model.log" 2>&1 || { tail "$OUT/model.log"; exit 1; }
