@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dispatcher.private import make_folder, read_private, write_private
+
 ROLES = ("admin", "member")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 MIN_PASSWORD = 8
@@ -105,7 +107,7 @@ class Accounts:
         # tick of a coarse file-system clock.
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._cache is None or self._cache[0] != stamp:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = json.loads(read_private(self.path))
             self._cache = (stamp, data)
         return self._cache[1]
 
@@ -142,20 +144,14 @@ class Accounts:
     # -- writing ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _editing(self) -> Iterator[dict[str, Any]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        make_folder(self.path.parent)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._cache = None
             data = json.loads(json.dumps(self._load()))  # a copy to change
             yield data
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
-                      encoding="utf-8") as f:
-                json.dump(data, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            write_private(self.path, json.dumps(data, indent=1, sort_keys=True))
             self._cache = None
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)

@@ -25,6 +25,13 @@ PRIVATE_FILES = (".redis_password", ".secret_key", ".dashboard_token", "accounts
 PRIVATE_DIRS = ("redis", "logs")
 
 
+def make_folder(path: Path) -> None:
+    """Make `path` (and its parents) if missing, the new folder the fleet's OS user's alone
+    (0700): the data folder made by whichever command comes first (`up`, `user add`, …)."""
+    if not path.exists():
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def read_private(path: Path) -> str:
     """`path`'s text, never through a link (a link put in place of a private file could hand
     out another file, or make us read one that is not the fleet's). FileNotFoundError when
@@ -56,6 +63,8 @@ def write_private(path: Path, text: str, *, replace: bool = True) -> bool:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it replaces the old file
         if not replace:
             try:
                 os.link(tmp, path)
@@ -80,7 +89,7 @@ def secret_file(path: Path, nbytes: int = 32) -> str:
         value = ""
     if value:
         return value
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     made = secrets.token_urlsafe(nbytes) + "\n"
     if not write_private(path, made, replace=False) and not read_private(path).strip():
         write_private(path, made)  # an empty file left by a crash: replace it

@@ -70,8 +70,9 @@ class DataPaths:
     def ensure(self) -> None:
         """Make the folders that are missing. A new data folder is the fleet's OS user's alone
         (0700: others use the dashboard, not the files); redis/ and logs/ are always 0700."""
-        if not self.home.exists():
-            self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        from dispatcher.private import make_folder
+
+        make_folder(self.home)
         for p in (self.models, self.datasets, self.formats, self.loras, self.evals):
             p.mkdir(parents=True, exist_ok=True)
         for p in (self.redis, self.logs):

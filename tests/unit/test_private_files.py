@@ -326,3 +326,18 @@ def test_an_ipv6_only_socket_beside_the_fleets_port_is_not_taken_for_it(tmp_path
         assert foreign_listener("127.0.0.1", port) == pwd.getpwnam(other_user).pw_uid
     finally:
         stop_squatter(squat)
+
+
+def test_a_data_folder_made_by_user_add_is_private_and_accounts_are_never_read_through_a_link(
+        tmp_path):
+    from dispatcher.accounts import Accounts
+
+    home = tmp_path / "fresh" / "lorafleet-data"
+    Accounts(home).add("ana", "correct horse", "admin")  # the README's first command with accounts
+    assert mode(home) == 0o700 and mode(home / "accounts.json") == 0o600
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps({"users": {}}))
+    (home / "accounts.json").unlink()
+    (home / "accounts.json").symlink_to(elsewhere)
+    with pytest.raises(OSError):
+        Accounts(home).has_users()
