@@ -4,7 +4,8 @@ after an upgrade, and claims released when no job will make their folder.
 Back-fill. Versions before owners recorded none: every LoRA folder then belongs to no one, so
 a member could no longer continue their own LoRA, and jobs queued before the upgrade hold no
 claim. Once per Redis prefix (the marker {p}:owners:backfilled), from the job records: a LoRA
-folder that exists and has no owner gets the owner of the newest training job with its name,
+folder that exists and has no owner gets the owner of the newest training job with its name
+that ran (one that never started never wrote the folder),
 and the name of every waiting or active training job is claimed for that job's owner (its
 newest). Uploaded data files from before stay no one's: nothing recorded who uploaded them.
 The dispatcher does it as it starts: it runs once per fleet and before it no job is placed.
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.limits import owner_lock
-from dispatcher.owners import Owners, lora_rel
+from dispatcher.owners import Owners, folder_exists, lora_rel
 from dispatcher.states import TERMINAL
 from dispatcher.store import JobStore
 
@@ -36,10 +37,6 @@ log = logging.getLogger("lorafleet.claims")
 
 RELEASE_EVERY_S = 60.0
 _ENDED = {s.value for s in TERMINAL}
-
-
-def _exists(folder: Path) -> bool:
-    return folder.exists() or folder.is_symlink()
 
 
 def names_in_use(store: JobStore,
@@ -61,7 +58,7 @@ def release_unused(owners: Owners, store: JobStore, loras: Path, wait_s: float =
     per owner cheap while their lock is held."""
     unmade: dict[str, list[str]] = {}
     for rel, who in owners.r.hscan_iter(owners.key, match="loras/*", count=1000):
-        if not _exists(loras / rel.removeprefix("loras/")):
+        if not folder_exists(loras / rel.removeprefix("loras/")):
             unmade.setdefault(who, []).append(rel)
     released: list[str] = []
     for who, rels in unmade.items():
@@ -71,7 +68,7 @@ def release_unused(owners: Owners, store: JobStore, loras: Path, wait_s: float =
             busy = names_in_use(store, pending)  # under the lock: no submission of theirs between
             for rel in rels:
                 name = rel.removeprefix("loras/")
-                if name not in busy and not _exists(loras / name) and owners.release(rel, who):
+                if name not in busy and not folder_exists(loras / name) and owners.release(rel, who):
                     released.append(rel)
     return released
 
@@ -87,8 +84,12 @@ def backfill(owners: Owners, store: JobStore, loras: Path) -> dict[str, int] | N
     seen: set[str] = set()  # names whose owner the newest job that counts has decided
     for rec in _train_jobs_newest_first(store):
         name, owner = rec["lora_name"], rec["owner"]
-        made = _exists(loras / name)
-        if name in seen or not (made or rec["state"] not in _ENDED):
+        made = folder_exists(loras / name)
+        if name in seen:
+            continue
+        if made and not rec["started"]:
+            continue  # never ran, so never wrote the folder (a refused continue, say)
+        if not made and rec["state"] in _ENDED:
             continue  # an ended job that made no folder gives no owner
         seen.add(name)
         if owners.get(lora_rel(name)) is None and owners.claim(lora_rel(name), owner) == owner:
@@ -99,14 +100,15 @@ def backfill(owners: Owners, store: JobStore, loras: Path) -> dict[str, int] | N
 
 def _train_jobs_newest_first(store: JobStore, chunk: int = 500
                              ) -> Iterator[dict[str, str]]:
-    """{lora_name, owner, state} of every training job with a LoRA name, newest first."""
+    """{lora_name, owner, state, started} of every training job with a LoRA name, newest
+    first."""
     ids = store.r.zrevrange(f"{store.p}:jobs", 0, -1)
     for start in range(0, len(ids), chunk):
         with store.r.pipeline(transaction=False) as pipe:
             for job_id in ids[start:start + chunk]:
-                pipe.hmget(store.key(job_id), "kind", "owner", "state", "spec")
+                pipe.hmget(store.key(job_id), "kind", "owner", "state", "spec", "started")
             rows = pipe.execute()
-        for kind, owner, state, spec in rows:
+        for kind, owner, state, spec, started in rows:
             if (kind or "train") != "train" or not spec:
                 continue
             try:
@@ -114,4 +116,5 @@ def _train_jobs_newest_first(store: JobStore, chunk: int = 500
             except (ValueError, AttributeError):
                 continue
             if name and "/" not in name:
-                yield {"lora_name": name, "owner": owner or "local", "state": state or ""}
+                yield {"lora_name": name, "owner": owner or "local", "state": state or "",
+                       "started": started or ""}

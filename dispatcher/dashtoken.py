@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 
 from dispatcher.private import (
     foreign_listener,
-    listener_uids,  # noqa: F401  (its old home; others import it here)
     read_secret,
     secret_file,
     write_private,

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from dispatcher.private import foreign_listener, write_private
+from dispatcher.settings import REDIS_PORT_FILE
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -54,9 +55,6 @@ def server_binary() -> str:
 RENAMED_COMMANDS = ("CONFIG", "DEBUG", "MODULE", "SLAVEOF", "REPLICAOF", "MIGRATE", "ACL",
                     "SYNC", "PSYNC")
 CONFIG_FILE = "redis.conf"
-# The port the server of this folder started on, read back by every lorafleet process of the
-# data folder (dispatcher.settings), so they find it with no LORAFLEET_EMBEDDED_REDIS_PORT.
-PORT_FILE = "port"
 
 
 def _quoted(value: str) -> str:
@@ -124,7 +122,9 @@ def start_server(data_dir: Path, port: int, *, password: str, log_file: Path | N
             "stop it or set LORAFLEET_REDIS_URL to use it")
     conf = data_dir / CONFIG_FILE
     write_private(conf, config_text(data_dir, port, password, appendfsync, log_file))
-    write_private(data_dir / PORT_FILE, f"{port}\n")
+    # Read back by every lorafleet process of the data folder (dispatcher.settings), so they
+    # find the server with no LORAFLEET_EMBEDDED_REDIS_PORT.
+    write_private(data_dir / REDIS_PORT_FILE, f"{port}\n")
     # Its own session: a Ctrl-C in the terminal reaches only `lorafleet up`, which stops the
     # server last, after everything that writes to it. umask 077: the append-only file (and
     # any rewrite of it) is 0600.

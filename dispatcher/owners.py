@@ -148,7 +148,7 @@ def used_space(owners: Owners, home: Path, user: str) -> int:
         try:
             total += (home / rel).lstat().st_size
         except FileNotFoundError:
-            owners.drop(rel)  # removed by hand: it holds no space, and its name is free
+            owners.release(rel, user)  # removed by hand: it holds no space, its name is free
         except OSError:
             pass
     return total
@@ -170,7 +170,8 @@ def claim_loras(owners: Owners, names: list[str], job_owner: str) -> dict[str, s
     return {rel.removeprefix("loras/"): who for rel, who in taken.items()}
 
 
-def _exists(folder: Path) -> bool:
+def folder_exists(folder: Path) -> bool:
+    """Is there a LoRA folder (or a link in its place) at `folder`?"""
     return folder.exists() or folder.is_symlink()
 
 
@@ -182,7 +183,7 @@ def admit_lora_write(owners: Owners, loras: Path, name: str, job_owner: str,
     Raises OwnerRefused naming the owner."""
     rel = lora_rel(name)
     owner = owners.get(rel)
-    if owner is None and not _exists(loras / name):
+    if owner is None and not folder_exists(loras / name):
         # A new name: the first to claim it has it.
         owner = claim_loras(owners, [name], job_owner).get(name, job_owner)
     why = refusal(rel, owner, actor, LORA_VERB)
@@ -208,7 +209,7 @@ def job_write_refusal(owners: Owners, loras: Path, rec: dict[str, Any]) -> str |
         return None
     admitted = bool(rec.get("lora_admitted_by"))
     owner = owners.get(lora_rel(name))
-    if owner is None and _exists(loras / name):
+    if owner is None and folder_exists(loras / name):
         if admitted:
             return None
         return (f"loras/{name} was put in the data folder by hand and belongs to no one: the "

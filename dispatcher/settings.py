@@ -13,8 +13,9 @@ DEFAULT_PORT = 8765
 DEFAULT_EMBEDDED_REDIS_PORT = 6390
 # The embedded Redis's password, made once by `lorafleet up` / `lorafleet redis` (mode 0600).
 REDIS_PASSWORD_FILE = ".redis_password"
-# The port the embedded server of the data folder last started on (written by start_server).
-REDIS_PORT_FILE = "redis/port"
+# The port the embedded server of the data folder last started on: a file in redis/ that
+# dispatcher.embedded.start_server writes.
+REDIS_PORT_FILE = "port"
 
 
 class RedisCredentialsError(RuntimeError):
@@ -65,7 +66,7 @@ class DataPaths:
 
     @property
     def redis_port(self) -> Path:
-        return self.home / REDIS_PORT_FILE
+        return self.redis / REDIS_PORT_FILE
 
     def ensure(self) -> None:
         """Make the folders that are missing. A new data folder is the fleet's OS user's alone

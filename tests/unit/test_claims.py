@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dispatcher.claims import backfill, release_unused
 from dispatcher.owners import Owners, claim_loras
+from dispatcher.states import JobState
 from dispatcher.store import JobStore
 from tests.clock import TickingClock
 
@@ -43,15 +44,20 @@ def test_owners_are_back_filled_once_from_the_job_records(redis_client, prefix, 
     for name in ("shared", "solo", "hand"):
         (loras / name).mkdir()
 
-    def job(name, owner, end=None):
+    def job(name, owner, end=None, ran=False):
         job_id = store.create("train", spec(name), owner=owner)
-        if end:
+        if ran:  # it ran (and so could write its folder), then ended
+            store.transition(job_id, JobState.ASSIGNED, worker="w1")
+            store.transition(job_id, JobState.RUNNING)
+            store.transition(job_id, JobState.SUCCEEDED)
+        elif end:
             store.cancel(job_id)
         return job_id
 
-    job("shared", "ana", end=True)
-    job("shared", "bo", end=True)  # the newest job of a folder decides its owner
-    job("solo", "cy", end=True)
+    job("shared", "ana", ran=True)
+    job("shared", "bo", ran=True)  # the newest job that ran decides a folder's owner
+    job("shared", "cy", end=True)  # (refused before it ran: it never wrote the folder)
+    job("solo", "cy", ran=True)
     job("waits", "bo")  # queued before the upgrade: no folder yet
     job("failed-early", "cy", end=True)  # ended without a folder: no owner
     job("waits", "cy", end=True)  # a newer ended job does not take a waiting job's name
