@@ -234,9 +234,11 @@ class RedactToken(logging.Filter):
         return True
 
 
-def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app) -> None:
-    """Run the dashboard with a threaded server (each live SSE view holds one thread)."""
-    from werkzeug.serving import run_simple
+def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app,
+          print_url: bool = False) -> None:
+    """Run the dashboard with a threaded server (each live SSE view holds one thread); with
+    `print_url`, print the URL to open once the port is bound."""
+    from werkzeug.serving import make_server
 
     from dispatcher.accounts import Accounts, single_user_refusal
 
@@ -252,5 +254,15 @@ def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app) ->
         log.warning("could not record this dashboard for the CLI (%s): set LORAFLEET_HOME "
                     "or LORAFLEET_TOKEN where you run it", e)
     logging.getLogger("werkzeug").addFilter(RedactToken())
-    run_simple(settings.dashboard_host, settings.dashboard_port, app, threaded=True,
-               use_reloader=False, use_debugger=False)
+    server = make_server(settings.dashboard_host, settings.dashboard_port, app, threaded=True)
+    if print_url:
+        from dispatcher.dashtoken import url_to_open
+
+        print(f"dashboard:  {url_to_open(settings)}", flush=True)
+    log.info("serving on %s:%s", settings.dashboard_host, settings.dashboard_port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

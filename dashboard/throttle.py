@@ -14,7 +14,7 @@ tokens (single-user mode) are counted per address the same way (`kind="token"`).
 
 The trade-off: counting before the check means anyone who can reach the login page can use up
 a name's (or an address's) tries: a local account can lock a name for the window. An admin lifts
-it (`lorafleet user unlock NAME`, or the Users page); behind a reverse proxy,
+it (`lorafleet user unlock NAME`, or `POST /api/v1/users/NAME/unlock`); behind a reverse proxy,
 LORAFLEET_TRUSTED_PROXIES makes addresses real (dashboard/auth.py). API tokens are not throttled.
 """
 

@@ -331,13 +331,9 @@ def _start_embedded_redis(settings: Settings) -> subprocess.Popen:
 
 
 def _dashboard_url(settings: Settings) -> str:
-    """The URL to open: with the token in single-user mode (opening it logs the browser in)."""
-    from dispatcher.accounts import Accounts
-    from dispatcher.dashtoken import dashboard_token, own_url, printed_url
+    from dispatcher.dashtoken import url_to_open
 
-    if Accounts(settings.home).has_users():
-        return own_url(settings) + "/"
-    return printed_url(settings, dashboard_token(settings.home))
+    return url_to_open(settings)
 
 
 @main.command()
@@ -380,8 +376,8 @@ def dispatcher() -> None:
 def dashboard() -> None:
     """Run the web dashboard in the foreground."""
     _check_dashboard_port(Settings.from_env())
-    click.echo(f"dashboard:  {_dashboard_url(Settings.from_env())}")
-    os.execv(sys.executable, [sys.executable, "-m", "dashboard"])
+    # The dashboard prints its URL (with the token) itself, once its port is bound.
+    os.execv(sys.executable, [sys.executable, "-m", "dashboard", "--print-url"])
 
 
 @main.command()

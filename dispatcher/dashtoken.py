@@ -91,6 +91,16 @@ def printed_url(settings: Settings, token: str) -> str:
     return f"{own_url(settings)}/?token={token}"
 
 
+def url_to_open(settings: Settings) -> str:
+    """The URL to open: with the token in single-user mode (opening it logs the browser in),
+    the plain one with accounts."""
+    from dispatcher.accounts import Accounts
+
+    if Accounts(settings.home).has_users():
+        return own_url(settings) + "/"
+    return printed_url(settings, dashboard_token(settings.home))
+
+
 # -- the per-user registry ----------------------------------------------------------------------
 def registry_path(env: dict[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
