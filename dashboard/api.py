@@ -14,6 +14,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from dashboard.app import services
 from dashboard.auth import current_user, may_manage, owner_for, priority_problem
 from dashboard.forms import form_fields
+from dashboard.job_summary import summary
 from dashboard.live import TooManyLive
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.ownership import OwnerRefused, admit_train_job
@@ -185,6 +186,8 @@ def job_detail(job_id: str) -> dict[str, Any]:
     rec["stop_requested"] = svc.store.stop_requested(job_id)
     rec["lora_available"] = lora_available(rec, svc.settings.paths)
     rec.update(list_fields(rec))
+    rec["summary"] = summary(rec, [e for _, e in svc.store.events.history(job_id)],
+                             svc.settings.paths)
     return with_queue_place(rec)
 
 

@@ -31,7 +31,7 @@ def outcome(rec: dict[str, Any]) -> str:
         if result.get("base") or result.get("lora"):
             return "answered" + (" (stopped)" if result.get("stopped") else "")
         return ""
-    loss = _number(result.get("loss"))
+    loss = _number(result.get("final_loss"))
     if loss is None and rec.get("state") in TERMINAL:
         loss = _number(rec.get("loss"))
     return f"final loss {loss:.4f}" if loss is not None else ""

@@ -72,6 +72,7 @@
     if (rec.position !== undefined) {
       $("queue-position").textContent = rec.position ? `· #${rec.position} in the queue` : "";
     }
+    document.dispatchEvent(new CustomEvent("lf:job-record", { detail: rec }));  // job_summary.js
   }
 
   $("priority-select").addEventListener("change", async (e) => {
