@@ -467,14 +467,12 @@ def follow_job(client: Client, job_id: str, out=None) -> str:
                     f"loss {float(ev.get('loss', 0)):.4f}  lr {float(ev.get('learning_rate', 0)):.2e}"
                     f"  {float(ev.get('tokens_per_s') or 0):.0f} tok/s  ETA {_fmt_eta(ev.get('eta_s'))}")
             out.write(("\r" + line) if tty else line + "\n")
-        elif t in ("log", "warning", "state", "eval"):
+        elif t in ("log", "warning", "state"):  # an eval: the trainer's log line says it
             if tty:
                 out.write("\n")
             if t == "state":
                 state = ev.get("state", state)
                 out.write(f"state: {state}" + (f" ({ev['reason']})" if ev.get("reason") else "") + "\n")
-            elif t == "eval":
-                out.write(f"eval loss {float(ev.get('eval_loss', 0)):.4f} at step {ev.get('step')}\n")
             else:
                 out.write(f"{ev.get('line') or ev.get('message')}\n")
         out.flush()

@@ -349,7 +349,7 @@
       case "eval": {
         const step = LF.num(ev.step), loss = LF.num(ev.eval_loss);
         if (step !== null && loss !== null) evals.set(step, loss);
-        addLog(ev, `eval at step ${ev.step}: loss ${LF.fmtLoss(ev.eval_loss)}`);
+        // Not logged here: the trainer's own log line says it once ("Step N: eval loss").
         break;
       }
       case "state":

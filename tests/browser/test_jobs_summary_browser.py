@@ -144,3 +144,21 @@ def test_a_finished_job_shows_best_and_final_eval_loss(fleet, page):
     assert s.locator("[data-testid='summary-final-eval']").inner_text() == f"{evals[-1]:.4f}"
     assert s.locator("[data-testid='summary-best-eval']").inner_text() == f"{min(evals):.4f}"
     assert page.locator("[data-testid='resume-button']").is_hidden()
+
+    # Point 9: the log has a line per step (a short run), each evaluation once, and the long
+    # result line wraps inside the box.
+    total = fleet.store.get(job)["total_steps"]
+    steps = [e for _, e in fleet.store.events.history(job) if e["type"] == "eval"]
+    log = page.locator("[data-testid='log-tail']")
+    page.wait_for_function("() => [...document.querySelectorAll(\"[data-testid='log-tail'] "
+                           ".line\")].some(l => l.textContent.includes('result: '))",
+                           timeout=15000)
+    lines = log.locator(".line").all_inner_texts()
+    for n in range(1, total + 1):
+        assert sum(f"Step {n}/{total}: loss " in ln for ln in lines) == 1, n
+    assert re.search(r"Step 1/\d+: loss \d+\.\d{4}, learning rate [\d.e+-]+, \d+ tokens/s",
+                     "\n".join(lines))
+    for e in steps:
+        assert sum(f"Step {e['step']}: eval loss" in ln for ln in lines) == 1
+    assert not any("eval at step" in ln for ln in lines)
+    assert log.evaluate("e => e.scrollWidth <= e.clientWidth")
