@@ -7,6 +7,7 @@ from flask import Blueprint, abort, render_template, request
 from dashboard.api import job_detail, job_filters, job_summary, workers_with_jobs
 from dashboard.app import services
 from dashboard.forms import form_fields, form_sections
+from dashboard.param_groups import param_groups
 from dispatcher.specs import GenerateSpec, SpecError, list_choices, lora_parameters
 from dispatcher.states import JobState
 from dispatcher.store import PRIORITIES, JobNotFound
@@ -79,7 +80,8 @@ def job(job_id: str):
         rec = job_detail(job_id)
     except JobNotFound:
         abort(404, f"no job {job_id}")
-    return render_template("job.html", job=rec, try_fields=_try_fields(rec), nav="jobs")
+    return render_template("job.html", job=rec, try_fields=_try_fields(rec), nav="jobs",
+                           param_groups=param_groups(rec.get("kind", "train"), rec.get("spec") or {}))
 
 
 # The Try it box of a training job's page: these generation settings are shown; the base model

@@ -162,3 +162,31 @@ def test_a_finished_job_shows_best_and_final_eval_loss(fleet, page):
         assert sum(f"Step {e['step']}: eval loss" in ln for ln in lines) == 1
     assert not any("eval at step" in ln for ln in lines)
     assert log.evaluate("e => e.scrollWidth <= e.clientWidth")
+
+
+def test_parameters_are_grouped_and_changes_marked(fleet, page):
+    """Point 10: groups in order, every spec key once, the non-default values marked."""
+    job = submit(fleet, "train", small_spec(lora_name="params-lora", epochs=1))
+    finished(fleet, job)
+    page.goto(f"{fleet.url}/jobs/{job}")
+    table = page.locator("[data-testid='params-table']")
+    groups = table.locator("[data-testid='param-group']")
+    assert [groups.nth(i).get_attribute("data-group") for i in range(groups.count())] == [
+        "Model and data", "LoRA", "Optimisation", "Raw text", "Checkpoints", "Other"]
+    raw = table.locator("[data-group='Raw text'] tr[data-param]")
+    assert [raw.nth(i).get_attribute("data-param") for i in range(raw.count())] == [
+        "raw_text_file", "overlap_len", "newline_favor_len", "hard_cut_string", "min_chars"]
+    spec = fleet.store.get(job)["spec"]
+    names = table.locator("tr[data-param]")
+    assert sorted(names.nth(i).get_attribute("data-param") for i in range(names.count())) == \
+        sorted(spec)
+    changed = table.locator("tr[data-changed='yes']")
+    # small_spec's choices that differ from the webui's defaults, and nothing else.
+    assert sorted(changed.nth(i).get_attribute("data-param") for i in range(changed.count())) == [
+        "batch_size", "cutoff_len", "epochs", "learning_rate", "lora_alpha", "lora_rank",
+        "micro_batch_size", "overlap_len", "warmup_steps"]
+    rank = table.locator("tr[data-param='lora_rank']")
+    assert rank.get_attribute("title") == "default: 32"
+    assert rank.locator("th").evaluate("e => getComputedStyle(e, '::before').content") == '"● "'
+    plain = table.locator("tr[data-param='optimizer'] th")
+    assert plain.evaluate("e => getComputedStyle(e, '::before').content") == "none"
