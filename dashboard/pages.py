@@ -103,7 +103,7 @@ def _try_fields(rec: dict) -> list:
 @bp.get("/fleet")
 def fleet():
     return render_template("fleet.html", workers=workers_with_jobs(), nav="fleet",
-                           outside_pids=outside_pids)
+                           outside_pids=outside_pids, load_text=load_text)
 
 
 def outside_pids(worker: dict) -> str:
@@ -112,3 +112,20 @@ def outside_pids(worker: dict) -> str:
     if not pids:
         return "pid unknown"
     return ("pid " if len(pids) == 1 else "pids ") + ", ".join(pids)
+
+
+def load_text(worker: dict) -> str:
+    """The Fleet page's load column: a card's utilisation and temperature, a CPU worker's CPU
+    use and load average (fleet.js writes the same); "" when the heartbeat has none."""
+    def given(key: str) -> bool:
+        return str(worker.get(key, "")) not in ("", "None")
+
+    cpu = worker.get("device") == "cpu"
+    parts = []
+    if given("util_pct"):
+        parts.append(f"{float(worker['util_pct']):g} %" + (" CPU" if cpu else ""))
+    if given("load_avg"):
+        parts.append(f"load {float(worker['load_avg']):g}")
+    if given("temp_c"):
+        parts.append(f"{float(worker['temp_c']):g} °C")
+    return " · ".join(parts)

@@ -190,3 +190,14 @@ def test_parameters_are_grouped_and_changes_marked(fleet, page):
     assert rank.locator("th").evaluate("e => getComputedStyle(e, '::before').content") == '"● "'
     plain = table.locator("tr[data-param='optimizer'] th")
     assert plain.evaluate("e => getComputedStyle(e, '::before').content") == "none"
+
+
+def test_fleet_page_shows_a_cpu_workers_load(fleet, page):
+    """Point 19: a CPU worker's load column has its CPU use and load average, not nothing."""
+    page.goto(f"{fleet.url}/fleet")
+    load = page.locator("[data-testid='worker-row'][data-worker='bw1'] [data-col='load']")
+    pattern = r"\d+ % CPU · load \d+(\.\d+)?"
+    assert re.fullmatch(pattern, load.inner_text().strip()), load.inner_text()
+    # The same once fleet.js has redrawn the table from the API.
+    page.wait_for_timeout(5500)
+    assert re.fullmatch(pattern, load.inner_text().strip()), load.inner_text()
