@@ -250,17 +250,6 @@
     return e;
   }
 
-  function answerBox(title, answer, testid) {
-    const box = el("div", { class: "answer", "data-testid": testid });
-    box.appendChild(el("h3", {}, title));
-    box.appendChild(el("pre", { class: "answer-text" }, answer ? answer.text : ""));
-    if (answer) {
-      box.appendChild(el("p", { class: "muted" },
-        `${answer.tokens} tokens in ${Number(answer.seconds).toFixed(1)} s`));
-    }
-    return box;
-  }
-
   function showResult(r) {
     const body = $("result-body");
     if (!body || !r) return;
@@ -279,49 +268,23 @@
       const link = el("a", { href: "/evaluations" }, "All evaluations");
       out.push(link);
     } else {
-      out.push(...answersView(r, job.spec.lora));
+      out.push(...LF.answersView(r, job.spec.lora));
     }
     body.replaceChildren(...out);
   }
   if (job.result) showResult(job.result);
 
-  /* A generation result: the prompt as sent, then the two answers side by side. */
-  function answersView(r, loraName) {
-    const cols = el("div", { class: "answers" });
-    cols.appendChild(answerBox("Base model", r.base, "answer-base"));
-    if (r.lora) cols.appendChild(answerBox(`Base + ${loraName}`, r.lora, "answer-lora"));
-    return [el("h3", {}, "Prompt"),
-            el("pre", { class: "answer-text", "data-testid": "prompt-text" }, r.prompt_text || ""),
-            cols];
-  }
-
   // ---- Try it: a generation job with this LoRA, followed here until its answers arrive -----
   const tryForm = $("try-form");
-  if (tryForm) {
-    const tryStatus = $("try-status"), tryResult = $("try-result");
-    let tryFeed = null;
-    LF.specForm(tryForm, "generate", (id) => {
-      if (tryFeed) tryFeed.close();
-      const url = (attr) => tryForm.getAttribute(attr).replace("JOB_ID", encodeURIComponent(id));
-      const href = url("data-job-url");
-      const link = el("a", { href: href, "data-testid": "try-job-link" }, `generation job ${id}`);
-      const line = el("p", { class: "muted" });
-      const stateText = el("span", { "data-testid": "try-state" }, "queued");
-      line.append(link, " · ", stateText);
-      tryResult.replaceChildren(line);
-      tryFeed = new EventSource(url("data-events-url"));
-      tryFeed.addEventListener("message", (m) => {
-        let ev;
-        try { ev = JSON.parse(m.data); } catch (e) { return; }
-        if (ev.type === "state") {
-          stateText.textContent = ev.state + (ev.state === "failed" && ev.reason ? `: ${ev.reason}` : "");
-          tryResult.dataset.state = ev.state;
-        } else if (ev.type === "result") {
-          tryResult.replaceChildren(line, ...answersView(ev, job.spec.lora_name));
-        }
-      });
-      tryFeed.addEventListener("end", () => { tryFeed.close(); tryStatus.textContent = ""; });
-    });
+  if (tryForm) LF.tryForm(tryForm, $("try-result"));
+
+  // A training job that continues an existing LoRA says so (the engine's "continues" event).
+  function showContinues(c) {
+    const box = $("job-continues");
+    if (!box || !c || !c.lora) return;
+    const from = LF.num(c.step) === null ? "from its saved weights" : `from step ${c.step}`;
+    box.textContent = `continues LoRA ${c.lora} ${from}`;
+    box.hidden = false;
   }
 
   // ---- events ------------------------------------------------------------------------------
@@ -361,6 +324,9 @@
         break;
       case "priority":
         scheduleRecordRefresh();
+        break;
+      case "continues":
+        showContinues(ev);
         break;
       case "warning":
         addLog(ev, `warning: ${ev.message}`, "warn");

@@ -5,7 +5,8 @@
   const evalForm = document.getElementById("eval-form");
   if (evalForm) LF.specForm(evalForm, "evaluate");
   const genForm = document.getElementById("generate-form");
-  if (genForm) LF.specForm(genForm, "generate");
+  // Answered on this page (answers.js), the form kept filled for the next prompt.
+  if (genForm) LF.tryForm(genForm, document.getElementById("try-history"));
 
   document.querySelectorAll("input.comment[data-url]").forEach((input) => {
     input.addEventListener("change", async () => {
