@@ -7,7 +7,7 @@ from flask import Blueprint, abort, jsonify, render_template, request
 from dashboard.app import services
 from dashboard.auth import current_user
 from dashboard.forms import form_fields
-from dispatcher.evaltable import EvalTable
+from dispatcher.evaltable import EvalTable, settings_key, with_base
 from dispatcher.specs import EvalSpec, GenerateSpec, list_choices
 from dispatcher.store import JobNotFound
 
@@ -40,9 +40,27 @@ def evaluations_page():
     copied_from, values = _copied_spec("evaluate")
     fields = form_fields(list_choices(paths), values, spec_cls=EvalSpec,
                          required=("base_model", "text_file"))
-    rows = list(reversed(_table().rows()))
+    rows = list(reversed(with_base(_table().rows())))
+    measuring = _base_jobs_under_way()
+    for r in rows:
+        r["base_job"] = measuring.get(settings_key(r)) if r["loras"] else None
     return render_template("evaluations.html", fields=fields, rows=rows, nav="evaluations",
                            copied_from=copied_from)
+
+
+def _base_jobs_under_way() -> dict[tuple, str]:
+    """Queued or running perplexity jobs of a base model alone, by their text and settings: a
+    row whose base is being measured links to that job instead of offering to queue another."""
+    svc = services()
+    out = {}
+    for j in svc.pending.read() + svc.store.active():
+        spec = j.get("spec") or {}
+        if j.get("kind") == "evaluate" and not spec.get("loras"):
+            try:
+                out[settings_key({**spec, "loras": []})] = j["id"]
+            except (KeyError, TypeError, ValueError):
+                continue
+    return out
 
 
 @bp.get("/generate")
@@ -58,7 +76,7 @@ def generate_page():
 
 @bp.get("/api/v1/evaluations")
 def evaluations_api():
-    return jsonify({"evaluations": list(reversed(_table().rows()))})
+    return jsonify({"evaluations": list(reversed(with_base(_table().rows())))})
 
 
 def _comment_refusal(row_id: str):
