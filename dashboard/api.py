@@ -18,8 +18,11 @@ from dashboard.job_summary import summary
 from dashboard.live import TooManyLive
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.ownership import OwnerRefused, admit_train_job
+from dashboard.ownership import actor as request_actor
+from dashboard.ownership import owners as owner_registry
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
 from dispatcher.estimate import job_memory_mb
+from dispatcher.lora_info import lora_info, notice, refused
 from dispatcher.outcome import list_fields
 from dispatcher.scheduler import QueueView, queue_view, scheduling_env
 from dispatcher.specs import (
@@ -391,3 +394,18 @@ def lora_parameters_route(name: str):
         return jsonify({"lora": name, "spec": lora_parameters(name, services().settings.paths)})
     except SpecError as e:
         return api_error(404, str(e), e.errors)
+
+
+@bp.get("/loras/<name>")
+def lora_info_route(name: str):
+    """What is under a LoRA name (exists, rank, steps, owner) and the line to show before a job
+    writes it: `?always_override=1` when the job starts over, `?hint=spec` for a spec file."""
+    try:
+        info = lora_info(services().settings.paths.loras, name, owner_registry())
+    except ValueError as e:
+        return api_error(400, str(e), [{"field": "lora_name", "message": str(e)}])
+    override = request.args.get("always_override", "") in ("1", "true", "yes")
+    how = "set always_override: true" if request.args.get("hint") == "spec" else "tick always_override"
+    who = request_actor()
+    return jsonify({**info.to_dict(), "notice": notice(info, who, override, how),
+                    "refused": refused(info, who) is not None})

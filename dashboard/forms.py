@@ -78,6 +78,8 @@ def form_fields(data_choices: dict[str, list[str]],
             current = str(values.get(f.name) or "")
             if current and current not in choices:
                 choices.insert(0, current)  # a copied job's value that is gone from disk
+            elif not current and f.name in required and len(choices) == 1:
+                values[f.name] = choices[0]  # the only model: nothing to choose
         elif typ in ("int", "float"):
             widget, step = "number", ("1" if typ == "int" else "any")
         else:

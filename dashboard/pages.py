@@ -7,8 +7,11 @@ from flask import Blueprint, abort, render_template, request
 from dashboard.api import job_detail, job_filters, job_summary, workers_with_jobs
 from dashboard.app import services
 from dashboard.forms import form_fields, form_sections
+from dashboard.ownership import owners as owner_registry
 from dashboard.param_groups import param_groups
-from dispatcher.specs import GenerateSpec, SpecError, list_choices, lora_parameters
+from dispatcher.lora_info import free_name
+from dispatcher.owners import folder_exists, lora_rel
+from dispatcher.specs import LORA_NAME_RE, GenerateSpec, SpecError, list_choices, lora_parameters
 from dispatcher.states import JobState
 from dispatcher.store import PRIORITIES, JobNotFound
 
@@ -62,6 +65,7 @@ def new_job():
             abort(404, f"no job {copied_from} to copy parameters from")
         values = dict(rec.get("spec") or {})
         priority = rec.get("priority", "normal")
+        _propose_free_name(values)
     elif from_lora:
         try:
             values = lora_parameters(from_lora, svc.settings.paths)
@@ -74,6 +78,16 @@ def new_job():
                            choices=data_choices, nav="new")
 
 
+def _propose_free_name(values: dict) -> None:
+    """A copied lora_name that exists or is claimed would continue (or be refused): propose the
+    first free `name-N` instead; the form says what an existing name would do if kept."""
+    name = str(values.get("lora_name") or "")
+    loras = services().settings.paths.loras
+    if LORA_NAME_RE.match(name) and (folder_exists(loras / name)
+                                     or owner_registry().get(lora_rel(name)) is not None):
+        values["lora_name"] = free_name(loras, name, owner_registry())
+
+
 @bp.get("/jobs/<job_id>")
 def job(job_id: str):
     try:
@@ -81,7 +95,13 @@ def job(job_id: str):
     except JobNotFound:
         abort(404, f"no job {job_id}")
     return render_template("job.html", job=rec, try_fields=_try_fields(rec), nav="jobs",
+                           copy_endpoint=COPY_PAGES.get(rec.get("kind", "train"), "pages.new_job"),
                            param_groups=param_groups(rec.get("kind", "train"), rec.get("spec") or {}))
+
+
+# "Copy parameters" opens the form of the job's own kind, filled from it (`?from=<job id>`).
+COPY_PAGES = {"train": "pages.new_job", "evaluate": "tools.evaluations_page",
+              "generate": "tools.generate_page"}
 
 
 # The Try it box of a training job's page: these generation settings are shown; the base model

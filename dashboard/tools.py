@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, render_template, request
+from flask import Blueprint, abort, jsonify, render_template, request
 
 from dashboard.app import services
 from dashboard.auth import current_user
 from dashboard.forms import form_fields
-from dispatcher.evaltable import EvalTable
+from dispatcher.evaltable import EvalTable, settings_key, with_base
 from dispatcher.specs import EvalSpec, GenerateSpec, list_choices
 from dispatcher.store import JobNotFound
 
@@ -19,27 +19,64 @@ def _table() -> EvalTable:
     return EvalTable(services().settings.paths.evals / EVAL_TABLE)
 
 
+def _copied_spec(kind: str) -> tuple[str, dict]:
+    """`?from=<job id>` ("Copy parameters" on a job page): that job's id and spec, when it is
+    a job of this page's kind (404 for a job that is not there, 400 for another kind)."""
+    job_id = request.args.get("from", "")
+    if not job_id:
+        return "", {}
+    try:
+        rec = services().store.get(job_id)
+    except JobNotFound:
+        abort(404, f"no job {job_id} to copy parameters from")
+    if rec.get("kind", "train") != kind:
+        abort(400, f"job {job_id} is a {rec.get('kind', 'train')} job, not a {kind} job")
+    return job_id, dict(rec.get("spec") or {})
+
+
 @bp.get("/evaluations")
 def evaluations_page():
     paths = services().settings.paths
-    fields = form_fields(list_choices(paths), spec_cls=EvalSpec,
+    copied_from, values = _copied_spec("evaluate")
+    fields = form_fields(list_choices(paths), values, spec_cls=EvalSpec,
                          required=("base_model", "text_file"))
-    rows = list(reversed(_table().rows()))
-    return render_template("evaluations.html", fields=fields, rows=rows, nav="evaluations")
+    rows = list(reversed(with_base(_table().rows())))
+    measuring = _base_jobs_under_way()
+    for r in rows:
+        r["base_job"] = measuring.get(settings_key(r)) if r["loras"] else None
+    return render_template("evaluations.html", fields=fields, rows=rows, nav="evaluations",
+                           copied_from=copied_from)
+
+
+def _base_jobs_under_way() -> dict[tuple, str]:
+    """Queued or running perplexity jobs of a base model alone, by their text and settings: a
+    row whose base is being measured links to that job instead of offering to queue another."""
+    svc = services()
+    out = {}
+    for j in svc.pending.read() + svc.store.active():
+        spec = j.get("spec") or {}
+        if j.get("kind") == "evaluate" and not spec.get("loras"):
+            try:
+                out[settings_key({**spec, "loras": []})] = j["id"]
+            except (KeyError, TypeError, ValueError):
+                continue
+    return out
 
 
 @bp.get("/generate")
 def generate_page():
     paths = services().settings.paths
-    values = {k: request.args[k] for k in ("base_model", "lora") if k in request.args}
+    copied_from, values = _copied_spec("generate")
+    values.update({k: request.args[k] for k in ("base_model", "lora") if k in request.args})
     fields = form_fields(list_choices(paths), values, spec_cls=GenerateSpec,
                          required=("base_model", "prompt"))
-    return render_template("generate.html", fields=fields, nav="generate")
+    return render_template("generate.html", fields=fields, nav="generate",
+                           copied_from=copied_from)
 
 
 @bp.get("/api/v1/evaluations")
 def evaluations_api():
-    return jsonify({"evaluations": list(reversed(_table().rows()))})
+    return jsonify({"evaluations": list(reversed(with_base(_table().rows())))})
 
 
 def _comment_refusal(row_id: str):

@@ -505,7 +505,23 @@ def submit(spec: str | None, from_lora: str | None, wait: bool, priority: str,
             _fail_api(e)
     # A spec file may say what kind of job it is; a training job by default.
     kind = data.pop("kind", "train") if isinstance(data.get("kind"), str) else "train"
+    if kind == "train":
+        _say_what_the_name_holds(data, url)
     _submit_and_maybe_wait(kind, data, wait, priority, owner, url)
+
+
+def _say_what_the_name_holds(spec: dict[str, Any], url: str | None) -> None:
+    """An existing lora_name is continued (or, with always_override, started over): say so on
+    stderr before the job id. A name the dashboard cannot look up is left to the submission."""
+    name = spec.get("lora_name")
+    if not isinstance(name, str) or not name:
+        return
+    try:
+        line = Client(_url(url)).lora_info(name, spec.get("always_override") is True)["notice"]
+    except (ApiError, KeyError, TypeError):
+        return
+    if line:
+        click.echo(f"{name}: {line}", err=True)
 
 
 def _submit_and_maybe_wait(kind: str, spec: dict[str, Any], wait: bool, priority: str,

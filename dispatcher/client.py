@@ -179,6 +179,11 @@ class Client:
     def lora_parameters(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/loras/{name}/parameters")["spec"]
 
+    def lora_info(self, name: str, always_override: bool = False) -> dict[str, Any]:
+        """What is under a LoRA name and the line to print before a job writes it."""
+        return self._call("GET", f"/loras/{name}", params={
+            "always_override": "1" if always_override else "0", "hint": "spec"})
+
     # sweeps (README, "Sweeps")
     def create_sweep(self, definition: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
         """Queue a sweep ({id, count, trials, skipped}); with dry_run only the trial list."""

@@ -111,3 +111,26 @@ class EvalTable:
                     self._write(rows)
                     return r
         raise KeyError(row_id)
+
+
+def settings_key(row: dict[str, Any]) -> tuple:
+    """The text and window settings of a row: what two perplexities must share to compare."""
+    return (row["base_model"], row["text_file"], int(row["stride"] or 0),
+            int(row["max_length"] or 0))
+
+
+def with_base(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row with `base_perplexity` (the newest perplexity of its base model alone on the
+    same text, stride and max_length; None when never measured) and `vs_base` (its change
+    from that: negative = the LoRAs lower the perplexity). Rows of the base alone get None."""
+    base: dict[tuple, float] = {}
+    for r in rows:  # oldest first: the newest measurement wins
+        if not r["loras"] and r["perplexity"] is not None:
+            base[settings_key(r)] = r["perplexity"]
+    out = []
+    for r in rows:
+        b = base.get(settings_key(r)) if r["loras"] else None
+        delta = r["perplexity"] - b if b is not None and r["perplexity"] is not None else None
+        out.append({**r, "base_perplexity": b, "vs_base": delta,
+                    "vs_base_pct": 100 * delta / b if delta is not None and b else None})
+    return out

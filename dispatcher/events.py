@@ -7,6 +7,7 @@ Every event is a flat JSON object with at least `type` and `time`. Types:
   eval    {step, eval_loss}                        an evaluation pass
   log     {line}                                   a line of the worker's log
   warning {message}                                something the user should see on the chart
+  continues {lora, step}                          a training job continues an existing LoRA
   result  {lora_dir, ...}                          the outcome of a finished job
 """
 

@@ -710,6 +710,7 @@ class SweepStore:
         """Cancel every trial (and perplexity job) that has not ended; queue no more."""
         rec = self.get(sweep_id)
         self.r.hset(self.key(sweep_id), "cancelled", self.clock())
+        self.announce(sweep_id, "cancelled")
         jobs = [t["job"] for t in rec["trials"]] + list(self.evals(sweep_id).values())
         for job_id in jobs:
             try:
@@ -761,6 +762,16 @@ class SweepStore:
         if ended and rec["trials"]:
             self.r.hset(self.key(sweep_id), "finished", self.clock())
             self.r.srem(self.active_key, sweep_id)
+            self.announce(sweep_id, "finished")
+
+    def announce(self, sweep_id: str, change: str) -> None:
+        """Tell open Sweep pages that the sweep itself changed (cancelled, finished): no job
+        event follows a sweep's own end, and a page that re-reads only on job events would
+        keep showing the state it read last. Announced on the live channel as an event of
+        type `sweep` (not a job's: it goes into no job's stream)."""
+        event = {"type": "sweep", "sweep": sweep_id, "change": change, "time": self.clock()}
+        self.r.publish(self.store.events.channel,
+                       json.dumps({"job": None, "sweep": sweep_id, "event": event}))
 
     def _early_stopping(self, rec: dict[str, Any], jobs: list[dict[str, Any]],
                         policy: Policy) -> None:

@@ -146,13 +146,19 @@
     return Math.max(280, el.clientWidth || el.parentElement.clientWidth - 32 || 600);
   }
 
+  // Loss chart controls: EMA smoothing (0 = none), log scale (the plot is rebuilt for it).
+  const smoothInput = $("loss-smoothing"), logInput = $("loss-log");
+  const smoothing = () => (smoothInput ? Number(smoothInput.value) || 0 : 0);
+  const logScale = () => Boolean(logInput && logInput.checked);
+
+  // Series: 1 raw training loss (faint), 2 eval loss (dots), 3 smoothed training loss.
   function lossData() {
     const steps = Array.from(new Set([...train.keys(), ...evals.keys()])).sort((a, b) => a - b);
-    return [
-      steps,
-      steps.map((s) => (train.has(s) && train.get(s).loss !== null ? train.get(s).loss : null)),
-      steps.map((s) => (evals.has(s) ? evals.get(s) : null)),
-    ];
+    // A log scale cannot show 0 or less: such values are left out rather than break the axis.
+    const y = (v) => (v === null || v === undefined || (logScale() && v <= 0) ? null : v);
+    const raw = steps.map((s) => y(train.has(s) ? train.get(s).loss : null));
+    return [steps, raw, steps.map((s) => y(evals.has(s) ? evals.get(s) : null)),
+            LF.charts.ema(raw, smoothing())];
   }
 
   function lrData() {
@@ -161,15 +167,21 @@
   }
 
   function makeLossPlot(el) {
+    const log = logScale();
+    el.dataset.scale = log ? "log" : "linear";
     return new uPlot({
       width: chartWidth(el), height: 260,
-      scales: { x: { time: false } },
-      axes: [{ label: "step" }, { label: "loss", size: 60 }],
+      scales: { x: LF.charts.stepScale(), y: { distr: log ? 3 : 1, range: LF.charts.valueRange(log) } },
+      axes: [LF.charts.stepAxis(), { label: log ? "loss (log scale)" : "loss", size: 60,
+                                     values: LF.charts.recordTicks("yTicks", (t) => String(Number(t.toPrecision(4)))) }],
+      cursor: { drag: { x: true, y: false, setScale: true } },  // drag to zoom, double-click resets
+      hooks: LF.charts.zoomHooks(el),
       series: [
         { label: "step" },
-        { label: "loss", stroke: "#2563eb", width: 1.5, spanGaps: true },
+        { label: "loss", stroke: "rgba(37, 99, 235, 0.25)", width: 1, spanGaps: true },
         { label: "eval loss", stroke: "#dc2626", width: 0, paths: () => null,
           points: { show: true, size: 8, stroke: "#dc2626", fill: "#fca5a5" } },
+        { label: "smoothed", stroke: "#2563eb", width: 1.5, spanGaps: true },
       ],
     }, lossData(), el);
   }
@@ -177,11 +189,25 @@
   function makeLrPlot(el) {
     return new uPlot({
       width: chartWidth(el), height: 200,
-      scales: { x: { time: false } },
-      axes: [{ label: "step" }, { label: "learning rate", size: 70,
-                                  values: (u, ticks) => ticks.map((t) => t.toExponential(1)) }],
+      scales: { x: LF.charts.stepScale(), y: { range: LF.charts.valueRange(false) } },
+      axes: [LF.charts.stepAxis(), { label: "learning rate", size: 70,
+                                  values: LF.charts.recordTicks("yTicks", (t) => t.toExponential(1)) }],
+      hooks: LF.charts.zoomHooks(el),
       series: [{ label: "step" }, { label: "lr", stroke: "#059669", width: 1.5 }],
     }, lrData(), el);
+  }
+
+  if (smoothInput) {
+    smoothInput.addEventListener("input", () => {
+      $("loss-smoothing-value").textContent = smoothing().toFixed(2);
+      drawCharts();
+    });
+  }
+  if (logInput) {
+    logInput.addEventListener("change", () => {
+      if (lossPlot) { lossPlot.destroy(); lossPlot = null; }
+      drawCharts();
+    });
   }
 
   // The number of non-empty values of series `i` that a plot holds (0 without a plot).
@@ -195,16 +221,18 @@
     const ld = lossData(), rd = lrData();
     // Without uPlot (its script failed to load) nothing is drawn, and the counts stay at 0.
     if (ld[0].length && typeof uPlot !== "undefined") {
-      if (!lossPlot) lossPlot = makeLossPlot(lossEl); else lossPlot.setData(ld);
+      if (!lossPlot) lossPlot = makeLossPlot(lossEl); else LF.charts.update(lossPlot, ld);
     }
     if (rd[0].length && typeof uPlot !== "undefined") {
-      if (!lrPlot) lrPlot = makeLrPlot(lrEl); else lrPlot.setData(rd);
+      if (!lrPlot) lrPlot = makeLrPlot(lrEl); else LF.charts.update(lrPlot, rd);
     }
     document.getElementById("loss-empty").hidden = ld[0].length > 0;
     document.getElementById("lr-empty").hidden = rd[0].length > 0;
     // What the charts hold, not what arrived: the page's own record of points drawn.
     lossEl.dataset.points = String(drawnPoints(lossPlot, 1));
     lossEl.dataset.evalPoints = String(drawnPoints(lossPlot, 2));
+    const smoothed = lossPlot ? lossPlot.data[3].filter((v) => v !== null) : [];
+    lossEl.dataset.smoothedLast = smoothed.length ? String(smoothed[smoothed.length - 1]) : "";
     lrEl.dataset.points = String(drawnPoints(lrPlot, 1));
   }
 
@@ -251,17 +279,6 @@
     return e;
   }
 
-  function answerBox(title, answer, testid) {
-    const box = el("div", { class: "answer", "data-testid": testid });
-    box.appendChild(el("h3", {}, title));
-    box.appendChild(el("pre", { class: "answer-text" }, answer ? answer.text : ""));
-    if (answer) {
-      box.appendChild(el("p", { class: "muted" },
-        `${answer.tokens} tokens in ${Number(answer.seconds).toFixed(1)} s`));
-    }
-    return box;
-  }
-
   function showResult(r) {
     const body = $("result-body");
     if (!body || !r) return;
@@ -280,49 +297,23 @@
       const link = el("a", { href: "/evaluations" }, "All evaluations");
       out.push(link);
     } else {
-      out.push(...answersView(r, job.spec.lora));
+      out.push(...LF.answersView(r, job.spec.lora));
     }
     body.replaceChildren(...out);
   }
   if (job.result) showResult(job.result);
 
-  /* A generation result: the prompt as sent, then the two answers side by side. */
-  function answersView(r, loraName) {
-    const cols = el("div", { class: "answers" });
-    cols.appendChild(answerBox("Base model", r.base, "answer-base"));
-    if (r.lora) cols.appendChild(answerBox(`Base + ${loraName}`, r.lora, "answer-lora"));
-    return [el("h3", {}, "Prompt"),
-            el("pre", { class: "answer-text", "data-testid": "prompt-text" }, r.prompt_text || ""),
-            cols];
-  }
-
   // ---- Try it: a generation job with this LoRA, followed here until its answers arrive -----
   const tryForm = $("try-form");
-  if (tryForm) {
-    const tryStatus = $("try-status"), tryResult = $("try-result");
-    let tryFeed = null;
-    LF.specForm(tryForm, "generate", (id) => {
-      if (tryFeed) tryFeed.close();
-      const url = (attr) => tryForm.getAttribute(attr).replace("JOB_ID", encodeURIComponent(id));
-      const href = url("data-job-url");
-      const link = el("a", { href: href, "data-testid": "try-job-link" }, `generation job ${id}`);
-      const line = el("p", { class: "muted" });
-      const stateText = el("span", { "data-testid": "try-state" }, "queued");
-      line.append(link, " · ", stateText);
-      tryResult.replaceChildren(line);
-      tryFeed = new EventSource(url("data-events-url"));
-      tryFeed.addEventListener("message", (m) => {
-        let ev;
-        try { ev = JSON.parse(m.data); } catch (e) { return; }
-        if (ev.type === "state") {
-          stateText.textContent = ev.state + (ev.state === "failed" && ev.reason ? `: ${ev.reason}` : "");
-          tryResult.dataset.state = ev.state;
-        } else if (ev.type === "result") {
-          tryResult.replaceChildren(line, ...answersView(ev, job.spec.lora_name));
-        }
-      });
-      tryFeed.addEventListener("end", () => { tryFeed.close(); tryStatus.textContent = ""; });
-    });
+  if (tryForm) LF.tryForm(tryForm, $("try-result"));
+
+  // A training job that continues an existing LoRA says so (the engine's "continues" event).
+  function showContinues(c) {
+    const box = $("job-continues");
+    if (!box || !c || !c.lora) return;
+    const from = LF.num(c.step) === null ? "from its saved weights" : `from step ${c.step}`;
+    box.textContent = `continues LoRA ${c.lora} ${from}`;
+    box.hidden = false;
   }
 
   // ---- events ------------------------------------------------------------------------------
@@ -362,6 +353,9 @@
         break;
       case "priority":
         scheduleRecordRefresh();
+        break;
+      case "continues":
+        showContinues(ev);
         break;
       case "warning":
         addLog(ev, `warning: ${ev.message}`, "warn");

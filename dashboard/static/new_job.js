@@ -50,4 +50,41 @@
   });
   showEstimate();
 
+  // What the lora_name holds, said before anything is queued: an existing LoRA is continued
+  // (text-generation-webui's rule), someone else's name is refused. Asked as the name is typed.
+  const loraField = form.querySelector('.field[data-field="lora_name"]');
+  const loraInput = loraField.querySelector('[name="lora_name"]');
+  const overrideInput = form.querySelector('[name="always_override"]');
+  const loraApi = form.getAttribute("data-lora-api");
+  const loraNotice = document.createElement("p");
+  loraNotice.className = "lora-notice";
+  loraNotice.dataset.testid = "lora-notice";
+  loraNotice.setAttribute("aria-live", "polite");
+  loraNotice.hidden = true;
+  loraField.querySelector(".help").after(loraNotice);
+  let loraTimer = null, loraAsked = 0;
+  async function showLoraNotice() {
+    const name = loraInput.value.trim();
+    const asked = ++loraAsked;
+    if (!name) { loraNotice.hidden = true; return; }
+    const url = loraApi.replace("LORA_NAME", encodeURIComponent(name)) +
+      `?always_override=${overrideInput && overrideInput.checked ? 1 : 0}`;
+    let res;
+    try { res = await LF.api(url); } catch (e) { return; }
+    if (asked !== loraAsked) return;  // a later keystroke asked again
+    // A bad name is the spec's to report on submit, next to the field.
+    const line = res.ok ? res.body.notice : "";
+    loraNotice.textContent = line;
+    loraNotice.classList.toggle("refused", Boolean(res.ok && res.body.refused));
+    loraNotice.dataset.exists = res.ok && res.body.exists ? "yes" : "no";
+    loraNotice.hidden = !line;
+  }
+  function askSoon() {
+    clearTimeout(loraTimer);
+    loraTimer = setTimeout(showLoraNotice, 200);
+  }
+  loraInput.addEventListener("input", askSoon);
+  if (overrideInput) overrideInput.addEventListener("change", askSoon);
+  showLoraNotice();
+
 })();

@@ -25,6 +25,76 @@ LF.collectFields = function (root, skip) {
   return spec;
 };
 
+/* Refusals shown next to the fields they name, and a banner ("N problems") above the form.
+   Shared by the job forms and the New sweep form. A field's message goes as soon as the
+   field is edited, and the banner counts what is left (it goes with the last one), so a
+   fixed form does not go on saying "is required" until the next submit.
+   `locate(err)` gives {box, holder} for an error (holder: the element whose edits clear it,
+   marked .invalid meanwhile), or null for one shown only in the banner. */
+LF.errorDisplay = function (form, banner, locate) {
+  const shown = new Map();  // holder -> {box, count}
+  let headline = "", unplaced = [];
+
+  function clearOne(holder) {
+    const entry = shown.get(holder);
+    entry.box.hidden = true;
+    entry.box.textContent = "";
+    holder.classList.remove("invalid");
+    shown.delete(holder);
+  }
+
+  function drawBanner() {
+    let n = unplaced.length;
+    shown.forEach((e) => { n += e.count; });
+    if (!n) { banner.hidden = true; banner.textContent = ""; return; }
+    // The server's headline counts the problems of the request: count what is left.
+    const head = headline.replace(/\b\d+ problems?\b/, `${n} problem${n === 1 ? "" : "s"}`);
+    banner.textContent = [head].concat(unplaced).filter(Boolean).join(" — ");
+    banner.hidden = false;
+  }
+
+  function clear() {
+    Array.from(shown.keys()).forEach(clearOne);
+    headline = "";
+    unplaced = [];
+    banner.hidden = true;
+    banner.textContent = "";
+  }
+
+  function show(message, errs) {
+    clear();
+    headline = message || "";
+    let first = null;
+    (errs || []).forEach((err) => {
+      const at = locate(err);
+      if (!at || !at.box) { unplaced.push(`${err.field}: ${err.message}`); return; }
+      const holder = at.holder || at.box.parentElement;
+      const text = at.text || err.message;
+      at.box.textContent = at.box.textContent ? `${at.box.textContent}; ${text}` : text;
+      at.box.hidden = false;
+      holder.classList.add("invalid");
+      const entry = shown.get(holder) || { box: at.box, count: 0 };
+      entry.count += 1;
+      shown.set(holder, entry);
+      if (!first) first = holder;
+    });
+    if (!headline && !unplaced.length && !shown.size) return;
+    drawBanner();
+    if (!banner.textContent) { banner.textContent = headline; banner.hidden = false; }
+    (first || banner).scrollIntoView({ block: "center", behavior: "smooth" });
+  }
+
+  function edited(e) {
+    const fixed = Array.from(shown.keys()).filter((h) => h.contains(e.target));
+    if (!fixed.length) return;
+    fixed.forEach(clearOne);
+    drawBanner();
+  }
+  form.addEventListener("input", edited);
+  form.addEventListener("change", edited);
+  return { clear: clear, show: show };
+};
+
 LF.specForm = function (form, kind, onQueued) {
   const formError = form.querySelector(".form-error");
   const status = form.querySelector(".submit-status");
@@ -37,33 +107,14 @@ LF.specForm = function (form, kind, onQueued) {
     return LF.collectFields(form, ["priority"]);
   }
 
-  function clearErrors() {
-    formError.hidden = true;
-    formError.textContent = "";
-    form.querySelectorAll(".field-error").forEach((e) => { e.hidden = true; e.textContent = ""; });
-    form.querySelectorAll(".field.invalid").forEach((e) => e.classList.remove("invalid"));
-  }
-
-  function showErrors(message, errors) {
-    const unplaced = [];
-    let first = null;
-    (errors || []).forEach((err) => {
-      const field = form.querySelector(`.field[data-field="${CSS.escape(err.field)}"]`);
-      if (!field) { unplaced.push(`${err.field}: ${err.message}`); return; }
-      field.classList.add("invalid");
-      const box = field.querySelector(".field-error");
-      box.textContent = box.textContent ? `${box.textContent}; ${err.message}` : err.message;
-      box.hidden = false;
-      if (!first) first = field;
-    });
-    formError.textContent = [message].concat(unplaced).filter(Boolean).join(" — ");
-    formError.hidden = false;
-    (first || formError).scrollIntoView({ block: "center", behavior: "smooth" });
-  }
+  const errors = LF.errorDisplay(form, formError, (err) => {
+    const field = form.querySelector(`.field[data-field="${CSS.escape(err.field)}"]`);
+    return field ? { box: field.querySelector(".field-error"), holder: field } : null;
+  });
 
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
-    clearErrors();
+    errors.clear();
     button.disabled = true;
     status.textContent = "submitting…";
     const priority = form.querySelector('[name="priority"]');
@@ -86,7 +137,7 @@ LF.specForm = function (form, kind, onQueued) {
       return;
     }
     status.textContent = "";
-    showErrors((res.body && res.body.error) || `HTTP ${res.status}`, res.body && res.body.errors);
+    errors.show((res.body && res.body.error) || `HTTP ${res.status}`, res.body && res.body.errors);
   });
   return { collect: collect };
 };

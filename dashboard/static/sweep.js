@@ -12,7 +12,7 @@
   let sweep = JSON.parse(document.getElementById("sweep-data").textContent);
   const varied = sweep.varied;  // in the sweep's order (the keys of `parameters` are sorted)
   let sort = { key: null, dir: 1 };
-  let plot = null, plotIds = [];
+  let plot = null, plotIds = [], plotRows = [];
   const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2",
                   "#65a30d", "#9333ea", "#ea580c", "#0f766e", "#4f46e5"];
 
@@ -135,34 +135,53 @@
   // ---- loss curves ---------------------------------------------------------------------------
   function chartWidth(el) { return Math.max(300, el.clientWidth || 600); }
 
+  // The curves show the sweep's own metric (the one early stopping and the ★ best use: the
+  // evaluation loss when every trial has an evaluation set) until the user picks another.
+  const curveSelect = $("curve-metric");
+  let curveChosen = false;
+  const ownMetric = () => (sweep.metric === "eval_loss" ? "eval_loss" : "loss");
+  const curveMetric = () => (curveChosen ? curveSelect.value : ownMetric());
+  curveSelect.value = ownMetric();
+  curveSelect.addEventListener("change", () => { curveChosen = true; drawChart(); });
+
   function drawChart() {
     const el = $("sweep-chart");
-    const rows = sweep.rows.filter((r) => r.curve && r.curve.length);
+    const metric = curveMetric();
+    const key = metric === "eval_loss" ? "eval_curve" : "curve";
+    const rows = sweep.rows.filter((r) => r[key] && r[key].length);
     el.dataset.series = String(rows.length);
-    if (typeof uPlot === "undefined" || !rows.length) return;
-    const steps = Array.from(new Set(rows.flatMap((r) => r.curve.map((p) => p[0])))).sort((a, b) => a - b);
+    el.dataset.metric = metric;
+    if (typeof uPlot === "undefined" || !rows.length) {
+      if (plot && !rows.length) { plot.destroy(); plot = null; plotIds = []; }
+      return;
+    }
+    const steps = Array.from(new Set(rows.flatMap((r) => r[key].map((p) => p[0])))).sort((a, b) => a - b);
     const index = new Map(steps.map((s, i) => [s, i]));
     const data = [steps];
     rows.forEach((r) => {
       const ys = new Array(steps.length).fill(null);
-      r.curve.forEach(([s, v]) => { ys[index.get(s)] = v; });
+      r[key].forEach(([s, v]) => { ys[index.get(s)] = v; });
       data.push(ys);
     });
     const ids = rows.map((r) => r.id);
-    if (plot && ids.join() === plotIds.join()) { plot.setData(data); return; }
+    const plotKey = metric + ":" + ids.join();
+    if (plot && plotKey === plotIds.join()) { LF.charts.update(plot, data); return; }
     if (plot) plot.destroy();
-    plotIds = ids;
+    plotIds = [plotKey];
+    plotRows = ids;
     plot = new uPlot({
       width: chartWidth(el), height: 280,
       focus: { alpha: 0.25 },
       cursor: { focus: { prox: 24 } },
       legend: { show: rows.length <= 12 },
-      scales: { x: { time: false } },
-      axes: [{ label: "step" }, { label: "training loss" }],
-      series: [{ label: "step" }].concat(rows.map((r, i) => ({
+      scales: { x: LF.charts.stepScale(), y: { range: LF.charts.valueRange(false) } },
+      axes: [LF.charts.stepAxis(), { label: metric === "eval_loss" ? "evaluation loss" : "training loss" }],
+      hooks: LF.charts.zoomHooks(el),
+      // Evaluation losses are a few points each: they are marked.
+      series: [{ label: "step" }].concat(rows.map((r, i) => Object.assign({
         label: r.name, stroke: COLORS[i % COLORS.length], spanGaps: true,
         width: r.id === sweep.best ? 2.5 : 1.2,
-      }))),
+      }, metric === "eval_loss" ? { points: { show: true } } : {}))),
     }, data, el);
   }
 
@@ -170,7 +189,7 @@
     page.querySelectorAll('[data-testid="trial-row"]').forEach((tr) =>
       tr.classList.toggle("hover", tr.dataset.jobId === id));
     if (!plot) return;
-    const i = plotIds.indexOf(id);
+    const i = plotRows.indexOf(id);
     plot.setSeries(i >= 0 ? i + 1 : null, { focus: i >= 0 });
   }
 
@@ -181,21 +200,50 @@
     return e;
   }
 
+  /* About `n` round tick values covering lo..hi (1, 2 or 5 times a power of ten apart). */
+  function niceTicks(lo, hi, n) {
+    const raw = (hi - lo) / Math.max(1, n);
+    const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 5, 10].map((m) => m * mag).find((x) => x >= raw) || raw;
+    const out = [];
+    for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(12)));
+    return out;
+  }
+
+  function text(x, y, label, attrs) {
+    const t = svg("text", Object.assign({ x: x, y: y, "font-size": 11, fill: "#6b7280" }, attrs || {}));
+    t.textContent = label;
+    return t;
+  }
+
+  // The scatter starts on the sweep's own metric, as the curves do.
+  $("scatter-metric").value = sweep.metric === "eval_loss" ? "best_eval_loss" : "final_loss";
+
   function drawScatter() {
     const box = $("scatter");
     const param = $("scatter-param").value;
-    const metric = $("scatter-metric").value;
+    const metricSel = $("scatter-metric");
+    const metric = metricSel.value;
+    const metricLabel = metricSel.options[metricSel.selectedIndex].textContent;
     const pts = sweep.rows.map((r) => ({ r: r, x: r.params[param], y: LF.num(r[metric]) }))
       .filter((p) => p.y !== null && p.x !== undefined);
-    const W = 560, H = 260, L = 56, B = 36, T = 10, R = 12;
+    // Room for the tick labels and the axis titles inside the picture (nothing is clipped);
+    // points keep PAD pixels from the plot's edges, so their labels fit too.
+    const W = 560, H = 280, L = 78, B = 52, T = 12, R = 28, PAD = 14;
     const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, "data-points": String(pts.length) });
+    root.appendChild(text(L + (W - L - R) / 2, H - 8, param,
+      { "text-anchor": "middle", "font-size": 12, fill: "#374151", "data-testid": "scatter-x-title" }));
+    root.appendChild(text(14, T + (H - T - B) / 2, metricLabel,
+      { "text-anchor": "middle", "font-size": 12, fill: "#374151", "data-testid": "scatter-y-title",
+        transform: `rotate(-90 14 ${T + (H - T - B) / 2})` }));
+    root.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#d1d5db" }));
+    root.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#d1d5db" }));
     if (!pts.length) {
-      const t = svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", fill: "#6b7280" });
-      t.textContent = "no results yet";
-      root.appendChild(t);
+      root.appendChild(text((L + W - R) / 2, (T + H - B) / 2, "no results yet", { "text-anchor": "middle" }));
       box.replaceChildren(root);
       return;
     }
+    const x0 = L + PAD, x1 = W - R - PAD;
     const numeric = pts.every((p) => LF.num(p.x) !== null);
     let xs, xpos;
     if (numeric) {
@@ -204,26 +252,30 @@
       const log = lo > 0 && hi / lo >= 10;
       const f = log ? Math.log10 : (v) => v;
       const a = f(lo), b = f(hi);
-      xpos = (v) => L + (b === a ? 0.5 : (f(LF.num(v)) - a) / (b - a)) * (W - L - R);
+      xpos = (v) => x0 + (b === a ? 0.5 : (f(LF.num(v)) - a) / (b - a)) * (x1 - x0);
       xs = Array.from(new Set(vals)).sort((p, q) => p - q);
     } else {
       xs = Array.from(new Set(pts.map((p) => fmt.param(p.x)))).sort();
-      xpos = (v) => L + ((xs.indexOf(fmt.param(v)) + 0.5) / xs.length) * (W - L - R);
+      xpos = (v) => x0 + ((xs.indexOf(fmt.param(v)) + 0.5) / xs.length) * (x1 - x0);
     }
     const ys = pts.map((p) => p.y);
-    const ylo = Math.min(...ys), yhi = Math.max(...ys);
-    const ypos = (v) => T + (yhi === ylo ? 0.5 : 1 - (v - ylo) / (yhi - ylo)) * (H - T - B);
-    root.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#d1d5db" }));
-    root.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#d1d5db" }));
+    let ylo = Math.min(...ys), yhi = Math.max(...ys);
+    if (ylo === yhi) { const a = Math.abs(ylo) / 2 || 1; ylo -= a; yhi += a; }
+    const span = yhi - ylo;
+    ylo -= span * 0.08; yhi += span * 0.08;
+    const ypos = (v) => T + (1 - (v - ylo) / (yhi - ylo)) * (H - T - B);
     xs.forEach((v) => {
-      const t = svg("text", { x: xpos(v), y: H - B + 16, "text-anchor": "middle", "font-size": 11, fill: "#6b7280" });
-      t.textContent = fmt.param(v);
-      root.appendChild(t);
+      const x = xpos(v);
+      root.appendChild(svg("line", { x1: x, y1: H - B, x2: x, y2: H - B + 4, stroke: "#9ca3af" }));
+      root.appendChild(text(x, H - B + 17, fmt.param(v), { "text-anchor": "middle", "data-testid": "scatter-x-tick" }));
     });
-    [ylo, yhi].forEach((v) => {
-      const t = svg("text", { x: L - 6, y: ypos(v) + 4, "text-anchor": "end", "font-size": 11, fill: "#6b7280" });
-      t.textContent = v.toFixed(metric === "tokens_per_s" ? 0 : 3);
-      root.appendChild(t);
+    const yticks = niceTicks(ylo, yhi, 4);
+    const digits = Math.max(0, Math.min(6, -Math.floor(Math.log10((yticks[1] - yticks[0]) || 1))));
+    yticks.forEach((v) => {
+      const y = ypos(v);
+      root.appendChild(svg("line", { x1: L - 4, y1: y, x2: W - R, y2: y, stroke: "#f3f4f6" }));
+      root.appendChild(text(L - 7, y + 4, v.toFixed(metric === "tokens_per_s" ? 0 : digits),
+        { "text-anchor": "end", "data-testid": "scatter-y-tick" }));
     });
     pts.forEach((p) => {
       const c = svg("circle", { cx: xpos(p.x), cy: ypos(p.y), r: 5, fill: "#2563eb", "fill-opacity": 0.75,
@@ -294,7 +346,10 @@
   }
   drawAll();
   refresh();
-  LF.liveFeed("/api/v1/live?types=state,train,eval", $("live-status"), (payload) => {
+  // The sweep's own changes (cancelled, finished: dispatcher/sweeps.py SweepStore.announce)
+  // come as events of type "sweep": no job event follows a sweep's end.
+  LF.liveFeed("/api/v1/live?types=state,train,eval,sweep", $("live-status"), (payload) => {
+    if (payload.sweep === sweep.id) { refreshSoon(); return; }
     if (sweep.finished) return;
     // A state change may be a perplexity job this page does not know yet: re-read on every one.
     if (payload.event && payload.event.type === "state" || ours(payload.job)) refreshSoon();

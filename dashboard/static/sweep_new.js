@@ -33,8 +33,52 @@
     rows.appendChild(row);
     return row;
   }
-  document.getElementById("add-vary").addEventListener("click", () => addRow());
+  document.getElementById("add-vary").addEventListener("click", () => { addRow(); markSwept(); });
+
+  // A base field that a parameter row varies is marked "swept": its own value is not used.
+  function markSwept() {
+    const varied = new Set(Array.from(rows.querySelectorAll(".vary-param")).map((s) => s.value));
+    form.querySelectorAll("#base-fields .field[data-field]").forEach((field) => {
+      const swept = varied.has(field.dataset.field);
+      field.classList.toggle("swept", swept);
+      let mark = field.querySelector(".swept-mark");
+      if (swept && !mark) {
+        mark = document.createElement("span");
+        mark.className = "swept-mark";
+        mark.dataset.testid = "swept-mark";
+        mark.title = "varied by the sweep: each trial takes its value from the parameter row";
+        mark.textContent = "swept";
+        (field.querySelector("label, .label") || field).append(" ", mark);
+      } else if (!swept && mark) {
+        mark.remove();
+      }
+    });
+  }
+  rows.addEventListener("change", markSwept);
+  rows.addEventListener("click", (e) => {
+    if (e.target.closest(".vary-remove")) markSwept();  // the row is gone by now
+  });
   addRow("lora_rank");
+  markSwept();
+
+  // Each sweep setting only where it applies: trials and seed for a random search,
+  // reduction_factor for ASHA, min_trials for median, rungs for either policy.
+  const APPLIES = {
+    trials: (m) => m === "random",
+    seed: (m) => m === "random",
+    "early_stopping.rungs": (m, p) => p !== "none",
+    "early_stopping.reduction_factor": (m, p) => p === "asha",
+    "early_stopping.min_trials": (m, p) => p === "median",
+  };
+  function showApplicable() {
+    const method = setting("method"), policy = setting("policy");
+    Object.entries(APPLIES).forEach(([name, applies]) => {
+      form.querySelector(`.field[data-setting="${name}"]`).hidden = !applies(method, policy);
+    });
+  }
+  ["s-method", "s-policy"].forEach((n) => {
+    form.querySelector(`[name="${n}"]`).addEventListener("change", showApplicable);
+  });
 
   function scalar(text) {
     const t = text.trim();
@@ -71,6 +115,8 @@
     return el ? el.value.trim() : "";
   }
 
+  showApplicable();
+
   function collectBase() {
     return LF.collectFields(form.querySelector("#base-fields"));
   }
@@ -104,49 +150,30 @@
     return def;
   }
 
-  // ---- errors --------------------------------------------------------------------------------
-  function clearErrors() {
-    formError.hidden = true;
-    formError.textContent = "";
-    form.querySelectorAll(".field-error").forEach((e) => { e.hidden = true; e.textContent = ""; });
-    form.querySelectorAll(".invalid").forEach((e) => e.classList.remove("invalid"));
-  }
-
-  function place(box, holder, message) {
-    box.textContent = box.textContent ? `${box.textContent}; ${message}` : message;
-    box.hidden = false;
-    if (holder) holder.classList.add("invalid");
-  }
-
-  function showErrors(message, errors) {
-    const unplaced = [];
-    (errors || []).forEach((err) => {
-      const f = err.field || "";
-      if (f.startsWith("base.")) {
-        const field = form.querySelector(`#base-fields .field[data-field="${CSS.escape(f.slice(5))}"]`);
-        if (field) { place(field.querySelector(".field-error"), field, err.message); return; }
-      } else if (f.startsWith("parameters.")) {
-        const param = f.split(".")[1];
-        const row = Array.from(rows.querySelectorAll(".vary-row"))
-          .find((r) => r.querySelector(".vary-param").value === param);
-        if (row) { place(row.querySelector(".vary-error"), row, `${f.slice(11)}: ${err.message}`); return; }
-      } else if (f === "parameters") {
-        place(form.querySelector('[data-testid="error-parameters"]'), null, err.message);
-        return;
-      } else {
-        const box = form.querySelector(`[data-testid="error-${CSS.escape(f)}"]`);
-        if (box) { place(box, box.closest(".field"), err.message); return; }
-      }
-      unplaced.push(`${f}: ${err.message}`);
-    });
-    formError.textContent = [message].concat(unplaced).filter(Boolean).join(" — ");
-    formError.hidden = false;
-    formError.scrollIntoView({ block: "center", behavior: "smooth" });
-  }
+  // ---- errors (shown and cleared as the job forms do: spec_form.js) ------------------------
+  const errors = LF.errorDisplay(form, formError, (err) => {
+    const f = err.field || "";
+    if (f.startsWith("base.")) {
+      const field = form.querySelector(`#base-fields .field[data-field="${CSS.escape(f.slice(5))}"]`);
+      return field ? { box: field.querySelector(".field-error"), holder: field } : null;
+    }
+    if (f.startsWith("parameters.")) {
+      const param = f.split(".")[1];
+      const row = Array.from(rows.querySelectorAll(".vary-row"))
+        .find((r) => r.querySelector(".vary-param").value === param);
+      return row ? { box: row.querySelector(".vary-error"), holder: row,
+                     text: `${f.slice(11)}: ${err.message}` } : null;
+    }
+    if (f === "parameters") {
+      return { box: form.querySelector('[data-testid="error-parameters"]'), holder: rows.closest("fieldset") };
+    }
+    const box = form.querySelector(`[data-testid="error-${CSS.escape(f)}"]`);
+    return box ? { box: box, holder: box.closest(".field") } : null;
+  });
 
   // ---- preview and submit --------------------------------------------------------------------
   async function send(dryRun) {
-    clearErrors();
+    errors.clear();
     status.textContent = dryRun ? "working out the trials…" : "submitting…";
     let res;
     try {
@@ -161,7 +188,7 @@
     status.textContent = "";
     if (!res.ok) {
       previewBox.hidden = true;
-      showErrors((res.body && res.body.error) || `HTTP ${res.status}`, res.body && res.body.errors);
+      errors.show((res.body && res.body.error) || `HTTP ${res.status}`, res.body && res.body.errors);
       return null;
     }
     return res.body;

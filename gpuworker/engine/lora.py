@@ -32,6 +32,7 @@ class Existing:
 
     weights: Path
     rank: int | None
+    steps: int | None = None  # the optimizer steps of the run that saved it (training_log.json)
 
 
 def existing_adapter(lora_dir: Path) -> Existing | None:
@@ -46,8 +47,17 @@ def existing_adapter(lora_dir: Path) -> Existing | None:
                     rank = int(json.loads(cfg.read_text(encoding="utf-8")).get("r"))
                 except (OSError, ValueError, TypeError, json.JSONDecodeError):
                     rank = None
-            return Existing(weights=lora_dir / name, rank=rank)
+            return Existing(weights=lora_dir / name, rank=rank, steps=_saved_steps(lora_dir))
     return None
+
+
+def _saved_steps(lora_dir: Path) -> int | None:
+    path = lora_dir / "training_log.json"
+    try:
+        check_inside(path, lora_dir, f"loras/{lora_dir.name}/{path.name}")
+        return int(json.loads(path.read_text(encoding="utf-8")).get("current_steps"))
+    except (LeadsOutside, OSError, ValueError, TypeError, AttributeError, json.JSONDecodeError):
+        return None
 
 
 def _refuse_outside(path: Path, lora_dir: Path) -> None:

@@ -211,6 +211,8 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
     elif existing is not None:
         log(f"Continuing LoRA {spec.lora_name} from its saved weights "
             "(set always_override to start over)")
+        # Said on the job page as well as in the log: the job does not start from scratch.
+        progress({"type": "continues", "lora": spec.lora_name, "step": existing.steps})
         load_existing_weights(model, existing, spec.lora_name)
     trainable, total = count_params(model)
     log(f"Trainable params: {trainable:,} ({100 * trainable / max(total, 1):.4f} %), "
@@ -227,6 +229,9 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
         "trainable_params": trainable,
         "total_params": total,
         "device": str(device),
+        # The LoRA this run continues and its steps (None: a new LoRA, or a resumed run).
+        "continues": ({"lora": spec.lora_name, "step": existing.steps}
+                      if existing is not None else None),
     }
     # Loading a big model takes minutes: a stop asked for meanwhile ends here, before the
     # LoRA folder is touched.
@@ -308,6 +313,7 @@ def _result(spec: TrainSpec, plan: data_phase.StepPlan, out: LoopOutcome, info: 
         "peak_gpu_memory_mb": out.peak_gpu_mem_mb,
         "precision": info["precision"],
         "resumed_from": out.resumed_from,
+        "continues": info.get("continues"),
     }
     return result
 

@@ -239,8 +239,7 @@ def test_try_it_and_evaluations_pages(fleet, page):
     page.goto(fleet.url + "/generate")
     _fill_form(page, base_model="tiny", prompt="The sea is", max_new_tokens=8, temperature=0)
     page.locator("[data-testid='submit-generate']").click()
-    page.wait_for_url(re.compile(r"/jobs/[0-9a-f]{12}$"), timeout=15000)
-    page.locator("[data-testid='answer-base']").wait_for(timeout=120000)
+    page.locator("[data-testid='answer-base']").wait_for(timeout=120000)  # on this page
     assert "8 tokens" in page.locator("[data-testid='answer-base']").inner_text()
     assert page.locator("[data-testid='prompt-text']").inner_text() == "The sea is"
 

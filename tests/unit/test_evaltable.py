@@ -72,3 +72,17 @@ def test_a_formula_comment_is_plain_text_in_the_file_and_survives_edits_unchange
     assert rows[1]["comment"] == "-2+3"
     t.set_comment(row["id"], "'=typed with its own apostrophe")
     assert t.rows()[0]["comment"] == "'=typed with its own apostrophe"
+
+
+def test_with_base_compares_on_the_same_text_and_settings_only(tmp_path):
+    from dispatcher.evaltable import with_base
+
+    t = EvalTable(tmp_path / "e.csv")
+    t.add(base_model="m", loras=[], text_file="a.txt", perplexity=20.0, stride=512, max_length=64, tokens=1)
+    t.add(base_model="m", loras=[], text_file="a.txt", perplexity=10.0, stride=512, max_length=64, tokens=1)
+    t.add(base_model="m", loras=["x"], text_file="a.txt", perplexity=8.0, stride=512, max_length=64, tokens=1)
+    t.add(base_model="m", loras=["x"], text_file="a.txt", perplexity=8.0, stride=256, max_length=64, tokens=1)
+    rows = with_base(t.rows())
+    assert [r["base_perplexity"] for r in rows] == [None, None, 10.0, None]  # the newest base
+    assert rows[2]["vs_base"] == -2.0 and rows[2]["vs_base_pct"] == -20.0
+    assert rows[3]["vs_base"] is None  # another stride: never measured
