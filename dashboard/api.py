@@ -14,6 +14,7 @@ from flask import Blueprint, Response, current_app, g, jsonify, request
 from dashboard.app import services
 from dashboard.auth import current_user, may_manage, owner_for, priority_problem
 from dashboard.forms import form_fields
+from dashboard.job_summary import summary
 from dashboard.live import TooManyLive
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.ownership import OwnerRefused, admit_train_job
@@ -22,6 +23,7 @@ from dashboard.ownership import owners as owner_registry
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
 from dispatcher.estimate import job_memory_mb
 from dispatcher.lora_info import lora_info, notice, refused
+from dispatcher.outcome import list_fields
 from dispatcher.scheduler import QueueView, queue_view, scheduling_env
 from dispatcher.specs import (
     FIELD_DOCS,
@@ -76,7 +78,8 @@ def with_queue_place(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def job_summary(rec: dict[str, Any]) -> dict[str, Any]:
-    out = {**SUMMARY_DEFAULTS, **{k: v for k, v in rec.items() if k not in LIST_OMITS}}
+    out = {**SUMMARY_DEFAULTS, **{k: v for k, v in rec.items() if k not in LIST_OMITS},
+           **list_fields(rec)}  # kind, outcome, duration_s (issue 11: points 7, 20)
     return with_queue_place(out)
 
 
@@ -185,6 +188,9 @@ def job_detail(job_id: str) -> dict[str, Any]:
     rec["history"] = svc.store.history(job_id)
     rec["stop_requested"] = svc.store.stop_requested(job_id)
     rec["lora_available"] = lora_available(rec, svc.settings.paths)
+    rec.update(list_fields(rec))
+    rec["summary"] = summary(rec, [e for _, e in svc.store.events.history(job_id)],
+                             svc.settings.paths)
     return with_queue_place(rec)
 
 

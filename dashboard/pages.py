@@ -8,6 +8,7 @@ from dashboard.api import job_detail, job_filters, job_summary, workers_with_job
 from dashboard.app import services
 from dashboard.forms import form_fields, form_sections
 from dashboard.ownership import owners as owner_registry
+from dashboard.param_groups import param_groups
 from dispatcher.lora_info import free_name
 from dispatcher.owners import folder_exists, lora_rel
 from dispatcher.specs import LORA_NAME_RE, GenerateSpec, SpecError, list_choices, lora_parameters
@@ -94,7 +95,8 @@ def job(job_id: str):
     except JobNotFound:
         abort(404, f"no job {job_id}")
     return render_template("job.html", job=rec, try_fields=_try_fields(rec), nav="jobs",
-                           copy_endpoint=COPY_PAGES.get(rec.get("kind", "train"), "pages.new_job"))
+                           copy_endpoint=COPY_PAGES.get(rec.get("kind", "train"), "pages.new_job"),
+                           param_groups=param_groups(rec.get("kind", "train"), rec.get("spec") or {}))
 
 
 # "Copy parameters" opens the form of the job's own kind, filled from it (`?from=<job id>`).
@@ -121,7 +123,7 @@ def _try_fields(rec: dict) -> list:
 @bp.get("/fleet")
 def fleet():
     return render_template("fleet.html", workers=workers_with_jobs(), nav="fleet",
-                           outside_pids=outside_pids)
+                           outside_pids=outside_pids, load_text=load_text)
 
 
 def outside_pids(worker: dict) -> str:
@@ -130,3 +132,20 @@ def outside_pids(worker: dict) -> str:
     if not pids:
         return "pid unknown"
     return ("pid " if len(pids) == 1 else "pids ") + ", ".join(pids)
+
+
+def load_text(worker: dict) -> str:
+    """The Fleet page's load column: a card's utilisation and temperature, a CPU worker's CPU
+    use and load average (fleet.js writes the same); "" when the heartbeat has none."""
+    def given(key: str) -> bool:
+        return str(worker.get(key, "")) not in ("", "None")
+
+    cpu = worker.get("device") == "cpu"
+    parts = []
+    if given("util_pct"):
+        parts.append(f"{float(worker['util_pct']):g} %" + (" CPU" if cpu else ""))
+    if given("load_avg"):
+        parts.append(f"load {float(worker['load_avg']):g}")
+    if given("temp_c"):
+        parts.append(f"{float(worker['temp_c']):g} °C")
+    return " · ".join(parts)

@@ -467,14 +467,12 @@ def follow_job(client: Client, job_id: str, out=None) -> str:
                     f"loss {float(ev.get('loss', 0)):.4f}  lr {float(ev.get('learning_rate', 0)):.2e}"
                     f"  {float(ev.get('tokens_per_s') or 0):.0f} tok/s  ETA {_fmt_eta(ev.get('eta_s'))}")
             out.write(("\r" + line) if tty else line + "\n")
-        elif t in ("log", "warning", "state", "eval"):
+        elif t in ("log", "warning", "state"):  # an eval: the trainer's log line says it
             if tty:
                 out.write("\n")
             if t == "state":
                 state = ev.get("state", state)
                 out.write(f"state: {state}" + (f" ({ev['reason']})" if ev.get("reason") else "") + "\n")
-            elif t == "eval":
-                out.write(f"eval loss {float(ev.get('eval_loss', 0)):.4f} at step {ev.get('step')}\n")
             else:
                 out.write(f"{ev.get('line') or ev.get('message')}\n")
         out.flush()
@@ -644,18 +642,34 @@ def status(job: str | None, as_json: bool, owner: str | None, state: str | None,
         click.echo(json.dumps(data, indent=2))
         return
     rows = [data] if job else data
-    click.echo(f"{'ID':<13}{'STATE':<11}{'OWNER':<10}{'PROGRESS':<14}{'LOSS':<9}{'ETA':<9}NAME")
+    click.echo(f"{'ID':<13}{'STATE':<11}{'OWNER':<10}{'KIND':<9}{'PROGRESS':<14}{'RESULT':<21}"
+               f"{'ETA':<9}NAME")
     for j in rows:
-        prog = f"{j.get('step', 0) or 0}/{j.get('total_steps', 0) or 0}"
+        kind = j.get("kind") or "train"
+        # Evaluation and generation jobs have no steps: their result says what they did.
+        prog = f"{j.get('step', 0) or 0}/{j.get('total_steps', 0) or 0}" if kind == "train" else ""
         loss = j.get("loss")
-        click.echo(f"{j['id']:<13}{j['state']:<11}{str(j.get('owner', ''))[:9]:<10}{prog:<14}"
-                   f"{(f'{float(loss):.4f}' if loss not in (None, '') else '-'):<9}"
-                   f"{_eta_column(j):<9}"
-                   f"{j.get('name', '')}")
+        result = j.get("outcome") or (f"loss {float(loss):.4f}" if loss not in (None, "") else "-")
+        click.echo(f"{j['id']:<13}{j['state']:<11}{str(j.get('owner', ''))[:9]:<10}{kind:<9}"
+                   f"{prog:<14}{result:<21}{_eta_column(j):<9}{j.get('name', '')}")
         if job and j.get("reason"):
             click.echo(f"reason: {j['reason']}")
         if job and j.get("sweep"):
             click.echo(f"sweep: {j['sweep']}")
+        if job:
+            _print_result(j)
+
+
+def _print_result(j: dict[str, Any]) -> None:
+    """`lorafleet status JOB`: an evaluation's perplexity, a generation's answers."""
+    r = j.get("result") if isinstance(j.get("result"), dict) else {}
+    if j.get("kind") == "evaluate" and r.get("perplexity") is not None:
+        click.echo(f"perplexity: {float(r['perplexity']):.4f} over {r.get('tokens')} tokens"
+                   + (" (already evaluated)" if r.get("skipped") else ""))
+    elif j.get("kind") == "generate":
+        for key, label in (("base", "base model"), ("lora", "with the LoRA")):
+            if isinstance(r.get(key), dict):
+                click.echo(f"answer ({label}): {r[key].get('text', '')}")
 
 
 def _eta_column(j: dict[str, Any]) -> str:

@@ -251,6 +251,7 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
     if not isinstance(data, dict):
         raise SpecError([{"field": "spec", "message": "must be a JSON object of training parameters"}])
     check_size(data)
+    data = from_webui_keys(data)
     errors: list[dict[str, str]] = []
     s = _build(TrainSpec, data, errors, "training parameter")
     check_lengths("train", s, errors)
@@ -296,12 +297,9 @@ def parse_train_spec(data: Any, paths: DataPaths) -> TrainSpec:
         bad("cutoff_len", "must be between 8 and 131072 tokens")
     if s.overlap_len < 0:
         bad("overlap_len", "must be 0 or more")
-    elif s.overlap_len >= s.cutoff_len:
-        # Refused for every job, as the issue lists it among bad values: a dataset job does not
-        # use the overlap, but a copy of its parameters onto raw text would not run.
-        bad("overlap_len", f"must be less than cutoff_len ({s.cutoff_len})"
-            + ("" if s.raw_text_file.strip() else "; it shapes raw-text chunks only, so for a "
-               "dataset lower it to anything below cutoff_len"))
+    elif s.overlap_len >= s.cutoff_len and s.raw_text_file.strip():
+        # Only raw text is cut with the overlap; a dataset job ignores it, as in the webui.
+        bad("overlap_len", f"must be less than cutoff_len ({s.cutoff_len})")
     if s.newline_favor_len < 0:
         bad("newline_favor_len", "must be 0 or more")
     for name in ("save_steps", "warmup_steps", "min_chars"):
@@ -795,6 +793,26 @@ def spec_from_training_parameters(params: dict[str, Any]) -> dict[str, Any]:
                                      if params.get(key)]
     # A resumed run's checkpoint belongs to that run, not to a copy of its parameters.
     out.pop("resume_from_checkpoint", None)
+    return out
+
+
+# Keys only the webui's training_parameters.json has (lorafleet's own file has them too).
+_WEBUI_ONLY = (*_WEBUI_PROJECTION_KEYS, "all_linear", "report_to", LORAFLEET_FILES)
+
+
+def from_webui_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A submitted spec that is a text-generation-webui training_parameters.json (its projection
+    booleans, `all_linear`, `report_to`, "None" for an empty choice) as lorafleet's own keys.
+    A plain spec comes back as it is; keys neither program knows stay, to be refused by name.
+    `report_to` is dropped: lorafleet records the losses itself."""
+    if not (any(k in data for k in _WEBUI_ONLY)
+            or any(data.get(k) in ("None", "none") for k in _WEBUI_CHOICES)):
+        return data
+    known = {f.name for f in fields(TrainSpec)}
+    out = {k: v for k, v in data.items() if k not in known and k not in _WEBUI_ONLY}
+    out.update(spec_from_training_parameters(data))
+    if "resume_from_checkpoint" in data:  # a submitted spec may resume; a copy may not
+        out["resume_from_checkpoint"] = data["resume_from_checkpoint"]
     return out
 
 

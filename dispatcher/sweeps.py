@@ -44,6 +44,7 @@ from dispatcher.specs import (
     SpecError,
     TrainSpec,
     check_size,
+    from_webui_keys,
     parse_eval_spec,
     parse_train_spec,
 )
@@ -395,7 +396,7 @@ def parse_sweep(data: Any, paths: DataPaths,
     if not isinstance(given, dict):
         bad("base", "must be an object of training parameters")
         given = {}
-    base.update(given)
+    base.update(from_webui_keys(given))
     if data.get("base_job"):  # a copied job's checkpoint belongs to that job's run
         base.pop("resume_from_checkpoint", None)
 

@@ -13,7 +13,8 @@ class FormatError(ValueError):
     """A user's data file cannot be used; the message says which file, row and key, and why.
 
     ``source`` is the file name as the user knows it, ``row`` the 0-based index of the row in the
-    dataset (``None`` when the problem is not about one row), ``key`` the dataset key or format
+    dataset (``None`` when the problem is not about one row; the message counts rows from 1,
+    as it counts JSON Lines lines), ``key`` the dataset key or format
     entry concerned (``None`` when not about one key) and ``line`` the 1-based file line of the
     row when the dataset is JSON Lines. They are kept as attributes so a caller can highlight
     the place without parsing the message.
@@ -49,12 +50,13 @@ class NoMatchingTemplateError(FormatError):
 
 
 def _place(source: str | None, row: int | None, line: int | None) -> str:
-    """The "file row N (line L): " prefix of a message; parts that are unknown are left out."""
+    """The "file row N (line L): " prefix of a message (N and L from 1); parts that are unknown
+    are left out."""
     parts = []
     if source:
         parts.append(source)
     if row is not None:
-        parts.append(f"row {row}")
+        parts.append(f"row {row + 1}")  # counted from 1, like the lines
     if line is not None:
         parts.append(f"(line {line})")
     return (" ".join(parts) + ": ") if parts else ""

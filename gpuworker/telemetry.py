@@ -215,6 +215,47 @@ def cap_memory(info: dict, memory_mb: int | None) -> dict:
     return out
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all the host's CPUs since boot, from /proc/stat; None where
+    there is no /proc/stat (not Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            parts = f.readline().split()
+    except OSError:
+        return None
+    if len(parts) < 5 or parts[0] != "cpu":
+        return None
+    ticks = [int(x) for x in parts[1:9]]  # user..steal; guest time is already in user
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+class CpuLoad:
+    """A CPU worker's load column (issue 11, point 19): the host's CPU use between two
+    heartbeats (`util_pct`, as a card's utilisation) and the 1-minute load average, or a
+    `load_note` saying why there is no figure."""
+
+    def __init__(self) -> None:
+        self.last = cpu_times()
+
+    def fields(self) -> dict:
+        # Every key each time: a heartbeat overwrites the fields it names, no others.
+        out: dict = {"util_pct": None, "load_avg": None, "load_note": ""}
+        now = cpu_times()
+        if now is not None and self.last is not None and now[1] > self.last[1]:
+            busy, total = now[0] - self.last[0], now[1] - self.last[1]
+            out["util_pct"] = round(100.0 * max(0, busy) / total)
+        self.last = now or self.last
+        try:
+            out["load_avg"] = round(os.getloadavg()[0], 2)
+        except (AttributeError, OSError):
+            pass
+        if out["util_pct"] is None and out["load_avg"] is None:
+            out["load_note"] = ("no CPU figures on this system (no /proc/stat, no load average)"
+                                if now is None else "measuring: the next heartbeat has it")
+        return out
+
+
 class CardReport:
     """The heartbeat's device fields, with memory held outside lorafleet and the memory cap.
 
@@ -227,9 +268,12 @@ class CardReport:
         self.memory_mb = memory_mb
         self.root_pid = os.getpid() if root_pid is None else root_pid
         self.last = OutsideUse()
+        self.cpu = CpuLoad()
 
     def fields(self, busy: bool) -> dict:
         info = card_info(self.gpu_index)
+        if info.get("device") == "cpu":
+            info.update(self.cpu.fields())
         procs = info.pop("processes", None)
         used = info.pop("mem_used_mb", None)
         if procs is not None and used is not None:

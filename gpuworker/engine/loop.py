@@ -146,6 +146,15 @@ def evaluate(forward: _Forward, model: Any, samples: list[dict[str, Any]], micro
     return total / max(count, 1)
 
 
+# The job log gets a line per step for a run this short, else about this many lines in all.
+STEP_LINES = 40
+
+
+def step_log_interval(total_steps: int) -> int:
+    """Log every this many steps: every step up to 50 steps, else 20-40 lines for the run."""
+    return 1 if total_steps <= 50 else -(-total_steps // STEP_LINES)
+
+
 def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[str, Any]] | None,
              spec: TrainSpec, plan: StepPlan, device: torch.device, precision: str, pad_id: int,
              progress: Callable[[Event], None], should_stop: Callable[[], bool],
@@ -169,6 +178,7 @@ def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
     forward = _Forward(model)
+    log_every = step_log_interval(plan.total_steps)
     out = LoopOutcome()
     if resume is not None:
         out = _restore(resume, optimizer, names, scheduler, scaler, plan, device, log)
@@ -237,6 +247,10 @@ def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[
                   "epoch": round(plan.epoch_of(out.micro_done), 4), "loss": round(step_loss, 6),
                   "learning_rate": lr, "tokens_per_s": round(out.tokens_per_s, 2),
                   "eta_s": round(eta, 2), "gpu_mem_mb": out.peak_gpu_mem_mb})
+
+        if step % log_every == 0 or step == plan.total_steps:
+            log(f"Step {step}/{plan.total_steps}: loss {step_loss:.4f}, learning rate {lr:.3g}, "
+                f"{out.tokens_per_s:.0f} tokens/s")
 
         if step_loss < FORGET_LOSS and not warned_forget:
             warned_forget = True

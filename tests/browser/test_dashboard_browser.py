@@ -126,7 +126,9 @@ def test_submit_form_watch_chart_and_success(fleet, page):
     assert int(log.get_attribute("data-lines")) > 0
     lines = log.locator(".line").all_inner_texts()
     assert any("state → running" in ln for ln in lines)
-    assert any(f"eval at step {total}: loss" in ln for ln in lines)
+    # Each evaluation once, as the trainer logs it (issue 11, point 9).
+    assert sum(f"Step {total}: eval loss" in ln for ln in lines) == 1
+    assert not any("eval at step" in ln for ln in lines)
     assert any("Done! LoRA saved to loras/browser-lora/" in ln for ln in lines)
     page.screenshot(path=str(fleet.home / "job-page.png"), full_page=True)
 

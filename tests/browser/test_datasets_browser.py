@@ -55,7 +55,7 @@ def test_upload_a_good_and_a_bad_dataset(fleet, page, tmp_path):
     page.locator(tid("upload-submit")).click()
     error = page.locator(tid("upload-error"))
     error.wait_for(state="visible", timeout=10000)
-    assert "bad.json row 2: key 'output' is a list, expected text" in error.inner_text()
+    assert "bad.json row 3: key 'output' is a list, expected text" in error.inner_text()
     assert table.locator("[data-testid='dataset-row'][data-name='bad.json']").count() == 0
     assert sorted(p.name for p in fleet.settings.paths.datasets.iterdir()) == \
         ["good.json", "tiny.json"]

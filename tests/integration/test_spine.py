@@ -69,7 +69,7 @@ def test_failing_job_ends_failed_with_reason_and_worker_takes_next(fleet):
     job = submit(fleet, lora_name="spine-bad", format=bad_fmt.stem)
     rec = fleet.wait_for_state(job, ("succeeded", "failed", "cancelled"))
     assert rec["state"] == "failed"
-    assert "row 0" in rec["reason"], rec["reason"]
+    assert "row 1" in rec["reason"], rec["reason"]
     assert not (fleet.settings.paths.loras / "spine-bad" / "adapter_model.safetensors").exists()
     good = submit(fleet, lora_name="spine-after-fail")
     assert fleet.wait_for_state(good, ("succeeded", "failed"))["state"] == "succeeded"

@@ -197,7 +197,7 @@ def test_data_upload_list_show_and_copy_a_format(url, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": ["x"], "output": "y"}]')
     res = cli("data", "upload", str(bad), "--url", url)
-    assert res.exit_code == 2 and "row 1: key 'instruction' is a list" in res.stderr
+    assert res.exit_code == 2 and "row 2: key 'instruction' is a list" in res.stderr
 
     res = cli("data", "show-format", "alpaca-format", "--json", "--url", url)
     assert res.exit_code == 0, res.output

@@ -57,7 +57,7 @@ def test_errors_name_the_row_and_exit_non_zero(tok, tmp_path):
     bad.write_text('[{"instruction": "a", "output": "b"}, {"instruction": ["x"], "output": "y"}]')
     res = run("--tokenizer", tok, "--dataset", bad, "--format", SHIPPED_DIR / "alpaca-format.json")
     assert res.exit_code != 0
-    assert "bad.json row 1: key 'instruction' is a list" in res.output
+    assert "bad.json row 2: key 'instruction' is a list" in res.output
     res = run("--tokenizer", tok, "--raw-text", bad, "--cutoff-len", 16, "--overlap-len", 16)
     assert res.exit_code != 0 and "--overlap-len (16) must be less than --cutoff-len" in res.output
     res = run("--tokenizer", tok)

@@ -100,9 +100,9 @@ BAD_ROW = json.dumps([{"instruction": "a", "output": "b"}] * 3
 @pytest.mark.parametrize("name, content, form, status, message", [
     ("bad.json", '[{"instruction": "a", "output": "b"},', {}, 400,
      "bad.json: invalid JSON at line 1"),
-    ("bad.json", BAD_ROW, {}, 400, "bad.json row 3: key 'output' is a list, expected text"),
+    ("bad.json", BAD_ROW, {}, 400, "bad.json row 4: key 'output' is a list, expected text"),
     ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": true, "output": "b"}\n',
-     {}, 400, "bad.jsonl row 1 (line 2): key 'instruction' is a boolean"),
+     {}, 400, "bad.jsonl row 2 (line 2): key 'instruction' is a boolean"),
     ("none.json", "[]", {}, 400, "none.json: the dataset has no rows"),
     ("x-format.json", '{"instruction,output": 3}', {}, 400,
      "x-format.json: entry 'instruction,output': the template is a number"),
@@ -156,7 +156,7 @@ def test_the_listing_reports_broken_files_already_in_the_folder(client, settings
     (settings.paths.formats / "broken.json").write_text("[]")
     listing = client.get("/api/v1/datasets").json
     broken = next(d for d in listing["datasets"] if d["name"] == "broken.json")
-    assert broken["rows"] is None and broken["error"].startswith("broken.json row 0: key 'a'")
+    assert broken["rows"] is None and broken["error"].startswith("broken.json row 1: key 'a'")
     fmt = next(f for f in listing["formats"] if f["name"] == "broken")
     assert fmt["key_sets"] == [] and "must be a JSON object" in fmt["error"]
 
@@ -227,7 +227,7 @@ def test_preview_reports_a_row_that_matches_no_format_entry(client, settings):
         "model": "tiny", "dataset": "odd.json", "format": "alpaca-format"})
     assert res.status_code == 400
     # The CLI's FormatError, with the data folder's path taken out.
-    assert res.json["error"].startswith("datasets/odd.json row 1")
+    assert res.json["error"].startswith("datasets/odd.json row 2")
     assert str(settings.home) not in res.json["error"]
 
 

@@ -194,7 +194,10 @@ def test_fleet_page_lists_workers(client, redis_client, prefix):
     assert page.find(data_testid="worker-state", data_state="busy")
     html = client.get("/fleet").get_data(as_text=True)
     assert "RTX 4090" in html and "2.0 GiB / 24.0 GiB" in html
-    assert re.search(r'data-col="load">\s*</td>', html)  # no utilisation reported: empty
+    # No utilisation reported: a dash and why (issue 11, point 19).
+    assert re.search(r'data-col="load" data-testid="worker-load">— <span class="muted" '
+                     r'data-testid="worker-load-note">\(no figures in the heartbeat\)</span></td>',
+                     html)
 
 
 def test_fleet_shows_what_each_card_runs_and_whose_it_is(client, redis_client, prefix, store):

@@ -272,7 +272,7 @@ def test_missing_files_and_bad_rows_are_engine_errors(paths):
     (paths.datasets / "bad.json").write_text(json.dumps([{"question": "x", "answer": "y"}]))
     with pytest.raises(EngineError, match="bad.json") as err:
         Recorder().run(make_spec(dataset="bad.json"), paths)
-    assert "row 0" in str(err.value) and str(paths.home) not in str(err.value)
+    assert "row 1" in str(err.value) and str(paths.home) not in str(err.value)
     assert list(paths.loras.iterdir()) == []
 
 

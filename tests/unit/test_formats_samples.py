@@ -161,7 +161,7 @@ def test_build_samples_errors(files, tmp_path) -> None:
     other.write_text('[{"question": "q", "answer": "a"}]', encoding="utf-8")
     with pytest.raises(NoMatchingTemplateError) as caught:
         build_samples(tokenizer=tok, cutoff_len=8, dataset_path=other, format_path=fmt)
-    assert str(caught.value).startswith(f"{other} row 0: keys {{answer, question}} match no")
+    assert str(caught.value).startswith(f"{other} row 1: keys {{answer, question}} match no")
     empty = tmp_path / "empty.json"
     empty.write_text("[]", encoding="utf-8")
     with pytest.raises(FormatError, match="no rows"):

@@ -94,7 +94,7 @@ def test_no_matching_entry_names_row_key_set_and_format_key_sets(chatbot) -> Non
             source="datasets/x.json",
         )
     assert str(caught.value) == (
-        "datasets/x.json row 3: keys {context, output} match no entry of format "
+        "datasets/x.json row 4: keys {context, output} match no entry of format "
         "formats/chatbot.json (its key sets: {instruction, output}; {input, instruction, output})"
     )
     assert caught.value.row == 3
@@ -110,7 +110,7 @@ def test_non_text_values_are_errors_naming_row_and_key(chatbot, value, kind) -> 
         render_row(
             chatbot, {"instruction": "q", "output": value}, row_index=3, source="datasets/x.json"
         )
-    assert str(caught.value) == f"datasets/x.json row 3: key 'output' is {kind}, expected text"
+    assert str(caught.value) == f"datasets/x.json row 4: key 'output' is {kind}, expected text"
     assert (caught.value.row, caught.value.key) == (3, "output")
 
 
@@ -175,7 +175,7 @@ def test_json_lines_dataset_with_bom_and_blank_lines(tmp_path) -> None:
 def test_json_lines_row_error_names_row_and_line() -> None:
     with pytest.raises(ValueTypeError) as caught:
         parse_rows('{"a": "1"}\n\n{"a": [1]}\n', source="d.json")
-    assert str(caught.value) == "d.json row 1 (line 3): key 'a' is a list, expected text"
+    assert str(caught.value) == "d.json row 2 (line 3): key 'a' is a list, expected text"
 
 
 def test_invalid_json_lines_names_line_and_column() -> None:
@@ -196,7 +196,7 @@ def test_broken_json_array_names_line_and_column() -> None:
 def test_row_that_is_not_an_object() -> None:
     with pytest.raises(FormatError) as caught:
         parse_rows('[{"a": "1"}, "text"]', source="d.json")
-    assert str(caught.value) == "d.json row 1: is text, expected an object of key/text pairs"
+    assert str(caught.value) == "d.json row 2: is text, expected an object of key/text pairs"
 
 
 def test_top_level_must_be_rows() -> None:
@@ -245,3 +245,15 @@ def test_shipped_alpaca_format_renders_exactly() -> None:
         "Below is an instruction that describes a task. Write a response that appropriately "
         "completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\nHi!"
     )
+
+
+def test_json_and_json_lines_count_rows_alike_from_1() -> None:
+    """Issue 11, point 18: the third row is "row 3" in a JSON array and in JSON Lines."""
+    rows = [{"a": "1"}, {"a": "2"}, {"a": ["x"]}]
+    with pytest.raises(ValueTypeError) as as_json:
+        parse_rows(json.dumps(rows), source="d.json")
+    with pytest.raises(ValueTypeError) as as_lines:
+        parse_rows("\n".join(json.dumps(r) for r in rows), source="d.jsonl")
+    assert str(as_json.value) == "d.json row 3: key 'a' is a list, expected text"
+    assert str(as_lines.value) == "d.jsonl row 3 (line 3): key 'a' is a list, expected text"
+    assert as_json.value.row == as_lines.value.row == 2  # the attribute stays an index

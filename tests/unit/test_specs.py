@@ -112,13 +112,16 @@ def test_each_bad_value_is_named(paths, over, field, words):
     assert words in msgs[field]
 
 
-def test_overlap_not_below_cutoff_is_refused_for_dataset_jobs_too(paths):
+def test_overlap_not_below_cutoff_is_refused_only_for_raw_text(paths):
+    """A dataset job ignores overlap_len (as in the webui); raw text is cut with it."""
+    assert parse_train_spec(good(cutoff_len=128, overlap_len=128), paths).cutoff_len == 128
+    assert parse_train_spec(good(cutoff_len=128), paths).overlap_len == 128
+    raw = {"dataset": "", "format": "", "raw_text_file": "notes"}
     with pytest.raises(SpecError) as ei:
-        parse_train_spec(good(cutoff_len=128, overlap_len=128), paths)
-    assert ei.value.errors == [{"field": "overlap_len", "message":
-                                "must be less than cutoff_len (128); it shapes raw-text chunks "
-                                "only, so for a dataset lower it to anything below cutoff_len"}]
-    assert parse_train_spec(good(cutoff_len=128, overlap_len=127), paths).cutoff_len == 128
+        parse_train_spec(good(cutoff_len=128, overlap_len=128, **raw), paths)
+    assert ei.value.errors == [{"field": "overlap_len",
+                                "message": "must be less than cutoff_len (128)"}]
+    assert parse_train_spec(good(cutoff_len=128, overlap_len=127, **raw), paths).cutoff_len == 128
 
 
 def test_all_problems_reported_at_once(paths):
@@ -222,3 +225,37 @@ def test_copy_parameters_from_a_webui_lora(paths):
         lora_parameters("missing", paths)
     with pytest.raises(SpecError, match="not a LoRA name"):
         lora_parameters("../x", paths)
+
+
+# A training_parameters.json as text-generation-webui writes it (its keys, in its order).
+WEBUI_FILE = {
+    "lora_name": "from-webui", "always_override": False, "all_linear": False,
+    "q_proj_en": True, "v_proj_en": True, "k_proj_en": False, "o_proj_en": True,
+    "gate_proj_en": False, "down_proj_en": False, "up_proj_en": False, "save_steps": 0,
+    "micro_batch_size": 4, "batch_size": 128, "epochs": 3, "learning_rate": "3e-4",
+    "lr_scheduler_type": "linear", "lora_rank": 32, "lora_alpha": 64, "lora_dropout": 0.05,
+    "cutoff_len": 256, "dataset": "d", "eval_dataset": "None", "format": "mine",
+    "eval_steps": 100, "raw_text_file": "None", "overlap_len": 128, "newline_favor_len": 128,
+    "higher_rank_limit": False, "warmup_steps": 100, "optimizer": "adamw_torch",
+    "hard_cut_string": "\\n\\n\\n", "train_only_after": "", "stop_at_loss": 0,
+    "add_eos_token": False, "min_chars": 0, "report_to": "None"}
+
+
+def test_a_webui_training_parameters_file_is_a_spec(paths):
+    # The webui trains the model it has loaded, so its file names none: base_model is added.
+    s = parse_train_spec({**WEBUI_FILE, "base_model": "tiny"}, paths)
+    assert (s.lora_name, s.dataset, s.eval_dataset, s.raw_text_file, s.format) == (
+        "from-webui", "d.json", "", "", "mine")
+    assert s.target_modules == ["q", "v", "o"] and s.lora_rank == 32
+    assert parse_train_spec({**WEBUI_FILE, "base_model": "tiny",
+                             "all_linear": True}, paths).target_modules == ["all"]
+    # lorafleet's own file reads back to the same spec, resume included when submitted.
+    own = parse_train_spec({**s.training_parameters(), "resume_from_checkpoint": "latest"}, paths)
+    assert own.to_dict() == {**s.to_dict(), "resume_from_checkpoint": "latest"}
+
+
+def test_a_webui_file_with_an_unknown_key_is_still_refused_by_name(paths):
+    with pytest.raises(SpecError) as ei:
+        parse_train_spec({**WEBUI_FILE, "base_model": "tiny", "colour": "red"}, paths)
+    assert ei.value.errors == [
+        {"field": "colour", "message": "is not a known training parameter"}]

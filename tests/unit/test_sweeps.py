@@ -142,16 +142,19 @@ def test_every_bad_field_is_named(settings):
 
 
 def test_a_value_that_clashes_with_the_base_names_the_trial(settings):
-    """cutoff_len 64 is fine alone, but not with the base's overlap_len 128: the message says
-    which trial, so the user knows to lower overlap_len rather than hunt in the base."""
+    """For raw text, cutoff_len 64 is fine alone, but not with the base's overlap_len 128: the
+    message says which trial, so the user knows to lower overlap_len rather than hunt in the
+    base. A dataset sweep ignores the overlap, so the same trials are accepted."""
+    raw = {**BASE, "dataset": "", "format": "", "raw_text_file": "story"}
     with pytest.raises(SpecError) as e:
-        plan(settings, parameters={"cutoff_len": [64, 256]})
+        plan(settings, base=raw, parameters={"cutoff_len": [64, 256]})
     assert e.value.errors == [{"field": "base.overlap_len", "message":
-                               "must be less than cutoff_len (64); it shapes raw-text chunks "
-                               "only, so for a dataset lower it to anything below cutoff_len "
+                               "must be less than cutoff_len (64) "
                                "(in trial mylora-cl64: cutoff_len=64)"}]
-    assert [t.name for t in plan(settings, base={**BASE, "overlap_len": 32},
+    assert [t.name for t in plan(settings, base={**raw, "overlap_len": 32},
                                  parameters={"cutoff_len": [64, 256]}).trials] == [
+        "mylora-cl64", "mylora-cl256"]
+    assert [t.name for t in plan(settings, parameters={"cutoff_len": [64, 256]}).trials] == [
         "mylora-cl64", "mylora-cl256"]
 
 

@@ -1,0 +1,59 @@
+"""A job page's summary (issue 11, point 8): how long it ran, when it finished, its final and
+best evaluation loss, and whether it can be resumed from a checkpoint of its LoRA folder.
+
+Resume is offered on a training job that ended without finishing (stopped, cancelled or
+failed) whose LoRA folder holds a `checkpoint-<step>/`; the page queues it again through the
+ordinary submit API with `resume_from_checkpoint: latest`, so the owner rules of a new job hold.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from dispatcher.links import inside
+from dispatcher.outcome import duration_s
+from dispatcher.settings import DataPaths
+from dispatcher.specs import LORA_NAME_RE
+
+RESUMABLE_STATES = ("cancelled", "failed")
+# gpuworker/checkpoints.py's name pattern (the dashboard does not import the worker).
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def last_checkpoint_step(rec: dict[str, Any], paths: DataPaths) -> int | None:
+    """The step of the newest checkpoint in the job's LoRA folder, or None."""
+    name = str((rec.get("spec") or {}).get("lora_name", ""))
+    if not LORA_NAME_RE.match(name):
+        return None
+    folder = paths.loras / name
+    if not inside(folder, paths.loras):
+        return None
+    if not folder.is_dir():
+        return None
+    steps = [int(m.group(1)) for p in folder.iterdir()
+             if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return max(steps) if steps else None
+
+
+def summary(rec: dict[str, Any], events: list[dict[str, Any]], paths: DataPaths) -> dict[str, Any]:
+    result = rec.get("result") if isinstance(rec.get("result"), dict) else {}
+    evals = [_float(e.get("eval_loss")) for e in events if e.get("type") == "eval"]
+    evals = [v for v in evals if v is not None]
+    final_loss = _float(result.get("final_loss"))
+    if final_loss is None and rec.get("state") in ("succeeded", *RESUMABLE_STATES):
+        final_loss = _float(rec.get("loss"))
+    out: dict[str, Any] = {
+        "duration_s": duration_s(rec), "finished": _float(rec.get("finished")),
+        "final_loss": final_loss, "final_eval_loss": evals[-1] if evals else None,
+        "best_eval_loss": min(evals) if evals else None, "resume_step": None}
+    if rec.get("kind", "train") == "train" and rec.get("state") in RESUMABLE_STATES:
+        out["resume_step"] = last_checkpoint_step(rec, paths)
+    return out
