@@ -134,6 +134,10 @@ def submit_job():
         return api_error(400, f"the job was not queued: {n} problem{'s' if n != 1 else ''} "
                            "in the request", problems)
     spec_dict = spec.to_dict()
+    if kind == "train":
+        problems = lora_write_problems(spec_dict)
+        if problems:
+            return api_error(400, f"the job was not queued: {problems[0]['message']}", problems)
     need = job_memory_mb(kind, spec_dict, settings.paths.models)
     from dashboard.limits import queue_guard
 
@@ -152,6 +156,38 @@ def submit_job():
         job_id = services().store.create(kind, spec_dict, owner, priority, gpu_memory_mb=need,
                                          fields=fields)
     return jsonify({"id": job_id, "state": "queued"}), 201
+
+
+def lora_names_in_use() -> set[str]:
+    """The LoRA names that waiting or running training jobs write."""
+    svc = services()
+    return {str((j.get("spec") or {}).get("lora_name") or "")
+            for j in svc.pending.read() + svc.store.active() if j.get("kind") == "train"}
+
+
+def lora_write_problems(spec: dict[str, Any]) -> list[dict[str, str]]:
+    """What makes a training job's LoRA folder impossible to write, found before it is queued:
+    continuing a LoRA with another rank (the engine would refuse it after loading the model),
+    or resuming a LoRA that a waiting or running job already writes (two writers would
+    overwrite each other's checkpoints)."""
+    name = str(spec.get("lora_name") or "")
+    out = []
+    if not spec.get("always_override"):
+        try:
+            info = lora_info(services().settings.paths.loras, name, owner_registry())
+        except ValueError:
+            info = None
+        if info is not None and info.exists and info.rank not in (None, spec.get("lora_rank")):
+            out.append({"field": "lora_rank", "message": (
+                f"LoRA '{name}' already exists with rank {info.rank}, and lora_rank is "
+                f"{spec.get('lora_rank')}: the rank cannot change when continuing a LoRA. Set "
+                f"lora_rank to {info.rank}, pick another lora_name, or set always_override to "
+                "start over")})
+    if spec.get("resume_from_checkpoint") and name in lora_names_in_use():
+        out.append({"field": "resume_from_checkpoint", "message": (
+            f"a waiting or running job already trains loras/{name}: resume it once that job "
+            "has ended")})
+    return out
 
 
 def job_filters(args: Any) -> tuple[list[str], list[str]]:
@@ -189,8 +225,7 @@ def job_detail(job_id: str) -> dict[str, Any]:
     rec["stop_requested"] = svc.store.stop_requested(job_id)
     rec["lora_available"] = lora_available(rec, svc.settings.paths)
     rec.update(list_fields(rec))
-    rec["summary"] = summary(rec, [e for _, e in svc.store.events.history(job_id)],
-                             svc.settings.paths)
+    rec["summary"] = summary(rec, svc.settings.paths, lora_names_in_use())
     return with_queue_place(rec)
 
 

@@ -29,31 +29,35 @@ def _float(value: Any) -> float | None:
 
 
 def last_checkpoint_step(rec: dict[str, Any], paths: DataPaths) -> int | None:
-    """The step of the newest checkpoint in the job's LoRA folder, or None."""
+    """The step of the newest checkpoint this job's run wrote in its LoRA folder, or None: the
+    job must have started, and the checkpoint be written since (an older run's checkpoint in
+    the same folder is not this job's to resume)."""
     name = str((rec.get("spec") or {}).get("lora_name", ""))
-    if not LORA_NAME_RE.match(name):
+    started = _float(rec.get("started"))
+    if not LORA_NAME_RE.match(name) or started is None:
         return None
     folder = paths.loras / name
-    if not inside(folder, paths.loras):
-        return None
-    if not folder.is_dir():
+    if not inside(folder, paths.loras) or not folder.is_dir():
         return None
     steps = [int(m.group(1)) for p in folder.iterdir()
-             if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+             if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
+             and p.stat().st_mtime >= started - 1]  # (a coarse file-system clock)
     return max(steps) if steps else None
 
 
-def summary(rec: dict[str, Any], events: list[dict[str, Any]], paths: DataPaths) -> dict[str, Any]:
+def summary(rec: dict[str, Any], paths: DataPaths, busy_names: set[str]) -> dict[str, Any]:
+    """The summary of `rec`; `busy_names` are the LoRA names waiting or running jobs write (no
+    Resume into a folder another job is writing)."""
     result = rec.get("result") if isinstance(rec.get("result"), dict) else {}
-    evals = [_float(e.get("eval_loss")) for e in events if e.get("type") == "eval"]
-    evals = [v for v in evals if v is not None]
     final_loss = _float(result.get("final_loss"))
     if final_loss is None and rec.get("state") in ("succeeded", *RESUMABLE_STATES):
         final_loss = _float(rec.get("loss"))
     out: dict[str, Any] = {
         "duration_s": duration_s(rec), "finished": _float(rec.get("finished")),
-        "final_loss": final_loss, "final_eval_loss": evals[-1] if evals else None,
-        "best_eval_loss": min(evals) if evals else None, "resume_step": None}
-    if rec.get("kind", "train") == "train" and rec.get("state") in RESUMABLE_STATES:
+        "final_loss": final_loss, "final_eval_loss": _float(rec.get("eval_loss")),
+        "best_eval_loss": _float(rec.get("best_eval_loss")), "resume_step": None}
+    name = (rec.get("spec") or {}).get("lora_name")
+    if (rec.get("kind", "train") == "train" and rec.get("state") in RESUMABLE_STATES
+            and name not in busy_names):
         out["resume_step"] = last_checkpoint_step(rec, paths)
     return out

@@ -40,7 +40,7 @@ KINDS = ("train", "evaluate", "generate")
 # Record fields that hold JSON rather than text.
 _JSON_FIELDS = ("spec", "result")
 _NUM_FIELDS = ("created", "updated", "started", "finished", "step", "total_steps", "loss",
-               "eta_s", "epoch", "attempt", "gpu_memory_mb")
+               "eta_s", "epoch", "attempt", "gpu_memory_mb", "eval_loss", "best_eval_loss")
 _INT_FIELDS = ("step", "total_steps", "attempt", "gpu_memory_mb")
 # The record fields that can change while a job is queued or retrying.
 WAITING_FIELDS = ("state", "updated", "priority", "attempt", "reason")

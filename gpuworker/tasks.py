@@ -66,6 +66,8 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
         raw = store.r.hmget(store.key(job_id), "state", "worker")
         return raw[0] == JobState.RUNNING.value and raw[1] == worker_name
 
+    best: list[float | None] = [rec.get("best_eval_loss")]  # a resumed attempt keeps it
+
     def progress(event: dict[str, Any]) -> None:
         if not still_mine():
             raise JobFenced(f"job {job_id} was moved away from {worker_name}")
@@ -78,6 +80,11 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
             last_progress[0] = now
             store.update_progress(job_id, **{k: event.get(k) for k in
                                              ("step", "total_steps", "loss", "eta_s", "epoch")})
+        elif kind == "eval" and event.get("eval_loss") is not None:
+            # Kept on the record, so a job's summary never reads its whole event stream.
+            loss = float(event["eval_loss"])
+            best[0] = loss if best[0] is None else min(best[0], loss)
+            store.update_progress(job_id, eval_loss=loss, best_eval_loss=best[0])
 
     answered = [False]
 
