@@ -57,7 +57,8 @@ def _int(v: Any) -> int | None:
 def lora_info(loras: Path, name: str, owners: Owners) -> LoraInfo:
     """What is under loras/`name` (the name must match LORA_NAME_RE; ValueError if not)."""
     if not LORA_NAME_RE.match(name):
-        raise ValueError(f"'{name}' is not a LoRA name: letters, digits, '.', '_' or '-', "
+        shown = name if len(name) <= 40 else name[:40] + "…"
+        raise ValueError(f"'{shown}' is not a LoRA name: letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     folder = loras / name
     exists = inside(folder, loras) and any((folder / f).is_file() for f in ADAPTER_FILES)

@@ -786,14 +786,22 @@ def spec_from_training_parameters(params: dict[str, Any]) -> dict[str, Any]:
     if isinstance(exact, dict):
         out.update((k, v) for k, v in exact.items() if k in _WEBUI_CHOICES and isinstance(v, str))
     if "target_modules" not in params:
-        if params.get("all_linear"):
+        if _webui_true(params.get("all_linear")):
             out["target_modules"] = ["all"]
         elif any(k in params for k in _WEBUI_PROJECTION_KEYS):
             out["target_modules"] = [short for key, short in _WEBUI_PROJECTION_KEYS.items()
-                                     if params.get(key)]
+                                     if _webui_true(params.get(key))]
     # A resumed run's checkpoint belongs to that run, not to a copy of its parameters.
     out.pop("resume_from_checkpoint", None)
     return out
+
+
+def _webui_true(value: Any) -> bool:
+    """A webui checkbox's value: true, or a hand-edited "true"/"1"/"yes" (not the string
+    "False", which Python would count as true)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return value is True or value == 1
 
 
 # Keys only the webui's training_parameters.json has (lorafleet's own file has them too).

@@ -259,3 +259,11 @@ def test_a_webui_file_with_an_unknown_key_is_still_refused_by_name(paths):
         parse_train_spec({**WEBUI_FILE, "base_model": "tiny", "colour": "red"}, paths)
     assert ei.value.errors == [
         {"field": "colour", "message": "is not a known training parameter"}]
+
+
+def test_a_webui_checkbox_written_as_the_string_false_is_off():
+    from dispatcher.specs import spec_from_training_parameters
+
+    got = spec_from_training_parameters({"all_linear": "False", "q_proj_en": True,
+                                         "v_proj_en": "false", "k_proj_en": "true"})
+    assert got["target_modules"] == ["q", "k"]
