@@ -138,10 +138,11 @@
       def.seed = Number(setting("seed") || 0);
     }
     if (setting("policy") !== "none") {
-      def.early_stopping = {
-        policy: setting("policy"), rungs: setting("rungs"),
-        reduction_factor: Number(setting("reduction_factor")), min_trials: Number(setting("min_trials")),
-      };
+      // Only the settings of the chosen policy: a hidden field must not be refused unseen.
+      const policy = setting("policy");
+      def.early_stopping = { policy: policy, rungs: setting("rungs") };
+      if (policy === "asha") def.early_stopping.reduction_factor = Number(setting("reduction_factor"));
+      if (policy === "median") def.early_stopping.min_trials = Number(setting("min_trials"));
     }
     if (setting("text_file")) {
       def.evaluate = { text_file: setting("text_file"), stride: Number(setting("stride")),
