@@ -134,10 +134,6 @@ def submit_job():
         return api_error(400, f"the job was not queued: {n} problem{'s' if n != 1 else ''} "
                            "in the request", problems)
     spec_dict = spec.to_dict()
-    if kind == "train":
-        problems = lora_write_problems(spec_dict)
-        if problems:
-            return api_error(400, f"the job was not queued: {problems[0]['message']}", problems)
     need = job_memory_mb(kind, spec_dict, settings.paths.models)
     from dashboard.limits import queue_guard
 
@@ -153,6 +149,12 @@ def submit_job():
                 return api_error(403, f"the job was not queued: {e}",
                                  [{"field": e.field, "message": str(e)}])
             fields = {"lora_admitted_by": admitted_by} if admitted_by else {}
+            # After the owner check (whose LoRA it is comes first); a name claimed just now is
+            # a new one, which neither check below can refuse.
+            problems = lora_write_problems(spec_dict)
+            if problems:
+                return api_error(400, f"the job was not queued: {problems[0]['message']}",
+                                 problems)
         job_id = services().store.create(kind, spec_dict, owner, priority, gpu_memory_mb=need,
                                          fields=fields)
     return jsonify({"id": job_id, "state": "queued"}), 201
