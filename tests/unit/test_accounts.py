@@ -16,8 +16,7 @@ from dispatcher.accounts import AccountError, Accounts, is_loopback, single_user
 from dispatcher.cli import main as cli
 from dispatcher.settings import Settings
 from tests.appclient import browser_for, client_for
-
-PASSWORD = "correct horse battery"
+from tests.datafolder import PASSWORD, small_data_folder
 
 
 # ------------------------------------------------------------------------------ the file
@@ -80,18 +79,7 @@ def test_only_loopback_may_run_without_accounts(tmp_path):
 # ------------------------------------------------------------------------------ the dashboard
 @pytest.fixture
 def settings(tmp_path, redis_server, prefix):
-    s = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
-    s.paths.ensure()
-    (s.paths.models / "tiny").mkdir()
-    (s.paths.models / "tiny" / "config.json").write_text("{}")
-    (s.paths.datasets / "d.json").write_text(json.dumps([{"instruction": "hi", "output": "yo"}]))
-    (s.paths.formats / "alpaca-format.json").write_text(json.dumps({
-        "instruction,output": "%instruction% %output%"}))
-    acc = Accounts(s.home)
-    acc.add("ana", PASSWORD, "admin")
-    acc.add("bo", PASSWORD, "member")
-    acc.add("cy", PASSWORD, "member")
-    return s
+    return small_data_folder(tmp_path / "home", redis_server, prefix, users=True)
 
 
 @pytest.fixture

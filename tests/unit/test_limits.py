@@ -12,10 +12,8 @@ import pytest
 from dashboard.app import create_app
 from dispatcher.accounts import Accounts
 from dispatcher.limits import DEFAULTS, LimitError, Limits
-from dispatcher.settings import Settings
 from dispatcher.states import JobState
-
-PASSWORD = "correct horse battery"
+from tests.datafolder import small_data_folder
 
 
 # the settings -----------------------------------------------------------------------------------
@@ -68,18 +66,7 @@ def test_jobs_queued_before_the_per_owner_count_are_counted(store, redis_client,
 # the API -----------------------------------------------------------------------------------------
 @pytest.fixture
 def settings(tmp_path, redis_server, prefix):
-    s = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
-    s.paths.ensure()
-    (s.paths.models / "tiny").mkdir()
-    (s.paths.models / "tiny" / "config.json").write_text("{}")
-    (s.paths.datasets / "d.json").write_text(json.dumps([{"instruction": "hi", "output": "yo"}]))
-    (s.paths.formats / "alpaca-format.json").write_text(json.dumps({
-        "instruction,output": "%instruction% %output%"}))
-    acc = Accounts(s.home)
-    acc.add("ana", PASSWORD, "admin")
-    acc.add("bo", PASSWORD, "member")
-    acc.add("cy", PASSWORD, "member")
-    return s
+    return small_data_folder(tmp_path / "home", redis_server, prefix, users=True)
 
 
 @pytest.fixture

@@ -12,22 +12,15 @@ import pytest
 
 from dashboard.app import create_app
 from dashboard.job_summary import summary
-from dispatcher.settings import Settings
 from dispatcher.states import JobState
 from dispatcher.store import JobStore
 from tests.appclient import client_for
+from tests.datafolder import small_data_folder
 
 
 @pytest.fixture
 def settings(tmp_path, redis_server, prefix):
-    s = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
-    s.paths.ensure()
-    (s.paths.models / "tiny").mkdir()
-    (s.paths.models / "tiny" / "config.json").write_text("{}")
-    (s.paths.datasets / "d.json").write_text(json.dumps([{"instruction": "hi", "output": "yo"}]))
-    (s.paths.formats / "alpaca-format.json").write_text(json.dumps({
-        "instruction,output": "%instruction% %output%"}))
-    return s
+    return small_data_folder(tmp_path / "home", redis_server, prefix, users=False)
 
 
 @pytest.fixture
