@@ -25,13 +25,13 @@ from pathlib import Path
 
 import redis
 
-from dispatcher.early_stop import Policy
-from dispatcher.embedded import free_port, start_server, stop_server
-from dispatcher.fleet import Fleet
-from dispatcher.scheduler import Dispatcher
-from dispatcher.states import JobState
-from dispatcher.store import JobStore
-from dispatcher.sweeps import SweepPlan, SweepStore, Trial
+from dispatcher.host.embedded import free_port, start_server, stop_server
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import JobStore
+from dispatcher.schedule.early_stop import Policy
+from dispatcher.schedule.scheduler import Dispatcher
+from dispatcher.schedule.sweeps import SweepPlan, SweepStore, Trial
 
 PREFIX = "bench"
 SPEC = {"lora_name": "x", "base_model": "tiny", "dataset": "d.json", "format": "alpaca-format",

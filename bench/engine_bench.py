@@ -54,8 +54,8 @@ def prepare(home: Path, size: str, seq: int, n: int) -> None:
 def run(a: argparse.Namespace) -> dict:
     import torch
 
+    from dispatcher.jobs.specs import TrainSpec
     from dispatcher.settings import DataPaths
-    from dispatcher.specs import TrainSpec
     from gpuworker.engine import train
 
     home = Path(a.home)

@@ -14,7 +14,7 @@ import json
 import time
 from typing import Any
 
-from dispatcher.client import TERMINAL_STATES, Client
+from dispatcher.cli.client import TERMINAL_STATES, Client
 
 BASE = {"dataset": "alpaca-sample", "format": "alpaca-format", "lora_rank": 16,
         "lora_alpha": 32, "target_modules": ["all"], "micro_batch_size": 4, "batch_size": 8,

@@ -26,7 +26,7 @@ UP=$!
 for _ in $(seq 1 120); do
     python3 - <<'EOF' && break
 import sys
-from dispatcher.client import Client
+from dispatcher.cli.client import Client
 try:  # the client finds the dashboard token in LORAFLEET_HOME, as the CLI does
     w = Client("http://127.0.0.1:8765", timeout=2).workers()
     sys.exit(0 if any(x.get("alive") for x in w) else 1)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dispatcher.client import TERMINAL_STATES, Client
+from dispatcher.cli.client import TERMINAL_STATES, Client
 
 JOB = {"dataset": "alpaca-sample", "format": "alpaca-format", "precision": "4bit",
        "lora_rank": 16, "lora_alpha": 32, "target_modules": ["all"], "micro_batch_size": 4,

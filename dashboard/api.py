@@ -21,11 +21,9 @@ from dashboard.ownership import OwnerRefused, admit_train_job
 from dashboard.ownership import actor as request_actor
 from dashboard.ownership import owners as owner_registry
 from dashboard.sse import is_terminal, job_events, live_feed, valid_stream_id
-from dispatcher.estimate import job_memory_mb
-from dispatcher.lora_info import lora_info, notice, refused
-from dispatcher.outcome import list_fields
-from dispatcher.scheduler import QueueView, queue_view, scheduling_env
-from dispatcher.specs import (
+from dispatcher.jobs.lora_info import lora_info, notice, refused
+from dispatcher.jobs.outcome import list_fields
+from dispatcher.jobs.specs import (
     FIELD_DOCS,
     SpecError,
     default_spec,
@@ -33,8 +31,10 @@ from dispatcher.specs import (
     lora_parameters,
     parse_spec,
 )
-from dispatcher.states import TransitionError
-from dispatcher.store import KINDS, PRIORITIES, JobNotFound
+from dispatcher.jobs.states import TransitionError
+from dispatcher.jobs.store import KINDS, PRIORITIES, JobNotFound
+from dispatcher.schedule.estimate import job_memory_mb
+from dispatcher.schedule.scheduler import QueueView, queue_view, scheduling_env
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 

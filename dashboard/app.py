@@ -28,10 +28,10 @@ import redis as redis_lib
 from flask import Flask, current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from dispatcher.events import EventLog
-from dispatcher.fleet import Fleet
+from dispatcher.jobs.events import EventLog
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.store import JobStore
 from dispatcher.settings import RedisCredentialsError, Settings, connect
-from dispatcher.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,10 @@ class Services:
 
     @property
     def pending(self) -> Any:
-        """The process's kept copy of the queue (dispatcher.scheduler.PendingCache): a job list
+        """The process's kept copy of the queue (dispatcher.schedule.scheduler.PendingCache): a job list
         reads only what changed since the last one, not every queued record."""
         if self._pending is None:
-            from dispatcher.scheduler import PendingCache
+            from dispatcher.schedule.scheduler import PendingCache
 
             store = self.store  # (outside the lock: connecting takes it too)
             with self._lock:
@@ -240,13 +240,13 @@ def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app,
     `print_url`, print the URL to open once the port is bound."""
     from werkzeug.serving import make_server
 
-    from dispatcher.accounts import Accounts, single_user_refusal
+    from dispatcher.access.accounts import Accounts, single_user_refusal
 
     refusal = single_user_refusal(settings.dashboard_host, Accounts(settings.paths.home))
     if refusal:
         raise SystemExit(f"lorafleet dashboard: {refusal}")
     app = app_factory({"LORAFLEET_SETTINGS": settings})
-    from dispatcher.dashtoken import remember
+    from dispatcher.access.dashtoken import remember
 
     try:
         remember(settings)  # so this OS user's CLI finds the token for this URL from anywhere
@@ -256,7 +256,7 @@ def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app,
     logging.getLogger("werkzeug").addFilter(RedactToken())
     server = make_server(settings.dashboard_host, settings.dashboard_port, app, threaded=True)
     if print_url:
-        from dispatcher.dashtoken import url_to_open
+        from dispatcher.access.dashtoken import url_to_open
 
         print(f"dashboard:  {url_to_open(settings)}", flush=True)
     log.info("serving on %s:%s", settings.dashboard_host, settings.dashboard_port)

@@ -1,6 +1,6 @@
 """Who is asking, and what they may do: login, API tokens, CSRF, roles.
 
-Two modes, decided by the data folder's accounts file (dispatcher/accounts.py):
+Two modes, decided by the data folder's accounts file (dispatcher/access/accounts.py):
 
 - **Accounts** (at least one user): every page needs a login (a session cookie: HttpOnly,
   SameSite=Lax) and every API call a login or an API token (`Authorization: Bearer lf_...`).
@@ -50,9 +50,9 @@ from flask import (
 
 from dashboard.sessions import Sessions, account_of
 from dashboard.throttle import LoginThrottle
-from dispatcher.accounts import Account, Accounts, is_loopback
-from dispatcher.dashtoken import dashboard_token
-from dispatcher.private import secret_file
+from dispatcher.access.accounts import Account, Accounts, is_loopback
+from dispatcher.access.dashtoken import dashboard_token
+from dispatcher.host.private import secret_file
 
 OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 ADMIN_ONLY_PRIORITIES = ("urgent",)

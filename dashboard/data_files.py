@@ -44,9 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import formats
-from dispatcher.links import inside
-from dispatcher.settings import DataPaths
-from dispatcher.specs import (
+from dispatcher.access.links import inside
+from dispatcher.jobs.specs import (
     DATASET_EXTS,
     FORMAT_EXTS,
     RAW_TEXT_EXTS,
@@ -54,6 +53,7 @@ from dispatcher.specs import (
     find_format,
     resolve_data_name,
 )
+from dispatcher.settings import DataPaths
 
 KINDS = ("dataset", "format", "raw_text")
 KIND_EXTS = {"dataset": DATASET_EXTS, "format": FORMAT_EXTS, "raw_text": RAW_TEXT_EXTS}

@@ -43,7 +43,7 @@ from dashboard.data_files import (
     run_preview,
 )
 from dashboard.ownership import owners, save_owned, with_owners
-from dispatcher.specs import default_spec, list_choices
+from dispatcher.jobs.specs import default_spec, list_choices
 
 bp = Blueprint("datasets", __name__, template_folder="templates")
 

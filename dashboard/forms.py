@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from dispatcher.specs import PROJECTIONS, SPEC_CLASSES, TrainSpec, upper_bound
+from dispatcher.jobs.specs import PROJECTIONS, SPEC_CLASSES, TrainSpec, upper_bound
 
 SECTIONS: list[tuple[str, tuple[str, ...]]] = [
     ("Model and data", ("lora_name", "base_model", "precision", "dataset", "format",
@@ -40,7 +40,7 @@ class FormField:
     required: bool = False
     # Data-folder dropdowns start with an empty entry ("— choose —" or "(none)").
     empty_option: bool = False
-    # A number's upper bound (dispatcher.specs.UPPER_BOUNDS): the input's max attribute.
+    # A number's upper bound (dispatcher.jobs.specs.UPPER_BOUNDS): the input's max attribute.
     max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from dispatcher.links import inside
-from dispatcher.outcome import duration_s
+from dispatcher.access.links import inside
+from dispatcher.jobs.outcome import duration_s
+from dispatcher.jobs.specs import LORA_NAME_RE
 from dispatcher.settings import DataPaths
-from dispatcher.specs import LORA_NAME_RE
 
 RESUMABLE_STATES = ("cancelled", "failed")
 # gpuworker/checkpoints.py's name pattern (the dashboard does not import the worker).

@@ -1,6 +1,6 @@
 """Per-user limits in the API: `GET /api/v1/limits` (anyone: their own effective limits; admins
 also every setting) and `POST /api/v1/limits` (admins: set or unset one), plus the guard that
-submissions (single jobs and sweeps) queue under. The values live in dispatcher/limits.py.
+submissions (single jobs and sweeps) queue under. The values live in dispatcher/access/limits.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from flask import Blueprint, jsonify, request
 from dashboard.api import api_error
 from dashboard.app import services
 from dashboard.auth import OWNER_RE, current_user
-from dispatcher.limits import DEFAULTS, EVERYONE, HELP, LimitError, Limits, queueing
+from dispatcher.access.limits import DEFAULTS, EVERYONE, HELP, LimitError, Limits, queueing
 
 bp = Blueprint("limits", __name__)
 API = "/api/v1/limits"

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from dispatcher.links import inside
+from dispatcher.access.links import inside
+from dispatcher.jobs.states import TERMINAL
 from dispatcher.settings import DataPaths
-from dispatcher.states import TERMINAL
 
 CHUNK = 1 << 20
 # Weights barely compress; storing them keeps the download fast and the CPU idle.

@@ -1,4 +1,4 @@
-"""The dashboard's side of file and LoRA owners (dispatcher/owners.py): who asks, whether they
+"""The dashboard's side of file and LoRA owners (dispatcher/access/owners.py): who asks, whether they
 may write what they ask to, how much upload space they use, and what the listing shows.
 
 A refusal is a DataFileError (403 for someone else's file, 400 over the upload space), raised
@@ -15,9 +15,16 @@ import formats
 from dashboard.app import services
 from dashboard.auth import current_user
 from dashboard.data_files import DataFileError, Upload, save_upload
-from dispatcher.limits import Limits, owner_lock
-from dispatcher.limits import refusal as limit_refusal
-from dispatcher.owners import Actor, OwnerRefused, Owners, admit_lora_write, refusal, used_space
+from dispatcher.access.limits import Limits, owner_lock
+from dispatcher.access.limits import refusal as limit_refusal
+from dispatcher.access.owners import (
+    Actor,
+    OwnerRefused,
+    Owners,
+    admit_lora_write,
+    refusal,
+    used_space,
+)
 
 MB = 1024 * 1024
 

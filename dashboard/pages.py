@@ -9,11 +9,17 @@ from dashboard.app import services
 from dashboard.forms import form_fields, form_sections
 from dashboard.ownership import owners as owner_registry
 from dashboard.param_groups import param_groups
-from dispatcher.lora_info import free_name
-from dispatcher.owners import folder_exists, lora_rel
-from dispatcher.specs import LORA_NAME_RE, GenerateSpec, SpecError, list_choices, lora_parameters
-from dispatcher.states import JobState
-from dispatcher.store import PRIORITIES, JobNotFound
+from dispatcher.access.owners import folder_exists, lora_rel
+from dispatcher.jobs.lora_info import free_name
+from dispatcher.jobs.specs import (
+    LORA_NAME_RE,
+    GenerateSpec,
+    SpecError,
+    list_choices,
+    lora_parameters,
+)
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import PRIORITIES, JobNotFound
 
 bp = Blueprint("pages", __name__, template_folder="templates")
 

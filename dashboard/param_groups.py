@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from dispatcher.specs import SPEC_CLASSES
+from dispatcher.jobs.specs import SPEC_CLASSES
 
 TRAIN_GROUPS = (
     ("Model and data", ("base_model", "dataset", "format", "eval_dataset", "eval_steps",

@@ -15,7 +15,7 @@ import secrets
 import time
 from typing import Any
 
-from dispatcher.accounts import Account, Accounts
+from dispatcher.access.accounts import Account, Accounts
 
 LIFETIME_S = 14 * 24 * 3600
 

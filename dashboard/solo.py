@@ -26,7 +26,7 @@ from flask import Blueprint, g, jsonify, redirect, render_template, request, ses
 
 from dashboard.sessions import token_session_ok
 from dashboard.throttle import token_throttle
-from dispatcher.dashtoken import fingerprint, read_token, token_path, tokens_match
+from dispatcher.access.dashtoken import fingerprint, read_token, token_path, tokens_match
 
 bp = Blueprint("solo", __name__, template_folder="templates")
 

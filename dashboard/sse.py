@@ -18,9 +18,9 @@ from typing import Any
 import redis as redis_lib
 
 from dashboard.live import LOST, Hub, View
-from dispatcher.events import EventLog
-from dispatcher.states import TERMINAL
-from dispatcher.store import JobNotFound, JobStore
+from dispatcher.jobs.events import EventLog
+from dispatcher.jobs.states import TERMINAL
+from dispatcher.jobs.store import JobNotFound, JobStore
 
 log = logging.getLogger(__name__)
 

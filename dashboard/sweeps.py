@@ -1,7 +1,7 @@
 """Sweeps: the REST API under /api/v1/sweeps and the Sweeps, New sweep and Sweep pages.
 
 A sweep's definition is the same object in the form, the API body and a `lorafleet sweep`
-file (README, "Sweeps"); dispatcher.sweeps validates it and queues nothing when anything is
+file (README, "Sweeps"); dispatcher.schedule.sweeps validates it and queues nothing when anything is
 wrong.
 """
 
@@ -21,12 +21,12 @@ from dashboard.auth import may_manage, owner_for, priority_problem
 from dashboard.forms import form_sections
 from dashboard.limits import queue_guard
 from dashboard.ownership import owners
-from dispatcher.csvcells import cell as _csv_value
-from dispatcher.limits import Limits, trials_problem
-from dispatcher.owners import claim_loras, lora_rel
-from dispatcher.specs import SpecError, list_choices
-from dispatcher.store import PRIORITIES, JobNotFound
-from dispatcher.sweeps import (
+from dispatcher.access.limits import Limits, trials_problem
+from dispatcher.access.owners import claim_loras, lora_rel
+from dispatcher.jobs.csvcells import cell as _csv_value
+from dispatcher.jobs.specs import SpecError, list_choices
+from dispatcher.jobs.store import PRIORITIES, JobNotFound
+from dispatcher.schedule.sweeps import (
     METHODS,
     SweepNotFound,
     SweepStore,
@@ -114,7 +114,7 @@ def create_sweep():
 
 def _claim_trial_names(plan: Any, owner: str) -> list[dict[str, str]]:
     """Claim every trial's LoRA name for the sweep's owner, all or none
-    (dispatcher/owners.py claim_loras): a name someone else holds refuses the sweep, and a
+    (dispatcher/access/owners.py claim_loras): a name someone else holds refuses the sweep, and a
     refused sweep claims no name."""
     taken = claim_loras(owners(), [t.name for t in plan.trials], owner)
     if not taken:

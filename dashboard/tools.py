@@ -7,9 +7,9 @@ from flask import Blueprint, abort, jsonify, render_template, request
 from dashboard.app import services
 from dashboard.auth import current_user
 from dashboard.forms import form_fields
-from dispatcher.evaltable import EvalTable, settings_key, with_base
-from dispatcher.specs import EvalSpec, GenerateSpec, list_choices
-from dispatcher.store import JobNotFound
+from dispatcher.jobs.evaltable import EvalTable, settings_key, with_base
+from dispatcher.jobs.specs import EvalSpec, GenerateSpec, list_choices
+from dispatcher.jobs.store import JobNotFound
 
 bp = Blueprint("tools", __name__, template_folder="templates")
 EVAL_TABLE = "evaluations.csv"  # the worker writes the same file (gpuworker/jobs.py)

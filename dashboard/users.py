@@ -1,10 +1,10 @@
 """The Users page and API: admins add and remove users, change roles, make and revoke API tokens.
 
-The same accounts file as `lorafleet user` (dispatcher/accounts.py). Only admins get here (in
+The same accounts file as `lorafleet user` (dispatcher/access/accounts.py). Only admins get here (in
 single-user mode the local user is one, so the first account can be made from the page; that
 turns logins on). Two guards keep a fleet from locking itself out: an admin cannot remove or
 demote themself (here: the CLI has no "self"), and the last admin cannot be removed or demoted
-(dispatcher/accounts.py, under the accounts lock, so the CLI keeps it too). A removal or a role
+(dispatcher/access/accounts.py, under the accounts lock, so the CLI keeps it too). A removal or a role
 change ends that user's open sessions at once. An admin may also lift a login lock
 (`POST /api/v1/users/NAME/unlock`, like `lorafleet user unlock NAME`).
 """
@@ -15,7 +15,7 @@ from flask import Blueprint, abort, jsonify, render_template, request
 
 from dashboard.api import api_error
 from dashboard.auth import accounts_mode, accounts_store, current_user, sessions
-from dispatcher.accounts import ROLES, AccountError, LastAdmin
+from dispatcher.access.accounts import ROLES, AccountError, LastAdmin
 
 bp = Blueprint("users", __name__, template_folder="templates")
 API = "/api/v1/users"

@@ -9,19 +9,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dispatcher.celery_app import RUN_JOB_TASK, make_celery
-from dispatcher.claims import RELEASE_EVERY_S, backfill, release_unused
-from dispatcher.fleet import Fleet, worker_queue
-from dispatcher.owners import Owners
-from dispatcher.scheduler import Dispatcher
+from dispatcher.access.owners import Owners
+from dispatcher.jobs.celery_app import RUN_JOB_TASK, make_celery
+from dispatcher.jobs.fleet import Fleet, worker_queue
+from dispatcher.jobs.store import JobStore
+from dispatcher.schedule.claims import RELEASE_EVERY_S, backfill, release_unused
+from dispatcher.schedule.scheduler import Dispatcher
 from dispatcher.settings import RedisCredentialsError, Settings, connect
-from dispatcher.store import JobStore
 
 log = logging.getLogger("lorafleet.dispatcher")
 
 
 class FleetDispatcher(Dispatcher):
-    """The scheduler's loop plus the care of LoRA name claims (dispatcher/claims.py): a
+    """The scheduler's loop plus the care of LoRA name claims (dispatcher/schedule/claims.py): a
     back-fill of owners once, and every RELEASE_EVERY_S a release of names no job will use."""
 
     def __init__(self, *args: Any, loras: Path, **kw: Any):

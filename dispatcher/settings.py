@@ -14,7 +14,7 @@ DEFAULT_EMBEDDED_REDIS_PORT = 6390
 # The embedded Redis's password, made once by `lorafleet up` / `lorafleet redis` (mode 0600).
 REDIS_PASSWORD_FILE = ".redis_password"
 # The port the embedded server of the data folder last started on: a file in redis/ that
-# dispatcher.embedded.start_server writes.
+# dispatcher.host.embedded.start_server writes.
 REDIS_PORT_FILE = "port"
 
 
@@ -71,7 +71,7 @@ class DataPaths:
     def ensure(self) -> None:
         """Make the folders that are missing. A new data folder is the fleet's OS user's alone
         (0700: others use the dashboard, not the files); redis/ and logs/ are always 0700."""
-        from dispatcher.private import make_folder
+        from dispatcher.host.private import make_folder
 
         make_folder(self.home)
         for p in (self.models, self.datasets, self.formats, self.loras, self.evals):
@@ -132,7 +132,7 @@ class Settings:
         return f"redis://:{quote(password, safe='')}@127.0.0.1:{self.embedded_redis_port}/0"
 
     def embedded_redis_password(self) -> str:
-        from dispatcher.private import read_private
+        from dispatcher.host.private import read_private
 
         path = self.paths.redis_password
         try:
@@ -165,7 +165,7 @@ def _embedded_port(env: dict[str, str], paths: DataPaths) -> int:
     """LORAFLEET_EMBEDDED_REDIS_PORT when set (it wins, and the server records it when it
     starts), else the port the data folder's server last started on, else 6390: every process
     of one data folder finds the same server with no setting."""
-    from dispatcher.private import read_secret
+    from dispatcher.host.private import read_secret
 
     raw = env.get("LORAFLEET_EMBEDDED_REDIS_PORT") or read_secret(paths.redis_port)
     if not raw:
@@ -184,7 +184,7 @@ def _embedded_port(env: dict[str, str], paths: DataPaths) -> int:
 def check_redis_listener(port: int) -> None:
     """Refuse to send the embedded server's password to 127.0.0.1:`port` when another OS user's
     process listens there (it took the port while the fleet's server was down)."""
-    from dispatcher.private import foreign_listener
+    from dispatcher.host.private import foreign_listener
 
     uid = foreign_listener("127.0.0.1", port)
     if uid is not None:

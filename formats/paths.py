@@ -4,7 +4,7 @@ Everything that reads, copies, zips, lists or writes a user's file or LoRA goes 
 a path is used only when its real path (every link followed) is inside the folder it was
 found in. A link that stays inside stays usable (a dataset linked to another dataset, say);
 one that leads elsewhere is refused with the path named. It lives in formats (which imports
-nothing from the other packages) so raw-text reading can use it; dispatcher.links re-exports it
+nothing from the other packages) so raw-text reading can use it; dispatcher.access.links re-exports it
 for the dashboard, the dispatcher and the engine.
 """
 

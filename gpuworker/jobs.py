@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dispatcher.evaltable import EvalTable
+from dispatcher.jobs.evaltable import EvalTable
+from dispatcher.jobs.specs import find_format, spec_from_dict
 from dispatcher.settings import Settings
-from dispatcher.specs import find_format, spec_from_dict
 
 EVAL_TABLE = "evaluations.csv"
 

@@ -16,12 +16,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from dispatcher.celery_app import RUN_JOB_TASK
-from dispatcher.fleet import Fleet
-from dispatcher.owners import OwnerRefused, Owners, job_write_refusal
+from dispatcher.access.owners import OwnerRefused, Owners, job_write_refusal
+from dispatcher.jobs.celery_app import RUN_JOB_TASK
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState, TransitionError
+from dispatcher.jobs.store import JobNotFound, JobStore
 from dispatcher.settings import Settings, connect
-from dispatcher.states import JobState, TransitionError
-from dispatcher.store import JobNotFound, JobStore
 
 log = logging.getLogger("lorafleet.worker")
 
@@ -185,7 +185,7 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str) ->
     """Put a job back in the queue (or fail it after MAX_ATTEMPTS) when the task that ran it
     ended without recording an outcome. Fenced: only a job still assigned to `name` changes.
     Returns the new state, or None when the job was not (or no longer) this worker's."""
-    from dispatcher.scheduler import MAX_ATTEMPTS
+    from dispatcher.schedule.scheduler import MAX_ATTEMPTS
 
     r = patient_redis(settings, REDIS_PATIENCE_S)
     try:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import redis
 
-from dispatcher.fleet import Fleet
-from dispatcher.states import JobState, TransitionError
-from dispatcher.store import JobStore
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState, TransitionError
+from dispatcher.jobs.store import JobStore
 from gpuworker.checkpoints import list_checkpoints
 from gpuworker.telemetry import parent_pid
 

@@ -23,10 +23,10 @@ import socket
 import threading
 import time
 
-from dispatcher.celery_app import make_celery
-from dispatcher.fleet import Fleet, worker_queue
+from dispatcher.jobs.celery_app import make_celery
+from dispatcher.jobs.fleet import Fleet, worker_queue
+from dispatcher.jobs.store import JobStore
 from dispatcher.settings import RedisCredentialsError, Settings, connect
-from dispatcher.store import JobStore
 from gpuworker.tasks import register_tasks
 from gpuworker.telemetry import CardReport
 from gpuworker.watchdog import StopWatchdog
@@ -83,7 +83,7 @@ def release_orphans(settings: Settings, name: str) -> None:
     """A worker that starts runs nothing yet: a job still assigned to its name belonged to an
     earlier process of the same name (restarted before the dispatcher saw its heartbeats stop)
     and would otherwise stay `running` forever. Put such jobs back in the queue."""
-    from dispatcher.store import JobStore
+    from dispatcher.jobs.store import JobStore
     from gpuworker.tasks import requeue_after_crash
 
     try:

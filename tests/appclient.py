@@ -16,8 +16,8 @@ class OwnerClient(FlaskClient):
     def open(self, *args: Any, **kwargs: Any) -> Any:
         from werkzeug.datastructures import Headers
 
-        from dispatcher.accounts import Accounts
-        from dispatcher.dashtoken import read_token
+        from dispatcher.access.accounts import Accounts
+        from dispatcher.access.dashtoken import read_token
 
         home = self.application.config["LORAFLEET_SETTINGS"].home
         if (not args or isinstance(args[0], str)) and not Accounts(home).has_users():
@@ -40,7 +40,7 @@ def browser_for(app: Any) -> tuple[Any, dict[str, str]]:
     header its pages carry."""
     import re
 
-    from dispatcher.dashtoken import read_token
+    from dispatcher.access.dashtoken import read_token
 
     c = app.test_client()
     resp = c.get(f"/?token={read_token(app.config['LORAFLEET_SETTINGS'].home)}")

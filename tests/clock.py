@@ -3,10 +3,10 @@ real Redis server."""
 
 from __future__ import annotations
 
-from dispatcher.fleet import Fleet
-from dispatcher.scheduler import Dispatcher
-from dispatcher.states import JobState
-from dispatcher.store import JobStore
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import JobStore
+from dispatcher.schedule.scheduler import Dispatcher
 
 
 class Clock:

@@ -7,7 +7,7 @@ import secrets
 
 import pytest
 
-from dispatcher.embedded import free_port, start_server, stop_server
+from dispatcher.host.embedded import free_port, start_server, stop_server
 
 _prefixes = itertools.count()
 
@@ -43,6 +43,6 @@ def prefix():
 @pytest.fixture
 def store(redis_client, prefix):
     """A job store on the real Redis, under this test's own key prefix."""
-    from dispatcher.store import JobStore
+    from dispatcher.jobs.store import JobStore
 
     return JobStore(redis_client, prefix)

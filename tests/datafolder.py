@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dispatcher.accounts import Accounts
+from dispatcher.access.accounts import Accounts
 from dispatcher.settings import Settings
 
 PASSWORD = "correct horse battery"

@@ -19,9 +19,9 @@ from typing import Any
 
 import redis
 
-from dispatcher.embedded import free_port
+from dispatcher.host.embedded import free_port
+from dispatcher.jobs.store import JobStore
 from dispatcher.settings import Settings
-from dispatcher.store import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ class FleetProcs:
         # up` makes it before it starts anything).
         import requests
 
-        from dispatcher.dashtoken import dashboard_token
+        from dispatcher.access.dashtoken import dashboard_token
 
         dashboard_token(home)
         self.http = requests.Session()
@@ -61,7 +61,7 @@ class FleetProcs:
     @property
     def token(self) -> str:
         """The data folder's dashboard token (single-user mode)."""
-        from dispatcher.dashtoken import read_token
+        from dispatcher.access.dashtoken import read_token
 
         return read_token(self.home)
 
@@ -108,7 +108,7 @@ class FleetProcs:
         self.wait_for_workers(1)
 
     def wait_for_workers(self, n: int = 1, timeout: float = 60) -> None:
-        from dispatcher.fleet import Fleet
+        from dispatcher.jobs.fleet import Fleet
 
         fleet = Fleet(self.r, self.prefix, timeout=6)
         self.wait_for(lambda: len(fleet.alive()) >= n, timeout, f"{n} worker(s)")
@@ -171,8 +171,8 @@ class _OwnerAuth:
         self.home = home
 
     def __call__(self, r: Any) -> Any:
-        from dispatcher.accounts import Accounts
-        from dispatcher.dashtoken import read_token
+        from dispatcher.access.accounts import Accounts
+        from dispatcher.access.dashtoken import read_token
 
         if "Authorization" not in r.headers and not Accounts(self.home).has_users():
             r.headers["Authorization"] = f"Bearer {read_token(self.home)}"

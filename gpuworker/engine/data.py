@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from dispatcher.links import inside
+from dispatcher.access.links import inside
+from dispatcher.jobs.specs import TrainSpec, find_format
 from dispatcher.settings import DataPaths
-from dispatcher.specs import TrainSpec, find_format
 from gpuworker.engine.errors import EngineError
 
 IGNORE_INDEX = -100

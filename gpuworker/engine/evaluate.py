@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from dispatcher.links import inside
+from dispatcher.access.links import inside
 from dispatcher.settings import DataPaths
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.loading import (
@@ -348,7 +348,7 @@ def _perplexity(base_model: str, loras: list[str], text_file: str, paths: DataPa
 
 
 def _resolve_text_file(text_file: str, paths: DataPaths) -> Path:
-    from dispatcher.specs import resolve_data_name
+    from dispatcher.jobs.specs import resolve_data_name
 
     rel, error = resolve_data_name(text_file, paths.datasets, TEXT_EXTS, allow_dir=True)
     if rel is None:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dispatcher.specs import TrainSpec
+from dispatcher.jobs.specs import TrainSpec
 from gpuworker.engine.data import IGNORE_INDEX, StepPlan, collate, optimizer_steps
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.loading import compute_dtype

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dispatcher.links import LeadsOutside, check_inside
+from dispatcher.access.links import LeadsOutside, check_inside
 from gpuworker.engine.errors import EngineError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

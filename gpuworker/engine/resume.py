@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from dispatcher.links import inside
-from dispatcher.specs import TrainSpec
+from dispatcher.access.links import inside
+from dispatcher.jobs.specs import TrainSpec
 from gpuworker.checkpoints import CHECKPOINT_RE, list_checkpoints
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS

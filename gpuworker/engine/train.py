@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from dispatcher.links import inside
+from dispatcher.access.links import inside
+from dispatcher.jobs.specs import TrainSpec
 from dispatcher.settings import DataPaths
-from dispatcher.specs import TrainSpec
 from gpuworker.engine import data as data_phase
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.loading import (

@@ -51,7 +51,7 @@ def page(browser, request):
     pg.on("request", lambda r: external.append(r.url)
           if not r.url.startswith(("http://127.0.0.1", "data:", "about:")) else None)
     if "fleet" in request.fixturenames:
-        from dispatcher.accounts import Accounts
+        from dispatcher.access.accounts import Accounts
 
         fleet = request.getfixturevalue("fleet")
         if not Accounts(fleet.home).has_users():

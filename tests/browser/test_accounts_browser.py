@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from dispatcher.accounts import Accounts
+from dispatcher.access.accounts import Accounts
 from tests.fleetproc import ROOT, tiny_fleet
 
 pytestmark = pytest.mark.browser

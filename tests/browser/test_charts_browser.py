@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.evaltable import EvalTable
+from dispatcher.jobs.evaltable import EvalTable
 from tests.fleetproc import small_spec, tiny_fleet
 from tests.tiny import write_tiny_dataset
 

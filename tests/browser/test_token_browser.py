@@ -15,7 +15,7 @@ import sys
 import pytest
 import requests
 
-from dispatcher.dashtoken import TOKEN_FILE
+from dispatcher.access.dashtoken import TOKEN_FILE
 from tests.fleetproc import ROOT, tiny_fleet
 
 pytestmark = pytest.mark.browser
@@ -115,7 +115,7 @@ def test_a_new_token_file_ends_the_old_sessions(solo, tmp_path):
     old = token_file.read_text()
     token_file.unlink()
     try:
-        subprocess.run([sys.executable, "-c", "from dispatcher.dashtoken import dashboard_token;"
+        subprocess.run([sys.executable, "-c", "from dispatcher.access.dashtoken import dashboard_token;"
                         f"dashboard_token({str(solo.home)!r})"], cwd=ROOT, check=True,
                        env=solo.env)
         assert solo.token != old.strip()

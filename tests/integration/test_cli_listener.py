@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from dispatcher.client import Client, ListenerNotOurs
+from dispatcher.cli.client import Client, ListenerNotOurs
 from tests.fleetproc import FleetProcs
 
 # A listener that prints the Authorization header of every request it gets (or "-").

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 
+from dispatcher.jobs.specs import parse_train_spec
 from dispatcher.settings import DataPaths
-from dispatcher.specs import parse_train_spec
 from gpuworker import demo
 from gpuworker.engine import train
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.embedded import free_port, start_server, stop_server
-from dispatcher.fleet import Fleet
-from dispatcher.specs import parse_train_spec
+from dispatcher.host.embedded import free_port, start_server, stop_server
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.specs import parse_train_spec
 from tests.fleetproc import FleetProcs, small_spec
 from tests.tiny import make_tiny_model, write_tiny_dataset
 

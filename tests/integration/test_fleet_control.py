@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.estimate import job_memory_mb
-from dispatcher.fleet import Fleet
-from dispatcher.specs import parse_train_spec
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.specs import parse_train_spec
+from dispatcher.schedule.estimate import job_memory_mb
 from tests.fleetproc import FleetProcs, small_spec
 from tests.tiny import make_tiny_model, write_tiny_dataset
 

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from dispatcher.accounts import Accounts
-from dispatcher.events import EventLog
+from dispatcher.access.accounts import Accounts
+from dispatcher.jobs.events import EventLog
 from tests.fleetproc import FleetProcs
 
 PER_USER, TOTAL = 130, 160

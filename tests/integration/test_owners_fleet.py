@@ -8,7 +8,7 @@ import json
 import subprocess
 import sys
 
-from dispatcher.owners import Owners
+from dispatcher.access.owners import Owners
 from tests.fleetproc import ROOT, small_spec
 
 

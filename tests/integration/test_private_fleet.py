@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from dispatcher.embedded import free_port
-from dispatcher.private import private_group
+from dispatcher.host.embedded import free_port
+from dispatcher.host.private import private_group
 from dispatcher.settings import RedisCredentialsError, Settings
 from tests.fleetproc import ROOT
 from tests.integration.test_up import _children, _read_until, _start_up

@@ -16,8 +16,8 @@ import threading
 import pytest
 import requests
 
-from dispatcher.accounts import Accounts
-from dispatcher.evaltable import EvalTable
+from dispatcher.access.accounts import Accounts
+from dispatcher.jobs.evaltable import EvalTable
 from tests.fleetproc import ROOT, tiny_fleet
 
 pytestmark = pytest.mark.integration

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from dispatcher.client import Client
-from dispatcher.specs import parse_train_spec
+from dispatcher.cli.client import Client
+from dispatcher.jobs.specs import parse_train_spec
 from tests.fleetproc import ROOT, FleetProcs, small_spec, write_json
 
 pytestmark = pytest.mark.integration

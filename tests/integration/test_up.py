@@ -13,7 +13,7 @@ import time
 import pytest
 import requests
 
-from dispatcher.embedded import free_port
+from dispatcher.host.embedded import free_port
 from tests.fleetproc import ROOT, small_spec
 from tests.tiny import make_tiny_model, write_tiny_dataset
 

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import requests
 
-from dispatcher.embedded import free_port
+from dispatcher.host.embedded import free_port
 from tests.integration.test_up import _read_until, _start_up
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from dashboard.app import create_app
-from dispatcher.accounts import AccountError, Accounts, is_loopback, single_user_refusal
+from dispatcher.access.accounts import AccountError, Accounts, is_loopback, single_user_refusal
 from dispatcher.cli import main as cli
 from dispatcher.settings import Settings
 from tests.appclient import browser_for, client_for

@@ -9,8 +9,8 @@ from werkzeug.exceptions import Forbidden
 
 from dashboard.app import create_app
 from dashboard.auth import current_user
-from dispatcher.accounts import Accounts
-from dispatcher.dashtoken import dashboard_token
+from dispatcher.access.accounts import Accounts
+from dispatcher.access.dashtoken import dashboard_token
 from dispatcher.settings import Settings
 
 PASSWORD = "correct horse battery"

@@ -1,4 +1,4 @@
-"""The Celery settings that make long GPU jobs safe (see dispatcher/celery_app.py's docstring).
+"""The Celery settings that make long GPU jobs safe (see dispatcher/jobs/celery_app.py's docstring).
 
 Each line here guards a failure that is slow and costly to see on a real fleet: a second card
 re-running a job Redis re-delivered, a worker holding a job another idle card could start, or a
@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from dispatcher.celery_app import VISIBILITY_TIMEOUT_S, make_celery
-from dispatcher.fleet import worker_queue
+from dispatcher.jobs.celery_app import VISIBILITY_TIMEOUT_S, make_celery
+from dispatcher.jobs.fleet import worker_queue
 from dispatcher.settings import Settings
 from gpuworker.worker import celery_worker_argv
 

@@ -1,13 +1,13 @@
-"""LoRA name claims cared for by the dispatcher (dispatcher/claims.py), on a real Redis with
+"""LoRA name claims cared for by the dispatcher (dispatcher/schedule/claims.py), on a real Redis with
 job records made through JobStore: names of ended jobs that made no folder are released
 (REVIEW #9), and owners are back-filled once after an upgrade (REVIEW #16)."""
 
 from __future__ import annotations
 
-from dispatcher.claims import backfill, release_unused
-from dispatcher.owners import Owners, claim_loras
-from dispatcher.states import JobState
-from dispatcher.store import JobStore
+from dispatcher.access.owners import Owners, claim_loras
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import JobStore
+from dispatcher.schedule.claims import backfill, release_unused
 from tests.clock import TickingClock
 
 

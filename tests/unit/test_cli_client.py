@@ -13,12 +13,12 @@ from werkzeug.serving import make_server
 
 from dashboard.app import create_app
 from dispatcher.cli import main
-from dispatcher.client import JOBS_PAGE_SIZE, ApiError, Client
-from dispatcher.embedded import free_port
-from dispatcher.events import EventLog
+from dispatcher.cli.client import JOBS_PAGE_SIZE, ApiError, Client
+from dispatcher.host.embedded import free_port
+from dispatcher.jobs.events import EventLog
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import JobStore
 from dispatcher.settings import Settings
-from dispatcher.states import JobState
-from dispatcher.store import JobStore
 from tests.clock import many_jobs
 
 N_JOBS = 520  # more than the API's default page (200) and more than one page of the client

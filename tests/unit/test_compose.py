@@ -71,7 +71,7 @@ def test_redis_start_script_really_starts_a_private_server(tmp_path):
 
     import redis as redis_lib
 
-    from dispatcher.embedded import free_port, server_binary
+    from dispatcher.host.embedded import free_port, server_binary
 
     port = free_port()
     bin_dir = tmp_path / "bin"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.csvcells import cell, restore
+from dispatcher.jobs.csvcells import cell, restore
 
 
 @pytest.mark.parametrize("text", ['=HYPERLINK("http://x","y")', "+1+2", "-2+3", "@SUM(A1)",

@@ -11,11 +11,11 @@ import zipfile
 import pytest
 
 from dashboard.app import create_app
-from dispatcher.events import EventLog
-from dispatcher.fleet import Fleet
+from dispatcher.jobs.events import EventLog
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import JobStore
 from dispatcher.settings import Settings
-from dispatcher.states import JobState
-from dispatcher.store import JobStore
 from tests.appclient import client_for
 
 

@@ -294,7 +294,7 @@ def test_preview_form_offers_the_raw_text_settings_at_their_defaults(client):
     hidden until a raw text is chosen (datasets.js shows them), with the job spec's defaults."""
     from html.parser import HTMLParser
 
-    from dispatcher.specs import default_spec
+    from dispatcher.jobs.specs import default_spec
 
     class Fields(HTMLParser):
         def __init__(self):
@@ -510,7 +510,7 @@ ACCOUNT_PASSWORD = "correct horse battery"
 def test_format_copies_follow_the_upload_rules_for_who_may_write(settings):
     """With accounts: no login, no copy (nor upload); a member may copy with the page's CSRF
     token and not without it, like an upload; an API token needs no CSRF token."""
-    from dispatcher.accounts import Accounts
+    from dispatcher.access.accounts import Accounts
 
     accounts = Accounts(settings.home)
     accounts.add("ana", ACCOUNT_PASSWORD, "admin")  # the first account must be an admin

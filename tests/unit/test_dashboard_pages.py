@@ -10,10 +10,10 @@ from html.parser import HTMLParser
 import pytest
 
 from dashboard.app import create_app
-from dispatcher.fleet import Fleet
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.specs import TrainSpec
+from dispatcher.jobs.states import JobState
 from dispatcher.settings import Settings
-from dispatcher.specs import TrainSpec
-from dispatcher.states import JobState
 from tests.appclient import client_for
 
 

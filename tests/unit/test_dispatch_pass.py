@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.early_stop import Policy
-from dispatcher.states import JobState
-from dispatcher.sweeps import SweepPlan, SweepStore, Trial
+from dispatcher.jobs.states import JobState
+from dispatcher.schedule.early_stop import Policy
+from dispatcher.schedule.sweeps import SweepPlan, SweepStore, Trial
 from tests.clock import dispatcher_env
 
 
@@ -108,7 +108,7 @@ def test_a_sweep_is_looked_at_when_one_of_its_jobs_moves(env, redis_client, pref
 def test_a_free_card_that_no_queued_job_fits_is_not_replanned_every_pass(env, redis_client):
     """Review of issue 10, #14: an idle worker that no queued job fits (each needs more memory
     than its card has) made every pass plan the whole queue (3,010 jobs: 49 ms a pass)."""
-    from dispatcher.scheduler import REPLAN_UNCHANGED_S
+    from dispatcher.schedule.scheduler import REPLAN_UNCHANGED_S
 
     store, fleet, d, sent, clock = env
     for i in range(300):

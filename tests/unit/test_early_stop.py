@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.early_stop import Policy, decide, rung_value, simulate
+from dispatcher.schedule.early_stop import Policy, decide, rung_value, simulate
 
 
 def train(losses):

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+from dispatcher.jobs.specs import TrainSpec
 from dispatcher.settings import DataPaths
-from dispatcher.specs import TrainSpec
 from gpuworker.engine import EngineError, train
 from gpuworker.engine.data import StepPlan, optimizer_steps
 from gpuworker.engine.targets import resolve_target_modules

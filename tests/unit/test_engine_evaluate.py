@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import torch
 
+from dispatcher.jobs.specs import TrainSpec
 from dispatcher.settings import DataPaths
-from dispatcher.specs import TrainSpec
 from gpuworker.engine import EngineError, train
 from gpuworker.engine.evaluate import Window, perplexity, plan_windows
 from tests.tiny import CORPUS, make_tiny_model, write_tiny_raw_text

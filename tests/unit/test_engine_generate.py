@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
+from dispatcher.jobs.specs import TrainSpec
 from dispatcher.settings import DataPaths
-from dispatcher.specs import TrainSpec
 from formats import SHIPPED_DIR, parse_format
 from gpuworker.engine import EngineError, train
 from gpuworker.engine.generate import format_prompt, generate

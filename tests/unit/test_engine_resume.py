@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
+from dispatcher.jobs.specs import TrainSpec
 from dispatcher.settings import DataPaths
-from dispatcher.specs import TrainSpec
 from gpuworker.engine import EngineError, train
 from gpuworker.engine.resume import latest_checkpoint, load_optimizer_state_by_name
 from tests.tiny import tiny_rows, write_tiny_dataset

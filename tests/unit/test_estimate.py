@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dispatcher.estimate import (
+from dispatcher.schedule.estimate import (
     MB,
     ModelShape,
     job_memory_mb,

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from dispatcher.evaltable import EvalTable
+from dispatcher.jobs.evaltable import EvalTable
 
 
 def add(t: EvalTable, ppl: float, loras=(), stride=512, comment=""):
@@ -75,7 +75,7 @@ def test_a_formula_comment_is_plain_text_in_the_file_and_survives_edits_unchange
 
 
 def test_with_base_compares_on_the_same_text_and_settings_only(tmp_path):
-    from dispatcher.evaltable import with_base
+    from dispatcher.jobs.evaltable import with_base
 
     t = EvalTable(tmp_path / "e.csv")
     t.add(base_model="m", loras=[], text_file="a.txt", perplexity=20.0, stride=512, max_length=64, tokens=1)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.fleet import Fleet
-from dispatcher.scheduler import (
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState, TransitionError
+from dispatcher.jobs.store import JobStore
+from dispatcher.schedule.scheduler import (
     DEFAULT_DURATION_S,
     Dispatcher,
     estimate_starts,
@@ -15,8 +17,6 @@ from dispatcher.scheduler import (
     queue_view,
     used_seconds,
 )
-from dispatcher.states import JobState, TransitionError
-from dispatcher.store import JobStore
 from tests.clock import Clock
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dashboard.app import create_app
-from dispatcher.fleet import Fleet
+from dispatcher.jobs.fleet import Fleet
 from dispatcher.settings import Settings
 from tests.appclient import client_for
 from tests.clock import many_jobs

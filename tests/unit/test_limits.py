@@ -1,4 +1,4 @@
-"""Per-user limits (dispatcher/limits.py) on a real Redis: defaults, the admin setting, the
+"""Per-user limits (dispatcher/access/limits.py) on a real Redis: defaults, the admin setting, the
 count of a user's waiting jobs, and the refusals of the API (issue 10, finding 10: three
 sweeps of 1,000 trials from one member were all queued)."""
 
@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from dashboard.app import create_app
-from dispatcher.accounts import Accounts
-from dispatcher.limits import DEFAULTS, LimitError, Limits
-from dispatcher.states import JobState
+from dispatcher.access.accounts import Accounts
+from dispatcher.access.limits import DEFAULTS, LimitError, Limits
+from dispatcher.jobs.states import JobState
 from tests.datafolder import small_data_folder
 
 

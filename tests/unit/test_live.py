@@ -9,10 +9,10 @@ import json
 import pytest
 
 from dashboard.app import create_app
-from dispatcher.embedded import free_port, start_server, stop_server
-from dispatcher.events import EventLog
+from dispatcher.host.embedded import free_port, start_server, stop_server
+from dispatcher.jobs.events import EventLog
+from dispatcher.jobs.store import JobStore
 from dispatcher.settings import Settings
-from dispatcher.store import JobStore
 from tests.appclient import client_for
 
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from dashboard.app import create_app
-from dispatcher.accounts import Accounts
+from dispatcher.access.accounts import Accounts
 from dispatcher.cli import main as cli
 from dispatcher.settings import Settings
 

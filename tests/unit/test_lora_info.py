@@ -1,4 +1,4 @@
-"""What a LoRA name holds, said before a job writes it (dispatcher/lora_info.py), on a real
+"""What a LoRA name holds, said before a job writes it (dispatcher/jobs/lora_info.py), on a real
 Redis: the line for an existing LoRA, someone else's name, and the free name proposed."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 import redis
 
-from dispatcher.lora_info import free_name, lora_info, notice
-from dispatcher.owners import Actor, Owners
+from dispatcher.access.owners import Actor, Owners
+from dispatcher.jobs.lora_info import free_name, lora_info, notice
 
 
 @pytest.fixture

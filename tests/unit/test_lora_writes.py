@@ -12,8 +12,8 @@ import pytest
 
 from dashboard.app import create_app
 from dashboard.job_summary import summary
-from dispatcher.states import JobState
-from dispatcher.store import JobStore
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import JobStore
 from tests.appclient import client_for
 from tests.datafolder import small_data_folder
 

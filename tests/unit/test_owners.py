@@ -11,9 +11,9 @@ import os
 import pytest
 
 from dashboard.app import create_app
-from dispatcher.accounts import Accounts
-from dispatcher.limits import Limits
-from dispatcher.owners import Owners
+from dispatcher.access.accounts import Accounts
+from dispatcher.access.limits import Limits
+from dispatcher.access.owners import Owners
 from dispatcher.settings import Settings
 from formats.rawtext import raw_text_files
 from tests.appclient import client_for
@@ -324,7 +324,7 @@ def test_claims_keep_each_users_index_in_step(settings):
 def test_the_workers_check_claims_no_hand_made_folder(settings):
     """REVIEW #10: job_write_refusal refuses a folder that exists with no owner (no admin's
     word on the job) and claims nothing; a new name is claimed for the job owner."""
-    from dispatcher.owners import job_write_refusal
+    from dispatcher.access.owners import job_write_refusal
 
     reg, loras = owners(settings), settings.paths.loras
     (loras / "hand").mkdir()

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from dashboard.app import create_app
-from dispatcher.scheduler import FULL_PENDING_READ_S, PendingCache
+from dispatcher.jobs.store import JobStore
+from dispatcher.schedule.scheduler import FULL_PENDING_READ_S, PendingCache
 from dispatcher.settings import Settings
-from dispatcher.store import JobStore
 from tests.appclient import client_for
 from tests.clock import Clock, TickingClock
 from tests.unit.test_dispatch_pass import calls

@@ -19,9 +19,15 @@ import time
 import pytest
 import redis
 
-from dispatcher.dashtoken import listener_is_mine, normal_url, registry_path, remember, token_for
-from dispatcher.embedded import EmbeddedRedisError, free_port, start_server, stop_server
-from dispatcher.private import (
+from dispatcher.access.dashtoken import (
+    listener_is_mine,
+    normal_url,
+    registry_path,
+    remember,
+    token_for,
+)
+from dispatcher.host.embedded import EmbeddedRedisError, free_port, start_server, stop_server
+from dispatcher.host.private import (
     exposure_warnings,
     foreign_listener,
     private_group,
@@ -207,7 +213,7 @@ def test_loopback_names_are_one_host(tmp_path):
     port = free_port()
     env = {"XDG_CONFIG_HOME": str(tmp_path / "cfg"), "LORAFLEET_HOME": str(tmp_path / "x")}
     s = Settings.from_env({"LORAFLEET_HOME": str(home), "LORAFLEET_PORT": str(port)})
-    from dispatcher.dashtoken import dashboard_token
+    from dispatcher.access.dashtoken import dashboard_token
 
     token = dashboard_token(home)
     remember(s, env)
@@ -219,7 +225,7 @@ def test_loopback_names_are_one_host(tmp_path):
 def test_dashboards_starting_at_once_all_stay_in_the_registry(tmp_path):
     env = dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "cfg"), PYTHONPATH=os.getcwd())
     code = ("import sys; from dispatcher.settings import Settings; "
-            "from dispatcher.dashtoken import remember; "
+            "from dispatcher.access.dashtoken import remember; "
             "s = Settings.from_env({'LORAFLEET_HOME': sys.argv[1], 'LORAFLEET_PORT': sys.argv[2]})\n"
             "for _ in range(20): remember(s)")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"d{i}"),
@@ -330,7 +336,7 @@ def test_an_ipv6_only_socket_beside_the_fleets_port_is_not_taken_for_it(tmp_path
 
 def test_a_data_folder_made_by_user_add_is_private_and_accounts_are_never_read_through_a_link(
         tmp_path):
-    from dispatcher.accounts import Accounts
+    from dispatcher.access.accounts import Accounts
 
     home = tmp_path / "fresh" / "lorafleet-data"
     Accounts(home).add("ana", "correct horse", "admin")  # the README's first command with accounts

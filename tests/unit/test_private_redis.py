@@ -12,8 +12,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dispatcher.embedded import RENAMED_COMMANDS, free_port, start_server, stop_server
-from dispatcher.private import exposure_warnings, secret_file, tighten
+from dispatcher.host.embedded import RENAMED_COMMANDS, free_port, start_server, stop_server
+from dispatcher.host.private import exposure_warnings, secret_file, tighten
 from dispatcher.settings import RedisCredentialsError, Settings, redact_url
 
 
@@ -58,14 +58,14 @@ def test_a_data_folder_whose_server_never_started_is_a_clear_error(tmp_path):
 def test_unreadable_password_file_names_the_fix(tmp_path, monkeypatch):
     """Another OS user's process gets PermissionError reading the file (shown for real, from
     another account, in tests/integration/test_private_fleet.py); the message says what to do."""
-    import dispatcher.private
+    import dispatcher.host.private
 
     (tmp_path / ".redis_password").write_text("x")
 
     def refuse(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(dispatcher.private, "read_private", refuse)
+    monkeypatch.setattr(dispatcher.host.private, "read_private", refuse)
     with pytest.raises(RedisCredentialsError) as e:
         Settings(home=tmp_path).effective_redis_url()
     assert "cannot read the data folder's Redis password" in str(e.value)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.scheduler import MAX_ATTEMPTS, UNSENT_AFTER_S, Dispatcher
-from dispatcher.states import JobState, TransitionError
+from dispatcher.jobs.states import JobState, TransitionError
+from dispatcher.schedule.scheduler import MAX_ATTEMPTS, UNSENT_AFTER_S, Dispatcher
 from tests.clock import dispatcher_env
 
 

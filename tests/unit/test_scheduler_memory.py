@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.scheduler import estimate_starts, fits
-from dispatcher.states import JobState
+from dispatcher.jobs.states import JobState
+from dispatcher.schedule.scheduler import estimate_starts, fits
 from tests.clock import dispatcher_env
 
 

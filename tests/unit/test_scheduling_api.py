@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from dashboard.app import create_app
 from dispatcher import cli
-from dispatcher.fleet import Fleet
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState
 from dispatcher.settings import Settings
-from dispatcher.states import JobState
 from tests.appclient import client_for
 
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from dispatcher.settings import DataPaths
-from dispatcher.specs import (
+from dispatcher.jobs.specs import (
     MAX_SEED,
     UPPER_BOUNDS,
     SpecError,
@@ -16,7 +15,8 @@ from dispatcher.specs import (
     parse_generate_spec,
     parse_train_spec,
 )
-from dispatcher.sweeps import parse_sweep
+from dispatcher.schedule.sweeps import parse_sweep
+from dispatcher.settings import DataPaths
 from tests.appclient import client_for
 
 
@@ -96,7 +96,7 @@ def test_a_rank_over_its_limit_is_named_once(paths):
 def test_every_bounded_field_is_a_spec_number():
     from dataclasses import fields
 
-    from dispatcher.specs import SPEC_CLASSES
+    from dispatcher.jobs.specs import SPEC_CLASSES
 
     for kind, bounds in UPPER_BOUNDS.items():
         types = {f.name: str(f.type) for f in fields(SPEC_CLASSES[kind])}
@@ -155,8 +155,8 @@ def test_a_sweep_value_over_a_bound_is_named_with_its_parameter(paths):
 def test_the_forms_number_inputs_carry_the_bounds(tmp_path, redis_server, prefix):
     from dashboard.app import create_app
     from dashboard.forms import form_fields
+    from dispatcher.jobs.specs import EvalSpec
     from dispatcher.settings import Settings
-    from dispatcher.specs import EvalSpec
 
     by_name = {f.name: f for f in form_fields({})}
     assert (by_name["micro_batch_size"].max, by_name["batch_size"].max) == (4096, 65536)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.specs import (
+from dispatcher.jobs.specs import (
     MAX_SPEC_CHARS,
     TEXT_BOUNDS,
     EvalSpec,
@@ -16,7 +16,7 @@ from dispatcher.specs import (
     parse_spec,
     parse_train_spec,
 )
-from dispatcher.sweeps import MAX_SWEEP_CHARS, parse_sweep
+from dispatcher.schedule.sweeps import MAX_SWEEP_CHARS, parse_sweep
 from tests.unit.test_spec_bounds import paths, problems, train  # noqa: F401 (fixture)
 
 KIND_BASE = {

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from dispatcher.settings import DataPaths
-from dispatcher.specs import (
+from dispatcher.jobs.specs import (
     FIELD_DOCS,
     SpecError,
     TrainSpec,
@@ -16,6 +15,7 @@ from dispatcher.specs import (
     parse_train_spec,
     resolve_data_name,
 )
+from dispatcher.settings import DataPaths
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ def test_training_parameters_are_written_the_way_the_webui_writes_them(paths):
     """Our training_parameters.json carries every key of the webui's file with the webui's
     values (so its "Copy parameters from" fills its form), and copying it back into lorafleet
     gives the same spec."""
-    from dispatcher.specs import WEBUI_PARAMETERS, lora_parameters
+    from dispatcher.jobs.specs import WEBUI_PARAMETERS, lora_parameters
 
     s = parse_train_spec({"lora_name": "ours", "base_model": "tiny", "dataset": "d",
                           "format": "mine", "target_modules": ["q", "v", "o"],
@@ -206,7 +206,7 @@ def test_training_parameters_are_written_the_way_the_webui_writes_them(paths):
 
 
 def test_copy_parameters_from_a_webui_lora(paths):
-    from dispatcher.specs import lora_parameters, spec_from_training_parameters
+    from dispatcher.jobs.specs import lora_parameters, spec_from_training_parameters
 
     spec = spec_from_training_parameters(WEBUI_PARAMS)
     assert spec["target_modules"] == ["q", "v", "o"]
@@ -262,7 +262,7 @@ def test_a_webui_file_with_an_unknown_key_is_still_refused_by_name(paths):
 
 
 def test_a_webui_checkbox_written_as_the_string_false_is_off():
-    from dispatcher.specs import spec_from_training_parameters
+    from dispatcher.jobs.specs import spec_from_training_parameters
 
     got = spec_from_training_parameters({"all_linear": "False", "q_proj_en": True,
                                          "v_proj_en": "false", "k_proj_en": "true"})

@@ -11,13 +11,12 @@ import json
 import pytest
 
 from dashboard.app import create_app
-from dispatcher.fleet import Fleet
-from dispatcher.scheduler import Dispatcher
-from dispatcher.settings import Settings
-from dispatcher.specs import SpecError
-from dispatcher.states import JobState
-from dispatcher.store import JobStore
-from dispatcher.sweeps import (
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.specs import SpecError
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import JobStore
+from dispatcher.schedule.scheduler import Dispatcher
+from dispatcher.schedule.sweeps import (
     SweepStore,
     best_trial,
     fmt_number,
@@ -26,6 +25,7 @@ from dispatcher.sweeps import (
     trial_name,
     trial_rows,
 )
+from dispatcher.settings import Settings
 from tests.appclient import client_for
 from tests.clock import Clock
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from dispatcher.fleet import Fleet
-from dispatcher.states import JobState
-from dispatcher.store import JobStore
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import JobStore
 from gpuworker.watchdog import StopWatchdog, kill_child
 
 

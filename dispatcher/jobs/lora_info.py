@@ -4,7 +4,7 @@ A training job whose lora_name is an existing LoRA continues it (text-generation
 the rank must match, the old files go to a backup folder) unless always_override is set. The
 New job form and `lorafleet submit` say so before anything is queued; "Copy parameters"
 proposes a free name instead. Reads loras/<name>/ (adapter_config.json, training_log.json) and
-the name's owner (dispatcher/owners.py); writes nothing.
+the name's owner (dispatcher/access/owners.py); writes nothing.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dispatcher.links import inside
-from dispatcher.owners import LORA_VERB, Actor, Owners, folder_exists, lora_rel, refusal
-from dispatcher.specs import LORA_NAME_RE
+from dispatcher.access.links import inside
+from dispatcher.access.owners import LORA_VERB, Actor, Owners, folder_exists, lora_rel, refusal
+from dispatcher.jobs.specs import LORA_NAME_RE
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 

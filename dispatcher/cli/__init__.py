@@ -19,9 +19,9 @@ from typing import Any
 
 import click
 
-from dispatcher.client import TERMINAL_STATES, ApiError, Client
+from dispatcher.cli.client import TERMINAL_STATES, ApiError, Client
+from dispatcher.jobs.states import JobState
 from dispatcher.settings import DEFAULT_EMBEDDED_REDIS_PORT, DEFAULT_PORT, Settings
-from dispatcher.states import JobState
 
 URL_HELP = "dashboard URL (default: $LORAFLEET_URL or http://127.0.0.1:8765)"
 
@@ -212,7 +212,7 @@ def up(gpus: str, host: str | None, port: int | None) -> None:
         env["LORAFLEET_HOST"] = host
     if port:
         env["LORAFLEET_PORT"] = str(port)
-    from dispatcher.accounts import Accounts, single_user_refusal
+    from dispatcher.access.accounts import Accounts, single_user_refusal
 
     s2 = Settings.from_env(env)
     refusal = single_user_refusal(s2.dashboard_host, Accounts(settings.paths.home))
@@ -259,7 +259,7 @@ def _guard_data_folder(settings: Settings) -> None:
     """Make the data folder's private files private again, and say (on stderr) how other OS
     users could still change the folder under the fleet, or read what is not private in it
     (a note: the folder is the user's, and is not changed for them)."""
-    from dispatcher.private import exposure_warnings, readable_note, tighten
+    from dispatcher.host.private import exposure_warnings, readable_note, tighten
 
     tighten(settings.home)
     for line in exposure_warnings(settings.home):
@@ -272,7 +272,7 @@ def _guard_data_folder(settings: Settings) -> None:
 def _check_dashboard_port(settings: Settings) -> None:
     """Refuse before anything starts when the dashboard's port is taken: the printed URL (with
     its token) would lead to whoever holds it."""
-    from dispatcher.embedded import port_is_free
+    from dispatcher.host.embedded import port_is_free
 
     host, port = settings.dashboard_host, settings.dashboard_port
     if not port_is_free(port, host):
@@ -288,8 +288,8 @@ def _wait_dashboard(settings: Settings, proc: subprocess.Popen, timeout: float =
     there: then no URL is printed, and no token goes anywhere."""
     import requests
 
-    from dispatcher.dashtoken import own_url
-    from dispatcher.private import foreign_listener
+    from dispatcher.access.dashtoken import own_url
+    from dispatcher.host.private import foreign_listener
 
     url = own_url(settings)
     deadline = time.monotonic() + timeout
@@ -315,8 +315,8 @@ def _wait_dashboard(settings: Settings, proc: subprocess.Popen, timeout: float =
 
 def _start_embedded_redis(settings: Settings) -> subprocess.Popen:
     """The embedded server of this data folder, with its password (made on first use)."""
-    from dispatcher.embedded import start_server
-    from dispatcher.private import secret_file
+    from dispatcher.host.embedded import start_server
+    from dispatcher.host.private import secret_file
     from dispatcher.settings import RedisCredentialsError
 
     try:
@@ -331,7 +331,7 @@ def _start_embedded_redis(settings: Settings) -> subprocess.Popen:
 
 
 def _dashboard_url(settings: Settings) -> str:
-    from dispatcher.dashtoken import url_to_open
+    from dispatcher.access.dashtoken import url_to_open
 
     return url_to_open(settings)
 
@@ -345,7 +345,7 @@ def redis(port: int | None) -> None:
     same data folder (LORAFLEET_HOME) and port find its password there."""
     from dataclasses import replace
 
-    from dispatcher.embedded import stop_server
+    from dispatcher.host.embedded import stop_server
 
     settings = Settings.from_env()
     if port is not None:
@@ -1021,7 +1021,7 @@ def user() -> None:
 
 
 def _accounts():
-    from dispatcher.accounts import Accounts
+    from dispatcher.access.accounts import Accounts
 
     return Accounts(Settings.from_env().paths.home)
 
@@ -1033,7 +1033,7 @@ def _read_password(from_stdin: bool) -> str:
 
 
 def _account_call(fn, *args):
-    from dispatcher.accounts import AccountError
+    from dispatcher.access.accounts import AccountError
 
     try:
         return fn(*args)

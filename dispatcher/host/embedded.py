@@ -5,7 +5,7 @@ a fresh machine needs nothing beyond pip. Persistence is an append-only file in 
 folder's redis/ directory, so job records, queues and event streams survive a restart.
 
 The server is private to the fleet's OS user: it asks every client for a password (made once
-in the data folder, see dispatcher.private), its settings (password included) are in a 0600
+in the data folder, see dispatcher.host.private), its settings (password included) are in a 0600
 config file in the 0700 redis/ folder rather than on its command line (which every local
 account can read in /proc), it runs with umask 077 so its append-only file is 0600, and the
 commands that reach the file system, load code or talk to other servers are renamed away.
@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from dispatcher.private import foreign_listener, write_private
+from dispatcher.host.private import foreign_listener, write_private
 from dispatcher.settings import REDIS_PORT_FILE
 
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dispatcher.csvcells import cell, restore
+from dispatcher.jobs.csvcells import cell, restore
 
 COLUMNS = ("id", "date", "base_model", "loras", "text_file", "perplexity", "stride",
            "max_length", "tokens", "job", "comment")

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from dispatcher.private import (
+from dispatcher.host.private import (
     foreign_listener,
     read_secret,
     secret_file,
@@ -94,7 +94,7 @@ def printed_url(settings: Settings, token: str) -> str:
 def url_to_open(settings: Settings) -> str:
     """The URL to open: with the token in single-user mode (opening it logs the browser in),
     the plain one with accounts."""
-    from dispatcher.accounts import Accounts
+    from dispatcher.access.accounts import Accounts
 
     if Accounts(settings.home).has_users():
         return own_url(settings) + "/"
@@ -153,7 +153,7 @@ def token_for(url: str, env: dict[str, str] | None = None) -> str:
     return ""
 
 
-# -- who listens on a port (Linux; the reading of /proc is in dispatcher.private) ---------------
+# -- who listens on a port (Linux; the reading of /proc is in dispatcher.host.private) ---------------
 def listener_is_mine(url: str) -> bool:
     """False when a socket of another OS user listens at `url` (where the token would go)."""
     parts = urlsplit(url)

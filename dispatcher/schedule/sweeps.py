@@ -9,7 +9,7 @@ ordinary training job in the queue.
     trial_name     `mylora-r16-lr1e-4`: the base LoRA name plus the values that vary
     SweepStore     sweep records in Redis; trials are jobs with a `sweep` field
     tick           what the dispatcher does for sweeps each pass: early stopping decisions
-                   (dispatcher.early_stop) and perplexity jobs for finished trials
+                   (dispatcher.schedule.early_stop) and perplexity jobs for finished trials
 
 Keys (prefix `lf` by default):
   {p}:sweep:{id}              hash: the record (definition, trials as JSON, owner, ...)
@@ -35,10 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from dispatcher.early_stop import POLICIES, Decision, Policy, decide, rung_value
-from dispatcher.estimate import job_memory_mb
-from dispatcher.settings import DataPaths
-from dispatcher.specs import (
+from dispatcher.jobs.specs import (
     LORA_NAME_RE,
     EvalSpec,
     SpecError,
@@ -48,8 +45,11 @@ from dispatcher.specs import (
     parse_eval_spec,
     parse_train_spec,
 )
-from dispatcher.states import TERMINAL, JobState
-from dispatcher.store import PRIORITIES, JobStore
+from dispatcher.jobs.states import TERMINAL, JobState
+from dispatcher.jobs.store import PRIORITIES, JobStore
+from dispatcher.schedule.early_stop import POLICIES, Decision, Policy, decide, rung_value
+from dispatcher.schedule.estimate import job_memory_mb
+from dispatcher.settings import DataPaths
 
 log = logging.getLogger("lorafleet.sweeps")
 

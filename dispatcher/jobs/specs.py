@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from dispatcher.links import inside, too_long
+from dispatcher.access.links import inside, too_long
 from dispatcher.settings import DataPaths
 
 SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts",
@@ -30,7 +30,7 @@ DATASET_EXTS = (".json", ".jsonl")
 RAW_TEXT_EXTS = (".txt",)
 FORMAT_EXTS = (".json",)
 # Where the format files that ship with lorafleet live (a data folder, read, never imported).
-SHIPPED_FORMATS = Path(__file__).resolve().parent.parent / "formats" / "shipped"
+SHIPPED_FORMATS = Path(__file__).resolve().parents[2] / "formats" / "shipped"
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -564,7 +564,7 @@ def check_lengths(kind: str, spec: Any, errors: list[dict[str, str]]) -> None:
 
 def _window_problem(s: EvalSpec, paths: DataPaths) -> str | None:
     """Stride against the window: each token is scored about window / stride times."""
-    from dispatcher.estimate import read_model_shape
+    from dispatcher.schedule.estimate import read_model_shape
 
     window = s.max_length
     if not window:

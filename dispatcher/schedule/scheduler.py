@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dispatcher.fleet import Fleet
-from dispatcher.states import JobState, TransitionError
-from dispatcher.store import PRIORITIES, JobStore
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState, TransitionError
+from dispatcher.jobs.store import PRIORITIES, JobStore
 
 log = logging.getLogger("lorafleet.dispatcher")
 
@@ -431,10 +431,10 @@ class Dispatcher:
         return before == looked_at and 0 <= self.clock() - at < REPLAN_UNCHANGED_S
 
     def _sweeps(self, active: list[dict[str, Any]]) -> None:
-        """Early-stopping decisions and perplexity jobs of sweeps (dispatcher.sweeps): the
+        """Early-stopping decisions and perplexity jobs of sweeps (dispatcher.schedule.sweeps): the
         sweeps whose jobs moved, and every unfinished sweep at the first pass and once every
         FULL_SWEEP_PASS_S (a mark lost with a dispatcher that died mid-pass is caught up)."""
-        from dispatcher import sweeps
+        from dispatcher.schedule import sweeps
 
         now = self.clock()
         full = now - self._full_sweep_pass >= FULL_SWEEP_PASS_S

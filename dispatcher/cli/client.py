@@ -3,7 +3,7 @@
 A remote user needs the dashboard's URL and, where the dashboard has accounts, an API token
 ($LORAFLEET_TOKEN, made with `lorafleet user token NAME`), never Redis credentials. With no
 LORAFLEET_TOKEN, the OS user who runs a single-user fleet needs nothing: the client reads the
-dashboard token that belongs to the URL (dispatcher/dashtoken.py) and sends it to that URL only.
+dashboard token that belongs to the URL (dispatcher/access/dashtoken.py) and sends it to that URL only.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class ApiError(RuntimeError):
 def _is_loopback_url(url: str) -> bool:
     from urllib.parse import urlsplit
 
-    from dispatcher.accounts import is_loopback
+    from dispatcher.access.accounts import is_loopback
 
     return is_loopback(urlsplit(url).hostname or "")
 
@@ -54,7 +54,7 @@ class Client:
         if not token and os.environ.get("LORAFLEET_TOKEN"):
             token, self.token_source = os.environ["LORAFLEET_TOKEN"], "LORAFLEET_TOKEN"
         if not token:
-            from dispatcher.dashtoken import token_for
+            from dispatcher.access.dashtoken import token_for
 
             token = token_for(url)
             self.token_source = "dashboard token" if token else ""
@@ -69,7 +69,7 @@ class Client:
         if not self.token:
             return {}
         if self.token_source == "dashboard token":
-            from dispatcher.dashtoken import listener_is_mine
+            from dispatcher.access.dashtoken import listener_is_mine
 
             if not listener_is_mine(self.url):
                 self.token, self.token_source = "", ""  # never again from this client

@@ -1,4 +1,4 @@
-"""The dispatcher's care of LoRA name claims (dispatcher/owners.py): owners back-filled once
+"""The dispatcher's care of LoRA name claims (dispatcher/access/owners.py): owners back-filled once
 after an upgrade, and claims released when no job will make their folder.
 
 Back-fill. Versions before owners recorded none: every LoRA folder then belongs to no one, so
@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dispatcher.limits import owner_lock
-from dispatcher.owners import Owners, folder_exists, lora_rel
-from dispatcher.states import TERMINAL
-from dispatcher.store import JobStore
+from dispatcher.access.limits import owner_lock
+from dispatcher.access.owners import Owners, folder_exists, lora_rel
+from dispatcher.jobs.states import TERMINAL
+from dispatcher.jobs.store import JobStore
 
 log = logging.getLogger("lorafleet.claims")
 

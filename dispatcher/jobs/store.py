@@ -18,7 +18,7 @@ Keys (prefix `lf` by default):
   {p}:durations           list of recent succeeded runs as JSON {kind, base_model, seconds}
   {p}:sweeps:dirty        ids of sweeps one of whose jobs changed state since the dispatcher's
                           last sweep pass
-  (sweeps: dispatcher/sweeps.py; a trial's record has `sweep` and `sweep_cap` fields, a
+  (sweeps: dispatcher/schedule/sweeps.py; a trial's record has `sweep` and `sweep_cap` fields, a
   sweep's perplexity job `sweep_eval`)
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 
 import redis as redis_lib
 
-from dispatcher.events import EventLog
-from dispatcher.states import ACTIVE, JobState, TransitionError, check_transition
+from dispatcher.jobs.events import EventLog
+from dispatcher.jobs.states import ACTIVE, JobState, TransitionError, check_transition
 
 PRIORITIES = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
 KINDS = ("train", "evaluate", "generate")
@@ -113,7 +113,7 @@ class JobStore:
     def create(self, kind: str, spec: dict[str, Any], owner: str = "local",
                priority: str = "normal", gpu_memory_mb: int = 0,
                fields: dict[str, Any] | None = None) -> str:
-        """Queue a job. `gpu_memory_mb` is the card memory it needs (dispatcher.estimate);
+        """Queue a job. `gpu_memory_mb` is the card memory it needs (dispatcher.schedule.estimate);
         `fields` are extra record fields (a sweep's trials carry `sweep` and `sweep_cap`)."""
         if kind not in KINDS:
             raise ValueError(f"unknown job kind {kind!r}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dispatcher.private import make_folder, read_private, write_private
+from dispatcher.host.private import make_folder, read_private, write_private
 
 ROLES = ("admin", "member")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")

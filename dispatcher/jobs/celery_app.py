@@ -5,7 +5,7 @@ Why these settings:
   another idle card could have started;
 - late acknowledgement with a visibility timeout longer than any training run: Redis never
   re-delivers a running job to a second card while the first still trains it;
-- a queue per worker (see dispatcher.fleet.worker_queue): the dispatcher decides placement,
+- a queue per worker (see dispatcher.jobs.fleet.worker_queue): the dispatcher decides placement,
   Celery only delivers;
 - started state tracked, so Celery's own view agrees with the job record.
 The dispatcher sends tasks by name; only gpuworker defines them, so the dispatcher and the

@@ -9,7 +9,7 @@ Uploads (datasets, raw texts, format files and format copies) record their uploa
 create a file; a training job's LoRA name is claimed for the job's owner when the job (or the
 sweep that makes it) is accepted, so two users cannot both queue a new name. Names are claimed
 all or none (claim_loras); a claim whose job ended without making the folder is released by
-the dispatcher (dispatcher/claims.py). A file with no
+the dispatcher (dispatcher/schedule/claims.py). A file with no
 entry was put in the data folder by hand: it belongs to no one, everyone may read it, and only
 an admin may replace it (or, for a LoRA, continue, override or resume it).
 

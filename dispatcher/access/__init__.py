@@ -1,0 +1,1 @@
+"""Who may do what: accounts, the owners of files and LoRAs, per-user limits, the dashboard token."""

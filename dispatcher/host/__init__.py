@@ -1,0 +1,1 @@
+"""This machine's processes: the embedded Redis server and the data folder's private files."""
