@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,29 @@ from formats.paths import inside
 from formats.tokenize import TokenizedSample, encode, tokenize_text
 
 DEFAULT_HARD_CUT = "\\n\\n\\n"
+
+
+@dataclass(frozen=True)
+class RawTextOptions:
+    """How a raw text is cut into chunks, with text-generation-webui's names: one value passed
+    from the spec to the chunker instead of four loose keyword arguments. `hard_cut_string` is as
+    typed (a backslash-n means a newline; :func:`unescape_cut_string` gives the real string)."""
+
+    overlap_len: int = 128
+    newline_favor_len: int = 128
+    hard_cut_string: str = DEFAULT_HARD_CUT
+    min_chars: int = 0
+
+    @classmethod
+    def of(cls, source: Any) -> RawTextOptions:
+        """The options of anything that has them as attributes (a training spec) or keys."""
+        if isinstance(source, dict):
+            return cls(**{f.name: source[f.name] for f in fields(cls) if f.name in source})
+        return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
+
+    @property
+    def hard_cut(self) -> str:
+        return unescape_cut_string(self.hard_cut_string)
 """The hard-cut string as typed in the form: backslash-n three times (three newlines)."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.access.links import inside, too_long
+from dispatcher.jobs.problems import SpecError
 from dispatcher.settings import DataPaths
 
 SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts",
@@ -114,14 +115,6 @@ FIELD_DOCS = {f.name: f.metadata.get("help", "") for f in fields(TrainSpec)}
 
 def default_spec() -> dict[str, Any]:
     return _defaults(TrainSpec)
-
-
-class SpecError(ValueError):
-    """A spec that cannot run; `errors` lists {"field", "message"} for every problem found."""
-
-    def __init__(self, errors: list[dict[str, str]]):
-        self.errors = errors
-        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
 
 
 def resolve_data_name(name: str, root: Path, exts: tuple[str, ...], *, allow_dir: bool,

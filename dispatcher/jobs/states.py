@@ -22,6 +22,19 @@ class JobState(str, Enum):
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 # Jobs that hold (or are about to hold) a worker.
 ACTIVE = frozenset({JobState.ASSIGNED, JobState.RUNNING})
+# Jobs waiting for a worker.
+PENDING = frozenset({JobState.QUEUED, JobState.RETRYING})
+# The same sets as the strings kept in records and sent over HTTP.
+TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
+ACTIVE_VALUES = frozenset(s.value for s in ACTIVE)
+PENDING_VALUES = frozenset(s.value for s in PENDING)
+
+
+class WorkerState(str, Enum):
+    """What a worker's heartbeat says it is doing."""
+
+    IDLE = "idle"
+    BUSY = "busy"
 
 ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.ASSIGNED, JobState.CANCELLED, JobState.FAILED}),
