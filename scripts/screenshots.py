@@ -8,7 +8,7 @@ demo model and sample data are there; or `--home DIR` for a folder you made), su
 job and a three-trial sweep with the CLI, and shoots each page only once it shows what the
 picture is for: the job's loss and evaluation curves while it runs, the Fleet page while the
 worker trains a trial, and the Sweep page once every trial is measured. Everything it started is
-stopped at the end. It takes about three minutes on two CPU cores.
+stopped at the end. On the demo model it takes about five minutes on two CPU cores.
 
 It needs what `scripts/setup.sh --test` installs (Playwright, and Debian's Chromium package).
 """
@@ -159,8 +159,13 @@ def job_spec(a: argparse.Namespace, name: str, epochs: float) -> dict[str, Any]:
 
 
 def shoot(page: Any, path: Path, what: str) -> None:
+    """The viewport, cut off below the page's content (the Fleet page of one worker is short)."""
     page.wait_for_timeout(400)  # let the last redraw settle
-    page.screenshot(path=str(path))
+    bottom = page.evaluate("() => Math.ceil(Math.max(...[...document.body.children]"
+                           ".map(e => e.getBoundingClientRect().bottom)))")
+    height = max(200, min(VIEWPORT["height"], bottom + 24))
+    page.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": VIEWPORT["width"],
+                                          "height": height})
     w, h = png_size(path)
     print(f"  {path.name}: {what}, {w}x{h}, {path.stat().st_size // 1024} KB")
 
@@ -174,6 +179,59 @@ def wait_page(page: Any, js: str, timeout_s: float, what: str) -> None:
                      f"was: {tempfile.gettempdir()}/lorafleet-shots-failed.png") from e
 
 
+def shoot_job(page: Any, fleet: Fleet, a: argparse.Namespace, work: Path, path: Path,
+              timeout: float) -> None:
+    """The Job page while the job trains: loss and evaluation curves drawn, still running."""
+    spec = work / "job.json"
+    spec.write_text(json.dumps(job_spec(a, "shots-demo", a.epochs)))
+    job = fleet.cli("submit", str(spec)).split()[-1]
+    print(f"==> job {job}")
+    page.goto(f"{fleet.url}/jobs/{job}")
+    wait_page(page, "() => { const c = document.querySelector(\"[data-testid='loss-chart']\");"
+              " return c && Number(c.dataset.points) >= 14 && Number(c.dataset.evalPoints) >= 2; }",
+              timeout, "the job's loss and evaluation curves")
+    wait_page(page, f"() => ({DRAWN})([\"[data-testid='loss-chart']\", {LOSS_BLUE}]) > 50",
+              30, "a drawn loss curve")
+    shoot(page, path, "Job page, training")
+    try:  # the picture is taken; the job need not train on
+        fleet.cli("cancel", job)
+    except Failed as e:
+        if "nothing to cancel" not in str(e):  # it ended by itself
+            raise
+
+
+def start_sweep(fleet: Fleet, a: argparse.Namespace, work: Path) -> str:
+    """Four trials (rank x learning rate), each measured on the text file afterwards."""
+    sweep_file = work / "sweep.json"
+    sweep_file.write_text(json.dumps({
+        "name": "rank-lr", "base": job_spec(a, "shots-sweep", a.epochs / 2),
+        "parameters": {"lora_rank": [4, 16], "learning_rate": ["1e-4", "1e-3"]},
+        "method": "grid", "evaluate": {"text_file": a.text_file, "stride": a.cutoff_len,
+                                       "max_length": a.cutoff_len}}))
+    sweep = fleet.cli("sweep", str(sweep_file)).split()[-1]
+    print(f"==> sweep {sweep}")
+    return sweep
+
+
+def shoot_fleet(page: Any, fleet: Fleet, path: Path, timeout: float) -> None:
+    """The Fleet page while the worker trains one of the sweep's trials."""
+    page.goto(f"{fleet.url}/fleet")
+    wait_page(page, "() => [...document.querySelectorAll(\"[data-testid='worker-row']\")]"
+              ".some(r => /shots-sweep/.test(r.querySelector(\"[data-col='job']\").innerText))",
+              timeout, "a worker training a trial")
+    shoot(page, path, "Fleet page")
+
+
+def shoot_sweep(page: Any, fleet: Fleet, sweep: str, path: Path, timeout: float) -> None:
+    """The Sweep page once every trial is measured."""
+    page.goto(f"{fleet.url}/sweeps/{sweep}")
+    wait_page(page, "() => document.querySelector(\"[data-testid='sweep-page']\")"
+              ".dataset.state === 'finished'", timeout, "the sweep finished")
+    wait_page(page, f"() => ({DRAWN})([\"[data-testid='sweep-chart']\", {LOSS_BLUE}]) > 20",
+              30, "the sweep's curves")
+    shoot(page, path, "Sweep page, finished")
+
+
 def run(a: argparse.Namespace) -> list[Path]:
     from playwright.sync_api import sync_playwright
 
@@ -181,8 +239,7 @@ def run(a: argparse.Namespace) -> list[Path]:
         raise Failed(f"Chromium not found at {a.chromium}: `scripts/setup.sh --test` installs it")
     a.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lorafleet-shots-"))
-    home = a.home or work / "data"
-    fleet = Fleet(home, work / "up.log")
+    fleet = Fleet(a.home or work / "data", work / "up.log")
     started = time.monotonic()
     left = lambda: max(10.0, a.timeout - (time.monotonic() - started))  # noqa: E731
     shots = [a.out / "job.png", a.out / "sweep.png", a.out / "fleet.png"]
@@ -192,57 +249,15 @@ def run(a: argparse.Namespace) -> list[Path]:
             fleet.init()
         print("==> lorafleet up --gpus cpu")
         login = fleet.up()
-
-        spec = work / "job.json"
-        spec.write_text(json.dumps(job_spec(a, "shots-demo", a.epochs)))
-        job = fleet.cli("submit", str(spec)).split()[-1]
-        print(f"==> job {job}")
-
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=a.chromium, headless=True,
                                         args=CHROMIUM_ARGS)
             page = browser.new_context(viewport=VIEWPORT, device_scale_factor=1).new_page()
             page.goto(login)
-
-            # The Job page while it trains: loss and evaluation curves drawn, still running.
-            page.goto(f"{fleet.url}/jobs/{job}")
-            wait_page(page, "() => { const c = document.querySelector(\"[data-testid='loss-chart']\");"
-                      " return c && Number(c.dataset.points) >= 14 && Number(c.dataset.evalPoints) >= 2; }",
-                      left(), "the job's loss and evaluation curves")
-            wait_page(page, f"() => ({DRAWN})([\"[data-testid='loss-chart']\", {LOSS_BLUE}]) > 50",
-                      30, "a drawn loss curve")
-            shoot(page, shots[0], "Job page, training")
-            try:  # the picture is taken; the job need not train on
-                fleet.cli("cancel", job)
-            except Failed as e:
-                if "nothing to cancel" not in str(e):  # it ended by itself
-                    raise
-
-            sweep_file = work / "sweep.json"
-            base = job_spec(a, "shots-sweep", a.epochs / 2)
-            sweep_file.write_text(json.dumps({
-                "name": "rank-lr", "base": base,
-                "parameters": {"lora_rank": [4, 16], "learning_rate": ["1e-4", "1e-3"]},
-                "method": "grid", "evaluate": {"text_file": a.text_file, "stride": 64,
-                                               "max_length": a.cutoff_len}}))
-            sweep = fleet.cli("sweep", str(sweep_file)).split()[-1]
-            print(f"==> sweep {sweep}")
-
-            # The Fleet page while the worker trains one of the trials.
-            page.goto(f"{fleet.url}/fleet")
-            wait_page(page, "() => [...document.querySelectorAll(\"[data-testid='worker-row']\")]"
-                      ".some(r => /shots-sweep/.test(r.querySelector(\"[data-col='job']\").innerText))",
-                      left(), "a worker training a trial")
-            shoot(page, shots[2], "Fleet page")
-
-            # The Sweep page once every trial is measured.
-            page.goto(f"{fleet.url}/sweeps/{sweep}")
-            wait_page(page, "() => document.querySelector(\"[data-testid='sweep-page']\")"
-                      ".dataset.state === 'finished'", left(), "the sweep finished")
-            wait_page(page, f"() => ({DRAWN})([\"[data-testid='sweep-chart']\", {LOSS_BLUE}]) > 20"
-                      " || document.querySelectorAll(\"[data-testid='sweep-chart'] canvas\").length",
-                      30, "the sweep's curves")
-            shoot(page, shots[1], "Sweep page, finished")
+            shoot_job(page, fleet, a, work, shots[0], left())
+            sweep = start_sweep(fleet, a, work)
+            shoot_fleet(page, fleet, shots[2], left())
+            shoot_sweep(page, fleet, sweep, shots[1], left())
             browser.close()
     finally:
         fleet.stop()

@@ -24,6 +24,25 @@ done
 
 say() { printf '==> %s\n' "$*"; }
 
+# What a finished set-up was made from: when nothing of it changed since (same mode, same
+# pyproject.toml and this script, the venv's Python and the demo package still there, Chromium
+# still there for --test), the set-up is current and nothing is installed or upgraded again.
+STAMP_FILE=.venv/.lorafleet-setup
+stamp() {  # $1: 1 for a set-up with the test tools
+    { echo "test=$1"; cat pyproject.toml "${BASH_SOURCE[0]}"; } | sha256sum | cut -d' ' -f1
+}
+current() {  # a test set-up also holds everything a plain one needs
+    local made
+    made="$(cat "$STAMP_FILE" 2>/dev/null)" || return 1
+    [ "$made" = "$(stamp 1)" ] || { [ "$TEST" = 0 ] && [ "$made" = "$(stamp 0)" ]; }
+}
+if [ -x .venv/bin/python ] && current \
+        && .venv/bin/python -c 'import torch; from gpuworker.demo import find_demo_gguf; assert find_demo_gguf()' >/dev/null 2>&1 \
+        && { [ "$TEST" = 0 ] || [ -x /usr/bin/chromium ]; }; then
+    say "set-up is current (.venv made from this pyproject.toml; delete $STAMP_FILE to redo it)"
+    exit 0
+fi
+
 PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     command -v "$PYTHON" >/dev/null 2>&1 || { echo "setup.sh: $PYTHON not found; install Python 3.10+ first" >&2; exit 1; }
@@ -78,4 +97,5 @@ if [ "$TEST" = 1 ]; then
     fi
 fi
 
+stamp "$TEST" > "$STAMP_FILE"
 say "done: $("$PY" --version) in .venv"

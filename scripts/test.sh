@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# Set up the test environment and run the test suite:
-#   scripts/test.sh [pytest args...]      e.g.  scripts/test.sh -m "not browser" -x
+# Set up the test environment (only what is missing or changed) and run the test suite:
+#   scripts/test.sh                        the fast tier, then (when it passes) the slow tier
+#   scripts/test.sh [pytest args...]       pytest with these arguments, e.g. -m "not browser" -x
+# Tiers: "fast" is every test not marked integration or browser (pure logic, plus a real Redis
+# server and tiny in-process training, about two minutes on two cores); "slow" is the rest (real
+# processes, `lorafleet up`, headless Chromium). A failure in the fast tier stops the run early.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh --test
-echo "==> running pytest $*"
-rc=0
-.venv/bin/python -m pytest "$@" || rc=$?
-if [ "$rc" = 5 ]; then
-    echo "test.sh: FAILED: pytest collected no tests (exit code 5); check the arguments and tests/." >&2
-    exit 5
+
+run_pytest() {
+    echo "==> running pytest $*"
+    local rc=0
+    .venv/bin/python -m pytest "$@" || rc=$?
+    if [ "$rc" = 5 ]; then
+        echo "test.sh: FAILED: pytest collected no tests (exit code 5); check the arguments and tests/." >&2
+    fi
+    return "$rc"
+}
+
+if [ "$#" -gt 0 ]; then
+    run_pytest "$@"
+    exit
 fi
-exit "$rc"
+echo "==> fast tier"
+run_pytest -m "not integration and not browser"
+echo "==> slow tier"
+run_pytest -m "integration or browser"

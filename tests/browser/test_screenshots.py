@@ -35,8 +35,8 @@ def test_script_shoots_the_three_pages_of_a_real_fleet(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     for name in ("job.png", "sweep.png", "fleet.png"):
         w, h = screenshots.png_size(out / name)
-        assert (w, h) == (screenshots.VIEWPORT["width"], screenshots.VIEWPORT["height"])
-        assert 10_000 < (out / name).stat().st_size < 400_000, name
+        assert w == screenshots.VIEWPORT["width"] and 200 <= h <= screenshots.VIEWPORT["height"]
+        assert 5_000 < (out / name).stat().st_size < 400_000, name
     assert "3 pictures" in res.stdout
     # Nothing it started is left running.
     left = subprocess.run(["pgrep", "-f", str(home)], capture_output=True, text=True).stdout
