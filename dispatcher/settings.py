@@ -1,9 +1,17 @@
-"""Settings shared by every lorafleet process, read from the environment in one place."""
+"""Settings shared by every lorafleet process, read from the environment in one place.
+
+Every LORAFLEET_* variable (and the few others lorafleet looks at) is read here, by
+`Settings.from_env` or by one of the small readers below; other modules take what they need as
+arguments. Each reader takes an optional `env` mapping (default: the process's environment), so
+a test hands in its own.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,14 +108,17 @@ class Settings:
     # kills the process that runs it.
     stop_grace_s: float = 60.0
     trusted_proxies: int = 0
+    # Whether LORAFLEET_HOME was set (rather than the default ./lorafleet-data): the CLI then
+    # knows which data folder's dashboard token is meant.
+    home_given: bool = False
 
     @property
     def paths(self) -> DataPaths:
         return DataPaths(self.home)
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = dict(os.environ if env is None else env)
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = dict(environ(env))
         home = Path(env.get("LORAFLEET_HOME", "lorafleet-data")).expanduser().resolve()
         return cls(
             home=home,
@@ -120,6 +131,7 @@ class Settings:
             heartbeat_interval=float(env.get("LORAFLEET_HEARTBEAT", 2.0)),
             stop_grace_s=_positive(env, "LORAFLEET_STOP_GRACE_S", 60.0),
             trusted_proxies=int(env.get("LORAFLEET_TRUSTED_PROXIES") or 0),
+            home_given="LORAFLEET_HOME" in env,
         )
 
     def effective_redis_url(self) -> str:
@@ -161,7 +173,7 @@ class Settings:
         return redact_url(self.redis_url)
 
 
-def _embedded_port(env: dict[str, str], paths: DataPaths) -> int:
+def _embedded_port(env: Mapping[str, str], paths: DataPaths) -> int:
     """LORAFLEET_EMBEDDED_REDIS_PORT when set (it wins, and the server records it when it
     starts), else the port the data folder's server last started on, else 6390: every process
     of one data folder finds the same server with no setting."""
@@ -209,7 +221,7 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _positive(env: dict[str, str], name: str, default: float) -> float:
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name, "")
     if raw == "":
         return default
@@ -220,6 +232,99 @@ def _positive(env: dict[str, str], name: str, default: float) -> float:
     if not value > 0:
         raise ValueError(f"{name} must be a number of seconds above 0, not {raw!r}")
     return value
+
+
+def environ(env: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    """`env`, or the process's environment: what every reader here reads."""
+    return os.environ if env is None else env
+
+
+# -- the readers for one process kind each ------------------------------------------------------
+# (fields of Settings hold what every process shares; these are read only where they matter)
+DEFAULT_FAIR_WINDOW_S = 24 * 3600.0
+OFF_WORDS = ("0", "false", "no", "off")
+
+
+def child_env(env: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+    """The environment for a child process lorafleet starts (`up`'s dispatcher, dashboard and
+    workers, the demo download, the preview): this process's own, plus `extra`."""
+    return {**environ(env), **extra}
+
+
+def config_home(env: Mapping[str, str] | None = None) -> Path:
+    """This OS user's configuration folder: $XDG_CONFIG_HOME, else ~/.config."""
+    base = environ(env).get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base)
+
+
+def dashboard_url(default: str, env: Mapping[str, str] | None = None) -> str:
+    """The dashboard the CLI talks to when no --url is given: $LORAFLEET_URL, else `default`."""
+    return environ(env).get("LORAFLEET_URL") or default
+
+
+def api_token(env: Mapping[str, str] | None = None) -> str:
+    """The API token the CLI sends when none is given: $LORAFLEET_TOKEN, else ""."""
+    return environ(env).get("LORAFLEET_TOKEN") or ""
+
+
+def visible_devices(env: Mapping[str, str] | None = None) -> str | None:
+    """$CUDA_VISIBLE_DEVICES as set (None when unset: every card is visible)."""
+    return environ(env).get("CUDA_VISIBLE_DEVICES")
+
+
+def session_secret(env: Mapping[str, str] | None = None) -> str:
+    """$LORAFLEET_SECRET_KEY, the dashboard's session-signing key, or "" (then one is made once
+    in the data folder)."""
+    return environ(env).get("LORAFLEET_SECRET_KEY") or ""
+
+
+def secure_cookies(env: Mapping[str, str] | None = None) -> bool:
+    """LORAFLEET_SECURE_COOKIES=1: the session cookie is sent over HTTPS only."""
+    return environ(env).get("LORAFLEET_SECURE_COOKIES", "") == "1"
+
+
+def live_caps(defaults: tuple[int, int], env: Mapping[str, str] | None = None
+              ) -> tuple[int, int]:
+    """(live views per user, in all) from LORAFLEET_LIVE_PER_USER and LORAFLEET_LIVE_TOTAL,
+    else `defaults`; at least 1 each."""
+    env = environ(env)
+    try:
+        per_user = int(env.get("LORAFLEET_LIVE_PER_USER") or defaults[0])
+        total = int(env.get("LORAFLEET_LIVE_TOTAL") or defaults[1])
+    except ValueError:
+        raise SystemExit("LORAFLEET_LIVE_PER_USER and LORAFLEET_LIVE_TOTAL must be whole "
+                         "numbers") from None
+    return max(1, per_user), max(1, total)
+
+
+def scheduling_env(env: Mapping[str, str] | None = None) -> tuple[float, int]:
+    """(fair-share window in seconds, cards per user at once, 0 = no limit) from
+    LORAFLEET_FAIR_WINDOW_S and LORAFLEET_MAX_CARDS_PER_USER."""
+    env = environ(env)
+    window = float(env.get("LORAFLEET_FAIR_WINDOW_S") or DEFAULT_FAIR_WINDOW_S)
+    cards = int(env.get("LORAFLEET_MAX_CARDS_PER_USER") or 0)
+    return max(1.0, window), max(0, cards)
+
+
+def preload_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a worker imports the training libraries before its first job (LORAFLEET_PRELOAD,
+    on unless 0/false/no/off)."""
+    return environ(env).get("LORAFLEET_PRELOAD", "1").strip().lower() not in OFF_WORDS
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str) -> Iterator[None]:
+    """Set the process's environment variable `name` for the block (a library that reads it,
+    like torch's PYTORCH_NVML_BASED_CUDA_CHECK), then put back what was there."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 # A command that gets no answer in this long fails (redis-py's own default, 5 s, is shorter

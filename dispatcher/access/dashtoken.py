@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -32,7 +33,7 @@ from dispatcher.host.private import (
     secret_file,
     write_private,
 )
-from dispatcher.settings import Settings
+from dispatcher.settings import Settings, config_home
 
 TOKEN_FILE = ".dashboard_token"
 
@@ -102,10 +103,8 @@ def url_to_open(settings: Settings) -> str:
 
 
 # -- the per-user registry ----------------------------------------------------------------------
-def registry_path(env: dict[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return Path(base) / "lorafleet" / "dashboards.json"
+def registry_path(env: Mapping[str, str] | None = None) -> Path:
+    return config_home(env) / "lorafleet" / "dashboards.json"
 
 
 def _registry(path: Path) -> dict[str, dict[str, str]]:
@@ -116,7 +115,7 @@ def _registry(path: Path) -> dict[str, dict[str, str]]:
     return data if isinstance(data, dict) else {}
 
 
-def remember(settings: Settings, env: dict[str, str] | None = None) -> None:
+def remember(settings: Settings, env: Mapping[str, str] | None = None) -> None:
     """Record (for this OS user's CLI) which token file belongs to this dashboard's URL.
     Under a lock next to the registry: two dashboards starting at once both stay in it."""
     path = registry_path(env)
@@ -132,14 +131,13 @@ def remember(settings: Settings, env: dict[str, str] | None = None) -> None:
         os.close(lock)  # closing releases the lock
 
 
-def token_for(url: str, env: dict[str, str] | None = None) -> str:
+def token_for(url: str, env: Mapping[str, str] | None = None) -> str:
     """The token this OS user holds for the dashboard at `url`, or "" if none belongs to it."""
-    env = dict(os.environ if env is None else env)
     want = normal_url(url)
     local = Settings.from_env(env)  # $LORAFLEET_HOME, else ./lorafleet-data
     entry = _registry(registry_path(env)).get(want) or {}
     files = []
-    if "LORAFLEET_HOME" in env and normal_url(own_url(local)) == want:
+    if local.home_given and normal_url(own_url(local)) == want:
         files.append(token_path(local.home))
     if isinstance(entry.get("token_file"), str):
         files.append(Path(entry["token_file"]))

@@ -19,9 +19,12 @@ keeps the file's owner (it was done for them); an unowned file an admin writes b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dispatcher.jobs.record import JobRecord
 
 NO_ONE = "—"  # how listings show a file that belongs to no one
 
@@ -197,12 +200,14 @@ def admit_lora_write(owners: Owners, loras: Path, name: str, job_owner: str,
     return ""
 
 
-def job_write_refusal(owners: Owners, loras: Path, rec: dict[str, Any]) -> str | None:
+def job_write_refusal(owners: Owners, loras: Path, rec: JobRecord | Mapping[str, Any]
+                      ) -> str | None:
     """The worker's own check before a training job touches its LoRA folder. It passes when
     the name is the job owner's, when an admin admitted the job (`lora_admitted_by`), or when
     neither the folder nor a claim exists (the name is then claimed for the job owner). A
     folder that exists with no owner (made by hand) is refused without an admin's word: a job
-    record that skipped the dashboard does not take it over."""
+    record that skipped the dashboard does not take it over. `rec` is the job's record (a
+    JobRecord or its dict: both are read through `get`)."""
     name = str((rec.get("spec") or {}).get("lora_name") or "")
     job_owner = str(rec.get("owner") or "")
     if not name:

@@ -17,6 +17,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from formats.files import atomic_write
+
 # Files readable by the fleet's OS user only (0600), by name in the data folder.
 PRIVATE_FILES = (".redis_password", ".secret_key", ".dashboard_token", "accounts.json",
                  "accounts.lock")
@@ -51,30 +53,10 @@ def read_secret(path: Path) -> str:
 
 
 def write_private(path: Path, text: str, *, replace: bool = True) -> bool:
-    """Put `text` in `path`, readable by this OS user only from the first byte on (0600).
-
-    Written whole to a new temporary file (O_EXCL | O_NOFOLLOW: never one that someone else
-    made or linked there), then moved into place: another process sees the old file or the
-    new one, never half of one. With replace=False an existing `path` is kept (the first
-    writer wins) and False is returned."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before it replaces the old file
-        if not replace:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            return True
-        os.replace(tmp, path)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Put `text` in `path`, readable by this OS user only from the first byte on (0600), whole
+    (formats.files.atomic_write: never through a file someone else made or linked there). With
+    replace=False an existing `path` is kept (the first writer wins) and False is returned."""
+    return atomic_write(Path(path), text, mode=0o600, replace=replace)
 
 
 def secret_file(path: Path, nbytes: int = 32) -> str:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.jobs.csvcells import cell, restore
+from formats.files import atomic_write
 
 COLUMNS = ("id", "date", "base_model", "loras", "text_file", "perplexity", "stride",
            "max_length", "tokens", "job", "comment")
@@ -69,15 +68,7 @@ class EvalTable:
             # Every cell guarded: comments, and file or model names, are the users' own text.
             w.writerow({k: cell(v) for k, v in {**r, "loras": "|".join(r.get("loras") or [])}
                         .items() if k in COLUMNS})
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".evaluations.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, buf.getvalue())  # an ordinary file's mode: the table is shared
 
     def find(self, base_model: str, loras: list[str], text_file: str, stride: int,
              max_length: int) -> dict[str, Any] | None:

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from dispatcher.jobs.states import WorkerState
+
 _NUM = ("mem_total_mb", "mem_free_mb", "seen", "started", "pid", "job_pid", "outside_mb",
         "mem_limit_mb", "mem_usable_mb")
 
@@ -69,7 +71,7 @@ class Fleet:
                     w[k] = float(w[k])
             w["alive"] = now - float(w.get("seen", 0)) <= self.timeout
             if not w["alive"]:
-                w["state"] = "gone"
+                w["state"] = WorkerState.GONE.value
             if include_gone or w["alive"]:
                 out.append(w)
         return out

@@ -31,10 +31,14 @@ PENDING_VALUES = frozenset(s.value for s in PENDING)
 
 
 class WorkerState(str, Enum):
-    """What a worker's heartbeat says it is doing."""
+    """What a worker's heartbeat says it is doing (GONE: what the registry says of a worker
+    whose heartbeats stopped; STOPPING: a worker whose watchdog is ending its job's process)."""
 
     IDLE = "idle"
     BUSY = "busy"
+    STOPPING = "stopping"
+    GONE = "gone"
+
 
 ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.ASSIGNED, JobState.CANCELLED, JobState.FAILED}),

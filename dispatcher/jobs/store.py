@@ -13,9 +13,7 @@ Keys (prefix `lf` by default):
                           transition, priority): the dispatcher re-reads its queue only then
   {p}:active              set of assigned/running job ids
   {p}:stop:{id}           present when the user asked a running job to stop
-  {p}:usage:{owner}       sorted set of the owner's finished runs: member "{id}:{started}",
-                          score the time the run ended (what fair share sums over its window)
-  {p}:durations           list of recent succeeded runs as JSON {kind, base_model, seconds}
+  {p}:usage:{owner}, {p}:durations   finished runs, for the scheduler (dispatcher/jobs/usage.py)
   {p}:sweeps:dirty        ids of sweeps one of whose jobs changed state since the dispatcher's
                           last sweep pass
   (sweeps: dispatcher/schedule/sweeps.py; a trial's record has `sweep` and `sweep_cap` fields, a
@@ -33,33 +31,25 @@ from typing import Any
 import redis as redis_lib
 
 from dispatcher.jobs.events import EventLog
-from dispatcher.jobs.states import ACTIVE, JobState, TransitionError, check_transition
+from dispatcher.jobs.record import JobRecord, decode_job, job_name
+from dispatcher.jobs.states import (
+    ACTIVE,
+    PENDING,
+    PENDING_VALUES,
+    JobState,
+    TransitionError,
+    check_transition,
+)
+from dispatcher.jobs.usage import RunLog
 
 PRIORITIES = {"low": 0, "normal": 1, "high": 2, "urgent": 3}
 KINDS = ("train", "evaluate", "generate")
-# Record fields that hold JSON rather than text.
-_JSON_FIELDS = ("spec", "result")
-_NUM_FIELDS = ("created", "updated", "started", "finished", "step", "total_steps", "loss",
-               "eta_s", "epoch", "attempt", "gpu_memory_mb", "eval_loss", "best_eval_loss")
-_INT_FIELDS = ("step", "total_steps", "attempt", "gpu_memory_mb")
 # The record fields that can change while a job is queued or retrying.
 WAITING_FIELDS = ("state", "updated", "priority", "attempt", "reason")
-# Runs older than this are dropped from the usage sets (any fair-share window is shorter).
-USAGE_KEEP_S = 30 * 86400
-DURATIONS_KEPT = 200
 
 
 class JobNotFound(KeyError):
     pass
-
-
-def job_name(kind: str, spec: dict[str, Any]) -> str:
-    """What the job lists show as a job's name."""
-    if kind == "train":
-        return spec.get("lora_name", "")
-    loras = spec.get("loras") or ([spec["lora"]] if spec.get("lora") else [])
-    what = "perplexity" if kind == "evaluate" else "generate"
-    return f"{what}: {spec.get('base_model', '')}" + (f" + {', '.join(loras)}" if loras else "")
 
 
 STOP_KEY_TTL_S = 24 * 3600
@@ -72,6 +62,7 @@ class JobStore:
         self.p = prefix
         self.clock = clock
         self.events = EventLog(redis, prefix, clock)
+        self.usage = RunLog(redis, prefix)
 
     # keys -------------------------------------------------------------------------------------
     def key(self, job_id: str) -> str:
@@ -103,13 +94,6 @@ class JobStore:
         return f"{self.p}:stop:{job_id}"
 
     # records ----------------------------------------------------------------------------------
-    def usage_key(self, owner: str) -> str:
-        return f"{self.p}:usage:{owner}"
-
-    @property
-    def durations_key(self) -> str:
-        return f"{self.p}:durations"
-
     def create(self, kind: str, spec: dict[str, Any], owner: str = "local",
                priority: str = "normal", gpu_memory_mb: int = 0,
                fields: dict[str, Any] | None = None) -> str:
@@ -130,32 +114,27 @@ class JobStore:
         with self.r.pipeline() as pipe:
             pipe.hset(self.key(job_id), mapping=record)
             pipe.rpush(self._history_key(job_id), json.dumps(
-                {"state": "queued", "time": now, "reason": "submitted"}))
+                {"state": JobState.QUEUED.value, "time": now, "reason": "submitted"}))
             pipe.zadd(f"{self.p}:jobs", {job_id: now})
             pipe.zadd(self.pending_key, {job_id: now})
             pipe.zadd(self.pending_owner_key(owner), {job_id: now})
             pipe.incr(self.pending_rev_key)
             pipe.execute()
-        self.events.append(job_id, "state", state="queued", reason="submitted", time=now)
+        self.events.append(job_id, "state", state=JobState.QUEUED.value, reason="submitted",
+                           time=now)
         return job_id
 
     def get(self, job_id: str) -> dict[str, Any]:
+        """The job's record as a dict (JobNotFound if there is none); `record` types it."""
         raw = self.r.hgetall(self.key(job_id))
         if not raw:
             raise JobNotFound(job_id)
-        return self._decode(raw)
+        return decode_job(raw)
 
-    @staticmethod
-    def _decode(raw: dict[str, str]) -> dict[str, Any]:
-        rec: dict[str, Any] = dict(raw)
-        for k in _JSON_FIELDS:
-            if k in rec and rec[k]:
-                rec[k] = json.loads(rec[k])
-        for k in _NUM_FIELDS:
-            if k in rec and rec[k] != "":
-                v = float(rec[k])
-                rec[k] = int(v) if k in _INT_FIELDS else v
-        return rec
+    def record(self, job_id: str) -> JobRecord | None:
+        """The job's record, typed; None if there is no such job."""
+        raw = self.r.hgetall(self.key(job_id))
+        return JobRecord.from_hash(raw) if raw else None
 
     def history(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.r.lrange(self._history_key(job_id), 0, -1)]
@@ -166,7 +145,7 @@ class JobStore:
             for i in ids:
                 pipe.hgetall(self.key(i))
             raws = pipe.execute()
-        return [self._decode(raw) for raw in raws if raw]
+        return [decode_job(raw) for raw in raws if raw]
 
     def list(self, limit: int = 200, offset: int = 0) -> list[dict[str, Any]]:
         ids = self.r.zrevrange(f"{self.p}:jobs", offset, offset + limit - 1)
@@ -219,7 +198,7 @@ class JobStore:
             for i in ids:
                 pipe.hmget(self.key(i), *WAITING_FIELDS)
             rows = pipe.execute()
-        return [(i, self._decode({k: v for k, v in zip(WAITING_FIELDS, row, strict=True)
+        return [(i, decode_job({k: v for k, v in zip(WAITING_FIELDS, row, strict=True)
                                   if v is not None}))
                 for i, row in zip(ids, rows, strict=True) if row[0] is not None]
 
@@ -292,12 +271,13 @@ class JobStore:
         mapping: dict[str, Any] = {}
 
         def write(pipe: Any, raw: dict[str, str]) -> None:
-            old = JobState(raw["state"])
+            rec = JobRecord.from_hash(raw)
+            old = rec.state
             if expect_state is not None and old != expect_state:
                 raise TransitionError(f"job {job_id} is {old.value}, "
                                       f"no longer {expect_state.value}")
             check_transition(old, new)
-            if expect_worker is not None and raw.get("worker") != expect_worker:
+            if expect_worker is not None and rec.worker != expect_worker:
                 raise TransitionError(f"job {job_id} is no longer assigned to {expect_worker}")
             now = self.clock()
             mapping.clear()
@@ -310,62 +290,40 @@ class JobStore:
             pipe.hset(key, mapping=mapping)
             pipe.rpush(self._history_key(job_id), json.dumps(
                 {"state": new.value, "time": now, "reason": reason}))
-            mine = self.pending_owner_key(raw.get("owner", ""))
-            if new in (JobState.QUEUED, JobState.RETRYING):
-                pipe.zadd(self.pending_key, {job_id: float(raw["created"])})
-                pipe.zadd(mine, {job_id: float(raw["created"])})
+            mine = self.pending_owner_key(rec.owner)
+            if new in PENDING:
+                pipe.zadd(self.pending_key, {job_id: rec.created})
+                pipe.zadd(mine, {job_id: rec.created})
             else:
                 pipe.zrem(self.pending_key, job_id)
                 pipe.zrem(mine, job_id)
             pipe.incr(self.pending_rev_key)
-            if raw.get("sweep") or raw.get("sweep_eval"):
-                pipe.sadd(self.dirty_sweeps_key, raw.get("sweep") or raw["sweep_eval"])
+            if rec.sweep or rec.get("sweep_eval"):
+                pipe.sadd(self.dirty_sweeps_key, rec.sweep or rec.get("sweep_eval"))
             if new in ACTIVE:
                 pipe.sadd(self.active_key, job_id)
             else:
                 pipe.srem(self.active_key, job_id)
             if new.terminal:
                 pipe.delete(self.stop_key(job_id))
-            if old == JobState.RUNNING and new != JobState.RUNNING and raw.get("started"):
-                self._record_run(pipe, raw, job_id, now, new)
+            if old == JobState.RUNNING and new != JobState.RUNNING and rec.started is not None:
+                self.usage.record_run(pipe, rec, now, new)
 
         raw = self._watched(job_id, write)
         now = mapping["updated"]
         self.events.append(job_id, "state", state=new.value, reason=reason, time=now)
-        rec = dict(raw)
-        rec.update({k: str(v) for k, v in mapping.items()})
-        return self._decode(rec)
+        after = dict(raw)
+        after.update({k: str(v) for k, v in mapping.items()})
+        return decode_job(after)
 
-    def _record_run(self, pipe, raw: dict[str, str], job_id: str, now: float,
-                    new: JobState) -> None:
-        """A run just ended: its interval goes to the owner's usage (fair share) and, if it
-        succeeded, its length to the recent durations (estimated start times)."""
-        started = float(raw["started"])
-        owner = raw.get("owner") or "local"
-        pipe.zadd(self.usage_key(owner), {f"{job_id}:{started!r}": now})
-        pipe.zremrangebyscore(self.usage_key(owner), "-inf", now - USAGE_KEEP_S)
-        if new == JobState.SUCCEEDED:
-            spec = json.loads(raw.get("spec") or "{}")
-            pipe.lpush(self.durations_key, json.dumps({
-                "kind": raw.get("kind", ""), "base_model": spec.get("base_model", ""),
-                "seconds": max(0.0, now - started)}))
-            pipe.ltrim(self.durations_key, 0, DURATIONS_KEPT - 1)
-
-    # scheduling inputs ------------------------------------------------------------------------
+    # scheduling inputs (dispatcher/jobs/usage.py) -------------------------------------------
     def runs(self, owners: list[str], since: float) -> dict[str, list[tuple[float, float]]]:
         """Each owner's finished runs (start, end) that ended after `since`."""
-        with self.r.pipeline() as pipe:
-            for o in owners:
-                pipe.zrangebyscore(self.usage_key(o), since, "+inf", withscores=True)
-            raws = pipe.execute()
-        out: dict[str, list[tuple[float, float]]] = {}
-        for owner, rows in zip(owners, raws, strict=True):
-            out[owner] = [(float(member.rsplit(":", 1)[1]), float(end)) for member, end in rows]
-        return out
+        return self.usage.runs(owners, since)
 
     def recent_durations(self) -> list[dict[str, Any]]:
         """The latest succeeded runs, newest first: {kind, base_model, seconds}."""
-        return [json.loads(x) for x in self.r.lrange(self.durations_key, 0, -1)]
+        return self.usage.recent_durations()
 
     def set_priority(self, job_id: str, priority: str) -> dict[str, Any]:
         """Re-prioritise a pending job; TransitionError unless it is queued or retrying."""
@@ -373,7 +331,7 @@ class JobStore:
         if priority not in PRIORITIES:
             raise ValueError(f"unknown priority {priority!r}")
         def write(pipe: Any, raw: dict[str, str]) -> None:
-            if raw["state"] not in (JobState.QUEUED.value, JobState.RETRYING.value):
+            if raw["state"] not in PENDING_VALUES:
                 raise TransitionError(f"job {job_id} is {raw['state']}: only a queued "
                                       "or retrying job can be re-prioritised")
             pipe.multi()
@@ -413,16 +371,15 @@ class JobStore:
         """The trainer saw the stop request and is stopping (the worker then does not kill it)."""
         self.r.hset(self.key(job_id), "stop_answered", self.clock())
 
-    def stop_answered(self, job_id: str) -> bool:
-        return bool(self.r.hexists(self.key(job_id), "stop_answered"))
-
     def cancel(self, job_id: str, reason: str = "cancelled by the user",
                stop_reason: str = "") -> dict[str, Any]:
         """Cancel a job: a pending one at once (`reason`); a running one stops after its current
         step (`stop_reason`, default "stopped by the user", becomes its end reason)."""
-        rec = self.get(job_id)
-        state = JobState(rec["state"])
-        if state in (JobState.QUEUED, JobState.RETRYING):
+        rec = self.record(job_id)
+        if rec is None:
+            raise JobNotFound(job_id)
+        state = rec.state
+        if state in PENDING:
             return self.transition(job_id, JobState.CANCELLED, reason)
         if state == JobState.ASSIGNED:
             # Sent to a worker that has not started it: cancel it outright (the worker then skips
@@ -437,4 +394,4 @@ class JobStore:
             self.events.append(job_id, "log", line="stop requested: the trainer stops after the "
                                                    "current step and saves the LoRA")
             return self.get(job_id)
-        return rec
+        return rec.to_dict()
