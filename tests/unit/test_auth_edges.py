@@ -8,7 +8,7 @@ import pytest
 from werkzeug.exceptions import Forbidden
 
 from dashboard.app import create_app
-from dashboard.auth import current_user
+from dashboard.identity import current_user
 from dispatcher.access.accounts import Accounts
 from dispatcher.access.dashtoken import dashboard_token
 from dispatcher.settings import Settings
