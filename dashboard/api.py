@@ -1,7 +1,8 @@
 """The JSON REST API under /api/v1: what the pages' scripts and the CLI use.
 
 Errors are JSON objects `{"error": "..."}`; an invalid spec also lists every problem as
-`{"errors": [{"field", "message"}, ...]}` and queues nothing.
+`{"errors": [{"field", "message"}, ...]}` and queues nothing. Views raise the types of
+dashboard/errors.py; dashboard/app.py answers them.
 """
 
 from __future__ import annotations
@@ -69,12 +70,13 @@ def read_submission(body: Any, problems: Problems) -> Submission:
     if body is None:
         raise BadRequest(NOT_A_SPEC)
     if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object",
-            [{"field": "spec", "message": "must be a JSON object of training parameters"}])
+        raise BadRequest("the request body must be a JSON object", [
+            {"field": "spec", "message": "must be a JSON object of training parameters"}])
     if "spec" not in body:
         return Submission(body, priority=request.args.get("priority", "normal"))
     for key in sorted(set(body) - ENVELOPE_KEYS):
-        problems.add(str(key), f"is not a known request field (use {', '.join(sorted(ENVELOPE_KEYS))})")
+        problems.add(str(key), "is not a known request field "
+                               f"(use {', '.join(sorted(ENVELOPE_KEYS))})")
     return Submission(body["spec"], body.get("kind", "train"), body.get("priority", "normal"),
                       body.get("owner"))
 
