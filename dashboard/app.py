@@ -1,7 +1,8 @@
 """The dashboard's app factory, its one set of error handlers, and `serve` for the CLI.
 
 No Redis connection is made at import or in `create_app`: the first request that needs Redis
-opens the client (dashboard/services.py; STYLE 2). Tests hand in a Settings (and may hand in a client) through config.
+opens the client (dashboard/services.py; STYLE 2). Tests hand in a Settings (and may hand in a
+client) through config.
 
 Config keys:
   LORAFLEET_SETTINGS        a dispatcher.settings.Settings (default: Settings.from_env())
