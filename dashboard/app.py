@@ -1,7 +1,8 @@
-"""The dashboard's app factory, its lazily connected services, and `serve` for the CLI.
+"""The dashboard's app factory, its one set of error handlers, and `serve` for the CLI.
 
 No Redis connection is made at import or in `create_app`: the first request that needs Redis
-opens the client (STYLE 2). Tests hand in a Settings (and may hand in a client) through config.
+opens the client (dashboard/services.py; STYLE 2). Tests hand in a Settings (and may hand in a
+client) through config.
 
 Config keys:
   LORAFLEET_SETTINGS        a dispatcher.settings.Settings (default: Settings.from_env())
@@ -18,20 +19,34 @@ Config keys:
 from __future__ import annotations
 
 import logging
-import os
 import re
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import redis as redis_lib
-from flask import Flask, current_app, jsonify, render_template, request
+from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.serving import make_server
 
-from dispatcher.jobs.events import EventLog
-from dispatcher.jobs.fleet import Fleet
-from dispatcher.jobs.store import JobStore
-from dispatcher.settings import RedisCredentialsError, Settings, connect
+from dashboard import auth, filters
+from dashboard.api import bp as api_bp
+from dashboard.datasets import bp as datasets_bp
+from dashboard.errors import DashboardError
+from dashboard.limits import bp as limits_bp
+from dashboard.live import TooManyLive
+from dashboard.pages import bp as pages_bp
+from dashboard.services import EXTENSION, Services
+from dashboard.solo import bp as solo_bp
+from dashboard.sweeps import bp as sweeps_bp
+from dashboard.tools import bp as tools_bp
+from dashboard.users import bp as users_bp
+from dispatcher.access.accounts import Accounts, single_user_refusal
+from dispatcher.access.dashtoken import remember, url_to_open
+from dispatcher.jobs.states import TransitionError
+from dispatcher.jobs.store import JobNotFound
+from dispatcher.schedule.sweeps import SweepNotFound
+from dispatcher.settings import RedisCredentialsError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,121 +54,69 @@ REDIS_DOWN = ("cannot reach Redis: is `lorafleet up` (or the configured Redis se
               "Check LORAFLEET_REDIS_URL.")
 
 
-class Services:
-    """What the dashboard talks to, created on first use and shared by all request threads."""
-
-    def __init__(self, settings: Settings, redis: Any = None):
-        self.settings = settings
-        self._redis_source = redis
-        self._redis: Any = None
-        self._lock = threading.Lock()
-        self._live: Any = None
-        self._pending: Any = None
-        # Live views (SSE) open at once, per user and in all (LORAFLEET_LIVE_PER_USER/_TOTAL).
-        self.live_per_user, self.live_total = live_caps()
-
-    @property
-    def redis(self) -> Any:
-        if self._redis is None:
-            with self._lock:
-                if self._redis is None:
-                    src = self._redis_source
-                    if src is None:
-                        self._redis = connect(self.settings)
-                    elif callable(src) and not hasattr(src, "xadd"):
-                        self._redis = src()
-                    else:
-                        self._redis = src
-        return self._redis
-
-    @property
-    def store(self) -> JobStore:
-        return JobStore(self.redis, self.settings.prefix)
-
-    @property
-    def events(self) -> EventLog:
-        return EventLog(self.redis, self.settings.prefix)
-
-    @property
-    def fleet(self) -> Fleet:
-        return Fleet(self.redis, self.settings.prefix, timeout=self.settings.worker_timeout)
-
-    @property
-    def pending(self) -> Any:
-        """The process's kept copy of the queue (dispatcher.schedule.scheduler.PendingCache): a job list
-        reads only what changed since the last one, not every queued record."""
-        if self._pending is None:
-            from dispatcher.schedule.scheduler import PendingCache
-
-            store = self.store  # (outside the lock: connecting takes it too)
-            with self._lock:
-                if self._pending is None:
-                    self._pending = PendingCache(store)
-        return self._pending
-
-    @property
-    def live(self) -> Any:
-        """The process's one live subscription, shared by every SSE view (dashboard/live.py)."""
-        if self._live is None:
-            from dashboard.live import Hub
-
-            channel = EventLog(None, self.settings.prefix).channel
-            with self._lock:
-                if self._live is None:
-                    self._live = Hub(lambda: self.redis, channel, self.live_per_user,
-                                     self.live_total)
-        return self._live
-
-
-def live_caps(env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(live views per user, in all) from LORAFLEET_LIVE_PER_USER and LORAFLEET_LIVE_TOTAL."""
-    from dashboard.live import DEFAULT_PER_USER, DEFAULT_TOTAL
-
-    env = os.environ if env is None else env
-    try:
-        per_user = int(env.get("LORAFLEET_LIVE_PER_USER") or DEFAULT_PER_USER)
-        total = int(env.get("LORAFLEET_LIVE_TOTAL") or DEFAULT_TOTAL)
-    except ValueError:
-        raise SystemExit("LORAFLEET_LIVE_PER_USER and LORAFLEET_LIVE_TOTAL must be whole "
-                         "numbers") from None
-    return max(1, per_user), max(1, total)
-
-
-def services() -> Services:
-    """The current app's services (inside a request or app context)."""
-    return current_app.extensions["lorafleet"]
-
-
 def _wants_json() -> bool:
     return request.path.startswith("/api/")
 
 
+def respond(status: int, message: str, errors: list[dict[str, str]] | None = None,
+            title: str = ""):
+    """The one error answer: `{"error", "errors"?}` under /api/, else the error page."""
+    if _wants_json():
+        body: dict[str, Any] = {"error": message}
+        if errors:
+            body["errors"] = errors
+        return jsonify(body), status
+    return render_template("error.html", status=status, message=message,
+                           title=title or HTTP_STATUS_CODES.get(status, "Error")), status
+
+
+def _missing(kind: str, e: KeyError) -> str:
+    return f"no {kind} {e.args[0] if e.args else ''}".strip()
+
+
 def _register_error_handlers(app: Flask) -> None:
-    def respond(status: int, message: str, title: str):
-        if _wants_json():
-            return jsonify({"error": message}), status
-        return render_template("error.html", status=status, title=title, message=message), status
+    """Every refusal of every blueprint is answered here (dashboard/errors.py)."""
+
+    @app.errorhandler(DashboardError)
+    def refused(e: DashboardError):
+        return respond(e.status, e.message, e.errors)
+
+    @app.errorhandler(JobNotFound)
+    def no_job(e: JobNotFound):
+        return respond(404, _missing("job", e))
+
+    @app.errorhandler(SweepNotFound)
+    def no_sweep(e: SweepNotFound):
+        return respond(404, _missing("sweep", e))
+
+    @app.errorhandler(TransitionError)  # the job changed state under us (it just finished)
+    def too_late(e: TransitionError):
+        return respond(409, str(e))
+
+    @app.errorhandler(TooManyLive)
+    def too_many_live(e: TooManyLive):
+        return respond(429, str(e))
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
-        return respond(e.code or 500, e.description or e.name, e.name)
+        return respond(e.code or 500, e.description or e.name, title=e.name)
 
     @app.errorhandler(redis_lib.ConnectionError)
     @app.errorhandler(redis_lib.TimeoutError)
     def redis_down(e: Exception):
         log.warning("redis unavailable: %s", e)
-        return respond(503, REDIS_DOWN, "Redis is not reachable")
+        return respond(503, REDIS_DOWN, title="Redis is not reachable")
 
     @app.errorhandler(RedisCredentialsError)
     def no_credentials(e: RedisCredentialsError):
-        return respond(503, str(e), "Redis is not reachable")
+        return respond(503, str(e), title="Redis is not reachable")
 
     @app.errorhandler(Exception)
     def unexpected(e: Exception):
         # Logged with its traceback for the operator; the user sees one plain sentence.
         log.exception("unhandled error on %s %s", request.method, request.path)
         return respond(500, "internal error in the dashboard; see its log for details",
-                       "Internal error")
+                       title="Internal error")
 
 
 # The pages load nothing from elsewhere: scripts and styles are files under /static, data for
@@ -188,19 +151,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if settings is None:
         settings = Settings.from_env()
         app.config["LORAFLEET_SETTINGS"] = settings
-    svc = app.extensions["lorafleet"] = Services(settings, app.config.get("LORAFLEET_REDIS"))
+    svc = app.extensions[EXTENSION] = Services(settings, app.config.get("LORAFLEET_REDIS"))
     svc.live_per_user = int(app.config.get("LORAFLEET_LIVE_PER_USER") or svc.live_per_user)
     svc.live_total = int(app.config.get("LORAFLEET_LIVE_TOTAL") or svc.live_total)
-
-    from dashboard import auth, filters
-    from dashboard.api import bp as api_bp
-    from dashboard.datasets import bp as datasets_bp
-    from dashboard.limits import bp as limits_bp
-    from dashboard.pages import bp as pages_bp
-    from dashboard.solo import bp as solo_bp
-    from dashboard.sweeps import bp as sweeps_bp
-    from dashboard.tools import bp as tools_bp
-    from dashboard.users import bp as users_bp
 
     filters.register(app)
     auth.init_app(app, settings.paths.home)
@@ -238,16 +191,10 @@ def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app,
           print_url: bool = False) -> None:
     """Run the dashboard with a threaded server (each live SSE view holds one thread); with
     `print_url`, print the URL to open once the port is bound."""
-    from werkzeug.serving import make_server
-
-    from dispatcher.access.accounts import Accounts, single_user_refusal
-
     refusal = single_user_refusal(settings.dashboard_host, Accounts(settings.paths.home))
     if refusal:
         raise SystemExit(f"lorafleet dashboard: {refusal}")
     app = app_factory({"LORAFLEET_SETTINGS": settings})
-    from dispatcher.access.dashtoken import remember
-
     try:
         remember(settings)  # so this OS user's CLI finds the token for this URL from anywhere
     except OSError as e:
@@ -256,8 +203,6 @@ def serve(settings: Settings, app_factory: Callable[..., Flask] = create_app,
     logging.getLogger("werkzeug").addFilter(RedactToken())
     server = make_server(settings.dashboard_host, settings.dashboard_port, app, threaded=True)
     if print_url:
-        from dispatcher.access.dashtoken import url_to_open
-
         print(f"dashboard:  {url_to_open(settings)}", flush=True)
     log.info("serving on %s:%s", settings.dashboard_host, settings.dashboard_port)
     try:

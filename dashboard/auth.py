@@ -19,46 +19,41 @@ CSRF: a request that changes something (POST, PUT, PATCH, DELETE) and is not aut
 token must carry the session's CSRF token (`X-CSRF-Token` header, which LF.api adds from the
 page's meta tag, or a `csrf_token` form field).
 
-    current_user()                  the request's user: .name, .role, .is_admin
-    owner_for(requested)            the owner a new job (or sweep) gets, and problems if the
-                                    user may not submit as `requested`
-    priority_problem(priority)      a problem dict if the user may not use `priority`
-    may_manage(owner)               may the user cancel / re-prioritise what `owner` owns?
+The request hook is here (accounts) and in dashboard/solo.py (the single-user token); who the
+user is and what they may do is dashboard/identity.py, which every blueprint imports.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-import re
-import secrets
 from datetime import timedelta
 from pathlib import Path
 
-from flask import (
-    Blueprint,
-    Flask,
-    abort,
-    g,
-    jsonify,
-    redirect,
-    render_template,
-    request,
-    session,
-    url_for,
-)
+from flask import Blueprint, Flask, g, jsonify, redirect, render_template, request, session, url_for
+from werkzeug.middleware.proxy_fix import ProxyFix
 
-from dashboard.sessions import Sessions, account_of
+from dashboard import solo
+from dashboard.errors import error_for
+from dashboard.identity import (
+    PUBLIC_ENDPOINTS,
+    accounts_mode,
+    accounts_store,
+    csrf_token,
+    current_user,
+    may_manage,
+    safe_next,
+    sessions,
+    start_session,
+)
+from dashboard.services import services
+from dashboard.sessions import account_of
 from dashboard.throttle import LoginThrottle
-from dispatcher.access.accounts import Account, Accounts, is_loopback
+from dispatcher.access.accounts import Accounts, is_loopback
 from dispatcher.access.dashtoken import dashboard_token
 from dispatcher.host.private import secret_file
 
-OWNER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-ADMIN_ONLY_PRIORITIES = ("urgent",)
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
-# Reachable without a login: the login page itself and the files every page needs.
-PUBLIC_ENDPOINTS = ("auth.login", "auth.login_post", "auth.healthz", "static", "solo.token_post")
 # The token page's form checks nothing but the dashboard token (dashboard/solo.py says why it
 # needs no CSRF token).
 CSRF_EXEMPT = ("solo.token_post",)
@@ -66,82 +61,6 @@ CSRF_EXEMPT = ("solo.token_post",)
 OPEN_ENDPOINTS = ("auth.healthz", "static")
 
 bp = Blueprint("auth", __name__, template_folder="templates")
-
-User = Account  # .name, .role, .is_admin
-
-
-def accounts_store() -> Accounts:
-    from dashboard.app import services
-
-    svc = services()
-    if getattr(svc, "accounts", None) is None:
-        svc.accounts = Accounts(svc.settings.paths.home)
-    return svc.accounts
-
-
-def accounts_mode() -> bool:
-    return accounts_store().has_users()
-
-
-# Who a request is that the hook let through unauthenticated (a public endpoint: the login
-# page, the token form): no name, no role, no rights.
-ANONYMOUS = User("", "anonymous")
-
-
-def local_user() -> User:
-    """The single-user dashboard's user (an admin): the holder of the data folder's token, who
-    may name itself with the `X-Lorafleet-User` header."""
-    return User(request.headers.get("X-Lorafleet-User") or "local", "admin")
-
-
-def current_user() -> User:
-    if "user" not in g:  # outside the request hook (a test calling a view directly)
-        return local_user()
-    # The hook ran: None is an anonymous request on a public endpoint, never the admin.
-    return g.user if g.user is not None else ANONYMOUS
-
-
-def owner_for(requested: object) -> tuple[str, list[dict[str, str]]]:
-    user = current_user()
-    owner = requested or user.name
-    if not isinstance(owner, str) or not OWNER_RE.match(owner):
-        return str(owner), [{"field": "owner", "message": "must be a user name of letters, "
-                             "digits, '.', '_', '@' or '-' (at most 64)"}]
-    if owner != user.name and accounts_mode() and not user.is_admin:
-        return owner, [{"field": "owner", "message": f"{user.name} is a member: only an admin "
-                                                     "may submit for another user"}]
-    return owner, []
-
-
-def priority_problem(priority: str) -> dict[str, str] | None:
-    if priority in ADMIN_ONLY_PRIORITIES and not current_user().is_admin:
-        return {"field": "priority", "message": f"only an admin may set {priority}"}
-    return None
-
-
-def may_manage(owner: str) -> bool:
-    user = current_user()
-    return user.is_admin or user.name == owner
-
-
-def sessions() -> Sessions:
-    from dashboard.app import services
-
-    svc = services()
-    return Sessions(svc.redis, svc.settings.prefix)
-
-
-def start_session(sid: str) -> None:
-    """A fresh signed cookie (and CSRF token) holding only the new session id."""
-    session.clear()
-    session.permanent = True
-    session["sid"] = sid
-
-
-def csrf_token() -> str:
-    if "csrf" not in session:
-        session["csrf"] = secrets.token_urlsafe(32)
-    return session["csrf"]
 
 
 # -- the request hook ----------------------------------------------------------------------------
@@ -151,11 +70,11 @@ def _bearer() -> str | None:
 
 
 def _deny(status: int, message: str):
-    if request.path.startswith("/api/"):
-        return jsonify({"error": message}), status
-    if status == 401:
+    """A page without a login goes to the login page; everything else is refused (the app's
+    error handlers answer: JSON under /api/, the error page elsewhere)."""
+    if status == 401 and not request.path.startswith("/api/"):
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
-    abort(status, message)
+    raise error_for(status)(message)
 
 
 def _before_request():
@@ -181,10 +100,8 @@ def _accounts_user(accounts: Accounts):
     if token is not None:
         user = accounts.for_token(token)
         if user is None:
-            from dashboard.solo import is_dashboard_token
-
             hint = (" (the data folder's dashboard token is for single-user mode only)"
-                    if is_dashboard_token(token) else "")
+                    if solo.is_dashboard_token(token) else "")
             return _deny(401, f"this API token is not valid{hint}: make one with "
                               "`lorafleet user token NAME` and set LORAFLEET_TOKEN")
         g.user, g.by_token = user, True
@@ -204,8 +121,6 @@ def _accounts_user(accounts: Accounts):
 
 
 def _single_user():
-    from dashboard.solo import gate
-
     if not _local_host_header():
         # DNS rebinding: a page on another site, its name pointed at 127.0.0.1, would be
         # same-origin with the open dashboard. Only names of this machine are served.
@@ -216,7 +131,7 @@ def _single_user():
         # removed: never fall back to the open single-user mode there.
         return _deny(503, "this dashboard serves a public address and has no accounts left: "
                           "add one with `lorafleet user add NAME --role admin`")
-    return gate(_bearer())
+    return solo.gate(_bearer())
 
 
 def _local_host_header() -> bool:
@@ -227,8 +142,6 @@ def _local_host_header() -> bool:
 
 
 def _bound_host() -> str:
-    from dashboard.app import services
-
     return services().settings.dashboard_host
 
 
@@ -239,20 +152,6 @@ def _csrf_ok() -> bool:
 
 
 # -- login and logout ----------------------------------------------------------------------------
-def _safe_next(target: str | None) -> str:
-    """`target` if it is a path on this dashboard, else the Jobs page. No white space or control
-    character (browsers and Werkzeug drop tabs, so "/\t/evil" would become "//evil"), no
-    scheme, no host, one leading slash."""
-    from urllib.parse import urlsplit
-
-    if (target and target.startswith("/") and not target.startswith("//")
-            and "\\" not in target and all(c.isprintable() and not c.isspace() for c in target)):
-        parts = urlsplit(target)
-        if not parts.scheme and not parts.netloc:
-            return target
-    return url_for("pages.jobs")
-
-
 @bp.get("/login")
 def login():
     if not accounts_mode():
@@ -262,8 +161,6 @@ def login():
 
 @bp.post("/login")
 def login_post():
-    from dashboard.app import services
-
     name = request.form.get("username", "").strip()
     svc = services()
     throttle = LoginThrottle(svc.redis, svc.settings.prefix)
@@ -279,7 +176,7 @@ def login_post():
                                error="wrong user name or password"), 401
     throttle.succeeded(name, request.remote_addr)
     start_session(sessions().for_account(user))  # a fresh session and CSRF token
-    return redirect(_safe_next(request.form.get("next")))
+    return redirect(safe_next(request.form.get("next")))
 
 
 @bp.post("/logout")
@@ -321,8 +218,6 @@ def _trust_proxies(app: Flask) -> None:
     if n < 0:
         raise SystemExit(f"LORAFLEET_TRUSTED_PROXIES must be 0 or more, not {n}")
     if n:
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n)  # type: ignore[method-assign]
 
 

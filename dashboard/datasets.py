@@ -4,7 +4,7 @@ Routes:
   GET  /datasets                  the page
   GET  /api/v1/datasets           datasets, format files (user and shipped), raw texts
   POST /api/v1/datasets           multipart upload: `file`, optional `kind`, `overwrite=1`
-  GET  /api/v1/datasets/preview   the samples a job would train on (runs the CLI's preview)
+  GET  /api/v1/datasets/preview   the samples a job would train on (dashboard/previews.py)
   GET  /api/v1/formats/<name>     one format file: its listing entry plus `templates` (the
                                   file's JSON object); the user's file first, else the shipped
                                   one, or `?source=user|shipped`
@@ -26,23 +26,25 @@ import threading
 from flask import Blueprint, current_app, jsonify, render_template, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from dashboard.app import services
 from dashboard.data_files import (
     DEFAULT_MAX_UPLOAD_BYTES,
-    DEFAULT_PREVIEW_TIMEOUT_S,
     KINDS,
-    PREVIEW_SLOTS,
     TRUE_WORDS,
-    DataFileError,
     check_upload,
-    copy_format,
     human_size,
     list_data,
+)
+from dashboard.errors import BadRequest, TooLarge, Unavailable
+from dashboard.format_files import copy_format, read_format
+from dashboard.ownership import owners, save_owned, with_owners
+from dashboard.previews import (
+    DEFAULT_PREVIEW_TIMEOUT_S,
+    PREVIEW_SLOTS,
+    describe,
     parse_preview_request,
-    read_format,
     run_preview,
 )
-from dashboard.ownership import owners, save_owned, with_owners
+from dashboard.services import services
 from dispatcher.jobs.specs import default_spec, list_choices
 
 bp = Blueprint("datasets", __name__, template_folder="templates")
@@ -60,23 +62,14 @@ def _setup(state) -> None:
     state.app.extensions[PREVIEWS_KEY] = threading.BoundedSemaphore(PREVIEW_SLOTS)
 
 
-@bp.errorhandler(DataFileError)
-def _data_file_error(e: DataFileError):
-    body: dict = {"error": e.message}
-    if e.errors:
-        body["errors"] = e.errors
-    return jsonify(body), e.status
-
-
 def _max_upload() -> int:
     return int(current_app.config["LORAFLEET_UPLOAD_MAX_BYTES"])
 
 
-def _too_large(name: str = "") -> DataFileError:
+def _too_large(name: str = "") -> TooLarge:
     limit = human_size(_max_upload())
-    what = name or "the upload"
-    message = f"{what} is larger than the upload limit of {limit}"
-    return DataFileError(413, message, [{"field": "file", "message": message}])
+    return TooLarge.on("file", f"{name or 'the upload'} is larger than the upload limit of "
+                               f"{limit}")
 
 
 def _listing() -> dict:
@@ -111,8 +104,8 @@ def upload():
     except RequestEntityTooLarge:
         raise _too_large() from None
     if sent is None or not sent.filename:
-        raise DataFileError(400, "no file was sent: use the multipart form field 'file'",
-                            [{"field": "file", "message": "choose a file to upload"}])
+        raise BadRequest("no file was sent: use the multipart form field 'file'",
+                         [{"field": "file", "message": "choose a file to upload"}])
     name = sent.filename
     data = sent.stream.read(limit + 1)
     if len(data) > limit:
@@ -136,20 +129,12 @@ def preview():
     timeout = float(current_app.config["LORAFLEET_PREVIEW_TIMEOUT_S"])
     slots: threading.BoundedSemaphore = current_app.extensions[PREVIEWS_KEY]
     if not slots.acquire(timeout=timeout):
-        raise DataFileError(503, "too many previews are running; try again in a moment")
+        raise Unavailable("too many previews are running; try again in a moment")
     try:
         result = run_preview(req, paths, timeout=timeout)
     finally:
         slots.release()
-    result["request"] = {
-        "model": req.model_dir.name,
-        "dataset": req.dataset.relative_to(paths.datasets).as_posix() if req.dataset else "",
-        "format": req.format_file.stem if req.format_file else "",
-        "raw_text_file": (req.raw_text.relative_to(paths.datasets).as_posix()
-                          if req.raw_text else ""),
-        **req.numbers, "hard_cut_string": req.hard_cut_string,
-        "add_eos_token": req.add_eos_token, "train_only_after": req.train_only_after,
-    }
+    result["request"] = describe(req, paths)
     return jsonify(result)
 
 
@@ -164,14 +149,14 @@ def format_file(name: str):
 def copy_format_file():
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise DataFileError(400, 'send a JSON object: {"from": NAME, "name": NEW_NAME, '
-                                 '"overwrite": false}')
+        raise BadRequest('send a JSON object: {"from": NAME, "name": NEW_NAME, '
+                         '"overwrite": false}')
     overwrite = body.get("overwrite", False)
     if isinstance(overwrite, str):
         overwrite = overwrite.strip().lower() in TRUE_WORDS
     if not isinstance(overwrite, bool):
-        raise DataFileError(400, "overwrite must be true or false",
-                            [{"field": "overwrite", "message": "must be true or false"}])
+        raise BadRequest("overwrite must be true or false",
+                         [{"field": "overwrite", "message": "must be true or false"}])
     entry, replaced = copy_format(body.get("from"), body.get("name"), overwrite,
                                   services().settings.paths, body.get("source", ""),
                                   save=save_owned)

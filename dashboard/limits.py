@@ -10,9 +10,9 @@ from contextlib import contextmanager
 
 from flask import Blueprint, jsonify, request
 
-from dashboard.api import api_error
-from dashboard.app import services
-from dashboard.auth import OWNER_RE, current_user
+from dashboard.errors import BadRequest, Forbidden
+from dashboard.identity import OWNER_RE, current_user
+from dashboard.services import services
 from dispatcher.access.limits import DEFAULTS, EVERYONE, HELP, LimitError, Limits, queueing
 
 bp = Blueprint("limits", __name__)
@@ -54,21 +54,21 @@ def get_limits():
 def set_limit():
     """{"name", "value", "user"}: value null unsets; user "*" (the default) is everyone."""
     if not current_user().is_admin:
-        return api_error(403, "only an admin may change limits")
+        raise Forbidden("only an admin may change limits")
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or "name" not in body or "value" not in body:
-        return api_error(400, 'send a JSON object: {"name", "value", "user"} (value null '
-                              'unsets, user "*" is everyone)')
+        raise BadRequest('send a JSON object: {"name", "value", "user"} (value null '
+                         'unsets, user "*" is everyone)')
     unknown = sorted(set(body) - {"name", "value", "user"})
     if unknown:
-        return api_error(400, f"unknown field(s) {', '.join(map(str, unknown))}",
+        raise BadRequest(f"unknown field(s) {', '.join(map(str, unknown))}",
                          [{"field": str(k), "message": "is not a limits field"} for k in unknown])
     who = body.get("user") or EVERYONE
     if who != EVERYONE and not (isinstance(who, str) and OWNER_RE.match(who)):
-        return api_error(400, "user must be a user name or \"*\" (everyone)",
+        raise BadRequest("user must be a user name or \"*\" (everyone)",
                          [{"field": "user", "message": "must be a user name or \"*\""}])
     try:
         _limits().set(who, str(body["name"]), body["value"])
     except LimitError as e:
-        return api_error(400, str(e), [{"field": e.field, "message": str(e)}])
+        raise BadRequest.on(e.field, str(e)) from None
     return jsonify({"settings": _limits().settings(), "defaults": dict(DEFAULTS)})

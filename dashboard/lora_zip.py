@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.access.links import inside
-from dispatcher.jobs.states import TERMINAL
+from dispatcher.jobs.states import TERMINAL_VALUES
 from dispatcher.settings import DataPaths
 
 CHUNK = 1 << 20
@@ -31,7 +31,7 @@ def lora_dir(job: dict[str, Any], paths: DataPaths) -> Path | None:
 
 def lora_available(job: dict[str, Any], paths: DataPaths) -> bool:
     """True when the job has finished and its folder holds an adapter to download."""
-    if job.get("state") not in {s.value for s in TERMINAL}:
+    if job.get("state") not in TERMINAL_VALUES:
         return False
     path = lora_dir(job, paths)
     return path is not None and path.is_dir() and any((path / f).is_file() for f in ADAPTER_FILES)

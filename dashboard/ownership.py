@@ -1,8 +1,9 @@
 """The dashboard's side of file and LoRA owners (dispatcher/access/owners.py): who asks, whether they
 may write what they ask to, how much upload space they use, and what the listing shows.
 
-A refusal is a DataFileError (403 for someone else's file, 400 over the upload space), raised
-before anything is written.
+A refusal is raised before anything is written (dashboard/errors.py: Forbidden for someone
+else's file, BadRequest over the upload space, Conflict while another save of the user holds
+their lock).
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import formats
-from dashboard.app import services
-from dashboard.auth import current_user
-from dashboard.data_files import DataFileError, Upload, save_upload
+from dashboard.data_files import Upload, save_upload
+from dashboard.errors import BadRequest, Conflict, Forbidden
+from dashboard.identity import current_user
+from dashboard.services import services
 from dispatcher.access.limits import Limits, owner_lock
 from dispatcher.access.limits import refusal as limit_refusal
 from dispatcher.access.owners import (
     Actor,
-    OwnerRefused,
     Owners,
     admit_lora_write,
     refusal,
@@ -39,18 +40,14 @@ def actor() -> Actor:
     return Actor(user.name, user.is_admin)
 
 
-def _refuse(status: int, message: str, field: str = "file") -> DataFileError:
-    return DataFileError(status, message, [{"field": field, "message": message}])
-
-
 def _check_shipped_name(upload: Upload, who: Actor) -> None:
     """A format file under a shipped format's name is what every user's jobs then get."""
     if upload.kind != "format" or who.is_admin:
         return
     if (formats.SHIPPED_DIR / upload.name).is_file():
-        raise _refuse(403, f"{Path(upload.name).stem} is a shipped format: a file of that name "
-                           "in formats/ would change it for every user's jobs, so only an admin "
-                           "may add one; choose another name")
+        raise Forbidden.on("file", f"{Path(upload.name).stem} is a shipped format: a file of "
+                                   "that name in formats/ would change it for every user's jobs, "
+                                   "so only an admin may add one; choose another name")
 
 
 def _check_space(reg: Owners, who: Actor, rel: str, adding: int, replacing: int) -> None:
@@ -59,7 +56,7 @@ def _check_space(reg: Owners, who: Actor, rel: str, adding: int, replacing: int)
     total = used_space(reg, svc.settings.paths.home, who.name) - replacing + adding
     amount = math.ceil(total / MB)
     if limit.exceeded_by(amount):
-        raise _refuse(400, f"{rel} was not saved: " + limit_refusal(
+        raise BadRequest.on("file", f"{rel} was not saved: " + limit_refusal(
             limit, amount, "the space of your uploaded files in MB"))
 
 
@@ -77,14 +74,14 @@ def save_owned(upload: Upload, data: bytes, overwrite: bool,
     if existed:
         why = refusal(rel, owner, who)
         if why:
-            raise _refuse(403, why)
+            raise Forbidden.on("file", why)
     svc = services()
     # Under the user's lock (the one their job submissions hold): parallel uploads cannot all
     # pass the space check before any of them is saved.
     with owner_lock(svc.redis, svc.settings.prefix, who.name) as held:
         if not held:
-            raise _refuse(409, f"{rel} was not saved: another upload or submission of "
-                               f"{who.name} is still being saved; try again")
+            raise Conflict.on("file", f"{rel} was not saved: another upload or submission of "
+                                      f"{who.name} is still being saved; try again")
         replacing = target.lstat().st_size if existed and owner == who.name and overwrite else 0
         _check_space(reg, who, rel, len(data), replacing)
         # Replace only what was there when ownership was checked: a file that appeared since
@@ -112,9 +109,9 @@ def with_owners(listing: dict[str, Any]) -> dict[str, Any]:
 
 def admit_train_job(spec: dict[str, Any], job_owner: str) -> str:
     """Claim (or check) the LoRA name a training job writes; see owners.admit_lora_write.
-    Raises OwnerRefused, which the API answers with 403."""
+    Raises dispatcher.access.owners.OwnerRefused, which the API answers with 403."""
     return admit_lora_write(owners(), services().settings.paths.loras,
                             str(spec.get("lora_name") or ""), job_owner, actor())
 
 
-__all__ = ["OwnerRefused", "admit_train_job", "owners", "save_owned", "with_owners"]
+__all__ = ["admit_train_job", "owners", "save_owned", "with_owners"]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, render_template, request
+from flask import Blueprint, render_template, request
 
-from dashboard.api import job_detail, job_filters, job_summary, workers_with_jobs
-from dashboard.app import services
+from dashboard.errors import BadRequest, NotFound
 from dashboard.forms import form_fields, form_sections
+from dashboard.jobview import job_detail, job_filters, job_summary, workers_with_jobs
 from dashboard.ownership import owners as owner_registry
 from dashboard.param_groups import param_groups
+from dashboard.services import services
 from dispatcher.access.owners import folder_exists, lora_rel
 from dispatcher.jobs.lora_info import free_name
 from dispatcher.jobs.specs import (
@@ -38,14 +39,14 @@ def jobs():
     except ValueError:
         page = 0
     if page < 1:
-        abort(400, f"page must be a whole number from 1, not {request.args.get('page')!r}")
+        raise BadRequest(f"page must be a whole number from 1, not {request.args.get('page')!r}")
     state = request.args.get("state", "").strip()  # shown again in the filter fields
     owner = request.args.get("owner", "").strip()
     states, owners = job_filters(request.args)
     unknown = [s for s in states if s not in {st.value for st in JobState}]
     if unknown:
-        abort(400, f"unknown job state {unknown[0]!r}: use one of "
-                   f"{', '.join(st.value for st in JobState)}")
+        raise BadRequest(f"unknown job state {unknown[0]!r}: use one of "
+                         f"{', '.join(st.value for st in JobState)}")
     offset = (page - 1) * JOBS_PER_PAGE
     records, total = services().store.page(JOBS_PER_PAGE, offset, states, owners)
     pages = max(1, -(-total // JOBS_PER_PAGE))
@@ -68,7 +69,7 @@ def new_job():
         try:
             rec = svc.store.get(copied_from)
         except JobNotFound:
-            abort(404, f"no job {copied_from} to copy parameters from")
+            raise NotFound(f"no job {copied_from} to copy parameters from") from None
         values = dict(rec.get("spec") or {})
         priority = rec.get("priority", "normal")
         _propose_free_name(values)
@@ -76,7 +77,7 @@ def new_job():
         try:
             values = lora_parameters(from_lora, svc.settings.paths)
         except SpecError as e:
-            abort(404, str(e))
+            raise NotFound(str(e)) from None
     data_choices = list_choices(svc.settings.paths)
     return render_template("new_job.html", sections=form_sections(data_choices, values),
                            priorities=list(PRIORITIES), priority=priority,
@@ -96,10 +97,7 @@ def _propose_free_name(values: dict) -> None:
 
 @bp.get("/jobs/<job_id>")
 def job(job_id: str):
-    try:
-        rec = job_detail(job_id)
-    except JobNotFound:
-        abort(404, f"no job {job_id}")
+    rec = job_detail(job_id)  # JobNotFound: 404 "no job ID"
     return render_template("job.html", job=rec, try_fields=_try_fields(rec), nav="jobs",
                            copy_endpoint=COPY_PAGES.get(rec.get("kind", "train"), "pages.new_job"),
                            param_groups=param_groups(rec.get("kind", "train"), rec.get("spec") or {}))

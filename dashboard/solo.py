@@ -22,8 +22,18 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
-from flask import Blueprint, g, jsonify, redirect, render_template, request, session
+from flask import Blueprint, g, redirect, render_template, request, session
 
+from dashboard.errors import error_for
+from dashboard.identity import (
+    PUBLIC_ENDPOINTS,
+    accounts_mode,
+    local_user,
+    safe_next,
+    sessions,
+    start_session,
+)
+from dashboard.services import services
 from dashboard.sessions import token_session_ok
 from dashboard.throttle import token_throttle
 from dispatcher.access.dashtoken import fingerprint, read_token, token_path, tokens_match
@@ -31,14 +41,8 @@ from dispatcher.access.dashtoken import fingerprint, read_token, token_path, tok
 bp = Blueprint("solo", __name__, template_folder="templates")
 
 
-def _svc():
-    from dashboard.app import services
-
-    return services()
-
-
 def _token() -> str:
-    return read_token(_svc().settings.home)
+    return read_token(services().settings.home)
 
 
 def is_dashboard_token(sent: str) -> bool:
@@ -47,21 +51,21 @@ def is_dashboard_token(sent: str) -> bool:
 
 def _how() -> str:
     return (f"open the dashboard URL that `lorafleet up` printed (…/?token=…), or send "
-            f"`Authorization: Bearer <token>` with the token in {token_path(_svc().settings.home)} "
+            f"`Authorization: Bearer <token>` with the token in {token_path(services().settings.home)} "
             "(the CLI, run by the OS user who owns that data folder, reads it itself)")
 
 
 def _ask(status: int, error: str | None = None):
     """The token page (pages) or a JSON error (API) for a request without a valid token."""
     if request.path.startswith("/api/"):
-        return jsonify({"error": f"{error or 'this dashboard needs its token'}: {_how()}"}), status
+        raise error_for(status)(f"{error or 'this dashboard needs its token'}: {_how()}")
     nxt = request.full_path.rstrip("?") if request.method == "GET" else request.form.get("next")
     return render_template("token.html", error=error, next=nxt or "/",
-                           token_file=str(token_path(_svc().settings.home))), status
+                           token_file=str(token_path(services().settings.home))), status
 
 
 def _wrong():
-    svc = _svc()
+    svc = services()
     wait = token_throttle(svc.redis, svc.settings.prefix).reserve(None, request.remote_addr)
     if wait:
         return _ask(429, f"too many wrong tokens from this address: try again in "
@@ -70,24 +74,18 @@ def _wrong():
 
 
 def _start(token: str) -> None:
-    from dashboard.auth import sessions, start_session
-
     start_session(sessions().for_token(fingerprint(token)))
 
 
 def _without_token() -> str:
     """The same URL without `token=`: a path on this dashboard only (a request for
     `//evil.example/` must not turn into a redirect to another host)."""
-    from dashboard.auth import _safe_next
-
     args = [(k, v) for k, v in request.args.items(multi=True) if k != "token"]
-    return _safe_next(request.path + ("?" + urlencode(args) if args else ""))
+    return safe_next(request.path + ("?" + urlencode(args) if args else ""))
 
 
 def gate(bearer: str | None):
     """The request hook's single-user part: None to go on, else the answer."""
-    from dashboard.auth import PUBLIC_ENDPOINTS, local_user, sessions
-
     want = _token()
     if bearer is not None:
         if not tokens_match(bearer, want):
@@ -117,12 +115,10 @@ def gate(bearer: str | None):
 
 @bp.post("/token")
 def token_post():
-    from dashboard.auth import _safe_next, accounts_mode
-
     if accounts_mode():
         return redirect("/login")
     want = _token()
     if not tokens_match(request.form.get("token", "").strip(), want):
         return _wrong()
     _start(want)
-    return redirect(_safe_next(request.form.get("next")))
+    return redirect(safe_next(request.form.get("next")))

@@ -19,7 +19,7 @@ import redis as redis_lib
 
 from dashboard.live import LOST, Hub, View
 from dispatcher.jobs.events import EventLog
-from dispatcher.jobs.states import TERMINAL
+from dispatcher.jobs.states import TERMINAL_VALUES
 from dispatcher.jobs.store import JobNotFound, JobStore
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 REPLAY_BATCH = 1000
 KEEP_ALIVE = ": keep-alive\n\n"
-TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 # Tell the browser how long to wait before reconnecting after a dropped connection (ms).
 RETRY_MS = 3000
 # How long a new view waits for the shared subscription (Redis just restarted, say).
@@ -57,6 +56,60 @@ def valid_stream_id(value: str | None) -> str | None:
     return value
 
 
+class _JobStream:
+    """One job's stream as it is sent: the last event id sent and the job's state so far."""
+
+    def __init__(self, store: JobStore, events: EventLog, job_id: str, after: str | None,
+                 view: View, state: str):
+        self.store, self.events, self.job_id, self.view = store, events, job_id, view
+        self.last = after
+        self.state = state
+
+    def emit(self, batch: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[str]:
+        for eid, ev in batch:
+            self.last = eid
+            if ev.get("type") == "state" and ev.get("state"):
+                self.state = ev["state"]
+            yield message({"id": eid, **ev}, id=eid)
+
+    def read(self) -> list[tuple[str, dict[str, Any]]]:
+        return self.events.history(self.job_id, after=self.last, count=REPLAY_BATCH)
+
+    def news(self, wait_s: float) -> list[tuple[str, dict[str, Any]]] | None:
+        """Wait up to `wait_s` for an announcement, then read what is new (None: no news)."""
+        item = self.view.get(wait_s)
+        if item is LOST or not self.view.drain():
+            raise redis_lib.ConnectionError("the live subscription was lost")
+        batch = self.read()
+        return batch if (batch or item is not None) else None
+
+    def replay(self) -> Iterator[str]:
+        """Everything after `after`, in batches, so a long run never loads in one reply."""
+        while True:
+            batch = self.read()
+            yield from self.emit(batch)
+            if len(batch) < REPLAY_BATCH:
+                return
+
+    def follow(self, block_ms: int) -> Iterator[str]:
+        """Live events until the job is in a terminal state; keep-alives while idle."""
+        while self.state not in TERMINAL_VALUES:
+            batch = self.news(max(1, block_ms) / 1000)
+            if batch:
+                yield from self.emit(batch)
+                continue
+            if batch is None:
+                yield KEEP_ALIVE
+                # The stream is the source of truth, but re-read the record when idle in case
+                # an event was lost between the record change and the stream append.
+                self.state = self.store.get(self.job_id).get("state", self.state)
+
+    def grace(self, grace_ms: int) -> Iterator[str]:
+        """After the end: what the worker writes right after (e.g. its result)."""
+        while batch := self.news(max(1, grace_ms) / 1000):
+            yield from self.emit(batch)
+
+
 def job_events(store: JobStore, events: EventLog, job_id: str, after: str | None, view: View,
                hub: Hub, block_ms: int = 15000, grace_ms: int = 1000) -> Iterator[str]:
     """Replay a job's events after `after`, follow live ones, and end after the job ends.
@@ -65,67 +118,26 @@ def job_events(store: JobStore, events: EventLog, job_id: str, after: str | None
     each wake-up reads the new events with one short XRANGE, so no Redis connection is held
     while the stream waits."""
     yield f"retry: {RETRY_MS}\n\n"
-    last = after
-    state = ""
     try:
-        state = store.get(job_id).get("state", "")
-    except JobNotFound:
-        yield message({"error": f"no job {job_id}"}, event="end")
-        hub.close(view)
-        return
-    except (redis_lib.ConnectionError, redis_lib.TimeoutError) as e:
-        log.warning("job event stream %s stopped: %s", job_id, e)
-        yield message({"error": "the event stream was interrupted; reconnecting"}, event="interrupted")
-        hub.close(view)
-        return
-
-    def emit(batch: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[str]:
-        nonlocal last, state
-        for eid, ev in batch:
-            last = eid
-            if ev.get("type") == "state" and ev.get("state"):
-                state = ev["state"]
-            yield message({"id": eid, **ev}, id=eid)
-
-    def news(wait_s: float) -> list[tuple[str, dict[str, Any]]] | None:
-        """Wait up to `wait_s` for an announcement, then read what is new (None: no news)."""
-        item = view.get(wait_s)
-        if item is LOST or not view.drain():
-            raise redis_lib.ConnectionError("the live subscription was lost")
-        batch = events.history(job_id, after=last, count=REPLAY_BATCH)
-        return batch if (batch or item is not None) else None
-
-    try:
+        try:
+            stream = _JobStream(store, events, job_id, after, view,
+                                store.get(job_id).get("state", ""))
+        except JobNotFound:
+            yield message({"error": f"no job {job_id}"}, event="end")
+            return
         # Announcements from here on are queued (the hub is subscribed): none slips between
         # the replay and the wait.
         if not hub.wait_ready(SUBSCRIBE_WAIT_S):
             raise redis_lib.ConnectionError("cannot subscribe to the live channel")
-        while True:  # replay in batches, so a long run never loads in one reply
-            batch = events.history(job_id, after=last, count=REPLAY_BATCH)
-            yield from emit(batch)
-            if len(batch) < REPLAY_BATCH:
-                break
-        while state not in TERMINAL_VALUES:
-            batch = news(max(1, block_ms) / 1000)
-            if batch:
-                yield from emit(batch)
-                continue
-            if batch is None:
-                yield KEEP_ALIVE
-                # The stream is the source of truth, but re-read the record when idle in case
-                # an event was lost between the record change and the stream append.
-                state = store.get(job_id).get("state", state)
-        # Terminal: pick up what the worker writes right after (e.g. its result), then end.
-        while True:
-            batch = news(max(1, grace_ms) / 1000)
-            if not batch:
-                break
-            yield from emit(batch)
-        yield message({"state": state}, event="end")
+        yield from stream.replay()
+        yield from stream.follow(block_ms)
+        yield from stream.grace(grace_ms)
+        yield message({"state": stream.state}, event="end")
     except (redis_lib.ConnectionError, redis_lib.TimeoutError, JobNotFound) as e:
         # The browser reconnects with Last-Event-ID and resumes; the CLI does the same.
         log.warning("job event stream %s stopped: %s", job_id, e)
-        yield message({"error": "the event stream was interrupted; reconnecting"}, event="interrupted")
+        yield message({"error": "the event stream was interrupted; reconnecting"},
+                      event="interrupted")
     finally:
         hub.close(view)
 
@@ -155,8 +167,3 @@ def live_feed(view: View, hub: Hub, types: frozenset[str] | None = None,
         yield message({"error": "the live feed was interrupted; reconnecting"}, event="interrupted")
     finally:
         hub.close(view)
-
-
-def is_terminal(state: str) -> bool:
-    return state in TERMINAL_VALUES
-

@@ -13,22 +13,22 @@ import re
 import time
 from typing import Any
 
-from flask import Blueprint, Response, abort, jsonify, render_template, request
+from flask import Blueprint, Response, jsonify, render_template, request
 
-from dashboard.api import api_error
-from dashboard.app import services
-from dashboard.auth import may_manage, owner_for, priority_problem
+from dashboard.errors import BadRequest, Conflict, Forbidden, NotFound, refuse_problems
 from dashboard.forms import form_sections
+from dashboard.identity import check_owner, check_priority, may_manage
 from dashboard.limits import queue_guard
 from dashboard.ownership import owners
+from dashboard.services import services
 from dispatcher.access.limits import Limits, trials_problem
 from dispatcher.access.owners import claim_loras, lora_rel
 from dispatcher.jobs.csvcells import cell as _csv_value
+from dispatcher.jobs.problems import Problems
 from dispatcher.jobs.specs import SpecError, list_choices
 from dispatcher.jobs.store import PRIORITIES, JobNotFound
 from dispatcher.schedule.sweeps import (
     METHODS,
-    SweepNotFound,
     SweepStore,
     best_trial,
     parse_sweep,
@@ -73,43 +73,44 @@ def create_sweep():
     /preview) 200 and the trials it would create, queueing nothing."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        return api_error(400, "the request body must be a JSON object: a sweep definition "
-                           "{base, parameters, method, ...}",
-                      [{"field": "sweep", "message": "must be a JSON object"}])
+        raise BadRequest("the request body must be a JSON object: a sweep definition "
+                         "{base, parameters, method, ...}",
+                         [{"field": "sweep", "message": "must be a JSON object"}])
     dry = request.path.endswith("/preview") or request.args.get("dry_run", "") in (
         "1", "true", "yes")
-    problems: list[dict[str, str]] = []
-    owner, owner_problems = owner_for(body.get("owner"))
-    problems.extend(owner_problems)
+    problems = Problems()
+    owner = check_owner(body.get("owner"), problems)
     priority = body.get("priority", "normal")
-    if priority not in PRIORITIES:
-        problems.append({"field": "priority", "message": f"must be one of {', '.join(PRIORITIES)}"})
-    elif priority_problem(priority):
-        problems.append(priority_problem(priority))
-    plan = None
-    try:
-        plan = parse_sweep(body, services().settings.paths, job_spec=_job_spec)
-    except SpecError as e:
-        problems.extend(e.errors)
-    if plan is not None:
-        problems.extend(_names_in_use(plan))
-        over = trials_problem(Limits(services().redis, services().settings.prefix), owner,
-                              len(plan.trials))
-        problems.extend([over] if over else [])
-    if problems or plan is None:
-        n = len(problems)
-        return api_error(400, f"the sweep was not queued: {n} problem{'s' if n != 1 else ''} "
-                           "in the definition", problems)
+    check_priority(priority, problems)
+    plan = _check_plan(body, owner, problems)
+    refuse_problems(problems, "the sweep was not queued", "the definition")
+    assert plan is not None  # a plan that did not parse added a problem
     if dry:
         return jsonify({"dry_run": True, **plan.preview()})
     with queue_guard(owner, len(plan.trials)) as over:  # every trial counts
         if over:
-            return api_error(400, f"the sweep was not queued: {over['message']}", [over])
+            raise BadRequest(f"the sweep was not queued: {over['message']}", [over])
         refused = _claim_trial_names(plan, owner)  # last: a refused sweep claims no name
         if refused:
-            return api_error(403, f"the sweep was not queued: {refused[0]['message']}", refused)
+            raise Forbidden(f"the sweep was not queued: {refused[0]['message']}", refused)
         sweep_id = _sweeps().create(plan, owner, priority)
     return jsonify({"id": sweep_id, **plan.preview()}), 201
+
+
+def _check_plan(body: dict[str, Any], owner: str, problems: Problems) -> Any:
+    """The sweep's plan (None when the definition does not parse), with the problems of the
+    definition, of trial names in use and of the owner's trial limit added."""
+    try:
+        plan = parse_sweep(body, services().settings.paths, job_spec=_job_spec)
+    except SpecError as e:
+        problems.errors.extend(e.errors)
+        return None
+    problems.errors.extend(_names_in_use(plan))
+    svc = services()
+    over = trials_problem(Limits(svc.redis, svc.settings.prefix), owner, len(plan.trials))
+    if over:
+        problems.errors.append(over)
+    return plan
 
 
 def _claim_trial_names(plan: Any, owner: str) -> list[dict[str, str]]:
@@ -158,34 +159,25 @@ def list_sweeps():
 
 @bp.get(API + "/<sweep_id>")
 def get_sweep(sweep_id: str):
-    try:
-        return jsonify(sweep_detail(sweep_id, request.args.get("curves") in ("1", "true")))
-    except SweepNotFound:
-        return api_error(404, f"no sweep {sweep_id}")
+    return jsonify(sweep_detail(sweep_id, request.args.get("curves") in ("1", "true")))
 
 
 @bp.post(API + "/<sweep_id>/cancel")
 def cancel_sweep(sweep_id: str):
     sweeps = _sweeps()
-    try:
-        rec = sweeps.get(sweep_id)
-    except SweepNotFound:
-        return api_error(404, f"no sweep {sweep_id}")
+    rec = sweeps.get(sweep_id)  # SweepNotFound: 404 "no sweep ID"
     if not may_manage(rec.get("owner", "")):
-        return api_error(403, f"sweep {sweep_id} belongs to {rec.get('owner')}: only its owner or "
-                           "an admin may cancel it")
+        raise Forbidden(f"sweep {sweep_id} belongs to {rec.get('owner')}: only its owner or an "
+                        "admin may cancel it")
     if rec.get("finished"):
-        return api_error(409, f"sweep {sweep_id} has already finished: nothing to cancel")
+        raise Conflict(f"sweep {sweep_id} has already finished: nothing to cancel")
     sweeps.cancel(sweep_id)
     return jsonify(sweep_detail(sweep_id))
 
 
 @bp.get(API + "/<sweep_id>/trials.csv")
 def export_csv(sweep_id: str):
-    try:
-        detail = sweep_detail(sweep_id)
-    except SweepNotFound:
-        return api_error(404, f"no sweep {sweep_id}")
+    detail = sweep_detail(sweep_id)  # SweepNotFound: 404
     varied = list(detail["parameters"] or {})
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -222,7 +214,7 @@ def new_sweep_page():
         try:
             values = _job_spec(copied_from)
         except KeyError:
-            abort(404, f"no training job {copied_from} to start a sweep from")
+            raise NotFound(f"no training job {copied_from} to start a sweep from") from None
     data_choices = list_choices(svc.settings.paths)
     train_jobs = [j for j in svc.store.list(limit=200) if j.get("kind", "train") == "train"]
     sections = form_sections(data_choices, values)
@@ -234,8 +226,5 @@ def new_sweep_page():
 
 @bp.get("/sweeps/<sweep_id>")
 def sweep_page(sweep_id: str):
-    try:
-        detail = sweep_detail(sweep_id)
-    except SweepNotFound:
-        abort(404, f"no sweep {sweep_id}")
+    detail = sweep_detail(sweep_id)  # SweepNotFound: the 404 page
     return render_template("sweep.html", sweep=detail, nav="sweeps")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, jsonify, render_template, request
+from flask import Blueprint, jsonify, render_template, request
 
-from dashboard.app import services
-from dashboard.auth import current_user
+from dashboard.errors import BadRequest, Forbidden, NotFound
 from dashboard.forms import form_fields
+from dashboard.identity import current_user
+from dashboard.services import services
 from dispatcher.jobs.evaltable import EvalTable, settings_key, with_base
 from dispatcher.jobs.specs import EvalSpec, GenerateSpec, list_choices
 from dispatcher.jobs.store import JobNotFound
@@ -28,9 +29,9 @@ def _copied_spec(kind: str) -> tuple[str, dict]:
     try:
         rec = services().store.get(job_id)
     except JobNotFound:
-        abort(404, f"no job {job_id} to copy parameters from")
+        raise NotFound(f"no job {job_id} to copy parameters from") from None
     if rec.get("kind", "train") != kind:
-        abort(400, f"job {job_id} is a {rec.get('kind', 'train')} job, not a {kind} job")
+        raise BadRequest(f"job {job_id} is a {rec.get('kind', 'train')} job, not a {kind} job")
     return job_id, dict(rec.get("spec") or {})
 
 
@@ -79,15 +80,15 @@ def evaluations_api():
     return jsonify({"evaluations": list(reversed(with_base(_table().rows())))})
 
 
-def _comment_refusal(row_id: str):
+def _check_comment_rights(row_id: str) -> None:
     """Only the owner of the evaluation job that made the row, or an admin, edits its comment.
     A row with no job (written by hand, or its job record gone) is the admins' alone."""
     user = current_user()
     if user.is_admin:
-        return None
+        return
     row = next((r for r in _table().rows() if r["id"] == row_id), None)
     if row is None:
-        return jsonify({"error": f"no evaluation {row_id}"}), 404
+        raise NotFound(f"no evaluation {row_id}")
     owner = None
     if row.get("job"):
         try:
@@ -95,27 +96,25 @@ def _comment_refusal(row_id: str):
         except JobNotFound:
             owner = None
     if owner == user.name:
-        return None
+        return
     whose = f"it belongs to {owner} (job {row['job']})" if owner else \
         "it was not made by a job of the fleet"
-    return jsonify({"error": f"only the owner of evaluation {row_id} or an admin may edit its "
-                             f"comment: {whose}"}), 403
+    raise Forbidden(f"only the owner of evaluation {row_id} or an admin may edit its comment: "
+                    f"{whose}")
 
 
 @bp.post("/api/v1/evaluations/<row_id>")
 def edit_evaluation(row_id: str):
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("comment"), str):
-        return jsonify({"error": "send a JSON object with a text `comment`",
-                        "errors": [{"field": "comment", "message": "must be text"}]}), 400
+        raise BadRequest("send a JSON object with a text `comment`",
+                         [{"field": "comment", "message": "must be text"}])
     if len(body["comment"]) > 500:
-        return jsonify({"error": "comment too long",
-                        "errors": [{"field": "comment", "message": "must be at most 500 characters"}]}), 400
-    refused = _comment_refusal(row_id)
-    if refused is not None:
-        return refused
+        raise BadRequest("comment too long",
+                         [{"field": "comment", "message": "must be at most 500 characters"}])
+    _check_comment_rights(row_id)
     try:
         row = _table().set_comment(row_id, body["comment"])
     except KeyError:
-        return jsonify({"error": f"no evaluation {row_id}"}), 404
+        raise NotFound(f"no evaluation {row_id}") from None
     return jsonify(row)

@@ -11,39 +11,34 @@ change ends that user's open sessions at once. An admin may also lift a login lo
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, jsonify, render_template, request
+from flask import Blueprint, jsonify, render_template, request
 
-from dashboard.api import api_error
-from dashboard.auth import accounts_mode, accounts_store, current_user, sessions
+from dashboard.errors import BadRequest, Conflict, DashboardError, Forbidden, NotFound
+from dashboard.identity import accounts_mode, accounts_store, current_user, sessions
+from dashboard.services import services
+from dashboard.throttle import LoginThrottle
 from dispatcher.access.accounts import ROLES, AccountError, LastAdmin
 
 bp = Blueprint("users", __name__, template_folder="templates")
 API = "/api/v1/users"
 
 
-def _error(status: int, message: str, field: str | None = None):
-    return api_error(status, message, [{"field": field, "message": message}] if field else None)
-
-
 @bp.before_request
-def _admins_only():
+def _admins_only() -> None:
     if not current_user().is_admin:
-        if request.path.startswith("/api/"):
-            return _error(403, "only an admin may manage users")
-        abort(403, "only an admin may manage users")
-    return None
+        raise Forbidden("only an admin may manage users")
 
 
-def _guard(name: str, action: str):
-    """A 409 response if `action` is an admin's on their own account."""
+def _guard(name: str, action: str) -> None:
+    """Refuse (409) `action` when it is an admin's on their own account."""
     me = current_user()
     if accounts_mode() and name == me.name:
-        return _error(409, f"you cannot {action} your own account: ask another admin")
-    return None
+        raise Conflict(f"you cannot {action} your own account: ask another admin")
 
 
-def _account_error(e: AccountError):
-    return _error(409, str(e)) if isinstance(e, LastAdmin) else _error(404, str(e))
+def _account_error(e: AccountError) -> DashboardError:
+    """A refused change of an existing account: the last admin (409), else no such user (404)."""
+    return Conflict(str(e)) if isinstance(e, LastAdmin) else NotFound(str(e))
 
 
 @bp.get("/users")
@@ -61,27 +56,25 @@ def list_users():
 def add_user():
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        return _error(400, "send a JSON object: {name, role, password}")
+        raise BadRequest("send a JSON object: {name, role, password}")
     name, role, password = body.get("name"), body.get("role", "member"), body.get("password")
     if not all(isinstance(v, str) for v in (name, role, password)):
-        return _error(400, "name, role and password must be text")
+        raise BadRequest("name, role and password must be text")
     first = not accounts_mode()
     try:
         accounts_store().add(name.strip(), password, role)
     except AccountError as e:
-        return _error(400, str(e), e.field)
+        raise BadRequest.on(e.field, str(e)) from None
     return jsonify({"name": name.strip(), "role": role, "logins_on": first}), 201
 
 
 @bp.post(API + "/<name>/remove")
 def remove_user(name: str):
-    refused = _guard(name, "remove")
-    if refused:
-        return refused
+    _guard(name, "remove")
     try:
         accounts_store().remove(name)
     except AccountError as e:
-        return _account_error(e)
+        raise _account_error(e) from None
     sessions().end_all(name)  # (the account's uid is gone too: they could not be used anyway)
     return jsonify({"removed": name})
 
@@ -91,15 +84,13 @@ def set_role(name: str):
     body = request.get_json(silent=True)
     role = body.get("role") if isinstance(body, dict) else None
     if role not in ROLES:
-        return _error(400, f"role must be one of {', '.join(ROLES)}", "role")
+        raise BadRequest.on("role", f"role must be one of {', '.join(ROLES)}")
     if role != "admin":
-        refused = _guard(name, "demote")
-        if refused:
-            return refused
+        _guard(name, "demote")
     try:
         accounts_store().set_role(name, role)
     except AccountError as e:
-        return _account_error(e)
+        raise _account_error(e) from None
     sessions().end_all(name)
     return jsonify({"name": name, "role": role})
 
@@ -107,9 +98,6 @@ def set_role(name: str):
 @bp.post(API + "/<name>/unlock")
 def unlock_user(name: str):
     """Clear `name`'s failed logins (another account's wrong passwords may have locked it)."""
-    from dashboard.app import services
-    from dashboard.throttle import LoginThrottle
-
     svc = services()
     cleared = LoginThrottle(svc.redis, svc.settings.prefix).unlock(name)
     return jsonify({"name": name, "unlocked": bool(cleared)})
@@ -123,7 +111,7 @@ def new_token(name: str):
     try:
         token = accounts_store().new_token(name, str(label))
     except AccountError as e:
-        return _error(404, str(e))
+        raise NotFound(str(e)) from None
     return jsonify({"name": name, "token": token}), 201
 
 
@@ -132,5 +120,5 @@ def revoke_tokens(name: str):
     try:
         n = accounts_store().revoke_tokens(name)
     except AccountError as e:
-        return _error(404, str(e))
+        raise NotFound(str(e)) from None
     return jsonify({"name": name, "revoked": n})

@@ -17,6 +17,7 @@ from formats.errors import FormatError, InvalidJSONError, NoMatchingTemplateErro
 from formats.jsontext import not_utf8
 from formats.preview import Preview, PreviewStats, format_table, preview
 from formats.rawtext import (
+    RawTextOptions,
     chunk_tokens,
     cut_for_newline,
     raw_text_chunks,
@@ -46,6 +47,7 @@ __all__ = [
     "NoMatchingTemplateError",
     "Preview",
     "PreviewStats",
+    "RawTextOptions",
     "Row",
     "ValueTypeError",
     "build_samples",

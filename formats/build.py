@@ -1,8 +1,9 @@
 """The one entry point the trainer uses: the job's data settings -> tokenized samples.
 
 Parameter names and defaults are the "Train LoRA" tab's, so a job spec (or a webui
-``training_parameters.json``) maps onto it one to one. ``hard_cut_string`` is taken as typed in
-the form (``\\n`` meaning newline); everything below this module takes the real string.
+``training_parameters.json``) maps onto it one to one; the four raw-text settings travel as one
+:class:`formats.rawtext.RawTextOptions` (``RawTextOptions.of(spec)``), whose
+``hard_cut_string`` is as typed in the form (``\\n`` meaning newline).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from formats.datasets import load_rows, render_rows
 from formats.errors import FormatError
-from formats.rawtext import DEFAULT_HARD_CUT, raw_text_samples, read_raw_text, unescape_cut_string
+from formats.rawtext import DEFAULT_OPTIONS, RawTextOptions, raw_text_samples, read_raw_text
 from formats.templates import load_format
 from formats.tokenize import TokenizedSample, tokenize_text
 
@@ -41,10 +42,7 @@ def collect_samples(
     dataset_path: str | Path | None = None,
     format_path: str | Path | None = None,
     raw_text_path: str | Path | None = None,
-    overlap_len: int = 128,
-    newline_favor_len: int = 128,
-    hard_cut_string: str = DEFAULT_HARD_CUT,
-    min_chars: int = 0,
+    raw_text_options: RawTextOptions = DEFAULT_OPTIONS,
     add_eos_token: bool = False,
     train_only_after: str = "",
 ) -> list[Sample]:
@@ -52,16 +50,12 @@ def collect_samples(
     if cutoff_len <= 0:
         raise ValueError(f"cutoff_len must be positive, got {cutoff_len}")
     if raw_text_path is not None:
-        hard_cut = unescape_cut_string(hard_cut_string)
-        text = read_raw_text(raw_text_path, separator=hard_cut or "\n")
+        text = read_raw_text(raw_text_path, separator=raw_text_options.hard_cut or "\n")
         pairs = raw_text_samples(
             text,
             tokenizer,
             cutoff_len=cutoff_len,
-            overlap_len=overlap_len,
-            newline_favor_len=newline_favor_len,
-            hard_cut=hard_cut,
-            min_chars=min_chars,
+            options=raw_text_options,
             add_eos_token=add_eos_token,
             train_only_after=train_only_after,
         )
@@ -95,8 +89,8 @@ def build_samples(*, tokenizer: Any, cutoff_len: int, **options: Any) -> list[di
     ``options`` are :func:`collect_samples`' keywords: ``raw_text_path`` (a ``.txt`` file or a
     folder of them), or ``dataset_path`` with ``format_path``. When both a raw text and a dataset
     are given, the raw text is used, as in the webui (whose saved parameters always carry both
-    fields). ``overlap_len``, ``newline_favor_len``, ``hard_cut_string`` and ``min_chars`` only
-    apply to raw text; ``cutoff_len``, ``add_eos_token`` and ``train_only_after`` to both (for
+    fields). ``raw_text_options`` (a :class:`formats.rawtext.RawTextOptions`) only applies to
+    raw text; ``cutoff_len``, ``add_eos_token`` and ``train_only_after`` to both (for
     raw text, EOS is added at each hard cut, see :mod:`formats.rawtext`).
 
     Samples are not padded; batch them with :func:`formats.pad_batch`. Bad files raise

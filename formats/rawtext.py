@@ -73,13 +73,14 @@ from formats.paths import inside
 from formats.tokenize import TokenizedSample, encode, tokenize_text
 
 DEFAULT_HARD_CUT = "\\n\\n\\n"
+"""The hard-cut string as typed in the form: backslash-n three times (three newlines)."""
 
 
 @dataclass(frozen=True)
 class RawTextOptions:
     """How a raw text is cut into chunks, with text-generation-webui's names: one value passed
     from the spec to the chunker instead of four loose keyword arguments. `hard_cut_string` is as
-    typed (a backslash-n means a newline; :func:`unescape_cut_string` gives the real string)."""
+    typed (a backslash-n means a newline); :attr:`hard_cut` is the real string."""
 
     overlap_len: int = 128
     newline_favor_len: int = 128
@@ -95,8 +96,12 @@ class RawTextOptions:
 
     @property
     def hard_cut(self) -> str:
+        """The real hard-cut string (each typed backslash-n a newline)."""
         return unescape_cut_string(self.hard_cut_string)
-"""The hard-cut string as typed in the form: backslash-n three times (three newlines)."""
+
+
+DEFAULT_OPTIONS = RawTextOptions()
+"""The job spec's defaults (and text-generation-webui's)."""
 
 
 def unescape_cut_string(typed: str) -> str:
@@ -231,16 +236,14 @@ def iter_token_chunks(
     tokenizer: Any,
     *,
     cutoff_len: int,
-    overlap_len: int = 128,
-    hard_cut: str = "\n\n\n",
-    min_chars: int = 0,
+    options: RawTextOptions = DEFAULT_OPTIONS,
     add_eos_token: bool = False,
 ) -> Iterator[list[int]]:
     """Steps 2-4 of the module docstring: the token chunks of every kept part, in order."""
-    check_lengths(cutoff_len, overlap_len)
-    for part in split_parts(text, hard_cut, min_chars):
+    check_lengths(cutoff_len, options.overlap_len)
+    for part in split_parts(text, options.hard_cut, options.min_chars):
         yield from chunk_tokens(
-            tokenize_part(part, tokenizer, add_eos_token), cutoff_len, overlap_len
+            tokenize_part(part, tokenizer, add_eos_token), cutoff_len, options.overlap_len
         )
 
 
@@ -249,24 +252,15 @@ def raw_text_chunks(
     tokenizer: Any,
     *,
     cutoff_len: int,
-    overlap_len: int = 128,
-    newline_favor_len: int = 128,
-    hard_cut: str = "\n\n\n",
-    min_chars: int = 0,
+    options: RawTextOptions = DEFAULT_OPTIONS,
     add_eos_token: bool = False,
 ) -> list[str]:
-    """Steps 2-5: the chunk texts of ``text``; ``hard_cut`` is the real (unescaped) string."""
+    """Steps 2-5: the chunk texts of ``text``."""
     chunks = []
     for ids in iter_token_chunks(
-        text,
-        tokenizer,
-        cutoff_len=cutoff_len,
-        overlap_len=overlap_len,
-        hard_cut=hard_cut,
-        min_chars=min_chars,
-        add_eos_token=add_eos_token,
+        text, tokenizer, cutoff_len=cutoff_len, options=options, add_eos_token=add_eos_token
     ):
-        chunk = cut_for_newline(tokenizer.decode(ids), newline_favor_len)
+        chunk = cut_for_newline(tokenizer.decode(ids), options.newline_favor_len)
         if chunk.strip():
             chunks.append(chunk)
     return chunks
@@ -277,23 +271,13 @@ def raw_text_samples(
     tokenizer: Any,
     *,
     cutoff_len: int,
-    overlap_len: int = 128,
-    newline_favor_len: int = 128,
-    hard_cut: str = "\n\n\n",
-    min_chars: int = 0,
+    options: RawTextOptions = DEFAULT_OPTIONS,
     add_eos_token: bool = False,
     train_only_after: str = "",
 ) -> list[tuple[str, TokenizedSample]]:
     """All six steps: ``(chunk text, tokenized sample)`` pairs for ``text``."""
     chunks = raw_text_chunks(
-        text,
-        tokenizer,
-        cutoff_len=cutoff_len,
-        overlap_len=overlap_len,
-        newline_favor_len=newline_favor_len,
-        hard_cut=hard_cut,
-        min_chars=min_chars,
-        add_eos_token=add_eos_token,
+        text, tokenizer, cutoff_len=cutoff_len, options=options, add_eos_token=add_eos_token
     )
     return [
         (chunk, tokenize_text(chunk, tokenizer, cutoff_len, False, train_only_after))

@@ -977,9 +977,9 @@ def data_preview(tokenizer_path: str, dataset: str | None, format_path: str | No
     try:
         result = formats.preview(
             tokenizer=tok, cutoff_len=cutoff_len, dataset_path=dataset, format_path=format_path,
-            raw_text_path=raw_text, overlap_len=overlap_len, newline_favor_len=newline_favor_len,
-            hard_cut_string=hard_cut_string, min_chars=min_chars, add_eos_token=add_eos_token,
-            train_only_after=train_only_after)
+            raw_text_path=raw_text, raw_text_options=formats.RawTextOptions(
+                overlap_len, newline_favor_len, hard_cut_string, min_chars),
+            add_eos_token=add_eos_token, train_only_after=train_only_after)
     except formats.FormatError as e:
         raise click.ClickException(str(e)) from None
     shown = result.samples if limit == 0 else result.samples[:limit]

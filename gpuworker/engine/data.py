@@ -100,9 +100,8 @@ def build_samples(spec: TrainSpec, files: DataFiles, tokenizer: Any, *,
         samples = formats.build_samples(
             tokenizer=tokenizer, cutoff_len=spec.cutoff_len,
             dataset_path=None if raw else ds, format_path=None if raw else files.format,
-            raw_text_path=raw, overlap_len=spec.overlap_len,
-            newline_favor_len=spec.newline_favor_len, hard_cut_string=spec.hard_cut_string,
-            min_chars=spec.min_chars, add_eos_token=spec.add_eos_token,
+            raw_text_path=raw, raw_text_options=formats.RawTextOptions.of(spec),
+            add_eos_token=spec.add_eos_token,
             train_only_after=spec.train_only_after)
     except _format_errors() as e:
         message = str(e)

@@ -140,8 +140,10 @@ def test_raw_text_preview_follows_its_chunking_settings(fleet, page):
 
     def expected(**settings) -> tuple[int, int, list[int]]:
         """(samples, tokens, tokens of each sample) that these settings give."""
+        values = {**defaults, **settings}
         got = formats.preview(tokenizer=tok, raw_text_path=str(story), add_eos_token=False,
-                              train_only_after="", **{**defaults, **settings})
+                              train_only_after="", cutoff_len=values.pop("cutoff_len"),
+                              raw_text_options=formats.RawTextOptions.of(values))
         return got.stats.samples, got.stats.tokens, [len(s["input_ids"]) for s in got.samples]
 
     form = page.locator(tid("preview-form"))

@@ -5,10 +5,10 @@ dashboard. Real app, real Redis."""
 from __future__ import annotations
 
 import pytest
-from werkzeug.exceptions import Forbidden
 
 from dashboard.app import create_app
-from dashboard.auth import current_user
+from dashboard.errors import Forbidden
+from dashboard.identity import current_user
 from dispatcher.access.accounts import Accounts
 from dispatcher.access.dashtoken import dashboard_token
 from dispatcher.settings import Settings

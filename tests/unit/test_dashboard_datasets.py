@@ -1,4 +1,4 @@
-"""The Datasets API: checked uploads, the listing, and sample previews through the CLI's preview
+"""The Datasets API: checked uploads, the listing, and sample previews through formats.previewer
 in a real subprocess on a tiny real tokenizer (the dashboard itself never imports torch)."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import sys
 import pytest
 
 from dashboard.app import create_app
-from dashboard.data_files import parse_preview_request
+from dashboard.previews import parse_preview_request
 from dispatcher.settings import Settings
+from formats import RawTextOptions
 from tests.appclient import browser_for, client_for
 from tests.tiny import make_tiny_model, tiny_rows
 
@@ -202,22 +203,24 @@ def test_preview_of_a_dataset_highlights_the_trained_part(client, settings):
 
 
 def test_raw_text_preview_arguments(settings):
-    """What the subprocess is asked for (the CLI's own tests cover what it then does)."""
+    """What the subprocess is asked for (formats' own tests cover what it then does)."""
     (settings.paths.datasets / "texts").mkdir()
     (settings.paths.datasets / "texts" / "a.txt").write_text("text")
     req = parse_preview_request({
         "model": "tiny", "raw_text_file": "texts", "cutoff_len": "24", "overlap_len": "4",
         "hard_cut_string": "", "train_only_after": "--- ", "add_eos_token": "on"},
         settings.paths)
-    assert req.cli_args() == [
-        "data", "preview", "--json", "--stats", f"--tokenizer={settings.paths.models / 'tiny'}",
-        f"--raw-text={settings.paths.datasets / 'texts'}", "--cutoff-len=24", "--overlap-len=4",
-        "--newline-favor-len=128", "--min-chars=0", "--limit=10", "--hard-cut-string=",
-        "--train-only-after=--- ", "--add-eos-token"]
+    assert req.to_json() == {
+        "tokenizer": str(settings.paths.models / "tiny"), "dataset": None, "format": None,
+        "raw_text": str(settings.paths.datasets / "texts"), "cutoff_len": 24,
+        "raw_text_options": {"overlap_len": 4, "newline_favor_len": 128, "hard_cut_string": "",
+                             "min_chars": 0},
+        "add_eos_token": True, "train_only_after": "--- ", "limit": 10}
     # Left out, the hard cut is the job default; a format is ignored for raw text.
     req = parse_preview_request({"model": "tiny", "raw_text_file": "texts", "format": "x"},
                                 settings.paths)
-    assert "--hard-cut-string=\\n\\n\\n" in req.cli_args() and req.format_file is None
+    assert req.raw_text_options == RawTextOptions(hard_cut_string="\\n\\n\\n")
+    assert req.format is None
 
 
 def test_preview_reports_a_row_that_matches_no_format_entry(client, settings):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from formats import (
     FormatError,
+    RawTextOptions,
     chunk_tokens,
     cut_for_newline,
     raw_text_chunks,
@@ -22,6 +23,19 @@ from tests.unit.test_formats_tokenizers import bpe_tokenizer, char_tokenizer
 
 def ids_of(text: str) -> list[int]:
     return char_tokenizer().encode(text, add_special_tokens=False)
+
+
+def opts(overlap: int = 128, favor: int = 128, cut: str = "\n\n\n", min_chars: int = 0
+         ) -> RawTextOptions:
+    """The options with the real hard-cut string `cut`, typed as a form would (newline as
+    backslash-n)."""
+    return RawTextOptions(overlap, favor, cut.replace("\n", "\\n"), min_chars)
+
+
+def test_options_come_from_a_spec_or_a_dict() -> None:
+    assert RawTextOptions.of({"overlap_len": 4, "hard_cut_string": "\\n", "lora_rank": 8}) == \
+        RawTextOptions(overlap_len=4, hard_cut_string="\\n")
+    assert opts(cut="a\n|").hard_cut == "a\n|"
 
 
 # -- reading and cutting ----------------------------------------------------------------------
@@ -103,7 +117,7 @@ def test_impossible_lengths_are_refused(cutoff, overlap) -> None:
 
 def test_overlap_error_message() -> None:
     with pytest.raises(ValueError) as caught:
-        raw_text_chunks("abc", char_tokenizer(), cutoff_len=128, overlap_len=128)
+        raw_text_chunks("abc", char_tokenizer(), cutoff_len=128, options=opts(overlap=128))
     assert str(caught.value) == (
         "overlap_len (128) cannot be greater than or equal to cutoff_len (128)"
     )
@@ -134,14 +148,14 @@ def test_cut_for_newline(chunk, favor, expected) -> None:
 
 def test_raw_text_chunks_without_newline_favor() -> None:
     tok = char_tokenizer()
-    chunks = raw_text_chunks("abcdefghij", tok, cutoff_len=6, overlap_len=2, newline_favor_len=0)
+    chunks = raw_text_chunks("abcdefghij", tok, cutoff_len=6, options=opts(2, 0))
     assert chunks == ["<s>abc", "bcdefg", "fghij"]
 
 
 def test_raw_text_samples_keep_the_webui_bos_quirk() -> None:
     tok = char_tokenizer()
     pairs = raw_text_samples(
-        "abcdefghij", tok, cutoff_len=6, overlap_len=2, newline_favor_len=0, add_eos_token=True
+        "abcdefghij", tok, cutoff_len=6, options=opts(2, 0), add_eos_token=True
     )
     assert [text for text, _ in pairs] == ["<s>abc", "bcdefg", "fghij</s>"]
     # A chunk that began with BOS keeps one BOS; the others gain one, and full ones lose
@@ -156,7 +170,7 @@ def test_raw_text_samples_keep_the_webui_bos_quirk() -> None:
 
 def test_raw_text_chunks_with_newline_favor() -> None:
     tok = char_tokenizer()
-    chunks = raw_text_chunks("ab\ncd\nefgh", tok, cutoff_len=6, overlap_len=2, newline_favor_len=2)
+    chunks = raw_text_chunks("ab\ncd\nefgh", tok, cutoff_len=6, options=opts(2, 2))
     # Before the newline cut: "<s>ab\n", "b\ncd\ne", "\nefgh".
     assert chunks == ["<s>ab", "cd\ne", "efgh"]
 
@@ -167,8 +181,7 @@ def test_eos_goes_at_each_hard_cut_and_parts_never_share_a_chunk() -> None:
         "abc\n\n\nde\n\n\n \n\n\nfg",
         tok,
         cutoff_len=8,
-        overlap_len=2,
-        newline_favor_len=0,
+        options=opts(2, 0),
         add_eos_token=True,
     )
     assert chunks == ["<s>abc</s>", "<s>de</s>", "<s>fg</s>"]
@@ -176,7 +189,7 @@ def test_eos_goes_at_each_hard_cut_and_parts_never_share_a_chunk() -> None:
 
 def test_blank_chunks_after_the_newline_cut_are_dropped() -> None:
     tok = char_tokenizer(add_bos=False)
-    chunks = raw_text_chunks("a\nb\n", tok, cutoff_len=2, overlap_len=0, newline_favor_len=5)
+    chunks = raw_text_chunks("a\nb\n", tok, cutoff_len=2, options=opts(0, 5))
     # Token chunks "a\n" and "b\n" both become "" after the cut.
     assert chunks == []
 
@@ -187,8 +200,7 @@ def test_train_only_after_applies_to_chunks() -> None:
         "Q: x\nA: y",
         tok,
         cutoff_len=64,
-        overlap_len=0,
-        newline_favor_len=0,
+        options=opts(0, 0),
         train_only_after="A:",
     )
     ((text, sample),) = pairs
@@ -243,10 +255,7 @@ def test_raw_text_properties(text, cut, sizes, favor, min_chars, eos) -> None:
         text,
         tok,
         cutoff_len=cutoff,
-        overlap_len=overlap,
-        newline_favor_len=favor,
-        hard_cut=cut,
-        min_chars=min_chars,
+        options=opts(overlap, favor, cut, min_chars),
         add_eos_token=eos,
     )
     for chunk, sample in pairs:
@@ -271,9 +280,7 @@ def test_without_newline_favor_every_token_of_every_kept_part_is_covered(
             text,
             tok,
             cutoff_len=cutoff,
-            overlap_len=overlap,
-            hard_cut=cut,
-            min_chars=min_chars,
+            options=opts(overlap, cut=cut, min_chars=min_chars),
             add_eos_token=eos,
         )
     )
@@ -289,10 +296,7 @@ def test_without_newline_favor_every_token_of_every_kept_part_is_covered(
         text,
         tok,
         cutoff_len=cutoff,
-        overlap_len=overlap,
-        newline_favor_len=0,
-        hard_cut=cut,
-        min_chars=min_chars,
+        options=opts(overlap, 0, cut, min_chars),
         add_eos_token=eos,
     )
     assert texts_out == [tok.decode(ids) for ids in chunks if tok.decode(ids).strip()]
@@ -343,7 +347,6 @@ def reference_chunks(text, tok, cutoff, overlap, favor, cut, min_chars, eos) -> 
 def test_chunks_equal_the_restated_rules(text, cut, sizes, favor, min_chars, eos) -> None:
     tok = bpe_tokenizer()
     cutoff, overlap = sizes
-    ours = raw_text_chunks(text.replace("\r", ""), tok, cutoff_len=cutoff, overlap_len=overlap,
-                           newline_favor_len=favor, hard_cut=cut, min_chars=min_chars,
-                           add_eos_token=eos)
+    ours = raw_text_chunks(text.replace("\r", ""), tok, cutoff_len=cutoff,
+                           options=opts(overlap, favor, cut, min_chars), add_eos_token=eos)
     assert ours == reference_chunks(text, tok, cutoff, overlap, favor, cut, min_chars, eos)

@@ -11,6 +11,7 @@ from formats import (
     SHIPPED_DIR,
     FormatError,
     NoMatchingTemplateError,
+    RawTextOptions,
     build_samples,
     format_table,
     pad_batch,
@@ -118,8 +119,7 @@ def test_build_samples_from_a_raw_text_folder(tmp_path) -> None:
         tokenizer=char_tokenizer(),
         cutoff_len=7,
         raw_text_path=tmp_path,
-        overlap_len=2,
-        newline_favor_len=0,
+        raw_text_options=RawTextOptions(overlap_len=2, newline_favor_len=0),
     )
     # Files are joined with the hard cut, so "abc\ndef" and "ghij" are separate parts.
     # Part 1 is [BOS a b c \n d e f]: pieces of 5 ids, the second prefixed with "c\n".
@@ -135,14 +135,16 @@ def test_build_samples_unescapes_the_typed_hard_cut(tmp_path) -> None:
         "tokenizer": char_tokenizer(),
         "cutoff_len": 32,
         "raw_text_path": raw,
-        "overlap_len": 0,
-        "newline_favor_len": 0,
     }
-    assert [s["text"] for s in build_samples(**common, hard_cut_string="\\n\\n")] == [
+
+    def cut_at(typed: str) -> RawTextOptions:
+        return RawTextOptions(overlap_len=0, newline_favor_len=0, hard_cut_string=typed)
+
+    assert [s["text"] for s in build_samples(**common, raw_text_options=cut_at("\\n\\n"))] == [
         "<s>ab",
         "<s>cd||ef",
     ]
-    assert [s["text"] for s in build_samples(**common, hard_cut_string="||")] == [
+    assert [s["text"] for s in build_samples(**common, raw_text_options=cut_at("||"))] == [
         "<s>ab\n\ncd",
         "<s>ef",
     ]
@@ -169,7 +171,8 @@ def test_build_samples_errors(files, tmp_path) -> None:
     blank = tmp_path / "blank.txt"
     blank.write_text(" \n\n\n\n ", encoding="utf-8")
     with pytest.raises(FormatError, match="no text left"):
-        build_samples(tokenizer=tok, cutoff_len=8, raw_text_path=blank, overlap_len=0)
+        build_samples(tokenizer=tok, cutoff_len=8, raw_text_path=blank,
+                      raw_text_options=RawTextOptions(overlap_len=0))
     with pytest.raises(ValueError, match=r"overlap_len \(128\) cannot be greater"):
         build_samples(tokenizer=tok, cutoff_len=8, raw_text_path=blank)
 

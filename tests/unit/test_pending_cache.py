@@ -70,7 +70,7 @@ def test_the_dashboards_queue_places_see_it_too(app, redis_client, prefix):
     store = _queue(redis_client, prefix, 5)
     c = client_for(app)
     with app.app_context():
-        from dashboard.app import services
+        from dashboard.services import services
 
         cache = services().pending
     cache.clock = clock = Clock(0.0)
