@@ -14,7 +14,8 @@ import json
 import time
 from typing import Any
 
-from dispatcher.cli.client import TERMINAL_STATES, Client
+from dispatcher.cli.client import Client
+from dispatcher.jobs.states import TERMINAL_VALUES
 
 BASE = {"dataset": "alpaca-sample", "format": "alpaca-format", "lora_rank": 16,
         "lora_alpha": 32, "target_modules": ["all"], "micro_batch_size": 4, "batch_size": 8,
@@ -25,7 +26,7 @@ def wait(c: Client, job: str, timeout: float = 400) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rec = c.job(job)
-        if rec["state"] in TERMINAL_STATES:
+        if rec["state"] in TERMINAL_VALUES:
             return rec
         time.sleep(1)
     raise TimeoutError(job)
@@ -74,7 +75,7 @@ def main() -> None:
     # Stop a 4-bit run after a few steps, then resume it from the checkpoint the stop wrote.
     spec = {**base, "lora_name": "gpu-resume", "precision": "4bit", "epochs": 3, "save_steps": 5}
     job = c.submit(spec)
-    while (c.job(job).get("step") or 0) < 4 and c.job(job)["state"] not in TERMINAL_STATES:
+    while (c.job(job).get("step") or 0) < 4 and c.job(job)["state"] not in TERMINAL_VALUES:
         time.sleep(0.5)
     c.cancel(job)
     rows.append(summary(c, "stopped", job, wait(c, job)))

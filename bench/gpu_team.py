@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dispatcher.cli.client import TERMINAL_STATES, Client
+from dispatcher.cli.client import Client
+from dispatcher.jobs.states import TERMINAL_VALUES
 
 JOB = {"dataset": "alpaca-sample", "format": "alpaca-format", "precision": "4bit",
        "lora_rank": 16, "lora_alpha": 32, "target_modules": ["all"], "micro_batch_size": 4,
@@ -54,7 +55,7 @@ def wait_all(c: Client, jobs: list[str], timeout: float) -> dict[str, dict[str, 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         recs = {j: c.job(j) for j in jobs}
-        if all(r["state"] in TERMINAL_STATES for r in recs.values()):
+        if all(r["state"] in TERMINAL_VALUES for r in recs.values()):
             return recs
         time.sleep(1)
     raise TimeoutError(f"jobs not finished after {timeout} s")

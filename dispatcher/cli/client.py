@@ -15,7 +15,8 @@ from typing import Any
 
 import requests
 
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+from dispatcher.jobs.states import TERMINAL_VALUES
+
 # Jobs asked for per request when listing them all (the API allows up to 1000).
 JOBS_PAGE_SIZE = 500
 
@@ -176,6 +177,10 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._call("POST", f"/jobs/{job_id}/cancel")
 
+    def set_priority(self, job_id: str, level: str) -> dict[str, Any]:
+        """A queued (or retrying) job's new priority; the answer has its queue position."""
+        return self._call("POST", f"/jobs/{job_id}/priority", json={"priority": level})
+
     def lora_parameters(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/loras/{name}/parameters")["spec"]
 
@@ -244,7 +249,7 @@ class Client:
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.ReadTimeout):
                 pass  # reconnect from the last event id
-            if self.job(job_id)["state"] in TERMINAL_STATES and last_id:
+            if self.job(job_id)["state"] in TERMINAL_VALUES and last_id:
                 # The stream ended without an end marker: drain once more, then stop.
                 yield from self.history(job_id, after=last_id)
                 return

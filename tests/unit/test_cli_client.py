@@ -164,7 +164,7 @@ def test_logs_reads_the_history_list(url, redis_client, prefix):
 
 
 def test_visible_cards_reads_cuda_visible_devices_as_cuda_does():
-    from dispatcher.cli import visible_cards
+    from dispatcher.host.gpus import visible_cards
 
     cards = {0: "GPU-aaaa-1111", 1: "GPU-bbbb-2222", 2: "GPU-bbbc-3333"}
     assert visible_cards(cards, None) == [0, 1, 2]
@@ -175,6 +175,13 @@ def test_visible_cards_reads_cuda_visible_devices_as_cuda_does():
     assert visible_cards(cards, "0,GPU-bbb,1") == [0]
     assert visible_cards(cards, "1,7,2") == [1]
     assert visible_cards({}, "0") == []
+
+
+def test_the_cli_offers_the_queues_priorities_in_rank_order():
+    from dispatcher.cli.common import PRIORITIES
+    from dispatcher.jobs.store import PRIORITIES as RANKS
+
+    assert list(PRIORITIES) == sorted(RANKS, key=RANKS.__getitem__)
 
 
 # data files through the dashboard ------------------------------------------------------------

@@ -81,10 +81,11 @@ def test_uncapped_cpu_worker_is_not_gated_and_4bit_still_needs_cuda():
 def test_worker_command_passes_the_memory_cap_and_refuses_a_bad_one():
     from click.testing import CliRunner
 
-    from dispatcher.cli import _worker_cmds, main
+    from dispatcher.cli import main
+    from dispatcher.host.up import worker_cmds
 
-    (name, cmd, env), = _worker_cmds([None], {}, memory_mb=300)
+    (name, cmd, env), = worker_cmds([None], {}, memory_mb=300)
     assert cmd[-2:] == ["--memory-mb", "300"]
-    assert "--memory-mb" not in _worker_cmds([0], {})[0][1]
+    assert "--memory-mb" not in worker_cmds([0], {})[0][1]
     result = CliRunner().invoke(main, ["worker", "--gpus", "cpu", "--memory-mb", "0"])
     assert result.exit_code == 2 and "--memory-mb" in result.output

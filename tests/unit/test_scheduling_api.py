@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from dashboard.app import create_app
 from dispatcher import cli
+from dispatcher.cli.client import ApiError, Client
 from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.states import JobState
 from dispatcher.settings import Settings
@@ -111,10 +112,10 @@ def test_cli_priority_command(client, store, monkeypatch):
     def fake_call(self, method, path, **kw):
         resp = client.open("/api/v1" + path, method=method, json=kw.get("json"))
         if resp.status_code >= 400:
-            raise cli.ApiError(resp.status_code, resp.get_json()["error"])
+            raise ApiError(resp.status_code, resp.get_json()["error"])
         return resp.get_json()
 
-    monkeypatch.setattr(cli.Client, "_call", fake_call)
+    monkeypatch.setattr(Client, "_call", fake_call)
     result = CliRunner().invoke(cli.main, ["priority", a, "urgent"])
     assert result.exit_code == 0, result.output
     assert result.output == f"{a} priority urgent, position 1 in the queue\n"
