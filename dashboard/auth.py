@@ -26,7 +26,6 @@ user is and what they may do is dashboard/identity.py, which every blueprint imp
 from __future__ import annotations
 
 import hmac
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from dashboard.throttle import LoginThrottle
 from dispatcher.access.accounts import Accounts, is_loopback
 from dispatcher.access.dashtoken import dashboard_token
 from dispatcher.host.private import secret_file
+from dispatcher.settings import secure_cookies, session_secret
 
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 # The token page's form checks nothing but the dashboard token (dashboard/solo.py says why it
@@ -204,8 +204,7 @@ def me():
 def _secret_key(home: Path) -> str:
     """The session-signing key: $LORAFLEET_SECRET_KEY, else one made once in the data folder
     (mode 0600), so sessions survive a dashboard restart."""
-    env = os.environ.get("LORAFLEET_SECRET_KEY")
-    return env or secret_file(Path(home) / ".secret_key")
+    return session_secret() or secret_file(Path(home) / ".secret_key")
 
 
 def _trust_proxies(app: Flask) -> None:
@@ -229,7 +228,7 @@ def init_app(app: Flask, home: Path) -> None:
         SESSION_COOKIE_NAME="lorafleet_session",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=os.environ.get("LORAFLEET_SECURE_COOKIES", "") == "1",
+        SESSION_COOKIE_SECURE=secure_cookies(),
         PERMANENT_SESSION_LIFETIME=timedelta(days=14),
     )
     # The single-user token is made with the app (like the key above), so it is in its file

@@ -28,7 +28,7 @@ from dispatcher.jobs.specs import (
     find_format,
     resolve_data_name,
 )
-from dispatcher.settings import DataPaths
+from dispatcher.settings import DataPaths, child_env
 from formats.previewer import EXIT_USER_ERROR, PreviewRequest
 from formats.rawtext import RawTextOptions
 
@@ -195,7 +195,7 @@ def _public(text: str, paths: DataPaths) -> str:
 def run_preview(req: PreviewRequest, paths: DataPaths,
                 timeout: float = DEFAULT_PREVIEW_TIMEOUT_S) -> dict[str, Any]:
     """Run formats.previewer in a fresh Python; `{"samples": [...], "stats": {...}}`."""
-    env = dict(os.environ)  # handed on to the child as it is; no setting is read from it here
+    env = child_env()
     env["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",

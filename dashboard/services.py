@@ -8,7 +8,6 @@ app is created: the first request that needs Redis opens the client.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
@@ -21,6 +20,7 @@ from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.store import JobStore
 from dispatcher.schedule.scheduler import PendingCache
 from dispatcher.settings import Settings, connect
+from dispatcher.settings import live_caps as _settings_live_caps
 
 EXTENSION = "lorafleet"
 
@@ -96,17 +96,9 @@ class Services:
 
 
 def live_caps(env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(live views per user, in all) from LORAFLEET_LIVE_PER_USER and LORAFLEET_LIVE_TOTAL.
-
-    Read here, not in dispatcher/settings.py, which has no such setting (yet)."""
-    env = os.environ if env is None else env
-    try:
-        per_user = int(env.get("LORAFLEET_LIVE_PER_USER") or DEFAULT_PER_USER)
-        total = int(env.get("LORAFLEET_LIVE_TOTAL") or DEFAULT_TOTAL)
-    except ValueError:
-        raise SystemExit("LORAFLEET_LIVE_PER_USER and LORAFLEET_LIVE_TOTAL must be whole "
-                         "numbers") from None
-    return max(1, per_user), max(1, total)
+    """(live views per user, in all): the settings' LORAFLEET_LIVE_PER_USER and
+    LORAFLEET_LIVE_TOTAL, with this module's defaults."""
+    return _settings_live_caps((DEFAULT_PER_USER, DEFAULT_TOTAL), env)
 
 
 def services() -> Services:

@@ -16,6 +16,7 @@ from typing import Any
 import requests
 
 from dispatcher.jobs.states import TERMINAL_VALUES
+from dispatcher.settings import api_token
 
 # Jobs asked for per request when listing them all (the API allows up to 1000).
 JOBS_PAGE_SIZE = 500
@@ -52,8 +53,8 @@ class Client:
             # about the socket at this address.
             self.session.trust_env = False
         self.token_source = "argument" if token else ""
-        if not token and os.environ.get("LORAFLEET_TOKEN"):
-            token, self.token_source = os.environ["LORAFLEET_TOKEN"], "LORAFLEET_TOKEN"
+        if not token and api_token():
+            token, self.token_source = api_token(), "LORAFLEET_TOKEN"
         if not token:
             from dispatcher.access.dashtoken import token_for
 

@@ -9,7 +9,6 @@ stderr and exit code 2).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ import click
 
 from dispatcher.cli.client import ApiError
 from dispatcher.settings import DEFAULT_PORT
+from dispatcher.settings import dashboard_url as _settings_dashboard_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,7 +34,7 @@ def dashboard_url(ctx: click.Context, own: str | None) -> str:
     """The dashboard URL: the command's own --url, else the --url given before the command
     (`lorafleet --url URL status`), else $LORAFLEET_URL, else this machine's dashboard."""
     before = ctx.find_root().params.get("url")
-    return (own or before or os.environ.get("LORAFLEET_URL")
+    return (own or before or _settings_dashboard_url("")
             or f"http://127.0.0.1:{DEFAULT_PORT}")
 
 

@@ -3,8 +3,9 @@ nvidia-smi) and filtered by CUDA_VISIBLE_DEVICES the way CUDA reads it."""
 
 from __future__ import annotations
 
-import os
 import subprocess
+
+from dispatcher.settings import visible_devices
 
 
 class GpuListError(ValueError):
@@ -30,8 +31,7 @@ def detect_gpus() -> list[int]:
                 cards[int(index)] = uuid.strip()
         except Exception:  # no nvidia-smi either: no card, the fleet gets a CPU worker
             cards = {}
-    # CUDA's own variable, read as CUDA reads it (not a lorafleet setting).
-    return visible_cards(cards, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return visible_cards(cards, visible_devices())
 
 
 def visible_cards(cards: dict[int, str], visible: str | None) -> list[int]:

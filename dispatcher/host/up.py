@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from dispatcher.host.gpus import parse_gpus
-from dispatcher.settings import Settings
+from dispatcher.settings import Settings, child_env
 
 
 class StartRefused(RuntimeError):
@@ -132,7 +132,7 @@ def worker_cmds(gpus: list[int | None], env: dict[str, str],
 
 def _up_env(settings: Settings, host: str | None, port: int | None) -> dict[str, str]:
     """The children's environment: ours, with the data folder and the dashboard's address."""
-    env = dict(os.environ)
+    env = child_env()
     env["LORAFLEET_HOME"] = str(settings.home)
     if host:
         env["LORAFLEET_HOST"] = host
@@ -312,7 +312,7 @@ def run_workers(cards: list[int | None], memory_mb: int | None) -> int:
     """One worker process per card (see `worker_cmds`), supervised until Ctrl-C."""
     sup = Supervisor()
     try:
-        for name, cmd, env in worker_cmds(cards, dict(os.environ), memory_mb):
+        for name, cmd, env in worker_cmds(cards, child_env(), memory_mb):
             sup.start(name, cmd, env)
             _say(f"started {name}")
         code = sup.wait()
@@ -324,6 +324,6 @@ def run_workers(cards: list[int | None], memory_mb: int | None) -> int:
 def run_init() -> int:
     """The demo model and sample datasets into the data folder (gpuworker.demo, which needs
     torch, so it runs as its own process); its exit code."""
-    env = dict(os.environ)
+    env = child_env()
     env["LORAFLEET_HOME"] = str(Settings.from_env().home)
     return subprocess.call([sys.executable, "-m", "gpuworker.demo"], env=env)
