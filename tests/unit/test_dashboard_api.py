@@ -17,20 +17,15 @@ from dispatcher.jobs.states import JobState
 from dispatcher.jobs.store import JobStore
 from dispatcher.settings import Settings
 from tests.appclient import client_for
+from tests.datafolder import small_data_folder
 
 
 @pytest.fixture
 def settings(tmp_path, redis_server, prefix):
-    home = tmp_path / "home"
-    s = Settings(home=home, redis_url=redis_server, prefix=prefix)
-    s.paths.ensure()
-    (s.paths.models / "tiny").mkdir()
-    (s.paths.models / "tiny" / "config.json").write_text("{}")
-    (s.paths.datasets / "d.json").write_text(json.dumps([{"instruction": "hi", "output": "yo"}]))
-    (s.paths.datasets / "notes.txt").write_text("raw text\n")
-    (s.paths.formats / "alpaca-format.json").write_text(json.dumps({
-        "instruction,output": "### Instruction:\n%instruction%\n\n### Response:\n%output%"}))
-    return s
+    return small_data_folder(tmp_path / "home", redis_server, prefix, files={
+        "datasets/notes.txt": "raw text\n",
+        "formats/alpaca-format.json": json.dumps({
+            "instruction,output": "### Instruction:\n%instruction%\n\n### Response:\n%output%"})})
 
 
 @pytest.fixture

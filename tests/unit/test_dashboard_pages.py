@@ -13,8 +13,8 @@ from dashboard.app import create_app
 from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.specs import TrainSpec
 from dispatcher.jobs.states import JobState
-from dispatcher.settings import Settings
 from tests.appclient import client_for
+from tests.datafolder import small_data_folder
 
 
 class Elements(HTMLParser):
@@ -36,14 +36,8 @@ class Elements(HTMLParser):
 
 @pytest.fixture
 def settings(tmp_path, redis_server, prefix):
-    s = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
-    s.paths.ensure()
-    (s.paths.models / "tiny").mkdir()
-    (s.paths.models / "tiny" / "config.json").write_text("{}")
-    (s.paths.datasets / "d.json").write_text("[]")
-    (s.paths.datasets / "book.txt").write_text("once upon a time")
-    (s.paths.formats / "alpaca-format.json").write_text(json.dumps({"instruction,output": "%instruction% %output%"}))
-    return s
+    return small_data_folder(tmp_path / "home", redis_server, prefix, files={
+        "datasets/d.json": "[]", "datasets/book.txt": "once upon a time"})
 
 
 @pytest.fixture

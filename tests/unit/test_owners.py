@@ -14,9 +14,9 @@ from dashboard.app import create_app
 from dispatcher.access.accounts import Accounts
 from dispatcher.access.limits import Limits
 from dispatcher.access.owners import Owners
-from dispatcher.settings import Settings
 from formats.rawtext import raw_text_files
 from tests.appclient import client_for
+from tests.datafolder import small_data_folder
 
 PASSWORD = "correct horse battery"
 ROWS = [{"instruction": "hi", "output": "yo"}, {"instruction": "a", "output": "b"}]
@@ -27,16 +27,10 @@ SPEC = {"lora_name": "ana-lora", "base_model": "tiny", "dataset": "d.json",
 
 @pytest.fixture
 def settings(tmp_path, redis_server, prefix):
-    s = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
-    s.paths.ensure()
-    (s.paths.models / "tiny").mkdir()
-    (s.paths.models / "tiny" / "config.json").write_text("{}")
-    (s.paths.datasets / "d.json").write_text(json.dumps(ROWS))  # put there by hand
-    (s.paths.formats / "my-format.json").write_text(json.dumps(FORMAT))
-    acc = Accounts(s.home)
-    acc.add("ana", PASSWORD, "admin")
-    acc.add("bo", PASSWORD, "member")
-    acc.add("cy", PASSWORD, "member")
+    s = small_data_folder(tmp_path / "home", redis_server, prefix, users=True, files={
+        "datasets/d.json": json.dumps(ROWS),  # put there by hand
+        "formats/my-format.json": json.dumps(FORMAT)})
+    (s.paths.formats / "alpaca-format.json").unlink()
     return s
 
 
