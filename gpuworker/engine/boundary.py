@@ -3,7 +3,8 @@
 
 This is the only module of the engine that imports the job model (dispatcher.jobs.specs) or the
 settings (dispatcher.settings); tests/unit/test_engine_seams.py keeps it so. Data names are
-resolved with the app's one resolver (`find_format`) here; whether the files exist is still the
+resolved with the app's one resolver (`find_format`, `resolve_data_name`, which evaluate.py
+takes from here) here; whether the files exist is still the
 engine's check phase, so a refused job's message is the same whoever calls the engine.
 """
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dispatcher.jobs.specs import TrainSpec, find_format
+from dispatcher.jobs.specs import TrainSpec, find_format, resolve_data_name
 from dispatcher.settings import DataPaths
 from gpuworker.engine.config import EngineConfig, Levers
 from gpuworker.engine.report import Report
 from gpuworker.engine.resume import run_settings
 from gpuworker.engine.train import run_training
+
+__all__ = ["config_from_spec", "resolve_data_name", "train"]
 
 
 def config_from_spec(spec: TrainSpec, paths: DataPaths, levers: Levers | None = None

@@ -14,7 +14,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+
+class Folders(Protocol):
+    """The data folder's places the evaluation and generation jobs read (the app's DataPaths
+    has them)."""
+
+    home: Path
+    models: Path
+    loras: Path
+    datasets: Path
+
 
 DEFAULT_LOSS = "fp32_logits"
 DEFAULT_BATCHING = "pad"

@@ -23,7 +23,6 @@ The app's entry, `train(spec, paths, ...)`, is boundary.py's: it builds the conf
 
 from __future__ import annotations
 
-import gc
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,6 +32,7 @@ import torch
 from dispatcher.access.links import inside
 from formats.files import atomic_write_json
 from gpuworker.engine import data as data_phase
+from gpuworker.engine.cleanup import run_releasing
 from gpuworker.engine.config import EngineConfig
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.levers import check_levers, prepare_model
@@ -78,42 +78,20 @@ from gpuworker.engine.save import (
 from gpuworker.engine.targets import projections_label, resolve_target_modules
 
 
-def _oom_message(cfg: EngineConfig) -> str:
-    return (f"out of GPU memory: lower micro_batch_size (now {cfg.micro_batch_size}), "
-            f"cutoff_len (now {cfg.cutoff_len}) or lora_rank (now {cfg.lora_rank})"
+def _oom_advice(cfg: EngineConfig) -> str:
+    return (f"lower micro_batch_size (now {cfg.micro_batch_size}), cutoff_len (now "
+            f"{cfg.cutoff_len}) or lora_rank (now {cfg.lora_rank})"
             + ("" if cfg.precision == "4bit" else ", or use precision 4bit"))
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
-
-
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_training(cfg: EngineConfig, report: Report, device: str | None = None,
                  resume_from: str | None = None) -> dict[str, Any]:
     """Train the LoRA `cfg` describes into its folder and return the run's result (see
-    boundary.train for `resume_from`). Raises EngineError for anything the user can fix."""
+    boundary.train for `resume_from`). Raises EngineError for anything the user can fix,
+    out of GPU memory included (naming the settings that lower it)."""
     dev = pick_device(device)
-    # On failure keep only the message: the exception's traceback holds the frames that hold
-    # the model and optimizer, and those must go before the GPU memory can be freed.
-    failure = ""
-    try:
-        return _train(cfg, report, dev, resume_from or None)
-    except EngineError as e:
-        failure = str(e)
-    except Exception as e:
-        if not _is_oom(e):
-            raise
-        failure = _oom_message(cfg)
-    finally:
-        _release(dev)
-    raise EngineError(failure)
+    return run_releasing(dev, lambda: _train(cfg, report, dev, resume_from or None),
+                         _oom_advice(cfg))
 
 
 @dataclass
