@@ -6,6 +6,7 @@ tokens (no padding), first `warmup` steps not timed. Tokens/s counts every token
 
     python -m bench.engine_bench --size 1b --precision 4bit --bs 4 --seq 512
 prints one line `RESULT {...}`; run the baseline in the same command to compare on one card.
+`--loss`, `--batching` and `--prepare` pick the engine's levers (gpuworker/engine/levers.py).
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ def run(a: argparse.Namespace) -> dict:
 
     from dispatcher.jobs.specs import TrainSpec
     from dispatcher.settings import DataPaths
-    from gpuworker.engine import train
+    from gpuworker.engine.boundary import config_from_spec
+    from gpuworker.engine.config import Levers
+    from gpuworker.engine.report import Report
+    from gpuworker.engine.train import run_training
 
     home = Path(a.home)
     steps = a.warmup + a.steps
@@ -75,11 +79,13 @@ def run(a: argparse.Namespace) -> dict:
             stamps.append(time.perf_counter())
 
     torch.cuda.reset_peak_memory_stats()
-    result = train(spec, DataPaths(home), progress, lambda: False, lambda line: None,
-                   device="cuda")
+    levers = Levers(loss=a.loss, batching=a.batching, prepare=tuple(a.prepare))
+    result = run_training(config_from_spec(spec, DataPaths(home), levers),
+                          Report(progress, lambda: False, lambda line: None), device="cuda")
     timed = stamps[a.warmup:]
     dt = (timed[-1] - timed[0]) / (len(timed) - 1)
     out = dict(engine="lorafleet", size=a.size, precision=a.precision, bs=a.bs, seq=a.seq,
+               loss=a.loss, batching=a.batching, prepare=list(a.prepare),
                steps=result["steps"], s_per_step=round(dt, 4), tokens_per_s=round(a.bs * a.seq / dt),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                gpu=torch.cuda.get_device_name())
@@ -95,6 +101,10 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    # The engine's levers (gpuworker/engine/levers.py), today's by default.
+    p.add_argument("--loss", default="fp32_logits")
+    p.add_argument("--batching", default="pad")
+    p.add_argument("--prepare", action="append", default=[], help="a preparation hook (repeat)")
     p.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "lorafleet-bench"))
     a = p.parse_args()
     print("RESULT " + json.dumps(run(a)), flush=True)

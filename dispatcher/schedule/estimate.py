@@ -11,11 +11,12 @@ allocator, which is
                output layer) in the compute dtype, or fp32 when training a quantised model
                (peft's prepare_model_for_kbit_training casts them up).
   LoRA state   trainable parameters x 16 bytes (fp32 weight 4 + AdamW's two moments 8 + grad 4).
-  activations  per token of a micro-batch (micro_batch_size x cutoff_len, the most a padded
-               batch can hold): layers x hidden x 2 bytes x a factor (6 with the gradient
-               checkpointing a quantised model trains with, 42 without), plus the logits
-               vocab x (2 + 4 + 4) bytes (bf16 logits, their fp32 copy for the loss, its
-               gradient); with checkpointing, also a fixed 1.8 bytes per embedding parameter.
+  activations  per token of a micro-batch (the batcher's most: micro_batch_size x cutoff_len
+               for "pad", the most a padded batch can hold): layers x hidden x 2 bytes x a
+               factor (6 with the gradient checkpointing a quantised model trains with, 42
+               without), plus the loss's bytes per token and vocabulary entry ("fp32_logits":
+               2 + 4 + 4, the bf16 logits, their fp32 copy for the loss, its gradient); with
+               checkpointing, also a fixed 1.8 bytes per embedding parameter.
   floor        working buffers that do not shrink with the batch, measured at small batches:
                9.7 bytes per embedding parameter for a quantised model, 16.4 unquantised.
 
@@ -29,6 +30,10 @@ allocation; MiB, measured -> estimated):
 The card figure then adds 5% and the 500 MB context and rounds up to 64 MB (6,400 MB for the
 first row): it errs on the high side, so a job placed by it does not run out of memory on a
 card that was just big enough, at the cost of sometimes waiting for a card it would have fit.
+
+The loss and the batcher are the engine's levers (gpuworker/engine/levers.py): the estimate
+takes the same names, LOSS_LOGIT_BYTES and BATCH_TOKENS say what each costs, and a test keeps
+their names equal to the engine's. Today's choice is the default.
 
 Sizes are in MB as the workers' heartbeats count them (2**20 bytes).
 """
@@ -50,8 +55,13 @@ LINEAR_BYTES = {"4bit": 0.55, "8bit": 1.1, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0
 QUANTISED = ("4bit", "8bit")
 # fp32 LoRA weight (4) + AdamW moments (8) + gradient (4).
 LORA_STATE_BYTES = 16
-# Logits per token and vocabulary entry: bf16 logits 2 + fp32 copy 4 + its gradient 4.
-LOGIT_BYTES = 2 + 4 + 4
+# Bytes per token and vocabulary entry that each loss (the engine's levers) holds at the peak.
+# fp32_logits: bf16 logits 2 + their fp32 copy 4 + its gradient 4.
+LOSS_LOGIT_BYTES = {"fp32_logits": 2 + 4 + 4}
+# Tokens in one micro-batch at the most, for each batcher, from (micro_batch_size, cutoff_len).
+BATCH_TOKENS = {"pad": lambda micro_batch_size, cutoff_len: micro_batch_size * cutoff_len}
+DEFAULT_LOSS = "fp32_logits"
+DEFAULT_BATCHING = "pad"
 # Activation bytes per layer, token and hidden unit, in units of 2 bytes (bf16).
 ACT_FACTOR_CHECKPOINTED = 6
 ACT_FACTOR_FULL = 42
@@ -177,13 +187,15 @@ def weight_bytes(shape: ModelShape, precision: str, training: bool) -> float:
 
 
 def train_peak_bytes(shape: ModelShape, precision: str, rank: int, target_modules: list[str],
-                     micro_batch_size: int, cutoff_len: int) -> float:
-    """PyTorch's peak allocation for a LoRA training job (no context, no margin)."""
+                     micro_batch_size: int, cutoff_len: int, *, loss: str = DEFAULT_LOSS,
+                     batching: str = DEFAULT_BATCHING) -> float:
+    """PyTorch's peak allocation for a LoRA training job (no context, no margin) with the
+    engine's `loss` and `batching` levers (KeyError for a name the estimate does not know)."""
     p = _precision(precision)
-    tokens = micro_batch_size * cutoff_len
+    tokens = BATCH_TOKENS[batching](micro_batch_size, cutoff_len)
     checkpointed = p in QUANTISED  # the engine checkpoints activations of quantised models
     factor = ACT_FACTOR_CHECKPOINTED if checkpointed else ACT_FACTOR_FULL
-    per_token = shape.layers * shape.hidden * 2 * factor + shape.vocab * LOGIT_BYTES
+    per_token = shape.layers * shape.hidden * 2 * factor + shape.vocab * LOSS_LOGIT_BYTES[loss]
     activations = tokens * per_token
     if checkpointed:
         activations += shape.embedding_params * CHECKPOINTED_FIXED_BYTES

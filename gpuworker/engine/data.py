@@ -1,8 +1,9 @@
-"""Phase 2: turn the spec's dataset or raw text into tokenized samples, and plan the batches.
+"""Phase 2: turn the run's dataset or raw text into tokenized samples, and plan the batches.
 
-Rendering, chunking and label masking are `formats`' pure functions; this module finds the
-files, calls them, turns their errors into EngineError, and decides which samples form which
-micro-batch and which micro-batches form which optimizer step.
+Rendering, chunking and label masking are `formats`' pure functions; this module checks the
+files the config names, calls them, turns their errors into EngineError, and decides which
+samples form which micro-batch and which micro-batches form which optimizer step. (How a
+micro-batch's samples become tensors is the batcher's: levers.py.)
 
 Step arithmetic (all counts the engine reports use optimizer steps):
 
@@ -28,8 +29,7 @@ from typing import Any
 import torch
 
 from dispatcher.access.links import inside
-from dispatcher.jobs.specs import TrainSpec, find_format
-from dispatcher.settings import DataPaths
+from gpuworker.engine.config import EngineConfig
 from gpuworker.engine.errors import EngineError
 
 IGNORE_INDEX = -100
@@ -37,7 +37,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class DataFiles:
-    """The files a spec names, resolved inside the data folder and checked to exist."""
+    """The files a config names, checked to exist inside the data folder."""
 
     dataset: Path | None
     format: Path | None
@@ -45,30 +45,29 @@ class DataFiles:
     eval_dataset: Path | None
 
 
-def resolve_data_files(spec: TrainSpec, paths: DataPaths) -> DataFiles:
-    """Find the spec's files; a missing one is an EngineError naming it."""
+def resolve_data_files(cfg: EngineConfig) -> DataFiles:
+    """Check the config's files; a missing one is an EngineError naming it."""
     def need(rel: str, what: str, allow_dir: bool = False) -> Path:
-        p = paths.datasets / rel
-        if not inside(p, paths.datasets):
+        p = cfg.datasets_dir / rel
+        if not inside(p, cfg.datasets_dir):
             raise EngineError(f"{what} datasets/{rel} is a link that leads outside datasets/: "
                               "it is not read")
         if not (p.is_file() or (allow_dir and p.is_dir())):
             raise EngineError(f"{what} '{rel}' was not found in datasets/")
         return p
 
-    if spec.raw_text_file.strip():
-        raw = need(spec.raw_text_file, "raw_text_file", allow_dir=True)
+    if cfg.raw_text_file.strip():
+        raw = need(cfg.raw_text_file, "raw_text_file", allow_dir=True)
         return DataFiles(dataset=None, format=None, raw_text=raw, eval_dataset=None)
-    if not spec.dataset.strip():
+    if not cfg.dataset.strip():
         raise EngineError("choose a dataset (with a format) or a raw_text_file")
-    dataset = need(spec.dataset, "dataset")
-    if not spec.format.strip():
+    dataset = need(cfg.dataset, "dataset")
+    if not cfg.format.strip():
         raise EngineError("a dataset needs a format file; set format")
-    fmt = find_format(spec.format, paths)
-    if fmt is None:
-        raise EngineError(f"format '{spec.format}' was not found in formats/")
-    eval_ds = need(spec.eval_dataset, "eval_dataset") if spec.eval_dataset.strip() else None
-    return DataFiles(dataset=dataset, format=fmt, raw_text=None, eval_dataset=eval_ds)
+    if cfg.format_file is None:
+        raise EngineError(f"format '{cfg.format}' was not found in formats/")
+    eval_ds = need(cfg.eval_dataset, "eval_dataset") if cfg.eval_dataset.strip() else None
+    return DataFiles(dataset=dataset, format=cfg.format_file, raw_text=None, eval_dataset=eval_ds)
 
 
 def _format_errors() -> tuple[type[BaseException], ...]:
@@ -82,14 +81,14 @@ def _format_errors() -> tuple[type[BaseException], ...]:
     return ((own,) if isinstance(own, type) else ()) + base
 
 
-def build_samples(spec: TrainSpec, files: DataFiles, tokenizer: Any, *,
+def build_samples(spec: EngineConfig, files: DataFiles, tokenizer: Any, *,
                   dataset_path: Path | None = None, home: Path | None = None
                   ) -> list[dict[str, Any]]:
     """Tokenized samples ({"text", "input_ids", "labels"}) for training (or, with
     `dataset_path`, for an evaluation dataset rendered with the same format).
 
     `home` (the data folder) is cut from error messages, so users read datasets/x.json rather
-    than the worker's absolute path."""
+    than the worker's absolute path. (`spec` is the run's EngineConfig.)"""
     import formats
 
     raw = None if dataset_path else files.raw_text
@@ -119,15 +118,6 @@ def build_samples(spec: TrainSpec, files: DataFiles, tokenizer: Any, *,
                           + (f" (is train_only_after '{spec.train_only_after}' in the samples?)"
                              if spec.train_only_after else ""))
     return kept
-
-
-def collate(samples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """One micro-batch as long tensors, each (B, T), via formats.pad_batch."""
-    import formats
-
-    batch = formats.pad_batch(samples, pad_id)
-    return {k: torch.as_tensor(batch[k], dtype=torch.long)
-            for k in ("input_ids", "labels", "attention_mask")}
 
 
 @dataclass(frozen=True)
@@ -194,7 +184,7 @@ def read_format_file(path: Path) -> dict[str, str]:
         raise EngineError(f"format file {path.name} is not valid JSON: {e}") from None
 
 
-def training_prompt(spec: TrainSpec, files: DataFiles) -> dict[str, Any]:
+def training_prompt(spec: EngineConfig, files: DataFiles) -> dict[str, Any]:
     """training_prompt.json: text-generation-webui's keys (template_type, then template_1..n
     with the format's templates), plus the format's name and its full mapping, so the key lists
     are not lost."""

@@ -31,7 +31,6 @@ matrices, which is not the sum of the updates).
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import time
@@ -43,7 +42,8 @@ from typing import Any
 import torch
 
 from dispatcher.access.links import inside
-from dispatcher.settings import DataPaths
+from gpuworker.engine.cleanup import run_releasing
+from gpuworker.engine.config import Folders
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.loading import (
     check_model_folder,
@@ -54,6 +54,7 @@ from gpuworker.engine.loading import (
     resolve_precision,
 )
 from gpuworker.engine.lora import ADAPTER_CONFIG, existing_adapter
+from gpuworker.engine.report import Report
 
 Progress = Callable[[dict[str, Any]], None]
 TEXT_EXTS = (".txt",)
@@ -111,7 +112,7 @@ def safe_exp(x: float) -> float:
 # --------------------------------------------------------------------------- shared with generate
 
 
-def check_lora_names(names: list[str], paths: DataPaths) -> list[Path]:
+def check_lora_names(names: list[str], paths: Folders) -> list[Path]:
     """The folders of the LoRAs `names`, each checked to hold a saved adapter."""
     folders = []
     for name in names:
@@ -187,17 +188,6 @@ def load_saved_loras(model: Any, names: list[str], folders: list[Path], base_mod
     return model
 
 
-def release_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
-
-
 def autocast_for(precision: str, device: torch.device) -> Any:
     """The autocast context the training loop uses for this precision (or a null context)."""
     import contextlib
@@ -211,7 +201,7 @@ def autocast_for(precision: str, device: torch.device) -> Any:
 # --------------------------------------------------------------------------- perplexity
 
 
-def perplexity(*, base_model: str, loras: list[str], text_file: str, paths: DataPaths,
+def perplexity(*, base_model: str, loras: list[str], text_file: str, paths: Folders,
                stride: int = 512, max_length: int = 0, precision: str = "auto",
                progress: Progress, should_stop: Callable[[], bool],
                log: Callable[[str], None], device: str | None = None) -> dict[str, Any]:
@@ -230,31 +220,20 @@ def perplexity(*, base_model: str, loras: list[str], text_file: str, paths: Data
         + ("" if precision == "4bit" else " or use precision 4bit"))
 
 
-def run_releasing(dev: torch.device, run: Callable[[], dict[str, Any]],
-                  oom_advice: str) -> dict[str, Any]:
-    """`run()`, with its failure as one EngineError: the engine's own message, or "out of GPU
-    memory: <oom_advice>". The card's memory is released whatever happens; only the message is
-    kept on failure, because the traceback's frames hold the model."""
-    failure = ""
-    try:
-        return run()
-    except EngineError as e:
-        failure = str(e)
-    except Exception as e:
-        if not is_oom(e):
-            raise
-        failure = f"out of GPU memory: {oom_advice}"
-    finally:
-        release_memory(dev)
-    raise EngineError(failure)
+@dataclass
+class _Plan:
+    """What the check phase of a perplexity job resolved."""
+
+    model_dir: Path
+    folders: list[Path]
+    text_path: Path
+    max_length: int
+    precision: str
 
 
-def _perplexity(base_model: str, loras: list[str], text_file: str, paths: DataPaths,
-                stride: int, max_length: int, precision: str, progress: Progress,
-                should_stop: Callable[[], bool], log: Callable[[str], None],
-                device: torch.device) -> dict[str, Any]:
-    started = time.perf_counter()
-    # -- check ---------------------------------------------------------------------------------
+def _check(base_model: str, loras: list[str], text_file: str, paths: Folders, stride: int,
+           max_length: int, precision: str, report: Report, device: torch.device) -> _Plan:
+    """Everything that can be refused without loading a model; `max_length` 0 resolved."""
     if stride <= 0:
         raise EngineError(f"stride must be at least 1 (now {stride})")
     if max_length < 0 or max_length == 1:
@@ -272,19 +251,27 @@ def _perplexity(base_model: str, loras: list[str], text_file: str, paths: DataPa
         max_length = context
     if stride > max_length:
         raise EngineError(f"stride ({stride}) cannot be larger than max_length ({max_length})")
-
-    def warn(message: str) -> None:
-        log(message)
-        progress({"type": "warning", "message": message})
-
     if context is not None and max_length > context:
-        warn(f"max_length {max_length} is longer than the {context} tokens base model "
-             f"'{base_model}' was built for; its perplexity past that is not meaningful")
-    precision = resolve_precision(precision, device, warn)
+        report.warn(f"max_length {max_length} is longer than the {context} tokens base model "
+                    f"'{base_model}' was built for; its perplexity past that is not meaningful")
+    precision = resolve_precision(precision, device, report.warn)
+    return _Plan(model_dir=model_dir, folders=folders, text_path=text_path,
+                 max_length=max_length, precision=precision)
+
+
+def _perplexity(base_model: str, loras: list[str], text_file: str, paths: Folders,
+                stride: int, max_length: int, precision: str, progress: Progress,
+                should_stop: Callable[[], bool], log: Callable[[str], None],
+                device: torch.device) -> dict[str, Any]:
+    started = time.perf_counter()
+    report = Report(progress, should_stop, log)
+    plan = _check(base_model, loras, text_file, paths, stride, max_length, precision, report,
+                  device)
+    max_length, precision = plan.max_length, plan.precision
 
     # -- text ----------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(model_dir, base_model)
-    text = _read_text(text_path, paths)
+    tokenizer = load_tokenizer(plan.model_dir, base_model)
+    text = _read_text(plan.text_path, paths)
     ids = list(tokenizer.encode(text, add_special_tokens=True, verbose=False))
     if len(ids) < 2:
         raise EngineError(f"text_file '{text_file}' is {len(ids)} token(s) long; perplexity "
@@ -294,21 +281,36 @@ def _perplexity(base_model: str, loras: list[str], text_file: str, paths: DataPa
         f"stride {stride}")
 
     # -- model ---------------------------------------------------------------------------------
-    loaded = load_base_model(model_dir, base_model, precision, device, log)
-    model = load_saved_loras(loaded.model, loras, folders, base_model, log)
+    loaded = load_base_model(plan.model_dir, base_model, precision, device, log)
+    model = load_saved_loras(loaded.model, loras, plan.folders, base_model, log)
     del loaded
     model.eval()
 
-    # -- windows -------------------------------------------------------------------------------
+    total_nll, scored, done, stopped = _score(model, ids, windows, precision, device, report)
+    value = safe_exp(total_nll / scored) if scored else None
+    runtime = time.perf_counter() - started
+    if value is not None:
+        log(f"Perplexity {value:.4f} over {scored} tokens ({runtime:.1f} s)")
+    return {
+        "perplexity": value, "tokens": scored, "windows": done, "windows_total": len(windows),
+        "text_tokens": len(ids), "stride": stride, "max_length": max_length,
+        "base_model": base_model, "loras": loras, "text_file": text_file,
+        "precision": precision, "device": str(device), "stopped": stopped,
+        "runtime_s": round(runtime, 3),
+    }
+
+
+def _score(model: Any, ids: list[int], windows: list[Window], precision: str,
+           device: torch.device, report: Report) -> tuple[float, int, int, bool]:
+    """Sliding-window NLL: (sum of the scored ids' NLL, ids scored, windows done, stopped),
+    a progress event per window, `should_stop()` asked before each."""
     input_ids = torch.tensor([ids], dtype=torch.long)  # (1, N), moved a window at a time
     total_nll, scored, done = 0.0, 0, 0
-    stopped = False
     with torch.no_grad():
         for i, w in enumerate(windows, start=1):
-            if should_stop():
-                stopped = True
-                log(f"Stopped after {done} of {len(windows)} windows")
-                break
+            if report.should_stop():
+                report.log(f"Stopped after {done} of {len(windows)} windows")
+                return total_nll, scored, done, True
             chunk = input_ids[:, w.begin:w.end].to(device)  # (1, T)
             targets = chunk[0, w.first - w.begin:]  # (S,)
             with autocast_for(precision, device):
@@ -322,33 +324,13 @@ def _perplexity(base_model: str, loras: list[str], text_file: str, paths: DataPa
                                   f"(precision {precision}); try fp32 or bf16")
             scored += w.scored
             done = i
-            progress({"type": "eval_progress", "window": i, "windows": len(windows),
-                      "ppl_so_far": safe_exp(total_nll / scored)})
-
-    value = safe_exp(total_nll / scored) if scored else None
-    runtime = time.perf_counter() - started
-    if value is not None:
-        log(f"Perplexity {value:.4f} over {scored} tokens ({runtime:.1f} s)")
-    return {
-        "perplexity": value,
-        "tokens": scored,
-        "windows": done,
-        "windows_total": len(windows),
-        "text_tokens": len(ids),
-        "stride": stride,
-        "max_length": max_length,
-        "base_model": base_model,
-        "loras": loras,
-        "text_file": text_file,
-        "precision": precision,
-        "device": str(device),
-        "stopped": stopped,
-        "runtime_s": round(runtime, 3),
-    }
+            report.progress({"type": "eval_progress", "window": i, "windows": len(windows),
+                             "ppl_so_far": safe_exp(total_nll / scored)})
+    return total_nll, scored, done, False
 
 
-def _resolve_text_file(text_file: str, paths: DataPaths) -> Path:
-    from dispatcher.jobs.specs import resolve_data_name
+def _resolve_text_file(text_file: str, paths: Folders) -> Path:
+    from gpuworker.engine.boundary import resolve_data_name
 
     rel, error = resolve_data_name(text_file, paths.datasets, TEXT_EXTS, allow_dir=True)
     if rel is None:
@@ -358,7 +340,7 @@ def _resolve_text_file(text_file: str, paths: DataPaths) -> Path:
     return paths.datasets / rel
 
 
-def _read_text(path: Path, paths: DataPaths) -> str:
+def _read_text(path: Path, paths: Folders) -> str:
     from formats import FormatError, read_raw_text
 
     try:

@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
-from dispatcher.settings import DataPaths
+from gpuworker.engine.cleanup import run_releasing
+from gpuworker.engine.config import Folders
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.evaluate import (
     autocast_for,
     check_lora_names,
     load_saved_loras,
-    run_releasing,
 )
 from gpuworker.engine.loading import (
     check_model_folder,
@@ -46,6 +46,7 @@ from gpuworker.engine.loading import (
     pick_device,
     resolve_precision,
 )
+from gpuworker.engine.report import Report
 
 Progress = Callable[[dict[str, Any]], None]
 PROMPT_KEY_SETS = (frozenset({"instruction", "output"}), frozenset({"instruction"}))
@@ -80,7 +81,7 @@ def format_prompt(fmt: Any, prompt: str) -> str:
 
 
 def generate(*, base_model: str, lora: str | None, prompt: str, format_file: Path | None,
-             paths: DataPaths, max_new_tokens: int = 128, temperature: float = 0.7,
+             paths: Folders, max_new_tokens: int = 128, temperature: float = 0.7,
              top_p: float = 0.9, seed: int = 0, precision: str = "auto", progress: Progress,
              should_stop: Callable[[], bool], log: Callable[[str], None],
              device: str | None = None) -> dict[str, Any]:
@@ -100,29 +101,28 @@ def generate(*, base_model: str, lora: str | None, prompt: str, format_file: Pat
         + ("" if precision == "4bit" else " or use precision 4bit"))
 
 
-def _generate(base_model: str, lora: str | None, prompt: str, format_file: Path | None,
-              paths: DataPaths, max_new_tokens: int, temperature: float, top_p: float,
-              seed: int, precision: str, progress: Progress, should_stop: Callable[[], bool],
-              log: Callable[[str], None], device: torch.device) -> dict[str, Any]:
-    # -- check ---------------------------------------------------------------------------------
+def _check_settings(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if max_new_tokens < 1:
         raise EngineError(f"max_new_tokens must be at least 1 (now {max_new_tokens})")
     if temperature < 0:
         raise EngineError(f"temperature must be 0 (greedy) or more (now {temperature})")
     if not 0 < top_p <= 1:
         raise EngineError(f"top_p must be more than 0 and at most 1 (now {top_p})")
+
+
+def _generate(base_model: str, lora: str | None, prompt: str, format_file: Path | None,
+              paths: Folders, max_new_tokens: int, temperature: float, top_p: float,
+              seed: int, precision: str, progress: Progress, should_stop: Callable[[], bool],
+              log: Callable[[str], None], device: torch.device) -> dict[str, Any]:
+    # -- check ---------------------------------------------------------------------------------
+    _check_settings(max_new_tokens, temperature, top_p)
     model_dir = paths.models / base_model
     check_model_folder(model_dir, base_model)
     loras = [lora] if lora else []
     folders = check_lora_names(loras, paths)
     prompt_text = prompt if format_file is None else format_prompt(_load_format(format_file),
                                                                    prompt)
-
-    def warn(message: str) -> None:
-        log(message)
-        progress({"type": "warning", "message": message})
-
-    precision = resolve_precision(precision, device, warn)
+    precision = resolve_precision(precision, device, Report(progress, should_stop, log).warn)
 
     # -- prompt --------------------------------------------------------------------------------
     from formats.tokenize import collapse_leading_bos, encode
@@ -151,38 +151,54 @@ def _generate(base_model: str, lora: str | None, prompt: str, format_file: Path 
     }
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) \
         if do_sample else dict(do_sample=False)
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # (1, P)
     stop = _StopWhenAsked(should_stop)
-
-    def answer(which: str) -> dict[str, Any]:
-        log(f"Generating the {which} answer...")
-        started = time.perf_counter()
-        torch.manual_seed(seed)  # seeds the CPU and every CUDA device
-        with torch.no_grad(), autocast_for(precision, device):
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(tokenizer),
-                                 stopping_criteria=[stop], use_cache=True, **sampling)
-        new = out[0, input_ids.shape[1]:].tolist()
-        result = {"text": tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new),
-                  "seconds": round(time.perf_counter() - started, 3)}
-        progress({"type": "generate_progress", "answer": which, "answers": 1 + bool(lora),
-                  **result})
-        return result
+    answerer = _Answerer(model, tokenizer, torch.tensor([ids], dtype=torch.long, device=device),
+                         dict(max_new_tokens=max_new_tokens, stopping_criteria=[stop],
+                              **sampling),
+                         seed, precision, Report(progress, should_stop, log), 1 + bool(lora))
 
     # -- answers -------------------------------------------------------------------------------
     if lora:
         with model.disable_adapter():
-            base = answer("base")
+            base = answerer("base")
     else:
-        base = answer("base")
+        base = answerer("base")
     with_lora = None
     if lora and not stop.stopped and not should_stop():
-        with_lora = answer("lora")
+        with_lora = answerer("lora")
     stopped = stop.stopped or (bool(lora) and with_lora is None)
     if stopped:
         log("Stopped; the answers so far are returned")
     return {"prompt_text": prompt_text, "base": base, "lora": with_lora, "settings": settings,
             "stopped": stopped}
+
+
+class _Answerer:
+    """One answer to the prompt ids (1, P), each from the same seed, with a progress event."""
+
+    def __init__(self, model: Any, tokenizer: Any, input_ids: torch.Tensor,
+                 generation: dict[str, Any], seed: int, precision: str, report: Report,
+                 answers: int):
+        self.model, self.tokenizer, self.input_ids = model, tokenizer, input_ids
+        self.generation, self.seed, self.precision = generation, seed, precision
+        self.report, self.answers = report, answers
+
+    def __call__(self, which: str) -> dict[str, Any]:
+        self.report.log(f"Generating the {which} answer...")
+        started = time.perf_counter()
+        input_ids = self.input_ids
+        torch.manual_seed(self.seed)  # seeds the CPU and every CUDA device
+        with torch.no_grad(), autocast_for(self.precision, input_ids.device):
+            out = self.model.generate(input_ids=input_ids,
+                                      attention_mask=torch.ones_like(input_ids),
+                                      pad_token_id=pad_token_id(self.tokenizer), use_cache=True,
+                                      **self.generation)
+        new = out[0, input_ids.shape[1]:].tolist()
+        result = {"text": self.tokenizer.decode(new, skip_special_tokens=True),
+                  "tokens": len(new), "seconds": round(time.perf_counter() - started, 3)}
+        self.report.progress({"type": "generate_progress", "answer": which,
+                              "answers": self.answers, **result})
+        return result
 
 
 def _load_format(format_file: Path) -> Any:

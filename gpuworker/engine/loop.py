@@ -5,6 +5,9 @@ over every label token of all its micro-batches: each micro-batch contributes it
 sum divided by the step's token count, so short and long micro-batches weigh by their tokens,
 not by their number.
 
+What a micro-batch becomes (the batcher) and how its loss is computed (`loss_fn`) are the
+run's levers (levers.py); the loop only sums, divides and steps.
+
 After every optimizer step the loop reports progress, checks the loss (0 or NaN: broken run;
 <= stop_at_loss: done), evaluates and checkpoints when due, and asks `should_stop()`.
 
@@ -31,19 +34,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from dispatcher.jobs.specs import TrainSpec
-from gpuworker.engine.data import IGNORE_INDEX, StepPlan, collate, optimizer_steps
+from gpuworker.engine.config import EngineConfig
+from gpuworker.engine.data import StepPlan, optimizer_steps
 from gpuworker.engine.errors import EngineError
+from gpuworker.engine.levers import Batch, Batcher, LossFn, make_batcher, make_loss
 from gpuworker.engine.loading import compute_dtype
 from gpuworker.engine.optim import MAX_GRAD_NORM, make_optimizer, make_scheduler
+from gpuworker.engine.report import Report
 from gpuworker.engine.resume import ResumePoint, load_optimizer_state_by_name
 
 # Below this, text-generation-webui warns that the model may start to forget what it knew.
 FORGET_LOSS = 1.0
 
-Event = dict[str, Any]
 # checkpoint(outcome so far, training_state.pt's dict, training_state.json's dict)
 CheckpointFn = Callable[["LoopOutcome", dict[str, Any], dict[str, Any]], None]
 
@@ -78,27 +81,15 @@ class LoopOutcome:
         return self.part_runtime_s / done * (total_steps - self.steps) if done > 0 else 0.0
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions that count only real tokens, so left padding does not shift them."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+@dataclass
+class LoopData:
+    """What the loop trains on: the samples, the step plan, and what builds batches of them."""
 
-
-def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over label tokens.
-
-    logits (B, T, V) predict the token after each position; labels (B, T) hold the token ids
-    (IGNORE_INDEX where nothing is learned), aligned with the inputs as Hugging Face does.
-    """
-    # Shift the labels, not the logits: slicing the logits would make backward allocate a
-    # second full (B, T, V) gradient buffer (the slice's), about 2 bytes x vocab per token.
-    target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # (B*T,)
-    pred = logits.float().flatten(0, 1)  # (B*T, V)
-    return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    # The first position is never a target: nothing before it predicts it.
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    samples: list[dict[str, Any]]
+    eval_samples: list[dict[str, Any]] | None
+    plan: StepPlan
+    precision: str  # resolved (never "auto")
+    pad_id: int
 
 
 def _gpu_mem_mb(device: torch.device) -> float | None:
@@ -107,40 +98,56 @@ def _gpu_mem_mb(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
-class _Forward:
-    """model(...) with position ids from the mask, for models whose forward accepts them."""
+class Stepper:
+    """The optimizer, its schedule and the fp16 loss scaler over the model's trainable
+    parameters: backward and optimizer step, and their state for a checkpoint."""
 
-    def __init__(self, model: Any):
-        self.model = model
-        self.with_positions = True
+    def __init__(self, model: Any, cfg: EngineConfig, plan: StepPlan, precision: str,
+                 device: torch.device):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.optimizer = make_optimizer(cfg.optimizer, self.params, float(cfg.learning_rate))
+        self.scheduler = make_scheduler(cfg.lr_scheduler_type, self.optimizer, cfg.warmup_steps,
+                                        plan.total_steps)
+        self.amp_dtype = compute_dtype(precision, device)
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.device = device
 
-    def __call__(self, batch: dict[str, torch.Tensor], padded: bool = True) -> torch.Tensor:
-        """`padded` False: no padding in the batch, so the model's own positions are right."""
-        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if self.with_positions and padded:
-            try:
-                return self.model(**kw, position_ids=_position_ids(batch["attention_mask"])).logits
-            except TypeError as e:
-                if "position_ids" not in str(e):
-                    raise
-                self.with_positions = False
-        return self.model(**kw).logits
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> float:
+        """Clip, step, advance the schedule, clear the gradients; the rate this step used."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
 
 
-def evaluate(forward: _Forward, model: Any, samples: list[dict[str, Any]], micro_batch_size: int,
-             pad_id: int, device: torch.device, autocast: Any) -> float:
-    """Mean next-token loss over every label token of `samples` (no gradients, no dropout)."""
+def evaluate(model: Any, loss_fn: LossFn, batches: Any, device: torch.device) -> float:
+    """Mean next-token loss over every label token of `batches` (no gradients, no dropout)."""
     model.eval()
     total, count = 0.0, 0
     try:
         with torch.no_grad():
-            for start in range(0, len(samples), micro_batch_size):
-                batch = {k: v.to(device) for k, v in
-                         collate(samples[start:start + micro_batch_size], pad_id).items()}
-                with autocast():
-                    logits = forward(batch)  # (B, T, V)
-                total += float(_token_loss_sum(logits, batch["labels"]))
-                count += _label_tokens(batch)
+            for cpu_batch in batches:
+                total += float(loss_fn(model, cpu_batch.to(device)))
+                count += cpu_batch.targets
     finally:
         model.train()
     return total / max(count, 1)
@@ -155,151 +162,152 @@ def step_log_interval(total_steps: int) -> int:
     return 1 if total_steps <= 50 else -(-total_steps // STEP_LINES)
 
 
-def run_loop(model: Any, samples: list[dict[str, Any]], eval_samples: list[dict[str, Any]] | None,
-             spec: TrainSpec, plan: StepPlan, device: torch.device, precision: str, pad_id: int,
-             progress: Callable[[Event], None], should_stop: Callable[[], bool],
-             log: Callable[[str], None], checkpoint: CheckpointFn,
+def run_loop(model: Any, data: LoopData, cfg: EngineConfig, device: torch.device,
+             report: Report, checkpoint: CheckpointFn,
              resume: ResumePoint | None = None) -> LoopOutcome:
-    """Train `model` (already on `device`, LoRA attached) for `plan.total_steps` steps, or the
-    steps after `resume.step` with the state `resume` holds."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names = [n for n, _ in named]
-    params = [p for _, p in named]
-    optimizer = make_optimizer(spec.optimizer, params, float(spec.learning_rate))
-    scheduler = make_scheduler(spec.lr_scheduler_type, optimizer, spec.warmup_steps,
-                               plan.total_steps)
-    amp_dtype = compute_dtype(precision, device)
-    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    """Train `model` (already on `device`, LoRA attached) for `data.plan.total_steps` steps, or
+    the steps after `resume.step` with the state `resume` holds."""
+    return _Loop(model, data, cfg, device, report, checkpoint).run(resume)
 
-    def autocast() -> Any:
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
-    forward = _Forward(model)
-    log_every = step_log_interval(plan.total_steps)
-    out = LoopOutcome()
-    if resume is not None:
-        out = _restore(resume, optimizer, names, scheduler, scaler, plan, device, log)
-    warned_forget = any(h["loss"] < FORGET_LOSS for h in out.loss_history)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model.train()
+class _Loop:
+    """One run of the loop; its methods are the parts of an optimizer step."""
 
-    for step_index, group in enumerate(optimizer_steps(plan, spec.seed, out.steps),
-                                       start=out.steps):
-        step = step_index + 1
-        t0 = time.perf_counter()
-        batches = [collate([samples[i] for i in idx], pad_id) for idx in group]
-        n_targets = max(1, sum(_label_tokens(b) for b in batches))
+    def __init__(self, model: Any, data: LoopData, cfg: EngineConfig, device: torch.device,
+                 report: Report, checkpoint: CheckpointFn):
+        self.model, self.data, self.cfg, self.device = model, data, cfg, device
+        self.plan = data.plan
+        self.report, self.checkpoint = report, checkpoint
+        self.stepper = Stepper(model, cfg, data.plan, data.precision, device)
+        self.loss_fn = make_loss(cfg.levers, self.stepper.autocast)
+        self.batcher: Batcher = make_batcher(cfg.levers, data.pad_id, cfg.cutoff_len)
+        self.log_every = step_log_interval(data.plan.total_steps)
+        self.out = LoopOutcome()
+        self.warned_forget = False
+
+    def run(self, resume: ResumePoint | None) -> LoopOutcome:
+        if resume is not None:
+            self.out = _restore(resume, self.stepper, self.plan, self.device, self.report.log)
+        out = self.out
+        self.warned_forget = any(h["loss"] < FORGET_LOSS for h in out.loss_history)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.model.train()
+        samples = self.data.samples
+        for step_index, group in enumerate(optimizer_steps(self.plan, self.cfg.seed, out.steps),
+                                           start=out.steps):
+            step = step_index + 1
+            t0 = time.perf_counter()
+            step_loss_t = self._accumulate(self.batcher.step([[samples[i] for i in idx]
+                                                              for idx in group]))
+            out.micro_done += len(group)
+            lr = self.stepper.step()
+            step_loss = float(step_loss_t)  # the step's one wait for the GPU
+            elapsed = time.perf_counter() - t0
+            out.runtime_s += elapsed
+            out.part_runtime_s += elapsed
+            self._record(step, step_loss, lr)
+            self._maybe_evaluate(step)
+            if self._ends_after(step, step_loss):
+                break
+        return out
+
+    def _accumulate(self, batches: list[Batch]) -> torch.Tensor:
+        """Forward and backward over one step's batches; the step's loss, on the device."""
+        out = self.out
+        n_targets = max(1, sum(b.targets for b in batches))
         # The step's loss stays on the device until the optimizer step is queued: reading it
         # after each micro-batch would make the CPU wait for the GPU there, and the GPU then
         # idle while the CPU queues the next kernels.
-        step_loss_t = torch.zeros((), device=device)
+        step_loss_t = torch.zeros((), device=self.device)
         for cpu_batch in batches:
-            batch = {k: v.to(device, non_blocking=True) for k, v in cpu_batch.items()}
-            padded = not bool(cpu_batch["attention_mask"].all())
-            with autocast():
-                logits = forward(batch, padded)  # (B, T, V)
+            batch = cpu_batch.to(self.device, non_blocking=True)
             # Divide by the whole step's token count so the accumulated gradient is the
             # gradient of the step's mean token loss.
-            loss = _token_loss_sum(logits, batch["labels"]) / n_targets
-            # Drop the logits before backward: nothing in the graph needs them, and holding
-            # them costs 2 bytes x vocabulary per token at the peak (0.5 GiB for 2k tokens of
-            # a 128k vocabulary).
-            del logits
-            (scaler.scale(loss) if scaler else loss).backward()
+            loss = self.loss_fn(self.model, batch) / n_targets
+            self.stepper.backward(loss)
             step_loss_t += loss.detach()
-            n_tokens = int(cpu_batch["attention_mask"].sum())
-            out.tokens += n_tokens
-            out.part_tokens += n_tokens
+            out.tokens += cpu_batch.tokens
+            out.part_tokens += cpu_batch.tokens
             del loss
-        out.micro_done += len(group)
+        return step_loss_t
 
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-        lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = float(step_loss_t)  # the step's one wait for the GPU
-        elapsed = time.perf_counter() - t0
-        out.runtime_s += elapsed
-        out.part_runtime_s += elapsed
-
+    def _record(self, step: int, step_loss: float, lr: float) -> None:
+        """Check the step's loss, add it to the outcome, report it (event, log, warning)."""
+        out, plan = self.out, self.plan
         if math.isnan(step_loss) or math.isinf(step_loss) or step_loss == 0.0:
             raise EngineError(
                 f"the loss became {step_loss} at step {step}: the run is probably broken "
-                f"(diverged or overflowed). Try a lower learning_rate (now {spec.learning_rate})"
-                + (" or precision bf16/fp32" if precision == "fp16" else ""))
+                f"(diverged or overflowed). Try a lower learning_rate (now {self.cfg.learning_rate})"
+                + (" or precision bf16/fp32" if self.data.precision == "fp16" else ""))
         out.steps, out.final_loss = step, step_loss
-        out.loss_history.append({"step": step, "loss": round(step_loss, 6),
-                                 "learning_rate": lr})
-        out.peak_gpu_mem_mb = _gpu_mem_mb(device)
+        out.loss_history.append({"step": step, "loss": round(step_loss, 6), "learning_rate": lr})
+        out.peak_gpu_mem_mb = _gpu_mem_mb(self.device)
         eta = out.eta_s(plan.total_steps)
-        progress({"type": "train", "step": step, "total_steps": plan.total_steps,
-                  "epoch": round(plan.epoch_of(out.micro_done), 4), "loss": round(step_loss, 6),
-                  "learning_rate": lr, "tokens_per_s": round(out.tokens_per_s, 2),
-                  "eta_s": round(eta, 2), "gpu_mem_mb": out.peak_gpu_mem_mb})
+        self.report.progress({
+            "type": "train", "step": step, "total_steps": plan.total_steps,
+            "epoch": round(plan.epoch_of(out.micro_done), 4), "loss": round(step_loss, 6),
+            "learning_rate": lr, "tokens_per_s": round(out.tokens_per_s, 2),
+            "eta_s": round(eta, 2), "gpu_mem_mb": out.peak_gpu_mem_mb})
+        if step % self.log_every == 0 or step == plan.total_steps:
+            self.report.log(f"Step {step}/{plan.total_steps}: loss {step_loss:.4f}, learning "
+                            f"rate {lr:.3g}, {out.tokens_per_s:.0f} tokens/s")
+        if step_loss < FORGET_LOSS and not self.warned_forget:
+            self.warned_forget = True
+            self.report.warn(
+                f"loss fell below {FORGET_LOSS} (step {step}, loss {step_loss:.4f}): the model "
+                "may start to forget what it knew and only repeat the training data; "
+                "consider stopping, fewer epochs or a lower learning_rate")
 
-        if step % log_every == 0 or step == plan.total_steps:
-            log(f"Step {step}/{plan.total_steps}: loss {step_loss:.4f}, learning rate {lr:.3g}, "
-                f"{out.tokens_per_s:.0f} tokens/s")
+    def _maybe_evaluate(self, step: int) -> None:
+        eval_samples = self.data.eval_samples
+        if not eval_samples or not (step % self.cfg.eval_steps == 0
+                                    or step == self.plan.total_steps):
+            return
+        batches = self.batcher.evaluation(eval_samples, self.cfg.micro_batch_size)
+        self.out.eval_loss = evaluate(self.model, self.loss_fn, batches, self.device)
+        self.report.log(f"Step {step}: eval loss {self.out.eval_loss:.4f}")
+        self.report.progress({"type": "eval", "step": step,
+                              "eval_loss": round(self.out.eval_loss, 6)})
 
-        if step_loss < FORGET_LOSS and not warned_forget:
-            warned_forget = True
-            msg = (f"loss fell below {FORGET_LOSS} (step {step}, loss {step_loss:.4f}): the model "
-                   "may start to forget what it knew and only repeat the training data; "
-                   "consider stopping, fewer epochs or a lower learning_rate")
-            log(msg)
-            progress({"type": "warning", "message": msg})
-
-        if eval_samples and (step % spec.eval_steps == 0 or step == plan.total_steps):
-            out.eval_loss = evaluate(forward, model, eval_samples, spec.micro_batch_size, pad_id,
-                                     device, autocast)
-            log(f"Step {step}: eval loss {out.eval_loss:.4f}")
-            progress({"type": "eval", "step": step, "eval_loss": round(out.eval_loss, 6)})
-
-        reached = spec.stop_at_loss > 0 and step_loss <= spec.stop_at_loss
-        stop = not reached and step < plan.total_steps and should_stop()
+    def _ends_after(self, step: int, step_loss: float) -> bool:
+        """Whether the run ends after `step` (stop_at_loss or a stop request), writing the
+        checkpoint that is due (always one for a stop request, so it can be resumed)."""
+        cfg, out, plan = self.cfg, self.out, self.plan
+        reached = cfg.stop_at_loss > 0 and step_loss <= cfg.stop_at_loss
+        stop = not reached and step < plan.total_steps and self.report.should_stop()
         if reached:
-            out.reason = f"stopped at step {step}: loss {step_loss:.4f} reached stop_at_loss {spec.stop_at_loss}"
+            out.reason = (f"stopped at step {step}: loss {step_loss:.4f} reached stop_at_loss "
+                          f"{cfg.stop_at_loss}")
         if stop:
             out.stopped = True
             out.reason = f"stopped by request after step {step} of {plan.total_steps}"
-        due = spec.save_steps > 0 and step % spec.save_steps == 0 and step < plan.total_steps
+        due = cfg.save_steps > 0 and step % cfg.save_steps == 0 and step < plan.total_steps
         if stop or (due and not reached):
             # (A run that ends here is saved as the final adapter instead; a stopped one is
             # saved as both, so it can be resumed.)
-            checkpoint(out, _resume_state(optimizer, names, scheduler, scaler, step, out, device),
-                       _state_summary(plan, spec, step, out))
+            self.checkpoint(out, _resume_state(self.stepper, step, out),
+                            _state_summary(plan, cfg, step, out))
         if reached or stop:
-            log(out.reason)
-            break
-    return out
+            self.report.log(out.reason)
+        return reached or stop
 
 
-def _resume_state(optimizer: Any, names: list[str], scheduler: Any, scaler: Any, step: int,
-                  out: LoopOutcome, device: torch.device) -> dict[str, Any]:
+def _resume_state(stepper: Stepper, step: int, out: LoopOutcome) -> dict[str, Any]:
     """Everything beyond the adapter that continuing this exact run later needs.
 
     Taken after everything step `step` does (evaluation included), so the RNG states are the
     ones step+1 starts from."""
+    device = stepper.device
     return {
         "step": step,
         "micro_batches_done": out.micro_done,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": stepper.optimizer.state_dict(),
         # The names of the parameters the optimizer state numbers 0, 1, ...: a resume matches
         # them by name, not by position.
-        "optimizer_param_names": names,
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler else None,
+        "optimizer_param_names": stepper.names,
+        "scheduler": stepper.scheduler.state_dict(),
+        "scaler": stepper.scaler.state_dict() if stepper.scaler else None,
         "rng_cpu": torch.get_rng_state(),
         # Only the training device's generator: a resume may run on a host with other GPUs.
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -309,17 +317,18 @@ def _resume_state(optimizer: Any, names: list[str], scheduler: Any, scaler: Any,
     }
 
 
-def _restore(resume: ResumePoint, optimizer: Any, names: list[str], scheduler: Any, scaler: Any,
-             plan: StepPlan, device: torch.device, log: Callable[[str], None]) -> LoopOutcome:
+def _restore(resume: ResumePoint, stepper: Stepper, plan: StepPlan, device: torch.device,
+             log: Callable[[str], None]) -> LoopOutcome:
     """Load `resume`'s state into the fresh optimizer, scheduler, scaler and RNGs; return the
     run's outcome so far."""
     state = resume.state
+    optimizer, scheduler, scaler = stepper.optimizer, stepper.scheduler, stepper.scaler
     if state["micro_batches_done"] != resume.step * plan.accumulation \
             or not 0 < resume.step < plan.total_steps:
         raise EngineError(f"{resume.name} is at step {resume.step}, micro-batch "
                           f"{state['micro_batches_done']}: that is not a step of this run "
                           f"({plan.total_steps} steps of {plan.accumulation} micro-batches)")
-    load_optimizer_state_by_name(optimizer, names, state["optimizer"],
+    load_optimizer_state_by_name(optimizer, stepper.names, state["optimizer"],
                                  state["optimizer_param_names"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
@@ -337,7 +346,8 @@ def _restore(resume: ResumePoint, optimizer: Any, names: list[str], scheduler: A
                        resumed_from=resume.name, part_start_step=resume.step)
 
 
-def _state_summary(plan: StepPlan, spec: TrainSpec, step: int, out: LoopOutcome) -> dict[str, Any]:
+def _state_summary(plan: StepPlan, spec: EngineConfig, step: int, out: LoopOutcome
+                   ) -> dict[str, Any]:
     """The human-readable side of training_state.pt."""
     return {"step": step, "total_steps": plan.total_steps,
             "micro_batches_done": out.micro_done, "total_micro_batches": plan.total_micro,

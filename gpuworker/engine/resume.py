@@ -17,14 +17,13 @@ import hashlib
 import json
 import shutil
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dispatcher.access.links import inside
-from dispatcher.jobs.specs import TrainSpec
 from gpuworker.checkpoints import CHECKPOINT_RE, list_checkpoints
 from gpuworker.engine.errors import EngineError
 from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -101,10 +100,9 @@ def move_checkpoints(lora_dir: Path, dest: Path) -> list[str]:
 # --------------------------------------------------------------------------- does it fit?
 
 
-def run_settings(spec: TrainSpec) -> dict[str, Any]:
-    """The RUN_SETTINGS of `spec`, normalised so equal meanings compare equal."""
-    d = spec.to_dict()
-    out = {k: d[k] for k in RUN_SETTINGS}
+def run_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """The RUN_SETTINGS of a spec's fields, normalised so equal meanings compare equal."""
+    out = {k: spec[k] for k in RUN_SETTINGS}
     out["target_modules"] = sorted(set(out["target_modules"]))
     try:
         out["learning_rate"] = float(out["learning_rate"])
@@ -129,20 +127,20 @@ def read_summary(folder: Path) -> dict[str, Any]:
         raise EngineError(f"could not read {folder.name}/training_state.json: {e}") from None
 
 
-def settings_differences(saved: dict[str, Any], spec: TrainSpec) -> list[str]:
-    """'name saved -> now' for each run setting that differs from the checkpoint's."""
-    now = run_settings(spec)
+def settings_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """'name saved -> now' for each run setting (`now`: run_settings' output) that differs
+    from the checkpoint's."""
     return [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in RUN_SETTINGS if saved.get(k) != now[k]]
 
 
-def check_settings(folder: Path, summary: dict[str, Any], spec: TrainSpec) -> None:
-    """Refuse a checkpoint whose run settings differ from `spec`'s, naming each one."""
+def check_settings(folder: Path, summary: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose run settings differ from `now`'s, naming each one."""
     saved = summary.get("settings")
     if not isinstance(saved, dict):
         raise EngineError(f"{folder.name} does not record the settings of its run (it was "
                           "written by an older lorafleet), so it cannot be resumed; train "
                           "without resume_from to continue the LoRA instead")
-    diff = settings_differences(saved, spec)
+    diff = settings_differences(saved, now)
     if diff:
         raise EngineError(
             f"cannot resume from {folder.name}: these settings differ from the checkpoint's "
@@ -202,11 +200,14 @@ def load_optimizer_state_by_name(optimizer: Any, names: list[str], sd: dict[str,
 
 @dataclass
 class ResumePoint:
-    """What the loop starts from when it resumes: the checkpoint's step and state."""
+    """What the loop starts from when it resumes: the checkpoint's step and state (and, for
+    the checks before it, the folder and its training_state.json)."""
 
     name: str
     state: dict[str, Any]
     loss_history: list[dict[str, float]]
+    folder: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def step(self) -> int:

@@ -1,14 +1,13 @@
 """Phase 4: writing the LoRA folder and checkpoints, atomically.
 
 Every file is written under a temporary name in the same folder and then renamed over the
-final one (a rename within a file system is atomic), and a checkpoint folder is assembled
-under a hidden name and renamed into place whole. A crash therefore leaves either the old
+final one (formats.files.atomic_write_json; a rename within a file system is atomic), and a
+checkpoint folder is assembled under a hidden name and renamed into place whole. A crash therefore leaves either the old
 file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from formats.files import atomic_write_json
 from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 TRAINING_PARAMETERS = "training_parameters.json"
@@ -39,25 +39,6 @@ def share(path: Path) -> None:
     items = [path, *path.rglob("*")] if path.is_dir() else [path]
     for p in items:
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        share(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode("utf-8"))
 
 
 def _save_adapter_into(peft_model: Any, folder: Path, base_model_name: str) -> None:

@@ -1,10 +1,10 @@
-"""`train(spec, ...)`: one LoRA training job, in named phases.
+"""`run_training(config, ...)`: one LoRA training job, in named phases.
 
     check     everything that can be refused without loading a model (files, precision,
               optimizer, a rank change when continuing, a checkpoint that does not fit)
     data      tokenizer + samples (before the model: bad data fails in seconds)
     model     base model on the device, LoRA layers on it, earlier weights loaded (the
-              LoRA's own, or a checkpoint's when resuming)
+              LoRA's own, or a checkpoint's when resuming), then the preparation hooks
     train     the loop (loop.py), with progress events and checkpoints
     save      adapter + training_parameters / training_prompt / training_log, atomically
     clean up  drop the model and free GPU memory, whatever happened
@@ -17,23 +17,25 @@ Two ways to build on earlier work:
     resume    (`resume_from`) the same run, carried on from one of its checkpoints: weights,
               optimizer, scheduler, RNG and data position restored, steps go on from k+1.
               Nothing is backed up: the folder is this run's. See resume.py.
+
+The app's entry, `train(spec, paths, ...)`, is boundary.py's: it builds the config.
 """
 
 from __future__ import annotations
 
-import gc
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from dispatcher.access.links import inside
-from dispatcher.jobs.specs import TrainSpec
-from dispatcher.settings import DataPaths
+from formats.files import atomic_write_json
 from gpuworker.engine import data as data_phase
+from gpuworker.engine.cleanup import run_releasing
+from gpuworker.engine.config import EngineConfig
 from gpuworker.engine.errors import EngineError
+from gpuworker.engine.levers import check_levers, prepare_model
 from gpuworker.engine.loading import (
     check_model_folder,
     load_base_model,
@@ -42,7 +44,7 @@ from gpuworker.engine.loading import (
     pick_device,
     resolve_precision,
 )
-from gpuworker.engine.loop import LoopOutcome, run_loop
+from gpuworker.engine.loop import LoopData, LoopOutcome, run_loop
 from gpuworker.engine.lora import (
     ADAPTER_WEIGHTS,
     Existing,
@@ -54,6 +56,7 @@ from gpuworker.engine.lora import (
     load_existing_weights,
 )
 from gpuworker.engine.optim import check_optimizer
+from gpuworker.engine.report import Report
 from gpuworker.engine.resume import (
     LATEST,
     ResumePoint,
@@ -63,163 +66,194 @@ from gpuworker.engine.resume import (
     load_state,
     move_checkpoints,
     read_summary,
-    run_settings,
     samples_fingerprint,
 )
 from gpuworker.engine.save import (
     TRAINING_LOG,
     TRAINING_PARAMETERS,
     TRAINING_PROMPT,
-    atomic_write_json,
     save_adapter,
     save_checkpoint,
 )
 from gpuworker.engine.targets import projections_label, resolve_target_modules
 
-Progress = Callable[[dict[str, Any]], None]
+
+def _oom_advice(cfg: EngineConfig) -> str:
+    return (f"lower micro_batch_size (now {cfg.micro_batch_size}), cutoff_len (now "
+            f"{cfg.cutoff_len}) or lora_rank (now {cfg.lora_rank})"
+            + ("" if cfg.precision == "4bit" else ", or use precision 4bit"))
 
 
-def _oom_message(spec: TrainSpec) -> str:
-    return (f"out of GPU memory: lower micro_batch_size (now {spec.micro_batch_size}), "
-            f"cutoff_len (now {spec.cutoff_len}) or lora_rank (now {spec.lora_rank})"
-            + ("" if spec.precision == "4bit" else ", or use precision 4bit"))
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or (
-        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
-
-
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def train(spec: TrainSpec, paths: DataPaths, progress: Progress, should_stop: Callable[[], bool],
-          log: Callable[[str], None], device: str | None = None,
-          resume_from: str | None = None) -> dict[str, Any]:
-    """Train the LoRA `spec` describes into loras/<lora_name>/ and return the run's result.
-
-    `resume_from` carries on an interrupted run from one of its checkpoints: "latest" (the
-    highest-numbered complete checkpoint-<step>/; with none, the run starts from scratch and
-    says so) or a folder name "checkpoint-<step>" (missing: EngineError). None or "" trains
-    as usual. Raises EngineError (with a message for the user) for anything the user can fix.
-    """
+def run_training(cfg: EngineConfig, report: Report, device: str | None = None,
+                 resume_from: str | None = None) -> dict[str, Any]:
+    """Train the LoRA `cfg` describes into its folder and return the run's result (see
+    boundary.train for `resume_from`). Raises EngineError for anything the user can fix,
+    out of GPU memory included (naming the settings that lower it)."""
     dev = pick_device(device)
-    # On failure keep only the message: the exception's traceback holds the frames that hold
-    # the model and optimizer, and those must go before the GPU memory can be freed.
-    failure = ""
-    try:
-        return _train(spec, paths, progress, should_stop, log, dev, resume_from or None)
-    except EngineError as e:
-        failure = str(e)
-    except Exception as e:
-        if not _is_oom(e):
-            raise
-        failure = _oom_message(spec)
-    finally:
-        _release(dev)
-    raise EngineError(failure)
+    return run_releasing(dev, lambda: _train(cfg, report, dev, resume_from or None),
+                         _oom_advice(cfg))
 
 
-def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
-           should_stop: Callable[[], bool], log: Callable[[str], None],
-           device: torch.device, resume_from: str | None) -> dict[str, Any]:
+@dataclass
+class _Checked:
+    """What the check phase found: the files, the settings it resolved, the earlier work."""
+
+    files: data_phase.DataFiles
+    precision: str
+    lr: float
+    resume: ResumePoint | None
+    existing: Existing | None
+    prompt_info: dict[str, Any]
+
+
+@dataclass
+class _Data:
+    samples: list[dict[str, Any]]
+    eval_samples: list[dict[str, Any]] | None
+    fingerprint: str
+    plan: data_phase.StepPlan
+    pad_id: int
+
+
+def _train(cfg: EngineConfig, report: Report, device: torch.device,
+           resume_from: str | None) -> dict[str, Any]:
     started = time.perf_counter()
-    # -- check ---------------------------------------------------------------------------------
-    model_dir = paths.models / spec.base_model
-    check_model_folder(model_dir, spec.base_model)
-    files = data_phase.resolve_data_files(spec, paths)
-    def warn(message: str) -> None:
-        log(message)
-        progress({"type": "warning", "message": message})
-
-    precision = resolve_precision(spec.precision, device, warn)
-    check_optimizer(spec.optimizer, device)
-    try:
-        lr = float(spec.learning_rate)
-    except ValueError:
-        raise EngineError(f"learning_rate '{spec.learning_rate}' is not a number; write it like 3e-4") from None
-    if spec.micro_batch_size < 1 or spec.batch_size < spec.micro_batch_size:
-        raise EngineError("batch_size must be at least micro_batch_size, and both at least 1")
-    lora_dir = paths.loras / spec.lora_name
-    if lora_dir.is_symlink() or not inside(lora_dir, paths.loras):
-        # Writing through a link would write (and move files aside) wherever it leads.
-        raise EngineError(f"loras/{spec.lora_name} is a link, not a folder: the job does not "
-                          "write through it (choose another lora_name, or replace the link)")
-    resume_dir = find_checkpoint(lora_dir, resume_from) if resume_from else None
-    if resume_from == LATEST and resume_dir is None:
-        log(f"No checkpoint to resume from in loras/{spec.lora_name}/: starting from scratch")
-    existing = None
-    if resume_dir is not None:
-        resume_summary = read_summary(resume_dir)
-        check_settings(resume_dir, resume_summary, spec)
-        resume = ResumePoint(name=resume_dir.name, state=load_state(resume_dir),
-                             loss_history=resume_summary.get("loss_history", []))
-        if resume_summary.get("settings", {}).get("precision") not in (None, precision):
-            warn(f"{resume_dir.name} was trained in {resume_summary['settings']['precision']} "
-                 f"and this run uses {precision}: the losses will not match an uninterrupted "
-                 "run exactly")
+    checked = _check(cfg, report, device, resume_from)
+    data = _load_data(cfg, checked, report)
+    model, info = _load_model(cfg, checked, device, report)
+    # Loading a big model takes minutes: a stop asked for meanwhile ends here, before the
+    # LoRA folder is touched.
+    if report.should_stop():
+        report.log("Stopped before training started; nothing was saved")
+        return _result(cfg, data.plan, LoopOutcome(stopped=True,
+                                                   reason="stopped before the first step"),
+                       info, saved=False, started=started)
+    run = _Run(cfg, checked, data, info, model, report)
+    run.open_folder()
+    resume = checked.resume
+    if resume is not None:
+        report.log(f"Resuming training on {device} at step {resume.step + 1} of "
+                   f"{data.plan.total_steps}...")
     else:
-        resume = None
-        existing = None if spec.always_override else existing_adapter(lora_dir)
-        check_continue(spec.lora_name, existing, spec.lora_rank)
-    prompt_info = data_phase.training_prompt(spec, files)
+        report.log(f"Starting training on {device}...")
+    loop_data = LoopData(samples=data.samples, eval_samples=data.eval_samples, plan=data.plan,
+                         precision=checked.precision, pad_id=data.pad_id)
+    out = run_loop(model, loop_data, cfg, device, report, run.checkpoint, resume)
+    run.save(out)
+    return _result(cfg, data.plan, out, info, saved=True, started=started)
 
-    # -- data ----------------------------------------------------------------------------------
-    log(f"Loading tokenizer of {spec.base_model}...")
-    tokenizer = load_tokenizer(model_dir, spec.base_model)
+
+# --------------------------------------------------------------------------- check
+
+
+def _check(cfg: EngineConfig, report: Report, device: torch.device,
+           resume_from: str | None) -> _Checked:
+    check_model_folder(cfg.model_dir, cfg.base_model)
+    files = data_phase.resolve_data_files(cfg)
+    precision = resolve_precision(cfg.precision, device, report.warn)
+    check_optimizer(cfg.optimizer, device)
+    check_levers(cfg.levers)
+    try:
+        lr = float(cfg.learning_rate)
+    except ValueError:
+        raise EngineError(f"learning_rate '{cfg.learning_rate}' is not a number; write it "
+                          "like 3e-4") from None
+    if cfg.micro_batch_size < 1 or cfg.batch_size < cfg.micro_batch_size:
+        raise EngineError("batch_size must be at least micro_batch_size, and both at least 1")
+    lora_dir = cfg.lora_dir
+    if lora_dir.is_symlink() or not inside(lora_dir, cfg.loras_dir):
+        # Writing through a link would write (and move files aside) wherever it leads.
+        raise EngineError(f"loras/{cfg.lora_name} is a link, not a folder: the job does not "
+                          "write through it (choose another lora_name, or replace the link)")
+    resume = _resume_point(cfg, precision, report, resume_from)
+    existing = None
+    if resume is None:
+        existing = None if cfg.always_override else existing_adapter(lora_dir)
+        check_continue(cfg.lora_name, existing, cfg.lora_rank)
+    return _Checked(files=files, precision=precision, lr=lr, resume=resume, existing=existing,
+                    prompt_info=data_phase.training_prompt(cfg, files))
+
+
+def _resume_point(cfg: EngineConfig, precision: str, report: Report,
+                  resume_from: str | None) -> ResumePoint | None:
+    """The checkpoint `resume_from` names, checked against this run's settings (None: no
+    resume, or "latest" with no checkpoint, which starts from scratch and says so)."""
+    folder = find_checkpoint(cfg.lora_dir, resume_from) if resume_from else None
+    if resume_from == LATEST and folder is None:
+        report.log(f"No checkpoint to resume from in loras/{cfg.lora_name}/: starting from "
+                   "scratch")
+    if folder is None:
+        return None
+    summary = read_summary(folder)
+    check_settings(folder, summary, cfg.run_settings)
+    resume = ResumePoint(name=folder.name, state=load_state(folder),
+                         loss_history=summary.get("loss_history", []), folder=folder,
+                         summary=summary)
+    if summary.get("settings", {}).get("precision") not in (None, precision):
+        report.warn(f"{folder.name} was trained in {summary['settings']['precision']} and "
+                    f"this run uses {precision}: the losses will not match an uninterrupted "
+                    "run exactly")
+    return resume
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _load_data(cfg: EngineConfig, checked: _Checked, report: Report) -> _Data:
+    log, files = report.log, checked.files
+    log(f"Loading tokenizer of {cfg.base_model}...")
+    tokenizer = load_tokenizer(cfg.model_dir, cfg.base_model)
     pad_id = pad_token_id(tokenizer)
-    source = (f"raw text {spec.raw_text_file}" if files.raw_text else
-              f"dataset {spec.dataset} with format {spec.format}")
-    log(f"Building samples from {source} (cutoff_len {spec.cutoff_len})...")
-    samples = data_phase.build_samples(spec, files, tokenizer, home=paths.home)
+    source = (f"raw text {cfg.raw_text_file}" if files.raw_text else
+              f"dataset {cfg.dataset} with format {cfg.format}")
+    log(f"Building samples from {source} (cutoff_len {cfg.cutoff_len})...")
+    samples = data_phase.build_samples(cfg, files, tokenizer, home=cfg.home)
     fingerprint = samples_fingerprint(samples)
-    if resume_dir is not None:
-        check_data(resume_dir, resume_summary, len(samples), fingerprint)
+    resume = checked.resume
+    if resume is not None and resume.folder is not None:
+        check_data(resume.folder, resume.summary, len(samples), fingerprint)
     eval_samples = None
     if files.eval_dataset is not None:
-        eval_samples = data_phase.build_samples(spec, files, tokenizer,
-                                                dataset_path=files.eval_dataset,
-                                                home=paths.home)
-    plan = data_phase.StepPlan.make(len(samples), spec.micro_batch_size, spec.batch_size,
-                                    spec.epochs)
+        eval_samples = data_phase.build_samples(cfg, files, tokenizer,
+                                                dataset_path=files.eval_dataset, home=cfg.home)
+    plan = data_phase.StepPlan.make(len(samples), cfg.micro_batch_size, cfg.batch_size,
+                                    cfg.epochs)
     log(f"{len(samples)} samples"
         + (f", {len(eval_samples)} evaluation samples" if eval_samples else "")
-        + f"; {plan.micro_per_epoch} micro-batches of {spec.micro_batch_size} per epoch, "
+        + f"; {plan.micro_per_epoch} micro-batches of {cfg.micro_batch_size} per epoch, "
           f"{plan.accumulation} per optimizer step: {plan.total_steps} optimizer steps "
-          f"over {spec.epochs:g} epochs")
-    if spec.warmup_steps >= plan.total_steps and spec.lr_scheduler_type != "constant":
-        warn(f"warmup_steps ({spec.warmup_steps}) is not less than the run's "
-             f"{plan.total_steps} optimizer steps: the learning rate never reaches "
-             f"{spec.learning_rate}; lower warmup_steps")
+          f"over {cfg.epochs:g} epochs")
+    if cfg.warmup_steps >= plan.total_steps and cfg.lr_scheduler_type != "constant":
+        report.warn(f"warmup_steps ({cfg.warmup_steps}) is not less than the run's "
+                    f"{plan.total_steps} optimizer steps: the learning rate never reaches "
+                    f"{cfg.learning_rate}; lower warmup_steps")
+    return _Data(samples=samples, eval_samples=eval_samples, fingerprint=fingerprint,
+                 plan=plan, pad_id=pad_id)
 
-    # -- model ---------------------------------------------------------------------------------
-    loaded = load_base_model(model_dir, spec.base_model, precision, device, log)
-    modules = resolve_target_modules(loaded.model, spec.target_modules)
+
+# --------------------------------------------------------------------------- model
+
+
+def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
+                report: Report) -> tuple[Any, dict[str, Any]]:
+    """The LoRA-wrapped, prepared model, and what training_log.json says about it."""
+    log, precision = report.log, checked.precision
+    loaded = load_base_model(cfg.model_dir, cfg.base_model, precision, device, log)
+    modules = resolve_target_modules(loaded.model, cfg.target_modules)
     projections = projections_label(modules)
-    log(f"Training {loaded.model_type} ({loaded.model_class}) with LoRA rank {spec.lora_rank}, "
-        f"alpha {spec.lora_alpha} on {projections}")
-    model = attach_lora(loaded.model, spec.lora_rank, spec.lora_alpha, spec.lora_dropout,
-                        modules, spec.seed)
+    log(f"Training {loaded.model_type} ({loaded.model_class}) with LoRA rank {cfg.lora_rank}, "
+        f"alpha {cfg.lora_alpha} on {projections}")
+    model = attach_lora(loaded.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                        modules, cfg.seed)
     del loaded.model
-    if resume is not None:
-        log(f"Resuming {spec.lora_name} from {resume.name}: loading its weights")
-        load_existing_weights(model, Existing(weights=resume_dir / ADAPTER_WEIGHTS, rank=None),
-                              f"{spec.lora_name}/{resume.name}")
-    elif existing is not None:
-        log(f"Continuing LoRA {spec.lora_name} from its saved weights "
-            "(set always_override to start over)")
-        # Said on the job page as well as in the log: the job does not start from scratch.
-        progress({"type": "continues", "lora": spec.lora_name, "step": existing.steps})
-        load_existing_weights(model, existing, spec.lora_name)
+    _load_earlier_weights(model, cfg, checked, report)
+    model = prepare_model(model, cfg, log)
     trainable, total = count_params(model)
     log(f"Trainable params: {trainable:,} ({100 * trainable / max(total, 1):.4f} %), "
         f"all params: {total:,} (model: {loaded.total_params:,})")
-
+    existing = checked.existing
     info = {
-        "base_model_name": spec.base_model,
+        "base_model_name": cfg.base_model,
         "base_model_class": loaded.model_class,
         "base_loaded_in_4bit": precision == "4bit",
         "base_loaded_in_8bit": precision == "8bit",
@@ -230,74 +264,98 @@ def _train(spec: TrainSpec, paths: DataPaths, progress: Progress,
         "total_params": total,
         "device": str(device),
         # The LoRA this run continues and its steps (None: a new LoRA, or a resumed run).
-        "continues": ({"lora": spec.lora_name, "step": existing.steps}
+        "continues": ({"lora": cfg.lora_name, "step": existing.steps}
                       if existing is not None else None),
     }
-    # Loading a big model takes minutes: a stop asked for meanwhile ends here, before the
-    # LoRA folder is touched.
-    if should_stop():
-        log("Stopped before training started; nothing was saved")
-        return _result(spec, plan, LoopOutcome(stopped=True, reason="stopped before the first step"),
-                       info, saved=False, started=started)
+    return model, info
 
-    # The LoRA folder is touched only now that everything loaded: a refused job changes nothing.
-    # A resumed run carries on in its own folder: nothing of it is earlier work to keep.
-    kept = None if resume is not None else backup_folder(lora_dir, move=spec.always_override)
-    if kept is not None:
-        log(f"{'Moved' if spec.always_override else 'Copied'} the earlier files of "
-            f"{spec.lora_name} to {kept.name}/")
-        # (With always_override the checkpoints moved with everything else.) A folder with
-        # checkpoints but no files at all was not written by this engine and is left alone.
-        moved = move_checkpoints(lora_dir, kept)
-        if moved:
-            log(f"Moved the earlier run's {', '.join(moved)} to {kept.name}/")
-    lora_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(lora_dir / TRAINING_PARAMETERS, spec.training_parameters())
-    atomic_write_json(lora_dir / TRAINING_PROMPT, prompt_info)
 
-    def training_log(out: LoopOutcome) -> dict[str, Any]:
-        return {"loss": out.final_loss, "current_steps": out.steps, "total_steps": plan.total_steps,
-                "epoch": round(plan.epoch_of(out.micro_done), 4), **info,
+def _load_earlier_weights(model: Any, cfg: EngineConfig, checked: _Checked,
+                          report: Report) -> None:
+    resume, existing = checked.resume, checked.existing
+    if resume is not None and resume.folder is not None:
+        report.log(f"Resuming {cfg.lora_name} from {resume.name}: loading its weights")
+        load_existing_weights(model, Existing(weights=resume.folder / ADAPTER_WEIGHTS, rank=None),
+                              f"{cfg.lora_name}/{resume.name}")
+    elif existing is not None:
+        report.log(f"Continuing LoRA {cfg.lora_name} from its saved weights "
+                   "(set always_override to start over)")
+        # Said on the job page as well as in the log: the job does not start from scratch.
+        report.progress({"type": "continues", "lora": cfg.lora_name, "step": existing.steps})
+        load_existing_weights(model, existing, cfg.lora_name)
+
+
+# --------------------------------------------------------------------------- the LoRA folder
+
+
+class _Run:
+    """Writing the run into its LoRA folder: the files before the loop, checkpoints during it,
+    the adapter and training_log.json after it."""
+
+    def __init__(self, cfg: EngineConfig, checked: _Checked, data: _Data,
+                 info: dict[str, Any], model: Any, report: Report):
+        self.cfg, self.checked, self.plan, self.info = cfg, checked, data.plan, info
+        self.model, self.log = model, report.log
+        # What a resume checks against: the run's settings, the exact samples, the precision.
+        self.settings = {**cfg.run_settings, "data_sha256": data.fingerprint,
+                         "precision": checked.precision}
+
+    def open_folder(self) -> None:
+        """Set earlier work aside and write the files known before training.
+
+        The LoRA folder is touched only now that everything loaded: a refused job changes
+        nothing. A resumed run carries on in its own folder: nothing of it is earlier work."""
+        cfg, log, lora_dir = self.cfg, self.log, self.cfg.lora_dir
+        kept = (None if self.checked.resume is not None
+                else backup_folder(lora_dir, move=cfg.always_override))
+        if kept is not None:
+            log(f"{'Moved' if cfg.always_override else 'Copied'} the earlier files of "
+                f"{cfg.lora_name} to {kept.name}/")
+            # (With always_override the checkpoints moved with everything else.) A folder with
+            # checkpoints but no files at all was not written by this engine and is left alone.
+            moved = move_checkpoints(lora_dir, kept)
+            if moved:
+                log(f"Moved the earlier run's {', '.join(moved)} to {kept.name}/")
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(lora_dir / TRAINING_PARAMETERS, cfg.training_parameters)
+        atomic_write_json(lora_dir / TRAINING_PROMPT, self.checked.prompt_info)
+
+    def training_log(self, out: LoopOutcome) -> dict[str, Any]:
+        plan = self.plan
+        return {"loss": out.final_loss, "current_steps": out.steps,
+                "total_steps": plan.total_steps,
+                "epoch": round(plan.epoch_of(out.micro_done), 4), **self.info,
                 "train_runtime_s": round(out.runtime_s, 3),
                 "tokens_per_s": round(out.tokens_per_s, 2), "tokens": out.tokens,
                 "peak_gpu_memory_mb": out.peak_gpu_mem_mb, "eval_loss": out.eval_loss,
-                "stopped": out.stopped, "reason": out.reason, "learning_rate": lr,
+                "stopped": out.stopped, "reason": out.reason, "learning_rate": self.checked.lr,
                 "resumed_from": out.resumed_from, "loss_history": out.loss_history}
 
-    # What a resume checks against: the run's settings, the exact samples, the precision.
-    settings = {**run_settings(spec), "data_sha256": fingerprint, "precision": precision}
-
-    def checkpoint(out: LoopOutcome, state: dict[str, Any], summary: dict[str, Any]) -> None:
+    def checkpoint(self, out: LoopOutcome, state: dict[str, Any],
+                   summary: dict[str, Any]) -> None:
         if not out.stopped:
             out = replace(out, reason=f"checkpoint at step {out.steps}")
-        folder = save_checkpoint(model, lora_dir, out.steps, spec.base_model,
-                                 training_log=training_log(out), training_prompt=prompt_info,
-                                 state=state, state_summary={**summary, "settings": settings})
-        log(f"Saved {folder.name}/")
+        folder = save_checkpoint(self.model, self.cfg.lora_dir, out.steps, self.cfg.base_model,
+                                 training_log=self.training_log(out),
+                                 training_prompt=self.checked.prompt_info, state=state,
+                                 state_summary={**summary, "settings": self.settings})
+        self.log(f"Saved {folder.name}/")
 
-    # -- train ---------------------------------------------------------------------------------
-    if resume is not None:
-        log(f"Resuming training on {device} at step {resume.step + 1} of {plan.total_steps}...")
-    else:
-        log(f"Starting training on {device}...")
-    out = run_loop(model, samples, eval_samples, spec, plan, device, precision, pad_id,
-                   progress, should_stop, log, checkpoint, resume)
-
-    # -- save ----------------------------------------------------------------------------------
-    log(f"Saving LoRA to loras/{spec.lora_name}/...")
-    save_adapter(model, lora_dir, spec.base_model)
-    atomic_write_json(lora_dir / TRAINING_LOG, training_log(out))
-    if out.stopped:
-        log(f"Interrupted. Incomplete LoRA saved to loras/{spec.lora_name}/")
-    else:
-        log(f"Done! LoRA saved to loras/{spec.lora_name}/")
-    return _result(spec, plan, out, info, saved=True, started=started)
+    def save(self, out: LoopOutcome) -> None:
+        cfg, log = self.cfg, self.log
+        log(f"Saving LoRA to loras/{cfg.lora_name}/...")
+        save_adapter(self.model, cfg.lora_dir, cfg.base_model)
+        atomic_write_json(cfg.lora_dir / TRAINING_LOG, self.training_log(out))
+        if out.stopped:
+            log(f"Interrupted. Incomplete LoRA saved to loras/{cfg.lora_name}/")
+        else:
+            log(f"Done! LoRA saved to loras/{cfg.lora_name}/")
 
 
-def _result(spec: TrainSpec, plan: data_phase.StepPlan, out: LoopOutcome, info: dict[str, Any],
-            *, saved: bool, started: float) -> dict[str, Any]:
-    result: dict[str, Any] = {
-        "lora_dir": f"loras/{spec.lora_name}",
+def _result(cfg: EngineConfig, plan: data_phase.StepPlan, out: LoopOutcome,
+            info: dict[str, Any], *, saved: bool, started: float) -> dict[str, Any]:
+    return {
+        "lora_dir": f"loras/{cfg.lora_name}",
         "saved": saved,
         "steps": out.steps,
         "total_steps": plan.total_steps,
@@ -315,5 +373,3 @@ def _result(spec: TrainSpec, plan: data_phase.StepPlan, out: LoopOutcome, info: 
         "resumed_from": out.resumed_from,
         "continues": info.get("continues"),
     }
-    return result
-

@@ -358,8 +358,7 @@ def test_the_engines_loss_honours_train_only_after(paths, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import formats
-    from gpuworker.engine.data import collate
-    from gpuworker.engine.loop import _Forward, _label_tokens, _token_loss_sum
+    from gpuworker.engine.levers import Forward, PadBatcher, token_loss_sum
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -367,17 +366,17 @@ def test_the_engines_loss_honours_train_only_after(paths, tiny_model_dir):
         tokenizer=tok, cutoff_len=64, dataset_path=paths.datasets / "tiny.json",
         format_path=paths.formats / "alpaca-test.json", train_only_after="### Response:\n",
         add_eos_token=True)[:3]
-    batch = collate(samples, tok.pad_token_id or 0)
-    labels = batch["labels"]
+    batch = PadBatcher(tok.pad_token_id or 0).collate(samples)
+    labels = batch.tensors["labels"]
     masked = labels == -100
     assert masked[:, 0].all() and (~masked).any(dim=1).all()  # every row: a prompt, then trained
 
-    logits = _Forward(model)(batch).detach().requires_grad_(True)  # (B, T, V)
-    loss_sum = _token_loss_sum(logits, labels)
-    engine_loss = loss_sum / _label_tokens(batch)
+    logits = Forward()(model, batch).detach().requires_grad_(True)  # (B, T, V)
+    loss_sum = token_loss_sum(logits, labels)
+    engine_loss = loss_sum / batch.targets
     with torch.no_grad():
-        hf_loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        labels=labels).loss
+        hf_loss = model(input_ids=batch.tensors["input_ids"],
+                        attention_mask=batch.tensors["attention_mask"], labels=labels).loss
     assert float(engine_loss.detach()) == pytest.approx(float(hf_loss), rel=1e-5)
 
     loss_sum.backward()

@@ -1,0 +1,41 @@
+"""A job's failure as one EngineError, with the card's memory given back whatever happens."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gpuworker.engine.errors import EngineError
+
+
+def release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def run_releasing(dev: torch.device, run: Callable[[], dict[str, Any]],
+                  oom_advice: str) -> dict[str, Any]:
+    """`run()`, with its failure as one EngineError: the engine's own message, or "out of GPU
+    memory: <oom_advice>". The card's memory is released whatever happens; only the message is
+    kept on failure, because the traceback's frames hold the model."""
+    failure = ""
+    try:
+        return run()
+    except EngineError as e:
+        failure = str(e)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        failure = f"out of GPU memory: {oom_advice}"
+    finally:
+        release_memory(dev)
+    raise EngineError(failure)
