@@ -34,7 +34,7 @@ from dispatcher.jobs.specs import (
 from dispatcher.jobs.states import TransitionError
 from dispatcher.jobs.store import KINDS, PRIORITIES, JobNotFound
 from dispatcher.schedule.estimate import job_memory_mb
-from dispatcher.schedule.scheduler import QueueView, queue_view, scheduling_env
+from dispatcher.schedule.queue import QueueView, queue_view, scheduling_env
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 

@@ -80,10 +80,10 @@ class Services:
 
     @property
     def pending(self) -> Any:
-        """The process's kept copy of the queue (dispatcher.schedule.scheduler.PendingCache): a job list
+        """The process's kept copy of the queue (dispatcher.schedule.pending.PendingCache): a job list
         reads only what changed since the last one, not every queued record."""
         if self._pending is None:
-            from dispatcher.schedule.scheduler import PendingCache
+            from dispatcher.schedule.pending import PendingCache
 
             store = self.store  # (outside the lock: connecting takes it too)
             with self._lock:
