@@ -3,7 +3,8 @@
 `run_job` is thin: it hands the job id to `perform_job`, which checks that the job is still
 this worker's (a fence against a job that moved to another card), marks it running, calls one
 engine function with callbacks that publish events, and records the outcome. Retries after a
-lost worker are the dispatcher's business, not the task's.
+lost worker are the dispatcher's business; a task that ended without recording an outcome (its
+process died) is settled here, by the same policy (dispatcher.schedule.requeue).
 """
 
 from __future__ import annotations
