@@ -19,7 +19,8 @@ from dashboard.services import services
 from dispatcher.jobs.outcome import list_fields
 from dispatcher.jobs.states import PENDING_VALUES
 from dispatcher.jobs.store import JobNotFound
-from dispatcher.schedule.scheduler import QueueView, queue_view, scheduling_env
+from dispatcher.schedule.queue import QueueView, queue_view
+from dispatcher.settings import scheduling_env
 
 # Record fields that the job list leaves out (the spec can be long; the page fetches it).
 LIST_OMITS = ("spec", "result")

@@ -18,7 +18,7 @@ from dispatcher.access.accounts import Accounts
 from dispatcher.jobs.events import EventLog
 from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.store import JobStore
-from dispatcher.schedule.scheduler import PendingCache
+from dispatcher.schedule.pending import PendingCache
 from dispatcher.settings import Settings, connect
 from dispatcher.settings import live_caps as _settings_live_caps
 

@@ -3,7 +3,8 @@
 `run_job` is thin: it hands the job id to `perform_job`, which checks that the job is still
 this worker's (a fence against a job that moved to another card), marks it running, calls one
 engine function with callbacks that publish events, and records the outcome. Retries after a
-lost worker are the dispatcher's business, not the task's.
+lost worker are the dispatcher's business; a task that ended without recording an outcome (its
+process died) is settled here, by the same policy (dispatcher.schedule.requeue).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -19,8 +21,9 @@ from typing import Any
 from dispatcher.access.owners import OwnerRefused, Owners, job_write_refusal
 from dispatcher.jobs.celery_app import RUN_JOB_TASK
 from dispatcher.jobs.fleet import Fleet
-from dispatcher.jobs.states import JobState, TransitionError
+from dispatcher.jobs.states import JobState, TransitionError, WorkerState
 from dispatcher.jobs.store import JobNotFound, JobStore
+from dispatcher.schedule.requeue import Crashed, settle
 from dispatcher.settings import Settings, connect
 
 log = logging.getLogger("lorafleet.worker")
@@ -35,113 +38,151 @@ class JobFenced(RuntimeError):
     """The job no longer belongs to this worker."""
 
 
+class JobRun:
+    """The callbacks one run of a job hands the engine: events and progress, log lines and the
+    stop check, each fenced on the job still being this worker's."""
+
+    def __init__(self, store: JobStore, job_id: str, worker_name: str, rec: dict[str, Any]):
+        self.store = store
+        self.job_id = job_id
+        self.worker_name = worker_name
+        self.best: float | None = rec.get("best_eval_loss")  # a resumed attempt keeps it
+        self._progress_at = 0.0
+        self._answered = False
+
+    def still_mine(self) -> bool:
+        raw = self.store.r.hmget(self.store.key(self.job_id), "state", "worker")
+        return raw[0] == JobState.RUNNING.value and raw[1] == self.worker_name
+
+    def check_mine(self) -> None:
+        if not self.still_mine():
+            raise JobFenced(f"job {self.job_id} was moved away from {self.worker_name}")
+
+    def log(self, line: str) -> None:
+        log.info("[%s] %s", self.job_id, line)
+        self.store.events.append(self.job_id, "log", line=line)
+
+    def progress(self, event: dict[str, Any]) -> None:
+        """Every event goes to the job's stream; training progress to the record at most every
+        _PROGRESS_EVERY_S (and at the last step), the best eval loss at every evaluation."""
+        self.check_mine()
+        event = dict(event)
+        kind = event.pop("type", "train")
+        self.store.events.append(self.job_id, kind, **event)
+        now = time.monotonic()
+        if kind == "train" and (now - self._progress_at >= _PROGRESS_EVERY_S
+                                or event.get("step") == event.get("total_steps")):
+            self._progress_at = now
+            self.store.update_progress(self.job_id, **{
+                k: event.get(k) for k in ("step", "total_steps", "loss", "eta_s", "epoch")})
+        elif kind == "eval" and event.get("eval_loss") is not None:
+            # Kept on the record, so a job's summary never reads its whole event stream.
+            loss = float(event["eval_loss"])
+            self.best = loss if self.best is None else min(self.best, loss)
+            self.store.update_progress(self.job_id, eval_loss=loss, best_eval_loss=self.best)
+
+    def should_stop(self) -> bool:
+        if not self.still_mine():
+            return True
+        if not self.store.stop_requested(self.job_id):
+            return False
+        if not self._answered:  # the worker's watchdog stops waiting to kill this process
+            self._answered = True
+            self.store.answer_stop(self.job_id)
+        return True
+
+
 def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
                 run: Callable[..., dict[str, Any]], settings: Settings) -> str:
-    """Run one job to an end state; returns that state's value (or 'skipped')."""
+    """Run one job to an end state; returns that state's value (or 'skipped', 'fenced')."""
+    rec = _start(store, job_id, worker_name)
+    if rec is None:
+        return "skipped"
+    # job_pid: the process to kill if the job does not answer a stop request (gpuworker.watchdog).
+    fleet.heartbeat(worker_name, state=WorkerState.BUSY.value, job=job_id, job_pid=os.getpid())
+    state = JobState.FAILED
+    try:
+        state = _run(JobRun(store, job_id, worker_name, rec), rec, run, settings)
+    except JobFenced as e:
+        log.warning("%s", e)
+        return "fenced"
+    except Exception as e:  # every failure ends the job with its reason; the worker stays up
+        _record_failure(store, job_id, worker_name, e)
+    finally:
+        fleet.heartbeat(worker_name, state=WorkerState.IDLE.value, job="", job_pid="")
+        _release_memory()
+    return state.value
+
+
+def _start(store: JobStore, job_id: str, worker_name: str) -> dict[str, Any] | None:
+    """Mark the job running on this worker; None (logged) when it is not this worker's to
+    run: gone, cancelled, or assigned elsewhere since the message was sent."""
     try:
         rec = store.get(job_id)
     except JobNotFound:
         log.warning("job %s does not exist; skipping", job_id)
-        return "skipped"
+        return None
     if rec["state"] != JobState.ASSIGNED.value or rec.get("worker") != worker_name:
         log.warning("job %s is %s on %r, not assigned to %s; skipping", job_id, rec["state"],
                     rec.get("worker"), worker_name)
-        return "skipped"
+        return None
     try:
         store.transition(job_id, JobState.RUNNING, f"running on {worker_name}",
                          expect_worker=worker_name)
     except TransitionError as e:
         log.warning("job %s: %s", job_id, e)
-        return "skipped"
-    # job_pid: the process to kill if the job does not answer a stop request (gpuworker.watchdog).
-    fleet.heartbeat(worker_name, state="busy", job=job_id, job_pid=os.getpid())
-    events = store.events
-    last_progress = [0.0]
+        return None
+    return rec
 
-    def emit_log(line: str) -> None:
-        log.info("[%s] %s", job_id, line)
-        events.append(job_id, "log", line=line)
 
-    def still_mine() -> bool:
-        raw = store.r.hmget(store.key(job_id), "state", "worker")
-        return raw[0] == JobState.RUNNING.value and raw[1] == worker_name
+def _run(job: JobRun, rec: dict[str, Any], run: Callable[..., dict[str, Any]],
+         settings: Settings) -> JobState:
+    """Call the engine and record its outcome: succeeded, or cancelled when it stopped."""
+    store, job_id = job.store, job.job_id
+    kind = rec.get("kind", "train")
+    if kind == "train":
+        # Defence in depth: the dashboard checked who may write this LoRA; check again
+        # before the engine moves or writes anything in its folder.
+        refused = job_write_refusal(Owners(store.r, store.p), settings.paths.loras, rec)
+        if refused:
+            raise OwnerRefused(refused, "lora_name")
+    result = run(kind, rec["spec"], settings, job_id=job_id,
+                 attempt=int(rec.get("attempt") or 1), progress=job.progress,
+                 should_stop=job.should_stop, log=job.log)
+    job.check_mine()
+    store.set_result(job_id, result)
+    store.events.append(job_id, "result", **result)
+    if result.get("stopped"):
+        state = JobState.CANCELLED
+        reason = store.stop_cause(job_id)
+        reason += "; the incomplete LoRA was saved" if result.get("saved") else ""
+    else:
+        state = JobState.SUCCEEDED
+        reason = result.get("reason") or "finished"
+    store.transition(job_id, state, reason, expect_worker=job.worker_name)
+    return state
 
-    best: list[float | None] = [rec.get("best_eval_loss")]  # a resumed attempt keeps it
 
-    def progress(event: dict[str, Any]) -> None:
-        if not still_mine():
-            raise JobFenced(f"job {job_id} was moved away from {worker_name}")
-        event = dict(event)
-        kind = event.pop("type", "train")
-        events.append(job_id, kind, **event)
-        now = time.monotonic()
-        if kind == "train" and (now - last_progress[0] >= _PROGRESS_EVERY_S
-                                or event.get("step") == event.get("total_steps")):
-            last_progress[0] = now
-            store.update_progress(job_id, **{k: event.get(k) for k in
-                                             ("step", "total_steps", "loss", "eta_s", "epoch")})
-        elif kind == "eval" and event.get("eval_loss") is not None:
-            # Kept on the record, so a job's summary never reads its whole event stream.
-            loss = float(event["eval_loss"])
-            best[0] = loss if best[0] is None else min(best[0], loss)
-            store.update_progress(job_id, eval_loss=loss, best_eval_loss=best[0])
-
-    answered = [False]
-
-    def should_stop() -> bool:
-        if not still_mine():
-            return True
-        if not store.stop_requested(job_id):
-            return False
-        if not answered[0]:  # the worker's watchdog stops waiting to kill this process
-            answered[0] = True
-            store.answer_stop(job_id)
-        return True
-
-    state = JobState.FAILED
+def _record_failure(store: JobStore, job_id: str, worker_name: str, e: Exception) -> None:
+    """End the job `failed` with a reason a user can read, and the traceback's tail in its log."""
+    tb = traceback.format_exc().rstrip().splitlines()
+    for line in tb[-12:]:
+        store.events.append(job_id, "log", line=line)
     try:
-        if rec.get("kind", "train") == "train":
-            # Defence in depth: the dashboard checked who may write this LoRA; check again
-            # before the engine moves or writes anything in its folder.
-            refused = job_write_refusal(Owners(store.r, store.p), settings.paths.loras, rec)
-            if refused:
-                raise OwnerRefused(refused, "lora_name")
-        result = run(rec.get("kind", "train"), rec["spec"], settings, job_id=job_id,
-                     attempt=int(rec.get("attempt") or 1), progress=progress,
-                     should_stop=should_stop, log=emit_log)
-        if not still_mine():
-            raise JobFenced(f"job {job_id} was moved away from {worker_name}")
-        store.set_result(job_id, result)
-        events.append(job_id, "result", **result)
-        if result.get("stopped"):
-            state = JobState.CANCELLED
-            reason = store.stop_cause(job_id)
-            reason += "; the incomplete LoRA was saved" if result.get("saved") else ""
-        else:
-            state = JobState.SUCCEEDED
-            reason = result.get("reason") or "finished"
-        store.transition(job_id, state, reason, expect_worker=worker_name)
-    except JobFenced as e:
-        log.warning("%s", e)
-        return "fenced"
-    except Exception as e:  # every failure ends the job with its reason; the worker stays up
-        reason = _reason(e)
-        tb = traceback.format_exc().rstrip().splitlines()
-        for line in tb[-12:]:
-            events.append(job_id, "log", line=line)
-        try:
-            store.transition(job_id, JobState.FAILED, reason, expect_worker=worker_name)
-        except TransitionError:
-            pass
-    finally:
-        fleet.heartbeat(worker_name, state="idle", job="", job_pid="")
-        _release_memory()
-    return state.value
+        store.transition(job_id, JobState.FAILED, _reason(e), expect_worker=worker_name)
+    except TransitionError as moved:  # it ended or moved meanwhile: its record is not ours
+        log.warning("job %s failed but could not be marked failed: %s", job_id, moved)
 
 
 def _reason(e: BaseException) -> str:
-    """A user-facing reason: engine errors as they are, anything else with its type."""
-    if type(e).__name__ in ("EngineError", "OwnerRefused"):
+    """A user-facing reason: engine errors and refusals as they are, anything else with its
+    type."""
+    # Imported here, not at the top: the engine package imports torch, which the worker's main
+    # process imports only in preload_libraries (README, "Celery for long GPU jobs"). This runs
+    # in the child that ran the job, where the engine is imported already.
+    from gpuworker.engine.errors import EngineError
+
+    if isinstance(e, (EngineError, OwnerRefused)):
         return str(e)
     if "out of memory" in str(e).lower():
         return ("out of GPU memory: lower micro_batch_size, cutoff_len or lora_rank "
@@ -151,14 +192,12 @@ def _reason(e: BaseException) -> str:
 
 def _release_memory() -> None:
     gc.collect()
+    torch = sys.modules.get("torch")  # never imported here only to free memory
     try:
-        import sys
-
-        torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()
-    except Exception:
-        pass
+    except Exception:  # the child exits after this job anyway, freeing all it held
+        log.warning("could not release the GPU memory cache", exc_info=True)
 
 
 def patient_redis(settings: Settings, patience_s: float):
@@ -182,11 +221,10 @@ REDIS_PATIENCE_S = 120.0
 
 
 def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str) -> str | None:
-    """Put a job back in the queue (or fail it after MAX_ATTEMPTS) when the task that ran it
-    ended without recording an outcome. Fenced: only a job still assigned to `name` changes.
-    Returns the new state, or None when the job was not (or no longer) this worker's."""
-    from dispatcher.schedule.scheduler import MAX_ATTEMPTS
-
+    """Settle a job whose task ended without recording an outcome, by the one re-queue policy
+    (dispatcher.schedule.requeue: back to the queue, failed after MAX_ATTEMPTS, cancelled when
+    it was being stopped). Fenced: only a job still assigned to `name` changes. Returns the new
+    state, or None when the job was not (or no longer) this worker's."""
     r = patient_redis(settings, REDIS_PATIENCE_S)
     try:
         store = JobStore(r, settings.prefix)
@@ -196,20 +234,12 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str) ->
             # answering a stop request. Such a job must not run again.
             log.info("job %s is %s (%s): not re-queued", job_id, rec["state"], rec.get("reason"))
             return None
-        attempt = int(rec.get("attempt") or 1)
-        try:
-            if attempt >= MAX_ATTEMPTS:
-                store.transition(job_id, JobState.FAILED,
-                                 f"{why}; it happened {attempt} times, giving up",
-                                 expect_worker=name)
-                new = JobState.FAILED
-            else:
-                store.transition(job_id, JobState.RETRYING, f"{why}; re-queued",
-                                 expect_worker=name, worker="")
-                new = JobState.RETRYING
-        except TransitionError:
+        new = settle(store, job_id, int(rec.get("attempt") or 1), Crashed(why),
+                     expect_worker=name)
+        if new is None:
             return None
-        Fleet(r, settings.prefix, settings.worker_timeout).heartbeat(name, state="idle", job="")
+        Fleet(r, settings.prefix, settings.worker_timeout).heartbeat(
+            name, state=WorkerState.IDLE.value, job="")
         return new.value
     except JobNotFound:
         return None

@@ -25,13 +25,13 @@ from pathlib import Path
 import redis
 
 from dispatcher.jobs.fleet import Fleet
-from dispatcher.jobs.states import JobState, TransitionError
+from dispatcher.jobs.states import JobState, TransitionError, WorkerState
 from dispatcher.jobs.store import JobStore
 from gpuworker.checkpoints import list_checkpoints
 from gpuworker.telemetry import parent_pid
 
 log = logging.getLogger("lorafleet.worker")
-
+# What the worker's heartbeat shows while its job has been asked to stop and has not answered.
 
 
 def kill_child(pid: int | None, parent: int | None = None) -> int | None:
@@ -108,10 +108,10 @@ class StopWatchdog:
                 pipe.watch(key)
                 if pipe.hget(key, "job") == job_id:
                     pipe.multi()
-                    pipe.hset(key, "state", "stopping")
+                    pipe.hset(key, "state", WorkerState.STOPPING.value)
                     pipe.execute()
             except redis.WatchError:
-                pass
+                pass  # the task changed the worker's record meanwhile (the job ended): keep it
 
     def _kill(self, job_id: str, pid: int | None) -> str | None:
         why = self.store.stop_cause(job_id)
@@ -134,6 +134,6 @@ class StopWatchdog:
         self.store.events.append(job_id, "log", line=(
             f"worker {self.name}: killed the training process (pid {killed}) after "
             f"{self.grace_s:g} s without an answer to the stop request"))
-        self.fleet.heartbeat(self.name, state="idle", job="", job_pid="")
+        self.fleet.heartbeat(self.name, state=WorkerState.IDLE.value, job="", job_pid="")
         self.seen.pop(job_id, None)
         return job_id

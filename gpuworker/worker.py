@@ -25,11 +25,14 @@ import time
 
 from dispatcher.jobs.celery_app import make_celery
 from dispatcher.jobs.fleet import Fleet, worker_queue
+from dispatcher.jobs.states import WorkerState
 from dispatcher.jobs.store import JobStore
-from dispatcher.settings import RedisCredentialsError, Settings, connect
-from gpuworker.tasks import register_tasks
+from dispatcher.settings import RedisCredentialsError, Settings, connect, env_set, preload_enabled
+from gpuworker.tasks import register_tasks, requeue_after_crash
 from gpuworker.telemetry import CardReport
 from gpuworker.watchdog import StopWatchdog
+
+log = logging.getLogger("lorafleet.worker")
 
 
 def worker_name(gpu: int | None, host: str | None = None) -> str:
@@ -59,20 +62,21 @@ def start_heartbeat(settings: Settings, name: str, gpu: int | None,
                           **card.fields(busy)}
                 if first:
                     # job/state are owned by the task while it runs; set them only at start.
-                    fields.update(state="idle", job="", job_pid="", started=fleet.clock())
+                    fields.update(state=WorkerState.IDLE.value, job="", job_pid="",
+                                  started=fleet.clock())
                     first = False
                 fleet.heartbeat(name, **fields)
             except Exception:
-                logging.getLogger("lorafleet.worker").exception("heartbeat failed")
+                log.exception("heartbeat failed")
             try:
                 watchdog.check()
             except Exception:
-                logging.getLogger("lorafleet.worker").exception("stop watchdog failed")
+                log.exception("stop watchdog failed")
             stop.wait(settings.heartbeat_interval)
         try:
             fleet.remove(name)
-        except Exception:
-            pass
+        except Exception:  # the worker is going anyway; the dispatcher sees its heartbeat stop
+            log.warning("could not remove %s from the fleet", name, exc_info=True)
 
     t = threading.Thread(target=beat, name="heartbeat", daemon=True)
     t.start()
@@ -83,9 +87,6 @@ def release_orphans(settings: Settings, name: str) -> None:
     """A worker that starts runs nothing yet: a job still assigned to its name belonged to an
     earlier process of the same name (restarted before the dispatcher saw its heartbeats stop)
     and would otherwise stay `running` forever. Put such jobs back in the queue."""
-    from dispatcher.jobs.store import JobStore
-    from gpuworker.tasks import requeue_after_crash
-
     try:
         r = connect(settings)
         try:
@@ -97,7 +98,7 @@ def release_orphans(settings: Settings, name: str) -> None:
             requeue_after_crash(settings, job_id, name,
                                 f"worker {name} restarted while the job was on it")
     except Exception:
-        logging.getLogger("lorafleet.worker").exception("could not check for orphaned jobs")
+        log.exception("could not check for orphaned jobs")
 
 
 def preload_libraries() -> float | None:
@@ -115,25 +116,18 @@ def preload_libraries() -> float | None:
     than fail every job. Returns the seconds spent, or None when ``LORAFLEET_PRELOAD=0`` turns
     it off or torch is not installed (jobs then fail with their own message, as before).
     """
-    if os.environ.get("LORAFLEET_PRELOAD", "1").strip().lower() in ("0", "false", "no", "off"):
+    if not preload_enabled():
         return None
     started = time.monotonic()
-    before = os.environ.get(NVML_CHECK)
-    os.environ[NVML_CHECK] = "1"
     try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        with env_set(NVML_CHECK, "1"):
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
-        import gpuworker.engine  # noqa: F401
+            import gpuworker.engine  # noqa: F401
     except ImportError as e:
-        logging.getLogger("lorafleet.worker").warning(
-            "not preloading the training libraries: %s", e)
+        log.warning("not preloading the training libraries: %s", e)
         return None
-    finally:
-        if before is None:
-            os.environ.pop(NVML_CHECK, None)
-        else:
-            os.environ[NVML_CHECK] = before
     if torch.cuda.is_initialized() or cuda_driver_initialised():
         raise RuntimeError("preloading the training libraries initialised CUDA, which the job "
                            "processes forked from this one could not use; start the worker "
@@ -162,7 +156,7 @@ def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
     # Before the first heartbeat, so the dispatcher sends nothing to a worker still importing.
     spent = preload_libraries()
     if spent is not None:
-        logging.getLogger("lorafleet.worker").info(
+        log.info(
             "training libraries imported in %.1f s (CUDA untouched); jobs start from them", spent)
     celery = make_celery(settings)
     register_tasks(celery, settings)

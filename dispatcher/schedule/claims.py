@@ -30,13 +30,12 @@ from typing import Any
 
 from dispatcher.access.limits import owner_lock
 from dispatcher.access.owners import Owners, folder_exists, lora_rel
-from dispatcher.jobs.states import TERMINAL
+from dispatcher.jobs.states import TERMINAL_VALUES
 from dispatcher.jobs.store import JobStore
 
 log = logging.getLogger("lorafleet.claims")
 
 RELEASE_EVERY_S = 60.0
-_ENDED = {s.value for s in TERMINAL}
 
 
 def names_in_use(store: JobStore,
@@ -89,7 +88,7 @@ def backfill(owners: Owners, store: JobStore, loras: Path) -> dict[str, int] | N
             continue
         if made and not rec["started"]:
             continue  # never ran, so never wrote the folder (a refused continue, say)
-        if not made and rec["state"] in _ENDED:
+        if not made and rec["state"] in TERMINAL_VALUES:
             continue  # an ended job that made no folder gives no owner
         seen.add(name)
         if owners.get(lora_rel(name)) is None and owners.claim(lora_rel(name), owner) == owner:
@@ -114,7 +113,7 @@ def _train_jobs_newest_first(store: JobStore, chunk: int = 500
             try:
                 name = str(json.loads(spec).get("lora_name") or "")
             except (ValueError, AttributeError):
-                continue
+                continue  # a spec that is not a JSON object names no LoRA
             if name and "/" not in name:
                 yield {"lora_name": name, "owner": owner or "local", "state": state or "",
                        "started": started or ""}

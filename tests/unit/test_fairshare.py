@@ -9,14 +9,14 @@ import pytest
 from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.states import JobState, TransitionError
 from dispatcher.jobs.store import JobStore
-from dispatcher.schedule.scheduler import (
+from dispatcher.schedule.queue import (
     DEFAULT_DURATION_S,
-    Dispatcher,
     estimate_starts,
     plan_queue,
     queue_view,
     used_seconds,
 )
+from dispatcher.schedule.scheduler import Dispatcher
 from tests.clock import Clock
 
 

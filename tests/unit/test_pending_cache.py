@@ -8,7 +8,7 @@ import pytest
 
 from dashboard.app import create_app
 from dispatcher.jobs.store import JobStore
-from dispatcher.schedule.scheduler import FULL_PENDING_READ_S, PendingCache
+from dispatcher.schedule.pending import FULL_PENDING_READ_S, PendingCache
 from dispatcher.settings import Settings
 from tests.appclient import client_for
 from tests.clock import Clock, TickingClock

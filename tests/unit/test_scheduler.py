@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.jobs.states import JobState, TransitionError
-from dispatcher.schedule.scheduler import MAX_ATTEMPTS, UNSENT_AFTER_S, Dispatcher
+from dispatcher.schedule.requeue import MAX_ATTEMPTS, UNSENT_AFTER_S
+from dispatcher.schedule.scheduler import Dispatcher
 from tests.clock import dispatcher_env
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.jobs.states import JobState
-from dispatcher.schedule.scheduler import estimate_starts, fits
+from dispatcher.schedule.placement import fits
+from dispatcher.schedule.queue import estimate_starts
 from tests.clock import dispatcher_env
 
 

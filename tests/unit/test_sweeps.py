@@ -22,6 +22,7 @@ from dispatcher.schedule.sweeps import (
     fmt_number,
     parse_sweep,
     summary,
+    tick,
     trial_name,
     trial_rows,
 )
@@ -322,10 +323,10 @@ def test_early_stopping_decides_once_and_asks_the_loser_to_stop(settings, redis_
     sweeps, sid, (a, b, c, e) = make_sweep(settings, store, early_stopping={
         "policy": "asha", "rungs": [2, 4], "reduction_factor": 2})
     _run(store, a, [5.0, 4.0])
-    sweeps.tick()
+    tick(sweeps.store)
     _run(store, b, [5.0, 5.0, 5.0])
-    sweeps.tick()
-    sweeps.tick()  # idempotent: nothing is decided twice
+    tick(sweeps.store)
+    tick(sweeps.store)  # idempotent: nothing is decided twice
     dec = sweeps.decisions(sid)
     assert sorted(dec) == sorted([f"{a}:2", f"{b}:2"])
     assert not dec[f"{a}:2"]["stop"] and dec[f"{b}:2"]["stop"]
@@ -338,12 +339,12 @@ def test_early_stopping_decides_once_and_asks_the_loser_to_stop(settings, redis_
     # A trial that ended before it was judged still adds its value at the rung.
     _run(store, c, [1.0, 1.0, 1.0, 1.0])
     store.transition(c, JobState.SUCCEEDED, "finished")
-    sweeps.tick()
+    tick(sweeps.store)
     assert sweeps.rung_values(sid, 2)[-1] == (c, 1.0)
     assert sweeps.rung_values(sid, 4) == [(c, 1.0)]
     store.cancel(e)
     store.transition(a, JobState.SUCCEEDED, "finished")
-    sweeps.tick()
+    tick(sweeps.store)
     rec = sweeps.get(sid)
     assert rec["finished"] and sid not in redis_client.smembers(sweeps.active_key)
     rows = trial_rows(sweeps, rec)
@@ -360,8 +361,8 @@ def test_perplexity_job_for_each_succeeded_trial_once(settings, redis_client, pr
                                   evaluate={"text_file": "story", "stride": 32})
     _run(store, ids[0], [3.0])
     store.transition(ids[0], JobState.SUCCEEDED, "finished")
-    sweeps.tick()
-    sweeps.tick()
+    tick(sweeps.store)
+    tick(sweeps.store)
     evals = sweeps.evals(sid)
     assert list(evals) == [ids[0]]
     ev = store.get(evals[ids[0]])

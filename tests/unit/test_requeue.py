@@ -1,0 +1,78 @@
+"""The one re-queue policy (dispatcher.schedule.requeue), as the dispatcher (a lost worker) and
+the worker (a task that ended without an outcome) apply it, on a real Redis server."""
+
+from __future__ import annotations
+
+import pytest
+
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import JobStore
+from dispatcher.schedule.requeue import MAX_ATTEMPTS, Crashed, LostWorker, next_state, settle
+from dispatcher.settings import Settings
+from gpuworker.tasks import _reason, requeue_after_crash
+
+
+def test_the_policy_itself():
+    assert next_state(1, stopping=False) == JobState.RETRYING
+    assert next_state(MAX_ATTEMPTS - 1, stopping=False) == JobState.RETRYING
+    assert next_state(MAX_ATTEMPTS, stopping=False) == JobState.FAILED
+    assert next_state(1, stopping=True) == JobState.CANCELLED
+    assert next_state(MAX_ATTEMPTS, stopping=True) == JobState.CANCELLED
+
+
+def running(store: JobStore, worker: str, attempt: int = 1) -> str:
+    job = store.create("train", {"lora_name": "a"})
+    store.transition(job, JobState.ASSIGNED, "a", worker=worker, attempt=attempt)
+    store.transition(job, JobState.RUNNING, "r", expect_worker=worker)
+    return job
+
+
+def test_reasons_name_what_happened(store):
+    lost = running(store, "w1")
+    assert settle(store, lost, 1, LostWorker("w1")) == JobState.RETRYING
+    rec = store.get(lost)
+    assert rec["reason"] == "worker w1 stopped answering; re-queued" and rec["worker"] == ""
+
+    crashed = running(store, "w2", attempt=MAX_ATTEMPTS)
+    assert settle(store, crashed, MAX_ATTEMPTS, Crashed("it died")) == JobState.FAILED
+    assert store.get(crashed)["reason"] == f"it died; it happened {MAX_ATTEMPTS} times, giving up"
+
+    stopping = running(store, "w3")
+    store.request_stop(stopping, "stopped early: rank 3 of 3")
+    assert settle(store, stopping, 1, Crashed("it died")) == JobState.CANCELLED
+    assert store.get(stopping)["reason"] == (
+        "stopped early: rank 3 of 3; it died before the job stopped (its last checkpoint, if "
+        "any, stays)")
+
+
+def test_a_job_on_another_worker_is_left_alone(store):
+    job = running(store, "w1")
+    assert settle(store, job, 1, Crashed("x"), expect_worker="w2") is None
+    assert store.get(job)["state"] == "running"
+
+
+def test_the_worker_requeues_its_crashed_job_and_goes_idle(redis_server, redis_client, prefix):
+    settings = Settings(redis_url=redis_server, prefix=prefix)
+    store = JobStore(redis_client, prefix)
+    job = running(store, "w1")
+    assert requeue_after_crash(settings, job, "w1", "the process died") == "retrying"
+    assert store.get(job)["reason"] == "the process died; re-queued"
+    assert redis_client.hget(Fleet(redis_client, prefix).key("w1"), "state") == "idle"
+    # Ended jobs stay ended; a job of another worker is not this worker's to settle.
+    store.cancel(job)
+    assert requeue_after_crash(settings, job, "w1", "again") is None
+    other = running(store, "w2")
+    assert requeue_after_crash(settings, other, "w1", "x") is None
+    assert store.get(other)["state"] == "running"
+
+
+def test_engine_errors_are_told_as_they_are():
+    errors = pytest.importorskip("gpuworker.engine.errors")
+
+    class Sub(errors.EngineError):
+        pass
+
+    assert _reason(errors.EngineError("lower cutoff_len")) == "lower cutoff_len"
+    assert _reason(Sub("set base_model")) == "set base_model"
+    assert _reason(ValueError("bad")) == "ValueError: bad"
