@@ -160,17 +160,6 @@ def _nvml_processes(pynvml, handle) -> list[GpuProcess]:
     return [GpuProcess(pid, mb) for pid, mb in sorted(found.items())]
 
 
-def count_gpus() -> int:
-    """Cards visible to NVML (0 without a driver)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetCount())
-    except Exception:
-        return 0
-
-
 def _host_memory() -> tuple[int, int]:
     total = free = 0
     try:
