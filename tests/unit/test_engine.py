@@ -15,6 +15,7 @@ from dispatcher.settings import DataPaths
 from gpuworker.engine import EngineError, train
 from gpuworker.engine.data import StepPlan, optimizer_steps
 from gpuworker.engine.targets import resolve_target_modules
+from tests.recorder import Recorder as BaseRecorder
 from tests.tiny import make_tiny_model, write_tiny_dataset, write_tiny_raw_text
 
 LORA_FILES = {"adapter_model.safetensors", "adapter_config.json", "training_parameters.json",
@@ -55,23 +56,8 @@ def make_spec(**kw: Any) -> TrainSpec:
     return TrainSpec(**base)
 
 
-class Recorder:
+class Recorder(BaseRecorder):
     """Collects what the engine reports; `stop_after` makes should_stop() true after N steps."""
-
-    def __init__(self, stop_after: int | None = None):
-        self.events: list[dict[str, Any]] = []
-        self.lines: list[str] = []
-        self.stop_after = stop_after
-
-    def progress(self, event: dict[str, Any]) -> None:
-        json.dumps(event, allow_nan=False)  # events go to Redis as strict JSON
-        self.events.append(event)
-
-    def should_stop(self) -> bool:
-        return self.stop_after is not None and len(self.of("train")) >= self.stop_after
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["type"] == kind]
 
     def run(self, spec: TrainSpec, paths: DataPaths) -> dict[str, Any]:
         return train(spec, paths, self.progress, self.should_stop, self.lines.append, device="cpu")

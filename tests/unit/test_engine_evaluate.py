@@ -16,6 +16,7 @@ from dispatcher.jobs.specs import TrainSpec
 from dispatcher.settings import DataPaths
 from gpuworker.engine import EngineError, train
 from gpuworker.engine.evaluate import Window, perplexity, plan_windows
+from tests.recorder import Recorder as BaseRecorder
 from tests.tiny import CORPUS, make_tiny_model, write_tiny_raw_text
 
 SHORT_TEXT = "The sky is blue on a clear day. Birds sing in the morning."
@@ -44,17 +45,8 @@ def paths(tmp_path_factory) -> DataPaths:
     return p
 
 
-class Recorder:
-    def __init__(self, stop_after: int | None = None):
-        self.events: list[dict[str, Any]] = []
-        self.lines: list[str] = []
-        self.stop_after = stop_after
-
-    def progress(self, event: dict[str, Any]) -> None:
-        json.dumps(event, allow_nan=False)  # events go to Redis as strict JSON
-        self.events.append(event)
-
-    def should_stop(self) -> bool:
+class Recorder(BaseRecorder):
+    def should_stop(self) -> bool:  # an evaluation reports no train steps: count every event
         return self.stop_after is not None and len(self.events) >= self.stop_after
 
     def run(self, paths: DataPaths, **kw: Any) -> dict[str, Any]:

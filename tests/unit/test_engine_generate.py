@@ -16,6 +16,7 @@ from dispatcher.settings import DataPaths
 from formats import SHIPPED_DIR, parse_format
 from gpuworker.engine import EngineError, train
 from gpuworker.engine.generate import format_prompt, generate
+from tests.recorder import Recorder as BaseRecorder
 from tests.tiny import make_tiny_model, write_tiny_dataset
 
 ALPACA = {
@@ -49,20 +50,10 @@ def paths(tmp_path_factory) -> DataPaths:
     return p
 
 
-class Recorder:
-    def __init__(self, stop_after_calls: int | None = None):
-        self.events: list[dict[str, Any]] = []
-        self.lines: list[str] = []
-        self.stop_after_calls = stop_after_calls
-        self.calls = 0
-
-    def progress(self, event: dict[str, Any]) -> None:
-        json.dumps(event, allow_nan=False)  # events go to Redis as strict JSON
-        self.events.append(event)
-
-    def should_stop(self) -> bool:
+class Recorder(BaseRecorder):
+    def should_stop(self) -> bool:  # true after the engine asked `stop_after` times
         self.calls += 1
-        return self.stop_after_calls is not None and self.calls > self.stop_after_calls
+        return self.stop_after is not None and self.calls > self.stop_after
 
     def run(self, paths: DataPaths, **kw: Any) -> dict[str, Any]:
         args: dict[str, Any] = dict(base_model="tiny", lora=None, prompt="What is the capital "
@@ -189,7 +180,7 @@ def test_sampled_answers_start_from_the_same_seed(paths):
 
 def test_stop_ends_generation_and_skips_the_lora_answer(paths):
     # should_stop() is asked after every new token: false three times, then true.
-    rec = Recorder(stop_after_calls=3)
+    rec = Recorder(stop_after=3)
     result = rec.run(paths, lora="qa")
     assert result["stopped"] is True and result["lora"] is None
     assert result["base"]["tokens"] == 4
