@@ -52,6 +52,16 @@ DRAWN = """([selector, rgb]) => {
   return n;
 }"""
 LOSS_BLUE = [37, 99, 235]
+# Any curve of any colour: pixels far from grey (the axes, grid and text are grey or black).
+COLOURED = """(selector) => {
+  const canvas = document.querySelector(selector + " canvas");
+  if (!canvas || !canvas.width) return 0;
+  const d = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4)
+    if (d[i + 3] > 200 && Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 80) n++;
+  return n;
+}"""
 
 
 class Failed(RuntimeError):
@@ -227,7 +237,8 @@ def shoot_sweep(page: Any, fleet: Fleet, sweep: str, path: Path, timeout: float)
     page.goto(f"{fleet.url}/sweeps/{sweep}")
     wait_page(page, "() => document.querySelector(\"[data-testid='sweep-page']\")"
               ".dataset.state === 'finished'", timeout, "the sweep finished")
-    wait_page(page, f"() => ({DRAWN})([\"[data-testid='sweep-chart']\", {LOSS_BLUE}]) > 20",
+    # The trials' curves have colours of their own, and one may hide another: any colour counts.
+    wait_page(page, f"() => ({COLOURED})(\"[data-testid='sweep-chart']\") > 100",
               30, "the sweep's curves")
     shoot(page, path, "Sweep page, finished")
 
