@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for the PNGs (docs/)")
     p.add_argument("--home", type=Path, help="a prepared data folder to use (default: a new "
-                   "throwaway one made with `lorafleet init`)")
+                   "throwaway one made with `lorafleet init`); the run adds LoRAs named shots-* "
+                   "(replacing any of those names) and a .config folder to it")
     p.add_argument("--model", default="SmolLM2-135M-Instruct", help="base model (a folder name)")
     p.add_argument("--dataset", default="alpaca-sample", help="training dataset")
     p.add_argument("--eval-dataset", default="alpaca-heldout", help="evaluation dataset")
@@ -128,23 +129,38 @@ class Fleet:
 
     def up(self, timeout: float = 120) -> str:
         """Start everything; return the printed URL that logs a browser in."""
-        out = open(self.log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "up", "--gpus", "cpu"],
-                                     env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        with open(self.log, "w") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dispatcher.cli", "up", "--gpus", "cpu"], env=self.env,
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         pattern = re.compile(re.escape(self.url) + r"/\?token=\S+")
         found = wait_for(lambda: pattern.search(self.log.read_text()), timeout,
                          "the dashboard's URL from `lorafleet up`", self)
         return found.group(0)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
+        """Ctrl-C to `lorafleet up` (it stops its children), then kill whatever of its session
+        is left, also when `up` itself died first."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self._signal(signal.SIGINT)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+                pass
+        self._signal(signal.SIGKILL)  # the session's stragglers, if any
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            print(f"screenshots: `lorafleet up` (pid {self.proc.pid}) did not stop",
+                  file=sys.stderr)
+
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, fleet: Fleet | None = None) -> Any:
@@ -253,7 +269,8 @@ def run(a: argparse.Namespace) -> list[Path]:
     fleet = Fleet(a.home or work / "data", work / "up.log")
     started = time.monotonic()
     left = lambda: max(10.0, a.timeout - (time.monotonic() - started))  # noqa: E731
-    shots = [a.out / "job.png", a.out / "sweep.png", a.out / "fleet.png"]
+    # Written beside the run and moved together at the end: a failed run leaves docs/ as it was.
+    shots = [work / "job.png", work / "sweep.png", work / "fleet.png"]
     try:
         if a.home is None:
             print("==> lorafleet init (the demo model and the sample data)")
@@ -270,10 +287,13 @@ def run(a: argparse.Namespace) -> list[Path]:
             shoot_fleet(page, fleet, shots[2], left())
             shoot_sweep(page, fleet, sweep, shots[1], left())
             browser.close()
+        done = [a.out / p.name for p in shots]
+        for src, dst in zip(shots, done, strict=True):
+            shutil.move(src, dst)
+        return done
     finally:
         fleet.stop()
         shutil.rmtree(work, ignore_errors=True)
-    return shots
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@
 # Linux build would bring several GB of CUDA libraries it cannot use.
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SELF="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+cd "$(dirname "$SELF")/.."
 
 TORCH_PIN="torch==2.13.0"
 TEST=0
@@ -29,16 +30,25 @@ say() { printf '==> %s\n' "$*"; }
 # still there for --test), the set-up is current and nothing is installed or upgraded again.
 STAMP_FILE=.venv/.lorafleet-setup
 stamp() {  # $1: 1 for a set-up with the test tools
-    { echo "test=$1"; cat pyproject.toml "${BASH_SOURCE[0]}"; } | sha256sum | cut -d' ' -f1
+    { echo "test=$1"; cat pyproject.toml "$SELF"; } | sha256sum | cut -d' ' -f1
 }
 current() {  # a test set-up also holds everything a plain one needs
     local made
     made="$(cat "$STAMP_FILE" 2>/dev/null)" || return 1
     [ "$made" = "$(stamp 1)" ] || { [ "$TEST" = 0 ] && [ "$made" = "$(stamp 0)" ]; }
 }
-if [ -x .venv/bin/python ] && current \
-        && .venv/bin/python -c 'import torch; from gpuworker.demo import find_demo_gguf; assert find_demo_gguf()' >/dev/null 2>&1 \
-        && { [ "$TEST" = 0 ] || [ -x /usr/bin/chromium ]; }; then
+# Chromium counts as "there" for a user who cannot install it (not root): the full set-up
+# would only warn again.
+chromium_settled() { [ -x /usr/bin/chromium ] || [ "$(id -u)" != 0 ]; }
+installed() {  # the packages a set-up installs still import (from the venv, not this folder)
+    local mods="torch, dispatcher" py="$PWD/.venv/bin/python"
+    if [ "$TEST" = 1 ]; then mods="$mods, pytest, pytest_timeout, playwright"; fi
+    (cd / && "$py" -c "import $mods; from gpuworker.demo import find_demo_gguf; assert find_demo_gguf()") >/dev/null 2>&1
+}
+if [ -x .venv/bin/python ] && current && installed \
+        && { [ "$TEST" = 0 ] || chromium_settled; }; then
+    [ "$TEST" = 1 ] && [ ! -x /usr/bin/chromium ] \
+        && echo "setup.sh: warning: /usr/bin/chromium is missing, so the browser tests cannot run (install it as root: apt-get install -y chromium)." >&2
     say "set-up is current (.venv made from this pyproject.toml; delete $STAMP_FILE to redo it)"
     exit 0
 fi

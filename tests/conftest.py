@@ -46,3 +46,15 @@ def store(redis_client, prefix):
     from dispatcher.jobs.store import JobStore
 
     return JobStore(redis_client, prefix)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tiers follow the folders: everything under tests/integration/ is `integration`, under
+    tests/browser/ `browser` (so `-m "not integration and not browser"` is the fast tier, whether
+    or not a module says its marker itself)."""
+    for item in items:
+        parts = item.path.relative_to(config.rootpath).parts
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)
+        elif "browser" in parts:
+            item.add_marker(pytest.mark.browser)
