@@ -30,7 +30,7 @@ import torch
 
 from dispatcher.access.links import inside
 from gpuworker.engine.config import EngineConfig
-from gpuworker.engine.errors import EngineError
+from gpuworker.errors import EngineError
 
 IGNORE_INDEX = -100
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from gpuworker.engine.config import EngineConfig, Levers
 from gpuworker.engine.data import IGNORE_INDEX
-from gpuworker.engine.errors import EngineError
+from gpuworker.errors import EngineError
 
 Autocast = Callable[[], Any]
 
