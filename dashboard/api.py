@@ -23,11 +23,11 @@ from dashboard.jobview import (
     lora_names_in_use,
     workers_with_jobs,
 )
-from dashboard.limits import queue_guard
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.ownership import actor as request_actor
 from dashboard.ownership import admit_train_job
 from dashboard.ownership import owners as owner_registry
+from dashboard.quota import queue_guard
 from dashboard.services import services
 from dashboard.sse import job_events, live_feed, valid_stream_id
 from dispatcher.access.owners import OwnerRefused
