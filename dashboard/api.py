@@ -23,11 +23,11 @@ from dashboard.jobview import (
     lora_names_in_use,
     workers_with_jobs,
 )
-from dashboard.limits import queue_guard
 from dashboard.lora_zip import lora_available, lora_dir, stream_zip
 from dashboard.ownership import actor as request_actor
 from dashboard.ownership import admit_train_job
 from dashboard.ownership import owners as owner_registry
+from dashboard.quota import queue_guard
 from dashboard.services import services
 from dashboard.sse import job_events, live_feed, valid_stream_id
 from dispatcher.access.owners import OwnerRefused
@@ -41,7 +41,7 @@ from dispatcher.jobs.specs import (
     lora_parameters,
     parse_spec,
 )
-from dispatcher.jobs.states import TERMINAL_VALUES
+from dispatcher.jobs.states import TERMINAL_VALUES, JobState
 from dispatcher.jobs.store import KINDS, PRIORITIES
 from dispatcher.schedule.estimate import job_memory_mb
 
@@ -128,7 +128,7 @@ def submit_job():
         fields = admit_lora(spec_dict, owner) if sub.kind == "train" else {}
         job_id = services().store.create(sub.kind, spec_dict, owner, sub.priority,
                                          gpu_memory_mb=need, fields=fields)
-    return jsonify({"id": job_id, "state": "queued"}), 201
+    return jsonify({"id": job_id, "state": JobState.QUEUED.value}), 201
 
 
 def lora_write_problems(spec: dict[str, Any]) -> list[dict[str, str]]:

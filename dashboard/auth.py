@@ -47,9 +47,9 @@ from dashboard.identity import (
 )
 from dashboard.services import services
 from dashboard.sessions import account_of
-from dashboard.throttle import LoginThrottle
 from dispatcher.access.accounts import Accounts, is_loopback
 from dispatcher.access.dashtoken import dashboard_token
+from dispatcher.access.throttle import LoginThrottle
 from dispatcher.host.private import secret_file
 from dispatcher.settings import secure_cookies, session_secret
 

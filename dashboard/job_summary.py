@@ -14,9 +14,10 @@ from typing import Any
 from dispatcher.access.links import inside
 from dispatcher.jobs.outcome import duration_s
 from dispatcher.jobs.specs import LORA_NAME_RE
+from dispatcher.jobs.states import TERMINAL_VALUES, JobState
 from dispatcher.settings import DataPaths
 
-RESUMABLE_STATES = ("cancelled", "failed")
+RESUMABLE_STATES = (JobState.CANCELLED.value, JobState.FAILED.value)
 # gpuworker/checkpoints.py's name pattern (the dashboard does not import the worker).
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -50,7 +51,7 @@ def summary(rec: dict[str, Any], paths: DataPaths, busy_names: set[str]) -> dict
     Resume into a folder another job is writing)."""
     result = rec.get("result") if isinstance(rec.get("result"), dict) else {}
     final_loss = _float(result.get("final_loss"))
-    if final_loss is None and rec.get("state") in ("succeeded", *RESUMABLE_STATES):
+    if final_loss is None and rec.get("state") in TERMINAL_VALUES:
         final_loss = _float(rec.get("loss"))
     out: dict[str, Any] = {
         "duration_s": duration_s(rec), "finished": _float(rec.get("finished")),

@@ -1,35 +1,20 @@
 """Per-user limits in the API: `GET /api/v1/limits` (anyone: their own effective limits; admins
-also every setting) and `POST /api/v1/limits` (admins: set or unset one), plus the guard that
-submissions (single jobs and sweeps) queue under. The values live in dispatcher/access/limits.py.
+also every setting) and `POST /api/v1/limits` (admins: set or unset one), (the guard that
+submissions queue under is in quota.py). The values live in dispatcher/access/limits.py.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from flask import Blueprint, jsonify, request
 
 from dashboard.errors import BadRequest, Forbidden
 from dashboard.identity import OWNER_RE, current_user
+from dashboard.quota import limits as _limits
 from dashboard.services import services
-from dispatcher.access.limits import DEFAULTS, EVERYONE, HELP, LimitError, Limits, queueing
+from dispatcher.access.limits import DEFAULTS, EVERYONE, HELP, LimitError
 
 bp = Blueprint("limits", __name__)
 API = "/api/v1/limits"
-
-
-def _limits() -> Limits:
-    svc = services()
-    return Limits(svc.redis, svc.settings.prefix)
-
-
-@contextmanager
-def queue_guard(owner: str, adding: int) -> Iterator[dict[str, str] | None]:
-    """Yield a problem if `adding` more waiting jobs would take `owner` over max_queued_jobs;
-    else None, and the jobs queued inside the block count before anyone else's check."""
-    with queueing(services().store, _limits(), owner, adding) as problem:
-        yield problem
 
 
 def effective(user: str) -> dict[str, dict[str, object]]:

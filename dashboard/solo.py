@@ -11,7 +11,7 @@ static files.
   token is already the dashboard's one and only user (there is no second identity to plant).
 - `Authorization: Bearer <token>`: scripts and the CLI (no session, no CSRF token needed).
 
-A wrong token (query, form or bearer) is counted per client address (dashboard/throttle.py):
+A wrong token (query, form or bearer) is counted per client address (dispatcher/access/throttle.py):
 past the limit the answer is 429. The right token is always accepted, throttled or not: every
 local account shares 127.0.0.1, so refusing it would let any of them lock the fleet's owner out
 by sending five wrong tokens, and a 43-character random token cannot be guessed anyway.
@@ -35,8 +35,8 @@ from dashboard.identity import (
 )
 from dashboard.services import services
 from dashboard.sessions import token_session_ok
-from dashboard.throttle import token_throttle
 from dispatcher.access.dashtoken import fingerprint, read_token, token_path, tokens_match
+from dispatcher.access.throttle import token_throttle
 
 bp = Blueprint("solo", __name__, template_folder="templates")
 

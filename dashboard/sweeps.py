@@ -18,8 +18,8 @@ from flask import Blueprint, Response, jsonify, render_template, request
 from dashboard.errors import BadRequest, Conflict, Forbidden, NotFound, refuse_problems
 from dashboard.forms import form_sections
 from dashboard.identity import check_owner, check_priority, may_manage
-from dashboard.limits import queue_guard
 from dashboard.ownership import owners
+from dashboard.quota import queue_guard
 from dashboard.services import services
 from dispatcher.access.limits import Limits, trials_problem
 from dispatcher.access.owners import claim_loras, lora_rel

@@ -16,8 +16,8 @@ from flask import Blueprint, jsonify, render_template, request
 from dashboard.errors import BadRequest, Conflict, DashboardError, Forbidden, NotFound
 from dashboard.identity import accounts_mode, accounts_store, current_user, sessions
 from dashboard.services import services
-from dashboard.throttle import LoginThrottle
 from dispatcher.access.accounts import ROLES, AccountError, LastAdmin
+from dispatcher.access.throttle import LoginThrottle
 
 bp = Blueprint("users", __name__, template_folder="templates")
 API = "/api/v1/users"

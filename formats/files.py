@@ -29,7 +29,9 @@ def atomic_write(path: Path, data: bytes | str, *, mode: int | None = None,
     for a moment). Returns False, writing nothing, when `replace` is False and `path` exists."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # A short name beside the target (not the target's name with a suffix), so a file whose
+    # own name is near the file system's limit (255 bytes) can still be written.
+    tmp = path.with_name(f".{secrets.token_hex(8)}.tmp")
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:

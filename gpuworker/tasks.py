@@ -25,6 +25,7 @@ from dispatcher.jobs.states import JobState, TransitionError, WorkerState
 from dispatcher.jobs.store import JobNotFound, JobStore
 from dispatcher.schedule.requeue import Crashed, settle
 from dispatcher.settings import Settings, connect
+from gpuworker.errors import EngineError
 
 log = logging.getLogger("lorafleet.worker")
 
@@ -177,11 +178,6 @@ def _record_failure(store: JobStore, job_id: str, worker_name: str, e: Exception
 def _reason(e: BaseException) -> str:
     """A user-facing reason: engine errors and refusals as they are, anything else with its
     type."""
-    # Imported here, not at the top: the engine package imports torch, which the worker's main
-    # process imports only in preload_libraries (README, "Celery for long GPU jobs"). This runs
-    # in the child that ran the job, where the engine is imported already.
-    from gpuworker.engine.errors import EngineError
-
     if isinstance(e, (EngineError, OwnerRefused)):
         return str(e)
     if "out of memory" in str(e).lower():

@@ -31,7 +31,6 @@ from gpuworker.checkpoints import list_checkpoints
 from gpuworker.telemetry import parent_pid
 
 log = logging.getLogger("lorafleet.worker")
-# What the worker's heartbeat shows while its job has been asked to stop and has not answered.
 
 
 def kill_child(pid: int | None, parent: int | None = None) -> int | None:

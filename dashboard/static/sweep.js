@@ -346,7 +346,7 @@
   }
   drawAll();
   refresh();
-  // The sweep's own changes (cancelled, finished: dispatcher/sweeps.py SweepStore.announce)
+  // The sweep's own changes (cancelled, finished: dispatcher/schedule/sweeps/store.py SweepStore.announce)
   // come as events of type "sweep": no job event follows a sweep's end.
   LF.liveFeed("/api/v1/live?types=state,train,eval,sweep", $("live-status"), (payload) => {
     if (payload.sweep === sweep.id) { refreshSoon(); return; }

@@ -113,7 +113,7 @@ def user_unlock(name: str, addresses: tuple[str, ...]) -> None:
 
     Failed logins are counted before the password is checked, so any local account can lock a
     name for 15 minutes with wrong passwords; this undoes it. Needs the fleet's Redis."""
-    from dashboard.throttle import LoginThrottle
+    from dispatcher.access.throttle import LoginThrottle
     from dispatcher.settings import RedisCredentialsError, connect
 
     settings = Settings.from_env()

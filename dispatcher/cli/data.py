@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from dispatcher.access.owners import NO_ONE
 from dispatcher.cli.client import Client
 from dispatcher.cli.common import api_errors, url_option
 
@@ -20,8 +21,8 @@ def data() -> None:
 
 
 def _owner(entry: dict[str, Any]) -> str:
-    """Who made it; "—": no one (put there by hand, or shipped)."""
-    return f"{entry.get('owner') or '—':<12}"
+    """Who made it; NO_ONE: no one (put there by hand, or shipped)."""
+    return f"{entry.get('owner') or NO_ONE:<12}"
 
 
 @data.command("list")

@@ -116,7 +116,7 @@ def _submit_and_maybe_wait(client: Client, kind: str, spec: dict[str, Any], wait
     rec = client.job(job_id)
     click.echo(f"{job_id} {state}" + (f": {rec.get('reason')}" if rec.get("reason") else ""),
                err=True)
-    if state != "succeeded":
+    if state != JobState.SUCCEEDED.value:
         sys.exit(1)
     return rec
 

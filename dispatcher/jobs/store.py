@@ -16,8 +16,8 @@ Keys (prefix `lf` by default):
   {p}:usage:{owner}, {p}:durations   finished runs, for the scheduler (dispatcher/jobs/usage.py)
   {p}:sweeps:dirty        ids of sweeps one of whose jobs changed state since the dispatcher's
                           last sweep pass
-  (sweeps: dispatcher/schedule/sweeps.py; a trial's record has `sweep` and `sweep_cap` fields, a
-  sweep's perplexity job `sweep_eval`)
+  (sweeps: dispatcher/schedule/sweeps/store.py; a trial's record has `sweep` and `sweep_cap`
+  fields, a sweep's perplexity job `sweep_eval`)
 """
 
 from __future__ import annotations

@@ -46,13 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dispatcher.jobs.precisions import QUANTISED
+
 MB = 2**20
 CUDA_CONTEXT_MB = 500
 MARGIN = 1.05
 ROUND_MB = 64
 # Bytes per parameter of a decoder linear layer, by precision.
 LINEAR_BYTES = {"4bit": 0.55, "8bit": 1.1, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
-QUANTISED = ("4bit", "8bit")
 # fp32 LoRA weight (4) + AdamW moments (8) + gradient (4).
 LORA_STATE_BYTES = 16
 # Bytes per token and vocabulary entry that each loss (the engine's levers) holds at the peak.

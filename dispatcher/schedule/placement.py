@@ -15,7 +15,7 @@ import math
 from collections import Counter
 from typing import Any
 
-QUANTISED = ("4bit", "8bit")
+from dispatcher.jobs.precisions import QUANTISED
 
 
 def needs_cuda(job: dict[str, Any]) -> bool:

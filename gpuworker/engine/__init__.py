@@ -29,9 +29,9 @@ Importing this package imports torch; only the worker process that trains does s
 from __future__ import annotations
 
 from gpuworker.engine.boundary import train
-from gpuworker.engine.errors import EngineError
 from gpuworker.engine.evaluate import perplexity
 from gpuworker.engine.generate import generate
 from gpuworker.engine.resume import latest_checkpoint
+from gpuworker.errors import EngineError
 
 __all__ = ["EngineError", "generate", "latest_checkpoint", "perplexity", "train"]

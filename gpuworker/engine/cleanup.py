@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gpuworker.engine.errors import EngineError
+from gpuworker.errors import EngineError
 
 
 def release_memory(device: torch.device) -> None:

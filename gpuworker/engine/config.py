@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+# Precisions that load the base model quantised; a copy of dispatcher/jobs/precisions.py's,
+# as the engine imports nothing of the job model but in boundary.py.
+QUANTISED = ("4bit", "8bit")
+
 
 class Folders(Protocol):
     """The data folder's places the evaluation and generation jobs read (the app's DataPaths

@@ -18,7 +18,6 @@ Micro-batches run as one stream across epochs (each epoch a fresh permutation), 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ import torch
 
 from dispatcher.access.links import inside
 from gpuworker.engine.config import EngineConfig
-from gpuworker.engine.errors import EngineError
+from gpuworker.errors import EngineError
 
 IGNORE_INDEX = -100
 
@@ -177,11 +176,17 @@ def optimizer_steps(plan: StepPlan, seed: int, start_step: int = 0) -> Iterator[
 
 
 def read_format_file(path: Path) -> dict[str, str]:
-    """The format file's mapping (key list -> template), as text-generation-webui reads it."""
+    """The format file's mapping (key list as written -> template, in file order), as
+    text-generation-webui reads it; checked by formats.load_format, whose message it gives."""
+    import formats
+
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EngineError(f"format file {path.name} is not valid JSON: {e}") from None
+        fmt = formats.load_format(path)
+    except formats.FormatError as e:
+        raise EngineError(str(e).replace(str(path), path.name)) from None
+    except OSError as e:
+        raise EngineError(f"format file {path.name} cannot be read: {e.strerror or e}") from None
+    return {entry.spec: entry.template for entry in fmt.entries}
 
 
 def training_prompt(spec: EngineConfig, files: DataFiles) -> dict[str, Any]:

@@ -44,7 +44,6 @@ import torch
 from dispatcher.access.links import inside
 from gpuworker.engine.cleanup import run_releasing
 from gpuworker.engine.config import Folders
-from gpuworker.engine.errors import EngineError
 from gpuworker.engine.loading import (
     check_model_folder,
     compute_dtype,
@@ -55,6 +54,7 @@ from gpuworker.engine.loading import (
 )
 from gpuworker.engine.lora import ADAPTER_CONFIG, existing_adapter
 from gpuworker.engine.report import Report
+from gpuworker.errors import EngineError
 
 Progress = Callable[[dict[str, Any]], None]
 TEXT_EXTS = (".txt",)

@@ -32,7 +32,6 @@ import torch
 
 from gpuworker.engine.cleanup import run_releasing
 from gpuworker.engine.config import Folders
-from gpuworker.engine.errors import EngineError
 from gpuworker.engine.evaluate import (
     autocast_for,
     check_lora_names,
@@ -47,6 +46,7 @@ from gpuworker.engine.loading import (
     resolve_precision,
 )
 from gpuworker.engine.report import Report
+from gpuworker.errors import EngineError
 
 Progress = Callable[[dict[str, Any]], None]
 PROMPT_KEY_SETS = (frozenset({"instruction", "output"}), frozenset({"instruction"}))

@@ -21,7 +21,6 @@ a test keeps the two lists equal.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 
 from gpuworker.engine.config import EngineConfig, Levers
 from gpuworker.engine.data import IGNORE_INDEX
-from gpuworker.engine.errors import EngineError
+from gpuworker.errors import EngineError
 
 Autocast = Callable[[], Any]
 
@@ -167,10 +166,6 @@ LOSSES: dict[str, Callable[[Autocast], LossFn]] = {"fp32_logits": Fp32LogitsLoss
 BATCHERS: dict[str, Callable[[int, int], Batcher]] = {
     "pad": lambda pad_id, cutoff_len: PadBatcher(pad_id)}
 PREPARE_HOOKS: dict[str, PrepareHook] = {}
-
-
-def no_autocast() -> Any:
-    return contextlib.nullcontext()
 
 
 def _pick(registry: dict[str, Any], name: str, what: str) -> Any:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from gpuworker.engine.errors import EngineError
+from gpuworker.engine.config import QUANTISED
+from gpuworker.errors import EngineError
 
-QUANTISED = ("4bit", "8bit")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

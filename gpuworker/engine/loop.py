@@ -37,12 +37,12 @@ import torch
 
 from gpuworker.engine.config import EngineConfig
 from gpuworker.engine.data import StepPlan, optimizer_steps
-from gpuworker.engine.errors import EngineError
 from gpuworker.engine.levers import Batch, Batcher, LossFn, make_batcher, make_loss
 from gpuworker.engine.loading import compute_dtype
 from gpuworker.engine.optim import MAX_GRAD_NORM, make_optimizer, make_scheduler
 from gpuworker.engine.report import Report
 from gpuworker.engine.resume import ResumePoint, load_optimizer_state_by_name
+from gpuworker.errors import EngineError
 
 # Below this, text-generation-webui warns that the model may start to forget what it knew.
 FORGET_LOSS = 1.0

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dispatcher.access.links import LeadsOutside, check_inside
-from gpuworker.engine.errors import EngineError
+from gpuworker.errors import EngineError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_LEGACY = "adapter_model.bin"

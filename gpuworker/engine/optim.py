@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from gpuworker.engine.errors import EngineError
 from gpuworker.engine.loading import require_bitsandbytes
+from gpuworker.errors import EngineError
 
 MAX_GRAD_NORM = 1.0
 _BNB = {"adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}

@@ -25,8 +25,8 @@ import torch
 
 from dispatcher.access.links import inside
 from gpuworker.checkpoints import CHECKPOINT_RE, list_checkpoints
-from gpuworker.engine.errors import EngineError
 from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from gpuworker.errors import EngineError
 
 LATEST = "latest"
 # What a checkpoint folder holds when it can be resumed from (save.py writes exactly these).

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from formats.files import atomic_write_json
+from formats.files import atomic_write_json, umask_mode
 from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 TRAINING_PARAMETERS = "training_parameters.json"
@@ -34,11 +34,10 @@ def share(path: Path) -> None:
     the team's other processes (the dashboard's zip download, text-generation-webui), so it
     gets 0666/0777 less the umask like any other file.
     """
-    umask = os.umask(0)
-    os.umask(umask)
+    file_mode, folder_mode = umask_mode(0o666), umask_mode(0o777)
     items = [path, *path.rglob("*")] if path.is_dir() else [path]
     for p in items:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+        os.chmod(p, folder_mode if p.is_dir() else file_mode)
 
 
 def _save_adapter_into(peft_model: Any, folder: Path, base_model_name: str) -> None:

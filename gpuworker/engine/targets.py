@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from gpuworker.engine.errors import EngineError
+from gpuworker.errors import EngineError
 
 _LLAMA_LIKE = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}

@@ -34,7 +34,6 @@ from formats.files import atomic_write_json
 from gpuworker.engine import data as data_phase
 from gpuworker.engine.cleanup import run_releasing
 from gpuworker.engine.config import EngineConfig
-from gpuworker.engine.errors import EngineError
 from gpuworker.engine.levers import check_levers, prepare_model
 from gpuworker.engine.loading import (
     check_model_folder,
@@ -76,6 +75,7 @@ from gpuworker.engine.save import (
     save_checkpoint,
 )
 from gpuworker.engine.targets import projections_label, resolve_target_modules
+from gpuworker.errors import EngineError
 
 
 def _oom_advice(cfg: EngineConfig) -> str:

@@ -376,7 +376,7 @@ def test_failed_logins_lock_the_name_for_a_while(app, settings, redis_client, pr
 
 def test_failed_logins_from_one_address_are_limited_too(settings, redis_server, redis_client,
                                                         prefix):
-    from dashboard.throttle import LoginThrottle
+    from dispatcher.access.throttle import LoginThrottle
 
     throttle = LoginThrottle(redis_client, prefix, name_limit=100, address_limit=3, window_s=60)
     for n in range(3):

@@ -153,3 +153,10 @@ def test_only_the_boundary_imports_the_apps_types():
             elif isinstance(node, ast.Import) and any(a.name.startswith(app) for a in node.names):
                 importers.add(path.name)
     assert importers == {"boundary.py"}
+
+
+def test_the_engines_quantised_precisions_are_the_job_models():
+    from dispatcher.jobs.precisions import QUANTISED
+    from gpuworker.engine import config
+
+    assert config.QUANTISED == QUANTISED

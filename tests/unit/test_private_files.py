@@ -38,6 +38,7 @@ from dispatcher.host.private import (
     write_private,
 )
 from dispatcher.settings import DataPaths, RedisPortTakenError, Settings, connect
+from formats.files import atomic_write, umask_mode
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 # Another OS user's process that takes a port and keeps whatever clients send it.
@@ -129,6 +130,14 @@ def test_write_private_is_0600_and_replaces_a_link_instead_of_following_it(tmp_p
     assert target.read_text() == "not yours to change\n"
     assert write_private(link, "second", replace=False) is False  # the first writer wins
     assert link.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_file_name_near_the_limit_can_be_written(tmp_path):
+    long = tmp_path / ("n" * 250)  # legal (255 bytes at most), too long with a suffix added
+    assert atomic_write(long, "whole") is True
+    assert long.read_text() == "whole" and mode(long) == umask_mode()
+    assert write_private(tmp_path / ("p" * 250), "mine") and mode(tmp_path / ("p" * 250)) == 0o600
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 

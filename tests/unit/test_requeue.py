@@ -3,13 +3,15 @@ the worker (a task that ended without an outcome) apply it, on a real Redis serv
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+import sys
 
 from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.states import JobState
 from dispatcher.jobs.store import JobStore
 from dispatcher.schedule.requeue import MAX_ATTEMPTS, Crashed, LostWorker, next_state, settle
 from dispatcher.settings import Settings
+from gpuworker.errors import EngineError
 from gpuworker.tasks import _reason, requeue_after_crash
 
 
@@ -68,11 +70,25 @@ def test_the_worker_requeues_its_crashed_job_and_goes_idle(redis_server, redis_c
 
 
 def test_engine_errors_are_told_as_they_are():
-    errors = pytest.importorskip("gpuworker.engine.errors")
-
-    class Sub(errors.EngineError):
+    class Sub(EngineError):
         pass
 
-    assert _reason(errors.EngineError("lower cutoff_len")) == "lower cutoff_len"
+    assert _reason(EngineError("lower cutoff_len")) == "lower cutoff_len"
     assert _reason(Sub("set base_model")) == "set base_model"
     assert _reason(ValueError("bad")) == "ValueError: bad"
+
+
+def test_the_failure_reason_needs_no_torch():
+    """A job whose imports failed (torch missing) is still marked failed with its reason: the
+    worker's failure handler imports nothing that imports torch."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from gpuworker.errors import EngineError\n"
+        "from gpuworker.tasks import _reason\n"
+        "print(_reason(EngineError('set base_model')))\n"
+        "assert sys.modules['torch'] is None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "set base_model"

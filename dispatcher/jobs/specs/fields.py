@@ -9,14 +9,13 @@ import re
 from dataclasses import MISSING, field, fields
 from typing import Any
 
+from dispatcher.jobs.precisions import QUANTISED
 from dispatcher.jobs.problems import Problems
 
 SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts",
               "polynomial", "inverse_sqrt")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit",
               "paged_adamw_8bit", "sgd", "adagrad")
-# Precisions that load the base model quantised (bitsandbytes): CUDA only.
-QUANTISED = ("4bit", "8bit")
 PRECISIONS = ("auto", *QUANTISED, "bf16", "fp16", "fp32")
 # Short projection names; the engine maps them onto each architecture's module names.
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")

@@ -1,4 +1,8 @@
-"""The one exception the engine raises for problems a user can fix."""
+"""The one exception the engine raises for problems a user can fix.
+
+Outside the engine package (whose __init__ imports torch), so the worker can tell an engine
+error without torch, e.g. in the failure handler of a job whose imports failed.
+"""
 
 from __future__ import annotations
 
