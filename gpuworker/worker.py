@@ -54,7 +54,6 @@ def start_heartbeat(settings: Settings, name: str, gpu: int | None,
         watchdog = StopWatchdog(JobStore(r, settings.prefix), fleet, name,
                                 settings.stop_grace_s, settings.paths.loras)
         first = True
-        release_orphans(settings, name)
         while not stop.is_set():
             try:
                 busy = not first and bool(r.hget(fleet.key(name), "job"))
@@ -153,6 +152,10 @@ def cuda_driver_initialised() -> bool:
 def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
                loglevel: str = "INFO", memory_mb: int | None = None) -> None:
     name = name or worker_name(gpu)
+    # First of all: a job an earlier process of this name left behind goes back to the queue at
+    # once, not only after the import below (seconds, longer on a busy machine), when the
+    # dispatcher may already have taken the name for a lost worker.
+    release_orphans(settings, name)
     # Before the first heartbeat, so the dispatcher sends nothing to a worker still importing.
     spent = preload_libraries()
     if spent is not None:
