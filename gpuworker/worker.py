@@ -91,11 +91,15 @@ def release_orphans(settings: Settings, name: str) -> None:
         try:
             mine = [j["id"] for j in JobStore(r, settings.prefix).active()
                     if j.get("worker") == name]
+            for job_id in mine:
+                requeue_after_crash(settings, job_id, name,
+                                    f"worker {name} restarted while the job was on it")
+            # Then the name counts as gone until this process's first heartbeat: the
+            # dispatcher must not take the earlier process's last heartbeat for this one's
+            # and assign the job straight back while this process still imports (seconds).
+            Fleet(r, settings.prefix, settings.worker_timeout).restarting(name)
         finally:
             r.close()
-        for job_id in mine:
-            requeue_after_crash(settings, job_id, name,
-                                f"worker {name} restarted while the job was on it")
     except Exception:
         log.exception("could not check for orphaned jobs")
 

@@ -4,7 +4,8 @@
 #   scripts/test.sh [pytest args...]       pytest with these arguments, e.g. -m "not browser" -x
 # Tiers: "fast" is every test not marked integration or browser (pure logic, plus a real Redis
 # server and tiny in-process training, about two minutes on two cores); "slow" is the rest (real
-# processes, `lorafleet up`, headless Chromium). A failure in the fast tier stops the run early.
+# processes, `lorafleet up`, headless Chromium; three at a time). A failure in the fast tier stops
+# the run early.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,6 +27,10 @@ if [ "$#" -gt 0 ]; then
     exit
 fi
 echo "==> fast tier"
-run_pytest -m "not integration and not browser"
+# Two test processes (one per core on a CI machine), a test file each at a time.
+run_pytest -m "not integration and not browser" -n 2 --dist loadfile
 echo "==> slow tier"
-run_pytest -m "integration or browser"
+# Three test processes, one test file each at a time (a file's fleet fixture stays in one
+# process): these tests mostly wait for their workers and browsers, so even two cores run them
+# in about two thirds of the time.
+run_pytest -m "integration or browser" -n 3 --dist loadfile

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 
 import pytest
@@ -10,6 +11,12 @@ import pytest
 from dispatcher.host.embedded import free_port, start_server, stop_server
 
 _prefixes = itertools.count()
+
+# One math thread per process, inherited by every process a test starts (workers, `lorafleet
+# up`, training children): the slow tier runs three test files at once on a CPU that may have
+# two cores, and OpenMP threads spin-waiting on an oversubscribed CPU make a tiny model's step
+# many times slower. The models here are far too small to gain from a second thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

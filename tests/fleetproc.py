@@ -39,7 +39,7 @@ class FleetProcs:
             "LORAFLEET_PREFIX": prefix, "LORAFLEET_PORT": str(self.port),
             "LORAFLEET_HEARTBEAT": "0.5", "LORAFLEET_WORKER_TIMEOUT": "6",
             "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT),
-            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2",
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
             # The dashboard records itself for the CLI here, not in the real ~/.config.
             "XDG_CONFIG_HOME": str(home / ".config"),
         })

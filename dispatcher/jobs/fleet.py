@@ -47,6 +47,13 @@ class Fleet:
             pipe.sadd(f"{self.p}:workers", name)
             pipe.execute()
 
+    def restarting(self, name: str) -> None:
+        """A new process of this name starts: until its first heartbeat, the name counts as
+        gone (nothing is assigned to it), whatever its earlier process last reported."""
+        if self.r.exists(self.key(name)):
+            # Just past the timeout: gone, and the Fleet page still shows a recent time.
+            self.r.hset(self.key(name), "seen", self.clock() - self.timeout - 1)
+
     def remove(self, name: str) -> None:
         with self.r.pipeline() as pipe:
             pipe.delete(self.key(name))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fleetproc import tiny_fleet
+from tests.faultkit import make_fleet
+from tests.fleetproc import FleetProcs, tiny_fleet
 from tests.tiny import write_tiny_raw_text
 
 
@@ -15,3 +16,19 @@ def fleet(redis_server, tmp_path_factory):
     f.start_fleet("w1")
     yield f
     f.stop()
+
+
+@pytest.fixture
+def fleet_factory(redis_server, tmp_path):
+    """Fleets made to order (the fault tests): make(workers=..., dispatchers=..., dashboard=...),
+    each stopped at the end of the test."""
+    made: list[FleetProcs] = []
+
+    def make(**kw) -> FleetProcs:
+        f = make_fleet(kw.pop("redis_url", redis_server), tmp_path / f"home{len(made)}", **kw)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.stop()

@@ -25,7 +25,7 @@ def _start_up(home, port, redis_port):
     env.pop("LORAFLEET_REDIS_URL", None)
     env.update({"LORAFLEET_HOME": str(home), "LORAFLEET_PORT": str(port),
                 "LORAFLEET_EMBEDDED_REDIS_PORT": str(redis_port), "PYTHONPATH": str(ROOT),
-                "LORAFLEET_HEARTBEAT": "0.5", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2",
+                "LORAFLEET_HEARTBEAT": "0.5", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
                 "XDG_CONFIG_HOME": str(home / ".config")})
     return subprocess.Popen([sys.executable, "-m", "dispatcher.cli", "up", "--gpus", "cpu"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -13,6 +13,7 @@ from dispatcher.schedule.requeue import MAX_ATTEMPTS, Crashed, LostWorker, next_
 from dispatcher.settings import Settings
 from gpuworker.errors import EngineError
 from gpuworker.tasks import _reason, requeue_after_crash
+from gpuworker.worker import release_orphans
 
 
 def test_the_policy_itself():
@@ -67,6 +68,29 @@ def test_the_worker_requeues_its_crashed_job_and_goes_idle(redis_server, redis_c
     other = running(store, "w2")
     assert requeue_after_crash(settings, other, "w1", "x") is None
     assert store.get(other)["state"] == "running"
+
+
+def test_a_restarted_worker_takes_nothing_before_its_first_heartbeat(redis_server, redis_client,
+                                                                    prefix):
+    """A worker restarted under its name (faster than the heartbeat timeout) gives back its
+    earlier process's job, and its name counts as gone until the new process reports: the
+    dispatcher must not assign the job straight back to a process still importing torch."""
+    settings = Settings(redis_url=redis_server, prefix=prefix)
+    store = JobStore(redis_client, prefix)
+    fleet = Fleet(redis_client, prefix, timeout=settings.worker_timeout)
+    fleet.heartbeat("w1", state="busy", job="x")
+    job = running(store, "w1")
+    assert [w["name"] for w in fleet.alive()] == ["w1"]
+    release_orphans(settings, "w1")
+    assert store.get(job)["state"] == "retrying"
+    assert "worker w1 restarted" in store.get(job)["reason"]
+    assert fleet.alive() == []
+    assert [w["state"] for w in fleet.workers()] == ["gone"]
+    fleet.heartbeat("w1", state="idle", job="")  # the new process's first heartbeat
+    assert [w["name"] for w in fleet.alive()] == ["w1"]
+    # A name never seen gets no record from this.
+    release_orphans(settings, "w9")
+    assert not redis_client.exists(fleet.key("w9"))
 
 
 def test_engine_errors_are_told_as_they_are():
