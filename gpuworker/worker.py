@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import logging
 import os
 import socket
@@ -110,8 +111,9 @@ def preload_libraries() -> float | None:
     A forked child inherits the imported modules, so a job no longer spends the first seconds
     of its time importing torch and transformers' model and tokenizer classes (7 s on a fresh
     GPU machine, measured in docs/BENCHMARKS.md). What would touch the GPU is left to the
-    child: peft, because importing it imports bitsandbytes, which initialises CUDA (seen on an
-    H200: after ``import peft``, ``torch.cuda.is_initialized()`` is true), and every
+    child: peft where bitsandbytes is installed, because importing peft then imports
+    bitsandbytes, which initialises CUDA (seen on an H200: after ``import peft``,
+    ``torch.cuda.is_initialized()`` is true; a worker without bitsandbytes preloads peft), and every
     ``torch.cuda`` call. While importing, torch's availability checks go through NVML
     (``PYTORCH_NVML_BASED_CUDA_CHECK``), which leaves the CUDA driver alone, in case a library
     asks. Afterwards both torch and the driver itself must still be uninitialised: a forked
@@ -128,6 +130,11 @@ def preload_libraries() -> float | None:
             from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
             import gpuworker.engine  # noqa: F401
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                # Without bitsandbytes (a CPU worker) peft leaves CUDA alone: jobs skip its
+                # import too (1.7 s of CPU each on a 2-core machine).
+                import peft  # noqa: F401
     except ImportError as e:
         log.warning("not preloading the training libraries: %s", e)
         return None

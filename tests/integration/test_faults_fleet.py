@@ -164,7 +164,7 @@ def test_two_dispatchers_assign_once_and_take_over(fleet_factory):
 
 # ---------------------------------------------------------------------------------------------
 N_JOBS = 500
-RUN_BUDGET_S = 35
+RUN_BUDGET_S = 20
 
 
 def _time_job_list(f: FleetProcs, n: int = 5) -> dict[str, float]:

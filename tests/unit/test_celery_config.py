@@ -7,6 +7,8 @@ worker's main process keeping a CUDA context after a job."""
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +48,7 @@ def test_each_worker_takes_one_job_at_a_time_from_its_own_queue():
 
 
 def test_preloading_imports_the_libraries_and_can_be_turned_off(monkeypatch):
+    import importlib.util
     import sys
 
     import torch
@@ -58,6 +61,13 @@ def test_preloading_imports_the_libraries_and_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "0")
     assert preload_libraries() >= 0
     assert "transformers" in sys.modules and "gpuworker.engine" in sys.modules
+    # peft too, on a worker without bitsandbytes (peft would import it, and it touches CUDA);
+    # asked in a fresh process, as this one may have imported peft already.
+    code = ("import sys; from gpuworker.worker import preload_libraries; "
+            "assert 'peft' not in sys.modules; preload_libraries(); print('peft' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parents[2]).stdout.split()
+    assert out[-1] == str(importlib.util.find_spec("bitsandbytes") is None)
     # NVML-based checks only while importing: the setting the worker was started with stays.
     assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "0"
     # A library that initialised CUDA while being imported stops the worker: its forked job
