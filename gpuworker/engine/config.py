@@ -43,6 +43,9 @@ class Levers:
     batching: str = DEFAULT_BATCHING
     # Model-preparation hooks, run in this order after the LoRA layers are on the model.
     prepare: tuple[str, ...] = ()
+    # Quantised models: cast the weights that are not quantised to fp32 (peft's preparation),
+    # so the hidden states between layers are fp32; False keeps them in the compute dtype.
+    upcast: bool = True
 
 
 @dataclass(frozen=True)

@@ -158,14 +158,133 @@ class Fp32LogitsLoss:
         return token_loss_sum(logits, batch.tensors["labels"])
 
 
+class LeverSkipped(Exception):
+    """A lever that does not apply to this run (no CUDA, an architecture it does not know, a
+    library missing): the run goes on without it, and the reason is logged and recorded."""
+
+
+def split_causal_lm(model: Any) -> tuple[Any, torch.nn.Linear]:
+    """The model's decoder (hidden states out) and its output layer, for a loss that does the
+    output layer's product itself; refuses (LeverSkipped) a model whose logits are more than
+    `hidden @ weight.T`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    head = base.get_output_embeddings()
+    decoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if decoder is None or type(head) is not torch.nn.Linear or head.bias is not None:
+        raise LeverSkipped(f"{type(base).__name__}'s output layer is not a plain linear layer "
+                           "(a LoRA or quantised output layer, or a bias)")
+    for attr, plain in (("final_logit_softcapping", None), ("logit_scale", 1.0),
+                        ("logits_scaling", 1.0)):
+        if getattr(cfg, attr, plain) not in (plain, None):
+            raise LeverSkipped(f"{type(base).__name__} transforms its logits ({attr})")
+    return decoder, head
+
+
+def chunked_linear_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                            chunk: int = 1024) -> torch.Tensor:
+    """Sum of cross-entropy of `hidden @ weight.T` against `target`, `chunk` rows at a time;
+    each chunk's logits are recomputed in backward instead of kept (plain PyTorch, any
+    device)."""
+    from torch.utils.checkpoint import checkpoint
+
+    # At least fp32 for the softmax, as the plain loss computes it.
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+
+    def part(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy((h @ w.t()).to(dtype), t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=dtype)
+    for start in range(0, hidden.shape[0], chunk):
+        end = start + chunk
+        total = total + checkpoint(part, hidden[start:end], weight, target[start:end],
+                                   use_reentrant=False)
+    return total
+
+
+class FusedLinearLoss:
+    """The loss without the full logits: the decoder's hidden states at the label positions
+    only, then the output layer and cross-entropy together, a chunk of positions at a time.
+    On CUDA with liger-kernel installed, Liger's fused linear cross-entropy (its kernel
+    computes the gradient in the forward pass); elsewhere `chunked_linear_loss_sum`. The sum
+    is the plain loss's, over the same label tokens."""
+
+    name = "fused"
+
+    def __init__(self, autocast: Autocast):
+        self.autocast = autocast
+        self.split: tuple[Any, torch.nn.Linear] | None = None
+        self.liger: Any = None
+
+    def bind(self, model: Any) -> str:
+        """Find the model's decoder and output layer (LeverSkipped when it has none to use)
+        and the kernel; says which kernel runs."""
+        self.split = split_causal_lm(model)
+        if self.split[1].weight.device.type == "cuda":
+            try:
+                from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+                self.liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+            except ImportError:
+                self.liger = None
+        return "fused (Liger kernel)" if self.liger is not None else "fused (chunked)"
+
+    def __call__(self, model: Any, batch: Batch) -> torch.Tensor:
+        if self.split is None:
+            self.bind(model)
+        decoder, head = self.split
+        t = batch.tensors
+        labels = t["labels"]
+        kw = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+        if "position_ids" in t:
+            kw["position_ids"] = t["position_ids"]
+        elif batch.padded:
+            kw["position_ids"] = position_ids(t["attention_mask"])
+        with self.autocast():
+            hidden = decoder(**kw).last_hidden_state  # (B, T, H)
+        target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+        keep = target != IGNORE_INDEX
+        h = hidden.flatten(0, 1)[keep]  # only the positions whose next token is learned
+        y = target[keep]
+        if self.liger is not None:
+            return self.liger(head.weight.to(h.dtype), h, y).float()
+        with self.autocast():
+            return chunked_linear_loss_sum(h, head.weight, y)
+
+
 LossFn = Callable[[Any, Batch], torch.Tensor]
 PrepareHook = Callable[[Any, EngineConfig], Any]
 
+
+def liger_kernels(model: Any, config: EngineConfig) -> Any:
+    """Liger's Triton kernels for the decoder's small operations: RMSNorm, SwiGLU and RoPE
+    (patched into this model's modules; the loss is the loss lever's business)."""
+    if next(model.parameters()).device.type != "cuda":
+        raise LeverSkipped("Liger's kernels need a CUDA GPU")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        raise LeverSkipped("liger-kernel is not installed on this worker") from None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(base.config, "model_type", "")
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        raise LeverSkipped(f"Liger has no kernels for model type '{model_type}'")
+    import inspect
+
+    wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+              "fused_linear_cross_entropy": False}
+    params = inspect.signature(apply).parameters
+    apply(model=base, **{k: v for k, v in wanted.items() if k in params})
+    return model
+
+
 # name -> factory. A loss gets the run's autocast; a batcher the pad id and cutoff_len.
-LOSSES: dict[str, Callable[[Autocast], LossFn]] = {"fp32_logits": Fp32LogitsLoss}
+LOSSES: dict[str, Callable[[Autocast], LossFn]] = {"fp32_logits": Fp32LogitsLoss,
+                                                    "fused": FusedLinearLoss}
 BATCHERS: dict[str, Callable[[int, int], Batcher]] = {
     "pad": lambda pad_id, cutoff_len: PadBatcher(pad_id)}
-PREPARE_HOOKS: dict[str, PrepareHook] = {}
+PREPARE_HOOKS: dict[str, PrepareHook] = {"liger_kernels": liger_kernels}
 
 
 def _pick(registry: dict[str, Any], name: str, what: str) -> Any:
@@ -182,17 +301,37 @@ def check_levers(levers: Levers) -> None:
         _pick(PREPARE_HOOKS, name, "preparation hook")
 
 
-def make_loss(levers: Levers, autocast: Autocast) -> LossFn:
-    return _pick(LOSSES, levers.loss, "loss")(autocast)
+def make_loss(levers: Levers, autocast: Autocast, model: Any = None,
+              log: Callable[[str], None] = lambda line: None) -> tuple[LossFn, str]:
+    """The run's loss, and what it is in words (for the log and training_log.json). A loss
+    that does not apply to `model` falls back to the plain fp32_logits, with the reason."""
+    loss = _pick(LOSSES, levers.loss, "loss")(autocast)
+    bind = getattr(loss, "bind", None)
+    if bind is None or model is None:
+        return loss, levers.loss
+    try:
+        return loss, bind(model)
+    except LeverSkipped as e:
+        log(f"loss {levers.loss} does not apply: {e}; using fp32_logits")
+        return Fp32LogitsLoss(autocast), f"fp32_logits ({levers.loss} skipped: {e})"
 
 
 def make_batcher(levers: Levers, pad_id: int, cutoff_len: int) -> Batcher:
     return _pick(BATCHERS, levers.batching, "batching")(pad_id, cutoff_len)
 
 
-def prepare_model(model: Any, config: EngineConfig, log: Callable[[str], None]) -> Any:
-    """Run the config's preparation hooks on the LoRA-wrapped model, in order."""
+def prepare_model(model: Any, config: EngineConfig, log: Callable[[str], None],
+                  applied: dict[str, str] | None = None) -> Any:
+    """Run the config's preparation hooks on the LoRA-wrapped model, in order; `applied`
+    gets each hook's outcome ("on", or "skipped: <reason>")."""
     for name in config.levers.prepare:
         log(f"Preparing the model: {name}")
-        model = _pick(PREPARE_HOOKS, name, "preparation hook")(model, config)
+        try:
+            model = _pick(PREPARE_HOOKS, name, "preparation hook")(model, config)
+            outcome = "on"
+        except LeverSkipped as e:
+            outcome = f"skipped: {e}"
+            log(f"Preparing the model: {name} skipped: {e}")
+        if applied is not None:
+            applied[name] = outcome
     return model

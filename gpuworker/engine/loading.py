@@ -135,8 +135,14 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def load_base_model(folder: Path, name: str, precision: str, device: torch.device,
-                    log: Any) -> LoadedModel:
-    """Load `folder` in `precision` and put it on `device` (the one move to the device)."""
+                    log: Any, upcast: bool = True) -> LoadedModel:
+    """Load `folder` in `precision` and put it on `device` (the one move to the device).
+
+    `upcast` (quantised precisions): peft's preparation, which casts every weight that is not
+    quantised (embeddings, norms, output layer) to fp32, so the hidden states between the
+    layers run in fp32; without it they stay in the compute dtype, as in plain bf16 training
+    (half the memory traffic of the many small operations, and no fp32 copy of the output
+    layer). Either way the base is frozen and its activations are checkpointed."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {}
@@ -168,12 +174,18 @@ def load_base_model(folder: Path, name: str, precision: str, device: torch.devic
         model.to(device)
     # The KV cache is for generation; in training it only costs memory.
     model.config.use_cache = False
-    if precision in QUANTISED:
+    if precision in QUANTISED and upcast:
         from peft import prepare_model_for_kbit_training
 
         # Casts norms to fp32, freezes the base, and turns on gradient checkpointing, which
         # QLoRA relies on to fit large models.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    elif precision in QUANTISED:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # Non-reentrant checkpointing needs no input that requires grad and keeps the RNG
+        # state of the LoRA dropout for the recomputation.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     total = sum(p.numel() for p in model.parameters())
     return LoadedModel(model=model, precision=precision, model_class=type(model).__name__,
                        model_type=str(getattr(model.config, "model_type", "")),

@@ -71,6 +71,8 @@ class LoopOutcome:
     part_start_step: int = 0
     part_runtime_s: float = 0.0
     part_tokens: int = 0
+    # The loss and batching this run used, in words (training_log.json's "speed").
+    speed: dict[str, str] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -179,9 +181,11 @@ class _Loop:
         self.plan = data.plan
         self.report, self.checkpoint = report, checkpoint
         self.stepper = Stepper(model, cfg, data.plan, data.precision, device)
-        self.loss_fn = make_loss(cfg.levers, self.stepper.autocast)
+        self.loss_fn, loss_used = make_loss(cfg.levers, self.stepper.autocast, model,
+                                            report.log)
         self.batcher: Batcher = make_batcher(cfg.levers, data.pad_id, cfg.cutoff_len)
         self.log_every = step_log_interval(data.plan.total_steps)
+        self.speed = {"loss": loss_used, "batching": self.batcher.name}
         self.out = LoopOutcome()
         self.warned_forget = False
 
@@ -189,6 +193,7 @@ class _Loop:
         if resume is not None:
             self.out = _restore(resume, self.stepper, self.plan, self.device, self.report.log)
         out = self.out
+        out.speed = self.speed
         self.warned_forget = any(h["loss"] < FORGET_LOSS for h in out.loss_history)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)

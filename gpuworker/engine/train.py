@@ -33,7 +33,7 @@ from dispatcher.access.links import inside
 from formats.files import atomic_write_json
 from gpuworker.engine import data as data_phase
 from gpuworker.engine.cleanup import run_releasing
-from gpuworker.engine.config import EngineConfig
+from gpuworker.engine.config import QUANTISED, EngineConfig
 from gpuworker.engine.levers import check_levers, prepare_model
 from gpuworker.engine.loading import (
     check_model_folder,
@@ -238,7 +238,8 @@ def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
                 report: Report) -> tuple[Any, dict[str, Any]]:
     """The LoRA-wrapped, prepared model, and what training_log.json says about it."""
     log, precision = report.log, checked.precision
-    loaded = load_base_model(cfg.model_dir, cfg.base_model, precision, device, log)
+    loaded = load_base_model(cfg.model_dir, cfg.base_model, precision, device, log,
+                             upcast=cfg.levers.upcast)
     modules = resolve_target_modules(loaded.model, cfg.target_modules)
     projections = projections_label(modules)
     log(f"Training {loaded.model_type} ({loaded.model_class}) with LoRA rank {cfg.lora_rank}, "
@@ -247,7 +248,8 @@ def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
                         modules, cfg.seed)
     del loaded.model
     _load_earlier_weights(model, cfg, checked, report)
-    model = prepare_model(model, cfg, log)
+    applied: dict[str, str] = {}
+    model = prepare_model(model, cfg, log, applied)
     trainable, total = count_params(model)
     log(f"Trainable params: {trainable:,} ({100 * trainable / max(total, 1):.4f} %), "
         f"all params: {total:,} (model: {loaded.total_params:,})")
@@ -263,6 +265,9 @@ def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
         "trainable_params": trainable,
         "total_params": total,
         "device": str(device),
+        # The speed settings that shape the model (the loop adds its loss and batching).
+        "speed": {"upcast": cfg.levers.upcast if precision in QUANTISED else None,
+                  "prepare": applied},
         # The LoRA this run continues and its steps (None: a new LoRA, or a resumed run).
         "continues": ({"lora": cfg.lora_name, "step": existing.steps}
                       if existing is not None else None),
@@ -327,6 +332,7 @@ class _Run:
                 "epoch": round(plan.epoch_of(out.micro_done), 4), **self.info,
                 "train_runtime_s": round(out.runtime_s, 3),
                 "tokens_per_s": round(out.tokens_per_s, 2), "tokens": out.tokens,
+                "speed": {**self.info["speed"], **out.speed},
                 "peak_gpu_memory_mb": out.peak_gpu_mem_mb, "eval_loss": out.eval_loss,
                 "stopped": out.stopped, "reason": out.reason, "learning_rate": self.checked.lr,
                 "resumed_from": out.resumed_from, "loss_history": out.loss_history}

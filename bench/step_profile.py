@@ -1,0 +1,114 @@
+"""Where a training step's GPU time goes: the engine as `bench.engine_bench` runs it, with
+torch's profiler around a few steps after the warm-up.
+
+    python -m bench.step_profile --size 8b --bs 2 --seq 2048 --loss fp32_logits
+
+Prints the step's wall time, the GPU's busy time in it (the sum of kernel times; a gap between
+the two is time the GPU waited for the CPU), the time per kind of kernel (matrix products,
+NF4 dequantisation, attention, element-wise, ...) and the 25 costliest kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+# Kernel name fragments -> the kind of work, first match wins.
+KINDS = (
+    ("dequant", ("dequantize", "kdequant")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "ampere_", "sm80_")),
+    ("loss", ("cross_entropy", "log_softmax", "nll_loss", "softmax")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("reduce", ("reduce", "norm")),
+    ("copy/cast", ("copy", "cast", "fill", "cat", "index")),
+    ("element-wise", ("elementwise", "vectorized", "unrolled", "triton")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, parts in KINDS:
+        if any(p in low for p in parts):
+            return kind
+    return "other"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default="1b")
+    p.add_argument("--precision", default="4bit")
+    p.add_argument("--bs", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="profiled steps")
+    p.add_argument("--loss", default="fp32_logits")
+    p.add_argument("--batching", default="pad")
+    p.add_argument("--prepare", action="append", default=[])
+    p.add_argument("--upcast", type=int, default=1)
+    p.add_argument("--home", default="/tmp")
+    a = p.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.engine_bench import prepare
+    from dispatcher.jobs.specs import TrainSpec
+    from dispatcher.settings import DataPaths
+    from gpuworker.engine.boundary import config_from_spec
+    from gpuworker.engine.config import Levers
+    from gpuworker.engine.report import Report
+    from gpuworker.engine.train import run_training
+
+    home = Path(a.home)
+    total = a.warmup + a.steps + 1
+    prepare(home, a.size, a.seq, total * a.bs)
+    spec = TrainSpec(
+        lora_name="profile", base_model=a.size, dataset="bench.json", format="text",
+        precision=a.precision, lora_rank=32, lora_alpha=64, lora_dropout=0.05,
+        target_modules=["all"], micro_batch_size=a.bs, batch_size=a.bs, epochs=1,
+        learning_rate="3e-4", lr_scheduler_type="constant", warmup_steps=0, cutoff_len=a.seq,
+        optimizer="adamw_torch", always_override=True)
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    stamps: list[float] = []
+
+    def progress(ev: dict) -> None:
+        if ev.get("type") != "train":
+            return
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        if ev["step"] == a.warmup:
+            prof.start()
+        elif ev["step"] == a.warmup + a.steps:
+            prof.stop()
+
+    levers = Levers(loss=a.loss, batching=a.batching, prepare=tuple(a.prepare),
+                    upcast=bool(a.upcast))
+    run_training(config_from_spec(spec, DataPaths(home), levers),
+                 Report(progress, lambda: False, lambda line: None), device="cuda")
+    wall = (stamps[a.warmup + a.steps - 1] - stamps[a.warmup - 1]) / a.steps
+    by_kind: Counter[str] = Counter()
+    kernels: Counter[str] = Counter()
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            by_kind[kind_of(ev.name)] += us
+            kernels[ev.name[:110]] += us
+    busy = sum(by_kind.values()) / 1e6 / a.steps
+    out = {"size": a.size, "bs": a.bs, "seq": a.seq, "loss": a.loss, "prepare": a.prepare,
+           "upcast": a.upcast,
+           "wall_s": round(wall, 4), "gpu_busy_s": round(busy, 4),
+           "tokens_per_s": round(a.bs * a.seq / wall),
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           "by_kind_s": {k: round(v / 1e6 / a.steps, 4) for k, v in by_kind.most_common()}}
+    print("RESULT " + json.dumps(out), flush=True)
+    print(f"{'s/step':>8}  kernel")
+    for name, us in kernels.most_common(25):
+        print(f"{us / 1e6 / a.steps:8.4f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
