@@ -80,13 +80,13 @@ def run(a: argparse.Namespace) -> dict:
 
     torch.cuda.reset_peak_memory_stats()
     levers = Levers(loss=a.loss, batching=a.batching, prepare=tuple(a.prepare),
-                    upcast=bool(a.upcast))
+                    upcast=bool(a.upcast), checkpoint_layers=a.ckpt)
     result = run_training(config_from_spec(spec, DataPaths(home), levers),
                           Report(progress, lambda: False, lambda line: None), device="cuda")
     timed = stamps[a.warmup:]
     dt = (timed[-1] - timed[0]) / (len(timed) - 1)
     out = dict(engine="lorafleet", size=a.size, precision=a.precision, bs=a.bs, seq=a.seq,
-               loss=a.loss, batching=a.batching, prepare=list(a.prepare), upcast=a.upcast,
+               loss=a.loss, batching=a.batching, prepare=list(a.prepare), upcast=a.upcast, ckpt=a.ckpt,
                steps=result["steps"], s_per_step=round(dt, 4), tokens_per_s=round(a.bs * a.seq / dt),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                gpu=torch.cuda.get_device_name())
@@ -106,6 +106,7 @@ def main() -> None:
     p.add_argument("--loss", default="fp32_logits")
     p.add_argument("--batching", default="pad")
     p.add_argument("--prepare", action="append", default=[], help="a preparation hook (repeat)")
+    p.add_argument("--ckpt", type=int, default=None, help="checkpointed layers (all)")
     p.add_argument("--upcast", type=int, default=1, help="1: fp32 non-quantised weights (peft)")
     p.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "lorafleet-bench"))
     a = p.parse_args()

@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--loss", default="fp32_logits")
     p.add_argument("--batching", default="pad")
     p.add_argument("--prepare", action="append", default=[])
+    p.add_argument("--ckpt", type=int, default=None, help="checkpointed layers (all)")
     p.add_argument("--upcast", type=int, default=1)
     p.add_argument("--home", default="/tmp")
     a = p.parse_args()
@@ -86,7 +87,7 @@ def main() -> None:
             prof.stop()
 
     levers = Levers(loss=a.loss, batching=a.batching, prepare=tuple(a.prepare),
-                    upcast=bool(a.upcast))
+                    upcast=bool(a.upcast), checkpoint_layers=a.ckpt)
     run_training(config_from_spec(spec, DataPaths(home), levers),
                  Report(progress, lambda: False, lambda line: None), device="cuda")
     wall = (stamps[a.warmup + a.steps - 1] - stamps[a.warmup - 1]) / a.steps
@@ -99,7 +100,7 @@ def main() -> None:
             kernels[ev.name[:110]] += us
     busy = sum(by_kind.values()) / 1e6 / a.steps
     out = {"size": a.size, "bs": a.bs, "seq": a.seq, "loss": a.loss, "prepare": a.prepare,
-           "upcast": a.upcast,
+           "upcast": a.upcast, "ckpt": a.ckpt,
            "wall_s": round(wall, 4), "gpu_busy_s": round(busy, 4),
            "tokens_per_s": round(a.bs * a.seq / wall),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

@@ -58,7 +58,10 @@ LINEAR_BYTES = {"4bit": 0.55, "8bit": 1.1, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0
 LORA_STATE_BYTES = 16
 # Bytes per token and vocabulary entry that each loss (the engine's levers) holds at the peak.
 # fp32_logits: bf16 logits 2 + their fp32 copy 4 + its gradient 4.
-LOSS_LOGIT_BYTES = {"fp32_logits": 2 + 4 + 4}
+# fused: the logits of one chunk of (at most 1024) label positions at a time, not per token:
+# counted as if the micro-batch had min(tokens, 1024) tokens.
+LOSS_LOGIT_BYTES = {"fp32_logits": 2 + 4 + 4, "fused": 2 + 4 + 4}
+LOSS_TOKEN_CAP = {"fp32_logits": None, "fused": 1024}
 # Tokens in one micro-batch at the most, for each batcher, from (micro_batch_size, cutoff_len).
 BATCH_TOKENS = {"pad": lambda micro_batch_size, cutoff_len: micro_batch_size * cutoff_len}
 DEFAULT_LOSS = "fp32_logits"
@@ -196,8 +199,10 @@ def train_peak_bytes(shape: ModelShape, precision: str, rank: int, target_module
     tokens = BATCH_TOKENS[batching](micro_batch_size, cutoff_len)
     checkpointed = p in QUANTISED  # the engine checkpoints activations of quantised models
     factor = ACT_FACTOR_CHECKPOINTED if checkpointed else ACT_FACTOR_FULL
-    per_token = shape.layers * shape.hidden * 2 * factor + shape.vocab * LOSS_LOGIT_BYTES[loss]
-    activations = tokens * per_token
+    cap = LOSS_TOKEN_CAP[loss]
+    logit_tokens = tokens if cap is None else min(tokens, cap)
+    activations = (tokens * shape.layers * shape.hidden * 2 * factor
+                   + logit_tokens * shape.vocab * LOSS_LOGIT_BYTES[loss])
     if checkpointed:
         activations += shape.embedding_params * CHECKPOINTED_FIXED_BYTES
     floor = shape.embedding_params * (FLOOR_BYTES_QUANTISED if checkpointed else FLOOR_BYTES_FULL)

@@ -46,6 +46,9 @@ class Levers:
     # Quantised models: cast the weights that are not quantised to fp32 (peft's preparation),
     # so the hidden states between layers are fp32; False keeps them in the compute dtype.
     upcast: bool = True
+    # Gradient checkpointing (quantised models): how many decoder layers recompute their
+    # activations in backward, from the first; None: all of them. The others keep theirs.
+    checkpoint_layers: int | None = None
 
 
 @dataclass(frozen=True)

@@ -320,6 +320,23 @@ def make_batcher(levers: Levers, pad_id: int, cutoff_len: int) -> Batcher:
     return _pick(BATCHERS, levers.batching, "batching")(pad_id, cutoff_len)
 
 
+def limit_checkpointing(model: Any, layers: int | None) -> str | None:
+    """Keep gradient checkpointing on the first `layers` decoder layers only (None: leave it
+    as it is); says what the model now does, or None when it checkpoints nothing."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # an older transformers: every layer stays as it is
+        return None
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks or not any(b.gradient_checkpointing for b in blocks):
+        return None
+    if layers is not None:
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i < layers
+    on = sum(b.gradient_checkpointing for b in blocks)
+    return f"{on} of {len(blocks)} layers"
+
+
 def prepare_model(model: Any, config: EngineConfig, log: Callable[[str], None],
                   applied: dict[str, str] | None = None) -> Any:
     """Run the config's preparation hooks on the LoRA-wrapped model, in order; `applied`

@@ -34,7 +34,7 @@ from formats.files import atomic_write_json
 from gpuworker.engine import data as data_phase
 from gpuworker.engine.cleanup import run_releasing
 from gpuworker.engine.config import QUANTISED, EngineConfig
-from gpuworker.engine.levers import check_levers, prepare_model
+from gpuworker.engine.levers import check_levers, limit_checkpointing, prepare_model
 from gpuworker.engine.loading import (
     check_model_folder,
     load_base_model,
@@ -250,6 +250,9 @@ def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
     _load_earlier_weights(model, cfg, checked, report)
     applied: dict[str, str] = {}
     model = prepare_model(model, cfg, log, applied)
+    checkpointing = limit_checkpointing(model, cfg.levers.checkpoint_layers)
+    if checkpointing:
+        log(f"Gradient checkpointing: {checkpointing}")
     trainable, total = count_params(model)
     log(f"Trainable params: {trainable:,} ({100 * trainable / max(total, 1):.4f} %), "
         f"all params: {total:,} (model: {loaded.total_params:,})")
@@ -267,7 +270,7 @@ def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
         "device": str(device),
         # The speed settings that shape the model (the loop adds its loss and batching).
         "speed": {"upcast": cfg.levers.upcast if precision in QUANTISED else None,
-                  "prepare": applied},
+                  "prepare": applied, "checkpointing": checkpointing},
         # The LoRA this run continues and its steps (None: a new LoRA, or a resumed run).
         "continues": ({"lora": cfg.lora_name, "step": existing.steps}
                       if existing is not None else None),
