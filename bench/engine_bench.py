@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 SIZES = {"1b": "llama-3.2-1b", "8b": "llama-3-8b"}
 WORDS = ("the quick brown fox jumps over a lazy dog while small models learn to write short "
@@ -52,25 +53,44 @@ def prepare(home: Path, size: str, seq: int, n: int) -> None:
     (paths.formats / "text.json").write_text(json.dumps({"text": "%text%"}))
 
 
-def run(a: argparse.Namespace) -> dict:
-    import torch
-
+def bench_config(a: argparse.Namespace, lora_name: str, steps: int) -> Any:
+    """The run the benchmark arguments describe (data folder prepared for `steps` steps), as
+    the engine's config with the levers asked for."""
     from dispatcher.jobs.specs import TrainSpec
     from dispatcher.settings import DataPaths
     from gpuworker.engine.boundary import config_from_spec
     from gpuworker.engine.config import Levers
-    from gpuworker.engine.report import Report
-    from gpuworker.engine.train import run_training
 
     home = Path(a.home)
-    steps = a.warmup + a.steps
     prepare(home, a.size, a.seq, steps * a.bs)
     spec = TrainSpec(
-        lora_name="bench", base_model=a.size, dataset="bench.json", format="text",
+        lora_name=lora_name, base_model=a.size, dataset="bench.json", format="text",
         precision=a.precision, lora_rank=32, lora_alpha=64, lora_dropout=0.05,
         target_modules=["all"], micro_batch_size=a.bs, batch_size=a.bs, epochs=1,
         learning_rate="3e-4", lr_scheduler_type="constant", warmup_steps=0, cutoff_len=a.seq,
         optimizer="adamw_torch", always_override=True)
+    levers = Levers(loss=a.loss, batching=a.batching, prepare=tuple(a.prepare),
+                    upcast=bool(a.upcast), checkpoint_layers=a.ckpt)
+    return config_from_spec(spec, DataPaths(home), levers)
+
+
+def add_lever_options(p: argparse.ArgumentParser) -> None:
+    """The engine's levers (gpuworker/engine/levers.py), today's by default."""
+    p.add_argument("--loss", default="fp32_logits")
+    p.add_argument("--batching", default="pad")
+    p.add_argument("--prepare", action="append", default=[], help="a preparation hook (repeat)")
+    p.add_argument("--ckpt", type=int, default=None, help="checkpointed layers (all)")
+    p.add_argument("--upcast", type=int, default=1, help="1: fp32 non-quantised weights (peft)")
+
+
+def run(a: argparse.Namespace) -> dict:
+    import torch
+
+    from gpuworker.engine.report import Report
+    from gpuworker.engine.train import run_training
+
+    home = Path(a.home)
+    cfg = bench_config(a, "bench", a.warmup + a.steps)
     stamps: list[float] = []
 
     def progress(ev: dict) -> None:
@@ -79,14 +99,12 @@ def run(a: argparse.Namespace) -> dict:
             stamps.append(time.perf_counter())
 
     torch.cuda.reset_peak_memory_stats()
-    levers = Levers(loss=a.loss, batching=a.batching, prepare=tuple(a.prepare),
-                    upcast=bool(a.upcast), checkpoint_layers=a.ckpt)
-    result = run_training(config_from_spec(spec, DataPaths(home), levers),
-                          Report(progress, lambda: False, lambda line: None), device="cuda")
+    result = run_training(cfg, Report(progress, lambda: False, lambda line: None), device="cuda")
     timed = stamps[a.warmup:]
     dt = (timed[-1] - timed[0]) / (len(timed) - 1)
     out = dict(engine="lorafleet", size=a.size, precision=a.precision, bs=a.bs, seq=a.seq,
-               loss=a.loss, batching=a.batching, prepare=list(a.prepare), upcast=a.upcast, ckpt=a.ckpt,
+               loss=a.loss, batching=a.batching, prepare=list(a.prepare), upcast=a.upcast,
+               ckpt=a.ckpt,
                steps=result["steps"], s_per_step=round(dt, 4), tokens_per_s=round(a.bs * a.seq / dt),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                gpu=torch.cuda.get_device_name())
@@ -102,12 +120,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    # The engine's levers (gpuworker/engine/levers.py), today's by default.
-    p.add_argument("--loss", default="fp32_logits")
-    p.add_argument("--batching", default="pad")
-    p.add_argument("--prepare", action="append", default=[], help="a preparation hook (repeat)")
-    p.add_argument("--ckpt", type=int, default=None, help="checkpointed layers (all)")
-    p.add_argument("--upcast", type=int, default=1, help="1: fp32 non-quantised weights (peft)")
+    add_lever_options(p)
     p.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "lorafleet-bench"))
     a = p.parse_args()
     print("RESULT " + json.dumps(run(a)), flush=True)

@@ -14,7 +14,8 @@ import argparse
 import json
 import time
 from collections import Counter
-from pathlib import Path
+
+from bench.engine_bench import add_lever_options
 
 # Kernel name fragments -> the kind of work, first match wins.
 KINDS = (
@@ -45,34 +46,18 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="profiled steps")
-    p.add_argument("--loss", default="fp32_logits")
-    p.add_argument("--batching", default="pad")
-    p.add_argument("--prepare", action="append", default=[])
-    p.add_argument("--ckpt", type=int, default=None, help="checkpointed layers (all)")
-    p.add_argument("--upcast", type=int, default=1)
+    add_lever_options(p)
     p.add_argument("--home", default="/tmp")
     a = p.parse_args()
 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.engine_bench import prepare
-    from dispatcher.jobs.specs import TrainSpec
-    from dispatcher.settings import DataPaths
-    from gpuworker.engine.boundary import config_from_spec
-    from gpuworker.engine.config import Levers
+    from bench.engine_bench import bench_config
     from gpuworker.engine.report import Report
     from gpuworker.engine.train import run_training
 
-    home = Path(a.home)
-    total = a.warmup + a.steps + 1
-    prepare(home, a.size, a.seq, total * a.bs)
-    spec = TrainSpec(
-        lora_name="profile", base_model=a.size, dataset="bench.json", format="text",
-        precision=a.precision, lora_rank=32, lora_alpha=64, lora_dropout=0.05,
-        target_modules=["all"], micro_batch_size=a.bs, batch_size=a.bs, epochs=1,
-        learning_rate="3e-4", lr_scheduler_type="constant", warmup_steps=0, cutoff_len=a.seq,
-        optimizer="adamw_torch", always_override=True)
+    cfg = bench_config(a, "profile", a.warmup + a.steps + 1)
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     stamps: list[float] = []
 
@@ -86,10 +71,7 @@ def main() -> None:
         elif ev["step"] == a.warmup + a.steps:
             prof.stop()
 
-    levers = Levers(loss=a.loss, batching=a.batching, prepare=tuple(a.prepare),
-                    upcast=bool(a.upcast), checkpoint_layers=a.ckpt)
-    run_training(config_from_spec(spec, DataPaths(home), levers),
-                 Report(progress, lambda: False, lambda line: None), device="cuda")
+    run_training(cfg, Report(progress, lambda: False, lambda line: None), device="cuda")
     wall = (stamps[a.warmup + a.steps - 1] - stamps[a.warmup - 1]) / a.steps
     by_kind: Counter[str] = Counter()
     kernels: Counter[str] = Counter()
