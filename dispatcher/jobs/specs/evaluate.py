@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from dispatcher.jobs.problems import Problems, SpecError
 from dispatcher.jobs.specs.bounds import (
@@ -20,6 +20,8 @@ from dispatcher.jobs.specs.fields import spec_field as _f
 from dispatcher.jobs.specs.names import check_lora, check_model, find_format, resolve_data_name
 from dispatcher.schedule.estimate import read_model_shape
 from dispatcher.settings import DataPaths
+
+T = TypeVar("T", "EvalSpec", "GenerateSpec")
 
 
 @dataclass
@@ -74,14 +76,22 @@ def _window_problem(s: EvalSpec, paths: DataPaths) -> str | None:
     return None
 
 
-def parse_eval_spec(data: Any, paths: DataPaths) -> EvalSpec:
+def _opening(cls: type[T], kind: str, what: str, data: Any, paths: DataPaths
+             ) -> tuple[T, Problems]:
+    """What every job spec's parse starts with: a JSON object of `what`s, its size, the typed
+    fields, their lengths and the base model."""
     if not isinstance(data, dict):
-        raise SpecError([{"field": "spec", "message": "must be a JSON object of evaluation settings"}])
+        raise SpecError([{"field": "spec", "message": f"must be a JSON object of {what}s"}])
     check_size(data)
     problems = Problems()
-    s = build(EvalSpec, data, problems, "evaluation setting")
-    check_lengths("evaluate", s, problems)
+    s = build(cls, data, problems, what)
+    check_lengths(kind, s, problems)
     s.base_model = check_model(s.base_model, paths, problems)
+    return s, problems
+
+
+def parse_eval_spec(data: Any, paths: DataPaths) -> EvalSpec:
+    s, problems = _opening(EvalSpec, "evaluate", "evaluation setting", data, paths)
     for name in s.loras:
         check_lora(name, paths, "loras", problems)
     if len(set(s.loras)) != len(s.loras):
@@ -116,13 +126,7 @@ def _check_text_file(s: EvalSpec, paths: DataPaths, problems: Problems) -> None:
 
 
 def parse_generate_spec(data: Any, paths: DataPaths) -> GenerateSpec:
-    if not isinstance(data, dict):
-        raise SpecError([{"field": "spec", "message": "must be a JSON object of generation settings"}])
-    check_size(data)
-    problems = Problems()
-    s = build(GenerateSpec, data, problems, "generation setting")
-    check_lengths("generate", s, problems)
-    s.base_model = check_model(s.base_model, paths, problems)
+    s, problems = _opening(GenerateSpec, "generate", "generation setting", data, paths)
     if s.lora:
         check_lora(s.lora, paths, "lora", problems)
     if not s.prompt.strip():
