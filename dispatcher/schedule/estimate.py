@@ -63,7 +63,10 @@ LORA_STATE_BYTES = 16
 LOSS_LOGIT_BYTES = {"fp32_logits": 2 + 4 + 4, "fused": 2 + 4 + 4}
 LOSS_TOKEN_CAP = {"fp32_logits": None, "fused": 1024}
 # Tokens in one micro-batch at the most, for each batcher, from (micro_batch_size, cutoff_len).
-BATCH_TOKENS = {"pad": lambda micro_batch_size, cutoff_len: micro_batch_size * cutoff_len}
+# pack: the same tokens at the most (a packed row holds only real tokens, and a micro-batch
+# never has more real tokens than its padded form).
+BATCH_TOKENS = {"pad": lambda micro_batch_size, cutoff_len: micro_batch_size * cutoff_len,
+                "pack": lambda micro_batch_size, cutoff_len: micro_batch_size * cutoff_len}
 DEFAULT_LOSS = "fp32_logits"
 DEFAULT_BATCHING = "pad"
 # Activation bytes per layer, token and hidden unit, in units of 2 bytes (bf16).

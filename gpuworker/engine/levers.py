@@ -97,6 +97,75 @@ class PadBatcher:
             yield self.collate(samples[start:start + micro_batch_size])
 
 
+# Tokens in one packed row at the most (unless a single sample is longer): the row's attention
+# mask is rows x rows booleans (16 MB at 4096), so a micro-batch larger than this is split
+# into several rows, each its own forward pass.
+PACK_ROW_TOKENS = 4096
+
+
+class PackBatcher:
+    """Padding-free: each micro-batch's samples end to end in one row (several rows when they
+    exceed PACK_ROW_TOKENS), positions restarting at every sample and a block-diagonal causal
+    attention mask, so no sample sees another and no token is padding. The step's samples,
+    their order and the step's label tokens are the padded batcher's; only the tensors'
+    shapes differ. The first token of each sample is never a target (as in a padded row),
+    so the last token of one sample does not learn to predict the next sample."""
+
+    name = "pack"
+
+    def __init__(self, row_tokens: int = PACK_ROW_TOKENS):
+        self.row_tokens = row_tokens
+
+    def rows(self, samples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        out: list[list[dict[str, Any]]] = [[]]
+        used = 0
+        for sample in samples:
+            n = len(sample["input_ids"])
+            if out[-1] and used + n > self.row_tokens:
+                out.append([])
+                used = 0
+            out[-1].append(sample)
+            used += n
+        return out
+
+    def collate(self, samples: list[dict[str, Any]]) -> Batch:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        segment: list[int] = []
+        for k, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            ids += list(sample["input_ids"])
+            labels += [IGNORE_INDEX] + list(sample.get("labels", sample["input_ids"]))[1:]
+            positions += range(n)
+            segment += [k] * n
+        seg = torch.tensor(segment)
+        causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+        mask = (seg[:, None] == seg[None, :]) & causal  # (T, T): True where a token may look
+        t = {"input_ids": torch.tensor([ids], dtype=torch.long),
+             "labels": torch.tensor([labels], dtype=torch.long),
+             "attention_mask": mask[None, None], "position_ids": torch.tensor([positions])}
+        return Batch(tensors=t, tokens=len(ids), targets=label_tokens(t["labels"]), padded=False)
+
+    def step(self, micro_batches: list[list[dict[str, Any]]]) -> list[Batch]:
+        return [self.collate(row) for samples in micro_batches for row in self.rows(samples)]
+
+    def evaluation(self, samples: list[dict[str, Any]], micro_batch_size: int
+                   ) -> Iterator[Batch]:
+        for start in range(0, len(samples), micro_batch_size):
+            for row in self.rows(samples[start:start + micro_batch_size]):
+                yield self.collate(row)
+
+
+def check_packing(model: Any) -> None:
+    """Packed rows need an attention that takes a boolean (T, T) mask as it is: PyTorch's
+    scaled-dot-product attention, transformers' default for the architectures it knows."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = getattr(base.config, "_attn_implementation", None)
+    if impl != "sdpa":
+        raise LeverSkipped(f"the model uses '{impl}' attention; packing needs 'sdpa'")
+
+
 # --------------------------------------------------------------------------- losses
 
 
@@ -283,7 +352,8 @@ def liger_kernels(model: Any, config: EngineConfig) -> Any:
 LOSSES: dict[str, Callable[[Autocast], LossFn]] = {"fp32_logits": Fp32LogitsLoss,
                                                     "fused": FusedLinearLoss}
 BATCHERS: dict[str, Callable[[int, int], Batcher]] = {
-    "pad": lambda pad_id, cutoff_len: PadBatcher(pad_id)}
+    "pad": lambda pad_id, cutoff_len: PadBatcher(pad_id),
+    "pack": lambda pad_id, cutoff_len: PackBatcher(max(PACK_ROW_TOKENS, cutoff_len))}
 PREPARE_HOOKS: dict[str, PrepareHook] = {"liger_kernels": liger_kernels}
 
 
@@ -316,8 +386,18 @@ def make_loss(levers: Levers, autocast: Autocast, model: Any = None,
         return Fp32LogitsLoss(autocast), f"fp32_logits ({levers.loss} skipped: {e})"
 
 
-def make_batcher(levers: Levers, pad_id: int, cutoff_len: int) -> Batcher:
-    return _pick(BATCHERS, levers.batching, "batching")(pad_id, cutoff_len)
+def make_batcher(levers: Levers, pad_id: int, cutoff_len: int, model: Any = None,
+                 log: Callable[[str], None] = lambda line: None) -> Batcher:
+    """The run's batcher; packing falls back to padding, with the reason, on a model whose
+    attention cannot take the packed rows' mask."""
+    batcher = _pick(BATCHERS, levers.batching, "batching")(pad_id, cutoff_len)
+    if isinstance(batcher, PackBatcher) and model is not None:
+        try:
+            check_packing(model)
+        except LeverSkipped as e:
+            log(f"batching pack does not apply: {e}; padding instead")
+            return PadBatcher(pad_id)
+    return batcher
 
 
 def limit_checkpointing(model: Any, layers: int | None) -> str | None:

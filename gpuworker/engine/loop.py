@@ -183,7 +183,8 @@ class _Loop:
         self.stepper = Stepper(model, cfg, data.plan, data.precision, device)
         self.loss_fn, loss_used = make_loss(cfg.levers, self.stepper.autocast, model,
                                             report.log)
-        self.batcher: Batcher = make_batcher(cfg.levers, data.pad_id, cfg.cutoff_len)
+        self.batcher: Batcher = make_batcher(cfg.levers, data.pad_id, cfg.cutoff_len, model,
+                                             report.log)
         self.log_every = step_log_interval(data.plan.total_steps)
         self.speed = {"loss": loss_used, "batching": self.batcher.name}
         self.out = LoopOutcome()

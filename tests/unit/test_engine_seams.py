@@ -127,8 +127,8 @@ def test_the_padding_batcher(tiny_model_dir):  # noqa: F811
 
 def test_an_unknown_lever_is_refused_before_anything_loads(paths):  # noqa: F811
     rec = Recorder()
-    with pytest.raises(EngineError, match="unknown batching 'pack'.*known: pad"):
-        run_config(paths, rec, batching="pack")
+    with pytest.raises(EngineError, match="unknown batching 'bucket'.*known: pack, pad"):
+        run_config(paths, rec, batching="bucket")
     assert not (paths.loras / "tiny-lora").exists() and not rec.lines
 
 

@@ -85,3 +85,113 @@ def test_the_fused_loss_falls_back_where_the_logits_are_more_than_a_product(
                for line in rec.lines)
     log = json.loads((paths.loras / "tiny-lora" / "training_log.json").read_text())
     assert log["speed"]["loss"].startswith("fp32_logits (fused skipped:")
+
+
+# --------------------------------------------------------------------------- packing
+
+SAMPLES = [{"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7]},
+           {"input_ids": [1, 8], "labels": [-100, 8]},
+           {"input_ids": [1, 9, 10], "labels": [-100, 9, 10]}]
+
+
+def test_the_packing_batcher_puts_a_micro_batch_in_one_row():
+    packed, = levers.PackBatcher().step([SAMPLES])
+    t = packed.tensors
+    assert t["input_ids"].tolist() == [[1, 5, 6, 7, 1, 8, 1, 9, 10]]
+    # Each sample's first token is never a target, so no sample predicts the next one's start.
+    assert t["labels"].tolist() == [[-100, -100, 6, 7, -100, 8, -100, 9, 10]]
+    assert t["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2]]
+    mask = t["attention_mask"][0, 0].int().tolist()
+    assert mask[3] == [1, 1, 1, 1, 0, 0, 0, 0, 0]  # the first sample's last token
+    assert mask[5] == [0, 0, 0, 0, 1, 1, 0, 0, 0]  # the second sample sees only itself
+    assert mask[8] == [0, 0, 0, 0, 0, 0, 1, 1, 1]
+    assert (packed.tokens, packed.targets, packed.padded) == (9, 5, False)
+    padded = levers.PadBatcher(pad_id=3).step([SAMPLES])
+    assert packed.targets == sum(b.targets for b in padded)  # the step's label tokens
+
+
+def test_a_micro_batch_longer_than_a_row_is_split_between_samples():
+    batcher = levers.PackBatcher(row_tokens=6)
+    rows = batcher.step([SAMPLES, SAMPLES[:1]])
+    assert [r.tensors["input_ids"].tolist() for r in rows] == [
+        [[1, 5, 6, 7, 1, 8]], [[1, 9, 10]], [[1, 5, 6, 7]]]
+    assert [len(list(batcher.evaluation(SAMPLES, 2)))] == [1 + 1]  # [s0 s1] and [s2]
+
+
+@pytest.mark.parametrize("loss", ["fp32_logits", "fused"])
+def test_the_packed_loss_and_gradients_equal_the_padded_ones(tiny_model_dir, loss):  # noqa: F811
+    """The same samples through the tiny model (fp32, LoRA on): the loss summed over a packed
+    row equals the padded micro-batch's (1e-5, relative), and so does every LoRA gradient."""
+    import contextlib
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
+    levers.check_packing(model)
+    rng = torch.Generator().manual_seed(1)
+    samples = []
+    for n in (7, 3, 12, 5):
+        ids = torch.randint(4, 200, (n,), generator=rng).tolist()
+        samples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    fn = levers.LOSSES[loss](contextlib.nullcontext)
+    results = []
+    for batcher in (levers.PadBatcher(pad_id=0), levers.PackBatcher()):
+        model.zero_grad()
+        total = sum(fn(model, b) for b in batcher.step([samples]))
+        total.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((total.item(), grads))
+    (pad_loss, pad_grads), (pack_loss, pack_grads) = results
+    assert pack_loss == pytest.approx(pad_loss, rel=1e-5)
+    for name, g in pad_grads.items():
+        torch.testing.assert_close(pack_grads[name], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["dataset", "raw"])
+@pytest.mark.parametrize("loss", ["fp32_logits", "fused"])
+def test_packed_runs_train_to_the_recorded_losses(paths, case, loss):  # noqa: F811
+    """Whole runs with batching=pack (and either loss) reproduce the padded runs' recorded losses:
+    the same samples make up every step. (The recorded dropout case is left out: LoRA dropout
+    draws its masks for the tensors' shapes, which packing changes.)"""
+    changes, losses, final, evals = RECORDED[case]
+    rec = Recorder()
+    result = run_with(paths, rec, changes, batching="pack", loss=loss)
+    assert [e["loss"] for e in rec.of("train")] == pytest.approx(losses, rel=1e-5)
+    assert result["final_loss"] == pytest.approx(final, rel=1e-5)
+    assert [e["eval_loss"] for e in rec.of("eval")] == pytest.approx(evals, rel=1e-5)
+    log = json.loads((paths.loras / "tiny-lora" / "training_log.json").read_text())
+    assert log["speed"]["batching"] == "pack"
+    # No padding: every token counted is a sample's own.
+    padded = Recorder()
+    run_with(paths, padded, {**changes, "lora_name": "padded"})
+    assert log["tokens"] == json.loads(
+        (paths.loras / "padded" / "training_log.json").read_text())["tokens"]
+
+
+def test_a_packed_run_resumes_exactly(paths):  # noqa: F811
+    """Stopped after step 3 (with LoRA dropout on, so the RNG state matters) and resumed: the
+    packed run's steps and final weights are the uninterrupted packed run's."""
+    from tests.unit.test_engine import lora_weights
+
+    changes = dict(micro_batch_size=2, batch_size=4, epochs=3, lora_dropout=0.1, save_steps=2)
+    whole = Recorder()
+    run_with(paths, whole, {**changes, "lora_name": "whole"}, batching="pack")
+
+    class Stopper(Recorder):
+        def should_stop(self) -> bool:
+            return len(self.of("train")) >= 3
+
+    first, second = Stopper(), Recorder()
+    assert run_with(paths, first, {**changes, "lora_name": "parted"}, batching="pack")["stopped"]
+    cfg = config_from_spec(make_spec(**changes, lora_name="parted"), paths, Levers(batching="pack"))
+    run_training(cfg, Report(second.progress, second.should_stop, second.lines.append),
+                 device="cpu", resume_from="latest")
+    got = [e["loss"] for e in first.of("train") + second.of("train")]
+    assert got == pytest.approx([e["loss"] for e in whole.of("train")], abs=1e-6)
+    want = lora_weights(paths.loras / "whole")
+    for k, w in lora_weights(paths.loras / "parted").items():
+        torch.testing.assert_close(w, want[k], atol=1e-6, rtol=0)
