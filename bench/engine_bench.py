@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"1b": "llama-3.2-1b", "8b": "llama-3-8b"}
 WORDS = ("the quick brown fox jumps over a lazy dog while small models learn to write short "
          "answers about water tea trains birds and the sea").split()
 
 
-def prepare(home: Path, size: str, seq: int, n: int) -> None:
+def prepare(home: Path, size: str, seq: int, n: int, spread: bool = False) -> None:
     """Model folder (random weights + the tests' small tokenizer) and a dataset of long rows."""
     from dispatcher.settings import DataPaths
 
@@ -46,9 +47,19 @@ def prepare(home: Path, size: str, seq: int, n: int) -> None:
             make_tiny_model(Path(tmp))
             AutoTokenizer.from_pretrained(tmp).save_pretrained(model_dir)
     rng = random.Random(0)
-    # ~3 tokens a word with the small tokenizer: rows are longer than seq, so cutoff makes
-    # every sample exactly seq tokens.
-    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(seq * 2))} for _ in range(n)]
+    if spread:
+        # The sample dataset's spread of row lengths (formats/samples/alpaca-sample.json),
+        # scaled so its longest row is about seq tokens (~3 tokens a word with the small
+        # tokenizer): what padding wastes and packing saves on such data.
+        sample = json.loads((ROOT / "formats" / "samples" / "alpaca-sample.json").read_text())
+        lengths = [len(" ".join(r.values())) for r in sample]
+        words = [max(1, round(seq / 3 * n / max(lengths))) for n in lengths]
+        rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.choice(words)))}
+                for _ in range(n)]
+    else:
+        # ~3 tokens a word with the small tokenizer: rows are longer than seq, so cutoff makes
+        # every sample exactly seq tokens.
+        rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(seq * 2))} for _ in range(n)]
     (paths.datasets / "bench.json").write_text(json.dumps(rows))
     (paths.formats / "text.json").write_text(json.dumps({"text": "%text%"}))
 
@@ -62,7 +73,7 @@ def bench_config(a: argparse.Namespace, lora_name: str, steps: int) -> Any:
     from gpuworker.engine.config import Levers
 
     home = Path(a.home)
-    prepare(home, a.size, a.seq, steps * a.bs)
+    prepare(home, a.size, a.seq, steps * a.bs, spread=bool(getattr(a, "spread", 0)))
     spec = TrainSpec(
         lora_name=lora_name, base_model=a.size, dataset="bench.json", format="text",
         precision=a.precision, lora_rank=32, lora_alpha=64, lora_dropout=0.05,
@@ -93,19 +104,25 @@ def run(a: argparse.Namespace) -> dict:
     cfg = bench_config(a, "bench", a.warmup + a.steps)
     stamps: list[float] = []
 
+    tokens: list[int] = []
+
     def progress(ev: dict) -> None:
         if ev.get("type") == "train":
             torch.cuda.synchronize()
             stamps.append(time.perf_counter())
+            tokens.append(ev["tokens"])
 
     torch.cuda.reset_peak_memory_stats()
     result = run_training(cfg, Report(progress, lambda: False, lambda line: None), device="cuda")
     timed = stamps[a.warmup:]
     dt = (timed[-1] - timed[0]) / (len(timed) - 1)
+    # Real (not padding) tokens trained per second over the timed steps.
+    useful = (tokens[-1] - tokens[a.warmup]) / (timed[-1] - timed[0])
     out = dict(engine="lorafleet", size=a.size, precision=a.precision, bs=a.bs, seq=a.seq,
                loss=a.loss, batching=a.batching, prepare=list(a.prepare), upcast=a.upcast,
                ckpt=a.ckpt,
-               steps=result["steps"], s_per_step=round(dt, 4), tokens_per_s=round(a.bs * a.seq / dt),
+               spread=a.spread, steps=result["steps"], s_per_step=round(dt, 4),
+               tokens_per_s=round(a.bs * a.seq / dt), useful_tokens_per_s=round(useful),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                gpu=torch.cuda.get_device_name())
     shutil.rmtree(home / "loras" / "bench", ignore_errors=True)
@@ -121,6 +138,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     add_lever_options(p)
+    p.add_argument("--spread", type=int, default=0,
+                   help="1: rows of the sample dataset's spread of lengths (longest ~ seq)")
     p.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "lorafleet-bench"))
     a = p.parse_args()
     print("RESULT " + json.dumps(run(a)), flush=True)

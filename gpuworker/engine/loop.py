@@ -254,6 +254,7 @@ class _Loop:
             "type": "train", "step": step, "total_steps": plan.total_steps,
             "epoch": round(plan.epoch_of(out.micro_done), 4), "loss": round(step_loss, 6),
             "learning_rate": lr, "tokens_per_s": round(out.tokens_per_s, 2),
+            "tokens": out.tokens,
             "eta_s": round(eta, 2), "gpu_mem_mb": out.peak_gpu_mem_mb})
         if step % self.log_every == 0 or step == plan.total_steps:
             self.report.log(f"Step {step}/{plan.total_steps}: loss {step_loss:.4f}, learning "

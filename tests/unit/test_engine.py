@@ -21,7 +21,7 @@ from tests.tiny import make_tiny_model, write_tiny_dataset, write_tiny_raw_text
 LORA_FILES = {"adapter_model.safetensors", "adapter_config.json", "training_parameters.json",
               "training_prompt.json", "training_log.json"}
 TRAIN_KEYS = {"type", "step", "total_steps", "epoch", "loss", "learning_rate", "tokens_per_s",
-              "eta_s", "gpu_mem_mb"}
+              "tokens", "eta_s", "gpu_mem_mb"}
 ALPACA = {
     "instruction,output": "### Instruction:\n%instruction%\n\n### Response:\n%output%",
     "instruction,input,output":
