@@ -216,7 +216,8 @@ def patient_redis(settings: Settings, patience_s: float):
 REDIS_PATIENCE_S = 120.0
 
 
-def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str) -> str | None:
+def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
+                        mark_idle: bool = True) -> str | None:
     """Settle a job whose task ended without recording an outcome, by the one re-queue policy
     (dispatcher.schedule.requeue: back to the queue, failed after MAX_ATTEMPTS, cancelled when
     it was being stopped). Fenced: only a job still assigned to `name` changes. Returns the new
@@ -234,8 +235,9 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str) ->
                      expect_worker=name)
         if new is None:
             return None
-        Fleet(r, settings.prefix, settings.worker_timeout).heartbeat(
-            name, state=WorkerState.IDLE.value, job="")
+        if mark_idle:  # (not for a worker still starting: its first heartbeat says idle)
+            Fleet(r, settings.prefix, settings.worker_timeout).heartbeat(
+                name, state=WorkerState.IDLE.value, job="")
         return new.value
     except JobNotFound:
         return None

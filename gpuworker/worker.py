@@ -90,22 +90,23 @@ def release_orphans(settings: Settings, name: str) -> None:
     try:
         r = connect(settings)
         try:
+            # First the name is `starting` (not alive) until this process's first heartbeat:
+            # the dispatcher must not take the earlier process's last heartbeat for this
+            # one's and assign the job straight back while this process still imports.
+            Fleet(r, settings.prefix, settings.worker_timeout).restarting(name)
             mine = [j["id"] for j in JobStore(r, settings.prefix).active()
                     if j.get("worker") == name]
             for job_id in mine:
                 requeue_after_crash(settings, job_id, name,
-                                    f"worker {name} restarted while the job was on it")
-            # Then the name counts as gone until this process's first heartbeat: the
-            # dispatcher must not take the earlier process's last heartbeat for this one's
-            # and assign the job straight back while this process still imports (seconds).
-            Fleet(r, settings.prefix, settings.worker_timeout).restarting(name)
+                                    f"worker {name} restarted while the job was on it",
+                                    mark_idle=False)
         finally:
             r.close()
     except Exception:
         log.exception("could not check for orphaned jobs")
 
 
-def preload_libraries() -> float | None:
+def preload_libraries(cpu: bool = False) -> float | None:
     """Import what every job imports, in this (parent) process, without initialising CUDA.
 
     A forked child inherits the imported modules, so a job no longer spends the first seconds
@@ -113,7 +114,7 @@ def preload_libraries() -> float | None:
     GPU machine, measured in docs/BENCHMARKS.md). What would touch the GPU is left to the
     child: peft where bitsandbytes is installed, because importing peft then imports
     bitsandbytes, which initialises CUDA (seen on an H200: after ``import peft``,
-    ``torch.cuda.is_initialized()`` is true; a worker without bitsandbytes preloads peft), and every
+    ``torch.cuda.is_initialized()`` is true; a CPU worker without bitsandbytes preloads peft), and every
     ``torch.cuda`` call. While importing, torch's availability checks go through NVML
     (``PYTORCH_NVML_BASED_CUDA_CHECK``), which leaves the CUDA driver alone, in case a library
     asks. Afterwards both torch and the driver itself must still be uninitialised: a forked
@@ -130,14 +131,17 @@ def preload_libraries() -> float | None:
             from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
             import gpuworker.engine  # noqa: F401
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                # Without bitsandbytes (a CPU worker) peft leaves CUDA alone: jobs skip its
-                # import too (1.7 s of CPU each on a 2-core machine).
-                import peft  # noqa: F401
     except ImportError as e:
         log.warning("not preloading the training libraries: %s", e)
         return None
+    if cpu and importlib.util.find_spec("bitsandbytes") is None:
+        # A CPU worker without bitsandbytes: peft leaves CUDA alone, so jobs skip its import
+        # too (1.7 s of CPU each on a 2-core machine).
+        try:
+            with env_set(NVML_CHECK, "1"):
+                import peft  # noqa: F401
+        except ImportError as e:
+            log.warning("not preloading peft: %s", e)
     if torch.cuda.is_initialized() or cuda_driver_initialised():
         raise RuntimeError("preloading the training libraries initialised CUDA, which the job "
                            "processes forked from this one could not use; start the worker "
@@ -168,7 +172,7 @@ def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
     # dispatcher may already have taken the name for a lost worker.
     release_orphans(settings, name)
     # Before the first heartbeat, so the dispatcher sends nothing to a worker still importing.
-    spent = preload_libraries()
+    spent = preload_libraries(cpu=gpu is None)
     if spent is not None:
         log.info(
             "training libraries imported in %.1f s (CUDA untouched); jobs start from them", spent)

@@ -48,11 +48,11 @@ class Fleet:
             pipe.execute()
 
     def restarting(self, name: str) -> None:
-        """A new process of this name starts: until its first heartbeat, the name counts as
-        gone (nothing is assigned to it), whatever its earlier process last reported."""
+        """A new process of this name starts: until its first heartbeat (which sets its
+        state), the name is `starting` and not alive, so nothing is assigned to it, whatever
+        its earlier process last reported and whatever timeout the reader uses."""
         if self.r.exists(self.key(name)):
-            # Just past the timeout: gone, and the Fleet page still shows a recent time.
-            self.r.hset(self.key(name), "seen", self.clock() - self.timeout - 1)
+            self.r.hset(self.key(name), mapping={"state": WorkerState.STARTING.value, "job": ""})
 
     def remove(self, name: str) -> None:
         with self.r.pipeline() as pipe:
@@ -76,8 +76,9 @@ class Fleet:
             for k in _NUM:
                 if w.get(k, "") != "":
                     w[k] = float(w[k])
-            w["alive"] = now - float(w.get("seen", 0)) <= self.timeout
-            if not w["alive"]:
+            w["alive"] = (now - float(w.get("seen", 0)) <= self.timeout
+                          and w.get("state") != WorkerState.STARTING.value)
+            if not w["alive"] and w.get("state") != WorkerState.STARTING.value:
                 w["state"] = WorkerState.GONE.value
             if include_gone or w["alive"]:
                 out.append(w)

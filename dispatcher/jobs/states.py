@@ -32,8 +32,10 @@ PENDING_VALUES = frozenset(s.value for s in PENDING)
 
 class WorkerState(str, Enum):
     """What a worker's heartbeat says it is doing (GONE: what the registry says of a worker
-    whose heartbeats stopped; STOPPING: a worker whose watchdog is ending its job's process)."""
+    whose heartbeats stopped; STOPPING: a worker whose watchdog is ending its job's process;
+    STARTING: a new process of a known name that has not sent its first heartbeat yet)."""
 
+    STARTING = "starting"
     IDLE = "idle"
     BUSY = "busy"
     STOPPING = "stopping"

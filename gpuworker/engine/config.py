@@ -49,6 +49,10 @@ class Levers:
     # Gradient checkpointing (quantised models): how many decoder layers recompute their
     # activations in backward, from the first; None: all of them. The others keep theirs.
     checkpoint_layers: int | None = None
+    # Or fit the checkpointing to a memory budget ("budget"; bytes, None: the card's memory
+    # free at the start): see levers.CheckpointBudget. Ignored where nothing is checkpointed.
+    checkpoint_budget: bool = False
+    memory_budget_bytes: int | None = None
 
 
 @dataclass(frozen=True)

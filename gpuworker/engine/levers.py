@@ -188,26 +188,28 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class Forward:
-    """model(...) -> logits, with position ids from the mask for models whose forward accepts
-    them (remembered after the first refusal)."""
+    """model(...) -> its output (logits, or a decoder's hidden states), with position ids from
+    the mask for models whose forward accepts them (remembered after the first refusal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, read: str = "logits") -> None:
+        self.read = read
         self.with_positions = True
 
     def __call__(self, model: Any, batch: Batch) -> torch.Tensor:
         t = batch.tensors
         kw = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
         if "position_ids" in t:
-            return model(**kw, position_ids=t["position_ids"]).logits
+            return getattr(model(**kw, position_ids=t["position_ids"]), self.read)
         # No padding in the batch: the model's own positions are right.
         if self.with_positions and batch.padded:
             try:
-                return model(**kw, position_ids=position_ids(t["attention_mask"])).logits
+                out = model(**kw, position_ids=position_ids(t["attention_mask"]))
+                return getattr(out, self.read)
             except TypeError as e:
                 if "position_ids" not in str(e):
                     raise
                 self.with_positions = False
-        return model(**kw).logits
+        return getattr(model(**kw), self.read)
 
 
 class Fp32LogitsLoss:
@@ -263,7 +265,9 @@ def chunked_linear_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, target: 
     def part(h: torch.Tensor, w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy((h @ w.t()).to(dtype), t, reduction="sum")
 
-    total = hidden.new_zeros((), dtype=dtype)
+    # Attached to the graph even when there is no row: a micro-batch without label tokens
+    # contributes 0 and still has a backward, as with the plain loss.
+    total = (hidden.sum() * 0).to(dtype)
     for start in range(0, hidden.shape[0], chunk):
         end = start + chunk
         total = total + checkpoint(part, hidden[start:end], weight, target[start:end],
@@ -282,14 +286,19 @@ class FusedLinearLoss:
 
     def __init__(self, autocast: Autocast):
         self.autocast = autocast
+        self.forward = Forward(read="last_hidden_state")
         self.split: tuple[Any, torch.nn.Linear] | None = None
         self.liger: Any = None
+        self.weight: torch.Tensor | None = None  # the output layer as Liger gets it
 
     def bind(self, model: Any) -> str:
-        """Find the model's decoder and output layer (LeverSkipped when it has none to use)
-        and the kernel; says which kernel runs."""
+        """Find the model's decoder and output layer, check once that its logits are the
+        decoder's hidden states times the output layer (LeverSkipped if not), and pick the
+        kernel; says which kernel runs."""
         self.split = split_causal_lm(model)
-        if self.split[1].weight.device.type == "cuda":
+        decoder, head = self.split
+        check_logits_are_a_product(model, decoder, head, self.autocast)
+        if head.weight.device.type == "cuda":
             try:
                 from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -302,23 +311,50 @@ class FusedLinearLoss:
         if self.split is None:
             self.bind(model)
         decoder, head = self.split
-        t = batch.tensors
-        labels = t["labels"]
-        kw = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
-        if "position_ids" in t:
-            kw["position_ids"] = t["position_ids"]
-        elif batch.padded:
-            kw["position_ids"] = position_ids(t["attention_mask"])
+        labels = batch.tensors["labels"]
         with self.autocast():
-            hidden = decoder(**kw).last_hidden_state  # (B, T, H)
+            hidden = self.forward(decoder, batch)  # (B, T, H)
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
         keep = target != IGNORE_INDEX
         h = hidden.flatten(0, 1)[keep]  # only the positions whose next token is learned
         y = target[keep]
-        if self.liger is not None:
-            return self.liger(head.weight.to(h.dtype), h, y).float()
-        with self.autocast():
-            return chunked_linear_loss_sum(h, head.weight, y)
+        if self.liger is None or h.shape[0] == 0:
+            with self.autocast():
+                return chunked_linear_loss_sum(h, head.weight, y)
+        # Liger's kernel runs outside autocast: give it the compute dtype, as autocast would
+        # (the frozen output layer is cast once, not at every micro-batch).
+        dtype = autocast_dtype(self.autocast, h.device) or h.dtype
+        if self.weight is None or self.weight.dtype != dtype:
+            self.weight = head.weight.detach().to(dtype)
+        return self.liger(self.weight, h.to(dtype), y).float()
+
+
+def autocast_dtype(autocast: Autocast, device: torch.device) -> torch.dtype | None:
+    """The dtype `autocast()` computes matrix products in on `device`, or None without one."""
+    with autocast():
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def check_logits_are_a_product(model: Any, decoder: Any, head: torch.nn.Linear,
+                               autocast: Autocast) -> None:
+    """A model may do more to its logits than the output layer's product (a scale, a soft cap,
+    a multiplier) in ways no config key names: compare, once, on a few tokens, the model's own
+    logits with the product (evaluation mode, so no dropout randomness is drawn)."""
+    was_training = model.training
+    model.eval()
+    try:
+        ids = torch.arange(8, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]
+        with torch.no_grad(), autocast():
+            logits = model(input_ids=ids).logits.float()
+            product = head(decoder(input_ids=ids).last_hidden_state).float()
+    finally:
+        model.train(was_training)
+    scale = logits.abs().max().clamp(min=1e-6)
+    if not torch.allclose(logits, product, rtol=0, atol=float(scale) * 1e-3):
+        raise LeverSkipped(f"{type(model).__name__}'s logits are not its decoder's hidden "
+                           "states times its output layer")
 
 
 LossFn = Callable[[Any, Batch], torch.Tensor]
@@ -403,11 +439,7 @@ def make_batcher(levers: Levers, pad_id: int, cutoff_len: int, model: Any = None
 def limit_checkpointing(model: Any, layers: int | None) -> str | None:
     """Keep gradient checkpointing on the first `layers` decoder layers only (None: leave it
     as it is); says what the model now does, or None when it checkpoints nothing."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # an older transformers: every layer stays as it is
-        return None
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    blocks = checkpointed_blocks(model)
     if not blocks or not any(b.gradient_checkpointing for b in blocks):
         return None
     if layers is not None:
@@ -415,6 +447,65 @@ def limit_checkpointing(model: Any, layers: int | None) -> str | None:
             block.gradient_checkpointing = i < layers
     on = sum(b.gradient_checkpointing for b in blocks)
     return f"{on} of {len(blocks)} layers"
+
+
+def checkpointed_blocks(model: Any) -> list[Any]:
+    """The model's decoder layers that transformers can checkpoint one by one."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def layers_to_checkpoint(layers: int, peak_all: int, per_layer: int, budget: int,
+                         margin: float = 0.05) -> int:
+    """How many of `layers` decoder layers must keep gradient checkpointing for a step to fit
+    `budget` bytes, given the peak with all of them checkpointed and what one layer that keeps
+    its activations adds to it; `margin` of the budget stays free (fragmentation, longer
+    batches than the ones measured). All of them when even that does not fit."""
+    room = int(budget * (1 - margin)) - peak_all
+    if per_layer <= 0 or room <= 0:
+        return layers
+    return max(0, layers - room // per_layer)
+
+
+class CheckpointBudget:
+    """Memory-budgeted checkpointing, measured on the run itself: step 1 runs with every layer
+    checkpointed (its peak memory: everything but the saved activations), step 2 with the last
+    layer keeping its activations (the difference: one layer's cost), and from step 3 on as
+    many layers keep theirs as fit the budget. Checkpointing recomputes exactly what it
+    dropped, so the losses do not depend on the choice; only speed and memory do."""
+
+    def __init__(self, blocks: list[Any], device: torch.device, budget: int | None,
+                 log: Callable[[str], None]):
+        self.blocks, self.device, self.log = blocks, device, log
+        if budget is None:
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = free + torch.cuda.memory_allocated(device)
+        self.budget = budget
+        self.peak_all = 0
+        self.done = False
+        self.summary = ""
+
+    def after_step(self) -> None:
+        if self.done:
+            return
+        peak = torch.cuda.max_memory_allocated(self.device)
+        if not self.peak_all:
+            self.peak_all = peak
+            self.blocks[-1].gradient_checkpointing = False
+            return
+        per_layer = peak - self.peak_all
+        keep = layers_to_checkpoint(len(self.blocks), self.peak_all, per_layer, self.budget)
+        for i, block in enumerate(self.blocks):
+            block.gradient_checkpointing = i < keep
+        self.done = True
+        gib = 2**30
+        self.summary = (f"{keep} of {len(self.blocks)} layers (memory budget "
+                        f"{self.budget / gib:.1f} GiB; {self.peak_all / gib:.1f} GiB with every "
+                        f"layer checkpointed, {per_layer / gib:.2f} GiB per layer that is not)")
+        self.log(f"Gradient checkpointing from step 3: {self.summary}")
 
 
 def prepare_model(model: Any, config: EngineConfig, log: Callable[[str], None],

@@ -37,7 +37,15 @@ import torch
 
 from gpuworker.engine.config import EngineConfig
 from gpuworker.engine.data import StepPlan, optimizer_steps
-from gpuworker.engine.levers import Batch, Batcher, LossFn, make_batcher, make_loss
+from gpuworker.engine.levers import (
+    Batch,
+    Batcher,
+    CheckpointBudget,
+    LossFn,
+    checkpointed_blocks,
+    make_batcher,
+    make_loss,
+)
 from gpuworker.engine.loading import compute_dtype
 from gpuworker.engine.optim import MAX_GRAD_NORM, make_optimizer, make_scheduler
 from gpuworker.engine.report import Report
@@ -187,6 +195,7 @@ class _Loop:
                                              report.log)
         self.log_every = step_log_interval(data.plan.total_steps)
         self.speed = {"loss": loss_used, "batching": self.batcher.name}
+        self.budget = _checkpoint_budget(model, cfg, device, report.log)
         self.out = LoopOutcome()
         self.warned_forget = False
 
@@ -213,6 +222,10 @@ class _Loop:
             out.runtime_s += elapsed
             out.part_runtime_s += elapsed
             self._record(step, step_loss, lr)
+            if self.budget is not None:
+                self.budget.after_step()
+                if self.budget.summary:
+                    out.speed["checkpointing"] = f"budget: {self.budget.summary}"
             self._maybe_evaluate(step)
             if self._ends_after(step, step_loss):
                 break
@@ -298,6 +311,20 @@ class _Loop:
         if reached or stop:
             self.report.log(out.reason)
         return reached or stop
+
+
+def _checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device,
+                       log: Callable[[str], None]) -> CheckpointBudget | None:
+    """The run's memory-budgeted checkpointing, when it asked for it and it applies."""
+    if not cfg.levers.checkpoint_budget:
+        return None
+    blocks = checkpointed_blocks(model)
+    if device.type != "cuda" or not any(b.gradient_checkpointing for b in blocks):
+        log("memory-budgeted checkpointing does not apply: "
+            + ("it measures CUDA memory" if device.type != "cuda"
+               else "this model checkpoints no layers"))
+        return None
+    return CheckpointBudget(blocks, device, cfg.levers.memory_budget_bytes, log)
 
 
 def _resume_state(stepper: Stepper, step: int, out: LoopOutcome) -> dict[str, Any]:

@@ -253,6 +253,8 @@ def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
     checkpointing = limit_checkpointing(model, cfg.levers.checkpoint_layers)
     if checkpointing:
         log(f"Gradient checkpointing: {checkpointing}")
+    elif cfg.levers.checkpoint_layers is not None:
+        log("checkpoint_layers does not apply: this model checkpoints no layers")
     trainable, total = count_params(model)
     log(f"Trainable params: {trainable:,} ({100 * trainable / max(total, 1):.4f} %), "
         f"all params: {total:,} (model: {loaded.total_params:,})")

@@ -61,10 +61,11 @@ def test_preloading_imports_the_libraries_and_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "0")
     assert preload_libraries() >= 0
     assert "transformers" in sys.modules and "gpuworker.engine" in sys.modules
-    # peft too, on a worker without bitsandbytes (peft would import it, and it touches CUDA);
+    # peft too, on a CPU worker without bitsandbytes (peft would import it, and it touches CUDA);
     # asked in a fresh process, as this one may have imported peft already.
     code = ("import sys; from gpuworker.worker import preload_libraries; "
-            "assert 'peft' not in sys.modules; preload_libraries(); print('peft' in sys.modules)")
+            "assert 'peft' not in sys.modules; preload_libraries(cpu=True); "
+            "print('peft' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).parents[2]).stdout.split()
     assert out[-1] == str(importlib.util.find_spec("bitsandbytes") is None)

@@ -195,3 +195,55 @@ def test_a_packed_run_resumes_exactly(paths):  # noqa: F811
     want = lora_weights(paths.loras / "whole")
     for k, w in lora_weights(paths.loras / "parted").items():
         torch.testing.assert_close(w, want[k], atol=1e-6, rtol=0)
+
+
+def test_the_fused_loss_checks_the_logits_are_a_plain_product(tiny_model_dir):  # noqa: F811
+    """A model that does more to its logits than no config key says (here: a hook doubling
+    them) is found by the one-time comparison, and the loss is not fused for it."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    decoder, head = levers.split_causal_lm(model)
+    levers.check_logits_are_a_product(model, decoder, head, contextlib.nullcontext)
+    model.train()
+
+    def doubled(module, args, out):
+        out.logits = out.logits * 2
+        return out
+
+    model.register_forward_hook(doubled)
+    with pytest.raises(levers.LeverSkipped, match="not its decoder's hidden states times"):
+        levers.check_logits_are_a_product(model, decoder, head, contextlib.nullcontext)
+    assert model.training  # left as it was
+
+
+def test_a_micro_batch_without_label_tokens_adds_nothing_and_has_a_backward():
+    hidden = torch.randn(0, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    loss = levers.chunked_linear_loss_sum(hidden, weight, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    # The graph reaches back through the hidden states (to the LoRA weights in a real run).
+    assert loss.item() == 0.0 and hidden.grad is not None and hidden.grad.shape == (0, 8)
+
+
+def test_checkpointing_is_limited_to_the_first_layers(tiny_model_dir):  # noqa: F811
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert levers.limit_checkpointing(model, 1) is None  # nothing is checkpointed: left alone
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert levers.limit_checkpointing(model, None) == "2 of 2 layers"
+    assert levers.limit_checkpointing(model, 1) == "1 of 2 layers"
+    assert [b.gradient_checkpointing for b in levers.checkpointed_blocks(model)] == [True, False]
+
+
+def test_the_layers_a_memory_budget_leaves_checkpointed():
+    gib = 2**30
+    # 8 GiB with all 32 checkpointed, 0.75 GiB per layer that keeps its activations, a 17 GiB
+    # budget less 5 %: 8.15 GiB of room, 10 layers keep theirs, 22 stay checkpointed.
+    assert levers.layers_to_checkpoint(32, 8 * gib, 3 * gib // 4, 17 * gib) == 22
+    assert levers.layers_to_checkpoint(32, 8 * gib, 3 * gib // 4, 100 * gib) == 0
+    assert levers.layers_to_checkpoint(32, 17 * gib, 3 * gib // 4, 17 * gib) == 32  # no room
+    assert levers.layers_to_checkpoint(32, 8 * gib, 0, 17 * gib) == 32  # nothing measured
