@@ -81,7 +81,9 @@ def bench_config(a: argparse.Namespace, lora_name: str, steps: int) -> Any:
         learning_rate="3e-4", lr_scheduler_type="constant", warmup_steps=0, cutoff_len=a.seq,
         optimizer="adamw_torch", always_override=True)
     levers = Levers(loss=a.loss, batching=a.batching, prepare=tuple(a.prepare),
-                    upcast=bool(a.upcast), checkpoint_layers=a.ckpt)
+                    upcast=bool(a.upcast), checkpoint_layers=a.ckpt,
+                    checkpoint_budget=a.budget_gib is not None,
+                    memory_budget_bytes=int(a.budget_gib * 2**30) if a.budget_gib else None)
     return config_from_spec(spec, DataPaths(home), levers)
 
 
@@ -91,6 +93,8 @@ def add_lever_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching", default="pad")
     p.add_argument("--prepare", action="append", default=[], help="a preparation hook (repeat)")
     p.add_argument("--ckpt", type=int, default=None, help="checkpointed layers (all)")
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="checkpoint only as many layers as fit this memory (0: the card's)")
     p.add_argument("--upcast", type=int, default=1, help="1: fp32 non-quantised weights (peft)")
 
 
@@ -113,14 +117,16 @@ def run(a: argparse.Namespace) -> dict:
             tokens.append(ev["tokens"])
 
     torch.cuda.reset_peak_memory_stats()
-    result = run_training(cfg, Report(progress, lambda: False, lambda line: None), device="cuda")
+    lines: list[str] = []
+    result = run_training(cfg, Report(progress, lambda: False, lines.append), device="cuda")
     timed = stamps[a.warmup:]
     dt = (timed[-1] - timed[0]) / (len(timed) - 1)
     # Real (not padding) tokens trained per second over the timed steps.
     useful = (tokens[-1] - tokens[a.warmup]) / (timed[-1] - timed[0])
     out = dict(engine="lorafleet", size=a.size, precision=a.precision, bs=a.bs, seq=a.seq,
                loss=a.loss, batching=a.batching, prepare=list(a.prepare), upcast=a.upcast,
-               ckpt=a.ckpt,
+               ckpt=a.ckpt, budget_gib=a.budget_gib,
+               checkpointing=[x for x in lines if "checkpointing" in x.lower()][-1:],
                spread=a.spread, steps=result["steps"], s_per_step=round(dt, 4),
                tokens_per_s=round(a.bs * a.seq / dt), useful_tokens_per_s=round(useful),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
