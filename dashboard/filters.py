@@ -51,9 +51,28 @@ def progress_pct(step: Any, total: Any) -> float:
     return max(0.0, min(100.0, 100.0 * s / t)) if t > 0 else 0.0
 
 
+def fmt_speed(speed: Any) -> str:
+    """A training run's speed settings as it used them (training_log.json's "speed"), in one
+    line: "loss fused (Liger kernel) · batching pack · liger_kernels on · ..."."""
+    if not isinstance(speed, dict):
+        return ""
+    parts = []
+    for key in ("loss", "batching"):
+        if speed.get(key):
+            parts.append(f"{key} {speed[key]}")
+    for hook, outcome in (speed.get("prepare") or {}).items():
+        parts.append(f"{hook} {outcome}")
+    if speed.get("upcast") is not None:
+        parts.append("fp32 norms " + ("on" if speed["upcast"] else "off"))
+    if speed.get("checkpointing"):
+        parts.append(f"checkpointing {speed['checkpointing']}")
+    return " · ".join(str(p) for p in parts)
+
+
 def register(app: Flask) -> None:
     app.add_template_filter(fmt_duration, "duration")
     app.add_template_filter(fmt_time, "when")
     app.add_template_filter(fmt_loss, "loss")
     app.add_template_filter(fmt_mb, "mb")
+    app.add_template_filter(fmt_speed, "speed")
     app.add_template_global(progress_pct, "progress_pct")

@@ -272,7 +272,10 @@ def job_memory_mb(kind: str, spec: dict[str, Any], models: Path) -> int:
             targets = [t for t in targets.replace(",", " ").split() if t]
         peak = train_peak_bytes(shape, precision, max(1, _int(spec, "lora_rank", 32)),
                                 list(targets), max(1, _int(spec, "micro_batch_size", 4)),
-                                max(1, _int(spec, "cutoff_len", 256)))
+                                max(1, _int(spec, "cutoff_len", 256)),
+                                # The job's speed settings (boundary.levers_from_spec's names).
+                                loss="fused" if spec.get("fused_loss") is True else DEFAULT_LOSS,
+                                batching="pack" if spec.get("packing") is True else DEFAULT_BATCHING)
     elif kind == "evaluate":
         window = _int(spec, "max_length", 0) or shape.max_positions or DEFAULT_CONTEXT
         peak = inference_peak_bytes(shape, precision, min(window, 32768),

@@ -47,7 +47,16 @@ def config_from_spec(spec: TrainSpec, paths: DataPaths, levers: Levers | None = 
         always_override=spec.always_override,
         training_parameters=spec.training_parameters(),
         run_settings=run_settings(spec.to_dict()),
-        levers=levers or Levers())
+        levers=levers or levers_from_spec(spec))
+
+
+def levers_from_spec(spec: TrainSpec) -> Levers:
+    """The job's speed settings as the engine's levers."""
+    return Levers(loss="fused" if spec.fused_loss else "fp32_logits",
+                  batching="pack" if spec.packing else "pad",
+                  prepare=("liger_kernels",) if spec.fused_kernels else (),
+                  upcast=spec.fp32_norms,
+                  checkpoint_budget=spec.gradient_checkpointing == "auto")
 
 
 def train(spec: TrainSpec, paths: DataPaths, progress: Callable[[dict[str, Any]], None],

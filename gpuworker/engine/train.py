@@ -383,4 +383,6 @@ def _result(cfg: EngineConfig, plan: data_phase.StepPlan, out: LoopOutcome,
         "precision": info["precision"],
         "resumed_from": out.resumed_from,
         "continues": info.get("continues"),
+        # What the run's speed settings did (as training_log.json records them).
+        "speed": {**info["speed"], **out.speed},
     }

@@ -228,3 +228,16 @@ def test_vendored_uplot_is_served(client, store):
     js = client.get("/static/vendor/uPlot.iife.min.js")
     assert js.status_code == 200 and b"uPlot" in js.data
     assert client.get("/static/vendor/uPlot.min.css").status_code == 200
+
+
+def test_a_trained_jobs_page_says_which_speed_settings_it_used(client, store):
+    job_id = store.create("train", spec(), "ada")
+    page = Elements(client.get(f"/jobs/{job_id}").get_data(as_text=True))
+    assert not page.find(data_testid="summary-speed")  # nothing to say before a result
+    store.set_result(job_id, {"steps": 3, "speed": {
+        "loss": "fused (Liger kernel)", "batching": "pack",
+        "prepare": {"liger_kernels": "on"}, "upcast": False,
+        "checkpointing": "budget: 21 of 32 layers"}})
+    html = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert ("Speed settings used: loss fused (Liger kernel) · batching pack · liger_kernels on · "
+            "fp32 norms off · checkpointing budget: 21 of 32 layers") in html

@@ -247,3 +247,28 @@ def test_the_layers_a_memory_budget_leaves_checkpointed():
     assert levers.layers_to_checkpoint(32, 8 * gib, 3 * gib // 4, 100 * gib) == 0
     assert levers.layers_to_checkpoint(32, 17 * gib, 3 * gib // 4, 17 * gib) == 32  # no room
     assert levers.layers_to_checkpoint(32, 8 * gib, 0, 17 * gib) == 32  # nothing measured
+
+
+def test_the_jobs_speed_settings_choose_the_levers_and_the_estimate_follows(tmp_path):
+    """A training spec's speed fields become the engine's levers, and the dispatcher's memory
+    estimate follows the loss they choose (the fused loss never holds all the logits)."""
+    from dispatcher.jobs.specs import TrainSpec
+    from dispatcher.schedule import estimate
+    from gpuworker.engine.boundary import levers_from_spec
+
+    assert levers_from_spec(TrainSpec()) == Levers()  # the defaults are today's engine
+    fast = TrainSpec(fused_loss=True, packing=True, fused_kernels=True, fp32_norms=False,
+                     gradient_checkpointing="auto")
+    assert levers_from_spec(fast) == Levers(loss="fused", batching="pack",
+                                            prepare=("liger_kernels",), upcast=False,
+                                            checkpoint_budget=True)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, model_type="llama")))
+    spec = {"base_model": "m", "precision": "4bit", "micro_batch_size": 8, "cutoff_len": 2048}
+    plain = estimate.job_memory_mb("train", spec, tmp_path)
+    fused = estimate.job_memory_mb("train", {**spec, "fused_loss": True}, tmp_path)
+    # 16384 tokens' fp32 logits (10 bytes x 128256 each, about 20 GB) against a 1024-row chunk.
+    assert plain - fused > 15000

@@ -105,6 +105,7 @@ TEXT_BOUNDS: dict[str, dict[str, int]] = {
         "hard_cut_string": 1000,  # a separator, like "\\n\\n\\n" or "### End"
         "train_only_after": 1000,  # a marker, like "### Response:" or "Assistant:"
         "resume_from_checkpoint": 32,  # latest or checkpoint-<step>
+        "gradient_checkpointing": 32,  # all or auto
         "target_modules": len(PROJECTIONS) + 1,  # entries: the 7 projections and "all"
     },
     "evaluate": {

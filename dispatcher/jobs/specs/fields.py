@@ -14,6 +14,8 @@ from dispatcher.jobs.problems import Problems
 
 SCHEDULERS = ("linear", "constant", "constant_with_warmup", "cosine", "cosine_with_restarts",
               "polynomial", "inverse_sqrt")
+# How a quantised model checkpoints its layers: every one, or as many as memory needs.
+CHECKPOINTING = ("all", "auto")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "adamw_bnb_8bit",
               "paged_adamw_8bit", "sgd", "adagrad")
 PRECISIONS = ("auto", *QUANTISED, "bf16", "fp16", "fp32")

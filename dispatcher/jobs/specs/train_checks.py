@@ -10,6 +10,7 @@ from typing import Any
 from dispatcher.jobs.problems import Problems, SpecError
 from dispatcher.jobs.specs.bounds import check_bounds, check_lengths, check_min_memory, check_size
 from dispatcher.jobs.specs.fields import (
+    CHECKPOINTING,
     DATASET_EXTS,
     FORMAT_EXTS,
     LORA_NAME_RE,
@@ -101,6 +102,8 @@ def _check_optimizer(s: TrainSpec, problems: Problems) -> None:
     if s.optimizer not in OPTIMIZERS:
         problems.add("optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
     check_precision(s.precision, problems)
+    if s.gradient_checkpointing not in CHECKPOINTING:
+        problems.add("gradient_checkpointing", f"must be one of {', '.join(CHECKPOINTING)}")
 
 
 def _check_windows(s: TrainSpec, problems: Problems) -> None:
