@@ -272,3 +272,4 @@ def test_the_jobs_speed_settings_choose_the_levers_and_the_estimate_follows(tmp_
     fused = estimate.job_memory_mb("train", {**spec, "fused_loss": True}, tmp_path)
     # 16384 tokens' fp32 logits (10 bytes x 128256 each, about 20 GB) against a 1024-row chunk.
     assert plain - fused > 15000
+
