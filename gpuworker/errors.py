@@ -13,3 +13,9 @@ class EngineError(RuntimeError):
     The worker records `str(error)` as the job's failure reason as it is, so the message names
     the setting or file to change and never needs a traceback to be understood.
     """
+
+
+class LeverSkipped(Exception):
+    """A speed lever that does not apply to this run (no CUDA, an architecture it does not
+    know, a library missing): the run goes on without it, and the reason is logged and
+    recorded (gpuworker.engine.levers)."""

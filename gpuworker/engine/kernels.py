@@ -1,0 +1,137 @@
+"""Model preparation: kernel patches, compilation and how much gradient checkpointing a model
+does. The preparation hooks (`hook(model, config) -> model`) run after the LoRA layers are on
+the model; the checkpointing limits are applied after them (levers.py, loop.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpuworker.engine.config import EngineConfig
+from gpuworker.errors import LeverSkipped
+
+
+def liger_kernels(model: Any, config: EngineConfig) -> Any:
+    """Liger's Triton kernels for the decoder's small operations: RMSNorm, SwiGLU and RoPE
+    (patched into this model's modules; the loss is the loss lever's business)."""
+    if next(model.parameters()).device.type != "cuda":
+        raise LeverSkipped("Liger's kernels need a CUDA GPU")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        raise LeverSkipped("liger-kernel is not installed on this worker") from None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(base.config, "model_type", "")
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        raise LeverSkipped(f"Liger has no kernels for model type '{model_type}'")
+    import inspect
+
+    wanted = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+              "fused_linear_cross_entropy": False}
+    params = inspect.signature(apply).parameters
+    apply(model=base, **{k: v for k, v in wanted.items() if k in params})
+    return model
+
+
+def compile_layers(model: Any, config: EngineConfig) -> Any:
+    """torch.compile each decoder layer (regional compilation: the layers are alike, so one
+    compiled graph serves them all, and compiling takes seconds, not minutes), fusing the
+    layer's small operations and cutting Python's share of the step. The compiled code is
+    cached in the data folder (cache/torch-compile/), so the next job's process on the same
+    model reuses it instead of compiling from nothing."""
+    import os
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "is_loaded_in_8bit", False):
+        raise LeverSkipped("compiling 8-bit (bitsandbytes int8) layers is not supported")
+    blocks = checkpointed_blocks(model)
+    if not blocks:
+        raise LeverSkipped("transformers does not expose this model's decoder layers")
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    cache = Path(config.home) / "cache" / "torch-compile"
+    cache.mkdir(parents=True, exist_ok=True)
+    # torch fills the variable in with its default (under /tmp) once it is first asked; a
+    # folder the worker was started with on purpose stays.
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    for block in blocks:
+        block.compile()
+    return model
+
+
+def limit_checkpointing(model: Any, layers: int | None) -> str | None:
+    """Keep gradient checkpointing on the first `layers` decoder layers only (None: leave it
+    as it is); says what the model now does, or None when it checkpoints nothing."""
+    blocks = checkpointed_blocks(model)
+    if not blocks or not any(b.gradient_checkpointing for b in blocks):
+        return None
+    if layers is not None:
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i < layers
+    on = sum(b.gradient_checkpointing for b in blocks)
+    return f"{on} of {len(blocks)} layers"
+
+
+def checkpointed_blocks(model: Any) -> list[Any]:
+    """The model's decoder layers that transformers can checkpoint one by one."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def layers_to_checkpoint(layers: int, peak_all: int, per_layer: int, budget: int,
+                         margin: float = 0.05) -> int:
+    """How many of `layers` decoder layers must keep gradient checkpointing for a step to fit
+    `budget` bytes, given the peak with all of them checkpointed and what one layer that keeps
+    its activations adds to it; `margin` of the budget stays free (fragmentation, longer
+    batches than the ones measured). All of them when even that does not fit."""
+    room = int(budget * (1 - margin)) - peak_all
+    if per_layer <= 0 or room <= 0:
+        return layers
+    return max(0, layers - room // per_layer)
+
+
+class CheckpointBudget:
+    """Memory-budgeted checkpointing, measured on the run itself: step 1 runs with every layer
+    checkpointed (its peak memory: everything but the saved activations), step 2 with the last
+    layer keeping its activations (the difference: one layer's cost), and from step 3 on as
+    many layers keep theirs as fit the budget. Checkpointing recomputes exactly what it
+    dropped, so the losses do not depend on the choice; only speed and memory do."""
+
+    def __init__(self, blocks: list[Any], device: torch.device, budget: int | None,
+                 log: Callable[[str], None]):
+        self.blocks, self.device, self.log = blocks, device, log
+        if budget is None:
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = free + torch.cuda.memory_allocated(device)
+        self.budget = budget
+        self.peak_all = 0
+        self.done = False
+        self.summary = ""
+
+    def after_step(self) -> None:
+        if self.done:
+            return
+        peak = torch.cuda.max_memory_allocated(self.device)
+        if not self.peak_all:
+            self.peak_all = peak
+            self.blocks[-1].gradient_checkpointing = False
+            return
+        per_layer = peak - self.peak_all
+        keep = layers_to_checkpoint(len(self.blocks), self.peak_all, per_layer, self.budget)
+        for i, block in enumerate(self.blocks):
+            block.gradient_checkpointing = i < keep
+        self.done = True
+        gib = 2**30
+        self.summary = (f"{keep} of {len(self.blocks)} layers (memory budget "
+                        f"{self.budget / gib:.1f} GiB; {self.peak_all / gib:.1f} GiB with every "
+                        f"layer checkpointed, {per_layer / gib:.2f} GiB per layer that is not)")
+        self.log(f"Gradient checkpointing from step 3: {self.summary}")
