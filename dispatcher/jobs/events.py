@@ -34,11 +34,21 @@ class EventLog:
         return f"{self.prefix}:live"
 
     def append(self, job_id: str, type: str, **data: Any) -> str:
-        event = {"type": type, "time": data.pop("time", None) or self.clock(), **data}
-        payload = json.dumps(event, separators=(",", ":"))
-        event_id = self.r.xadd(self.stream_key(job_id), {"data": payload})
-        self.r.publish(self.channel, json.dumps({"job": job_id, "id": event_id, "event": event}))
+        event = self.event(type, **data)
+        event_id = self.r.xadd(self.stream_key(job_id), {"data": self.payload(event)})
+        self.announce(job_id, event_id, event)
         return event_id
+
+    def event(self, type: str, **data: Any) -> dict[str, Any]:
+        return {"type": type, "time": data.pop("time", None) or self.clock(), **data}
+
+    @staticmethod
+    def payload(event: dict[str, Any]) -> str:
+        return json.dumps(event, separators=(",", ":"))
+
+    def announce(self, job_id: str, event_id: str, event: dict[str, Any]) -> None:
+        """Tell live listeners about an event already in the job's stream."""
+        self.r.publish(self.channel, json.dumps({"job": job_id, "id": event_id, "event": event}))
 
     def history(self, job_id: str, after: str | None = None,
                 count: int | None = None) -> list[tuple[str, dict[str, Any]]]:

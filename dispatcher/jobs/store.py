@@ -111,7 +111,13 @@ class JobStore:
             "updated": now, "name": job_name(kind, spec), "worker": "", "reason": "",
             "attempt": 0, "gpu_memory_mb": int(gpu_memory_mb), **(fields or {}),
         }
+        # The "queued" event goes into the stream in the same transaction that makes the job
+        # pending: written after it, a dispatcher could assign the job (and add "assigned")
+        # first, and the job's events would be out of order.
+        event = self.events.event("state", state=JobState.QUEUED.value, reason="submitted",
+                                  time=now)
         with self.r.pipeline() as pipe:
+            pipe.xadd(self.events.stream_key(job_id), {"data": self.events.payload(event)})
             pipe.hset(self.key(job_id), mapping=record)
             pipe.rpush(self._history_key(job_id), json.dumps(
                 {"state": JobState.QUEUED.value, "time": now, "reason": "submitted"}))
@@ -119,9 +125,8 @@ class JobStore:
             pipe.zadd(self.pending_key, {job_id: now})
             pipe.zadd(self.pending_owner_key(owner), {job_id: now})
             pipe.incr(self.pending_rev_key)
-            pipe.execute()
-        self.events.append(job_id, "state", state=JobState.QUEUED.value, reason="submitted",
-                           time=now)
+            event_id = pipe.execute()[0]
+        self.events.announce(job_id, event_id, event)
         return job_id
 
     def get(self, job_id: str) -> dict[str, Any]:
