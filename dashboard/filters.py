@@ -60,7 +60,8 @@ def fmt_speed(speed: Any) -> str:
     for key in ("loss", "batching"):
         if speed.get(key):
             parts.append(f"{key} {speed[key]}")
-    for hook, outcome in (speed.get("prepare") or {}).items():
+    prepare = speed.get("prepare")
+    for hook, outcome in (prepare.items() if isinstance(prepare, dict) else ()):
         parts.append(f"{hook} {outcome}")
     if speed.get("upcast") is not None:
         parts.append("fp32 norms " + ("on" if speed["upcast"] else "off"))

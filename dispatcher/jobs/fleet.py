@@ -76,9 +76,11 @@ class Fleet:
             for k in _NUM:
                 if w.get(k, "") != "":
                     w[k] = float(w[k])
-            w["alive"] = (now - float(w.get("seen", 0)) <= self.timeout
-                          and w.get("state") != WorkerState.STARTING.value)
-            if not w["alive"] and w.get("state") != WorkerState.STARTING.value:
+            fresh = now - float(w.get("seen", 0)) <= self.timeout
+            starting = w.get("state") == WorkerState.STARTING.value
+            w["alive"] = fresh and not starting
+            # (A process that died before its first heartbeat is gone once the timeout passes.)
+            if not w["alive"] and not (starting and fresh):
                 w["state"] = WorkerState.GONE.value
             if include_gone or w["alive"]:
                 out.append(w)

@@ -244,6 +244,21 @@ def read_model_shape(folder: Path) -> ModelShape | None:
     return shape_from_config(cfg) if isinstance(cfg, dict) else None
 
 
+# Config keys of models whose logits are more than the output layer's product: the engine's
+# fused loss does not apply to them (gpuworker.engine.losses.split_causal_lm), so a job that
+# asks for it runs, and is estimated, with the full logits.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def transforms_logits(folder: Path) -> bool:
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # unknown: estimate as if the full logits are built
+    return not isinstance(cfg, dict) or any(
+        cfg.get(k, plain) not in (plain, None) for k, plain in LOGIT_TRANSFORMS.items())
+
+
 def job_memory_mb(kind: str, spec: dict[str, Any], models: Path) -> int:
     """The card memory (MB) a job of `kind` with `spec` needs; 0 when the model cannot be read
     (then the job is not held back by memory). A spec's `min_gpu_memory_mb` > 0 replaces the
@@ -274,7 +289,8 @@ def job_memory_mb(kind: str, spec: dict[str, Any], models: Path) -> int:
                                 list(targets), max(1, _int(spec, "micro_batch_size", 4)),
                                 max(1, _int(spec, "cutoff_len", 256)),
                                 # The job's speed settings (boundary.levers_from_spec's names).
-                                loss="fused" if spec.get("fused_loss") is True else DEFAULT_LOSS,
+                                loss=("fused" if spec.get("fused_loss") is True
+                                      and not transforms_logits(folder) else DEFAULT_LOSS),
                                 batching="pack" if spec.get("packing") is True else DEFAULT_BATCHING)
     elif kind == "evaluate":
         window = _int(spec, "max_length", 0) or shape.max_positions or DEFAULT_CONTEXT

@@ -79,12 +79,16 @@ def limit_checkpointing(model: Any, layers: int | None) -> str | None:
 
 
 def checkpointed_blocks(model: Any) -> list[Any]:
-    """The model's decoder layers that transformers can checkpoint one by one."""
+    """The decoder's layers that transformers can checkpoint one by one (not, say, a vision
+    tower's: on a multimodal model only the text decoder's layers count)."""
     try:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:
         return []
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    within = decoder if isinstance(decoder, torch.nn.Module) else model
+    return [m for m in within.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def layers_to_checkpoint(layers: int, peak_all: int, per_layer: int, budget: int,
@@ -100,38 +104,53 @@ def layers_to_checkpoint(layers: int, peak_all: int, per_layer: int, budget: int
 
 
 class CheckpointBudget:
-    """Memory-budgeted checkpointing, measured on the run itself: step 1 runs with every layer
-    checkpointed (its peak memory: everything but the saved activations), step 2 with the last
-    layer keeping its activations (the difference: one layer's cost), and from step 3 on as
-    many layers keep theirs as fit the budget. Checkpointing recomputes exactly what it
+    """Memory-budgeted checkpointing, measured on the run itself. After step 1 (the optimizer
+    state now exists) the memory held between steps is the fixed part; step 2 runs with every
+    layer checkpointed and step 3 with the last one keeping its activations, each peak measured
+    on its own. Both are taken per token of the step's largest micro-batch and scaled to the
+    largest micro-batch the run can have (`max_tokens`), and from step 4 on as many layers keep
+    their activations as fit the budget at that size. Checkpointing recomputes exactly what it
     dropped, so the losses do not depend on the choice; only speed and memory do."""
 
     def __init__(self, blocks: list[Any], device: torch.device, budget: int | None,
-                 log: Callable[[str], None]):
+                 max_tokens: int, log: Callable[[str], None]):
         self.blocks, self.device, self.log = blocks, device, log
         if budget is None:
+            # What this process may still get: the card's free memory and what it holds.
             free, _ = torch.cuda.mem_get_info(device)
-            budget = free + torch.cuda.memory_allocated(device)
-        self.budget = budget
-        self.peak_all = 0
+            budget = free + torch.cuda.memory_reserved(device)
+        self.budget, self.max_tokens = budget, max(1, max_tokens)
+        self.measured = 0  # steps seen
+        self.fixed = 0
+        self.all_per_token = 0.0
         self.done = False
         self.summary = ""
 
-    def after_step(self) -> None:
+    def after_step(self, step: int, step_tokens: int) -> None:
+        """`step_tokens`: the largest micro-batch of the step just done, in tokens (B x T)."""
         if self.done:
             return
-        peak = torch.cuda.max_memory_allocated(self.device)
-        if not self.peak_all:
-            self.peak_all = peak
+        dev = self.device
+        peak = torch.cuda.max_memory_allocated(dev)
+        self.measured += 1
+        if self.measured == 1:
+            self.fixed = torch.cuda.memory_allocated(dev)
+        elif self.measured == 2:
+            self.all_per_token = (peak - self.fixed) / max(1, step_tokens)
             self.blocks[-1].gradient_checkpointing = False
-            return
-        per_layer = peak - self.peak_all
-        keep = layers_to_checkpoint(len(self.blocks), self.peak_all, per_layer, self.budget)
-        for i, block in enumerate(self.blocks):
-            block.gradient_checkpointing = i < keep
-        self.done = True
-        gib = 2**30
-        self.summary = (f"{keep} of {len(self.blocks)} layers (memory budget "
-                        f"{self.budget / gib:.1f} GiB; {self.peak_all / gib:.1f} GiB with every "
-                        f"layer checkpointed, {per_layer / gib:.2f} GiB per layer that is not)")
-        self.log(f"Gradient checkpointing from step 3: {self.summary}")
+        else:
+            one_per_token = (peak - self.fixed) / max(1, step_tokens)
+            peak_all = int(self.fixed + self.all_per_token * self.max_tokens)
+            per_layer = int(max(0.0, one_per_token - self.all_per_token) * self.max_tokens)
+            keep = layers_to_checkpoint(len(self.blocks), peak_all, per_layer, self.budget)
+            for i, block in enumerate(self.blocks):
+                block.gradient_checkpointing = i < keep
+            self.done = True
+            gib = 2**30
+            self.summary = (f"{keep} of {len(self.blocks)} layers (memory budget "
+                            f"{self.budget / gib:.1f} GiB; at {self.max_tokens} tokens a "
+                            f"micro-batch {peak_all / gib:.1f} GiB with every layer "
+                            f"checkpointed, {per_layer / gib:.2f} GiB per layer that is not)")
+            self.log(f"Gradient checkpointing from step {step + 1}: {self.summary}")
+        # Each measurement sees only its own step's peak.
+        torch.cuda.reset_peak_memory_stats(dev)

@@ -42,6 +42,7 @@ from gpuworker.engine.levers import (
     Batcher,
     CheckpointBudget,
     LossFn,
+    PackBatcher,
     checkpointed_blocks,
     make_batcher,
     make_loss,
@@ -195,7 +196,7 @@ class _Loop:
                                              report.log)
         self.log_every = step_log_interval(data.plan.total_steps)
         self.speed = {"loss": loss_used, "batching": self.batcher.name}
-        self.budget = _checkpoint_budget(model, cfg, device, report.log)
+        self.budget = _checkpoint_budget(model, cfg, device, self.batcher, report.log)
         self.out = LoopOutcome()
         self.warned_forget = False
 
@@ -213,8 +214,8 @@ class _Loop:
                                            start=out.steps):
             step = step_index + 1
             t0 = time.perf_counter()
-            step_loss_t = self._accumulate(self.batcher.step([[samples[i] for i in idx]
-                                                              for idx in group]))
+            batches = self.batcher.step([[samples[i] for i in idx] for idx in group])
+            step_loss_t = self._accumulate(batches)
             out.micro_done += len(group)
             lr = self.stepper.step()
             step_loss = float(step_loss_t)  # the step's one wait for the GPU
@@ -223,7 +224,7 @@ class _Loop:
             out.part_runtime_s += elapsed
             self._record(step, step_loss, lr)
             if self.budget is not None:
-                self.budget.after_step()
+                self.budget.after_step(step, max(b.tensors["input_ids"].numel() for b in batches))
                 if self.budget.summary:
                     out.speed["checkpointing"] = f"budget: {self.budget.summary}"
             self._maybe_evaluate(step)
@@ -261,7 +262,10 @@ class _Loop:
                 + (" or precision bf16/fp32" if self.data.precision == "fp16" else ""))
         out.steps, out.final_loss = step, step_loss
         out.loss_history.append({"step": step, "loss": round(step_loss, 6), "learning_rate": lr})
-        out.peak_gpu_mem_mb = _gpu_mem_mb(self.device)
+        # The run's peak (the memory budget resets the device's peak counter while it measures).
+        now = _gpu_mem_mb(self.device)
+        out.peak_gpu_mem_mb = (now if out.peak_gpu_mem_mb is None or now is None
+                               else max(out.peak_gpu_mem_mb, now))
         eta = out.eta_s(plan.total_steps)
         self.report.progress({
             "type": "train", "step": step, "total_steps": plan.total_steps,
@@ -313,7 +317,7 @@ class _Loop:
         return reached or stop
 
 
-def _checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device,
+def _checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device, batcher: Batcher,
                        log: Callable[[str], None]) -> CheckpointBudget | None:
     """The run's memory-budgeted checkpointing, when it asked for it and it applies."""
     if not cfg.levers.checkpoint_budget:
@@ -324,7 +328,12 @@ def _checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device,
             + ("it measures CUDA memory" if device.type != "cuda"
                else "this model checkpoints no layers"))
         return None
-    return CheckpointBudget(blocks, device, cfg.levers.memory_budget_bytes, log)
+    # The largest micro-batch the run can have: micro_batch_size samples of cutoff_len tokens
+    # (a packed row holds no more than that, nor more than its row cap).
+    largest = cfg.micro_batch_size * cfg.cutoff_len
+    if isinstance(batcher, PackBatcher):
+        largest = min(largest, batcher.row_tokens)
+    return CheckpointBudget(blocks, device, cfg.levers.memory_budget_bytes, largest, log)
 
 
 def _resume_state(stepper: Stepper, step: int, out: LoopOutcome) -> dict[str, Any]:

@@ -15,6 +15,9 @@ from gpuworker.engine.data import IGNORE_INDEX
 from gpuworker.errors import LeverSkipped
 
 Autocast = Callable[[], Any]
+# Config keys (and their plain values) of models whose logits are more than the output layer's
+# product; the dispatcher's estimate keeps the same list (a test compares them).
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 
 
 
@@ -89,8 +92,7 @@ def split_causal_lm(model: Any) -> tuple[Any, torch.nn.Linear]:
     if decoder is None or type(head) is not torch.nn.Linear or head.bias is not None:
         raise LeverSkipped(f"{type(base).__name__}'s output layer is not a plain linear layer "
                            "(a LoRA or quantised output layer, or a bias)")
-    for attr, plain in (("final_logit_softcapping", None), ("logit_scale", 1.0),
-                        ("logits_scaling", 1.0)):
+    for attr, plain in LOGIT_TRANSFORMS.items():
         if getattr(cfg, attr, plain) not in (plain, None):
             raise LeverSkipped(f"{type(base).__name__} transforms its logits ({attr})")
     return decoder, head

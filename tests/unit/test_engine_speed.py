@@ -272,4 +272,50 @@ def test_the_jobs_speed_settings_choose_the_levers_and_the_estimate_follows(tmp_
     fused = estimate.job_memory_mb("train", {**spec, "fused_loss": True}, tmp_path)
     # 16384 tokens' fp32 logits (10 bytes x 128256 each, about 20 GB) against a 1024-row chunk.
     assert plain - fused > 15000
+    # A model that caps its logits gets the plain loss from the engine, and the estimate knows.
+    from gpuworker.engine.losses import LOGIT_TRANSFORMS
 
+    assert LOGIT_TRANSFORMS == estimate.LOGIT_TRANSFORMS
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "final_logit_softcapping": 30.0}))
+    assert estimate.job_memory_mb("train", {**spec, "fused_loss": True}, tmp_path) == plain
+
+
+
+def test_the_memory_budget_measures_steps_2_and_3_per_token(monkeypatch):
+    """The budget's arithmetic, with the card's memory counters given (the GPU run is the real
+    test): after step 1, 8 GiB stay allocated (weights, optimizer state); step 2 (all layers
+    checkpointed) peaks 1 GiB above that at 4096 tokens; step 3 (the last layer keeping its
+    activations) 0.875 GiB above at 2048 tokens: 0.75 GiB per layer at 4096 tokens, the
+    largest micro-batch. A 17 GiB budget less 5 % leaves room for 9 layers: 23 of 32 stay
+    checkpointed from step 4."""
+    gib = 2**30
+    readings = iter([(8 * gib, 8.5 * gib), (8 * gib, 9 * gib), (8 * gib, 8.875 * gib)])
+    current = {}
+
+    def read() -> None:
+        current["alloc"], current["peak"] = next(readings)
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: int(current["peak"]))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: int(current["alloc"]))
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: resets.append(1))
+
+    class Block:
+        gradient_checkpointing = True
+
+    blocks = [Block() for _ in range(32)]
+    lines: list[str] = []
+    budget = levers.CheckpointBudget(blocks, torch.device("cuda", 0), 17 * gib, 4096,
+                                     lines.append)
+    for step, tokens in ((1, 4096), (2, 4096), (3, 2048)):
+        read()
+        budget.after_step(step, tokens)
+        if step == 2:
+            assert [b.gradient_checkpointing for b in blocks].count(False) == 1
+    assert [b.gradient_checkpointing for b in blocks] == [True] * 23 + [False] * 9
+    assert len(resets) == 3 and budget.done
+    assert lines == ["Gradient checkpointing from step 4: 23 of 32 layers (memory budget 17.0 GiB; "
+                     "at 4096 tokens a micro-batch 9.0 GiB with every layer checkpointed, "
+                     "0.75 GiB per layer that is not)"]
+    budget.after_step(4, 4096)  # measured once: nothing more is read
