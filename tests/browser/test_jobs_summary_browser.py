@@ -172,7 +172,7 @@ def test_parameters_are_grouped_and_changes_marked(fleet, page):
     table = page.locator("[data-testid='params-table']")
     groups = table.locator("[data-testid='param-group']")
     assert [groups.nth(i).get_attribute("data-group") for i in range(groups.count())] == [
-        "Model and data", "LoRA", "Optimisation", "Raw text", "Checkpoints", "Other"]
+        "Model and data", "LoRA", "Optimisation", "Raw text", "Checkpoints", "Speed", "Other"]
     raw = table.locator("[data-group='Raw text'] tr[data-param]")
     assert [raw.nth(i).get_attribute("data-param") for i in range(raw.count())] == [
         "raw_text_file", "overlap_len", "newline_favor_len", "hard_cut_string", "min_chars"]
