@@ -337,7 +337,7 @@ class _Run:
                 "epoch": round(plan.epoch_of(out.micro_done), 4), **self.info,
                 "train_runtime_s": round(out.runtime_s, 3),
                 "tokens_per_s": round(out.tokens_per_s, 2), "tokens": out.tokens,
-                "speed": {**self.info["speed"], **out.speed},
+                "speed": speed_used(self.info, out),
                 "peak_gpu_memory_mb": out.peak_gpu_mem_mb, "eval_loss": out.eval_loss,
                 "stopped": out.stopped, "reason": out.reason, "learning_rate": self.checked.lr,
                 "resumed_from": out.resumed_from, "loss_history": out.loss_history}
@@ -363,6 +363,11 @@ class _Run:
             log(f"Done! LoRA saved to loras/{cfg.lora_name}/")
 
 
+def speed_used(info: dict[str, Any], out: LoopOutcome) -> dict[str, Any]:
+    """The run's speed settings as they went: the model's (info) and the loop's (out)."""
+    return {**info["speed"], **out.speed}
+
+
 def _result(cfg: EngineConfig, plan: data_phase.StepPlan, out: LoopOutcome,
             info: dict[str, Any], *, saved: bool, started: float) -> dict[str, Any]:
     return {
@@ -384,5 +389,5 @@ def _result(cfg: EngineConfig, plan: data_phase.StepPlan, out: LoopOutcome,
         "resumed_from": out.resumed_from,
         "continues": info.get("continues"),
         # What the run's speed settings did (as training_log.json records them).
-        "speed": {**info["speed"], **out.speed},
+        "speed": speed_used(info, out),
     }
