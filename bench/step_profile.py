@@ -5,7 +5,8 @@ torch's profiler around a few steps after the warm-up.
 
 Prints the step's wall time, the GPU's busy time in it (the sum of kernel times; a gap between
 the two is time the GPU waited for the CPU), the time per kind of kernel (matrix products,
-NF4 dequantisation, attention, element-wise, ...) and the 25 costliest kernels.
+NF4 dequantisation, attention, element-wise, ...), the 25 costliest kernels, and the 30
+operations that take most of the CPU's own time.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def main() -> None:
     print(f"{'s/step':>8}  kernel")
     for name, us in kernels.most_common(25):
         print(f"{us / 1e6 / a.steps:8.4f}  {name}")
+    # Where the CPU's time goes (what keeps the GPU waiting when it is idle).
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
 
 
 if __name__ == "__main__":

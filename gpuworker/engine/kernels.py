@@ -65,6 +65,51 @@ def compile_layers(model: Any, config: EngineConfig) -> Any:
     return model
 
 
+def lean_lora_dropout(model: Any, config: EngineConfig) -> Any:
+    """LoRA dropout without its saved copies. peft's LoRA path, `lora_B(lora_A(dropout(x)))`,
+    keeps for backward the dropped input of every adapted layer and its mask: three bytes per
+    input feature per token, for each of a decoder layer's seven projections (q, k and v each
+    keep their own). Here `lora_A(dropout(x))` runs under torch's non-reentrant checkpoint,
+    which keeps only `x` (one tensor, shared by the projections that read it) and the random
+    generator's state, and in backward draws the same mask again and redoes the small r-wide
+    product. The values are identical; the layers that keep their activations cost about a
+    third less memory, so more of them fit a budget."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped = 0
+    for module in model.modules():
+        drops, downs = getattr(module, "lora_dropout", None), getattr(module, "lora_A", None)
+        if not isinstance(drops, torch.nn.ModuleDict) or not isinstance(downs, torch.nn.ModuleDict):
+            continue
+        for name, drop in list(drops.items()):
+            down = downs[name] if name in downs else None
+            p = getattr(drop, "p", 0.0)
+            if not isinstance(drop, torch.nn.Dropout) or p <= 0 or not isinstance(
+                    down, torch.nn.Linear):
+                continue
+            drops[name] = torch.nn.Identity()
+            down.forward = _recomputed_dropout_forward(down, p, checkpoint)
+            wrapped += 1
+    if not wrapped:
+        raise LeverSkipped("the model has no LoRA layer with dropout")
+    return model
+
+
+def _recomputed_dropout_forward(down: torch.nn.Linear, p: float, checkpoint: Callable) -> Callable:
+    def dropped(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.nn.functional.dropout(x, p, True), down.weight,
+                                          down.bias)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not down.training:
+            return torch.nn.functional.linear(x, down.weight, down.bias)
+        if not torch.is_grad_enabled():
+            return dropped(x)
+        return checkpoint(dropped, x, use_reentrant=False, preserve_rng_state=True)
+
+    return forward
+
+
 def limit_checkpointing(model: Any, layers: int | None) -> str | None:
     """Keep gradient checkpointing on the first `layers` decoder layers only (None: leave it
     as it is); says what the model now does, or None when it checkpoints nothing."""
@@ -106,11 +151,18 @@ def layers_to_checkpoint(layers: int, peak_all: int, per_layer: int, budget: int
 class CheckpointBudget:
     """Memory-budgeted checkpointing, measured on the run itself. After step 1 (the optimizer
     state now exists) the memory held between steps is the fixed part; step 2 runs with every
-    layer checkpointed and step 3 with the last one keeping its activations, each peak measured
-    on its own. Both are taken per token of the step's largest micro-batch and scaled to the
-    largest micro-batch the run can have (`max_tokens`), and from step 4 on as many layers keep
-    their activations as fit the budget at that size. Checkpointing recomputes exactly what it
-    dropped, so the losses do not depend on the choice; only speed and memory do."""
+    layer checkpointed and step 3 with the last two keeping their activations, each peak
+    measured on its own. (One layer is not enough: a step's peak with every layer checkpointed
+    already holds one layer's recomputed activations in backward, so the first layer that keeps
+    its own adds little to the peak; each further one adds a layer's worth.) Both peaks are
+    taken per token of the step's largest micro-batch and scaled to the largest micro-batch the
+    run can have (`max_tokens`); their difference counts as one layer's worth, which is exact
+    when backward's recomputation makes the peak and twice too much otherwise (the safe side).
+    From step 4 on as many layers keep their activations as fit the budget at that size.
+    Checkpointing recomputes exactly what it dropped, so the losses do not depend on the
+    choice; only speed and memory do."""
+
+    MEASURED_LAYERS = 2
 
     def __init__(self, blocks: list[Any], device: torch.device, budget: int | None,
                  max_tokens: int, log: Callable[[str], None]):
@@ -137,7 +189,8 @@ class CheckpointBudget:
             self.fixed = torch.cuda.memory_allocated(dev)
         elif self.measured == 2:
             self.all_per_token = (peak - self.fixed) / max(1, step_tokens)
-            self.blocks[-1].gradient_checkpointing = False
+            for block in self.blocks[-self.MEASURED_LAYERS:]:
+                block.gradient_checkpointing = False
         else:
             one_per_token = (peak - self.fixed) / max(1, step_tokens)
             peak_all = int(self.fixed + self.all_per_token * self.max_tokens)

@@ -10,7 +10,7 @@
               output layer and the loss a chunk of label positions at a time).
     prepare   hooks `hook(model, config) -> model`, run in order after the model is loaded,
               LoRA-wrapped and its earlier weights loaded (kernels.py): "liger_kernels",
-              "compile". How many layers are checkpointed is set after them (kernels.py).
+              "compile", "lean_dropout". How many layers are checkpointed is set after them (kernels.py).
 
 A lever that does not apply to a run raises LeverSkipped: the run goes on without it, and the
 reason is logged and recorded in training_log.json ("speed"). The dispatcher's memory estimate
@@ -38,6 +38,7 @@ from gpuworker.engine.kernels import (  # noqa: F401
     checkpointed_blocks,
     compile_layers,
     layers_to_checkpoint,
+    lean_lora_dropout,
     liger_kernels,
     limit_checkpointing,
 )
@@ -65,7 +66,8 @@ LOSSES: dict[str, Callable[[Autocast], LossFn]] = {"fp32_logits": Fp32LogitsLoss
 BATCHERS: dict[str, Callable[[int, int], Batcher]] = {
     "pad": lambda pad_id, cutoff_len: PadBatcher(pad_id),
     "pack": lambda pad_id, cutoff_len: PackBatcher(max(PACK_ROW_TOKENS, cutoff_len))}
-PREPARE_HOOKS: dict[str, PrepareHook] = {"liger_kernels": liger_kernels, "compile": compile_layers}
+PREPARE_HOOKS: dict[str, PrepareHook] = {"liger_kernels": liger_kernels, "compile": compile_layers,
+                                         "lean_dropout": lean_lora_dropout}
 
 
 def _pick(registry: dict[str, Any], name: str, what: str) -> Any:
