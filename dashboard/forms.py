@@ -21,7 +21,7 @@ SECTIONS: list[tuple[str, tuple[str, ...]]] = [
               "always_override")),
     ("Text processing", ("train_only_after", "add_eos_token", "overlap_len", "newline_favor_len",
                          "hard_cut_string", "min_chars")),
-    ("Speed", ("fused_loss", "packing", "fused_kernels", "fp32_norms", "gradient_checkpointing")),
+    ("Speed", ("fused_loss", "packing", "fused_kernels", "compile", "fp32_norms", "gradient_checkpointing")),
 ]
 TARGET_MODULE_CHOICES = (*PROJECTIONS, "all")
 # Marked with an asterisk in the form (the spec's validation is what enforces it).

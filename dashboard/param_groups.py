@@ -19,7 +19,7 @@ TRAIN_GROUPS = (
     ("Raw text", ("raw_text_file", "overlap_len", "newline_favor_len", "hard_cut_string",
                   "min_chars")),
     ("Checkpoints", ("save_steps", "resume_from_checkpoint")),
-    ("Speed", ("fused_loss", "packing", "fused_kernels", "fp32_norms", "gradient_checkpointing")),
+    ("Speed", ("fused_loss", "packing", "fused_kernels", "compile", "fp32_norms", "gradient_checkpointing")),
 )
 
 

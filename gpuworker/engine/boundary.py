@@ -54,7 +54,8 @@ def levers_from_spec(spec: TrainSpec) -> Levers:
     """The job's speed settings as the engine's levers."""
     return Levers(loss="fused" if spec.fused_loss else "fp32_logits",
                   batching="pack" if spec.packing else "pad",
-                  prepare=("liger_kernels",) if spec.fused_kernels else (),
+                  prepare=(("liger_kernels",) if spec.fused_kernels else ())
+                  + (("compile",) if spec.compile else ()),
                   upcast=spec.fp32_norms,
                   checkpoint_budget=spec.gradient_checkpointing == "auto")
 

@@ -53,6 +53,9 @@ class Levers:
     # free at the start): see levers.CheckpointBudget. Ignored where nothing is checkpointed.
     checkpoint_budget: bool = False
     memory_budget_bytes: int | None = None
+    # The "compile" hook compiles on a GPU only (on the CPU a small job's layers take longer to
+    # compile than to train); True compiles on the CPU too (the exactness tests).
+    compile_on_cpu: bool = False
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ def compile_layers(model: Any, config: EngineConfig) -> Any:
     model reuses it instead of compiling from nothing."""
     import os
 
+    if next(model.parameters()).device.type == "cpu" and not config.levers.compile_on_cpu:
+        raise LeverSkipped("compiling pays on a GPU; on the CPU it takes longer than it saves")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "is_loaded_in_8bit", False):
         raise LeverSkipped("compiling 8-bit (bitsandbytes int8) layers is not supported")
@@ -60,6 +62,10 @@ def compile_layers(model: Any, config: EngineConfig) -> Any:
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    import torch._dynamo
+
+    # A layer torch cannot compile runs as it is (torch logs why) instead of failing the job.
+    torch._dynamo.config.suppress_errors = True
     for block in blocks:
         block.compile()
     return model

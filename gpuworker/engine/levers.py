@@ -10,7 +10,8 @@
               output layer and the loss a chunk of label positions at a time).
     prepare   hooks `hook(model, config) -> model`, run in order after the model is loaded,
               LoRA-wrapped and its earlier weights loaded (kernels.py): "liger_kernels",
-              "compile", "lean_dropout". How many layers are checkpointed is set after them (kernels.py).
+              "compile", "lean_dropout", "nf4_op" (nf4.py). How many layers are checkpointed is
+              set after them (kernels.py).
 
 A lever that does not apply to a run raises LeverSkipped: the run goes on without it, and the
 reason is logged and recorded in training_log.json ("speed"). The dispatcher's memory estimate
@@ -54,6 +55,7 @@ from gpuworker.engine.losses import (  # noqa: F401
     split_causal_lm,
     token_loss_sum,
 )
+from gpuworker.engine.nf4 import nf4_layers
 from gpuworker.errors import EngineError, LeverSkipped  # noqa: F401
 
 LossFn = Callable[[Any, Batch], Any]
@@ -67,7 +69,7 @@ BATCHERS: dict[str, Callable[[int, int], Batcher]] = {
     "pad": lambda pad_id, cutoff_len: PadBatcher(pad_id),
     "pack": lambda pad_id, cutoff_len: PackBatcher(max(PACK_ROW_TOKENS, cutoff_len))}
 PREPARE_HOOKS: dict[str, PrepareHook] = {"liger_kernels": liger_kernels, "compile": compile_layers,
-                                         "lean_dropout": lean_lora_dropout}
+                                         "lean_dropout": lean_lora_dropout, "nf4_op": nf4_layers}
 
 
 def _pick(registry: dict[str, Any], name: str, what: str) -> Any:

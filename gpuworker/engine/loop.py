@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,7 +65,11 @@ CheckpointFn = Callable[["LoopOutcome", dict[str, Any], dict[str, Any]], None]
 class LoopOutcome:
     """The run so far. steps, micro_done, runtime_s, tokens and loss_history count the whole
     run, resumed parts included; the part_* fields count only this process's part, which is
-    what speed and ETA are measured on."""
+    what speed and ETA are measured on: over its last RATE_WINDOW steps, leaving out the
+    part's first step (the kernels' warm-up, and compilation where the layers are compiled)
+    once a second one is done."""
+
+    RATE_WINDOW = 20
 
     steps: int = 0
     micro_done: int = 0
@@ -80,14 +85,31 @@ class LoopOutcome:
     part_start_step: int = 0
     part_runtime_s: float = 0.0
     part_tokens: int = 0
+    part_steps: int = 0
+    # (seconds, tokens) of the part's recent steps, its first step left out.
+    recent: deque[tuple[float, int]] = field(
+        default_factory=lambda: deque(maxlen=LoopOutcome.RATE_WINDOW), repr=False)
     # The loss and batching this run used, in words (training_log.json's "speed").
     speed: dict[str, str] = field(default_factory=dict)
 
+    def note_step(self, elapsed: float, tokens: int) -> None:
+        self.runtime_s += elapsed
+        self.part_runtime_s += elapsed
+        self.part_steps += 1
+        if self.part_steps > 1:
+            self.recent.append((elapsed, tokens))
+
     @property
     def tokens_per_s(self) -> float:
+        if self.recent:
+            seconds = sum(e for e, _ in self.recent)
+            return sum(t for _, t in self.recent) / seconds if seconds > 0 else 0.0
         return self.part_tokens / self.part_runtime_s if self.part_runtime_s > 0 else 0.0
 
     def eta_s(self, total_steps: int) -> float:
+        if self.recent:
+            per_step = sum(e for e, _ in self.recent) / len(self.recent)
+            return per_step * (total_steps - self.steps)
         done = self.steps - self.part_start_step
         return self.part_runtime_s / done * (total_steps - self.steps) if done > 0 else 0.0
 
@@ -213,15 +235,13 @@ class _Loop:
         for step_index, group in enumerate(optimizer_steps(self.plan, self.cfg.seed, out.steps),
                                            start=out.steps):
             step = step_index + 1
-            t0 = time.perf_counter()
+            t0, tokens_before = time.perf_counter(), out.tokens
             batches = self.batcher.step([[samples[i] for i in idx] for idx in group])
             step_loss_t = self._accumulate(batches)
             out.micro_done += len(group)
             lr = self.stepper.step()
             step_loss = float(step_loss_t)  # the step's one wait for the GPU
-            elapsed = time.perf_counter() - t0
-            out.runtime_s += elapsed
-            out.part_runtime_s += elapsed
+            out.note_step(time.perf_counter() - t0, out.tokens - tokens_before)
             self._record(step, step_loss, lr)
             if self.budget is not None:
                 self.budget.after_step(step, max(b.tensors["input_ids"].numel() for b in batches))

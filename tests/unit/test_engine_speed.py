@@ -257,10 +257,10 @@ def test_the_jobs_speed_settings_choose_the_levers_and_the_estimate_follows(tmp_
     from gpuworker.engine.boundary import levers_from_spec
 
     assert levers_from_spec(TrainSpec()) == Levers()  # the defaults are today's engine
-    fast = TrainSpec(fused_loss=True, packing=True, fused_kernels=True, fp32_norms=False,
-                     gradient_checkpointing="auto")
+    fast = TrainSpec(fused_loss=True, packing=True, fused_kernels=True, compile=True,
+                     fp32_norms=False, gradient_checkpointing="auto")
     assert levers_from_spec(fast) == Levers(loss="fused", batching="pack",
-                                            prepare=("liger_kernels",), upcast=False,
+                                            prepare=("liger_kernels", "compile"), upcast=False,
                                             checkpoint_budget=True)
     model = tmp_path / "m"
     model.mkdir()
@@ -319,3 +319,26 @@ def test_the_memory_budget_measures_steps_2_and_3_per_token(monkeypatch):
                      "at 4096 tokens a micro-batch 9.0 GiB with every layer checkpointed, "
                      "0.75 GiB per layer that is not)"]
     budget.after_step(4, 4096)  # measured once: nothing more is read
+
+
+def test_speed_and_eta_leave_the_first_step_out_and_follow_the_last_twenty():
+    """A compiled run's first step takes a minute: tokens/s and the ETA would be wrong for the
+    rest of a short run if they averaged it in."""
+    from gpuworker.engine.loop import LoopOutcome
+
+    out = LoopOutcome()
+
+    def step(seconds: float) -> None:
+        out.part_tokens += 100  # as the loop counts its micro-batches' tokens
+        out.note_step(seconds, 100)
+
+    step(30.0)  # warm-up and compilation
+    assert out.tokens_per_s == pytest.approx(100 / 30)
+    step(1.0)
+    assert out.tokens_per_s == 100.0
+    for _ in range(25):
+        step(0.5)
+    out.steps = 27
+    assert out.tokens_per_s == 200.0  # the last 20 steps only
+    assert out.eta_s(100) == pytest.approx(0.5 * 73)
+    assert out.runtime_s == pytest.approx(30 + 1 + 12.5)

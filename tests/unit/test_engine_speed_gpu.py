@@ -52,6 +52,8 @@ def test_levers_learn_what_the_plain_run_learns(paths, precision):  # noqa: F811
         "pack": dict(batching="pack"),
         "all": dict(loss="fused", batching="pack", prepare=("liger_kernels",), upcast=False,
                     checkpoint_budget=True),
+        "compiled": dict(loss="fused", batching="pack", prepare=("compile",), upcast=False,
+                         checkpoint_budget=True),
     }
     for name, levers in runs.items():
         losses, log = gpu_run(paths, name, precision, **levers)
@@ -63,3 +65,28 @@ def test_levers_learn_what_the_plain_run_learns(paths, precision):  # noqa: F811
         assert log["speed"]["batching"] == levers.get("batching", "pad")
         if "loss" in levers:
             assert log["speed"]["loss"].startswith("fused"), log["speed"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_the_tensors_only_nf4_product_equals_bitsandbytes(double_quant):
+    """nf4.Nf4Linear against bitsandbytes' own 4-bit layer: the same output and input
+    gradient, bit for bit, with and without double quantisation."""
+    import bitsandbytes as bnb
+
+    from gpuworker.engine.nf4 import _forward
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(256, 192, bias=False, compute_dtype=torch.bfloat16,
+                              compress_statistics=double_quant, quant_type="nf4")
+    layer.load_state_dict({"weight": torch.randn(192, 256)})
+    layer = layer.cuda()
+    x = torch.randn(3, 40, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(3, 40, 192, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for forward in (layer.forward, _forward(layer)):
+        out = forward(x)
+        (grad,) = torch.autograd.grad(out, x, g)
+        outs.append((out, grad))
+    (out_a, grad_a), (out_b, grad_b) = outs
+    assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)

@@ -1,0 +1,91 @@
+"""The frozen NF4 base layers' product as one autograd function of tensors only.
+
+bitsandbytes runs a 4-bit layer's product through its own autograd function, which takes the
+weight's quantisation state (a Python object) as an argument; torch.compile cannot put that
+into a compiled graph, so every 4-bit layer splits a compiled decoder layer into pieces with
+Python between them. `Nf4Linear` does the same arithmetic with bitsandbytes' registered
+operators (dequantise the block scales, dequantise the weight, multiply) and takes only
+tensors and numbers, so a compiled layer stays whole. Like bitsandbytes' it keeps only the
+packed weight for backward and dequantises it again there (the base is frozen: no weight
+gradient).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gpuworker.engine.config import EngineConfig
+from gpuworker.errors import LeverSkipped
+
+
+def nf4_weight(packed: torch.Tensor, absmax: torch.Tensor, nested: tuple[torch.Tensor, ...],
+               blocksize: int, nested_blocksize: int, shape: tuple[int, ...],
+               dtype: torch.dtype) -> torch.Tensor:
+    """The dequantised weight; `nested` is (code, absmax, offset) of double quantisation's
+    8-bit block scales, or () without it."""
+    ops = torch.ops.bitsandbytes
+    if nested:
+        code, absmax2, offset = nested
+        absmax = ops.dequantize_blockwise.default(absmax, absmax2, code, nested_blocksize,
+                                                  torch.float32) + offset
+    return ops.dequantize_4bit.default(packed, absmax, blocksize, "nf4", list(shape), dtype)
+
+
+class Nf4Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                code: torch.Tensor | None, absmax2: torch.Tensor | None,
+                offset: torch.Tensor | None, blocksize: int, nested_blocksize: int,
+                shape: tuple[int, ...]) -> torch.Tensor:
+        nested = () if code is None else (code, absmax2, offset)
+        weight = nf4_weight(packed, absmax, nested, blocksize, nested_blocksize, shape, x.dtype)
+        ctx.save_for_backward(packed, absmax, *nested)
+        ctx.meta = (blocksize, nested_blocksize, shape)
+        return torch.nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        packed, absmax, *nested = ctx.saved_tensors
+        blocksize, nested_blocksize, shape = ctx.meta
+        weight = nf4_weight(packed, absmax, tuple(nested), blocksize, nested_blocksize, shape,
+                            grad.dtype)
+        return (grad @ weight if ctx.needs_input_grad[0] else None,
+                None, None, None, None, None, None, None, None)
+
+
+def _forward(layer: Any) -> Any:
+    state = layer.weight.quant_state
+    nested = state.nested
+    args = (layer.weight.data, state.absmax,
+            state.state2.code if nested else None, state.state2.absmax if nested else None,
+            state.offset if nested else None, state.blocksize,
+            state.state2.blocksize if nested else 0, tuple(state.shape))
+    compute = layer.compute_dtype or state.dtype
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = Nf4Linear.apply(x.to(compute), *args)
+        if layer.bias is not None:
+            out = out + layer.bias.to(compute)
+        return out.to(x.dtype)
+
+    return forward
+
+
+def nf4_layers(model: Any, config: EngineConfig) -> Any:
+    """Give every NF4 base layer the tensors-only product (the `nf4_op` preparation hook)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LeverSkipped("bitsandbytes is not installed") from None
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if not layers:
+        raise LeverSkipped("the model has no 4-bit layers")
+    for layer in layers:
+        state = layer.weight.quant_state
+        if state is None or state.quant_type != "nf4":
+            raise LeverSkipped("only NF4 weights are supported")
+    for layer in layers:
+        layer.forward = _forward(layer)
+    return model
