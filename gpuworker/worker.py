@@ -28,7 +28,14 @@ from dispatcher.jobs.celery_app import make_celery
 from dispatcher.jobs.fleet import Fleet, worker_queue
 from dispatcher.jobs.states import WorkerState
 from dispatcher.jobs.store import JobStore
-from dispatcher.settings import RedisCredentialsError, Settings, connect, env_set, preload_enabled
+from dispatcher.settings import (
+    WORKER_MEMORY_ENV,
+    RedisCredentialsError,
+    Settings,
+    connect,
+    env_set,
+    preload_enabled,
+)
 from gpuworker.tasks import register_tasks, requeue_after_crash
 from gpuworker.telemetry import CardReport
 from gpuworker.watchdog import StopWatchdog
@@ -171,6 +178,8 @@ def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
     # once, not only after the import below (seconds, longer on a busy machine), when the
     # dispatcher may already have taken the name for a lost worker.
     release_orphans(settings, name)
+    if memory_mb is not None:
+        os.environ[WORKER_MEMORY_ENV] = str(memory_mb)
     # Before the first heartbeat, so the dispatcher sends nothing to a worker still importing.
     spent = preload_libraries(cpu=gpu is None)
     if spent is not None:

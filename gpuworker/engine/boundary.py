@@ -10,11 +10,12 @@ engine's check phase, so a refused job's message is the same whoever calls the e
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 from dispatcher.jobs.specs import TrainSpec, find_format, resolve_data_name
-from dispatcher.settings import DataPaths
+from dispatcher.settings import WORKER_MEMORY_ENV, DataPaths
 from gpuworker.engine.config import EngineConfig, Levers
 from gpuworker.engine.report import Report
 from gpuworker.engine.resume import run_settings
@@ -50,6 +51,14 @@ def config_from_spec(spec: TrainSpec, paths: DataPaths, levers: Levers | None = 
         levers=levers or levers_from_spec(spec))
 
 
+def memory_budget(spec: TrainSpec) -> int | None:
+    """Bytes the job's checkpointing may fit itself to: the job's own `min_gpu_memory_mb` when
+    set, at most the worker's `--memory-mb`; None (the card's free memory) with neither."""
+    limits = [mb for mb in (spec.min_gpu_memory_mb, int(os.environ.get(WORKER_MEMORY_ENV) or 0))
+              if mb > 0]
+    return min(limits) * 2**20 if limits else None
+
+
 def levers_from_spec(spec: TrainSpec) -> Levers:
     """The job's speed settings as the engine's levers."""
     return Levers(loss="fused" if spec.fused_loss else "fp32_logits",
@@ -57,7 +66,8 @@ def levers_from_spec(spec: TrainSpec) -> Levers:
                   prepare=(("liger_kernels",) if spec.fused_kernels else ())
                   + (("compile",) if spec.compile else ()),
                   upcast=spec.fp32_norms,
-                  checkpoint_budget=spec.gradient_checkpointing == "auto")
+                  checkpoint_budget=spec.gradient_checkpointing == "auto",
+                  memory_budget_bytes=memory_budget(spec))
 
 
 def train(spec: TrainSpec, paths: DataPaths, progress: Callable[[dict[str, Any]], None],

@@ -342,3 +342,17 @@ def test_speed_and_eta_leave_the_first_step_out_and_follow_the_last_twenty():
     assert out.tokens_per_s == 200.0  # the last 20 steps only
     assert out.eta_s(100) == pytest.approx(0.5 * 73)
     assert out.runtime_s == pytest.approx(30 + 1 + 12.5)
+
+
+def test_the_memory_budget_is_the_jobs_own_limit_under_the_workers_cap(monkeypatch):
+    from dispatcher.jobs.specs import TrainSpec
+    from dispatcher.settings import WORKER_MEMORY_ENV
+    from gpuworker.engine.boundary import levers_from_spec
+
+    monkeypatch.delenv(WORKER_MEMORY_ENV, raising=False)
+    assert levers_from_spec(TrainSpec()).memory_budget_bytes is None  # the card's free memory
+    assert levers_from_spec(TrainSpec(min_gpu_memory_mb=17602)).memory_budget_bytes == 17602 << 20
+    monkeypatch.setenv(WORKER_MEMORY_ENV, "12000")  # lorafleet worker --memory-mb 12000
+    assert levers_from_spec(TrainSpec()).memory_budget_bytes == 12000 << 20
+    assert levers_from_spec(TrainSpec(min_gpu_memory_mb=17602)).memory_budget_bytes == 12000 << 20
+    assert levers_from_spec(TrainSpec(min_gpu_memory_mb=8000)).memory_budget_bytes == 8000 << 20
