@@ -3,7 +3,7 @@
 bitsandbytes runs a 4-bit layer's product through its own autograd function, which takes the
 weight's quantisation state (a Python object) as an argument; torch.compile cannot put that
 into a compiled graph, so every 4-bit layer splits a compiled decoder layer into pieces with
-Python between them. `Nf4Linear` does the same arithmetic with bitsandbytes' registered
+Python between them. `nf4_linear` does the same arithmetic with bitsandbytes' registered
 operators (dequantise the block scales, dequantise the weight, multiply) and takes only
 tensors and numbers, so a compiled layer stays whole. Like bitsandbytes' it keeps only the
 packed weight for backward and dequantises it again there (the base is frozen: no weight
@@ -21,7 +21,7 @@ from gpuworker.errors import LeverSkipped
 
 
 def nf4_weight(packed: torch.Tensor, absmax: torch.Tensor, nested: tuple[torch.Tensor, ...],
-               blocksize: int, nested_blocksize: int, shape: tuple[int, ...],
+               blocksize: int, nested_blocksize: int, shape: list[int],
                dtype: torch.dtype) -> torch.Tensor:
     """The dequantised weight; `nested` is (code, absmax, offset) of double quantisation's
     8-bit block scales, or () without it."""
@@ -33,26 +33,53 @@ def nf4_weight(packed: torch.Tensor, absmax: torch.Tensor, nested: tuple[torch.T
     return ops.dequantize_4bit.default(packed, absmax, blocksize, "nf4", list(shape), dtype)
 
 
-class Nf4Linear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
-                code: torch.Tensor | None, absmax2: torch.Tensor | None,
-                offset: torch.Tensor | None, blocksize: int, nested_blocksize: int,
-                shape: tuple[int, ...]) -> torch.Tensor:
-        nested = () if code is None else (code, absmax2, offset)
-        weight = nf4_weight(packed, absmax, nested, blocksize, nested_blocksize, shape, x.dtype)
-        ctx.save_for_backward(packed, absmax, *nested)
-        ctx.meta = (blocksize, nested_blocksize, shape)
-        return torch.nn.functional.linear(x, weight)
+# Two operators torch.compile sees as one call each. The product and its gradient are distinct
+# operators so that a compiled graph cannot merge the backward's dequantisation into the
+# forward's and keep the dequantised weight for backward (a bf16 copy of the layer's weight,
+# which is what 4-bit storage is there to avoid); only the packed weight is kept.
+@torch.library.custom_op("lorafleet::nf4_linear", mutates_args=())
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+               code: torch.Tensor | None, absmax2: torch.Tensor | None,
+               offset: torch.Tensor | None, blocksize: int, nested_blocksize: int,
+               shape: list[int]) -> torch.Tensor:
+    """x @ W.t() for the NF4 weight W of `shape` (out_features, in_features)."""
+    nested = () if code is None else (code, absmax2, offset)
+    weight = nf4_weight(packed, absmax, nested, blocksize, nested_blocksize, shape, x.dtype)
+    return torch.nn.functional.linear(x, weight)
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        packed, absmax, *nested = ctx.saved_tensors
-        blocksize, nested_blocksize, shape = ctx.meta
-        weight = nf4_weight(packed, absmax, tuple(nested), blocksize, nested_blocksize, shape,
-                            grad.dtype)
-        return (grad @ weight if ctx.needs_input_grad[0] else None,
-                None, None, None, None, None, None, None, None)
+
+@torch.library.custom_op("lorafleet::nf4_linear_grad", mutates_args=())
+def nf4_linear_grad(grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                    code: torch.Tensor | None, absmax2: torch.Tensor | None,
+                    offset: torch.Tensor | None, blocksize: int, nested_blocksize: int,
+                    shape: list[int]) -> torch.Tensor:
+    """grad @ W: the product's gradient with respect to x."""
+    nested = () if code is None else (code, absmax2, offset)
+    weight = nf4_weight(packed, absmax, nested, blocksize, nested_blocksize, shape, grad.dtype)
+    return grad @ weight
+
+
+@nf4_linear.register_fake
+def _(x, packed, absmax, code, absmax2, offset, blocksize, nested_blocksize, shape):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@nf4_linear_grad.register_fake
+def _(grad, packed, absmax, code, absmax2, offset, blocksize, nested_blocksize, shape):
+    return grad.new_empty((*grad.shape[:-1], shape[1]))
+
+
+def _keep(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    # The frozen weight's tensors and numbers; not x (the base is frozen: no weight gradient).
+    ctx.save_for_backward(*inputs[1:6])
+    ctx.numbers = inputs[6:]
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    return (nf4_linear_grad(grad, *ctx.saved_tensors, *ctx.numbers),) + (None,) * 8
+
+
+nf4_linear.register_autograd(_backward, setup_context=_keep)
 
 
 def _forward(layer: Any) -> Any:
@@ -61,11 +88,11 @@ def _forward(layer: Any) -> Any:
     args = (layer.weight.data, state.absmax,
             state.state2.code if nested else None, state.state2.absmax if nested else None,
             state.offset if nested else None, state.blocksize,
-            state.state2.blocksize if nested else 0, tuple(state.shape))
+            state.state2.blocksize if nested else 0, list(state.shape))
     compute = layer.compute_dtype or state.dtype
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        out = Nf4Linear.apply(x.to(compute), *args)
+        out = nf4_linear(x.to(compute), *args)
         if layer.bias is not None:
             out = out + layer.bias.to(compute)
         return out.to(x.dtype)
