@@ -259,6 +259,14 @@ def transforms_logits(folder: Path) -> bool:
         cfg.get(k, plain) not in (plain, None) for k, plain in LOGIT_TRANSFORMS.items())
 
 
+def _setting(spec: dict[str, Any], name: str) -> Any:
+    """A training spec's setting, its default where the spec leaves it out (a bare spec sent
+    to /api/v1/estimate is estimated as the job it would become)."""
+    from dispatcher.jobs.specs.train import TrainSpec  # here: the specs import this module
+
+    return spec.get(name, TrainSpec.__dataclass_fields__[name].default)
+
+
 def job_memory_mb(kind: str, spec: dict[str, Any], models: Path) -> int:
     """The card memory (MB) a job of `kind` with `spec` needs; 0 when the model cannot be read
     (then the job is not held back by memory). A spec's `min_gpu_memory_mb` > 0 replaces the
@@ -289,9 +297,10 @@ def job_memory_mb(kind: str, spec: dict[str, Any], models: Path) -> int:
                                 list(targets), max(1, _int(spec, "micro_batch_size", 4)),
                                 max(1, _int(spec, "cutoff_len", 256)),
                                 # The job's speed settings (boundary.levers_from_spec's names).
-                                loss=("fused" if spec.get("fused_loss") is True
+                                loss=("fused" if _setting(spec, "fused_loss") is True
                                       and not transforms_logits(folder) else DEFAULT_LOSS),
-                                batching="pack" if spec.get("packing") is True else DEFAULT_BATCHING)
+                                batching=("pack" if _setting(spec, "packing") is True
+                                          else DEFAULT_BATCHING))
     elif kind == "evaluate":
         window = _int(spec, "max_length", 0) or shape.max_positions or DEFAULT_CONTEXT
         peak = inference_peak_bytes(shape, precision, min(window, 32768),

@@ -4,6 +4,7 @@ the model; the checkpointing limits are applied after them (levers.py, loop.py).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,16 @@ def compile_layers(model: Any, config: EngineConfig) -> Any:
     if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     import torch._dynamo
+    import torch._inductor.config
 
     # A layer torch cannot compile runs as it is (torch logs why) instead of failing the job.
     torch._dynamo.config.suppress_errors = True
+    # Dropout draws from torch's own generator, as uncompiled: the same masks, so the same
+    # numbers, and a resumed run's generator state means what it meant.
+    torch._inductor.config.fallback_random = True
+    # Inside a compiled layer the recomputed dropout costs nothing extra: keep its memory.
+    with contextlib.suppress(LeverSkipped):
+        lean_lora_dropout(model, config)
     for block in blocks:
         block.compile()
     return model

@@ -67,7 +67,7 @@ LOSSES: dict[str, Callable[[Autocast], LossFn]] = {"fp32_logits": Fp32LogitsLoss
                                                     "fused": FusedLinearLoss}
 BATCHERS: dict[str, Callable[[int, int], Batcher]] = {
     "pad": lambda pad_id, cutoff_len: PadBatcher(pad_id),
-    "pack": lambda pad_id, cutoff_len: PackBatcher(max(PACK_ROW_TOKENS, cutoff_len))}
+    "pack": lambda pad_id, cutoff_len: PackBatcher(max(PACK_ROW_TOKENS, cutoff_len), pad_id)}
 PREPARE_HOOKS: dict[str, PrepareHook] = {"liger_kernels": liger_kernels, "compile": compile_layers,
                                          "lean_dropout": lean_lora_dropout, "nf4_op": nf4_layers}
 

@@ -104,6 +104,7 @@ class LoadedModel:
     model_class: str
     model_type: str
     total_params: int
+    upcast: bool = True  # quantised: fp32 copies of the weights that are not quantised
 
 
 def check_model_folder(folder: Path, name: str) -> None:
@@ -150,6 +151,11 @@ def load_base_model(folder: Path, name: str, precision: str, device: torch.devic
         from transformers import BitsAndBytesConfig
 
         cdtype = compute_dtype(precision, device) or torch.bfloat16
+        if not upcast and cdtype == torch.float16:
+            # fp16's range is too small for the hidden states between layers of some models.
+            log("fp32_norms off needs bf16, which this card lacks: keeping fp32 copies of the "
+                "norms, embeddings and output layer")
+            upcast = True
         if precision == "4bit":
             # QLoRA: NF4 weights, the quantisation constants quantised too, bf16 matmuls.
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -189,4 +195,4 @@ def load_base_model(folder: Path, name: str, precision: str, device: torch.devic
     total = sum(p.numel() for p in model.parameters())
     return LoadedModel(model=model, precision=precision, model_class=type(model).__name__,
                        model_type=str(getattr(model.config, "model_type", "")),
-                       total_params=total)
+                       total_params=total, upcast=upcast)

@@ -271,7 +271,7 @@ def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
         "total_params": total,
         "device": str(device),
         # The speed settings that shape the model (the loop adds its loss and batching).
-        "speed": {"upcast": cfg.levers.upcast if precision in QUANTISED else None,
+        "speed": {"upcast": loaded.upcast if precision in QUANTISED else None,
                   "prepare": applied, "checkpointing": checkpointing},
         # The LoRA this run continues and its steps (None: a new LoRA, or a resumed run).
         "continues": ({"lora": cfg.lora_name, "step": existing.steps}

@@ -92,3 +92,25 @@ def test_lean_dropout_is_skipped_without_dropout(paths):  # noqa: F811
     result = run_with(paths, rec, {**changes, "lora_dropout": 0.0}, prepare=("lean_dropout",))
     assert result["speed"]["prepare"] == {
         "lean_dropout": "skipped: the model has no LoRA layer with dropout"}
+
+
+def test_the_nf4_operators_keep_the_packed_weight_and_give_the_input_gradient(monkeypatch):
+    """The registered NF4 product's autograd on the CPU, with the dequantisation (bitsandbytes',
+    GPU only here; tests/unit/test_engine_speed_gpu.py compares it with bitsandbytes' own
+    layer bit for bit) replaced by a stand-in: output x @ W.t(), input gradient g @ W, the
+    weight's tensors no gradient, and nothing the size of W kept for backward."""
+    from gpuworker.engine import nf4
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4, dtype=torch.float64)
+    monkeypatch.setattr(nf4, "nf4_weight", lambda packed, *rest: weight.to(rest[-1]))
+    packed, absmax = torch.zeros(12, 1, dtype=torch.uint8), torch.ones(1)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = nf4.nf4_linear(x, packed, absmax, None, None, None, 64, 0, [6, 4])
+    torch.testing.assert_close(out, x @ weight.t(), rtol=0, atol=0)
+    g = torch.randn(3, 6, dtype=torch.float64)
+    out.backward(g)
+    torch.testing.assert_close(x.grad, g @ weight, rtol=0, atol=0)
+    assert all(t.dtype == torch.uint8 or t.numel() == 1 for t in kept)

@@ -110,6 +110,19 @@ def test_the_packing_batcher_puts_a_micro_batch_in_one_row():
     assert packed.targets == sum(b.targets for b in padded)  # the step's label tokens
 
 
+def test_a_micro_batch_of_one_length_keeps_its_rows():
+    """Nothing to pack: samples of one length stay rows of their own, without a mask or
+    positions (the plain causal attention), as the padded batcher makes them."""
+    same = [SAMPLES[0], {"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}]
+    batch, = levers.PackBatcher(pad_id=3).step([same])
+    plain, = levers.PadBatcher(pad_id=3).step([same])
+    assert batch.tensors.keys() == plain.tensors.keys() == {"input_ids", "labels",
+                                                           "attention_mask"}
+    for key, value in plain.tensors.items():
+        assert torch.equal(batch.tensors[key], value)
+    assert (batch.tokens, batch.targets, batch.padded) == (8, 5, False)
+
+
 def test_a_micro_batch_longer_than_a_row_is_split_between_samples():
     batcher = levers.PackBatcher(row_tokens=6)
     rows = batcher.step([SAMPLES, SAMPLES[:1]])
@@ -256,9 +269,14 @@ def test_the_jobs_speed_settings_choose_the_levers_and_the_estimate_follows(tmp_
     from dispatcher.schedule import estimate
     from gpuworker.engine.boundary import levers_from_spec
 
-    assert levers_from_spec(TrainSpec()) == Levers()  # the defaults are today's engine
-    fast = TrainSpec(fused_loss=True, packing=True, fused_kernels=True, compile=True,
-                     fp32_norms=False, gradient_checkpointing="auto")
+    # The defaults: every lever the benchmark chose (README, "Performance").
+    assert levers_from_spec(TrainSpec()) == Levers(loss="fused", batching="pack",
+                                                   prepare=("compile",), upcast=False,
+                                                   checkpoint_budget=True)
+    off = TrainSpec(fused_loss=False, packing=False, compile=False, fp32_norms=True,
+                    gradient_checkpointing="all")
+    assert levers_from_spec(off) == Levers()  # the engine as it was before the levers
+    fast = TrainSpec(fused_kernels=True)
     assert levers_from_spec(fast) == Levers(loss="fused", batching="pack",
                                             prepare=("liger_kernels", "compile"), upcast=False,
                                             checkpoint_budget=True)
@@ -268,8 +286,8 @@ def test_the_jobs_speed_settings_choose_the_levers_and_the_estimate_follows(tmp_
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, model_type="llama")))
     spec = {"base_model": "m", "precision": "4bit", "micro_batch_size": 8, "cutoff_len": 2048}
-    plain = estimate.job_memory_mb("train", spec, tmp_path)
-    fused = estimate.job_memory_mb("train", {**spec, "fused_loss": True}, tmp_path)
+    plain = estimate.job_memory_mb("train", {**spec, "fused_loss": False}, tmp_path)
+    fused = estimate.job_memory_mb("train", spec, tmp_path)  # the default
     # 16384 tokens' fp32 logits (10 bytes x 128256 each, about 20 GB) against a 1024-row chunk.
     assert plain - fused > 15000
     # A model that caps its logits gets the plain loss from the engine, and the estimate knows.
@@ -278,7 +296,7 @@ def test_the_jobs_speed_settings_choose_the_levers_and_the_estimate_follows(tmp_
     assert LOGIT_TRANSFORMS == estimate.LOGIT_TRANSFORMS
     cfg = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**cfg, "final_logit_softcapping": 30.0}))
-    assert estimate.job_memory_mb("train", {**spec, "fused_loss": True}, tmp_path) == plain
+    assert estimate.job_memory_mb("train", spec, tmp_path) == plain
 
 
 

@@ -47,6 +47,9 @@ def spec(**over):
 def test_estimate_endpoint(client):
     resp = client.post("/api/v1/estimate", json={"kind": "train", "spec": spec()})
     assert resp.status_code == 200
+    # The fused loss (a speed setting on by default) holds no full logits; without it, 6400.
+    assert resp.get_json() == {"gpu_memory_mb": 5056, "source": "estimate"}
+    resp = client.post("/api/v1/estimate", json={"kind": "train", "spec": spec(fused_loss=False)})
     assert resp.get_json() == {"gpu_memory_mb": 6400, "source": "estimate"}
     # A bare spec works too, with the form's text values; the user's minimum wins.
     resp = client.post("/api/v1/estimate", json=spec(micro_batch_size="4",
@@ -62,7 +65,7 @@ def test_estimate_endpoint(client):
 def test_submitted_job_carries_its_memory_need(client, store):
     resp = client.post("/api/v1/jobs", json={"kind": "train", "spec": spec()})
     assert resp.status_code == 201, resp.get_json()
-    assert store.get(resp.get_json()["id"])["gpu_memory_mb"] == 6400
+    assert store.get(resp.get_json()["id"])["gpu_memory_mb"] == 5056  # the estimate endpoint's
     bad = client.post("/api/v1/jobs", json={"kind": "train", "spec": spec(min_gpu_memory_mb=-1)})
     assert bad.status_code == 400
     assert [e["field"] for e in bad.get_json()["errors"]] == ["min_gpu_memory_mb"]

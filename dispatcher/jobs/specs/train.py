@@ -79,12 +79,12 @@ class TrainSpec:
     resume_from_checkpoint: str = _f("", "Resume this LoRA's run from a checkpoint: latest, or checkpoint-<step> (empty = start anew).")
     min_gpu_memory_mb: int = _f(0, "Card memory in MB this job needs before it is placed; 0 = the dispatcher's estimate.")
     # Speed settings: how the engine computes, not what it learns (README, "Engine speed levers").
-    fused_loss: bool = _f(False, "Compute the loss with the output layer a chunk at a time, never all the logits (less memory, the same loss).")
-    packing: bool = _f(False, "Put each micro-batch's samples end to end in one row instead of padding them (the same samples per step, no work on padding).")
+    fused_loss: bool = _f(True, "Compute the loss with the output layer a chunk at a time, never all the logits (less memory, the same loss).")
+    packing: bool = _f(True, "Put each micro-batch's samples end to end in one row instead of padding them (the same samples per step, no work on padding).")
     fused_kernels: bool = _f(False, "Liger's fused kernels for RMSNorm, SwiGLU and RoPE (CUDA only; skipped where they do not apply).")
-    compile: bool = _f(False, "Compile each decoder layer with torch.compile (GPU only; the first job on a model spends a minute compiling, later ones reuse the cache in the data folder).")
-    fp32_norms: bool = _f(True, "4bit/8bit: keep fp32 copies of the norms, embeddings and output layer, as peft does (off: all in bf16, faster and smaller).")
-    gradient_checkpointing: str = _f("all", "4bit/8bit: recompute every layer's activations in backward (all), or only as many as the card's memory needs (auto).", choices=CHECKPOINTING)
+    compile: bool = _f(True, "Compile each decoder layer with torch.compile (GPU only; the first job on a model spends a minute compiling, later ones reuse the cache in the data folder).")
+    fp32_norms: bool = _f(False, "4bit/8bit: keep fp32 copies of the norms, embeddings and output layer, as peft does (off: all in bf16, faster and smaller; cards without bf16 keep them in any case).")
+    gradient_checkpointing: str = _f("auto", "4bit/8bit: recompute every layer's activations in backward (all), or only as many as the card's memory needs (auto).", choices=CHECKPOINTING)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
