@@ -71,7 +71,8 @@ def test_card_figure_adds_margin_and_context():
 def test_job_memory_from_the_model_folder(tmp_path):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps(LLAMA_1B))
-    spec = {"base_model": "llama", "precision": "4bit", "lora_rank": 32,
+    # The full logits in fp32 (the fused loss, the default, is tests/unit/test_engine_speed.py's).
+    spec = {"base_model": "llama", "precision": "4bit", "lora_rank": 32, "fused_loss": False,
             "target_modules": ["all"], "micro_batch_size": 4, "cutoff_len": 512}
     assert job_memory_mb("train", spec, tmp_path) == 6400
     assert job_memory_mb("train", {**spec, "precision": "auto"}, tmp_path) == 6400
