@@ -83,7 +83,8 @@ def bench_config(a: argparse.Namespace, lora_name: str, steps: int) -> Any:
     levers = Levers(loss=a.loss, batching=a.batching, prepare=tuple(a.prepare),
                     upcast=bool(a.upcast), checkpoint_layers=a.ckpt,
                     checkpoint_budget=a.budget_gib is not None,
-                    memory_budget_bytes=int(a.budget_gib * 2**30) if a.budget_gib else None)
+                    memory_budget_bytes=int(a.budget_gib * 2**30) if a.budget_gib else None,
+                    compile_mode=a.compile_mode)
     return config_from_spec(spec, DataPaths(home), levers)
 
 
@@ -96,6 +97,7 @@ def add_lever_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-gib", type=float, default=None,
                    help="checkpoint only as many layers as fit this memory (0: the card's)")
     p.add_argument("--upcast", type=int, default=1, help="1: fp32 non-quantised weights (peft)")
+    p.add_argument("--compile-mode", default="default", help="torch.compile's mode (compile)")
 
 
 def run(a: argparse.Namespace) -> dict:

@@ -180,6 +180,8 @@ def run_worker(settings: Settings, gpu: int | None, name: str | None = None,
     release_orphans(settings, name)
     if memory_mb is not None:
         os.environ[WORKER_MEMORY_ENV] = str(memory_mb)
+    else:
+        os.environ.pop(WORKER_MEMORY_ENV, None)
     # Before the first heartbeat, so the dispatcher sends nothing to a worker still importing.
     spent = preload_libraries(cpu=gpu is None)
     if spent is not None:

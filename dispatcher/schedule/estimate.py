@@ -262,9 +262,16 @@ def transforms_logits(folder: Path) -> bool:
 def _setting(spec: dict[str, Any], name: str) -> Any:
     """A training spec's setting, its default where the spec leaves it out (a bare spec sent
     to /api/v1/estimate is estimated as the job it would become)."""
-    from dispatcher.jobs.specs.train import TrainSpec  # here: the specs import this module
+    from dispatcher.jobs.specs.fields import _to_bool  # here: the specs import this module
+    from dispatcher.jobs.specs.train import TrainSpec
 
-    return spec.get(name, TrainSpec.__dataclass_fields__[name].default)
+    default = TrainSpec.__dataclass_fields__[name].default
+    if name not in spec:
+        return default
+    try:  # as the spec's parse reads it ("true", 1, "" ...)
+        return _to_bool(spec[name]) if isinstance(default, bool) else spec[name]
+    except ValueError:
+        return default  # the parse refuses it; the estimate need not
 
 
 def job_memory_mb(kind: str, spec: dict[str, Any], models: Path) -> int:

@@ -51,12 +51,21 @@ def config_from_spec(spec: TrainSpec, paths: DataPaths, levers: Levers | None = 
         levers=levers or levers_from_spec(spec))
 
 
+# Card memory a CUDA process holds beyond what its allocator hands out (the context, the
+# kernels' code): a limit in card memory leaves this much out of the activations' budget.
+CUDA_CONTEXT_MB = 512
+
+
 def memory_budget(spec: TrainSpec) -> int | None:
-    """Bytes the job's checkpointing may fit itself to: the job's own `min_gpu_memory_mb` when
-    set, at most the worker's `--memory-mb`; None (the card's free memory) with neither."""
-    limits = [mb for mb in (spec.min_gpu_memory_mb, int(os.environ.get(WORKER_MEMORY_ENV) or 0))
-              if mb > 0]
-    return min(limits) * 2**20 if limits else None
+    """Bytes the job's checkpointing may fit its allocations to: the job's own
+    `min_gpu_memory_mb` when set, at most the worker's `--memory-mb`, less the CUDA context;
+    None (the card's free memory) with neither."""
+    try:
+        cap = int(os.environ.get(WORKER_MEMORY_ENV) or 0)
+    except ValueError:
+        cap = 0
+    limits = [mb for mb in (spec.min_gpu_memory_mb, cap) if mb > 0]
+    return max(1, min(limits) - CUDA_CONTEXT_MB) * 2**20 if limits else None
 
 
 def levers_from_spec(spec: TrainSpec) -> Levers:

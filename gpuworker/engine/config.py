@@ -56,6 +56,8 @@ class Levers:
     # The "compile" hook compiles on a GPU only (on the CPU a small job's layers take longer to
     # compile than to train); True compiles on the CPU too (the exactness tests).
     compile_on_cpu: bool = False
+    # torch.compile's mode for the layers ("default"; "reduce-overhead" replays CUDA graphs).
+    compile_mode: str = "default"
 
 
 @dataclass(frozen=True)

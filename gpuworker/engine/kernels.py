@@ -68,6 +68,10 @@ def compile_layers(model: Any, config: EngineConfig) -> Any:
 
     # A layer torch cannot compile runs as it is (torch logs why) instead of failing the job.
     torch._dynamo.config.suppress_errors = True
+    # A layer is compiled again for each variant it meets (input with or without gradient,
+    # checkpointed or not, padded or packed, training or evaluation); torch's default of 8
+    # variants would leave the rest uncompiled.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # Dropout draws from torch's own generator, as uncompiled: the same masks, so the same
     # numbers, and a resumed run's generator state means what it meant.
     torch._inductor.config.fallback_random = True
@@ -75,7 +79,7 @@ def compile_layers(model: Any, config: EngineConfig) -> Any:
     with contextlib.suppress(LeverSkipped):
         lean_lora_dropout(model, config)
     for block in blocks:
-        block.compile()
+        block.compile(mode=config.levers.compile_mode)
     return model
 
 
@@ -84,10 +88,14 @@ def lean_lora_dropout(model: Any, config: EngineConfig) -> Any:
     keeps for backward the dropped input of every adapted layer and its mask: three bytes per
     input feature per token, for each of a decoder layer's seven projections (q, k and v each
     keep their own). Here `lora_A(dropout(x))` runs under torch's non-reentrant checkpoint,
-    which keeps only `x` (one tensor, shared by the projections that read it) and the random
-    generator's state, and in backward draws the same mask again and redoes the small r-wide
-    product. The values are identical; the layers that keep their activations cost about a
-    third less memory, so more of them fit a budget."""
+    which keeps only its input and the random generator's state, and in backward draws the
+    same mask again and redoes the small r-wide product. The values are identical. That input
+    is `x` itself, one tensor shared by the projections that read it, on quantised models
+    (under autocast peft does not cast it) and inside compiled layers (the cast is recomputed);
+    there the layers that keep their activations cost about a third less memory, so more of
+    them fit a budget. On a bf16 model uncompiled, peft casts `x` to the adapters' fp32 for
+    each projection and the checkpoint keeps each cast: no saving, which is one reason the job
+    setting ties this to `compile`."""
     from torch.utils.checkpoint import checkpoint
 
     wrapped = 0
@@ -122,6 +130,17 @@ def _recomputed_dropout_forward(down: torch.nn.Linear, p: float, checkpoint: Cal
         return checkpoint(dropped, x, use_reentrant=False, preserve_rng_state=True)
 
     return forward
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process (0: none, or not imported)."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def limit_checkpointing(model: Any, layers: int | None) -> str | None:
@@ -181,11 +200,8 @@ class CheckpointBudget:
     def __init__(self, blocks: list[Any], device: torch.device, budget: int | None,
                  max_tokens: int, log: Callable[[str], None]):
         self.blocks, self.device, self.log = blocks, device, log
-        if budget is None:
-            # What this process may still get: the card's free memory and what it holds.
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = free + torch.cuda.memory_reserved(device)
-        self.budget, self.max_tokens = budget, max(1, max_tokens)
+        # The job's limit (None: none); what the card can give is read when the run starts.
+        self.limit, self.budget, self.max_tokens = budget, budget or 0, max(1, max_tokens)
         self.measured = 0  # steps seen
         self.fixed = 0
         self.all_per_token = 0.0
@@ -201,6 +217,11 @@ class CheckpointBudget:
         self.measured += 1
         if self.measured == 1:
             self.fixed = torch.cuda.memory_allocated(dev)
+            # What this process may still get: the card's free memory and what it holds; a
+            # limit larger than that (another process took the rest) does not count.
+            free, _ = torch.cuda.mem_get_info(dev)
+            available = free + torch.cuda.memory_reserved(dev)
+            self.budget = available if self.limit is None else min(self.limit, available)
         elif self.measured == 2:
             self.all_per_token = (peak - self.fixed) / max(1, step_tokens)
             for block in self.blocks[-self.MEASURED_LAYERS:]:

@@ -38,6 +38,7 @@ from gpuworker.engine.kernels import (  # noqa: F401
     CheckpointBudget,
     checkpointed_blocks,
     compile_layers,
+    compiled_graphs,
     layers_to_checkpoint,
     lean_lora_dropout,
     liger_kernels,

@@ -43,7 +43,6 @@ from gpuworker.engine.levers import (
     Batcher,
     CheckpointBudget,
     LossFn,
-    PackBatcher,
     checkpointed_blocks,
     make_batcher,
     make_loss,
@@ -218,7 +217,7 @@ class _Loop:
                                              report.log)
         self.log_every = step_log_interval(data.plan.total_steps)
         self.speed = {"loss": loss_used, "batching": self.batcher.name}
-        self.budget = _checkpoint_budget(model, cfg, device, self.batcher, report.log)
+        self.budget = _checkpoint_budget(model, cfg, device, report.log)
         self.out = LoopOutcome()
         self.warned_forget = False
 
@@ -337,7 +336,7 @@ class _Loop:
         return reached or stop
 
 
-def _checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device, batcher: Batcher,
+def _checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device,
                        log: Callable[[str], None]) -> CheckpointBudget | None:
     """The run's memory-budgeted checkpointing, when it asked for it and it applies."""
     if not cfg.levers.checkpoint_budget:
@@ -348,11 +347,10 @@ def _checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device, batc
             + ("it measures CUDA memory" if device.type != "cuda"
                else "this model checkpoints no layers"))
         return None
-    # The largest micro-batch the run can have: micro_batch_size samples of cutoff_len tokens
-    # (a packed row holds no more than that, nor more than its row cap).
+    # The largest forward pass the run can have: micro_batch_size samples of cutoff_len tokens
+    # (a packed row holds no more; a packing run keeps a micro-batch of one length as its
+    # rows, which can be that large, whatever the row cap).
     largest = cfg.micro_batch_size * cfg.cutoff_len
-    if isinstance(batcher, PackBatcher):
-        largest = min(largest, batcher.row_tokens)
     return CheckpointBudget(blocks, device, cfg.levers.memory_budget_bytes, largest, log)
 
 

@@ -34,7 +34,12 @@ from formats.files import atomic_write_json
 from gpuworker.engine import data as data_phase
 from gpuworker.engine.cleanup import run_releasing
 from gpuworker.engine.config import QUANTISED, EngineConfig
-from gpuworker.engine.levers import check_levers, limit_checkpointing, prepare_model
+from gpuworker.engine.levers import (
+    check_levers,
+    compiled_graphs,
+    limit_checkpointing,
+    prepare_model,
+)
 from gpuworker.engine.loading import (
     check_model_folder,
     load_base_model,
@@ -365,7 +370,14 @@ class _Run:
 
 def speed_used(info: dict[str, Any], out: LoopOutcome) -> dict[str, Any]:
     """The run's speed settings as they went: the model's (info) and the loop's (out)."""
-    return {**info["speed"], **out.speed}
+    speed = {**info["speed"], **out.speed}
+    prepare = speed.get("prepare") or {}
+    if prepare.get("compile") == "on":
+        # What torch compiled so far (a layer it could not compile ran uncompiled).
+        graphs = compiled_graphs()
+        speed["prepare"] = {**prepare, "compile": f"on ({graphs} compiled graphs)" if graphs
+                            else "on, but nothing compiled (the job's log says why)"}
+    return speed
 
 
 def _result(cfg: EngineConfig, plan: data_phase.StepPlan, out: LoopOutcome,

@@ -316,6 +316,9 @@ def test_the_memory_budget_measures_steps_2_and_3_per_token(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: int(current["peak"]))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d=None: int(current["alloc"]))
+    # The card: 60 GiB free, 10 GiB held by this process: the 17 GiB limit is what counts.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (60 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d=None: 10 * gib)
     resets = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: resets.append(1))
 
@@ -337,6 +340,12 @@ def test_the_memory_budget_measures_steps_2_and_3_per_token(monkeypatch):
                      "at 4096 tokens a micro-batch 9.0 GiB with every layer checkpointed, "
                      "0.75 GiB per layer that is not)"]
     budget.after_step(4, 4096)  # measured once: nothing more is read
+    # A limit above what the card can still give (another process took memory) gives way.
+    readings = iter([(8 * gib, 8.5 * gib)])
+    read()
+    wide = levers.CheckpointBudget(blocks, torch.device("cuda", 0), 100 * gib, 4096, print)
+    wide.after_step(1, 4096)
+    assert wide.budget == 70 * gib
 
 
 def test_speed_and_eta_leave_the_first_step_out_and_follow_the_last_twenty():
@@ -368,9 +377,31 @@ def test_the_memory_budget_is_the_jobs_own_limit_under_the_workers_cap(monkeypat
     from gpuworker.engine.boundary import levers_from_spec
 
     monkeypatch.delenv(WORKER_MEMORY_ENV, raising=False)
+    mib = 2**20
     assert levers_from_spec(TrainSpec()).memory_budget_bytes is None  # the card's free memory
-    assert levers_from_spec(TrainSpec(min_gpu_memory_mb=17602)).memory_budget_bytes == 17602 << 20
+    # Limits are card memory; the CUDA context's 512 MB are not the allocator's to use.
+    assert levers_from_spec(TrainSpec(min_gpu_memory_mb=18114)).memory_budget_bytes == 17602 * mib
     monkeypatch.setenv(WORKER_MEMORY_ENV, "12000")  # lorafleet worker --memory-mb 12000
-    assert levers_from_spec(TrainSpec()).memory_budget_bytes == 12000 << 20
-    assert levers_from_spec(TrainSpec(min_gpu_memory_mb=17602)).memory_budget_bytes == 12000 << 20
-    assert levers_from_spec(TrainSpec(min_gpu_memory_mb=8000)).memory_budget_bytes == 8000 << 20
+    assert levers_from_spec(TrainSpec()).memory_budget_bytes == 11488 * mib
+    assert levers_from_spec(TrainSpec(min_gpu_memory_mb=18114)).memory_budget_bytes == 11488 * mib
+    assert levers_from_spec(TrainSpec(min_gpu_memory_mb=8000)).memory_budget_bytes == 7488 * mib
+    monkeypatch.setenv(WORKER_MEMORY_ENV, "lots")  # not the worker's doing: ignored
+    assert levers_from_spec(TrainSpec()).memory_budget_bytes is None
+
+
+def test_the_budget_scales_to_the_largest_forward_pass_a_packing_run_can_have(
+        paths, tiny_model_dir):  # noqa: F811
+    """A packing run keeps a micro-batch of one length as its rows (raw text's chunks): 8
+    samples of 2048 tokens are one 16,384-token forward pass, beyond the 4096-token row cap,
+    and the budget must plan for it."""
+    from transformers import AutoModelForCausalLM
+
+    from gpuworker.engine.loop import _checkpoint_budget
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = config_from_spec(make_spec(micro_batch_size=8, batch_size=8, cutoff_len=2048), paths,
+                           Levers(batching="pack", checkpoint_budget=True,
+                                  memory_budget_bytes=40 << 30))
+    budget = _checkpoint_budget(model, cfg, torch.device("cuda", 0), lambda line: None)
+    assert budget is not None and budget.max_tokens == 8 * 2048

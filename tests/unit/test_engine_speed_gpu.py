@@ -67,6 +67,26 @@ def test_levers_learn_what_the_plain_run_learns(paths, precision):  # noqa: F811
             assert log["speed"]["loss"].startswith("fused"), log["speed"]
 
 
+@pytest.mark.parametrize("precision", precisions())
+def test_compiled_layers_with_dropout_learn_what_the_plain_run_learns(paths, precision):  # noqa: F811
+    """The defaults' compiled path with LoRA dropout on (recomputed inside the compiled layers,
+    masks from torch's generator): the plain run's losses within bf16 noise."""
+    write_tiny_dataset(paths.datasets / "many.json", n=64)
+    runs = {}
+    for name, levers in (("plain", {}), ("compiled", dict(prepare=("compile",), upcast=False))):
+        rec = Recorder()
+        spec = make_spec(lora_name=name, precision=precision, **{**SETTINGS, "lora_dropout": 0.05})
+        result = run_training(config_from_spec(spec, paths, Levers(**levers)),
+                              Report(rec.progress, rec.should_stop, rec.lines.append),
+                              device="cuda")
+        runs[name] = ([e["loss"] for e in rec.of("train")], result)
+    (plain, _), (compiled, result) = runs["plain"], runs["compiled"]
+    assert len(compiled) == len(plain) == 50
+    for step, (a, b) in enumerate(zip(compiled, plain, strict=True), start=1):
+        assert a == pytest.approx(b, rel=0.02), (step, a, b)
+    assert result["speed"]["prepare"]["compile"].startswith("on ("), result["speed"]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_the_tensors_only_nf4_product_equals_bitsandbytes(double_quant):

@@ -125,3 +125,15 @@ def test_cli_priority_command(client, store, monkeypatch):
     assert store.get(a)["priority"] == "urgent"
     result = CliRunner().invoke(cli.main, ["priority", a, "soon"])
     assert result.exit_code == 2 and "soon" in result.output
+
+
+def test_the_estimate_reads_a_speed_setting_as_the_spec_does(client):
+    """Text values as the job's parse reads them: "false" and 0 off, "true" and 1 on; an empty
+    value is a field not filled in yet, as everywhere in the estimate: the default (on)."""
+    def mb(value):
+        return client.post("/api/v1/estimate", json={"kind": "train",
+                                                      "spec": spec(fused_loss=value)}
+                           ).get_json()["gpu_memory_mb"]
+
+    assert mb("false") == mb(0) == mb(False) == 6400
+    assert mb("true") == mb(1) == mb(True) == mb("") == 5056

@@ -77,7 +77,7 @@ class TrainSpec:
         "help": "Projections that get LoRA layers: q, k, v, o, gate, up, down, or all."})
     seed: int = _f(0, "Random seed for initialisation and data order.")
     resume_from_checkpoint: str = _f("", "Resume this LoRA's run from a checkpoint: latest, or checkpoint-<step> (empty = start anew).")
-    min_gpu_memory_mb: int = _f(0, "Card memory in MB this job needs before it is placed; 0 = the dispatcher's estimate.")
+    min_gpu_memory_mb: int = _f(0, "Card memory in MB this job needs before it is placed, and (with gradient_checkpointing auto) stays within; 0 = the dispatcher's estimate, and the card's free memory.")
     # Speed settings: how the engine computes, not what it learns (README, "Engine speed levers").
     fused_loss: bool = _f(True, "Compute the loss with the output layer a chunk at a time, never all the logits (less memory, the same loss).")
     packing: bool = _f(True, "Put each micro-batch's samples end to end in one row instead of padding them (the same samples per step, no work on padding).")
