@@ -7,8 +7,8 @@ logs, `training_state.pt` (optimizer, scheduler, GradScaler, RNG, counters) and
 Resuming continues that very run: the same data in the same order, the same schedule, so a run
 stopped at step k and resumed gives the losses and weights of an uninterrupted one. A setting
 that changes what the run is (rank, data, batch sizes, seed, schedule...) is therefore refused;
-settings that only change what happens around the steps (save_steps, evaluation, stop_at_loss,
-precision) may differ.
+settings that only change what happens around the steps or how they are computed (save_steps,
+evaluation, stop_at_loss, precision, the speed settings) may differ.
 """
 
 from __future__ import annotations
