@@ -20,14 +20,13 @@ from gpuworker.engine.config import EngineConfig
 from gpuworker.errors import LeverSkipped
 
 
-def nf4_weight(packed: torch.Tensor, absmax: torch.Tensor, nested: tuple[torch.Tensor, ...],
-               blocksize: int, nested_blocksize: int, shape: list[int],
-               dtype: torch.dtype) -> torch.Tensor:
-    """The dequantised weight; `nested` is (code, absmax, offset) of double quantisation's
-    8-bit block scales, or () without it."""
+def nf4_weight(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None,
+               absmax2: torch.Tensor | None, offset: torch.Tensor | None, blocksize: int,
+               nested_blocksize: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """The dequantised weight; `code`, `absmax2` and `offset` are double quantisation's (the
+    block scales themselves quantised to 8 bits), None without it."""
     ops = torch.ops.bitsandbytes
-    if nested:
-        code, absmax2, offset = nested
+    if code is not None:
         absmax = ops.dequantize_blockwise.default(absmax, absmax2, code, nested_blocksize,
                                                   torch.float32) + offset
     return ops.dequantize_4bit.default(packed, absmax, blocksize, "nf4", list(shape), dtype)
@@ -43,9 +42,8 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                offset: torch.Tensor | None, blocksize: int, nested_blocksize: int,
                shape: list[int]) -> torch.Tensor:
     """x @ W.t() for the NF4 weight W of `shape` (out_features, in_features)."""
-    nested = () if code is None else (code, absmax2, offset)
-    weight = nf4_weight(packed, absmax, nested, blocksize, nested_blocksize, shape, x.dtype)
-    return torch.nn.functional.linear(x, weight)
+    return torch.nn.functional.linear(x, nf4_weight(
+        packed, absmax, code, absmax2, offset, blocksize, nested_blocksize, shape, x.dtype))
 
 
 @torch.library.custom_op("lorafleet::nf4_linear_grad", mutates_args=())
@@ -54,9 +52,8 @@ def nf4_linear_grad(grad: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
                     offset: torch.Tensor | None, blocksize: int, nested_blocksize: int,
                     shape: list[int]) -> torch.Tensor:
     """grad @ W: the product's gradient with respect to x."""
-    nested = () if code is None else (code, absmax2, offset)
-    weight = nf4_weight(packed, absmax, nested, blocksize, nested_blocksize, shape, grad.dtype)
-    return grad @ weight
+    return grad @ nf4_weight(packed, absmax, code, absmax2, offset, blocksize, nested_blocksize,
+                             shape, grad.dtype)
 
 
 @nf4_linear.register_fake
