@@ -53,9 +53,10 @@ class Levers:
     # free at the start): see levers.CheckpointBudget. Ignored where nothing is checkpointed.
     checkpoint_budget: bool = False
     memory_budget_bytes: int | None = None
-    # The "compile" hook compiles on a GPU only (on the CPU a small job's layers take longer to
-    # compile than to train); True compiles on the CPU too (the exactness tests).
-    compile_on_cpu: bool = False
+    # Compiling and packing pay on a GPU only: on the CPU a small job's layers take longer to
+    # compile than to train, and attention over a packed row's mask costs more than the padding
+    # it saves. True uses them on the CPU too (the exactness tests).
+    gpu_levers_on_cpu: bool = False
     # torch.compile's mode for the layers ("default"; "reduce-overhead" replays CUDA graphs).
     compile_mode: str = "default"
 

@@ -46,7 +46,7 @@ def compile_layers(model: Any, config: EngineConfig) -> Any:
     model reuses it instead of compiling from nothing."""
     import os
 
-    if next(model.parameters()).device.type == "cpu" and not config.levers.compile_on_cpu:
+    if next(model.parameters()).device.type == "cpu" and not config.levers.gpu_levers_on_cpu:
         raise LeverSkipped("compiling pays on a GPU; on the CPU it takes longer than it saves")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "is_loaded_in_8bit", False):

@@ -109,10 +109,15 @@ def make_batcher(levers: Levers, pad_id: int, cutoff_len: int, model: Any = None
     batcher = _pick(BATCHERS, levers.batching, "batching")(pad_id, cutoff_len)
     if isinstance(batcher, PackBatcher) and model is not None:
         try:
+            if next(model.parameters()).device.type == "cpu" and not levers.gpu_levers_on_cpu:
+                raise LeverSkipped("on the CPU, attention over a packed row's mask costs more "
+                                   "than the padding it saves")
             check_packing(model)
         except LeverSkipped as e:
             log(f"batching pack does not apply: {e}; padding instead")
-            return PadBatcher(pad_id)
+            padded = PadBatcher(pad_id)
+            padded.name = f"pad (pack skipped: {e})"  # as the run records it
+            return padded
     return batcher
 
 

@@ -22,7 +22,7 @@ def test_compiled_layers_train_to_the_recorded_losses(paths):  # noqa: F811
     plain, compiled = Recorder(), Recorder()
     expected = run_with(paths, plain, changes)
     result = run_with(paths, compiled, {**changes, "lora_name": "compiled"}, prepare=("compile",),
-                      compile_on_cpu=True)
+                      gpu_levers_on_cpu=True)
     assert [e["loss"] for e in compiled.of("train")] == pytest.approx(
         [e["loss"] for e in plain.of("train")], rel=1e-5)
     assert result["final_loss"] == pytest.approx(expected["final_loss"], rel=1e-5)
@@ -36,7 +36,7 @@ def test_compiled_layers_train_to_the_recorded_losses(paths):  # noqa: F811
 def test_compiling_is_skipped_on_the_cpu_unless_asked(paths):  # noqa: F811
     changes, losses, _, _ = RECORDED["raw"]
     rec = Recorder()
-    result = run_with(paths, rec, changes, prepare=("compile",))
+    result = run_with(paths, rec, changes, prepare=("compile",), gpu_levers_on_cpu=False)
     assert [e["loss"] for e in rec.of("train")] == losses
     assert result["speed"]["prepare"] == {
         "compile": "skipped: compiling pays on a GPU; on the CPU it takes longer than it saves"}

@@ -22,7 +22,9 @@ from tests.unit.test_engine_seams import RECORDED
 
 def run_with(paths, rec: Recorder, changes: dict[str, Any], **lever_names: Any  # noqa: F811
              ) -> dict[str, Any]:
-    cfg = config_from_spec(make_spec(**changes), paths, Levers(**lever_names))
+    # The levers themselves, on the CPU too (where the job settings skip compiling and packing).
+    cfg = config_from_spec(make_spec(**changes), paths,
+                           Levers(**{"gpu_levers_on_cpu": True, **lever_names}))
     return run_training(cfg, Report(rec.progress, rec.should_stop, rec.lines.append),
                         device="cpu")
 
@@ -200,7 +202,8 @@ def test_a_packed_run_resumes_exactly(paths):  # noqa: F811
 
     first, second = Stopper(), Recorder()
     assert run_with(paths, first, {**changes, "lora_name": "parted"}, batching="pack")["stopped"]
-    cfg = config_from_spec(make_spec(**changes, lora_name="parted"), paths, Levers(batching="pack"))
+    cfg = config_from_spec(make_spec(**changes, lora_name="parted"), paths,
+                           Levers(batching="pack", gpu_levers_on_cpu=True))
     run_training(cfg, Report(second.progress, second.should_stop, second.lines.append),
                  device="cpu", resume_from="latest")
     got = [e["loss"] for e in first.of("train") + second.of("train")]
@@ -405,3 +408,17 @@ def test_the_budget_scales_to_the_largest_forward_pass_a_packing_run_can_have(
                                   memory_budget_bytes=40 << 30))
     budget = _checkpoint_budget(model, cfg, torch.device("cuda", 0), lambda line: None)
     assert budget is not None and budget.max_tokens == 8 * 2048
+
+
+def test_a_cpu_job_with_the_default_settings_says_what_it_skipped(paths):  # noqa: F811
+    """On the CPU the defaults' fused loss applies; compiling, packing and the memory budget
+    do not, and the job's record says why."""
+    rec = Recorder()
+    result = rec.run(make_spec(), paths)
+    speed = result["speed"]
+    assert speed["loss"] == "fused (chunked)"
+    assert speed["batching"] == ("pad (pack skipped: on the CPU, attention over a packed row's "
+                                 "mask costs more than the padding it saves)")
+    assert speed["prepare"] == {
+        "compile": "skipped: compiling pays on a GPU; on the CPU it takes longer than it saves"}
+    assert any("memory-budgeted checkpointing does not apply" in line for line in rec.lines)
