@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gpuworker.engine.config import EngineConfig
+from gpuworker.engine.config import EngineConfig, Levers
 from gpuworker.errors import LeverSkipped
 
 
@@ -38,6 +38,23 @@ def liger_kernels(model: Any, config: EngineConfig) -> Any:
     return model
 
 
+def require_gpu(model: Any, levers: Levers, why: str) -> None:
+    """A lever that pays on a GPU only is skipped, for `why`, on the CPU (unless the levers
+    ask for it there: the exactness tests)."""
+    if next(model.parameters()).device.type == "cpu" and not levers.gpu_levers_on_cpu:
+        raise LeverSkipped(why)
+
+
+def compile_record(outcome: str) -> str:
+    """The compile hook's outcome as the run's record gives it: how many graphs torch compiled
+    by now (a layer it could not compile ran uncompiled, with torch's reason in the log)."""
+    if outcome != "on":
+        return outcome
+    graphs = compiled_graphs()
+    return (f"on ({graphs} compiled graphs)" if graphs
+            else "on, but nothing compiled (the job's log says why)")
+
+
 def compile_layers(model: Any, config: EngineConfig) -> Any:
     """torch.compile each decoder layer (regional compilation: the layers are alike, so one
     compiled graph serves them all, and compiling takes seconds, not minutes), fusing the
@@ -46,8 +63,8 @@ def compile_layers(model: Any, config: EngineConfig) -> Any:
     model reuses it instead of compiling from nothing."""
     import os
 
-    if next(model.parameters()).device.type == "cpu" and not config.levers.gpu_levers_on_cpu:
-        raise LeverSkipped("compiling pays on a GPU; on the CPU it takes longer than it saves")
+    require_gpu(model, config.levers,
+                "compiling pays on a GPU; on the CPU it takes longer than it saves")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base, "is_loaded_in_8bit", False):
         raise LeverSkipped("compiling 8-bit (bitsandbytes int8) layers is not supported")
@@ -242,3 +259,21 @@ class CheckpointBudget:
             self.log(f"Gradient checkpointing from step {step + 1}: {self.summary}")
         # Each measurement sees only its own step's peak.
         torch.cuda.reset_peak_memory_stats(dev)
+
+
+def checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device,
+                       log: Callable[[str], None]) -> CheckpointBudget | None:
+    """The run's memory-budgeted checkpointing, when it asked for it and it applies."""
+    if not cfg.levers.checkpoint_budget:
+        return None
+    blocks = checkpointed_blocks(model)
+    if device.type != "cuda" or not any(b.gradient_checkpointing for b in blocks):
+        log("memory-budgeted checkpointing does not apply: "
+            + ("it measures CUDA memory" if device.type != "cuda"
+               else "this model checkpoints no layers"))
+        return None
+    # The largest forward pass the run can have: micro_batch_size samples of cutoff_len tokens
+    # (a packed row holds no more; a packing run keeps a micro-batch of one length as its
+    # rows, which can be that large, whatever the row cap).
+    largest = cfg.micro_batch_size * cfg.cutoff_len
+    return CheckpointBudget(blocks, device, cfg.levers.memory_budget_bytes, largest, log)

@@ -36,13 +36,15 @@ from gpuworker.engine.batching import (  # noqa: F401  (the levers' parts, by on
 from gpuworker.engine.config import EngineConfig, Levers
 from gpuworker.engine.kernels import (  # noqa: F401
     CheckpointBudget,
+    checkpoint_budget,
     checkpointed_blocks,
     compile_layers,
-    compiled_graphs,
+    compile_record,
     layers_to_checkpoint,
     lean_lora_dropout,
     liger_kernels,
     limit_checkpointing,
+    require_gpu,
 )
 from gpuworker.engine.losses import (  # noqa: F401
     Autocast,
@@ -109,9 +111,8 @@ def make_batcher(levers: Levers, pad_id: int, cutoff_len: int, model: Any = None
     batcher = _pick(BATCHERS, levers.batching, "batching")(pad_id, cutoff_len)
     if isinstance(batcher, PackBatcher) and model is not None:
         try:
-            if next(model.parameters()).device.type == "cpu" and not levers.gpu_levers_on_cpu:
-                raise LeverSkipped("on the CPU, attention over a packed row's mask costs more "
-                                   "than the padding it saves")
+            require_gpu(model, levers, "on the CPU, attention over a packed row's mask costs "
+                        "more than the padding it saves")
             check_packing(model)
         except LeverSkipped as e:
             log(f"batching pack does not apply: {e}; padding instead")

@@ -41,9 +41,8 @@ from gpuworker.engine.data import StepPlan, optimizer_steps
 from gpuworker.engine.levers import (
     Batch,
     Batcher,
-    CheckpointBudget,
     LossFn,
-    checkpointed_blocks,
+    checkpoint_budget,
     make_batcher,
     make_loss,
 )
@@ -217,7 +216,7 @@ class _Loop:
                                              report.log)
         self.log_every = step_log_interval(data.plan.total_steps)
         self.speed = {"loss": loss_used, "batching": self.batcher.name}
-        self.budget = _checkpoint_budget(model, cfg, device, report.log)
+        self.budget = checkpoint_budget(model, cfg, device, report.log)
         self.out = LoopOutcome()
         self.warned_forget = False
 
@@ -334,24 +333,6 @@ class _Loop:
         if reached or stop:
             self.report.log(out.reason)
         return reached or stop
-
-
-def _checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device,
-                       log: Callable[[str], None]) -> CheckpointBudget | None:
-    """The run's memory-budgeted checkpointing, when it asked for it and it applies."""
-    if not cfg.levers.checkpoint_budget:
-        return None
-    blocks = checkpointed_blocks(model)
-    if device.type != "cuda" or not any(b.gradient_checkpointing for b in blocks):
-        log("memory-budgeted checkpointing does not apply: "
-            + ("it measures CUDA memory" if device.type != "cuda"
-               else "this model checkpoints no layers"))
-        return None
-    # The largest forward pass the run can have: micro_batch_size samples of cutoff_len tokens
-    # (a packed row holds no more; a packing run keeps a micro-batch of one length as its
-    # rows, which can be that large, whatever the row cap).
-    largest = cfg.micro_batch_size * cfg.cutoff_len
-    return CheckpointBudget(blocks, device, cfg.levers.memory_budget_bytes, largest, log)
 
 
 def _resume_state(stepper: Stepper, step: int, out: LoopOutcome) -> dict[str, Any]:

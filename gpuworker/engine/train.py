@@ -36,7 +36,7 @@ from gpuworker.engine.cleanup import run_releasing
 from gpuworker.engine.config import QUANTISED, EngineConfig
 from gpuworker.engine.levers import (
     check_levers,
-    compiled_graphs,
+    compile_record,
     limit_checkpointing,
     prepare_model,
 )
@@ -371,12 +371,9 @@ class _Run:
 def speed_used(info: dict[str, Any], out: LoopOutcome) -> dict[str, Any]:
     """The run's speed settings as they went: the model's (info) and the loop's (out)."""
     speed = {**info["speed"], **out.speed}
-    prepare = speed.get("prepare") or {}
-    if prepare.get("compile") == "on":
-        # What torch compiled so far (a layer it could not compile ran uncompiled).
-        graphs = compiled_graphs()
-        speed["prepare"] = {**prepare, "compile": f"on ({graphs} compiled graphs)" if graphs
-                            else "on, but nothing compiled (the job's log says why)"}
+    if "compile" in (speed.get("prepare") or {}):
+        speed["prepare"] = {**speed["prepare"],
+                            "compile": compile_record(speed["prepare"]["compile"])}
     return speed
 
 

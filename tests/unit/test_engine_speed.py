@@ -399,14 +399,14 @@ def test_the_budget_scales_to_the_largest_forward_pass_a_packing_run_can_have(
     and the budget must plan for it."""
     from transformers import AutoModelForCausalLM
 
-    from gpuworker.engine.loop import _checkpoint_budget
+    from gpuworker.engine.levers import checkpoint_budget
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = config_from_spec(make_spec(micro_batch_size=8, batch_size=8, cutoff_len=2048), paths,
                            Levers(batching="pack", checkpoint_budget=True,
                                   memory_budget_bytes=40 << 30))
-    budget = _checkpoint_budget(model, cfg, torch.device("cuda", 0), lambda line: None)
+    budget = checkpoint_budget(model, cfg, torch.device("cuda", 0), lambda line: None)
     assert budget is not None and budget.max_tokens == 8 * 2048
 
 
