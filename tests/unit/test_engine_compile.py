@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tests.unit.test_engine import Recorder, paths, tiny_model_dir  # noqa: F401
-from tests.unit.test_engine_seams import RECORDED
+from tests.unit.test_engine_seams import RECORDED, assert_recorded
 from tests.unit.test_engine_speed import run_with
 
 
@@ -34,10 +34,10 @@ def test_compiled_layers_train_to_the_recorded_losses(paths):  # noqa: F811
 
 
 def test_compiling_is_skipped_on_the_cpu_unless_asked(paths):  # noqa: F811
-    changes, losses, _, _ = RECORDED["raw"]
     rec = Recorder()
-    result = run_with(paths, rec, changes, prepare=("compile",), gpu_levers_on_cpu=False)
-    assert [e["loss"] for e in rec.of("train")] == losses
+    result = run_with(paths, rec, RECORDED["raw"][0], prepare=("compile",),
+                      gpu_levers_on_cpu=False)
+    assert_recorded("raw", rec, result)
     assert result["speed"]["prepare"] == {
         "compile": "skipped: compiling pays on a GPU; on the CPU it takes longer than it saves"}
     assert not (paths.home / "cache" / "torch-compile").exists()

@@ -7,7 +7,7 @@ import torch
 
 from gpuworker.engine import levers
 from tests.unit.test_engine import Recorder, paths, tiny_model_dir  # noqa: F401
-from tests.unit.test_engine_seams import RECORDED
+from tests.unit.test_engine_seams import RECORDED, assert_recorded
 from tests.unit.test_engine_speed import run_with
 
 
@@ -77,12 +77,9 @@ def test_lean_dropout_gives_the_same_values_and_gradients_and_keeps_less():
 
 
 def test_lean_dropout_trains_to_the_recorded_losses_bit_for_bit(paths):  # noqa: F811
-    changes, losses, final, evals = RECORDED["dropout"]
     rec = Recorder()
-    result = run_with(paths, rec, changes, prepare=("lean_dropout",))
-    assert [e["loss"] for e in rec.of("train")] == losses
-    assert result["final_loss"] == final
-    assert [e["eval_loss"] for e in rec.of("eval")] == evals
+    result = run_with(paths, rec, RECORDED["dropout"][0], prepare=("lean_dropout",))
+    assert_recorded("dropout", rec, result)
     assert result["speed"]["prepare"] == {"lean_dropout": "on"}
 
 

@@ -48,14 +48,24 @@ LEVERS_OFF = dict(fused_loss=False, packing=False, compile=False, fp32_norms=Tru
                   gradient_checkpointing="all")
 
 
+def assert_recorded(case: str, rec: Recorder, result: dict, evals: bool = True) -> None:
+    """The run's losses are RECORDED[case]'s. The events carry six decimals; a new release of
+    transformers or torch may move an fp32 loss by a few 1e-7 and so flip the sixth decimal's
+    rounding, which is all the tolerance allows (any change of the engine's arithmetic moves
+    these losses by far more)."""
+    _, losses, final, eval_losses = RECORDED[case]
+    assert [e["loss"] for e in rec.of("train")] == pytest.approx(losses, rel=0, abs=1.5e-6)
+    assert result["final_loss"] == pytest.approx(final, rel=0, abs=1.5e-6)
+    if evals:
+        assert [e["eval_loss"] for e in rec.of("eval")] == pytest.approx(
+            eval_losses, rel=0, abs=1.5e-6)
+
+
 @pytest.mark.parametrize("case", sorted(RECORDED))
 def test_the_levers_off_give_exactly_the_recorded_losses(paths, case):  # noqa: F811
-    changes, losses, final, evals = RECORDED[case]
     rec = Recorder()
-    result = rec.run(make_spec(**changes, **LEVERS_OFF), paths)
-    assert [e["loss"] for e in rec.of("train")] == losses
-    assert result["final_loss"] == final
-    assert [e["eval_loss"] for e in rec.of("eval")] == evals
+    result = rec.run(make_spec(**RECORDED[case][0], **LEVERS_OFF), paths)
+    assert_recorded(case, rec, result)
 
 
 def run_config(paths, rec: Recorder, **lever_names: Any) -> dict[str, Any]:  # noqa: F811
