@@ -28,6 +28,14 @@ class Batch:
         moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()}
         return Batch(tensors=moved, tokens=self.tokens, targets=self.targets, padded=self.padded)
 
+    def repeat(self, k: int) -> Batch:
+        """The rows k times over, one copy after another (a pack: one copy per trial); the
+        counts stay one copy's."""
+        if k == 1:
+            return self
+        return Batch(tensors={n: torch.cat([v] * k) for n, v in self.tensors.items()},
+                     tokens=self.tokens, targets=self.targets, padded=self.padded)
+
 
 class Batcher(Protocol):
     name: str

@@ -47,7 +47,9 @@ from gpuworker.engine.levers import (
     make_loss,
 )
 from gpuworker.engine.loading import compute_dtype
+from gpuworker.engine.lora import SOLO_ADAPTER
 from gpuworker.engine.optim import MAX_GRAD_NORM, make_optimizer, make_scheduler
+from gpuworker.engine.pack import LaneRng, Routing
 from gpuworker.engine.report import Report
 from gpuworker.engine.resume import ResumePoint, load_optimizer_state_by_name
 from gpuworker.errors import EngineError
@@ -130,12 +132,12 @@ def _gpu_mem_mb(device: torch.device) -> float | None:
 
 
 class Stepper:
-    """The optimizer, its schedule and the fp16 loss scaler over the model's trainable
-    parameters: backward and optimizer step, and their state for a checkpoint."""
+    """The optimizer, its schedule and the fp16 loss scaler over one LoRA's trainable
+    parameters (`named`: (name, parameter) pairs): backward and optimizer step, and their
+    state for a checkpoint."""
 
-    def __init__(self, model: Any, cfg: EngineConfig, plan: StepPlan, precision: str,
-                 device: torch.device):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], cfg: EngineConfig,
+                 plan: StepPlan, precision: str, device: torch.device):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.optimizer = make_optimizer(cfg.optimizer, self.params, float(cfg.learning_rate))
@@ -151,8 +153,11 @@ class Stepper:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler else loss
+
     def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        self.scaled(loss).backward()
 
     def step(self) -> float:
         """Clip, step, advance the schedule, clear the gradients; the rate this step used."""
@@ -170,18 +175,30 @@ class Stepper:
         return lr
 
 
-def evaluate(model: Any, loss_fn: LossFn, batches: Any, device: torch.device) -> float:
-    """Mean next-token loss over every label token of `batches` (no gradients, no dropout)."""
+def trainable(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def evaluate(model: Any, loss_fn: LossFn, batches: Any, device: torch.device,
+             lanes: int = 0) -> Any:
+    """Mean next-token loss over every label token of `batches` (no gradients, no dropout);
+    with `lanes` (a pack), each batch is repeated once per lane and the result is a list of
+    each lane's mean."""
     model.eval()
-    total, count = 0.0, 0
+    totals, count = torch.zeros(max(lanes, 1), dtype=torch.float64), 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             for cpu_batch in batches:
-                total += float(loss_fn(model, cpu_batch.to(device)))
+                batch = cpu_batch.to(device)
+                if lanes:
+                    totals += loss_fn.parts(model, batch.repeat(lanes), lanes).double().cpu()
+                else:
+                    totals[0] += float(loss_fn(model, batch))
                 count += cpu_batch.targets
     finally:
         model.train()
-    return total / max(count, 1)
+    means = [float(t) / max(count, 1) for t in totals]
+    return means if lanes else means[0]
 
 
 # The job log gets a line per step for a run this short, else about this many lines in all.
@@ -193,90 +210,163 @@ def step_log_interval(total_steps: int) -> int:
     return 1 if total_steps <= 50 else -(-total_steps // STEP_LINES)
 
 
+@dataclass
+class Lane:
+    """One LoRA the loop trains: its settings, where its progress goes, its optimizer, its
+    outcome. A run alone has one lane, over the model's only adapter and the process's random
+    generators; a pack has one per trial, each with its own adapter and generators (pack.py)."""
+
+    cfg: EngineConfig
+    report: Report
+    checkpoint: CheckpointFn
+    stepper: Stepper
+    resume: ResumePoint | None = None
+    name: str = SOLO_ADAPTER
+    rng: LaneRng | None = None
+    out: LoopOutcome = field(default_factory=LoopOutcome)
+    warned_forget: bool = False
+    ended: bool = False
+    error: EngineError | None = None  # a pack's lane that broke (its loss became NaN, ...)
+
+
 def run_loop(model: Any, data: LoopData, cfg: EngineConfig, device: torch.device,
              report: Report, checkpoint: CheckpointFn,
              resume: ResumePoint | None = None) -> LoopOutcome:
     """Train `model` (already on `device`, LoRA attached) for `data.plan.total_steps` steps, or
     the steps after `resume.step` with the state `resume` holds."""
-    return _Loop(model, data, cfg, device, report, checkpoint).run(resume)
+    lane = Lane(cfg, report, checkpoint, Stepper(trainable(model), cfg, data.plan,
+                                                 data.precision, device), resume)
+    _Loop(model, data, [lane], device, report.log).run()
+    return lane.out
+
+
+def run_pack_loop(model: Any, data: LoopData, lanes: list[Lane], routing: Routing,
+                  device: torch.device, log: Callable[[str], None],
+                  on_end: Callable[[Lane], None]) -> None:
+    """Train a pack's lanes together (pack.py), each from its own resume point; a lane that
+    ends (its last step, stop_at_loss, a stop request, a broken loss) leaves at that step
+    and `on_end(lane)` is called right away, while the others go on."""
+    _Loop(model, data, lanes, device, log, routing, on_end).run()
 
 
 class _Loop:
-    """One run of the loop; its methods are the parts of an optimizer step."""
+    """One run of the loop over its lanes; its methods are the parts of an optimizer step."""
 
-    def __init__(self, model: Any, data: LoopData, cfg: EngineConfig, device: torch.device,
-                 report: Report, checkpoint: CheckpointFn):
-        self.model, self.data, self.cfg, self.device = model, data, cfg, device
+    def __init__(self, model: Any, data: LoopData, lanes: list[Lane], device: torch.device,
+                 log: Callable[[str], None], routing: Routing | None = None,
+                 on_end: Callable[[Lane], None] | None = None):
+        self.model, self.data, self.lanes, self.device = model, data, lanes, device
+        self.cfg = lanes[0].cfg  # what shapes the model and the data: the same in every lane
         self.plan = data.plan
-        self.report, self.checkpoint = report, checkpoint
-        self.stepper = Stepper(model, cfg, data.plan, data.precision, device)
-        self.loss_fn, loss_used = make_loss(cfg.levers, self.stepper.autocast, model,
-                                            report.log)
-        self.batcher: Batcher = make_batcher(cfg.levers, data.pad_id, cfg.cutoff_len, model,
-                                             report.log)
+        self.routing, self.on_end = routing, on_end
+        self.loss_fn, loss_used = make_loss(self.cfg.levers, lanes[0].stepper.autocast, model,
+                                            log)
+        self.batcher: Batcher = make_batcher(self.cfg.levers, data.pad_id, self.cfg.cutoff_len,
+                                             model, log)
         self.log_every = step_log_interval(data.plan.total_steps)
         self.speed = {"loss": loss_used, "batching": self.batcher.name}
-        self.budget = checkpoint_budget(model, cfg, device, report.log)
-        self.out = LoopOutcome()
-        self.warned_forget = False
+        self.budget = checkpoint_budget(model, self.cfg, device, log)
 
-    def run(self, resume: ResumePoint | None) -> LoopOutcome:
-        if resume is not None:
-            self.out = _restore(resume, self.stepper, self.plan, self.device, self.report.log)
-        out = self.out
-        out.speed = self.speed
-        self.warned_forget = any(h["loss"] < FORGET_LOSS for h in out.loss_history)
+    def run(self) -> None:
+        for lane in self.lanes:
+            if lane.resume is not None:
+                lane.out = _restore(lane.resume, lane.stepper, self.plan, self.device,
+                                    lane.report.log, lane.rng)
+            lane.out.speed = self.speed
+            lane.warned_forget = any(h["loss"] < FORGET_LOSS for h in lane.out.loss_history)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
         samples = self.data.samples
-        for step_index, group in enumerate(optimizer_steps(self.plan, self.cfg.seed, out.steps),
-                                           start=out.steps):
+        first = min(lane.out.steps for lane in self.lanes)
+        for step_index, group in enumerate(optimizer_steps(self.plan, self.cfg.seed, first),
+                                           start=first):
+            # A lane resumed from a later checkpoint joins when the pack reaches its step.
+            active = [lane for lane in self.lanes
+                      if not lane.ended and lane.out.steps == step_index]
+            if not active:
+                if all(lane.ended for lane in self.lanes):
+                    break
+                continue
             step = step_index + 1
-            t0, tokens_before = time.perf_counter(), out.tokens
+            if self.routing is not None:
+                self.routing.active = tuple(lane.name for lane in active)
+            t0 = time.perf_counter()
             batches = self.batcher.step([[samples[i] for i in idx] for idx in group])
-            step_loss_t = self._accumulate(batches)
-            out.micro_done += len(group)
-            lr = self.stepper.step()
-            step_loss = float(step_loss_t)  # the step's one wait for the GPU
-            out.note_step(time.perf_counter() - t0, out.tokens - tokens_before)
-            self._record(step, step_loss, lr)
+            losses_t = self._accumulate(batches, active)
+            rates = [lane.stepper.step() for lane in active]
+            losses = losses_t.tolist()  # the step's one wait for the GPU
+            elapsed, tokens = time.perf_counter() - t0, sum(b.tokens for b in batches)
+            for lane, loss, lr in zip(active, losses, rates, strict=True):
+                lane.out.micro_done += len(group)
+                lane.out.tokens += tokens
+                lane.out.part_tokens += tokens
+                lane.out.note_step(elapsed, tokens)
+                try:
+                    self._record(lane, step, loss, lr)
+                except EngineError as e:
+                    if self.routing is None:
+                        raise
+                    lane.error = e
+                    self._end(lane)
             if self.budget is not None:
-                self.budget.after_step(step, max(b.tensors["input_ids"].numel() for b in batches))
+                self.budget.after_step(step, len(active) * max(
+                    b.tensors["input_ids"].numel() for b in batches))
                 if self.budget.summary:
-                    out.speed["checkpointing"] = f"budget: {self.budget.summary}"
-            self._maybe_evaluate(step)
-            if self._ends_after(step, step_loss):
+                    self.speed["checkpointing"] = f"budget: {self.budget.summary}"
+            self._maybe_evaluate(step, [lane for lane in active if not lane.ended])
+            for lane, loss in zip(active, losses, strict=True):
+                if not lane.ended and self._ends_after(lane, step, loss):
+                    self._end(lane)
+            if all(lane.ended for lane in self.lanes):
                 break
-        return out
+        for lane in self.lanes:
+            if not lane.ended:
+                self._end(lane)
 
-    def _accumulate(self, batches: list[Batch]) -> torch.Tensor:
-        """Forward and backward over one step's batches; the step's loss, on the device."""
-        out = self.out
+    def _end(self, lane: Lane) -> None:
+        lane.ended = True
+        if self.on_end is not None:
+            self.on_end(lane)
+
+    def _accumulate(self, batches: list[Batch], active: list[Lane]) -> torch.Tensor:
+        """Forward and backward over one step's batches; each active lane's loss of the step,
+        on the device."""
         n_targets = max(1, sum(b.targets for b in batches))
-        # The step's loss stays on the device until the optimizer step is queued: reading it
-        # after each micro-batch would make the CPU wait for the GPU there, and the GPU then
-        # idle while the CPU queues the next kernels.
-        step_loss_t = torch.zeros((), device=self.device)
+        k = len(active)
+        # The step's losses stay on the device until the optimizer step is queued: reading
+        # them after each micro-batch would make the CPU wait for the GPU there, and the GPU
+        # then idle while the CPU queues the next kernels.
+        step_loss_t = torch.zeros(k, device=self.device)
+        graphs = "reduce-overhead" in self.cfg.levers.compile_mode
         for cpu_batch in batches:
             batch = cpu_batch.to(self.device, non_blocking=True)
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             # Divide by the whole step's token count so the accumulated gradient is the
             # gradient of the step's mean token loss.
-            loss = self.loss_fn(self.model, batch) / n_targets
-            self.stepper.backward(loss)
-            step_loss_t += loss.detach()
-            out.tokens += cpu_batch.tokens
-            out.part_tokens += cpu_batch.tokens
-            del loss
+            if self.routing is None:
+                loss = self.loss_fn(self.model, batch) / n_targets
+                active[0].stepper.backward(loss)
+                step_loss_t += loss.detach()
+                del loss
+            else:
+                # One copy of the micro-batch per lane; each lane's loss is its rows' alone, so
+                # the sum's gradient in a lane's parameters is that lane's own.
+                parts = self.loss_fn.parts(self.model, batch.repeat(k), k) / n_targets
+                sum(lane.stepper.scaled(parts[i]) for i, lane in enumerate(active)).backward()
+                step_loss_t += parts.detach()
+                del parts
         return step_loss_t
 
-    def _record(self, step: int, step_loss: float, lr: float) -> None:
-        """Check the step's loss, add it to the outcome, report it (event, log, warning)."""
-        out, plan = self.out, self.plan
+    def _record(self, lane: Lane, step: int, step_loss: float, lr: float) -> None:
+        """Check the step's loss, add it to the lane's outcome, report it (event, log,
+        warning)."""
+        out, plan, cfg, report = lane.out, self.plan, lane.cfg, lane.report
         if math.isnan(step_loss) or math.isinf(step_loss) or step_loss == 0.0:
             raise EngineError(
                 f"the loss became {step_loss} at step {step}: the run is probably broken "
-                f"(diverged or overflowed). Try a lower learning_rate (now {self.cfg.learning_rate})"
+                f"(diverged or overflowed). Try a lower learning_rate (now {cfg.learning_rate})"
                 + (" or precision bf16/fp32" if self.data.precision == "fp16" else ""))
         out.steps, out.final_loss = step, step_loss
         out.loss_history.append({"step": step, "loss": round(step_loss, 6), "learning_rate": lr})
@@ -285,39 +375,44 @@ class _Loop:
         out.peak_gpu_mem_mb = (now if out.peak_gpu_mem_mb is None or now is None
                                else max(out.peak_gpu_mem_mb, now))
         eta = out.eta_s(plan.total_steps)
-        self.report.progress({
+        report.progress({
             "type": "train", "step": step, "total_steps": plan.total_steps,
             "epoch": round(plan.epoch_of(out.micro_done), 4), "loss": round(step_loss, 6),
             "learning_rate": lr, "tokens_per_s": round(out.tokens_per_s, 2),
             "tokens": out.tokens,
             "eta_s": round(eta, 2), "gpu_mem_mb": out.peak_gpu_mem_mb})
         if step % self.log_every == 0 or step == plan.total_steps:
-            self.report.log(f"Step {step}/{plan.total_steps}: loss {step_loss:.4f}, learning "
-                            f"rate {lr:.3g}, {out.tokens_per_s:.0f} tokens/s")
-        if step_loss < FORGET_LOSS and not self.warned_forget:
-            self.warned_forget = True
-            self.report.warn(
+            report.log(f"Step {step}/{plan.total_steps}: loss {step_loss:.4f}, learning "
+                       f"rate {lr:.3g}, {out.tokens_per_s:.0f} tokens/s")
+        if step_loss < FORGET_LOSS and not lane.warned_forget:
+            lane.warned_forget = True
+            report.warn(
                 f"loss fell below {FORGET_LOSS} (step {step}, loss {step_loss:.4f}): the model "
                 "may start to forget what it knew and only repeat the training data; "
                 "consider stopping, fewer epochs or a lower learning_rate")
 
-    def _maybe_evaluate(self, step: int) -> None:
+    def _maybe_evaluate(self, step: int, lanes: list[Lane]) -> None:
         eval_samples = self.data.eval_samples
-        if not eval_samples or not (step % self.cfg.eval_steps == 0
-                                    or step == self.plan.total_steps):
+        if not lanes or not eval_samples or not (step % self.cfg.eval_steps == 0
+                                                 or step == self.plan.total_steps):
             return
         batches = self.batcher.evaluation(eval_samples, self.cfg.micro_batch_size)
-        self.out.eval_loss = evaluate(self.model, self.loss_fn, batches, self.device)
-        self.report.log(f"Step {step}: eval loss {self.out.eval_loss:.4f}")
-        self.report.progress({"type": "eval", "step": step,
-                              "eval_loss": round(self.out.eval_loss, 6)})
+        if self.routing is None:
+            losses = [evaluate(self.model, self.loss_fn, batches, self.device)]
+        else:
+            self.routing.active = tuple(lane.name for lane in lanes)
+            losses = evaluate(self.model, self.loss_fn, batches, self.device, len(lanes))
+        for lane, loss in zip(lanes, losses, strict=True):
+            lane.out.eval_loss = loss
+            lane.report.log(f"Step {step}: eval loss {loss:.4f}")
+            lane.report.progress({"type": "eval", "step": step, "eval_loss": round(loss, 6)})
 
-    def _ends_after(self, step: int, step_loss: float) -> bool:
-        """Whether the run ends after `step` (stop_at_loss or a stop request), writing the
+    def _ends_after(self, lane: Lane, step: int, step_loss: float) -> bool:
+        """Whether the lane ends after `step` (stop_at_loss or a stop request), writing the
         checkpoint that is due (always one for a stop request, so it can be resumed)."""
-        cfg, out, plan = self.cfg, self.out, self.plan
+        cfg, out, plan = lane.cfg, lane.out, self.plan
         reached = cfg.stop_at_loss > 0 and step_loss <= cfg.stop_at_loss
-        stop = not reached and step < plan.total_steps and self.report.should_stop()
+        stop = not reached and step < plan.total_steps and lane.report.should_stop()
         if reached:
             out.reason = (f"stopped at step {step}: loss {step_loss:.4f} reached stop_at_loss "
                           f"{cfg.stop_at_loss}")
@@ -328,14 +423,15 @@ class _Loop:
         if stop or (due and not reached):
             # (A run that ends here is saved as the final adapter instead; a stopped one is
             # saved as both, so it can be resumed.)
-            self.checkpoint(out, _resume_state(self.stepper, step, out),
+            lane.checkpoint(out, _resume_state(lane.stepper, step, out, lane.rng),
                             _state_summary(plan, cfg, step, out))
         if reached or stop:
-            self.report.log(out.reason)
+            lane.report.log(out.reason)
         return reached or stop
 
 
-def _resume_state(stepper: Stepper, step: int, out: LoopOutcome) -> dict[str, Any]:
+def _resume_state(stepper: Stepper, step: int, out: LoopOutcome,
+                  rng: LaneRng | None = None) -> dict[str, Any]:
     """Everything beyond the adapter that continuing this exact run later needs.
 
     Taken after everything step `step` does (evaluation included), so the RNG states are the
@@ -353,6 +449,9 @@ def _resume_state(stepper: Stepper, step: int, out: LoopOutcome) -> dict[str, An
         "rng_cpu": torch.get_rng_state(),
         # Only the training device's generator: a resume may run on a host with other GPUs.
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        # A pack's lane: its own generators' states (pack.py), where a run alone keeps the
+        # process's.
+        **(rng.state() if rng is not None else {}),
         "tokens": out.tokens,
         "runtime_s": out.runtime_s,
         "eval_loss": out.eval_loss,
@@ -360,7 +459,7 @@ def _resume_state(stepper: Stepper, step: int, out: LoopOutcome) -> dict[str, An
 
 
 def _restore(resume: ResumePoint, stepper: Stepper, plan: StepPlan, device: torch.device,
-             log: Callable[[str], None]) -> LoopOutcome:
+             log: Callable[[str], None], rng: LaneRng | None = None) -> LoopOutcome:
     """Load `resume`'s state into the fresh optimizer, scheduler, scaler and RNGs; return the
     run's outcome so far."""
     state = resume.state
@@ -378,9 +477,12 @@ def _restore(resume: ResumePoint, stepper: Stepper, plan: StepPlan, device: torc
     elif scaler is not None or state.get("scaler"):
         log(f"{resume.name} was saved with{'out' if scaler else ''} fp16 loss scaling and this "
             "run uses the other: the losses will not match an uninterrupted run exactly")
-    torch.set_rng_state(state["rng_cpu"])
-    if device.type == "cuda" and state.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state(state["rng_cuda"], device)
+    if rng is not None:
+        rng.load(state["rng_cpu"], state.get("rng_cuda"))
+    else:
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], device)
     return LoopOutcome(steps=resume.step, micro_done=state["micro_batches_done"],
                        final_loss=resume.loss_history[-1]["loss"] if resume.loss_history else None,
                        runtime_s=state["runtime_s"], tokens=state["tokens"],

@@ -23,6 +23,8 @@ from gpuworker.errors import EngineError
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_LEGACY = "adapter_model.bin"
 ADAPTER_CONFIG = "adapter_config.json"
+# peft's name for a model's one adapter; a pack names one per trial (pack.py).
+SOLO_ADAPTER = "default"
 BACKUP_PREFIX = "backup-"
 
 
@@ -105,13 +107,19 @@ def backup_folder(lora_dir: Path, *, move: bool) -> Path | None:
     return dest
 
 
+def lora_config(spec_rank: int, alpha: int, dropout: float, module_names: list[str]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec_rank, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=module_names, bias="none", task_type="CAUSAL_LM")
+
+
 def attach_lora(model: Any, spec_rank: int, alpha: int, dropout: float,
                 module_names: list[str], seed: int) -> Any:
     """Wrap `model` with fresh LoRA layers on `module_names`; only they are trainable."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(r=spec_rank, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=module_names, bias="none", task_type="CAUSAL_LM")
+    config = lora_config(spec_rank, alpha, dropout, module_names)
     # The LoRA A matrices are initialised randomly: seed them, so a run is reproducible.
     torch.manual_seed(seed)
     # autocast_adapter_dtype keeps the LoRA weights in fp32 even on a bf16/fp16 base, so the
@@ -119,8 +127,10 @@ def attach_lora(model: Any, spec_rank: int, alpha: int, dropout: float,
     return get_peft_model(model, config, autocast_adapter_dtype=True)
 
 
-def load_existing_weights(peft_model: Any, existing: Existing, lora_name: str) -> None:
-    """Load a saved adapter into the new layers; refuse one that does not fit them."""
+def load_existing_weights(peft_model: Any, existing: Existing, lora_name: str,
+                          adapter: str = SOLO_ADAPTER) -> None:
+    """Load a saved adapter into the new layers (of `adapter`); refuse one that does not fit
+    them."""
     from peft import set_peft_model_state_dict
 
     try:
@@ -134,7 +144,7 @@ def load_existing_weights(peft_model: Any, existing: Existing, lora_name: str) -
         raise EngineError(f"could not read the existing LoRA '{lora_name}' "
                           f"({existing.weights.name}): {e}") from None
     try:
-        result = set_peft_model_state_dict(peft_model, state)
+        result = set_peft_model_state_dict(peft_model, state, adapter_name=adapter)
     except RuntimeError as e:  # shape mismatch
         raise EngineError(f"the existing LoRA '{lora_name}' does not fit this model and "
                           f"these settings ({str(e).splitlines()[0]}); set always_override "

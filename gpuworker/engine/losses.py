@@ -80,6 +80,13 @@ class Fp32LogitsLoss:
         # and holding them costs 2 bytes x vocabulary per token at the peak.
         return token_loss_sum(logits, batch.tensors["labels"])
 
+    def parts(self, model: Any, batch: Batch, k: int) -> torch.Tensor:
+        """(k,) loss sums of `batch`'s k equal slices of rows (a pack's trials), one forward."""
+        with self.autocast():
+            logits = self.forward(model, batch)
+        return torch.stack([token_loss_sum(lg, lb) for lg, lb in
+                            zip(logits.chunk(k), batch.tensors["labels"].chunk(k), strict=True)])
+
 
 def split_causal_lm(model: Any) -> tuple[Any, torch.nn.Linear]:
     """The model's decoder (hidden states out) and its output layer, for a loss that does the
@@ -154,12 +161,22 @@ class FusedLinearLoss:
         return "fused (Liger kernel)" if self.liger is not None else "fused (chunked)"
 
     def __call__(self, model: Any, batch: Batch) -> torch.Tensor:
+        return self._sum(self._hidden(model, batch), batch.tensors["labels"])
+
+    def parts(self, model: Any, batch: Batch, k: int) -> torch.Tensor:
+        """(k,) loss sums of `batch`'s k equal slices of rows (a pack's trials), one forward."""
+        hidden = self._hidden(model, batch)
+        return torch.stack([self._sum(h, lb) for h, lb in
+                            zip(hidden.chunk(k), batch.tensors["labels"].chunk(k), strict=True)])
+
+    def _hidden(self, model: Any, batch: Batch) -> torch.Tensor:
         if self.split is None:
             self.bind(model)
-        decoder, head = self.split
-        labels = batch.tensors["labels"]
         with self.autocast():
-            hidden = self.forward(decoder, batch)  # (B, T, H)
+            return self.forward(self.split[0], batch)  # (B, T, H)
+
+    def _sum(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        head = self.split[1]
         target = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
         keep = target != IGNORE_INDEX
         h = hidden.flatten(0, 1)[keep]  # only the positions whose next token is learned
@@ -192,7 +209,7 @@ def check_logits_are_a_product(model: Any, decoder: Any, head: torch.nn.Linear,
     model.eval()
     try:
         ids = torch.arange(8, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(), torch.compiler.set_stance("force_eager"):
             logits = model(input_ids=ids).logits.float()
             product = head(decoder(input_ids=ids).last_hidden_state).float()
     finally:

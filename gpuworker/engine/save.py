@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from formats.files import atomic_write_json, umask_mode
-from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SOLO_ADAPTER
 
 TRAINING_PARAMETERS = "training_parameters.json"
 TRAINING_PROMPT = "training_prompt.json"
@@ -40,27 +40,34 @@ def share(path: Path) -> None:
         os.chmod(p, folder_mode if p.is_dir() else file_mode)
 
 
-def _save_adapter_into(peft_model: Any, folder: Path, base_model_name: str) -> None:
-    """peft's save_pretrained into `folder`, keeping only the adapter's two files."""
-    config = peft_model.peft_config["default"]
+def _save_adapter_into(peft_model: Any, folder: Path, base_model_name: str,
+                       adapter: str) -> None:
+    """peft's save_pretrained of `adapter` into `folder`, keeping only the adapter's two
+    files (a pack's adapter as a model with that adapter alone would write them)."""
+    config = peft_model.peft_config[adapter]
     # Record the data-folder name of the base model, not this machine's path to it, so the
     # folder means the same on another host (and in text-generation-webui).
     saved_name = config.base_model_name_or_path
     config.base_model_name_or_path = base_model_name
     try:
         peft_model.save_pretrained(str(folder), safe_serialization=True,
-                                   save_embedding_layers=False)
+                                   save_embedding_layers=False, selected_adapters=[adapter])
     finally:
         config.base_model_name_or_path = saved_name
+    if adapter != SOLO_ADAPTER:  # peft writes any other adapter into a folder of its name
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            os.replace(folder / adapter / name, folder / name)
+        shutil.rmtree(folder / adapter)
     (folder / "README.md").unlink(missing_ok=True)
 
 
-def save_adapter(peft_model: Any, lora_dir: Path, base_model_name: str) -> None:
+def save_adapter(peft_model: Any, lora_dir: Path, base_model_name: str,
+                 adapter: str = SOLO_ADAPTER) -> None:
     """Write adapter_model.safetensors and adapter_config.json into `lora_dir` atomically."""
     lora_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=lora_dir, prefix=".saving-"))
     try:
-        _save_adapter_into(peft_model, tmp, base_model_name)
+        _save_adapter_into(peft_model, tmp, base_model_name, adapter)
         share(tmp)
         # Weights first: if we die between the two renames, the config (same rank, enforced
         # when continuing) still describes them.
@@ -72,12 +79,13 @@ def save_adapter(peft_model: Any, lora_dir: Path, base_model_name: str) -> None:
 
 def save_checkpoint(peft_model: Any, lora_dir: Path, step: int, base_model_name: str, *,
                     training_log: dict[str, Any], training_prompt: dict[str, Any],
-                    state: dict[str, Any], state_summary: dict[str, Any]) -> Path:
+                    state: dict[str, Any], state_summary: dict[str, Any],
+                    adapter: str = SOLO_ADAPTER) -> Path:
     """Write checkpoint-<step>/ (adapter, logs, resumable state) and rename it into place."""
     final = lora_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(dir=lora_dir, prefix=f".checkpoint-{step}-"))
     try:
-        _save_adapter_into(peft_model, tmp, base_model_name)
+        _save_adapter_into(peft_model, tmp, base_model_name, adapter)
         atomic_write_json(tmp / TRAINING_LOG, training_log)
         atomic_write_json(tmp / TRAINING_PROMPT, training_prompt)
         atomic_write_json(tmp / TRAINING_STATE_JSON, state_summary)

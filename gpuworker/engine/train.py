@@ -51,6 +51,7 @@ from gpuworker.engine.loading import (
 from gpuworker.engine.loop import LoopData, LoopOutcome, run_loop
 from gpuworker.engine.lora import (
     ADAPTER_WEIGHTS,
+    SOLO_ADAPTER,
     Existing,
     attach_lora,
     backup_folder,
@@ -286,18 +287,18 @@ def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
 
 
 def _load_earlier_weights(model: Any, cfg: EngineConfig, checked: _Checked,
-                          report: Report) -> None:
+                          report: Report, adapter: str = SOLO_ADAPTER) -> None:
     resume, existing = checked.resume, checked.existing
     if resume is not None and resume.folder is not None:
         report.log(f"Resuming {cfg.lora_name} from {resume.name}: loading its weights")
         load_existing_weights(model, Existing(weights=resume.folder / ADAPTER_WEIGHTS, rank=None),
-                              f"{cfg.lora_name}/{resume.name}")
+                              f"{cfg.lora_name}/{resume.name}", adapter)
     elif existing is not None:
         report.log(f"Continuing LoRA {cfg.lora_name} from its saved weights "
                    "(set always_override to start over)")
         # Said on the job page as well as in the log: the job does not start from scratch.
         report.progress({"type": "continues", "lora": cfg.lora_name, "step": existing.steps})
-        load_existing_weights(model, existing, cfg.lora_name)
+        load_existing_weights(model, existing, cfg.lora_name, adapter)
 
 
 # --------------------------------------------------------------------------- the LoRA folder
@@ -308,9 +309,9 @@ class _Run:
     the adapter and training_log.json after it."""
 
     def __init__(self, cfg: EngineConfig, checked: _Checked, data: _Data,
-                 info: dict[str, Any], model: Any, report: Report):
+                 info: dict[str, Any], model: Any, report: Report, adapter: str = SOLO_ADAPTER):
         self.cfg, self.checked, self.plan, self.info = cfg, checked, data.plan, info
-        self.model, self.log = model, report.log
+        self.model, self.log, self.adapter = model, report.log, adapter
         # What a resume checks against: the run's settings, the exact samples, the precision.
         self.settings = {**cfg.run_settings, "data_sha256": data.fingerprint,
                          "precision": checked.precision}
@@ -354,13 +355,14 @@ class _Run:
         folder = save_checkpoint(self.model, self.cfg.lora_dir, out.steps, self.cfg.base_model,
                                  training_log=self.training_log(out),
                                  training_prompt=self.checked.prompt_info, state=state,
-                                 state_summary={**summary, "settings": self.settings})
+                                 state_summary={**summary, "settings": self.settings},
+                                 adapter=self.adapter)
         self.log(f"Saved {folder.name}/")
 
     def save(self, out: LoopOutcome) -> None:
         cfg, log = self.cfg, self.log
         log(f"Saving LoRA to loras/{cfg.lora_name}/...")
-        save_adapter(self.model, cfg.lora_dir, cfg.base_model)
+        save_adapter(self.model, cfg.lora_dir, cfg.base_model, self.adapter)
         atomic_write_json(cfg.lora_dir / TRAINING_LOG, self.training_log(out))
         if out.stopped:
             log(f"Interrupted. Incomplete LoRA saved to loras/{cfg.lora_name}/")

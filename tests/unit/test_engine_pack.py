@@ -1,0 +1,162 @@
+"""Trials trained together over one base (engine/pack.py, engine/train_pack.py), on the CPU in
+fp32 with the tiny model: each trial of a pack trains exactly as it does alone."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+from dispatcher.settings import DataPaths
+from gpuworker.engine import levers
+from gpuworker.engine.boundary import config_from_spec
+from gpuworker.engine.report import Report
+from gpuworker.engine.train import run_training
+from gpuworker.engine.train_pack import PackMember, run_pack
+from gpuworker.errors import EngineError
+from tests.unit.test_engine import (  # noqa: F401
+    LORA_FILES,
+    Recorder,
+    lora_weights,
+    make_spec,
+    paths,
+    tiny_model_dir,
+)
+
+# Four trials that differ in everything a pack lets them differ in.
+TRIALS = {
+    "a": dict(lora_rank=8, lora_alpha=16, learning_rate="1e-2", lr_scheduler_type="linear",
+              lora_dropout=0.1, target_modules=["q", "v"]),
+    "b": dict(lora_rank=4, lora_alpha=4, learning_rate="3e-3", lr_scheduler_type="cosine",
+              lora_dropout=0.0, target_modules=["all"], warmup_steps=2),
+    "c": dict(lora_rank=16, lora_alpha=8, learning_rate="0", lr_scheduler_type="constant",
+              lora_dropout=0.2, target_modules=["q", "k", "v", "o"]),
+    "d": dict(lora_rank=2, lora_alpha=32, learning_rate="2e-2", lr_scheduler_type="constant",
+              lora_dropout=0.05, target_modules=["q", "v"], optimizer="sgd"),
+}
+COMMON = dict(eval_dataset="heldout.json", eval_steps=2, epochs=2)
+
+
+def _cfg(home: DataPaths, name: str, changes: dict[str, Any]) -> Any:
+    return config_from_spec(make_spec(lora_name=name, **COMMON, **changes), home)
+
+
+def alone(home: DataPaths, name: str, changes: dict[str, Any], rec: Recorder,
+          resume_from: str | None = None) -> dict[str, Any]:
+    return run_training(_cfg(home, name, changes),
+                        Report(rec.progress, rec.should_stop, rec.lines.append), device="cpu",
+                        resume_from=resume_from)
+
+
+def together(home: DataPaths, trials: dict[str, dict[str, Any]],
+             recs: dict[str, Recorder]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    members = [PackMember(_cfg(home, name, changes),
+                          Report(recs[name].progress, recs[name].should_stop,
+                                 recs[name].lines.append),
+                          on_result=lambda r, name=name: results.__setitem__(name, r))
+               for name, changes in trials.items()]
+    run_pack(members, device="cpu")
+    return results
+
+
+def losses(rec: Recorder, kind: str = "train", key: str = "loss") -> list[float]:
+    return [e[key] for e in rec.of(kind)]
+
+
+def test_each_trial_of_a_pack_trains_as_it_does_alone(paths):  # noqa: F811
+    recs = {n: Recorder() for n in TRIALS}
+    results = together(paths, TRIALS, recs)
+    assert set(results) == set(TRIALS)
+    for name, changes in TRIALS.items():
+        solo = Recorder()
+        expected = alone(paths, f"solo-{name}", changes, solo)
+        got = results[name]
+        assert not isinstance(got, Exception), got
+        assert len(losses(recs[name])) == expected["steps"] == 12
+        assert losses(recs[name]) == pytest.approx(losses(solo), rel=1e-5), name
+        assert losses(recs[name], "eval", "eval_loss") == pytest.approx(
+            losses(solo, "eval", "eval_loss"), rel=1e-5), name
+        assert got["final_loss"] == pytest.approx(expected["final_loss"], rel=1e-5)
+        assert got["trainable_params"] == expected["trainable_params"]
+        assert got["total_params"] == expected["total_params"]
+        # The LoRA folder is a run alone's: the same files, the same tensors by name, the
+        # same adapter config (but for nothing), and the weights equal.
+        folder, solo_folder = paths.loras / name, paths.loras / f"solo-{name}"
+        assert {p.name for p in folder.iterdir()} == LORA_FILES
+        w, w_solo = lora_weights(folder), lora_weights(solo_folder)
+        assert w.keys() == w_solo.keys()
+        for k in w:
+            torch.testing.assert_close(w[k], w_solo[k], rtol=1e-5, atol=1e-7)
+        assert json.loads((folder / "adapter_config.json").read_text()) == json.loads(
+            (solo_folder / "adapter_config.json").read_text())
+        log = json.loads((folder / "training_log.json").read_text())
+        assert log["pack"] == list(TRIALS) and log["current_steps"] == 12
+    # The trial with learning rate 0 kept its initial weights while the others learned.
+    c = lora_weights(paths.loras / "c")
+    assert all(not t.any() for k, t in c.items() if "lora_B" in k)
+    assert any(t.abs().sum() > 0 for k, t in lora_weights(paths.loras / "a").items()
+               if "lora_B" in k)
+
+
+def checkpointed_cfg(home: DataPaths, name: str, changes: dict[str, Any]) -> Any:
+    cfg = _cfg(home, name, changes)
+    return replace(cfg, levers=replace(cfg.levers, prepare=("checkpointed",)))
+
+
+def test_dropout_is_drawn_again_the_same_when_layers_are_recomputed(paths, monkeypatch):  # noqa: F811
+    """With gradient checkpointing (each layer recomputed in backward), every lane draws in
+    the recomputation the masks it drew in the forward pass: the losses stay the solo ones."""
+    def checkpointed(model: Any, config: Any) -> Any:
+        model.get_base_model().gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    monkeypatch.setitem(levers.PREPARE_HOOKS, "checkpointed", checkpointed)
+    trials = {n: TRIALS[n] for n in ("a", "c", "d")}
+    recs = {n: Recorder() for n in trials}
+    results: dict[str, Any] = {}
+    members = []
+    for name, changes in trials.items():
+        cfg = checkpointed_cfg(paths, name, changes)
+        members.append(PackMember(cfg, Report(recs[name].progress, recs[name].should_stop,
+                                              recs[name].lines.append),
+                                  on_result=lambda r, name=name: results.__setitem__(name, r)))
+    run_pack(members, device="cpu")
+    assert any("Gradient checkpointing: 2 of 2 layers" in line for line in recs["a"].lines)
+    for name, changes in trials.items():
+        solo = Recorder()
+        cfg = checkpointed_cfg(paths, f"solo-{name}", changes)
+        run_training(cfg, Report(solo.progress, solo.should_stop, solo.lines.append),
+                     device="cpu")
+        assert losses(recs[name]) == pytest.approx(losses(solo), rel=1e-5), name
+
+
+def test_a_stopped_trial_leaves_the_pack_and_resumes_alone_exactly(paths):  # noqa: F811
+    trials = {n: TRIALS[n] for n in ("a", "b")}
+    recs = {"a": Recorder(stop_after=5), "b": Recorder()}
+    results = together(paths, trials, recs)
+    assert results["a"]["stopped"] and results["a"]["steps"] == 5
+    assert not results["b"]["stopped"] and results["b"]["steps"] == 12
+    assert (paths.loras / "a" / "checkpoint-5").is_dir()
+    # Resumed alone from the pack's checkpoint: the uninterrupted run's losses.
+    rest = Recorder()
+    alone(paths, "a", TRIALS["a"], rest, resume_from="latest")
+    full = Recorder()
+    alone(paths, "solo-a", TRIALS["a"], full)
+    assert losses(recs["a"]) + losses(rest) == pytest.approx(losses(full), rel=1e-5)
+
+
+def test_trials_end_on_their_own_and_a_refused_trial_does_not_stop_the_others(paths):  # noqa: F811
+    trials = {"early": {**TRIALS["a"], "stop_at_loss": 100.0},
+              "broken": {**TRIALS["b"], "target_modules": ["no_such_layer"]},
+              "rest": TRIALS["d"]}
+    recs = {n: Recorder() for n in trials}
+    results = together(paths, trials, recs)
+    assert results["early"]["steps"] == 1 and "stop_at_loss" in results["early"]["reason"]
+    assert (paths.loras / "early" / "adapter_model.safetensors").is_file()
+    assert isinstance(results["broken"], EngineError)
+    assert results["rest"]["steps"] == 12
