@@ -120,7 +120,10 @@ def run(a: argparse.Namespace) -> dict:
 
     torch.cuda.reset_peak_memory_stats()
     lines: list[str] = []
-    result = run_training(cfg, Report(progress, lambda: False, lines.append), device="cuda")
+    if a.pack > 1:
+        result = run_as_pack(cfg, a.pack, Report(progress, lambda: False, lines.append))
+    else:
+        result = run_training(cfg, Report(progress, lambda: False, lines.append), device="cuda")
     timed = stamps[a.warmup:]
     dt = (timed[-1] - timed[0]) / (len(timed) - 1)
     # Real (not padding) tokens trained per second over the timed steps.
@@ -129,12 +132,35 @@ def run(a: argparse.Namespace) -> dict:
                loss=a.loss, batching=a.batching, prepare=list(a.prepare), upcast=a.upcast,
                ckpt=a.ckpt, budget_gib=a.budget_gib,
                checkpointing=[x for x in lines if "checkpointing" in x.lower()][-1:],
-               spread=a.spread, steps=result["steps"], s_per_step=round(dt, 4),
-               tokens_per_s=round(a.bs * a.seq / dt), useful_tokens_per_s=round(useful),
+               spread=a.spread, pack=a.pack, steps=result["steps"], s_per_step=round(dt, 4),
+               # A pack: every trial's tokens together (each trains bs x seq a step).
+               tokens_per_s=round(a.pack * a.bs * a.seq / dt),
+               useful_tokens_per_s=round(a.pack * useful),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                gpu=torch.cuda.get_device_name())
     shutil.rmtree(home / "loras" / "bench", ignore_errors=True)
     return out
+
+
+def run_as_pack(cfg: Any, k: int, report: Any) -> dict:
+    """`k` trials of `cfg` trained together over one base (engine/train_pack.py), learning
+    rates 1e-4 x 2^i; `report` gets the first trial's events, the others' go nowhere."""
+    from dataclasses import replace
+
+    from gpuworker.engine.report import Report
+    from gpuworker.engine.train_pack import PackMember, run_pack
+
+    results: list = []
+    quiet = Report(lambda ev: None, lambda: False, lambda line: None)
+    members = [PackMember(replace(cfg, lora_name=f"bench{i}", learning_rate=f"{1e-4 * 2**i:g}"),
+                          report if i == 0 else quiet, results.append) for i in range(k)]
+    run_pack(members, device="cuda")
+    for i in range(k):
+        shutil.rmtree(cfg.loras_dir / f"bench{i}", ignore_errors=True)
+    bad = [r for r in results if isinstance(r, Exception)]
+    if bad:
+        raise bad[0]
+    return results[0]
 
 
 def main() -> None:
@@ -146,6 +172,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     add_lever_options(p)
+    p.add_argument("--pack", type=int, default=1,
+                   help="train this many trials together over one base (a sweep's pack)")
     p.add_argument("--spread", type=int, default=0,
                    help="1: rows of the sample dataset's spread of lengths (longest ~ seq)")
     p.add_argument("--home", default=str(Path(tempfile.gettempdir()) / "lorafleet-bench"))
