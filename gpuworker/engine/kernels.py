@@ -262,8 +262,9 @@ class CheckpointBudget:
 
 
 def checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device,
-                       log: Callable[[str], None]) -> CheckpointBudget | None:
-    """The run's memory-budgeted checkpointing, when it asked for it and it applies."""
+                       log: Callable[[str], None], lanes: int = 1) -> CheckpointBudget | None:
+    """The run's memory-budgeted checkpointing, when it asked for it and it applies (`lanes`:
+    a pack's trials, each with its own copy of the micro-batch in every forward pass)."""
     if not cfg.levers.checkpoint_budget:
         return None
     blocks = checkpointed_blocks(model)
@@ -275,5 +276,5 @@ def checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device,
     # The largest forward pass the run can have: micro_batch_size samples of cutoff_len tokens
     # (a packed row holds no more; a packing run keeps a micro-batch of one length as its
     # rows, which can be that large, whatever the row cap).
-    largest = cfg.micro_batch_size * cfg.cutoff_len
+    largest = cfg.micro_batch_size * cfg.cutoff_len * max(1, lanes)
     return CheckpointBudget(blocks, device, cfg.levers.memory_budget_bytes, largest, log)

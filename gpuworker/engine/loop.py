@@ -265,7 +265,7 @@ class _Loop:
                                              model, log)
         self.log_every = step_log_interval(data.plan.total_steps)
         self.speed = {"loss": loss_used, "batching": self.batcher.name}
-        self.budget = checkpoint_budget(model, self.cfg, device, log)
+        self.budget = checkpoint_budget(model, self.cfg, device, log, len(lanes))
 
     def run(self) -> None:
         for lane in self.lanes:

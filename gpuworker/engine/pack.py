@@ -71,6 +71,7 @@ class Routing:
     their generators."""
 
     rngs: dict[str, LaneRng]
+    dropout: dict[str, float]  # each lane's LoRA dropout: a lane without any draws nothing
     active: tuple[str, ...] = ()
 
     def checkpoint_contexts(self) -> tuple[Any, Any]:
@@ -106,6 +107,7 @@ def attach_lanes(model: Any, lanes: list[tuple[str, Any]], seed: int,
     from peft import get_peft_model
 
     rngs: dict[str, LaneRng] = {}
+    dropout = {name: float(config.lora_dropout or 0.0) for name, config in lanes}
     peft_model = None
     for name, config in lanes:
         torch.manual_seed(seed)
@@ -115,7 +117,7 @@ def attach_lanes(model: Any, lanes: list[tuple[str, Any]], seed: int,
         else:
             peft_model.add_adapter(name, config, autocast_adapter_dtype=True)
         rngs[name] = LaneRng(device)
-    routing = Routing(rngs=rngs)
+    routing = Routing(rngs=rngs, dropout=dropout)
     from peft.tuners.lora import LoraLayer
 
     for module in peft_model.modules():
@@ -154,7 +156,10 @@ def _routed_forward(layer: Any, routing: Routing) -> Any:
             if name in layer.lora_A:
                 xi = layer._cast_input_dtype(x[i * rows:(i + 1) * rows],
                                              layer.lora_A[name].weight.dtype)
-                with routing.rngs[name].drawing():
+                # Swapping generators costs time (and splits a compiled layer): only where
+                # this lane's dropout draws.
+                draws = layer.training and routing.dropout[name] > 0
+                with routing.rngs[name].drawing() if draws else contextlib.nullcontext():
                     low = layer.lora_A[name](layer.lora_dropout[name](xi))
                 part = part + layer.lora_B[name](low) * layer.scaling[name]
             parts.append(part)

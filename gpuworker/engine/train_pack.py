@@ -17,6 +17,7 @@ memory, a model that does not load) is raised, as from `run_training`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ def run_pack(members: list[PackMember], device: str | None = None) -> None:
 
 
 def _fan_out(members: list[PackMember]) -> Report:
-    """The pack's shared phases as every trial's log shows them."""
+    """The pack's shared phases as every trial's log shows them (`members` is read at each
+    call: a trial refused meanwhile hears no more of the pack)."""
     def log(line: str) -> None:
         for m in members:
             m.report.log(line)
@@ -77,57 +79,95 @@ def _fan_out(members: list[PackMember]) -> Report:
                   should_stop=lambda: all(m.report.should_stop() for m in members))
 
 
+def _refuse(m: PackMember, error: EngineError, alive: list[PackMember]) -> None:
+    """This trial alone ends with `error`; the pack goes on without it."""
+    if m in alive:
+        alive.remove(m)
+    _give(m, error)
+
+
+def _give(m: PackMember, result: Any) -> None:
+    """Hand a trial its result; a receiver that fails is logged, never the others' end."""
+    try:
+        m.on_result(result)
+    except Exception as e:  # noqa: BLE001 - one trial's bookkeeping must not end the pack
+        with contextlib.suppress(Exception):
+            m.report.log(f"Could not record this trial's result: {e}")
+
+
 def _train_pack(members: list[PackMember], device: torch.device) -> None:
     started = time.perf_counter()
     checked: list[tuple[PackMember, _Checked]] = []
+    names: set[str] = set()
     for m in members:
         try:
+            if m.cfg.lora_name in names:
+                raise EngineError(f"another trial of this pack trains loras/{m.cfg.lora_name}: "
+                                  "each trial needs its own lora_name")
+            names.add(m.cfg.lora_name)
             checked.append((m, _check(m.cfg, m.report, device, m.resume_from)))
         except EngineError as e:
-            m.on_result(e)
+            _give(m, e)
     if not checked:
         return
     alive = [m for m, _ in checked]
     shared = _fan_out(alive)
     first_cfg, first_checked = checked[0][0].cfg, checked[0][1]
     data = _load_data(first_cfg, first_checked, shared)
-    for _m, c in checked[1:]:  # each trial's own resume point must fit these samples
+    for m, c in list(checked[1:]):  # each trial's own resume point must fit these samples
         if c.resume is not None and c.resume.folder is not None:
-            check_data(c.resume.folder, c.resume.summary, len(data.samples), data.fingerprint)
-    loaded = _load_pack_model(checked, device, shared)
+            try:
+                check_data(c.resume.folder, c.resume.summary, len(data.samples),
+                           data.fingerprint)
+            except EngineError as e:
+                checked.remove((m, c))
+                _refuse(m, e, alive)
+    loaded = _load_pack_model(checked, device, alive)
     if loaded is None:
         return
-    model, routing, infos = loaded
-    if shared.should_stop():
-        shared.log("Stopped before training started; nothing was saved")
-        for (m, _), info in zip(checked, infos, strict=True):
-            m.on_result(_result(m.cfg, data.plan, LoopOutcome(
-                stopped=True, reason="stopped before the first step"),
-                info, saved=False, started=started))
-        return
+    model, routing, trials = loaded
     lanes, runs = [], {}
     precision = first_checked.precision
-    for i, (m, c) in enumerate(checked):
-        name = lane_name(i)
-        run = _Run(m.cfg, c, data, infos[i], model, m.report, adapter=name)
-        run.open_folder()
-        runs[name] = (m, run, infos[i])
+    for m, c, name, info in trials:
+        # A trial stopped while the model loaded ends here, its folder untouched, as alone.
+        if m.report.should_stop():
+            m.report.log("Stopped before training started; nothing was saved")
+            alive.remove(m)
+            _give(m, _result(m.cfg, data.plan, LoopOutcome(
+                stopped=True, reason="stopped before the first step"), info, saved=False,
+                started=started))
+            continue
+        run = _Run(m.cfg, c, data, info, model, m.report, adapter=name)
+        try:
+            run.open_folder()
+        except (EngineError, OSError) as e:
+            _refuse(m, EngineError(f"could not write loras/{m.cfg.lora_name}/: {e}"), alive)
+            continue
+        runs[name] = (m, run, info)
         m.report.log(f"Resuming training on {device} at step {c.resume.step + 1} of "
-                     f"{data.plan.total_steps} (in a pack of {len(checked)})..."
+                     f"{data.plan.total_steps} (in a pack of {len(trials)})..."
                      if c.resume is not None else
-                     f"Starting training on {device}, in a pack of {len(checked)} trials...")
+                     f"Starting training on {device}, in a pack of {len(trials)} trials...")
         stepper = Stepper(lane_parameters(model, name), m.cfg, data.plan, precision, device)
         lanes.append(Lane(m.cfg, m.report, run.checkpoint, stepper, c.resume, name=name,
                           rng=routing.rngs[name]))
+    if not lanes:
+        return
 
     def on_end(lane: Lane) -> None:
         member, run, info = runs[lane.name]
+        if member in alive:
+            alive.remove(member)
         if lane.error is not None:
-            member.on_result(lane.error)
+            _give(member, lane.error)
             return
-        run.save(lane.out)
-        member.on_result(_result(member.cfg, data.plan, lane.out, info, saved=True,
-                                 started=started))
+        try:
+            run.save(lane.out)
+        except (EngineError, OSError) as e:
+            _give(member, EngineError(f"could not save loras/{member.cfg.lora_name}/: {e}"))
+            return
+        _give(member, _result(member.cfg, data.plan, lane.out, info, saved=True,
+                              started=started))
 
     loop_data = LoopData(samples=data.samples, eval_samples=data.eval_samples, plan=data.plan,
                          precision=precision, pad_id=data.pad_id)
@@ -139,11 +179,13 @@ def lane_name(i: int) -> str:
 
 
 def _load_pack_model(checked: list[tuple[PackMember, _Checked]], device: torch.device,
-                     shared: Report) -> tuple[Any, Routing, list[dict[str, Any]]] | None:
+                     alive: list[PackMember]
+                     ) -> tuple[Any, Routing, list[tuple[PackMember, _Checked, str, dict]]] | None:
     """The base model once, one adapter per trial, each trial's earlier weights, the shared
-    preparation; and each trial's training_log.json facts about it. A trial whose settings do
-    not fit the model gets its error and leaves `checked` (None: no trial is left)."""
-    log = shared.log
+    preparation; and each trial (member, checks, adapter name, its training_log.json facts
+    about the model). A trial whose settings or earlier weights do not fit the model gets its
+    error and is left out (None: no trial is left)."""
+    log = _fan_out(alive).log
     cfg = checked[0][0].cfg
     precision = checked[0][1].precision
     loaded = load_base_model(cfg.model_dir, cfg.base_model, precision, device, log,
@@ -153,8 +195,8 @@ def _load_pack_model(checked: list[tuple[PackMember, _Checked]], device: torch.d
         try:
             modules.append(resolve_target_modules(loaded.model, m.cfg.target_modules))
         except EngineError as e:  # this trial's settings: it alone is refused
-            m.on_result(e)
             checked.remove((m, c))
+            _refuse(m, e, alive)
     if not checked:
         return None
     configs = []
@@ -165,8 +207,15 @@ def _load_pack_model(checked: list[tuple[PackMember, _Checked]], device: torch.d
                                                   m.cfg.lora_dropout, mods)))
     model, routing = attach_lanes(loaded.model, configs, cfg.seed, device)
     del loaded.model
+    fits = []
     for i, (m, c) in enumerate(checked):
-        _load_earlier_weights(model, m.cfg, c, m.report, adapter=lane_name(i))
+        try:
+            _load_earlier_weights(model, m.cfg, c, m.report, adapter=lane_name(i))
+            fits.append(i)
+        except EngineError as e:  # its adapter stays in the model, untrained and unsaved
+            _refuse(m, e, alive)
+    if not fits:
+        return None
     applied: dict[str, str] = {}
     model = prepare_model(model, cfg, log, applied)
     _checkpoint_with_lanes(model, routing)
@@ -175,10 +224,12 @@ def _load_pack_model(checked: list[tuple[PackMember, _Checked]], device: torch.d
         log(f"Gradient checkpointing: {checkpointing}")
     # Counted as a trial alone counts them: the base and its own adapter.
     base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    infos = []
+    trials = []
     for i, ((m, c), mods) in enumerate(zip(checked, modules, strict=True)):
+        if i not in fits:
+            continue
         trainable = sum(p.numel() for _, p in lane_parameters(model, lane_name(i)))
-        infos.append({
+        trials.append((m, c, lane_name(i), {
             "base_model_name": m.cfg.base_model,
             "base_model_class": loaded.model_class,
             "base_loaded_in_4bit": precision == "4bit",
@@ -193,9 +244,9 @@ def _load_pack_model(checked: list[tuple[PackMember, _Checked]], device: torch.d
                       "prepare": applied, "checkpointing": checkpointing},
             "continues": ({"lora": m.cfg.lora_name, "step": c.existing.steps}
                           if c.existing is not None else None),
-            "pack": [other.cfg.lora_name for other, _ in checked],
-        })
-    return model, routing, infos
+            "pack": [checked[j][0].cfg.lora_name for j in fits],
+        }))
+    return model, routing, trials
 
 
 def _checkpoint_with_lanes(model: Any, routing: Routing) -> None:

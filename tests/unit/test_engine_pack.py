@@ -160,3 +160,27 @@ def test_trials_end_on_their_own_and_a_refused_trial_does_not_stop_the_others(pa
     assert (paths.loras / "early" / "adapter_model.safetensors").is_file()
     assert isinstance(results["broken"], EngineError)
     assert results["rest"]["steps"] == 12
+
+
+def test_one_trials_bookkeeping_or_name_clash_never_ends_the_others(paths):  # noqa: F811
+    """A trial whose result cannot be recorded, or that names another's LoRA folder, ends
+    alone; the rest of the pack trains to its end."""
+    results: dict[str, Any] = {}
+    recs = {n: Recorder() for n in ("x", "y", "z")}
+
+    def broken(result: Any) -> None:
+        raise RuntimeError("the job record is gone")
+
+    def report(n: str) -> Report:
+        return Report(recs[n].progress, recs[n].should_stop, recs[n].lines.append)
+
+    members = [PackMember(_cfg(paths, "x", TRIALS["a"]), report("x"), broken),
+               PackMember(_cfg(paths, "y", TRIALS["d"]), report("y"),
+                          lambda r: results.__setitem__("y", r)),
+               PackMember(_cfg(paths, "y", TRIALS["b"]), report("z"),
+                          lambda r: results.__setitem__("z", r))]
+    run_pack(members, device="cpu")
+    assert results["y"]["steps"] == 12
+    assert isinstance(results["z"], EngineError) and "own lora_name" in str(results["z"])
+    assert any("Could not record this trial's result" in line for line in recs["x"].lines)
+    assert (paths.loras / "x" / "adapter_model.safetensors").is_file()
