@@ -140,6 +140,8 @@ def _routed_forward(layer: Any, routing: Routing) -> Any:
     """A LoRA layer's forward over a pack's batch: the base layer once, then each lane's LoRA
     on its own rows (peft's arithmetic for one adapter, per lane)."""
 
+    quantised = type(layer).__module__.endswith(".bnb")  # peft's 4-bit and 8-bit LoRA layers
+
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = layer.base_layer(x, *args, **kwargs)
         lanes = routing.active
@@ -154,8 +156,11 @@ def _routed_forward(layer: Any, routing: Routing) -> Any:
         for i, name in enumerate(lanes):
             part = result[i * rows:(i + 1) * rows]
             if name in layer.lora_A:
-                xi = layer._cast_input_dtype(x[i * rows:(i + 1) * rows],
-                                             layer.lora_A[name].weight.dtype)
+                xi = x[i * rows:(i + 1) * rows]
+                # As peft: its bitsandbytes layers leave the input to autocast (one shared
+                # bf16 input, not an fp32 copy per lane), its plain layers cast it.
+                if not (quantised and torch.is_autocast_enabled(xi.device.type)):
+                    xi = layer._cast_input_dtype(xi, layer.lora_A[name].weight.dtype)
                 # Swapping generators costs time (and splits a compiled layer): only where
                 # this lane's dropout draws.
                 draws = layer.training and routing.dropout[name] > 0
