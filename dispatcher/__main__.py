@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.access.owners import Owners
-from dispatcher.jobs.celery_app import RUN_JOB_TASK, make_celery
+from dispatcher.jobs.celery_app import RUN_JOB_TASK, RUN_PACK_TASK, make_celery
 from dispatcher.jobs.fleet import Fleet, worker_queue
 from dispatcher.jobs.store import JobStore
 from dispatcher.schedule.claims import RELEASE_EVERY_S, backfill, release_unused
@@ -64,6 +64,10 @@ def run_dispatcher(settings: Settings, interval: float = 0.5) -> None:
         celery.send_task(RUN_JOB_TASK, args=[job_id, worker["name"]],
                          queue=worker_queue(worker["name"]))
 
+    def send_pack(label: str, job_ids: list[str], worker: dict) -> None:
+        celery.send_task(RUN_PACK_TASK, args=[label, job_ids, worker["name"]],
+                         queue=worker_queue(worker["name"]))
+
     stopping = {"flag": False}
 
     def on_signal(signum, frame):
@@ -71,7 +75,8 @@ def run_dispatcher(settings: Settings, interval: float = 0.5) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    dispatcher = FleetDispatcher(store, fleet, send, loras=settings.paths.loras)
+    dispatcher = FleetDispatcher(store, fleet, send, loras=settings.paths.loras,
+                                 send_pack=send_pack)
     dispatcher.backfill()  # once per prefix, before any job is placed
     dispatcher.run(interval, should_stop=lambda: stopping["flag"])
 

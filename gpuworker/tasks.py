@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dispatcher.access.owners import OwnerRefused, Owners, job_write_refusal
-from dispatcher.jobs.celery_app import RUN_JOB_TASK
+from dispatcher.jobs.celery_app import RUN_JOB_TASK, RUN_PACK_TASK
 from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.states import JobState, TransitionError, WorkerState
 from dispatcher.jobs.store import JobNotFound, JobStore
@@ -96,7 +96,7 @@ class JobRun:
 def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
                 run: Callable[..., dict[str, Any]], settings: Settings) -> str:
     """Run one job to an end state; returns that state's value (or 'skipped', 'fenced')."""
-    rec = _start(store, job_id, worker_name)
+    rec = start_job(store, job_id, worker_name)
     if rec is None:
         return "skipped"
     # job_pid: the process to kill if the job does not answer a stop request (gpuworker.watchdog).
@@ -108,14 +108,14 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
         log.warning("%s", e)
         return "fenced"
     except Exception as e:  # every failure ends the job with its reason; the worker stays up
-        _record_failure(store, job_id, worker_name, e)
+        record_failure(store, job_id, worker_name, e)
     finally:
         fleet.heartbeat(worker_name, state=WorkerState.IDLE.value, job="", job_pid="")
-        _release_memory()
+        release_memory()
     return state.value
 
 
-def _start(store: JobStore, job_id: str, worker_name: str) -> dict[str, Any] | None:
+def start_job(store: JobStore, job_id: str, worker_name: str) -> dict[str, Any] | None:
     """Mark the job running on this worker; None (logged) when it is not this worker's to
     run: gone, cancelled, or assigned elsewhere since the message was sent."""
     try:
@@ -142,14 +142,16 @@ def _run(job: JobRun, rec: dict[str, Any], run: Callable[..., dict[str, Any]],
     store, job_id = job.store, job.job_id
     kind = rec.get("kind", "train")
     if kind == "train":
-        # Defence in depth: the dashboard checked who may write this LoRA; check again
-        # before the engine moves or writes anything in its folder.
-        refused = job_write_refusal(Owners(store.r, store.p), settings.paths.loras, rec)
-        if refused:
-            raise OwnerRefused(refused, "lora_name")
+        check_lora_owner(store, rec, settings)
     result = run(kind, rec["spec"], settings, job_id=job_id,
                  attempt=int(rec.get("attempt") or 1), progress=job.progress,
                  should_stop=job.should_stop, log=job.log)
+    return record_result(job, result)
+
+
+def record_result(job: JobRun, result: dict[str, Any]) -> JobState:
+    """End the job with the engine's result: cancelled when it stopped, else succeeded."""
+    store, job_id = job.store, job.job_id
     job.check_mine()
     store.set_result(job_id, result)
     store.events.append(job_id, "result", **result)
@@ -164,11 +166,19 @@ def _run(job: JobRun, rec: dict[str, Any], run: Callable[..., dict[str, Any]],
     return state
 
 
-def _record_failure(store: JobStore, job_id: str, worker_name: str, e: Exception) -> None:
+def check_lora_owner(store: JobStore, rec: dict[str, Any], settings: Settings) -> None:
+    """Defence in depth: the dashboard checked who may write this LoRA; check again before
+    the engine moves or writes anything in its folder (OwnerRefused)."""
+    refused = job_write_refusal(Owners(store.r, store.p), settings.paths.loras, rec)
+    if refused:
+        raise OwnerRefused(refused, "lora_name")
+
+
+def record_failure(store: JobStore, job_id: str, worker_name: str, e: Exception) -> None:
     """End the job `failed` with a reason a user can read, and the traceback's tail in its log."""
-    tb = traceback.format_exc().rstrip().splitlines()
-    for line in tb[-12:]:
-        store.events.append(job_id, "log", line=line)
+    if sys.exc_info()[1] is e:  # (a pack's trial gets its error handed over, not raised)
+        for line in traceback.format_exc().rstrip().splitlines()[-12:]:
+            store.events.append(job_id, "log", line=line)
     try:
         store.transition(job_id, JobState.FAILED, _reason(e), expect_worker=worker_name)
     except TransitionError as moved:  # it ended or moved meanwhile: its record is not ours
@@ -186,7 +196,7 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:500]}"
 
 
-def _release_memory() -> None:
+def release_memory() -> None:
     gc.collect()
     torch = sys.modules.get("torch")  # never imported here only to free memory
     try:
@@ -237,7 +247,7 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
             return None
         if mark_idle:  # (not for a worker still starting: its first heartbeat says idle)
             Fleet(r, settings.prefix, settings.worker_timeout).heartbeat(
-                name, state=WorkerState.IDLE.value, job="")
+                name, state=WorkerState.IDLE.value, job="", jobs="", pack="")
         return new.value
     except JobNotFound:
         return None
@@ -256,18 +266,23 @@ def register_tasks(celery, settings: Settings) -> None:
         # the child that trained died (kill -9, the kernel's OOM killer; this handler then runs
         # in the worker's main process), or Redis stayed away longer than the bookkeeping
         # waited. The job would otherwise stay "assigned"/"running" on a live worker forever.
-        if getattr(sender, "name", RUN_JOB_TASK) != RUN_JOB_TASK or not args or len(args) < 2:
+        task = getattr(sender, "name", RUN_JOB_TASK)
+        if task == RUN_JOB_TASK and args and len(args) >= 2:
+            job_ids, name = [args[0]], args[1]
+        elif task == RUN_PACK_TASK and args and len(args) >= 3:
+            job_ids, name = list(args[1]), args[2]  # every trial of the pack not yet ended
+        else:
             return
-        job_id, name = args[0], args[1]
         if isinstance(exception, WorkerLostError):
             why = f"the training process on {name} died ({exception})"
         else:
             why = (f"the task on {name} ended without recording an outcome "
                    f"({type(exception).__name__}: {str(exception)[:200]})")
-        try:
-            requeue_after_crash(settings, job_id, name, why)
-        except Exception:
-            log.exception("could not re-queue job %s after its task failed", job_id)
+        for job_id in job_ids:
+            try:
+                requeue_after_crash(settings, job_id, name, why)
+            except Exception:
+                log.exception("could not re-queue job %s after its task failed", job_id)
 
     @celery.task(name=RUN_JOB_TASK)
     def run_job(job_id: str, worker_name: str) -> str:
@@ -278,5 +293,16 @@ def register_tasks(celery, settings: Settings) -> None:
             return perform_job(job_id, worker_name, JobStore(r, settings.prefix),
                                Fleet(r, settings.prefix, settings.worker_timeout), run_job_kind,
                                settings)
+        finally:
+            r.close()
+
+    @celery.task(name=RUN_PACK_TASK)
+    def run_pack(label: str, job_ids: list[str], worker_name: str) -> dict[str, str]:
+        from gpuworker.packs import perform_pack
+
+        r = patient_redis(settings, REDIS_PATIENCE_S)
+        try:
+            return perform_pack(label, list(job_ids), worker_name, JobStore(r, settings.prefix),
+                                Fleet(r, settings.prefix, settings.worker_timeout), settings)
         finally:
             r.close()

@@ -77,10 +77,21 @@ class StopWatchdog:
 
     def check(self) -> str | None:
         """Kill the current job's process if its stop request is unanswered past the grace
-        period; returns the id of a job ended that way."""
-        job_id, pid = self.fleet.r.hmget(self.fleet.key(self.name), "job", "job_pid")
-        if not job_id or not self.store.stop_requested(job_id):
-            self.seen = {j: t for j, t in self.seen.items() if j == job_id}
+        period; returns the id of a job ended that way. A pack's trials (`jobs`) are each
+        checked: one that does not answer means the process that trains them all is stuck."""
+        job_id, jobs, pid = self.fleet.r.hmget(self.fleet.key(self.name), "job", "jobs",
+                                               "job_pid")
+        ids = [j for j in (jobs or "").split(",") if j] or ([job_id] if job_id else [])
+        self.seen = {j: t for j, t in self.seen.items() if j in ids}
+        for one in ids:
+            ended = self._check_one(one, pid, alone=len(ids) == 1)
+            if ended:
+                return ended
+        return None
+
+    def _check_one(self, job_id: str, pid: str | None, alone: bool) -> str | None:
+        if not self.store.stop_requested(job_id):
+            self.seen.pop(job_id, None)
             return None
         state, worker, answered = self.store.r.hmget(self.store.key(job_id), "state", "worker",
                                                      "stop_answered")
@@ -89,7 +100,8 @@ class StopWatchdog:
         now = self.clock()
         if job_id not in self.seen:
             self.seen[job_id] = now
-            self._mark_stopping(job_id)
+            if alone:  # (a pack's other trials train on: the worker is not stopping)
+                self._mark_stopping(job_id)
             self.store.events.append(job_id, "log", line=(
                 f"worker {self.name}: stop requested; the trainer has {self.grace_s:g} s to "
                 "answer before its process is killed"))
@@ -133,6 +145,7 @@ class StopWatchdog:
         self.store.events.append(job_id, "log", line=(
             f"worker {self.name}: killed the training process (pid {killed}) after "
             f"{self.grace_s:g} s without an answer to the stop request"))
-        self.fleet.heartbeat(self.name, state=WorkerState.IDLE.value, job="", job_pid="")
+        self.fleet.heartbeat(self.name, state=WorkerState.IDLE.value, job="", jobs="", pack="",
+                             job_pid="")
         self.seen.pop(job_id, None)
         return job_id

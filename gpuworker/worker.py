@@ -69,7 +69,8 @@ def start_heartbeat(settings: Settings, name: str, gpu: int | None,
                           **card.fields(busy)}
                 if first:
                     # job/state are owned by the task while it runs; set them only at start.
-                    fields.update(state=WorkerState.IDLE.value, job="", job_pid="",
+                    fields.update(state=WorkerState.IDLE.value, job="", jobs="", pack="",
+                                  job_pid="",
                                   started=fleet.clock())
                     first = False
                 fleet.heartbeat(name, **fields)

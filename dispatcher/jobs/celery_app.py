@@ -19,6 +19,8 @@ from celery import Celery
 from dispatcher.settings import Settings
 
 RUN_JOB_TASK = "lorafleet.run_job"
+# A sweep's pack: its trials trained together over one base model (args: label, job ids, worker).
+RUN_PACK_TASK = "lorafleet.run_pack"
 # A week: longer than any training run lorafleet is meant for.
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 

@@ -52,7 +52,8 @@ class Fleet:
         state), the name is `starting` and not alive, so nothing is assigned to it, whatever
         its earlier process last reported and whatever timeout the reader uses."""
         if self.r.exists(self.key(name)):
-            self.r.hset(self.key(name), mapping={"state": WorkerState.STARTING.value, "job": ""})
+            self.r.hset(self.key(name), mapping={"state": WorkerState.STARTING.value, "job": "",
+                                                  "jobs": "", "pack": ""})
 
     def remove(self, name: str) -> None:
         with self.r.pipeline() as pipe:

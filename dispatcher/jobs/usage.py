@@ -2,8 +2,10 @@
 and the lengths of recent successful runs (estimated start times).
 
 Keys (prefix `lf` by default):
-  {p}:usage:{owner}   sorted set of the owner's finished runs: member "{id}:{started}", score
-                      the time the run ended (what fair share sums over its window)
+  {p}:usage:{owner}   sorted set of the owner's finished runs: member "{id}:{started}:{worker}"
+                      ("{id}:{started}" before packs), score the time the run ended (what
+                      fair share sums over its window; runs on one worker at once, a pack's
+                      trials, count their card time once)
   {p}:durations       list of recent succeeded runs as JSON {kind, base_model, seconds}
 Written in the same MULTI as the transition that ends the run (JobStore.transition).
 """
@@ -38,7 +40,7 @@ class RunLog:
         owner's usage and, if it succeeded, its length to the recent durations."""
         started = float(rec.started or 0.0)
         owner = rec.owner or "local"
-        pipe.zadd(self.usage_key(owner), {f"{rec.id}:{started!r}": now})
+        pipe.zadd(self.usage_key(owner), {f"{rec.id}:{started!r}:{rec.worker}": now})
         pipe.zremrangebyscore(self.usage_key(owner), "-inf", now - USAGE_KEEP_S)
         if new == JobState.SUCCEEDED:
             pipe.lpush(self.durations_key, json.dumps({
@@ -46,17 +48,24 @@ class RunLog:
                 "seconds": max(0.0, now - started)}))
             pipe.ltrim(self.durations_key, 0, DURATIONS_KEPT - 1)
 
-    def runs(self, owners: list[str], since: float) -> dict[str, list[tuple[float, float]]]:
-        """Each owner's finished runs (start, end) that ended after `since`."""
+    def runs(self, owners: list[str], since: float
+             ) -> dict[str, list[tuple[float, float, str]]]:
+        """Each owner's finished runs (start, end, worker) that ended after `since` (worker ""
+        for a run recorded before workers were)."""
         with self.r.pipeline() as pipe:
             for o in owners:
                 pipe.zrangebyscore(self.usage_key(o), since, "+inf", withscores=True)
             raws = pipe.execute()
         out: dict[str, list[tuple[float, float]]] = {}
         for owner, rows in zip(owners, raws, strict=True):
-            out[owner] = [(float(member.rsplit(":", 1)[1]), float(end)) for member, end in rows]
+            out[owner] = [_run(member, float(end)) for member, end in rows]
         return out
 
     def recent_durations(self) -> list[dict[str, Any]]:
         """The latest succeeded runs, newest first: {kind, base_model, seconds}."""
         return [json.loads(x) for x in self.r.lrange(self.durations_key, 0, -1)]
+
+
+def _run(member: str, end: float) -> tuple[float, float, str]:
+    parts = member.split(":", 2)
+    return float(parts[1]), end, parts[2] if len(parts) > 2 else ""

@@ -316,3 +316,26 @@ def job_memory_mb(kind: str, spec: dict[str, Any], models: Path) -> int:
         tokens = GENERATE_PROMPT_TOKENS + _int(spec, "max_new_tokens", 128)
         peak = inference_peak_bytes(shape, precision, tokens, 1 if spec.get("lora") else 0)
     return to_card_mb(peak)
+
+
+def base_memory_mb(spec: dict[str, Any], models: Path) -> int:
+    """Of a training job's estimate, what its base model's weights (and the CUDA context)
+    take: a pack of trials holds them once (0 when the model cannot be read: then a pack is
+    estimated as its trials side by side)."""
+    name = str(spec.get("base_model") or "")
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return 0
+    precision = str(spec.get("precision") or "auto")
+    shape = read_model_shape(models / name)
+    if shape is None or precision not in ("auto", *LINEAR_BYTES):
+        return 0
+    return to_card_mb(weight_bytes(shape, precision, training=True))
+
+
+def pack_memory_mb(trials: list[tuple[int, int]]) -> int:
+    """The card memory of trials (job estimate, base part) trained together over one base:
+    every trial's estimate, the shared base counted once."""
+    if not trials:
+        return 0
+    base = min(b for _, b in trials)
+    return sum(mb for mb, _ in trials) - base * (len(trials) - 1)

@@ -10,6 +10,7 @@ positions it shows are the dispatcher's real order (README, "Scheduling"):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,13 +34,32 @@ def queue_order(job: dict[str, Any]) -> tuple:
     return (-_prio(job), float(job.get("created", 0)))
 
 
-def used_seconds(runs: Iterable[tuple[float, float]], running_since: Iterable[float],
+def used_seconds(runs: Iterable[tuple], running_since: Iterable[Any],
                  now: float, window_s: float) -> float:
-    """Worker time in (now - window, now]: finished runs (start, end) and runs still going
-    since a start time, each clipped to the window."""
+    """Card time in (now - window, now]: finished runs (start, end[, card]) and runs still
+    going (a start time, or (start, card)), each clipped to the window. Runs that share a
+    card at the same time (the trials of a pack) count that time once: the card's time is
+    what the owner used."""
     lo = now - window_s
-    total = sum(max(0.0, min(end, now) - max(start, lo)) for start, end in runs)
-    total += sum(max(0.0, now - max(start, lo)) for start in running_since)
+    spans: dict[Any, list[tuple[float, float]]] = {}
+    for n, run in enumerate(runs):
+        start, end = float(run[0]), float(run[1])
+        card = run[2] if len(run) > 2 and run[2] else ("run", n)
+        spans.setdefault(card, []).append((max(start, lo), min(end, now)))
+    for n, run in enumerate(running_since):
+        start, card = (run, None) if isinstance(run, (int, float)) else (run[0], run[1])
+        spans.setdefault(card or ("running", n), []).append((max(float(start), lo), now))
+    return sum(_covered(s) for s in spans.values())
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of (start, end) spans."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end <= start:
+            continue
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
     return total
 
 
@@ -146,10 +166,11 @@ def queue_view(store: JobStore, now: float, window_s: float,
     active = store.active() if active is None else active
     owners = sorted({j.get("owner") or "local" for j in pending})
     runs = store.runs(owners, now - window_s)
-    running: dict[str, list[float]] = {}
+    running: dict[str, list[tuple[float, str]]] = {}
     for j in active:
         if j.get("state") == JobState.RUNNING.value and j.get("started") not in (None, ""):
-            running.setdefault(j.get("owner") or "local", []).append(float(j["started"]))
+            running.setdefault(j.get("owner") or "local", []).append(
+                (float(j["started"]), j.get("worker") or ""))
     used = {o: used_seconds(runs.get(o, []), running.get(o, []), now, window_s) for o in owners}
     durations = store.recent_durations()
     known: dict[tuple[str, str], float] = {}

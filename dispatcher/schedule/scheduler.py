@@ -11,10 +11,15 @@ dispatcher.schedule.requeue. On top of them a pass here applies two limits:
   - a user may hold at most `max_cards_per_user` workers at once (0 = no limit);
   - a sweep's trials hold at most its `max_concurrent` workers at once (`sweep_full`); the
     skipped trial keeps its place and the next job in the same order may take the card.
+A trial whose sweep packs (`pack_max` > 1) takes with it onto its card the sweep's other queued
+trials that can share its base model (dispatcher.schedule.sweeps.packs), as many as the card's
+free memory, the pack size and `max_concurrent` (which counts trials) allow: a pack, one Celery
+task that trains them together. Each keeps its own record; they share the card.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -27,10 +32,19 @@ from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.states import JobState, TransitionError
 from dispatcher.jobs.store import JobStore
 from dispatcher.schedule import sweeps
+from dispatcher.schedule.estimate import pack_memory_mb
 from dispatcher.schedule.pending import PendingCache
-from dispatcher.schedule.placement import best_card, fits_any, sweep_full, waiting_reason
+from dispatcher.schedule.placement import (
+    best_card,
+    fits_any,
+    memory_gated,
+    memory_mb,
+    sweep_full,
+    waiting_reason,
+)
 from dispatcher.schedule.queue import queue_view
 from dispatcher.schedule.requeue import recover_lost, recover_unsent
+from dispatcher.schedule.sweeps.packs import MAX_PACK, share_key
 from dispatcher.settings import scheduling_env
 
 log = logging.getLogger("lorafleet.dispatcher")
@@ -60,13 +74,17 @@ class Dispatcher:
 
     def __init__(self, store: JobStore, fleet: Fleet, send: Callable[[str, dict[str, Any]], None],
                  lock_ttl_s: float = 10.0, clock: Callable[[], float] = time.time,
-                 fair_window_s: float | None = None, max_cards_per_user: int | None = None):
+                 fair_window_s: float | None = None, max_cards_per_user: int | None = None,
+                 send_pack: Callable[[str, list[str], dict[str, Any]], None] | None = None):
         env_window, env_cards = scheduling_env()
         self.fair_window_s = env_window if fair_window_s is None else fair_window_s
         self.max_cards_per_user = env_cards if max_cards_per_user is None else max_cards_per_user
         self.store = store
         self.fleet = fleet
         self.send = send
+        # (pack label, job ids, worker): one task that trains the jobs together; without it
+        # no pack is formed (every job goes alone through `send`).
+        self.send_pack = send_pack
         self.r = store.r
         self.lock_key = f"{store.p}:dispatcher:lock"
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
@@ -126,10 +144,15 @@ class Dispatcher:
                ) -> list[tuple[str, str]]:
         """Hand the jobs, in the queue's order, to the idle workers they fit, within the
         per-user and per-sweep limits; every job left waiting gets its reason."""
-        in_use = Counter(j.get("owner") or "local" for j in active)
+        # Cards per user (a pack's trials share one), trials per sweep.
+        in_use = Counter(owner for owner, _ in {(j.get("owner") or "local", j.get("worker"))
+                                                for j in active})
         in_sweep = Counter(j["sweep"] for j in active if j.get("sweep"))
         assigned: list[tuple[str, str]] = []
+        taken: set[str] = set()  # placed in this pass as a pack's member
         for job in order:
+            if job["id"] in taken:
+                continue
             if workers and not fits_any(job, workers):
                 self._note(job, waiting_reason(job, workers))
                 continue
@@ -150,13 +173,48 @@ class Dispatcher:
             if fit is None:
                 self._note(job, waiting_reason(job, workers))
                 continue
-            if self._assign(job, fit):
+            pack = [job] + self._pack_mates(job, order, fit, in_sweep, taken)
+            placed = self._assign_pack(pack, fit) if len(pack) > 1 else (
+                [job] if self._assign(job, fit) else [])
+            if placed:
                 idle.remove(fit)
                 in_use[owner] += 1
-                if job.get("sweep"):
-                    in_sweep[job["sweep"]] += 1
-                assigned.append((job["id"], fit["name"]))
+                for j in placed:
+                    taken.add(j["id"])
+                    if j.get("sweep"):
+                        in_sweep[j["sweep"]] += 1
+                    assigned.append((j["id"], fit["name"]))
         return assigned
+
+    def _pack_mates(self, job: dict[str, Any], order: list[dict[str, Any]],
+                    worker: dict[str, Any], in_sweep: Counter, taken: set[str]
+                    ) -> list[dict[str, Any]]:
+        """The queued trials that train together with `job` on `worker`: of its sweep, able
+        to share its base (packs.share_key), in queue order, while the pack's memory
+        estimate fits the card's free memory, within the sweep's pack size and the trials its
+        `max_concurrent` still allows."""
+        most = min(int(job.get("pack_max") or 1), MAX_PACK)
+        if self.send_pack is None or most <= 1 or not job.get("sweep") or job.get("kind") != "train":
+            return []
+        cap = int(job.get("sweep_cap") or 0)
+        if cap > 0:
+            most = min(most, cap - in_sweep[job["sweep"]])
+        free = memory_mb(worker, "mem_free_mb") if memory_gated(worker) else None
+        key = share_key(job.get("spec") or {})
+        sizes = [(int(job.get("gpu_memory_mb") or 0), int(job.get("pack_base_mb") or 0))]
+        mates: list[dict[str, Any]] = []
+        for other in order:
+            if len(mates) + 1 >= most:
+                break
+            if (other is job or other["id"] in taken or other.get("sweep") != job["sweep"]
+                    or other.get("kind") != "train" or share_key(other.get("spec") or {}) != key):
+                continue
+            size = (int(other.get("gpu_memory_mb") or 0), int(other.get("pack_base_mb") or 0))
+            if free is not None and pack_memory_mb([*sizes, size]) > free:
+                continue  # a smaller trial further on may still fit
+            sizes.append(size)
+            mates.append(other)
+        return mates
 
     def _unchanged(self, looked_at: tuple) -> bool:
         """Did the last pass place nothing with exactly these inputs, not long ago? Then this
@@ -182,9 +240,11 @@ class Dispatcher:
 
     def _assign(self, job: dict[str, Any], worker: dict[str, Any]) -> bool:
         attempt = int(job.get("attempt", 0)) + 1
+        # A trial that trained in a pack before (and now runs alone) no longer shows one.
+        was_packed = {"pack": "", "pack_jobs": ""} if job.get("pack") else {}
         try:
             self.store.transition(job["id"], JobState.ASSIGNED, f"assigned to {worker['name']}",
-                                  worker=worker["name"], attempt=attempt)
+                                  worker=worker["name"], attempt=attempt, **was_packed)
         except TransitionError:
             return False  # cancelled meanwhile
         try:
@@ -194,6 +254,50 @@ class Dispatcher:
             self.store.transition(job["id"], JobState.RETRYING, f"could not reach the queue: {e}")
             return False
         return True
+
+    def _assign_pack(self, jobs: list[dict[str, Any]], worker: dict[str, Any]
+                     ) -> list[dict[str, Any]]:
+        """Assign `jobs` (trials of one sweep) to `worker` as one pack; returns those placed
+        (a trial cancelled meanwhile is left out; one left alone goes as a job of its own)."""
+        sweep = jobs[0]["sweep"]
+        number = int(self.r.incr(f"{self.store.p}:sweep:{sweep}:packs"))
+        label = f"pack {number}"
+        ids = ",".join(j["id"] for j in jobs)
+        placed: list[dict[str, Any]] = []
+        for job in jobs:
+            try:
+                self.store.transition(
+                    job["id"], JobState.ASSIGNED,
+                    f"assigned to {worker['name']} ({label} of sweep {sweep}, {len(jobs)} trials)",
+                    worker=worker["name"], attempt=int(job.get("attempt", 0)) + 1,
+                    pack=str(number), pack_jobs=ids)
+                placed.append(job)
+            except TransitionError:
+                continue  # cancelled meanwhile
+        if len(placed) < len(jobs):
+            self._repack(placed)
+        if not placed:
+            return []
+        try:
+            if len(placed) == 1:
+                self.send(placed[0]["id"], worker)
+            else:
+                self.send_pack(f"{sweep}:{number}", [j["id"] for j in placed], worker)
+        except Exception as e:  # the broker refused: put the trials back
+            log.exception("could not hand %s of sweep %s to %s", label, sweep, worker["name"])
+            for job in placed:
+                with contextlib.suppress(TransitionError):
+                    self.store.transition(job["id"], JobState.RETRYING,
+                                          f"could not reach the queue: {e}")
+            return []
+        return placed
+
+    def _repack(self, placed: list[dict[str, Any]]) -> None:
+        """The pack lost members before it was sent: its records name the ones it has."""
+        ids = ",".join(j["id"] for j in placed)
+        for job in placed:
+            fields = {"pack_jobs": ids} if len(placed) > 1 else {"pack": "", "pack_jobs": ""}
+            self.store.update_progress(job["id"], **fields)
 
     def _note(self, job: dict[str, Any], reason: str) -> None:
         """Say why a job waits (written only when the reason changed)."""

@@ -11,6 +11,10 @@ import torch
 from gpuworker.errors import EngineError
 
 
+class OutOfGpuMemory(EngineError):
+    """The run ran out of the card's memory (the message says what to lower)."""
+
+
 def release_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -27,7 +31,7 @@ def run_releasing(dev: torch.device, run: Callable[[], dict[str, Any]],
     """`run()`, with its failure as one EngineError: the engine's own message, or "out of GPU
     memory: <oom_advice>". The card's memory is released whatever happens; only the message is
     kept on failure, because the traceback's frames hold the model."""
-    failure = ""
+    failure, error = "", EngineError
     try:
         return run()
     except EngineError as e:
@@ -35,7 +39,7 @@ def run_releasing(dev: torch.device, run: Callable[[], dict[str, Any]],
     except Exception as e:
         if not is_oom(e):
             raise
-        failure = f"out of GPU memory: {oom_advice}"
+        failure, error = f"out of GPU memory: {oom_advice}", OutOfGpuMemory
     finally:
         release_memory(dev)
-    raise EngineError(failure)
+    raise error(failure)

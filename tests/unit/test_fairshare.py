@@ -141,13 +141,26 @@ def test_usage_is_clipped_to_the_window():
     assert used_seconds(runs, [], now, window_s=1_200) == 200 + 300  # 8800..9000 and 9500..9800
 
 
+def test_runs_sharing_a_card_at_once_count_its_time_once():
+    """A pack's trials run side by side on one card: the owner used that card's time, once;
+    runs on different cards, or one after another, each count."""
+    now = 10_000.0
+    pack = [(9_000.0, 9_600.0, "gpu0"), (9_000.0, 9_300.0, "gpu0"), (9_100.0, 9_800.0, "gpu0")]
+    assert used_seconds(pack, [], now, window_s=5_000) == 800  # 9000..9800
+    assert used_seconds(pack + [(9_000.0, 9_500.0, "gpu1")], [], now, 5_000) == 800 + 500
+    # still running on gpu0 from 9_700 (overlaps 9_700..9_800), and one elsewhere
+    assert used_seconds(pack, [(9_700.0, "gpu0"), (9_950.0, "gpu1")], now, 5_000) == 1000 + 50
+    # runs recorded without a card (before packs) count each on its own, as before
+    assert used_seconds([(9_000.0, 9_600.0, ""), (9_000.0, 9_600.0, "")], [], now, 5_000) == 1200
+
+
 def test_runs_are_recorded_once_per_run_and_out_of_window_runs_do_not_count(env):
     store, fleet, d, sent, clock = env
     fleet.heartbeat("w1", device="cpu")
     j = submit(store, clock, "ada", "j")
     d.tick()
     run_and_finish(store, clock, j, 120)
-    assert store.runs(["ada"], 0) == {"ada": [(clock.t - 120, clock.t)]}
+    assert store.runs(["ada"], 0) == {"ada": [(clock.t - 120, clock.t, "w1")]}
     clock.t += 86400 + 1
     assert store.runs(["ada"], clock.t - 86400) == {"ada": []}
 

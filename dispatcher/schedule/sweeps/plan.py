@@ -26,8 +26,9 @@ from dispatcher.jobs.specs import (
     parse_train_spec,
 )
 from dispatcher.schedule.early_stop import POLICIES, Policy
-from dispatcher.schedule.estimate import job_memory_mb
+from dispatcher.schedule.estimate import base_memory_mb, job_memory_mb
 from dispatcher.schedule.sweeps.domains import MAX_TRIALS, Domain, expand, parse_domain, trial_name
+from dispatcher.schedule.sweeps.packs import MAX_PACK
 from dispatcher.settings import DataPaths
 
 METHODS = ("grid", "random")
@@ -36,7 +37,9 @@ MAX_RUNGS = 20
 # value lists are at most MAX_TRIALS short values each): it is stored with the sweep.
 MAX_SWEEP_CHARS = 256 * 1024
 TOP_KEYS = ("name", "base", "base_job", "parameters", "method", "trials", "seed",
-            "max_concurrent", "early_stopping", "evaluate", "priority", "owner")
+            "max_concurrent", "early_stopping", "evaluate", "priority", "owner", "pack",
+            "pack_size")
+PACK_MODES = ("auto", "off")
 EARLY_KEYS = ("policy", "rungs", "reduction_factor", "min_trials")
 EVAL_KEYS = ("text_file", "stride", "max_length", "precision")
 # Every EvalSpec default but the LoRAs: what a perplexity job of a trial starts from.
@@ -50,6 +53,7 @@ class Trial:
     spec: dict[str, Any]
     gpu_memory_mb: int = 0
     job: str = ""
+    base_mb: int = 0  # of gpu_memory_mb, the base model's weights: what a pack holds once
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params, "job": self.job,
@@ -73,13 +77,20 @@ class SweepPlan:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     evaluate: dict[str, Any] | None = None  # perplexity job settings (base_model, loras per trial)
     eval_memory_mb: dict[str, int] = field(default_factory=dict)  # per base model
+    pack: str = "auto"  # auto: trials that can share a base train together (packs.py); off
+    pack_size: int = 0  # the most trials in one pack; 0: as many as the card fits, MAX_PACK
+
+    @property
+    def pack_max(self) -> int:
+        """The most trials of this sweep one pack may hold (1: each trial alone)."""
+        return 1 if self.pack == "off" else (self.pack_size or MAX_PACK)
 
     def preview(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "count": len(self.trials),
                 "trials": [t.to_dict() for t in self.trials], "skipped": self.skipped,
                 "varied": list(self.parameters), "max_concurrent": self.max_concurrent,
                 "early_stopping": self.policy.to_dict(), "metric": self.metric,
-                "evaluate": self.evaluate}
+                "evaluate": self.evaluate, "pack": self.pack, "pack_size": self.pack_size}
 
 
 class DistinctProblems(Problems):
@@ -111,6 +122,11 @@ def parse_sweep(data: Any, paths: DataPaths,
     base = _base(data, job_spec, problems)
     method, samples, seed = _method(data, problems)
     max_concurrent = _int_setting(data, "max_concurrent", 0, 0, 1000, "max_concurrent", problems)
+    pack = data.get("pack", "auto")
+    if pack not in PACK_MODES:
+        problems.add("pack", f"must be auto or off, got {pack!r}")
+        pack = "auto"
+    pack_size = _int_setting(data, "pack_size", 0, 0, MAX_PACK, "pack_size", problems)
     domains = _domains(data.get("parameters"), method, problems)
     policy = parse_early_stopping(data.get("early_stopping"), problems)
     evaluate = _evaluate(data.get("evaluate"), problems)
@@ -132,7 +148,7 @@ def parse_sweep(data: Any, paths: DataPaths,
                      max_concurrent=max_concurrent, policy=policy, metric=metric,
                      parameters={d.name: d.describe() for d in domains}, base=base,
                      trials=trials, skipped=skipped, evaluate=eval_template,
-                     eval_memory_mb=eval_memory)
+                     eval_memory_mb=eval_memory, pack=pack, pack_size=pack_size)
 
 
 def _int_setting(data: dict[str, Any], key: str, default: int, lo: int, hi: int, where: str,
@@ -277,7 +293,8 @@ def _trials(base: dict[str, Any], prefix: str, combos: list[dict[str, Any]], pat
             n += 1
         spec["lora_name"] = seen[key] = tname
         names.add(tname)
-        trials.append(Trial(tname, combo, spec, job_memory_mb("train", spec, paths.models)))
+        trials.append(Trial(tname, combo, spec, job_memory_mb("train", spec, paths.models),
+                            base_mb=base_memory_mb(spec, paths.models)))
     return trials, skipped
 
 

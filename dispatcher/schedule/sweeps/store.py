@@ -33,7 +33,8 @@ class SweepNotFound(KeyError):
 
 _SWEEP_JSON = ("trials", "skipped", "parameters", "base", "early_stopping", "evaluate",
                "eval_memory_mb")
-_SWEEP_NUM = ("created", "finished", "cancelled", "max_concurrent", "seed", "samples")
+_SWEEP_NUM = ("created", "finished", "cancelled", "max_concurrent", "seed", "samples",
+              "pack_size")
 
 
 class SweepStore:
@@ -70,6 +71,7 @@ class SweepStore:
             "early_stopping": json.dumps(plan.policy.to_dict()),
             "evaluate": json.dumps(plan.evaluate), "eval_memory_mb": json.dumps(plan.eval_memory_mb),
             "skipped": json.dumps(plan.skipped), "trials": "[]", "finished": "", "cancelled": "",
+            "pack": plan.pack, "pack_size": plan.pack_size,
         }
         with self.r.pipeline() as pipe:
             pipe.hset(self.key(sweep_id), mapping=record)
@@ -80,7 +82,10 @@ class SweepStore:
             t.job = self.store.create("train", t.spec, owner, priority,
                                       gpu_memory_mb=t.gpu_memory_mb,
                                       fields={"sweep": sweep_id,
-                                              "sweep_cap": plan.max_concurrent})
+                                              "sweep_cap": plan.max_concurrent,
+                                              # how many trials may share a card (packs.py)
+                                              "pack_max": plan.pack_max,
+                                              "pack_base_mb": t.base_mb})
         self.r.hset(self.key(sweep_id), "trials", json.dumps([t.to_dict() for t in plan.trials]))
         return sweep_id
 
@@ -89,7 +94,9 @@ class SweepStore:
         if not raw:
             raise SweepNotFound(sweep_id)
         rec = decode_hash(raw, json_fields=_SWEEP_JSON, number_fields=_SWEEP_NUM,
-                          int_fields=("max_concurrent", "seed", "samples"), absent_as_none=True)
+                          int_fields=("max_concurrent", "seed", "samples", "pack_size"),
+                          absent_as_none=True)
+        rec["pack"] = rec.get("pack") or "off"  # a sweep from before packs ran its trials alone
         rec["trials"] = rec["trials"] or []
         return rec
 

@@ -1,0 +1,175 @@
+"""The bookkeeping of a pack: a sweep's trials trained together in one task over one base model.
+
+The dispatcher assigns every trial of a pack to this worker and sends one task with their ids
+(dispatcher.schedule.scheduler). `perform_pack` does for each trial what `perform_job` does
+for a job alone (the fence, `running`, events, the outcome), and calls the engine's `run_pack`
+once for all of them. Each trial ends the moment its own lane does (a stop, early stopping,
+`stop_at_loss`, its last step); the others train on.
+
+A failure of the pack itself ends every trial still training: out of the card's memory, the
+trials go back to the queue with a pack size of half as many (down to one: a trial that does
+not fit alone fails as it would alone), resuming from their checkpoints; anything else fails
+them with its reason. A process that dies is the task_failure handler's (tasks.py): every
+trial not yet ended is re-queued, and resumes from its checkpoint in whatever pack it joins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState, TransitionError, WorkerState
+from dispatcher.jobs.store import JobStore
+from dispatcher.settings import Settings
+from gpuworker.tasks import (
+    JobFenced,
+    JobRun,
+    check_lora_owner,
+    record_failure,
+    record_result,
+    release_memory,
+    start_job,
+)
+
+log = logging.getLogger("lorafleet.worker")
+
+
+class PackTrial:
+    """One trial's callbacks inside a pack: a JobRun whose fence ends this trial alone (its
+    lane stops at the next step; nothing more is written to a record that is not ours)."""
+
+    def __init__(self, job: JobRun):
+        self.job = job
+        self.ended = False
+        self.fenced = False
+
+    def progress(self, event: dict[str, Any]) -> None:
+        if self.fenced:
+            return
+        try:
+            self.job.progress(event)
+        except JobFenced as e:
+            self.fenced = True
+            log.warning("%s", e)
+
+    def should_stop(self) -> bool:
+        return self.fenced or self.job.should_stop()
+
+    def on_result(self, result: Any) -> None:
+        """The engine's result for this trial (a dict), or its EngineError."""
+        self.ended = True
+        if self.fenced:
+            return
+        try:
+            if isinstance(result, Exception):
+                record_failure(self.job.store, self.job.job_id, self.job.worker_name, result)
+            else:
+                record_result(self.job, result)
+        except JobFenced as e:
+            log.warning("%s", e)
+
+
+def perform_pack(label: str, job_ids: list[str], worker_name: str, store: JobStore,
+                 fleet: Fleet, settings: Settings) -> dict[str, str]:
+    """Train the trials `job_ids` together; returns each started trial's end state."""
+    started: list[tuple[str, dict[str, Any]]] = []
+    for job_id in job_ids:
+        rec = start_job(store, job_id, worker_name)
+        if rec is not None:
+            started.append((job_id, rec))
+    if not started:
+        return {}
+    ids = [j for j, _ in started]
+    fleet.heartbeat(worker_name, state=WorkerState.BUSY.value, job=ids[0], jobs=",".join(ids),
+                    pack=label, job_pid=os.getpid())
+    trials: dict[str, PackTrial] = {}
+    try:
+        members = []
+        for job_id, rec in started:
+            job = JobRun(store, job_id, worker_name, rec)
+            try:
+                check_lora_owner(store, rec, settings)
+                member = _member(job, rec, settings)
+            except Exception as e:  # this trial alone cannot run
+                record_failure(store, job_id, worker_name, e)
+                continue
+            trials[job_id] = member[0]
+            members.append(member[1])
+        if members:
+            _run(members, trials, store, worker_name)
+    finally:
+        fleet.heartbeat(worker_name, state=WorkerState.IDLE.value, job="", jobs="", pack="",
+                        job_pid="")
+        release_memory()
+    return {j: str(store.r.hget(store.key(j), "state") or "") for j in ids}
+
+
+def _member(job: JobRun, rec: dict[str, Any], settings: Settings) -> tuple[PackTrial, Any]:
+    from dispatcher.jobs.specs import spec_from_dict
+    from gpuworker.engine.boundary import config_from_spec
+    from gpuworker.engine.report import Report
+    from gpuworker.engine.train_pack import PackMember
+
+    spec = spec_from_dict(rec["spec"], "train")
+    trial = PackTrial(job)
+    resume = spec.resume_from_checkpoint or None
+    attempt = int(rec.get("attempt") or 1)
+    others = [j for j in (rec.get("pack_jobs") or "").split(",") if j and j != job.job_id]
+    job.log(f"training in {_pack_words(rec, others)}")
+    if attempt > 1 and resume is None:
+        resume = "latest"
+        job.log(f"attempt {attempt}: resuming from the latest checkpoint, if there is one")
+    report = Report(progress=trial.progress, should_stop=trial.should_stop, log=job.log)
+    return trial, PackMember(config_from_spec(spec, settings.paths), report, trial.on_result,
+                             resume_from=resume)
+
+
+def _pack_words(rec: dict[str, Any], others: list[str]) -> str:
+    return (f"pack {rec.get('pack') or '?'} of sweep {rec.get('sweep')}, together with "
+            f"{len(others)} other trial{'s' if len(others) != 1 else ''} ({', '.join(others)})")
+
+
+def _run(members: list[Any], trials: dict[str, PackTrial], store: JobStore,
+         worker_name: str) -> None:
+    from gpuworker.engine.cleanup import OutOfGpuMemory
+    from gpuworker.engine.train_pack import run_pack
+
+    try:
+        run_pack(members)
+    except OutOfGpuMemory as e:
+        left = [j for j, t in trials.items() if not t.ended and not t.fenced]
+        if len(left) > 1:
+            _split(store, left, worker_name, str(e))
+            return
+        for job_id in left:
+            record_failure(store, job_id, worker_name, e)
+    except Exception as e:  # the pack itself failed: each trial still training ends with it
+        log.exception("pack on %s failed", worker_name)
+        for job_id, t in trials.items():
+            if not t.ended and not t.fenced:
+                record_failure(store, job_id, worker_name, e)
+    for job_id, t in trials.items():  # the engine handed every trial its end; defensively:
+        if not t.ended and not t.fenced and _still_running(store, job_id, worker_name):
+            record_failure(store, job_id, worker_name,
+                           RuntimeError("the pack ended without this trial's result"))
+
+
+def _split(store: JobStore, left: list[str], worker_name: str, why: str) -> None:
+    """The pack did not fit: its unfinished trials go back to the queue in packs of half as
+    many, to resume from their checkpoints."""
+    size = max(1, len(left) // 2)
+    for job_id in left:
+        try:
+            store.transition(job_id, JobState.RETRYING,
+                             f"{why.split(':')[0]} in a pack of {len(left)} on {worker_name}: "
+                             f"re-queued to train in packs of at most {size}",
+                             expect_worker=worker_name, pack_max=size)
+        except TransitionError as e:
+            log.warning("job %s: %s", job_id, e)
+
+
+def _still_running(store: JobStore, job_id: str, worker_name: str) -> bool:
+    state, worker = store.r.hmget(store.key(job_id), "state", "worker")
+    return state == JobState.RUNNING.value and worker == worker_name
