@@ -84,7 +84,7 @@ def bench_config(a: argparse.Namespace, lora_name: str, steps: int) -> Any:
                     upcast=bool(a.upcast), checkpoint_layers=a.ckpt,
                     checkpoint_budget=a.budget_gib is not None,
                     memory_budget_bytes=int(a.budget_gib * 2**30) if a.budget_gib else None,
-                    compile_mode=a.compile_mode)
+                    compile_mode=a.compile_mode, cuda_graphs=bool(a.graphs))
     return config_from_spec(spec, DataPaths(home), levers)
 
 
@@ -98,6 +98,8 @@ def add_lever_options(p: argparse.ArgumentParser) -> None:
                    help="checkpoint only as many layers as fit this memory (0: the card's)")
     p.add_argument("--upcast", type=int, default=1, help="1: fp32 non-quantised weights (peft)")
     p.add_argument("--compile-mode", default="default", help="torch.compile's mode (compile)")
+    p.add_argument("--graphs", type=int, default=1,
+                   help="1: compiled layers move on to CUDA graphs where the run allows (a job's)")
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -111,12 +113,14 @@ def run(a: argparse.Namespace) -> dict:
     stamps: list[float] = []
 
     tokens: list[int] = []
+    losses: list[float] = []
 
     def progress(ev: dict) -> None:
         if ev.get("type") == "train":
             torch.cuda.synchronize()
             stamps.append(time.perf_counter())
             tokens.append(ev["tokens"])
+            losses.append(round(float(ev["loss"]), 4))
 
     torch.cuda.reset_peak_memory_stats()
     lines: list[str] = []
@@ -137,6 +141,7 @@ def run(a: argparse.Namespace) -> dict:
                tokens_per_s=round(a.pack * a.bs * a.seq / dt),
                useful_tokens_per_s=round(a.pack * useful),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               graphs=result.get("speed", {}).get("cuda_graphs"), losses=losses,
                gpu=torch.cuda.get_device_name())
     shutil.rmtree(home / "loras" / "bench", ignore_errors=True)
     return out

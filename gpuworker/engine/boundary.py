@@ -74,7 +74,7 @@ def levers_from_spec(spec: TrainSpec) -> Levers:
                   batching="pack" if spec.packing else "pad",
                   prepare=(("liger_kernels",) if spec.fused_kernels else ())
                   + (("compile",) if spec.compile else ()),
-                  upcast=spec.fp32_norms,
+                  upcast=spec.fp32_norms, cuda_graphs=spec.compile,
                   checkpoint_budget=spec.gradient_checkpointing == "auto",
                   memory_budget_bytes=memory_budget(spec))
 

@@ -59,6 +59,9 @@ class Levers:
     gpu_levers_on_cpu: bool = False
     # torch.compile's mode for the layers ("default"; "reduce-overhead" replays CUDA graphs).
     compile_mode: str = "default"
+    # Compiled layers move on to CUDA graphs once the run allows them (loop.GraphSwitch):
+    # every micro-batch of one shape, no layer recomputing its activations, one trial.
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)

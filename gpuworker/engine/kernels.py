@@ -278,3 +278,32 @@ def checkpoint_budget(model: Any, cfg: EngineConfig, device: torch.device,
     # rows, which can be that large, whatever the row cap).
     largest = cfg.micro_batch_size * cfg.cutoff_len * max(1, lanes)
     return CheckpointBudget(blocks, device, cfg.levers.memory_budget_bytes, largest, log)
+
+
+def graphs_refusal(levers: Any, device: torch.device, blocks: list[Any], lanes: int,
+                   sample_lengths: int) -> str | None:
+    """Why the compiled layers may not replay CUDA graphs in this run, None when they may.
+    A CUDA graph replays the kernels it recorded for one shape of input, so it pays when every
+    micro-batch has one shape; it cannot recompute a layer's activations from inside itself
+    (gradient checkpointing), nor switch a pack's trials' random generators."""
+    if not levers.cuda_graphs:
+        return "off"
+    if not blocks or not all(getattr(b, "_compiled_call_impl", None) for b in blocks):
+        return "the layers are not compiled"
+    if device.type != "cuda":
+        return "they need a CUDA GPU"
+    if lanes > 1:
+        return "a pack's trials each draw from their own random generators"
+    if sample_lengths > 1:
+        return (f"the samples have {sample_lengths} different lengths (a graph would be "
+                "recorded for every shape)")
+    checkpointed = sum(1 for b in blocks if b.gradient_checkpointing)
+    if checkpointed:
+        return f"{checkpointed} of {len(blocks)} layers recompute their activations"
+    return None
+
+
+def replay_graphs(blocks: list[Any]) -> None:
+    """Compile the layers again, to replay CUDA graphs (torch.compile's reduce-overhead)."""
+    for block in blocks:
+        block.compile(mode="reduce-overhead")

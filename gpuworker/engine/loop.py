@@ -38,6 +38,7 @@ import torch
 
 from gpuworker.engine.config import EngineConfig
 from gpuworker.engine.data import StepPlan, optimizer_steps
+from gpuworker.engine.kernels import checkpointed_blocks, graphs_refusal, replay_graphs
 from gpuworker.engine.levers import (
     Batch,
     Batcher,
@@ -266,6 +267,11 @@ class _Loop:
         self.log_every = step_log_interval(data.plan.total_steps)
         self.speed = {"loss": loss_used, "batching": self.batcher.name}
         self.budget = checkpoint_budget(model, self.cfg, device, log, len(lanes))
+        # CUDA graphs: replayed from the start when asked for by name (the benchmarks' mode),
+        # or once the run allows them (decided when the memory budget has settled).
+        self.log = log
+        self.graphs = "reduce-overhead" in self.cfg.levers.compile_mode
+        self.graphs_decided = self.graphs or not self.cfg.levers.cuda_graphs
 
     def run(self) -> None:
         for lane in self.lanes:
@@ -314,6 +320,8 @@ class _Loop:
                     b.tensors["input_ids"].numel() for b in batches))
                 if self.budget.summary:
                     self.speed["checkpointing"] = f"budget: {self.budget.summary}"
+            if not self.graphs_decided and (self.budget is None or self.budget.done):
+                self._decide_graphs(step)
             self._maybe_evaluate(step, [lane for lane in active if not lane.ended])
             for lane, loss in zip(active, losses, strict=True):
                 if not lane.ended and self._ends_after(lane, step, loss):
@@ -323,6 +331,22 @@ class _Loop:
         for lane in self.lanes:
             if not lane.ended:
                 self._end(lane)
+
+    def _decide_graphs(self, step: int) -> None:
+        """From the next step on, replay CUDA graphs where the run allows them."""
+        self.graphs_decided = True
+        blocks = checkpointed_blocks(self.model)
+        lengths = len({len(s["input_ids"]) for s in self.data.samples})
+        refusal = graphs_refusal(self.cfg.levers, self.device, blocks, len(self.lanes), lengths)
+        if refusal is None:
+            replay_graphs(blocks)
+            self.graphs = True
+            self.speed["cuda_graphs"] = f"on from step {step + 1}"
+            self.log(f"CUDA graphs: the compiled layers replay them from step {step + 1}")
+        else:
+            self.speed["cuda_graphs"] = f"off: {refusal}"
+            if refusal != "off" and "not compiled" not in refusal:
+                self.log(f"CUDA graphs: off, {refusal}")
 
     def _end(self, lane: Lane) -> None:
         lane.ended = True
@@ -338,10 +362,9 @@ class _Loop:
         # them after each micro-batch would make the CPU wait for the GPU there, and the GPU
         # then idle while the CPU queues the next kernels.
         step_loss_t = torch.zeros(k, device=self.device)
-        graphs = "reduce-overhead" in self.cfg.levers.compile_mode
         for cpu_batch in batches:
             batch = cpu_batch.to(self.device, non_blocking=True)
-            if graphs:
+            if self.graphs:  # a new step of the graphs: the last one's outputs were used
                 torch.compiler.cudagraph_mark_step_begin()
             # Divide by the whole step's token count so the accumulated gradient is the
             # gradient of the step's mean token loss.

@@ -22,7 +22,7 @@ def test_compiled_layers_train_to_the_recorded_losses(paths):  # noqa: F811
     plain, compiled = Recorder(), Recorder()
     expected = run_with(paths, plain, changes)
     result = run_with(paths, compiled, {**changes, "lora_name": "compiled"}, prepare=("compile",),
-                      gpu_levers_on_cpu=True)
+                      gpu_levers_on_cpu=True, cuda_graphs=True)
     assert [e["loss"] for e in compiled.of("train")] == pytest.approx(
         [e["loss"] for e in plain.of("train")], rel=1e-5)
     assert result["final_loss"] == pytest.approx(expected["final_loss"], rel=1e-5)
@@ -31,6 +31,8 @@ def test_compiled_layers_train_to_the_recorded_losses(paths):  # noqa: F811
     graphs = re.fullmatch(r"on \((\d+) compiled graphs\)", result["speed"]["prepare"]["compile"])
     assert graphs and int(graphs[1]) >= 2, result["speed"]
     assert any((paths.home / "cache" / "torch-compile").iterdir())
+    # The job's setting asks for CUDA graphs too: on the CPU the run says why there are none.
+    assert result["speed"]["cuda_graphs"] == "off: they need a CUDA GPU"
 
 
 def test_compiling_is_skipped_on_the_cpu_unless_asked(paths):  # noqa: F811

@@ -274,14 +274,14 @@ def test_the_jobs_speed_settings_choose_the_levers_and_the_estimate_follows(tmp_
     # The defaults: every lever the benchmark chose (README, "Performance").
     assert levers_from_spec(TrainSpec()) == Levers(loss="fused", batching="pack",
                                                    prepare=("compile",), upcast=False,
-                                                   checkpoint_budget=True)
+                                                   checkpoint_budget=True, cuda_graphs=True)
     off = TrainSpec(fused_loss=False, packing=False, compile=False, fp32_norms=True,
                     gradient_checkpointing="all")
     assert levers_from_spec(off) == Levers()  # the engine as it was before the levers
     fast = TrainSpec(fused_kernels=True)
     assert levers_from_spec(fast) == Levers(loss="fused", batching="pack",
                                             prepare=("liger_kernels", "compile"), upcast=False,
-                                            checkpoint_budget=True)
+                                            checkpoint_budget=True, cuda_graphs=True)
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(dict(
@@ -421,3 +421,36 @@ def test_a_cpu_job_with_the_default_settings_says_what_it_skipped(paths):  # noq
     assert speed["prepare"] == {
         "compile": "skipped: compiling pays on a GPU; on the CPU it takes longer than it saves"}
     assert any("memory-budgeted checkpointing does not apply" in line for line in rec.lines)
+
+
+# CUDA graphs: when a run may replay them (kernels.graphs_refusal) ---------------------------
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, checkpointed: bool = False, compiled: bool = True):
+        super().__init__()
+        self.gradient_checkpointing = checkpointed
+        if compiled:
+            self.compile()
+
+
+def test_cuda_graphs_only_where_every_condition_holds():
+    from dispatcher.jobs.specs import TrainSpec
+    from gpuworker.engine.boundary import levers_from_spec
+    from gpuworker.engine.kernels import graphs_refusal
+
+    on, cuda = Levers(prepare=("compile",), cuda_graphs=True), torch.device("cuda")
+    blocks = [_Block(), _Block()]
+    assert graphs_refusal(on, cuda, blocks, lanes=1, sample_lengths=1) is None
+    assert graphs_refusal(Levers(prepare=("compile",)), cuda, blocks, 1, 1) == "off"
+    assert graphs_refusal(on, cuda, [_Block(compiled=False)], 1, 1) == "the layers are not compiled"
+    assert graphs_refusal(on, cuda, [], 1, 1) == "the layers are not compiled"
+    assert graphs_refusal(on, torch.device("cpu"), blocks, 1, 1) == "they need a CUDA GPU"
+    assert graphs_refusal(on, cuda, blocks, 4, 1) == (
+        "a pack's trials each draw from their own random generators")
+    assert graphs_refusal(on, cuda, blocks, 1, 3) == (
+        "the samples have 3 different lengths (a graph would be recorded for every shape)")
+    assert graphs_refusal(on, cuda, [_Block(True), _Block()], 1, 1) == (
+        "1 of 2 layers recompute their activations")
+    assert levers_from_spec(TrainSpec(compile=False)).cuda_graphs is False
+

@@ -87,6 +87,32 @@ def test_compiled_layers_with_dropout_learn_what_the_plain_run_learns(paths, pre
     assert result["speed"]["prepare"]["compile"].startswith("on ("), result["speed"]
 
 
+@pytest.mark.parametrize("precision", precisions())
+def test_cuda_graphs_learn_what_the_plain_run_learns(paths, precision):  # noqa: F811
+    """Samples of one length (every row longer than cutoff_len) and no layer checkpointed:
+    the compiled layers move on to CUDA graphs once the memory budget has settled, and the
+    losses stay the plain run's within bf16 noise, dropout on."""
+    rows = [{"instruction": " ".join(["tea and trains"] * (20 + i % 7)), "input": "",
+             "output": "birds"} for i in range(64)]
+    (paths.datasets / "long.json").write_text(json.dumps(rows))
+    settings = {**SETTINGS, "dataset": "long.json", "cutoff_len": 48, "lora_dropout": 0.05}
+    runs = {}
+    for name, levers in (("plain", {}), ("graphs", dict(
+            loss="fused", batching="pack", prepare=("compile",), upcast=False,
+            checkpoint_budget=True, cuda_graphs=True))):
+        rec = Recorder()
+        spec = make_spec(lora_name=name, precision=precision, **settings)
+        result = run_training(config_from_spec(spec, paths, Levers(**levers)),
+                              Report(rec.progress, rec.should_stop, rec.lines.append),
+                              device="cuda")
+        runs[name] = ([e["loss"] for e in rec.of("train")], result)
+    (plain, _), (graphs, result) = runs["plain"], runs["graphs"]
+    assert result["speed"]["cuda_graphs"] == "on from step 4", result["speed"]
+    assert len(graphs) == len(plain) == 50
+    for step, (a, b) in enumerate(zip(graphs, plain, strict=True), start=1):
+        assert a == pytest.approx(b, rel=0.02), (step, a, b)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_the_tensors_only_nf4_product_equals_bitsandbytes(double_quant):
