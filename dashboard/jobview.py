@@ -72,7 +72,25 @@ def job_detail(job_id: str) -> dict[str, Any]:
     rec["lora_available"] = lora_available(rec, svc.settings.paths)
     rec.update(list_fields(rec))
     rec["summary"] = summary(rec, svc.settings.paths, lora_names_in_use())
+    rec["pack_mates"] = pack_mates(rec)
     return with_queue_place(rec)
+
+
+def _ids(text: Any) -> list[str]:
+    """A comma-separated list of job ids (a record's `pack_jobs`, a heartbeat's `jobs`)."""
+    return [i for i in str(text or "").split(",") if i]
+
+
+def pack_mates(rec: dict[str, Any]) -> list[dict[str, str]]:
+    """The other trials of the pack a sweep's trial was last assigned with ({id, name,
+    state}, in the pack's order; [] for a trial that trains alone or any other job). A trial
+    whose record was deleted since is named by its id."""
+    others = [i for i in _ids(rec.get("pack_jobs")) if i != rec["id"]]
+    if not rec.get("pack") or not others:
+        return []
+    found = {j["id"]: j for j in services().store.get_many(others)}
+    return [{"id": i, "name": str(found.get(i, {}).get("name") or i),
+             "state": str(found.get(i, {}).get("state") or "")} for i in others]
 
 
 def job_filters(args: Any) -> tuple[list[str], list[str]]:
@@ -92,15 +110,28 @@ def check_may_manage(rec: dict[str, Any], action: str) -> None:
 
 
 def workers_with_jobs() -> list[dict[str, Any]]:
-    """Every worker, with the name and owner of the job it runs (job_name, job_owner)."""
+    """Every worker, with the name and owner of the job it runs (job_name, job_owner); a worker
+    that trains a pack (its heartbeat's `pack` "<sweep>:<number>" and `jobs`) also with
+    pack_sweep, pack_number and pack_trials ({id, name} of each trial, in the pack's order)."""
     svc = services()
     out = svc.fleet.workers()
     for w in out:
+        if w.get("pack") and _ids(w.get("jobs")):
+            sweep, _, number = str(w["pack"]).rpartition(":")
+            ids = _ids(w["jobs"])
+            found = {j["id"]: j for j in svc.store.get_many(ids)}
+            w["pack_sweep"], w["pack_number"] = sweep, number
+            w["pack_trials"] = [{"id": i, "name": _job_name(found[i]) if i in found else i}
+                                for i in ids]
         if w.get("job"):
             try:
                 rec = svc.store.get(w["job"])
             except JobNotFound:
                 continue  # it ended and was removed since the heartbeat: no job to name
             w["job_owner"] = rec.get("owner", "")
-            w["job_name"] = (rec.get("spec") or {}).get("lora_name") or rec.get("kind", "")
+            w["job_name"] = _job_name(rec)
     return out
+
+
+def _job_name(rec: dict[str, Any]) -> str:
+    return (rec.get("spec") or {}).get("lora_name") or rec.get("kind", "")

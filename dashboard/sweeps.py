@@ -35,6 +35,8 @@ from dispatcher.schedule.sweeps import (
     summary,
     trial_rows,
 )
+from dispatcher.schedule.sweeps.packs import MAX_PACK
+from dispatcher.schedule.sweeps.results import trial_packs
 
 bp = Blueprint("sweeps", __name__, template_folder="templates")
 API = "/api/v1/sweeps"
@@ -61,8 +63,10 @@ def sweep_detail(sweep_id: str, with_curves: bool = False) -> dict[str, Any]:
     rec = sweeps.get(sweep_id)
     rows = trial_rows(sweeps, rec, time.time(), with_curves=with_curves)
     # `varied` keeps the parameters' order: JSON responses sort the keys of `parameters`.
+    # The record's `pack` and `pack_size` are the sweep's settings; `packs` what it formed.
     return {**rec, "rows": rows, "summary": summary(rec, rows), "best": best_trial(rows),
-            "decisions": sweeps.decisions(sweep_id), "varied": list(rec["parameters"] or {})}
+            "packs": trial_packs(rows), "decisions": sweeps.decisions(sweep_id),
+            "varied": list(rec["parameters"] or {})}
 
 
 # API ------------------------------------------------------------------------------------------
@@ -151,8 +155,9 @@ def list_sweeps():
     out = []
     for rec in sweeps.list():
         rows = trial_rows(sweeps, rec)
-        out.append({k: rec[k] for k in ("id", "name", "owner", "created", "method",
-                                        "max_concurrent", "finished", "cancelled")}
+        out.append({k: rec.get(k) for k in ("id", "name", "owner", "created", "method",
+                                            "max_concurrent", "pack", "pack_size", "finished",
+                                            "cancelled")}
                    | {"summary": summary(rec, rows), "varied": list(rec["parameters"] or {})})
     return jsonify({"sweeps": out})
 
@@ -221,10 +226,29 @@ def new_sweep_page():
     varyable = [f.name for _, group in sections for f in group if f.name != "lora_name"]
     return render_template("sweep_new.html", sections=sections, priorities=list(PRIORITIES),
                            methods=METHODS, copied_from=copied_from, train_jobs=train_jobs,
-                           varyable=varyable, choices=data_choices, nav="sweeps")
+                           varyable=varyable, choices=data_choices, max_pack=MAX_PACK,
+                           nav="sweeps")
 
 
 @bp.get("/sweeps/<sweep_id>")
 def sweep_page(sweep_id: str):
     detail = sweep_detail(sweep_id)  # SweepNotFound: the 404 page
-    return render_template("sweep.html", sweep=detail, nav="sweeps")
+    return render_template("sweep.html", sweep=detail, nav="sweeps", pack_setting=pack_setting,
+                           pack_head=pack_head)
+
+
+def pack_setting(rec: dict[str, Any]) -> str:
+    """A sweep's pack setting in words: "auto (size: as the card fits)", "auto (size: 4)",
+    "off" (the CLI's `sweeps ID` words it the same way)."""
+    if rec.get("pack") != "auto":
+        return "off"
+    size = rec.get("pack_size") or 0
+    return f"auto (size: {size if size else 'as the card fits'})"
+
+
+def pack_head(pack: dict[str, Any]) -> str:
+    """What a pack's line on the Sweep page says before its trials' names: "pack 2: 4 trials on
+    gpu0" (sweep.js words it the same way; the CLI's `sweeps ID` too)."""
+    n = len(pack["trials"])
+    return (f"pack {pack['pack']}: {n} trial{'' if n == 1 else 's'}"
+            + (f" on {pack['worker']}" if pack.get("worker") else ""))

@@ -34,6 +34,29 @@
     return cell;
   }
 
+  function link(href, text) {
+    const a = document.createElement("a");
+    a.href = href;
+    a.textContent = text;
+    return a;
+  }
+
+  // A card that trains a pack (as fleet.html words it): "pack 2 of sweep S: 4 trials (a, b, ...)".
+  function packCell(w) {
+    const span = document.createElement("span");
+    span.setAttribute("data-testid", "worker-pack");
+    const n = w.pack_trials.length;
+    span.append(`pack ${w.pack_number} of sweep `,
+      link(`/sweeps/${encodeURIComponent(w.pack_sweep)}`, w.pack_sweep),
+      `: ${n} trial${n === 1 ? "" : "s"} (`);
+    w.pack_trials.forEach((t, i) => {
+      if (i) span.append(", ");
+      span.appendChild(link(`/jobs/${encodeURIComponent(t.id)}`, t.name));
+    });
+    span.append(")");
+    return span;
+  }
+
   function row(w) {
     const tr = document.createElement("tr");
     tr.setAttribute("data-testid", "worker-row");
@@ -70,7 +93,9 @@
     st.appendChild(badge);
     tr.appendChild(st);
     const job = td("job");
-    if (w.job) {
+    if (w.pack_trials && w.pack_trials.length) {
+      job.appendChild(packCell(w));
+    } else if (w.job) {
       const a = document.createElement("a");
       a.href = `/jobs/${encodeURIComponent(w.job)}`;
       a.textContent = w.job_name || w.job;

@@ -57,6 +57,23 @@
     }));
   }
 
+  // A sweep's trial in a pack: " · pack 2: trained together with a, b, c" (as job.html).
+  function drawPack(rec) {
+    const box = $("job-pack");
+    if (!box || !Array.isArray(rec.pack_mates)) return;
+    const jobUrl = $("job-sweep").dataset.jobUrl;
+    box.replaceChildren();
+    box.hidden = !rec.pack_mates.length;
+    if (!rec.pack_mates.length) return;
+    box.append(` · pack ${rec.pack}: trained together with `);
+    rec.pack_mates.forEach((m, i) => {
+      const a = document.createElement("a");
+      a.href = jobUrl.replace("JOB_ID", encodeURIComponent(m.id));
+      a.textContent = m.name;
+      box.append(...(i ? [", ", a] : [a]));
+    });
+  }
+
   function applyRecord(rec) {
     $("job-worker").textContent = rec.worker || "—";
     $("job-owner").textContent = rec.owner || "";
@@ -66,6 +83,7 @@
     if (tryIt) tryIt.hidden = !(rec.lora_available && ["succeeded", "cancelled"].includes(rec.state));
     if (rec.stop_requested && !LF.TERMINAL.includes(rec.state)) showStopping();
     if (Array.isArray(rec.history)) drawHistory(rec.history);
+    drawPack(rec);
     const sel = $("priority-select");
     if (rec.priority) sel.value = rec.priority;
     sel.disabled = !mine || !["queued", "retrying"].includes(rec.state);

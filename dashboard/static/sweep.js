@@ -1,6 +1,7 @@
-/* Sweep page: the trials table (sortable, best trial marked, cancel per trial), every loss curve
-   on one uPlot chart (a hovered curve or table row is highlighted), a scatter of a parameter
-   against a result, and Cancel sweep. Polls the sweep's API while it is not finished. */
+/* Sweep page: the trials table (sortable, best trial marked, cancel per trial), the packs its
+   trials trained in, every loss curve on one uPlot chart (a hovered curve or table row is
+   highlighted), a scatter of a parameter against a result, and Cancel sweep. Re-reads the
+   sweep's API when the live feed says one of its trials moved. */
 "use strict";
 
 (function () {
@@ -11,6 +12,8 @@
   const jobUrl = page.getAttribute("data-job-url");
   let sweep = JSON.parse(document.getElementById("sweep-data").textContent);
   const varied = sweep.varied;  // in the sweep's order (the keys of `parameters` are sorted)
+  // The pack column is there when the sweep packs (or did): sweep.html decides.
+  const packColumn = Boolean(page.querySelector('th[data-sort="pack"]'));
   let sort = { key: null, dir: 1 };
   let plot = null, plotIds = [], plotRows = [];
   const COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#db2777", "#0891b2",
@@ -92,6 +95,11 @@
       tr.appendChild(ppl);
       tr.appendChild(cell(fmt.num(r.tokens_per_s, 0), "num"));
       tr.appendChild(cell(LF.fmtDuration(r.gpu_time_s), "num"));
+      if (packColumn) {
+        const pack = cell(r.pack || "", "num");
+        pack.dataset.testid = "trial-pack";
+        tr.appendChild(pack);
+      }
       const act = document.createElement("td");
       if (mine && !LF.TERMINAL.includes(r.state)) {
         const b = document.createElement("button");
@@ -130,6 +138,38 @@
       `${s.trials} trials: ${s.succeeded} succeeded, ${s.failed} failed, ` +
       `${s.stopped_early} stopped early, ${s.cancelled} cancelled, ${s.running} running, ${s.queued} queued`;
     $("cancel-sweep").hidden = !mine || Boolean(sweep.finished) || Boolean(sweep.cancelled);
+  }
+
+  // ---- packs --------------------------------------------------------------------------------
+  // "pack 2: 4 trials on gpu0 — a, b, c, d" (pack_head in dashboard/sweeps.py says the same).
+  function packHead(p) {
+    const n = p.trials.length;
+    return `pack ${p.pack}: ${n} trial${n === 1 ? "" : "s"}` + (p.worker ? ` on ${p.worker}` : "");
+  }
+
+  function drawPacks() {
+    const packs = sweep.packs || [];
+    $("sweep-packs").hidden = !packs.length;
+    $("pack-list").replaceChildren(...packs.map((p) => {
+      const li = document.createElement("li");
+      li.dataset.testid = "sweep-pack";
+      li.dataset.pack = p.pack;
+      li.dataset.running = p.running ? "yes" : "no";
+      li.append(`${packHead(p)} — `);
+      p.trials.forEach((name, i) => {
+        const a = document.createElement("a");
+        a.href = jobUrl.replace("JOB_ID", encodeURIComponent(p.jobs[i]));
+        a.textContent = name;
+        li.append(...(i ? [", ", a] : [a]));
+      });
+      if (p.running) {
+        const note = document.createElement("span");
+        note.className = "muted";
+        note.textContent = "(training)";
+        li.append(" ", note);
+      }
+      return li;
+    }));
   }
 
   // ---- loss curves ---------------------------------------------------------------------------
@@ -318,6 +358,7 @@
   // ---- data ----------------------------------------------------------------------------------
   function drawAll() {
     drawSummary();
+    drawPacks();
     drawTable();
     drawChart();
     drawScatter();

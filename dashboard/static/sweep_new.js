@@ -62,21 +62,23 @@
   markSwept();
 
   // Each sweep setting only where it applies: trials and seed for a random search,
-  // reduction_factor for ASHA, min_trials for median, rungs for either policy.
+  // reduction_factor for ASHA, min_trials for median, rungs for either policy, pack_size
+  // with packs on.
   const APPLIES = {
     trials: (m) => m === "random",
     seed: (m) => m === "random",
     "early_stopping.rungs": (m, p) => p !== "none",
     "early_stopping.reduction_factor": (m, p) => p === "asha",
     "early_stopping.min_trials": (m, p) => p === "median",
+    pack_size: (m, p, pack) => pack === "auto",
   };
   function showApplicable() {
-    const method = setting("method"), policy = setting("policy");
+    const method = setting("method"), policy = setting("policy"), pack = setting("pack");
     Object.entries(APPLIES).forEach(([name, applies]) => {
-      form.querySelector(`.field[data-setting="${name}"]`).hidden = !applies(method, policy);
+      form.querySelector(`.field[data-setting="${name}"]`).hidden = !applies(method, policy, pack);
     });
   }
-  ["s-method", "s-policy"].forEach((n) => {
+  ["s-method", "s-policy", "s-pack"].forEach((n) => {
     form.querySelector(`[name="${n}"]`).addEventListener("change", showApplicable);
   });
 
@@ -131,6 +133,10 @@
       base: collectBase(), parameters: params, method: method,
       max_concurrent: Number(setting("max_concurrent") || 0), priority: setting("priority"),
     };
+    // pack_size only with packs on (a hidden field must not be refused unseen); what is typed
+    // goes as typed when it is not a number, so the API's refusal names it.
+    def.pack = setting("pack");
+    if (def.pack === "auto") def.pack_size = scalar(setting("pack_size") || "0");
     if (baseJob) def.base_job = baseJob;
     if (setting("name")) def.name = setting("name");
     if (method === "random") {

@@ -243,12 +243,15 @@ def _print_row(j: dict[str, Any]) -> None:
 
 
 def _print_details(j: dict[str, Any]) -> None:
-    """`lorafleet status JOB` below the row: the reason, the sweep, an evaluation's perplexity,
-    a generation's answers."""
+    """`lorafleet status JOB` below the row: the reason, the sweep and the trials of its pack,
+    an evaluation's perplexity, a generation's answers."""
     if j.get("reason"):
         click.echo(f"reason: {j['reason']}")
     if j.get("sweep"):
         click.echo(f"sweep: {j['sweep']}")
+    if j.get("pack_mates"):  # a trial trained in a pack (dashboard/jobview.py pack_mates)
+        mates = ", ".join(f"{m['name']} ({m['id']})" for m in j["pack_mates"])
+        click.echo(f"trained together with: {mates} (pack {j.get('pack')})")
     r = j.get("result") if isinstance(j.get("result"), dict) else {}
     if j.get("kind") == "evaluate" and r.get("perplexity") is not None:
         click.echo(f"perplexity: {float(r['perplexity']):.4f} over {r.get('tokens')} tokens"

@@ -98,16 +98,38 @@ def _loss(v: Any) -> str:
     return f"{float(v):.4f}" if v not in (None, "") else "-"
 
 
+def pack_setting(data: dict[str, Any]) -> str:
+    """A sweep's pack setting in words, as the Sweep page says it: "auto (size: as the card
+    fits)", "auto (size: 4)", "off" (a sweep from before packs: off)."""
+    if data.get("pack") != "auto":
+        return "off"
+    return f"auto (size: {data.get('pack_size') or 'as the card fits'})"
+
+
+def pack_line(pack: dict[str, Any]) -> str:
+    """One pack of a sweep: "pack 1: 4 trials on w1: a, b, c, d" ("(training)" while on the
+    card)."""
+    n = len(pack["trials"])
+    return (f"pack {pack['pack']}: {n} trial{'' if n == 1 else 's'}"
+            + (f" on {pack['worker']}" if pack.get("worker") else "")
+            + f": {', '.join(pack['trials'])}" + (" (training)" if pack.get("running") else ""))
+
+
 def _print_sweep(data: dict[str, Any]) -> None:
-    """One sweep: its counts, then a row per trial (the best one starred)."""
+    """One sweep: its counts, its pack setting and the packs it formed, then a row per trial
+    (the best one starred)."""
     m = data["summary"]
     click.echo(f"sweep {data['id']} {data['name']}: {m['state']}; {m['succeeded']} succeeded, "
                f"{m['failed']} failed, {m['stopped_early']} stopped early")
-    click.echo(f"{'JOB':<13}{'STATE':<15}{'LOSS':<9}{'EVAL':<9}{'PPL':<9}TRIAL")
+    click.echo(f"pack: {pack_setting(data)}")
+    for p in data.get("packs") or []:
+        click.echo(pack_line(p))
+    click.echo(f"{'JOB':<13}{'STATE':<15}{'LOSS':<9}{'EVAL':<9}{'PPL':<9}{'PACK':<6}TRIAL")
     for r in data["rows"]:
         star = " *best*" if r["id"] == data.get("best") else ""
         click.echo(f"{r['id']:<13}{r['display_state']:<15}{_loss(r['final_loss']):<9}"
-                   f"{_loss(r['best_eval_loss']):<9}{_loss(r['perplexity']):<9}{r['name']}{star}")
+                   f"{_loss(r['best_eval_loss']):<9}{_loss(r['perplexity']):<9}"
+                   f"{r.get('pack') or '-':<6}{r['name']}{star}")
 
 
 COMMANDS = (sweep, sweeps)

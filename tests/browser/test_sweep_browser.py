@@ -1,6 +1,7 @@
 """The Sweeps pages in headless Chromium against real processes: define a sweep in the form,
 preview its trials (a duplicate skipped), queue it, watch the Sweep page fill in (table, best
-trial, overlaid loss curves, scatter), sort the table, and cancel a running sweep."""
+trial, overlaid loss curves, scatter), sort the table, cancel a running sweep, and follow a
+pack (two trials trained together) on the Sweep, Job and Fleet pages."""
 
 from __future__ import annotations
 
@@ -111,11 +112,19 @@ def test_bad_values_are_shown_and_nothing_is_queued(fleet, page):
     page.goto(fleet.url + "/sweeps/new")
     _fill_base(page, **{**BASE, "epochs": 0})
     page.locator("[data-testid='vary-row'] [data-testid='vary-values']").fill("0, 8")
+    # pack_size shows only with packs on; the API's refusal lands next to it.
+    pack_size = page.locator(".field[data-setting='pack_size']")
+    page.locator("[name='s-pack']").select_option("off")
+    assert not pack_size.is_visible()
+    page.locator("[name='s-pack']").select_option("auto")
+    page.locator("[name='s-pack_size']").fill("9")
     page.locator("[data-testid='submit-sweep']").click()
     err = page.locator("[data-testid='vary-row'] .vary-error")
     err.wait_for(state="visible", timeout=10000)
     assert "value 0" in err.inner_text()
     assert page.locator("[data-testid='error-epochs']").is_visible()
+    assert page.locator("[data-testid='error-pack_size']").inner_text() == (
+        "must be a whole number from 0 to 8, got 9")
     assert page.url.endswith("/sweeps/new")
     assert len(fleet.store.list()) == before
 
@@ -134,3 +143,48 @@ def test_cancel_a_running_sweep(fleet, page):
         timeout=60000)
     assert page.locator("[data-testid='trial-state']").all_inner_texts() == ["cancelled"] * 2
     assert not page.locator("[data-testid='cancel-sweep']").is_visible()
+
+
+def test_a_pack_on_the_sweep_job_and_fleet_pages(fleet, page):
+    """Two trials that can share the tiny base, both allowed at once: the dispatcher hands them
+    to the worker as one pack, which trains them together; the Sweep page lists the pack and
+    fills the pack column, a trial's page names the other, the Fleet page shows the pack."""
+    body = {"base": small_spec(lora_name="br-pack", epochs=200),
+            "parameters": {"lora_rank": [4, 8]}, "max_concurrent": 2}
+    sid = fleet.http.post(fleet.url + "/api/v1/sweeps", json=body, timeout=10).json()["id"]
+    try:
+        page.goto(f"{fleet.url}/sweeps/{sid}")
+        assert "pack: auto (size: as the card fits)" in page.locator(
+            "[data-testid='sweep-pack-setting']").inner_text()
+        pack = page.locator("[data-testid='sweep-pack']")
+        pack.wait_for(timeout=60000)  # drawn live when the dispatcher forms it
+        assert pack.inner_text().startswith("pack 1: 2 trials on sw1 — br-pack-r4, br-pack-r8")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll(\"[data-testid='trial-state']\")]"
+            ".every((e) => e.textContent === 'running')", timeout=60000)
+        assert page.locator("[data-testid='trial-pack']").all_inner_texts() == ["1", "1"]
+        assert "(training)" in pack.inner_text()
+        first = page.locator("[data-testid='trial-row']").first.get_attribute("data-job-id")
+        mate = page.locator("[data-testid='trial-row']").nth(1).get_attribute("data-job-id")
+
+        page.goto(f"{fleet.url}/jobs/{first}")
+        together = page.locator("[data-testid='job-pack']")
+        assert together.inner_text().strip() == "· pack 1: trained together with br-pack-r8"
+        assert together.locator("a").get_attribute("href") == f"/jobs/{mate}"
+
+        page.goto(f"{fleet.url}/fleet")
+        card = page.locator("[data-worker='sw1'] [data-testid='worker-pack']")
+        card.wait_for(timeout=30000)
+        assert card.inner_text() == f"pack 1 of sweep {sid}: 2 trials (br-pack-r4, br-pack-r8)"
+        # Drawn again by fleet.js (Refresh): the same words.
+        card.evaluate("e => { e.dataset.fromServer = 'yes'; }")
+        page.locator("#refresh-workers").click()
+        page.wait_for_function(
+            "() => { const e = document.querySelector(\"[data-worker='sw1'] "
+            "[data-testid='worker-pack']\"); return e && !e.dataset.fromServer; }",
+            timeout=10000)
+        assert card.inner_text() == f"pack 1 of sweep {sid}: 2 trials (br-pack-r4, br-pack-r8)"
+    finally:
+        fleet.http.post(f"{fleet.url}/api/v1/sweeps/{sid}/cancel", timeout=10)
+    for t in fleet.http.get(f"{fleet.url}/api/v1/sweeps/{sid}", timeout=10).json()["rows"]:
+        fleet.wait_for_state(t["id"], ("cancelled",), timeout=60)

@@ -1,5 +1,6 @@
 """A sweep's results: one row per trial (the Sweep page, the API and the CSV), the best trial,
-and counts of the trials by outcome with the sweep's own state."""
+the packs its trials trained in, and counts of the trials by outcome with the sweep's own
+state."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def trial_rows(sweeps: SweepStore, rec: dict[str, Any], now: float | None = None
                with_curves: bool = False) -> list[dict[str, Any]]:
     """One row per trial for the Sweep page, the API and the CSV: varied values, state
     ("stopped early" counted apart from cancelled), final training loss, best eval loss,
-    perplexity (when evaluated), tokens/s and GPU time (seconds on a worker)."""
+    perplexity (when evaluated), tokens/s, GPU time (seconds on a worker), its worker and its
+    pack (the number of the pack it was last assigned with; None before it was assigned, or
+    when it was last assigned alone)."""
     now = time.time() if now is None else now
     store = sweeps.store
     jobs = {j["id"]: j for j in sweeps.trial_jobs(rec)}
@@ -73,7 +76,9 @@ def _row(trial: dict[str, Any], job: dict[str, Any], events: list[dict[str, Any]
         "perplexity": perplexity, "tokens_per_s": tps, "gpu_time_s": gpu_time,
         "eval_job": eval_job["id"] if eval_job else None,
         "eval_state": eval_job["state"] if eval_job else None,
-        "owner": job.get("owner"),
+        "owner": job.get("owner"), "worker": job.get("worker") or "",
+        # The dispatcher's pack number ("" once the trial was assigned alone; absent before).
+        "pack": job.get("pack") or None,
     }
     if with_curves:
         row["curve"] = train
@@ -88,6 +93,30 @@ def best_trial(rows: list[dict[str, Any]]) -> str | None:
     key = "best_eval_loss" if any(r["best_eval_loss"] is not None for r in done) else "final_loss"
     scored = [r for r in done if r.get(key) is not None]
     return min(scored, key=lambda r: float(r[key]))["id"] if scored else None
+
+
+def trial_packs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The packs the sweep's trials were trained in, in pack-number order: the rows grouped by
+    their `pack`, each with its worker (its trials' records name it), its trials' names and job
+    ids in trial order, and `running` while one of them holds the card (assigned or running).
+    A trial counts in the pack it was last assigned with (a pack split or re-queued for lack of
+    memory leaves its trials in the next one)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("pack"):
+            groups.setdefault(str(r["pack"]), []).append(r)
+    return [{"pack": number,
+             "worker": next((r["worker"] for r in members if r.get("worker")), ""),
+             "trials": [r["name"] for r in members], "jobs": [r["id"] for r in members],
+             "running": any(r["state"] in ACTIVE_VALUES for r in members)}
+            for number, members in sorted(groups.items(), key=_pack_order)]
+
+
+def _pack_order(item: tuple[str, Any]) -> tuple[int, int, str]:
+    """Pack numbers count up from 1 (dispatcher.schedule.scheduler): 2 before 10 (anything
+    else after them)."""
+    number = item[0]
+    return (0, int(number), "") if number.isdigit() else (1, 0, number)
 
 
 def summary(rec: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
