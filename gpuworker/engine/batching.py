@@ -5,7 +5,7 @@ end to end in one row. Neither changes which samples make up a step (levers.py).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -23,18 +23,21 @@ class Batch:
     tokens: int     # real (not padding) tokens: what tokens/s counts
     targets: int    # label tokens: positions whose next token is learned
     padded: bool    # some row holds padding: positions must come from the mask
+    # Packed rows for the variable-length attention (attention.py): `cu_seq_lens` among the
+    # tensors marks where each sample starts in every row, and no sample is longer than this.
+    segment_max: int = 0
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()}
-        return Batch(tensors=moved, tokens=self.tokens, targets=self.targets, padded=self.padded)
+        return replace(self, tensors=moved)
 
     def repeat(self, k: int) -> Batch:
         """The rows k times over, one copy after another (a pack: one copy per trial); the
-        counts stay one copy's."""
+        counts stay one copy's, and the rows keep one layout of samples."""
         if k == 1:
             return self
-        return Batch(tensors={n: torch.cat([v] * k) for n, v in self.tensors.items()},
-                     tokens=self.tokens, targets=self.targets, padded=self.padded)
+        return replace(self, tensors={n: v if n == CU_SEQ_LENS else torch.cat([v] * k)
+                                      for n, v in self.tensors.items()})
 
 
 class Batcher(Protocol):
@@ -81,6 +84,9 @@ class PadBatcher:
             yield self.collate(samples[start:start + micro_batch_size])
 
 
+# Where a packed row's samples start (0, l1, l1 + l2, ..., T), for the variable-length attention.
+CU_SEQ_LENS = "cu_seq_lens"
+
 # Tokens in one packed row at the most (unless a single sample is longer): the row's attention
 # mask is rows x rows booleans (16 MB at 4096), so a micro-batch larger than this is split
 # into several rows, each its own forward pass.
@@ -97,13 +103,18 @@ class PackBatcher:
 
     A micro-batch whose samples are all of one length (raw text's chunks, mostly) has no
     padding to save: it keeps the padded layout, rows of their own with the plain causal
-    attention, which is faster than one long row with a mask."""
+    attention, which is faster than one long row with a mask.
+
+    With `varlen` (the longest a sample can be: the run's cutoff_len) a row carries where its
+    samples start instead of the (T, T) mask, for the variable-length attention kernel
+    (attention.py), which computes no attention between samples at all."""
 
     name = "pack"
 
-    def __init__(self, row_tokens: int = PACK_ROW_TOKENS, pad_id: int = 0):
+    def __init__(self, row_tokens: int = PACK_ROW_TOKENS, pad_id: int = 0, varlen: int = 0):
         self.row_tokens = row_tokens
         self.unpadded = PadBatcher(pad_id)
+        self.varlen = varlen
 
     def batches(self, samples: list[dict[str, Any]]) -> list[Batch]:
         if len({len(s["input_ids"]) for s in samples}) <= 1:
@@ -133,12 +144,21 @@ class PackBatcher:
             labels += [IGNORE_INDEX] + list(sample.get("labels", sample["input_ids"]))[1:]
             positions += range(n)
             segment += [k] * n
-        seg = torch.tensor(segment)
-        causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
-        mask = (seg[:, None] == seg[None, :]) & causal  # (T, T): True where a token may look
         t = {"input_ids": torch.tensor([ids], dtype=torch.long),
              "labels": torch.tensor([labels], dtype=torch.long),
-             "attention_mask": mask[None, None], "position_ids": torch.tensor([positions])}
+             "position_ids": torch.tensor([positions])}
+        if self.varlen:
+            starts = [0]
+            for sample in samples:
+                starts.append(starts[-1] + len(sample["input_ids"]))
+            t["attention_mask"] = torch.ones(1, len(ids), dtype=torch.long)
+            t[CU_SEQ_LENS] = torch.tensor(starts, dtype=torch.int32)
+            longest = max(len(sample["input_ids"]) for sample in samples)
+            return Batch(tensors=t, tokens=len(ids), targets=label_tokens(t["labels"]),
+                         padded=False, segment_max=max(self.varlen, longest))
+        seg = torch.tensor(segment)
+        causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+        t["attention_mask"] = ((seg[:, None] == seg[None, :]) & causal)[None, None]  # (T, T)
         return Batch(tensors=t, tokens=len(ids), targets=label_tokens(t["labels"]), padded=False)
 
     def step(self, micro_batches: list[list[dict[str, Any]]]) -> list[Batch]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from gpuworker.engine import attention
 from gpuworker.engine.batching import (  # noqa: F401  (the levers' parts, by one name)
     PACK_ROW_TOKENS,
     Batch,
@@ -119,6 +120,9 @@ def make_batcher(levers: Levers, pad_id: int, cutoff_len: int, model: Any = None
             padded = PadBatcher(pad_id)
             padded.name = f"pad (pack skipped: {e})"  # as the run records it
             return padded
+        # Each sample's own attention through the variable-length kernel, not a row's mask.
+        attention.install()
+        batcher.varlen = cutoff_len
     return batcher
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gpuworker.engine.batching import Batch
+from gpuworker.engine import attention
+from gpuworker.engine.batching import CU_SEQ_LENS, Batch
 from gpuworker.engine.data import IGNORE_INDEX
 from gpuworker.errors import LeverSkipped
 
@@ -50,6 +51,8 @@ class Forward:
     def __call__(self, model: Any, batch: Batch) -> torch.Tensor:
         t = batch.tensors
         kw = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+        if CU_SEQ_LENS in t:  # packed rows for the variable-length attention (attention.py)
+            kw.update({attention.CU_SEQ_LENS: t[CU_SEQ_LENS], attention.MAX_LEN: batch.segment_max})
         if "position_ids" in t:
             return getattr(model(**kw, position_ids=t["position_ids"]), self.read)
         # No padding in the batch: the model's own positions are right.

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpuworker.engine import levers
+from gpuworker.engine import attention, levers
 from gpuworker.engine.boundary import config_from_spec
 from gpuworker.engine.config import Levers
 from gpuworker.engine.report import Report
@@ -153,16 +153,56 @@ def test_the_packed_loss_and_gradients_equal_the_padded_ones(tiny_model_dir, los
         samples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
     fn = levers.LOSSES[loss](contextlib.nullcontext)
     results = []
-    for batcher in (levers.PadBatcher(pad_id=0), levers.PackBatcher()):
+    attention.install()  # a packed row with its samples' offsets, not its mask (a job's way)
+    for batcher in (levers.PadBatcher(pad_id=0), levers.PackBatcher(),
+                    levers.PackBatcher(varlen=16)):
         model.zero_grad()
         total = sum(fn(model, b) for b in batcher.step([samples]))
         total.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((total.item(), grads))
-    (pad_loss, pad_grads), (pack_loss, pack_grads) = results
-    assert pack_loss == pytest.approx(pad_loss, rel=1e-5)
-    for name, g in pad_grads.items():
-        torch.testing.assert_close(pack_grads[name], g, rtol=1e-4, atol=1e-6)
+    (pad_loss, pad_grads), *packed = results
+    for pack_loss, pack_grads in packed:
+        assert pack_loss == pytest.approx(pad_loss, rel=1e-5)
+        for name, g in pad_grads.items():
+            torch.testing.assert_close(pack_grads[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_a_varlen_row_carries_its_samples_offsets_instead_of_a_mask():
+    packed, = levers.PackBatcher(varlen=512).step([SAMPLES])
+    t = packed.tensors
+    assert t["input_ids"].tolist() == [[1, 5, 6, 7, 1, 8, 1, 9, 10]]
+    assert t["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2]]
+    assert t["cu_seq_lens"].tolist() == [0, 4, 6, 9] and t["cu_seq_lens"].dtype == torch.int32
+    assert t["attention_mask"].tolist() == [[1] * 9]  # no (T, T) mask is built
+    assert (packed.tokens, packed.targets, packed.padded, packed.segment_max) == (9, 5, False, 512)
+    # A pack's copies of the row (one per trial) share the one layout of samples.
+    three = packed.repeat(3)
+    assert three.tensors["input_ids"].shape == (3, 9)
+    assert three.tensors["cu_seq_lens"].tolist() == [0, 4, 6, 9] and three.segment_max == 512
+
+
+def test_varlen_attention_equals_the_masked_attention_with_grouped_heads():
+    """attention.packed_attention on the CPU (each sample's slice, causal) against SDPA over
+    the row's block-diagonal mask: two rows of one layout, 4 query heads sharing 2 key/value
+    heads, fp32; outputs and the gradients of q, k and v."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 4, 6, 9], dtype=torch.int32)
+    q = torch.randn(2, 4, 9, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+    out = attention.packed_attention(q, k, v, cu, 16, scaling=0.3)
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor([4, 2, 3]))
+    mask = (seg[:, None] == seg[None, :]) & torch.ones(9, 9, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                         attn_mask=mask, scale=0.3).transpose(1, 2)
+    assert out.shape == (2, 9, 4, 8)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for g, r in zip(grads, torch.autograd.grad(ref.square().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("case", ["dataset", "raw"])
