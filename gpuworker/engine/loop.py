@@ -175,6 +175,14 @@ class Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
+    def release(self) -> None:
+        """Drop the optimizer's state (a pack's trial that ended: its moments are memory the
+        trials still training can use) and stop its parameters from learning."""
+        self.optimizer.state.clear()
+        for p in self.params:
+            p.grad = None
+            p.requires_grad_(False)
+
 
 def trainable(model: Any) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -276,15 +284,25 @@ class _Loop:
     def run(self) -> None:
         for lane in self.lanes:
             if lane.resume is not None:
-                lane.out = _restore(lane.resume, lane.stepper, self.plan, self.device,
-                                    lane.report.log, lane.rng)
+                try:
+                    lane.out = _restore(lane.resume, lane.stepper, self.plan, self.device,
+                                        lane.report.log, lane.rng)
+                except EngineError as e:  # in a pack, this trial alone cannot go on
+                    if self.routing is None:
+                        raise
+                    lane.error = e
+                    self._end(lane)
+                    continue
             lane.out.speed = self.speed
             lane.warned_forget = any(h["loss"] < FORGET_LOSS for h in lane.out.loss_history)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
         samples = self.data.samples
-        first = min(lane.out.steps for lane in self.lanes)
+        going = [lane for lane in self.lanes if not lane.ended]
+        if not going:
+            return
+        first = min(lane.out.steps for lane in going)
         for step_index, group in enumerate(optimizer_steps(self.plan, self.cfg.seed, first),
                                            start=first):
             # A lane resumed from a later checkpoint joins when the pack reaches its step.
@@ -352,6 +370,8 @@ class _Loop:
         lane.ended = True
         if self.on_end is not None:
             self.on_end(lane)
+        if self.routing is not None:  # saved: the pack's other trials get its memory
+            lane.stepper.release()
 
     def _accumulate(self, batches: list[Batch], active: list[Lane]) -> torch.Tensor:
         """Forward and backward over one step's batches; each active lane's loss of the step,

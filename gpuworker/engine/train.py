@@ -18,7 +18,9 @@ Two ways to build on earlier work:
               optimizer, scheduler, RNG and data position restored, steps go on from k+1.
               Nothing is backed up: the folder is this run's. See resume.py.
 
-The app's entry, `train(spec, paths, ...)`, is boundary.py's: it builds the config.
+The app's entry, `train(spec, paths, ...)`, is boundary.py's: it builds the config. The
+phases (`check_phase`, `load_data`, `load_earlier_weights`, `Run`, `run_result`) are also
+train_pack.py's, which runs them per trial or once for a pack of trials.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ from gpuworker.engine.targets import projections_label, resolve_target_modules
 from gpuworker.errors import EngineError
 
 
-def _oom_advice(cfg: EngineConfig) -> str:
+def oom_advice(cfg: EngineConfig) -> str:
     return (f"lower micro_batch_size (now {cfg.micro_batch_size}), cutoff_len (now "
             f"{cfg.cutoff_len}) or lora_rank (now {cfg.lora_rank})"
             + ("" if cfg.precision == "4bit" else ", or use precision 4bit"))
@@ -97,11 +99,11 @@ def run_training(cfg: EngineConfig, report: Report, device: str | None = None,
     out of GPU memory included (naming the settings that lower it)."""
     dev = pick_device(device)
     return run_releasing(dev, lambda: _train(cfg, report, dev, resume_from or None),
-                         _oom_advice(cfg))
+                         oom_advice(cfg))
 
 
 @dataclass
-class _Checked:
+class Checked:
     """What the check phase found: the files, the settings it resolved, the earlier work."""
 
     files: data_phase.DataFiles
@@ -113,7 +115,7 @@ class _Checked:
 
 
 @dataclass
-class _Data:
+class Data:
     samples: list[dict[str, Any]]
     eval_samples: list[dict[str, Any]] | None
     fingerprint: str
@@ -124,17 +126,17 @@ class _Data:
 def _train(cfg: EngineConfig, report: Report, device: torch.device,
            resume_from: str | None) -> dict[str, Any]:
     started = time.perf_counter()
-    checked = _check(cfg, report, device, resume_from)
-    data = _load_data(cfg, checked, report)
+    checked = check_phase(cfg, report, device, resume_from)
+    data = load_data(cfg, checked, report)
     model, info = _load_model(cfg, checked, device, report)
     # Loading a big model takes minutes: a stop asked for meanwhile ends here, before the
     # LoRA folder is touched.
     if report.should_stop():
         report.log("Stopped before training started; nothing was saved")
-        return _result(cfg, data.plan, LoopOutcome(stopped=True,
+        return run_result(cfg, data.plan, LoopOutcome(stopped=True,
                                                    reason="stopped before the first step"),
                        info, saved=False, started=started)
-    run = _Run(cfg, checked, data, info, model, report)
+    run = Run(cfg, checked, data, info, model, report)
     run.open_folder()
     resume = checked.resume
     if resume is not None:
@@ -146,14 +148,14 @@ def _train(cfg: EngineConfig, report: Report, device: torch.device,
                          precision=checked.precision, pad_id=data.pad_id)
     out = run_loop(model, loop_data, cfg, device, report, run.checkpoint, resume)
     run.save(out)
-    return _result(cfg, data.plan, out, info, saved=True, started=started)
+    return run_result(cfg, data.plan, out, info, saved=True, started=started)
 
 
 # --------------------------------------------------------------------------- check
 
 
-def _check(cfg: EngineConfig, report: Report, device: torch.device,
-           resume_from: str | None) -> _Checked:
+def check_phase(cfg: EngineConfig, report: Report, device: torch.device,
+           resume_from: str | None) -> Checked:
     check_model_folder(cfg.model_dir, cfg.base_model)
     files = data_phase.resolve_data_files(cfg)
     precision = resolve_precision(cfg.precision, device, report.warn)
@@ -176,7 +178,7 @@ def _check(cfg: EngineConfig, report: Report, device: torch.device,
     if resume is None:
         existing = None if cfg.always_override else existing_adapter(lora_dir)
         check_continue(cfg.lora_name, existing, cfg.lora_rank)
-    return _Checked(files=files, precision=precision, lr=lr, resume=resume, existing=existing,
+    return Checked(files=files, precision=precision, lr=lr, resume=resume, existing=existing,
                     prompt_info=data_phase.training_prompt(cfg, files))
 
 
@@ -205,7 +207,7 @@ def _resume_point(cfg: EngineConfig, precision: str, report: Report,
 # --------------------------------------------------------------------------- data
 
 
-def _load_data(cfg: EngineConfig, checked: _Checked, report: Report) -> _Data:
+def load_data(cfg: EngineConfig, checked: Checked, report: Report) -> Data:
     log, files = report.log, checked.files
     log(f"Loading tokenizer of {cfg.base_model}...")
     tokenizer = load_tokenizer(cfg.model_dir, cfg.base_model)
@@ -233,14 +235,14 @@ def _load_data(cfg: EngineConfig, checked: _Checked, report: Report) -> _Data:
         report.warn(f"warmup_steps ({cfg.warmup_steps}) is not less than the run's "
                     f"{plan.total_steps} optimizer steps: the learning rate never reaches "
                     f"{cfg.learning_rate}; lower warmup_steps")
-    return _Data(samples=samples, eval_samples=eval_samples, fingerprint=fingerprint,
+    return Data(samples=samples, eval_samples=eval_samples, fingerprint=fingerprint,
                  plan=plan, pad_id=pad_id)
 
 
 # --------------------------------------------------------------------------- model
 
 
-def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
+def _load_model(cfg: EngineConfig, checked: Checked, device: torch.device,
                 report: Report) -> tuple[Any, dict[str, Any]]:
     """The LoRA-wrapped, prepared model, and what training_log.json says about it."""
     log, precision = report.log, checked.precision
@@ -253,7 +255,7 @@ def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
     model = attach_lora(loaded.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                         modules, cfg.seed)
     del loaded.model
-    _load_earlier_weights(model, cfg, checked, report)
+    load_earlier_weights(model, cfg, checked, report)
     applied: dict[str, str] = {}
     model = prepare_model(model, cfg, log, applied)
     checkpointing = limit_checkpointing(model, cfg.levers.checkpoint_layers)
@@ -286,7 +288,7 @@ def _load_model(cfg: EngineConfig, checked: _Checked, device: torch.device,
     return model, info
 
 
-def _load_earlier_weights(model: Any, cfg: EngineConfig, checked: _Checked,
+def load_earlier_weights(model: Any, cfg: EngineConfig, checked: Checked,
                           report: Report, adapter: str = SOLO_ADAPTER) -> None:
     resume, existing = checked.resume, checked.existing
     if resume is not None and resume.folder is not None:
@@ -304,11 +306,11 @@ def _load_earlier_weights(model: Any, cfg: EngineConfig, checked: _Checked,
 # --------------------------------------------------------------------------- the LoRA folder
 
 
-class _Run:
+class Run:
     """Writing the run into its LoRA folder: the files before the loop, checkpoints during it,
     the adapter and training_log.json after it."""
 
-    def __init__(self, cfg: EngineConfig, checked: _Checked, data: _Data,
+    def __init__(self, cfg: EngineConfig, checked: Checked, data: Data,
                  info: dict[str, Any], model: Any, report: Report, adapter: str = SOLO_ADAPTER):
         self.cfg, self.checked, self.plan, self.info = cfg, checked, data.plan, info
         self.model, self.log, self.adapter = model, report.log, adapter
@@ -379,7 +381,7 @@ def speed_used(info: dict[str, Any], out: LoopOutcome) -> dict[str, Any]:
     return speed
 
 
-def _result(cfg: EngineConfig, plan: data_phase.StepPlan, out: LoopOutcome,
+def run_result(cfg: EngineConfig, plan: data_phase.StepPlan, out: LoopOutcome,
             info: dict[str, Any], *, saved: bool, started: float) -> dict[str, Any]:
     return {
         "lora_dir": f"loras/{cfg.lora_name}",

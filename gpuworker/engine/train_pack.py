@@ -37,13 +37,13 @@ from gpuworker.engine.report import Report
 from gpuworker.engine.resume import check_data
 from gpuworker.engine.targets import projections_label, resolve_target_modules
 from gpuworker.engine.train import (
-    _check,
-    _Checked,
-    _load_data,
-    _load_earlier_weights,
-    _oom_advice,
-    _result,
-    _Run,
+    Checked,
+    Run,
+    check_phase,
+    load_data,
+    load_earlier_weights,
+    oom_advice,
+    run_result,
 )
 from gpuworker.errors import EngineError
 
@@ -61,7 +61,7 @@ class PackMember:
 
 def run_pack(members: list[PackMember], device: str | None = None) -> None:
     dev = pick_device(device)
-    run_releasing(dev, lambda: _train_pack(members, dev), _oom_advice(members[0].cfg))
+    run_releasing(dev, lambda: _train_pack(members, dev), oom_advice(members[0].cfg))
 
 
 def _fan_out(members: list[PackMember]) -> Report:
@@ -97,7 +97,7 @@ def _give(m: PackMember, result: Any) -> None:
 
 def _train_pack(members: list[PackMember], device: torch.device) -> None:
     started = time.perf_counter()
-    checked: list[tuple[PackMember, _Checked]] = []
+    checked: list[tuple[PackMember, Checked]] = []
     names: set[str] = set()
     for m in members:
         try:
@@ -105,7 +105,7 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
                 raise EngineError(f"another trial of this pack trains loras/{m.cfg.lora_name}: "
                                   "each trial needs its own lora_name")
             names.add(m.cfg.lora_name)
-            checked.append((m, _check(m.cfg, m.report, device, m.resume_from)))
+            checked.append((m, check_phase(m.cfg, m.report, device, m.resume_from)))
         except EngineError as e:
             _give(m, e)
     if not checked:
@@ -113,7 +113,7 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
     alive = [m for m, _ in checked]
     shared = _fan_out(alive)
     first_cfg, first_checked = checked[0][0].cfg, checked[0][1]
-    data = _load_data(first_cfg, first_checked, shared)
+    data = load_data(first_cfg, first_checked, shared)
     for m, c in list(checked[1:]):  # each trial's own resume point must fit these samples
         if c.resume is not None and c.resume.folder is not None:
             try:
@@ -133,11 +133,11 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
         if m.report.should_stop():
             m.report.log("Stopped before training started; nothing was saved")
             alive.remove(m)
-            _give(m, _result(m.cfg, data.plan, LoopOutcome(
+            _give(m, run_result(m.cfg, data.plan, LoopOutcome(
                 stopped=True, reason="stopped before the first step"), info, saved=False,
                 started=started))
             continue
-        run = _Run(m.cfg, c, data, info, model, m.report, adapter=name)
+        run = Run(m.cfg, c, data, info, model, m.report, adapter=name)
         try:
             run.open_folder()
         except (EngineError, OSError) as e:
@@ -166,7 +166,7 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
         except (EngineError, OSError) as e:
             _give(member, EngineError(f"could not save loras/{member.cfg.lora_name}/: {e}"))
             return
-        _give(member, _result(member.cfg, data.plan, lane.out, info, saved=True,
+        _give(member, run_result(member.cfg, data.plan, lane.out, info, saved=True,
                               started=started))
 
     loop_data = LoopData(samples=data.samples, eval_samples=data.eval_samples, plan=data.plan,
@@ -178,9 +178,9 @@ def lane_name(i: int) -> str:
     return f"trial{i}"
 
 
-def _load_pack_model(checked: list[tuple[PackMember, _Checked]], device: torch.device,
+def _load_pack_model(checked: list[tuple[PackMember, Checked]], device: torch.device,
                      alive: list[PackMember]
-                     ) -> tuple[Any, Routing, list[tuple[PackMember, _Checked, str, dict]]] | None:
+                     ) -> tuple[Any, Routing, list[tuple[PackMember, Checked, str, dict]]] | None:
     """The base model once, one adapter per trial, each trial's earlier weights, the shared
     preparation; and each trial (member, checks, adapter name, its training_log.json facts
     about the model). A trial whose settings or earlier weights do not fit the model gets its
@@ -210,7 +210,7 @@ def _load_pack_model(checked: list[tuple[PackMember, _Checked]], device: torch.d
     fits = []
     for i, (m, c) in enumerate(checked):
         try:
-            _load_earlier_weights(model, m.cfg, c, m.report, adapter=lane_name(i))
+            load_earlier_weights(model, m.cfg, c, m.report, adapter=lane_name(i))
             fits.append(i)
         except EngineError as e:  # its adapter stays in the model, untrained and unsaved
             _refuse(m, e, alive)

@@ -184,3 +184,33 @@ def test_one_trials_bookkeeping_or_name_clash_never_ends_the_others(paths):  # n
     assert isinstance(results["z"], EngineError) and "own lora_name" in str(results["z"])
     assert any("Could not record this trial's result" in line for line in recs["x"].lines)
     assert (paths.loras / "x" / "adapter_model.safetensors").is_file()
+
+
+def test_a_trial_whose_checkpoint_cannot_be_restored_ends_alone(paths, monkeypatch):  # noqa: F811
+    """Resuming a pack: one trial's optimizer state does not load (here: injected); that trial
+    ends with the error and the trial beside it trains to its end as alone."""
+    from gpuworker.engine import loop
+
+    together(paths, {"a": TRIALS["a"], "b": TRIALS["b"]},
+             {"a": Recorder(stop_after=5), "b": Recorder()})
+    real = loop._restore
+
+    def refuse_a(resume, stepper, *a, **kw):
+        if "loras/a/" in str(resume.folder).replace("\\", "/") + "/":
+            raise EngineError("checkpoint-5's optimizer state does not fit (injected)")
+        return real(resume, stepper, *a, **kw)
+
+    monkeypatch.setattr(loop, "_restore", refuse_a)
+    results: dict[str, Any] = {}
+    recs = {"a": Recorder(), "d": Recorder()}
+    members = [PackMember(_cfg(paths, n, TRIALS[n]),
+                          Report(recs[n].progress, recs[n].should_stop, recs[n].lines.append),
+                          on_result=lambda r, n=n: results.__setitem__(n, r),
+                          resume_from="latest" if n == "a" else None) for n in ("a", "d")]
+    run_pack(members, device="cpu")
+    assert isinstance(results["a"], EngineError) and "injected" in str(results["a"])
+    assert losses(recs["a"]) == []
+    alone_d = Recorder()
+    alone(paths, "solo-d", TRIALS["d"], alone_d)
+    assert results["d"]["steps"] == 12
+    assert losses(recs["d"]) == pytest.approx(losses(alone_d), rel=1e-5)
