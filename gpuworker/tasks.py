@@ -47,13 +47,18 @@ class JobRun:
         self.store = store
         self.job_id = job_id
         self.worker_name = worker_name
+        # Which run of the job this is: every event carries it, and the fence checks it (a
+        # worker restarted under the same name may be given the job again while a process of
+        # its earlier life still trains it).
+        self.attempt = int(rec.get("attempt") or 1)
         self.best: float | None = rec.get("best_eval_loss")  # a resumed attempt keeps it
         self._progress_at = 0.0
         self._answered = False
 
     def still_mine(self) -> bool:
-        raw = self.store.r.hmget(self.store.key(self.job_id), "state", "worker")
-        return raw[0] == JobState.RUNNING.value and raw[1] == self.worker_name
+        raw = self.store.r.hmget(self.store.key(self.job_id), "state", "worker", "attempt")
+        return (raw[0] == JobState.RUNNING.value and raw[1] == self.worker_name
+                and _attempt(raw[2]) == self.attempt)
 
     def check_mine(self) -> None:
         if not self.still_mine():
@@ -61,7 +66,7 @@ class JobRun:
 
     def log(self, line: str) -> None:
         log.info("[%s] %s", self.job_id, line)
-        self.store.events.append(self.job_id, "log", line=line)
+        self.store.events.append(self.job_id, "log", line=line, attempt=self.attempt)
 
     def progress(self, event: dict[str, Any]) -> None:
         """Every event goes to the job's stream; training progress to the record at most every
@@ -69,6 +74,7 @@ class JobRun:
         self.check_mine()
         event = dict(event)
         kind = event.pop("type", "train")
+        event["attempt"] = self.attempt
         self.store.events.append(self.job_id, kind, **event)
         now = time.monotonic()
         if kind == "train" and (now - self._progress_at >= _PROGRESS_EVERY_S
@@ -91,6 +97,13 @@ class JobRun:
             self._answered = True
             self.store.answer_stop(self.job_id)
         return True
+
+
+def _attempt(raw: str | None) -> int:
+    try:
+        return int(float(raw or 1))
+    except ValueError:
+        return 1
 
 
 def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,

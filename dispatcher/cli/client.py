@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -228,6 +229,7 @@ class Client:
     def follow(self, job_id: str) -> Iterator[dict[str, Any]]:
         """Every event of the job, history first, then live until the job ends (SSE)."""
         last_id = None
+        down_since: float | None = None
         while True:
             headers = {"Accept": "text/event-stream", **self._auth()}  # checked at each reconnect
             if last_id:
@@ -249,11 +251,24 @@ class Client:
                             yield json.loads(data)
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.ReadTimeout):
-                pass  # reconnect from the last event id
+                # Reconnect from the last event id; a dashboard that is restarting is waited
+                # for (FOLLOW_PATIENCE_S at most), not taken for the end of the job.
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > FOLLOW_PATIENCE_S:
+                    raise ApiError(0, f"lost the dashboard at {self.base} for more than "
+                                      f"{FOLLOW_PATIENCE_S:g} s while following job {job_id}"
+                                   ) from None
+                time.sleep(0.5)
+                continue
+            down_since = None
             if self.job(job_id)["state"] in TERMINAL_VALUES and last_id:
                 # The stream ended without an end marker: drain once more, then stop.
                 yield from self.history(job_id, after=last_id)
                 return
+
+
+# How long `follow` waits for a dashboard it lost (a restart) before it gives up.
+FOLLOW_PATIENCE_S = 120.0
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str | None, str]]:
