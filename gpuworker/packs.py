@@ -23,6 +23,7 @@ from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.states import JobState, TransitionError, WorkerState
 from dispatcher.jobs.store import JobStore
 from dispatcher.settings import Settings
+from gpuworker.errors import EngineError
 from gpuworker.tasks import (
     JobFenced,
     JobRun,
@@ -37,30 +38,39 @@ log = logging.getLogger("lorafleet.worker")
 
 
 class PackTrial:
-    """One trial's callbacks inside a pack: a JobRun whose fence ends this trial alone (its
-    lane stops at the next step; nothing more is written to a record that is not ours)."""
+    """One trial's callbacks inside a pack: a JobRun whose fence ends this trial alone. A
+    trial whose job is no longer this worker's (moved away, re-queued) leaves the pack at once
+    and writes nothing more, not to its record nor to its LoRA folder: its report raises an
+    EngineError, which ends only its lane, unsaved."""
 
     def __init__(self, job: JobRun):
         self.job = job
-        self.ended = False
+        self.ended = False  # its outcome is recorded (or it is not ours to record)
         self.fenced = False
+
+    def _fence(self, why: str) -> None:
+        self.fenced = True
+        log.warning("%s", why)
+        raise EngineError(why)
 
     def progress(self, event: dict[str, Any]) -> None:
         if self.fenced:
-            return
+            self._fence(f"job {self.job.job_id} is no longer on {self.job.worker_name}")
         try:
             self.job.progress(event)
         except JobFenced as e:
-            self.fenced = True
-            log.warning("%s", e)
+            self._fence(str(e))
 
     def should_stop(self) -> bool:
-        return self.fenced or self.job.should_stop()
+        if self.fenced or not self.job.still_mine():
+            self._fence(f"job {self.job.job_id} was moved away from {self.job.worker_name}")
+        return self.job.should_stop()
 
     def on_result(self, result: Any) -> None:
-        """The engine's result for this trial (a dict), or its EngineError."""
-        self.ended = True
+        """The engine's result for this trial (a dict), or its EngineError. Left unrecorded
+        when recording fails (Redis away too long): perform_pack settles it at the end."""
         if self.fenced:
+            self.ended = True
             return
         try:
             if isinstance(result, Exception):
@@ -69,6 +79,7 @@ class PackTrial:
                 record_result(self.job, result)
         except JobFenced as e:
             log.warning("%s", e)
+        self.ended = True
 
 
 def perform_pack(label: str, job_ids: list[str], worker_name: str, store: JobStore,
@@ -150,22 +161,33 @@ def _run(members: list[Any], trials: dict[str, PackTrial], store: JobStore,
         for job_id, t in trials.items():
             if not t.ended and not t.fenced:
                 record_failure(store, job_id, worker_name, e)
-    for job_id, t in trials.items():  # the engine handed every trial its end; defensively:
+    # A trial the engine ended but whose outcome could not be recorded, or (defensively) one
+    # it never ended: failed now; should that fail too, the task fails and its task_failure
+    # handler re-queues whatever is still running here.
+    for job_id, t in trials.items():
         if not t.ended and not t.fenced and _still_running(store, job_id, worker_name):
             record_failure(store, job_id, worker_name,
-                           RuntimeError("the pack ended without this trial's result"))
+                           RuntimeError("the pack ended without recording this trial's result"))
 
 
 def _split(store: JobStore, left: list[str], worker_name: str, why: str) -> None:
     """The pack did not fit: its unfinished trials go back to the queue in packs of half as
     many, to resume from their checkpoints."""
     size = max(1, len(left) // 2)
+    what = f"{why.split(':')[0]} in a pack of {len(left)} on {worker_name}"
     for job_id in left:
         try:
+            if store.stop_requested(job_id):  # it was being stopped: it ends here
+                store.transition(job_id, JobState.CANCELLED,
+                                 f"{store.stop_cause(job_id)}; {what} (its last checkpoint, if "
+                                 "any, stays)", expect_worker=worker_name)
+                continue
+            splits = int(store.r.hget(store.key(job_id), "pack_splits") or 0)
+            # Not the job's fault: the re-assignment does not count against its attempts.
             store.transition(job_id, JobState.RETRYING,
-                             f"{why.split(':')[0]} in a pack of {len(left)} on {worker_name}: "
-                             f"re-queued to train in packs of at most {size}",
-                             expect_worker=worker_name, pack_max=size)
+                             f"{what}: re-queued to train in packs of at most {size}",
+                             expect_worker=worker_name, worker="", pack_max=size,
+                             pack_splits=splits + 1)
         except TransitionError as e:
             log.warning("job %s: %s", job_id, e)
 

@@ -65,7 +65,8 @@ def start_heartbeat(settings: Settings, name: str, gpu: int | None,
         while not stop.is_set():
             try:
                 busy = not first and bool(r.hget(fleet.key(name), "job"))
-                fields = {"host": host, "queue": worker_queue(name), "pid": pid,
+                # packs: this worker runs a sweep's pack of trials as one task (gpuworker.packs)
+                fields = {"host": host, "queue": worker_queue(name), "pid": pid, "packs": "1",
                           **card.fields(busy)}
                 if first:
                     # job/state are owned by the task while it runs; set them only at start.

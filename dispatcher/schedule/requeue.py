@@ -82,6 +82,9 @@ def settle(store: JobStore, job_id: str, attempt: int, what: Interruption,
     """Apply the policy to a job that was interrupted at attempt `attempt`; returns its new
     state, or None when it could not move (it ended, or moved to another worker, meanwhile;
     with `expect_worker`, only a job still on that worker changes)."""
+    # A pack split for want of memory re-queued the job without a fault of its own: those
+    # assignments do not count against MAX_ATTEMPTS (gpuworker.packs).
+    attempt -= int(store.r.hget(store.key(job_id), "pack_splits") or 0)
     new = next_state(attempt, store.stop_requested(job_id))
     extra: dict[str, Any] = {}
     if new == JobState.CANCELLED:

@@ -36,7 +36,9 @@ from dispatcher.schedule.estimate import pack_memory_mb
 from dispatcher.schedule.pending import PendingCache
 from dispatcher.schedule.placement import (
     best_card,
+    fits,
     fits_any,
+    is_cuda,
     memory_gated,
     memory_mb,
     sweep_full,
@@ -173,6 +175,10 @@ class Dispatcher:
             if fit is None:
                 self._note(job, waiting_reason(job, workers))
                 continue
+            if self._may_pack(job, fit):
+                # A trial that can take others along goes to the card with the most room.
+                fit = max((w for w in idle if fits(job, w) and self._may_pack(job, w)),
+                          key=lambda w: (is_cuda(w), memory_mb(w, "mem_free_mb") or math.inf))
             pack = [job] + self._pack_mates(job, order, fit, in_sweep, taken)
             placed = self._assign_pack(pack, fit) if len(pack) > 1 else (
                 [job] if self._assign(job, fit) else [])
@@ -194,7 +200,7 @@ class Dispatcher:
         estimate fits the card's free memory, within the sweep's pack size and the trials its
         `max_concurrent` still allows."""
         most = min(int(job.get("pack_max") or 1), MAX_PACK)
-        if self.send_pack is None or most <= 1 or not job.get("sweep") or job.get("kind") != "train":
+        if not self._may_pack(job, worker):
             return []
         cap = int(job.get("sweep_cap") or 0)
         if cap > 0:
@@ -207,7 +213,9 @@ class Dispatcher:
             if len(mates) + 1 >= most:
                 break
             if (other is job or other["id"] in taken or other.get("sweep") != job["sweep"]
-                    or other.get("kind") != "train" or share_key(other.get("spec") or {}) != key):
+                    or other.get("kind") != "train" or share_key(other.get("spec") or {}) != key
+                    # every member's own limit holds (one halved by an out-of-memory split)
+                    or int(other.get("pack_max") or 1) < len(mates) + 2):
                 continue
             size = (int(other.get("gpu_memory_mb") or 0), int(other.get("pack_base_mb") or 0))
             if free is not None and pack_memory_mb([*sizes, size]) > free:
@@ -237,6 +245,13 @@ class Dispatcher:
                 self._full_sweep_pass = now
         except Exception:  # a sweep's bookkeeping must never stop the scheduling
             log.exception("sweep pass failed")
+
+    def _may_pack(self, job: dict[str, Any], worker: dict[str, Any]) -> bool:
+        """Could `job` take other trials along onto `worker`: a sweep's training trial that
+        allows packs, and a worker that runs them (one of an older version does not)."""
+        return (self.send_pack is not None and int(job.get("pack_max") or 1) > 1
+                and bool(job.get("sweep")) and job.get("kind") == "train"
+                and str(worker.get("packs") or "") == "1")
 
     def _assign(self, job: dict[str, Any], worker: dict[str, Any]) -> bool:
         attempt = int(job.get("attempt", 0)) + 1

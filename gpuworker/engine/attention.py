@@ -16,8 +16,10 @@ path when they are there and is SDPA itself otherwise. `lorafleet_max_len` is th
 cutoff_len, not the row's longest sample: one value for the whole run, so compiled layers are
 not compiled again for each row (the kernel only needs an upper bound).
 
-On the CPU (no flash kernel) the same arguments run SDPA causally on each sample's slice, one
-sample at a time: the same numbers as the masked row, which the exactness tests check.
+On the CPU, and on inputs the flash kernel does not take (fp32, a card older than compute
+capability 8.0, an unusual head size, attention dropout), the same arguments run SDPA causally
+on each sample's slice, one sample at a time: the same numbers as the masked row, which the
+exactness tests check.
 """
 
 from __future__ import annotations
@@ -63,16 +65,11 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     (B, Hkv, T, D) with Hq a multiple of Hkv (grouped-query attention); every row has the
     samples `cu_seq_lens` (0, ..., T; int32) marks. Returns (B, T, Hq, D), as transformers'
     attention functions do."""
-    if dropout:
-        raise ValueError("packed attention has no attention dropout")
     b, hq, t, d = query.shape
-    groups = hq // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    if query.is_cuda:
-        # (B, H, T, D) -> (B*T, H, D); the rows' offsets one after another.
-        q, k, v = (x.transpose(1, 2).reshape(b * t, hq, d) for x in (query, key, value))
+    if flash_applies(query, dropout):
+        # (B, H, T, D) -> (B*T, H, D); the rows' offsets one after another. The kernel takes
+        # grouped key/value heads as they are.
+        q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
         offsets = cu_seq_lens.to(torch.int32)
         if b > 1:
             rows = torch.arange(b, device=offsets.device, dtype=torch.int32)[:, None] * t
@@ -81,8 +78,23 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         out = torch.ops.aten._flash_attention_forward(
             q, k, v, offsets, offsets, max_len, max_len, 0.0, True, False, scale=scaling)[0]
         return out.reshape(b, t, hq, d)
+    # Each sample's slice through SDPA: the CPU, and what the flash kernel does not take.
+    groups = hq // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
     bounds = cu_seq_lens.tolist()
     parts = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                            is_causal=True, scale=scaling)
+                                            is_causal=True, scale=scaling, dropout_p=dropout)
              for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     return torch.cat(parts, dim=2).transpose(1, 2).contiguous()
+
+
+def flash_applies(query: torch.Tensor, dropout: float) -> bool:
+    """Does PyTorch's flash kernel take these inputs: a CUDA card of compute capability 8.0 or
+    newer, fp16 or bf16 (not fp32: `fp32_norms` on a quantised model, or a plain fp32 job), a
+    head size that is a multiple of 8 up to 256, and no attention dropout."""
+    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16) or dropout:
+        return False
+    d = query.shape[-1]
+    return d % 8 == 0 and d <= 256 and torch.cuda.get_device_capability(query.device) >= (8, 0)

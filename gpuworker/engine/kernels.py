@@ -224,6 +224,15 @@ class CheckpointBudget:
         self.all_per_token = 0.0
         self.done = False
         self.summary = ""
+        self.expected = 0
+
+    # CUDA graphs keep their own static buffers beside the step's allocations: only with this
+    # share of the budget left over does the run switch to them.
+    GRAPHS_ROOM = 0.25
+
+    def tight(self) -> bool:
+        """Too little of the budget left beside the expected peak for CUDA graphs."""
+        return self.expected > (1 - self.GRAPHS_ROOM) * self.budget
 
     def after_step(self, step: int, step_tokens: int) -> None:
         """`step_tokens`: the largest micro-batch of the step just done, in tokens (B x T)."""
@@ -248,6 +257,8 @@ class CheckpointBudget:
             peak_all = int(self.fixed + self.all_per_token * self.max_tokens)
             per_layer = int(max(0.0, one_per_token - self.all_per_token) * self.max_tokens)
             keep = layers_to_checkpoint(len(self.blocks), peak_all, per_layer, self.budget)
+            # The peak expected from now on (what the budget allowed for).
+            self.expected = peak_all + (len(self.blocks) - keep) * per_layer
             for i, block in enumerate(self.blocks):
                 block.gradient_checkpointing = i < keep
             self.done = True

@@ -148,6 +148,7 @@ class Stepper:
         # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.device = device
+        self.keep_grads = False
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -172,7 +173,9 @@ class Stepper:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # With CUDA graphs the gradients stay allocated: a gradient left to the backward graph's
+        # own output would be overwritten by the next micro-batch's replay, not added to.
+        self.optimizer.zero_grad(set_to_none=not self.keep_grads)
         return lr
 
     def release(self) -> None:
@@ -305,7 +308,11 @@ class _Loop:
         first = min(lane.out.steps for lane in going)
         for step_index, group in enumerate(optimizer_steps(self.plan, self.cfg.seed, first),
                                            start=first):
-            # A lane resumed from a later checkpoint joins when the pack reaches its step.
+            # A lane resumed from a later checkpoint joins when the pack reaches its step; one
+            # asked to stop meanwhile ends where it is (its checkpoint is its state).
+            for lane in self.lanes:
+                if not lane.ended and lane.out.steps > step_index:
+                    self._stop_waiting(lane)
             active = [lane for lane in self.lanes
                       if not lane.ended and lane.out.steps == step_index]
             if not active:
@@ -342,7 +349,15 @@ class _Loop:
                 self._decide_graphs(step)
             self._maybe_evaluate(step, [lane for lane in active if not lane.ended])
             for lane, loss in zip(active, losses, strict=True):
-                if not lane.ended and self._ends_after(lane, step, loss):
+                if lane.ended:
+                    continue
+                try:
+                    ends = self._ends_after(lane, step, loss)
+                except EngineError as e:  # a pack's trial whose job is no longer its own
+                    if self.routing is None:
+                        raise
+                    lane.error, ends = e, True
+                if ends:
                     self._end(lane)
             if all(lane.ended for lane in self.lanes):
                 break
@@ -350,13 +365,38 @@ class _Loop:
             if not lane.ended:
                 self._end(lane)
 
+    def _stop_waiting(self, lane: Lane) -> None:
+        """A lane waiting to rejoin the pack at a later step, asked to stop: it ends at the
+        step of its checkpoint, its weights those of the checkpoint."""
+        try:
+            stop = lane.report.should_stop()
+        except EngineError as e:
+            lane.error, stop = e, True
+        if stop:
+            if lane.error is None:
+                lane.out.stopped = True
+                lane.out.reason = (f"stopped by request while waiting to rejoin the pack at "
+                                   f"step {lane.out.steps + 1}")
+                lane.report.log(lane.out.reason)
+            self._end(lane)
+
     def _decide_graphs(self, step: int) -> None:
         """From the next step on, replay CUDA graphs where the run allows them."""
         self.graphs_decided = True
         blocks = checkpointed_blocks(self.model)
         lengths = len({len(s["input_ids"]) for s in self.data.samples})
         refusal = graphs_refusal(self.cfg.levers, self.device, blocks, len(self.lanes), lengths)
+        if refusal is None and self.routing is not None:
+            refusal = "a pack's trials each draw from their own random generators"
+        if refusal is None and self.budget is not None and self.budget.tight():
+            refusal = ("the memory budget leaves too little room beside the step for the "
+                       "graphs' own buffers")
         if refusal is None:
+            for lane in self.lanes:
+                lane.stepper.keep_grads = True
+                for p in lane.stepper.params:  # allocated now, before the first replay
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
             replay_graphs(blocks)
             self.graphs = True
             self.speed["cuda_graphs"] = f"on from step {step + 1}"
@@ -448,7 +488,13 @@ class _Loop:
         for lane, loss in zip(lanes, losses, strict=True):
             lane.out.eval_loss = loss
             lane.report.log(f"Step {step}: eval loss {loss:.4f}")
-            lane.report.progress({"type": "eval", "step": step, "eval_loss": round(loss, 6)})
+            try:
+                lane.report.progress({"type": "eval", "step": step, "eval_loss": round(loss, 6)})
+            except EngineError as e:  # a pack's trial whose job is no longer its own
+                if self.routing is None:
+                    raise
+                lane.error = e
+                self._end(lane)
 
     def _ends_after(self, lane: Lane, step: int, step_loss: float) -> bool:
         """Whether the lane ends after `step` (stop_at_loss or a stop request), writing the

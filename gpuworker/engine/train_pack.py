@@ -76,7 +76,16 @@ def _fan_out(members: list[PackMember]) -> Report:
             m.report.progress(event)
 
     return Report(progress=progress, log=log,
-                  should_stop=lambda: all(m.report.should_stop() for m in members))
+                  should_stop=lambda: all(_asks_stop(m) for m in members))
+
+
+def _asks_stop(m: PackMember) -> bool:
+    """Whether the trial asks to stop; a trial whose report refuses (its job is no longer
+    this process's) counts as stopping."""
+    try:
+        return m.report.should_stop()
+    except EngineError:
+        return True
 
 
 def _refuse(m: PackMember, error: EngineError, alive: list[PackMember]) -> None:
@@ -130,7 +139,12 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
     precision = first_checked.precision
     for m, c, name, info in trials:
         # A trial stopped while the model loaded ends here, its folder untouched, as alone.
-        if m.report.should_stop():
+        try:
+            stop = m.report.should_stop()
+        except EngineError as e:  # its job is no longer this process's: it ends untouched
+            _refuse(m, e, alive)
+            continue
+        if stop:
             m.report.log("Stopped before training started; nothing was saved")
             alive.remove(m)
             _give(m, run_result(m.cfg, data.plan, LoopOutcome(

@@ -214,3 +214,29 @@ def test_a_trial_whose_checkpoint_cannot_be_restored_ends_alone(paths, monkeypat
     alone(paths, "solo-d", TRIALS["d"], alone_d)
     assert results["d"]["steps"] == 12
     assert losses(recs["d"]) == pytest.approx(losses(alone_d), rel=1e-5)
+
+
+def test_a_trial_waiting_to_rejoin_the_pack_can_be_stopped(paths):  # noqa: F811
+    """A trial resumed from step 5 waits while the pack trains steps 1-5 of a new trial; a stop
+    asked for meanwhile is answered at once (not when the pack reaches step 6): it ends
+    stopped at its checkpoint's step, its LoRA saved, and the other trial goes on."""
+    together(paths, {"a": TRIALS["a"]}, {"a": Recorder(stop_after=5)})
+
+    class StopOnSecondAsk(Recorder):  # the first ask is after the model loads
+        asked = 0
+
+        def should_stop(self) -> bool:
+            self.asked += 1
+            return self.asked >= 2
+
+    results: dict[str, Any] = {}
+    recs = {"a": StopOnSecondAsk(), "d": Recorder()}
+    members = [PackMember(_cfg(paths, n, TRIALS[n]),
+                          Report(recs[n].progress, recs[n].should_stop, recs[n].lines.append),
+                          on_result=lambda r, n=n: results.__setitem__(n, r),
+                          resume_from="latest" if n == "a" else None) for n in ("a", "d")]
+    run_pack(members, device="cpu")
+    assert results["a"]["stopped"] and results["a"]["steps"] == 5
+    assert "while waiting to rejoin the pack at step 6" in results["a"]["reason"]
+    assert losses(recs["a"]) == [] and (paths.loras / "a" / "adapter_model.safetensors").is_file()
+    assert results["d"]["steps"] == 12 and not results["d"]["stopped"]

@@ -38,7 +38,7 @@ def test_trials_that_can_share_go_to_one_card_as_one_pack(env):
     store, fleet, d, sent, packs, clock = env
     ids = [trial(store, clock, f"t{r}", lora_rank=r, learning_rate=lr)
            for r in (8, 16) for lr in ("1e-4", "1e-3")]
-    fleet.heartbeat("w1", device="cpu")
+    fleet.heartbeat("w1", device="cpu", packs="1")
     assert sorted(d.tick()) == sorted((j, "w1") for j in ids)
     assert sent == [] and packs == [("s1:1", ids, "w1")]
     for j in ids:
@@ -52,8 +52,8 @@ def test_pack_off_and_trials_that_cannot_share_run_alone(env):
     store, fleet, d, sent, packs, clock = env
     off = [trial(store, clock, f"o{i}", sweep="s2", pack_max=1, lora_rank=8 * (i + 1))
            for i in range(2)]
-    fleet.heartbeat("w1", device="cpu")
-    fleet.heartbeat("w2", device="cpu")
+    fleet.heartbeat("w1", device="cpu", packs="1")
+    fleet.heartbeat("w2", device="cpu", packs="1")
     assert d.tick() == [(off[0], "w1"), (off[1], "w2")] and packs == []
     assert store.get(off[0]).get("pack") is None
     # Two trials of one sweep on different base models share nothing.
@@ -71,17 +71,20 @@ def test_the_card_memory_and_pack_size_bound_a_pack(env):
     ids = [trial(store, clock, f"t{i}", mb=3000, base_mb=2000, lora_rank=i + 1)
            for i in range(5)]
     assert pack_memory_mb([(3000, 2000)] * 3) == 5000
-    fleet.heartbeat("gpu0", device="cuda:0", mem_free_mb=5500, mem_total_mb=8000)
-    fleet.heartbeat("gpu1", device="cuda:1", mem_free_mb=80000, mem_total_mb=80000)
+    fleet.heartbeat("gpu0", device="cuda:0", packs="1", mem_free_mb=5500, mem_total_mb=8000)
     d.tick()
     assert packs[0] == ("s1:1", ids[:3], "gpu0")  # 5000 MB fit in 5500; four would not
+    # Two more cards: the lead trial takes the one with the most room for a pack.
+    fleet.heartbeat("gpu1", device="cuda:1", packs="1", mem_free_mb=80000, mem_total_mb=80000)
+    fleet.heartbeat("gpu2", device="cuda:2", packs="1", mem_free_mb=3200, mem_total_mb=8000)
+    d.tick()
     assert packs[1] == ("s1:2", ids[3:], "gpu1")
     # pack_size 2 (pack_max) caps a pack on a card that would hold more.
     more = [trial(store, clock, f"u{i}", sweep="s9", pack_max=2, lora_rank=i + 1)
             for i in range(3)]
-    fleet.heartbeat("w9", device="cpu")
+    fleet.heartbeat("w9", device="cpu", packs="1")
     d.tick()
-    assert packs[2] == ("s9:1", more[:2], "w9")
+    assert packs[2][:2] == ("s9:1", more[:2])
 
 
 def test_max_concurrent_counts_trials_and_the_card_limit_counts_cards(env):
@@ -89,9 +92,9 @@ def test_max_concurrent_counts_trials_and_the_card_limit_counts_cards(env):
     d.max_cards_per_user = 1
     ids = [trial(store, clock, f"t{i}", cap=3, lora_rank=i + 1) for i in range(5)]
     other = trial(store, clock, "bo-job", sweep="", pack_max=1, owner="bo")
-    fleet.heartbeat("w1", device="cpu")
-    fleet.heartbeat("w2", device="cpu")
-    fleet.heartbeat("w3", device="cpu")
+    fleet.heartbeat("w1", device="cpu", packs="1")
+    fleet.heartbeat("w2", device="cpu", packs="1")
+    fleet.heartbeat("w3", device="cpu", packs="1")
     assigned = d.tick()
     # Three trials (max_concurrent 3) in one pack on one card: ada's one card; bo's job next.
     assert packs == [("s1:1", ids[:3], "w1")]
@@ -114,7 +117,7 @@ def test_a_trial_cancelled_before_its_pack_is_sent_is_left_out(env, monkeypatch)
         return real(job_id, new, *a, **kw)
 
     monkeypatch.setattr(store, "transition", cancel_first)
-    fleet.heartbeat("w1", device="cpu")
+    fleet.heartbeat("w1", device="cpu", packs="1")
     d.tick()
     assert packs == [("s1:1", [ids[0], ids[2]], "w1")]
     assert store.get(ids[0])["pack_jobs"] == f"{ids[0]},{ids[2]}"
@@ -124,7 +127,7 @@ def test_a_trial_cancelled_before_its_pack_is_sent_is_left_out(env, monkeypatch)
 def test_a_trial_run_alone_after_a_pack_no_longer_shows_one(env):
     store, fleet, d, sent, packs, clock = env
     ids = [trial(store, clock, f"t{i}", lora_rank=i + 1) for i in range(2)]
-    fleet.heartbeat("w1", device="cpu")
+    fleet.heartbeat("w1", device="cpu", packs="1")
     d.tick()
     # The pack ran out of memory: the worker re-queued both, in packs of one.
     for j in ids:
@@ -134,3 +137,42 @@ def test_a_trial_run_alone_after_a_pack_no_longer_shows_one(env):
     assert sent == [(ids[0], "w1")]
     rec = store.get(ids[0])
     assert rec["pack"] == "" and rec["pack_jobs"] == "" and rec["attempt"] == 2
+
+
+def test_workers_that_do_not_run_packs_and_halved_trials_get_none(env):
+    """A worker of an older version (no `packs` in its heartbeat) gets trials one by one; a
+    trial whose pack size an out-of-memory split halved to 1 joins no pack."""
+    store, fleet, d, sent, packs, clock = env
+    ids = [trial(store, clock, f"t{i}", lora_rank=i + 1) for i in range(3)]
+    fleet.heartbeat("old", device="cpu")
+    d.tick()
+    assert packs == [] and sent == [(ids[0], "old")]
+    # The other two: t2 was halved to packs of one; on a worker that runs packs, t1 goes alone.
+    store.transition(ids[2], JobState.CANCELLED, "x")
+    t3 = trial(store, clock, "t3", lora_rank=9, pack_max=1)
+    fleet.heartbeat("new", device="cpu", packs="1")
+    d.tick()
+    assert packs == [] and (ids[1], "new") in sent
+    assert store.get(t3)["state"] == "queued"
+
+
+def test_pack_off_in_a_yaml_file_is_off(tmp_path):
+    import yaml
+
+    from dispatcher.schedule.sweeps.plan import parse_sweep
+    from dispatcher.settings import DataPaths
+    from tests.tiny import make_tiny_model, write_tiny_dataset
+
+    data = yaml.safe_load("""
+name: s
+base: {lora_name: s, base_model: tiny, dataset: tiny, format: alpaca-format}
+parameters: {lora_rank: [4, 8]}
+pack: off
+""")
+    assert data["pack"] is False  # what YAML makes of it
+    paths = DataPaths(tmp_path)
+    paths.ensure()
+    make_tiny_model(paths.models / "tiny")
+    write_tiny_dataset(paths.datasets / "tiny.json")
+    plan = parse_sweep(data, paths)
+    assert plan.pack == "off" and plan.pack_max == 1

@@ -63,7 +63,7 @@ class Packed:
         self.sweeps = SweepStore(self.store)
         self.sid = self.sweeps.create(parse_sweep(DEF, settings.paths), owner="ada")
         self.ids = [t["job"] for t in self.sweeps.get(self.sid)["trials"]]
-        self.fleet.heartbeat(WORKER, device="cpu", state="idle")
+        self.fleet.heartbeat(WORKER, device="cpu", packs="1", state="idle")
         self.dispatcher.tick()
         self.first = list(self.sent[0][1])
         for j in self.first:
@@ -213,9 +213,9 @@ def test_a_job_outside_sweeps_shows_neither(client, store):
 
 def test_the_fleet_page_shows_the_pack_a_card_trains(client, packed):
     p = packed
-    p.fleet.heartbeat(WORKER, device="cpu", state="busy", job=p.second[0],
+    p.fleet.heartbeat(WORKER, device="cpu", packs="1", state="busy", job=p.second[0],
                       jobs=",".join(p.second), pack=f"{p.sid}:2")
-    p.fleet.heartbeat("gpu1", device="cuda:1", state="busy", job=p.first[0], jobs="", pack="")
+    p.fleet.heartbeat("gpu1", device="cuda:1", packs="1", state="busy", job=p.first[0], jobs="", pack="")
     html = client.get("/fleet").get_data(as_text=True)
     page = Elements(html)
     names = ", ".join(p.name(j) for j in p.second)

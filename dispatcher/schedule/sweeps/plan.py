@@ -123,6 +123,8 @@ def parse_sweep(data: Any, paths: DataPaths,
     method, samples, seed = _method(data, problems)
     max_concurrent = _int_setting(data, "max_concurrent", 0, 0, 1000, "max_concurrent", problems)
     pack = data.get("pack", "auto")
+    if isinstance(pack, bool):  # YAML reads an unquoted off / on as false / true
+        pack = "auto" if pack else "off"
     if pack not in PACK_MODES:
         problems.add("pack", f"must be auto or off, got {pack!r}")
         pack = "auto"
@@ -293,8 +295,12 @@ def _trials(base: dict[str, Any], prefix: str, combos: list[dict[str, Any]], pat
             n += 1
         spec["lora_name"] = seen[key] = tname
         names.add(tname)
+        # A trial whose card memory the user gave (min_gpu_memory_mb) is packed by that figure
+        # alone: nothing of it is taken for the shared base.
+        shared = 0 if int(spec.get("min_gpu_memory_mb") or 0) > 0 else base_memory_mb(
+            spec, paths.models)
         trials.append(Trial(tname, combo, spec, job_memory_mb("train", spec, paths.models),
-                            base_mb=base_memory_mb(spec, paths.models)))
+                            base_mb=shared))
     return trials, skipped
 
 
