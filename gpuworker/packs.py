@@ -62,9 +62,13 @@ class PackTrial:
             self._fence(str(e))
 
     def should_stop(self) -> bool:
-        if self.fenced or not self.job.still_mine():
+        if self.fenced:
             self._fence(f"job {self.job.job_id} was moved away from {self.job.worker_name}")
-        return self.job.should_stop()
+        try:
+            return self.job.should_stop()
+        except JobFenced as e:
+            self._fence(str(e))
+            raise  # (not reached: _fence raises)
 
     def on_result(self, result: Any) -> None:
         """The engine's result for this trial (a dict), or its EngineError. Left unrecorded

@@ -89,8 +89,10 @@ class JobRun:
             self.store.update_progress(self.job_id, eval_loss=loss, best_eval_loss=self.best)
 
     def should_stop(self) -> bool:
-        if not self.still_mine():
-            return True
+        # A job moved away (re-queued, given to another worker or to this worker's next life)
+        # is not stopped and saved here: this process writes nothing more of it, not even its
+        # LoRA folder, which its new run may be using already.
+        self.check_mine()
         if not self.store.stop_requested(self.job_id):
             return False
         if not self._answered:  # the worker's watchdog stops waiting to kill this process

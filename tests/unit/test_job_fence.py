@@ -3,8 +3,10 @@ that still trains a job given again to the same worker name stops writing to it.
 
 from __future__ import annotations
 
+import pytest
+
 from dispatcher.jobs.states import JobState
-from gpuworker.tasks import JobRun
+from gpuworker.tasks import JobFenced, JobRun
 
 
 def test_a_run_of_an_earlier_attempt_on_the_same_worker_name_is_fenced(store):
@@ -21,7 +23,8 @@ def test_a_run_of_an_earlier_attempt_on_the_same_worker_name_is_fenced(store):
     store.transition(job, JobState.RUNNING, "r")
     second = JobRun(store, job, "w1", store.get(job))
     assert second.still_mine() and not first.still_mine()
-    assert first.should_stop()
+    with pytest.raises(JobFenced):  # it stops without writing anything more (not even a save)
+        first.should_stop()
     second.progress({"type": "train", "step": 1, "loss": 2.0})
     events = [e for _, e in store.events.history(job) if e["type"] == "train"]
     assert [e["attempt"] for e in events] == [1, 2]  # every event carries its attempt
