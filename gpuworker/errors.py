@@ -19,3 +19,8 @@ class LeverSkipped(Exception):
     """A speed lever that does not apply to this run (no CUDA, an architecture it does not
     know, a library missing): the run goes on without it, and the reason is logged and
     recorded (gpuworker.engine.levers)."""
+
+
+class DiskFull(EngineError):
+    """A write to the data folder failed for want of space (gpuworker.diskspace): the message
+    names the folder and what was being written, and what of the earlier work stays."""

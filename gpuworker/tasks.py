@@ -25,7 +25,9 @@ from dispatcher.jobs.states import JobState, TransitionError, WorkerState
 from dispatcher.jobs.store import JobNotFound, JobStore
 from dispatcher.schedule.requeue import Crashed, settle
 from dispatcher.settings import Settings, connect
+from gpuworker.diskspace import says_full
 from gpuworker.errors import EngineError
+from gpuworker.oomkills import OomCounts, death_reason, read_oom_counts
 
 log = logging.getLogger("lorafleet.worker")
 
@@ -205,6 +207,8 @@ def _reason(e: BaseException) -> str:
     type."""
     if isinstance(e, (EngineError, OwnerRefused)):
         return str(e)
+    if says_full(e):  # a write the engine does not name itself (its own say which folder)
+        return f"no space left on the device ({type(e).__name__}: {str(e)[:300]})"
     if "out of memory" in str(e).lower():
         return ("out of GPU memory: lower micro_batch_size, cutoff_len or lora_rank "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
@@ -273,7 +277,17 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
 def register_tasks(celery, settings: Settings) -> None:
     """Define the task on this worker's Celery app. Redis is connected in the child, per task."""
     from billiard.exceptions import WorkerLostError
-    from celery.signals import task_failure
+    from celery.signals import task_failure, task_received
+
+    # The kernel's OOM-kill counts when the task now running was received (in the main
+    # process, which receives every task; one at a time), to tell an OOM kill of its child.
+    started: dict[str, OomCounts] = {}
+
+    @task_received.connect(weak=False)
+    def on_task_received(request=None, **kw) -> None:
+        started.clear()
+        if request is not None:
+            started[request.id] = read_oom_counts()
 
     @task_failure.connect(weak=False)
     def on_task_failure(sender=None, task_id=None, exception=None, args=None, **kw) -> None:
@@ -289,7 +303,8 @@ def register_tasks(celery, settings: Settings) -> None:
         else:
             return
         if isinstance(exception, WorkerLostError):
-            why = f"the training process on {name} died ({exception})"
+            why = death_reason(name, str(exception), started.pop(task_id, None),
+                               read_oom_counts())
         else:
             why = (f"the task on {name} ended without recording an outcome "
                    f"({type(exception).__name__}: {str(exception)[:200]})")

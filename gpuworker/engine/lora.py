@@ -97,13 +97,18 @@ def backup_folder(lora_dir: Path, *, move: bool) -> Path | None:
         n += 1
         dest = lora_dir / f"{BACKUP_PREFIX}{stamp}-{n}"
     dest.mkdir()
-    for p in items:
-        if move:
-            p.rename(dest / p.name)  # a link moves as the link, never its target
-        else:
-            # A link is copied as a link: copying must never turn a link (to /etc/passwd,
-            # say) into a plain file of the LoRA that a download would then carry.
-            shutil.copy2(p, dest / p.name, follow_symlinks=False)
+    try:
+        for p in items:
+            if move:
+                p.rename(dest / p.name)  # a link moves as the link, never its target
+            else:
+                # A link is copied as a link: copying must never turn a link (to /etc/passwd,
+                # say) into a plain file of the LoRA that a download would then carry.
+                shutil.copy2(p, dest / p.name, follow_symlinks=False)
+    except OSError:
+        if not move:  # a copy that failed (a full disk) leaves no half of a backup behind
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
     return dest
 
 

@@ -4,6 +4,11 @@ Every file is written under a temporary name in the same folder and then renamed
 final one (formats.files.atomic_write_json; a rename within a file system is atomic), and a
 checkpoint folder is assembled under a hidden name and renamed into place whole. A crash therefore leaves either the old
 file or the new one, never half of one.
+
+The final LoRA's files (adapter, config, training_log.json) are all written into one hidden
+folder before any of them is renamed into place, so a write that fails (a full disk above all:
+renames need no space) leaves the LoRA folder exactly as it was. Such a failure is raised as
+DiskFull, naming the folder (gpuworker.diskspace).
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from formats.files import atomic_write_json, umask_mode
+from gpuworker.diskspace import disk_full, is_disk_full, space_of
 from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SOLO_ADAPTER
 
 TRAINING_PARAMETERS = "training_parameters.json"
@@ -61,20 +69,51 @@ def _save_adapter_into(peft_model: Any, folder: Path, base_model_name: str,
     (folder / "README.md").unlink(missing_ok=True)
 
 
-def save_adapter(peft_model: Any, lora_dir: Path, base_model_name: str,
-                 adapter: str = SOLO_ADAPTER) -> None:
-    """Write adapter_model.safetensors and adapter_config.json into `lora_dir` atomically."""
-    lora_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=lora_dir, prefix=".saving-"))
+def lora_shown(lora_dir: Path) -> str:
+    """`lora_dir` as the data folder names it: loras/<lora_name>/."""
+    return f"{lora_dir.parent.name}/{lora_dir.name}/"
+
+
+@contextmanager
+def staging(lora_dir: Path, prefix: str, doing: str) -> Iterator[Path]:
+    """A hidden folder in `lora_dir` to assemble files in, removed whatever happens. A write
+    that fails for want of space is raised as DiskFull ("... while <doing> in loras/x/"):
+    whether the disk is full is asked before the partial files are removed, since they are
+    what fills it."""
+    tmp: Path | None = None
     try:
-        _save_adapter_into(peft_model, tmp, base_model_name, adapter)
-        share(tmp)
-        # Weights first: if we die between the two renames, the config (same rank, enforced
-        # when continuing) still describes them.
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            os.replace(tmp / name, lora_dir / name)
+        tmp = Path(tempfile.mkdtemp(dir=lora_dir, prefix=prefix))
+        yield tmp
+    except Exception as e:
+        full = is_disk_full(e, lora_dir)
+        space = space_of(lora_dir)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise disk_full(lora_shown(lora_dir), doing, space) from e
+        raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter(peft_model: Any, lora_dir: Path, base_model_name: str,
+                 adapter: str = SOLO_ADAPTER,
+                 training_log: dict[str, Any] | None = None) -> None:
+    """Write adapter_model.safetensors, adapter_config.json and (given) training_log.json
+    into `lora_dir`: all of them first into a hidden folder, then renamed into place."""
+    lora_dir.mkdir(parents=True, exist_ok=True)
+    with staging(lora_dir, ".saving-", "saving the LoRA") as tmp:
+        _save_adapter_into(peft_model, tmp, base_model_name, adapter)
+        names = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+        if training_log is not None:
+            atomic_write_json(tmp / TRAINING_LOG, training_log)
+            names.append(TRAINING_LOG)
+        share(tmp)
+        # Weights first: if we die between the renames, the config (same rank, enforced
+        # when continuing) still describes them.
+        for name in names:
+            os.replace(tmp / name, lora_dir / name)
 
 
 def save_checkpoint(peft_model: Any, lora_dir: Path, step: int, base_model_name: str, *,
@@ -83,8 +122,7 @@ def save_checkpoint(peft_model: Any, lora_dir: Path, step: int, base_model_name:
                     adapter: str = SOLO_ADAPTER) -> Path:
     """Write checkpoint-<step>/ (adapter, logs, resumable state) and rename it into place."""
     final = lora_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=lora_dir, prefix=f".checkpoint-{step}-"))
-    try:
+    with staging(lora_dir, f".checkpoint-{step}-", f"saving {final.name}") as tmp:
         _save_adapter_into(peft_model, tmp, base_model_name, adapter)
         atomic_write_json(tmp / TRAINING_LOG, training_log)
         atomic_write_json(tmp / TRAINING_PROMPT, training_prompt)
@@ -101,7 +139,4 @@ def save_checkpoint(peft_model: Any, lora_dir: Path, step: int, base_model_name:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

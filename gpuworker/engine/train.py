@@ -33,6 +33,7 @@ import torch
 
 from dispatcher.access.links import inside
 from formats.files import atomic_write_json
+from gpuworker.diskspace import disk_full, says_full, space_of
 from gpuworker.engine import data as data_phase
 from gpuworker.engine.cleanup import run_releasing
 from gpuworker.engine.config import QUANTISED, EngineConfig
@@ -70,20 +71,21 @@ from gpuworker.engine.resume import (
     check_data,
     check_settings,
     find_checkpoint,
+    latest_checkpoint,
     load_state,
     move_checkpoints,
     read_summary,
     samples_fingerprint,
 )
 from gpuworker.engine.save import (
-    TRAINING_LOG,
     TRAINING_PARAMETERS,
     TRAINING_PROMPT,
+    lora_shown,
     save_adapter,
     save_checkpoint,
 )
 from gpuworker.engine.targets import projections_label, resolve_target_modules
-from gpuworker.errors import EngineError
+from gpuworker.errors import DiskFull, EngineError
 
 
 def oom_advice(cfg: EngineConfig) -> str:
@@ -324,19 +326,28 @@ class Run:
         The LoRA folder is touched only now that everything loaded: a refused job changes
         nothing. A resumed run carries on in its own folder: nothing of it is earlier work."""
         cfg, log, lora_dir = self.cfg, self.log, self.cfg.lora_dir
-        kept = (None if self.checked.resume is not None
-                else backup_folder(lora_dir, move=cfg.always_override))
-        if kept is not None:
-            log(f"{'Moved' if cfg.always_override else 'Copied'} the earlier files of "
-                f"{cfg.lora_name} to {kept.name}/")
-            # (With always_override the checkpoints moved with everything else.) A folder with
-            # checkpoints but no files at all was not written by this engine and is left alone.
-            moved = move_checkpoints(lora_dir, kept)
-            if moved:
-                log(f"Moved the earlier run's {', '.join(moved)} to {kept.name}/")
-        lora_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(lora_dir / TRAINING_PARAMETERS, cfg.training_parameters)
-        atomic_write_json(lora_dir / TRAINING_PROMPT, self.checked.prompt_info)
+        doing = "copying the earlier files to a backup folder"
+        try:
+            kept = (None if self.checked.resume is not None
+                    else backup_folder(lora_dir, move=cfg.always_override))
+            if kept is not None:
+                log(f"{'Moved' if cfg.always_override else 'Copied'} the earlier files of "
+                    f"{cfg.lora_name} to {kept.name}/")
+                # (With always_override the checkpoints moved with everything else.) A folder
+                # with checkpoints but no files at all was not written by this engine and is
+                # left alone.
+                moved = move_checkpoints(lora_dir, kept)
+                if moved:
+                    log(f"Moved the earlier run's {', '.join(moved)} to {kept.name}/")
+            lora_dir.mkdir(parents=True, exist_ok=True)
+            for name, obj in ((TRAINING_PARAMETERS, cfg.training_parameters),
+                              (TRAINING_PROMPT, self.checked.prompt_info)):
+                doing = f"writing {name}"
+                atomic_write_json(lora_dir / name, obj)
+        except OSError as e:
+            if not says_full(e):
+                raise
+            raise self._full(disk_full(lora_shown(lora_dir), doing, space_of(lora_dir))) from e
 
     def training_log(self, out: LoopOutcome) -> dict[str, Any]:
         plan = self.plan
@@ -354,22 +365,36 @@ class Run:
                    summary: dict[str, Any]) -> None:
         if not out.stopped:
             out = replace(out, reason=f"checkpoint at step {out.steps}")
-        folder = save_checkpoint(self.model, self.cfg.lora_dir, out.steps, self.cfg.base_model,
-                                 training_log=self.training_log(out),
-                                 training_prompt=self.checked.prompt_info, state=state,
-                                 state_summary={**summary, "settings": self.settings},
-                                 adapter=self.adapter)
+        try:
+            folder = save_checkpoint(self.model, self.cfg.lora_dir, out.steps,
+                                     self.cfg.base_model, training_log=self.training_log(out),
+                                     training_prompt=self.checked.prompt_info, state=state,
+                                     state_summary={**summary, "settings": self.settings},
+                                     adapter=self.adapter)
+        except DiskFull as e:
+            raise self._full(e) from e
         self.log(f"Saved {folder.name}/")
 
     def save(self, out: LoopOutcome) -> None:
         cfg, log = self.cfg, self.log
         log(f"Saving LoRA to loras/{cfg.lora_name}/...")
-        save_adapter(self.model, cfg.lora_dir, cfg.base_model, self.adapter)
-        atomic_write_json(cfg.lora_dir / TRAINING_LOG, self.training_log(out))
+        try:
+            save_adapter(self.model, cfg.lora_dir, cfg.base_model, self.adapter,
+                         training_log=self.training_log(out))
+        except DiskFull as e:
+            raise self._full(e, "the LoRA's files are as they were before this save") from e
         if out.stopped:
             log(f"Interrupted. Incomplete LoRA saved to loras/{cfg.lora_name}/")
         else:
             log(f"Done! LoRA saved to loras/{cfg.lora_name}/")
+
+    def _full(self, e: DiskFull, kept: str = "") -> DiskFull:
+        """`e` with what stays of the run and how to carry on once space is freed."""
+        last = latest_checkpoint(self.cfg.lora_dir)
+        then = (f"{last.name} stays as it was: free some space, then resume from it (Resume "
+                "on the job's page, or resume_from_checkpoint: latest)" if last is not None
+                else "free some space, then run the job again")
+        return DiskFull(f"{e}; {kept + '; ' if kept else ''}{then}")
 
 
 def speed_used(info: dict[str, Any], out: LoopOutcome) -> dict[str, Any]:
