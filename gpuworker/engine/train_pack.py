@@ -178,7 +178,9 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
         try:
             run.save(lane.out)
         except (EngineError, OSError) as e:
-            _give(member, EngineError(f"could not save loras/{member.cfg.lora_name}/: {e}"))
+            # (the engine's own errors name the folder already; a bare OSError does not)
+            _give(member, e if isinstance(e, EngineError) else EngineError(
+                f"could not save loras/{member.cfg.lora_name}/: {e}"))
             return
         _give(member, run_result(member.cfg, data.plan, lane.out, info, saved=True,
                               started=started))
