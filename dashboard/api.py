@@ -68,7 +68,7 @@ def read_submission(body: Any, problems: Problems) -> Submission:
     """The request body: a bare spec (priority from `?priority=`), or an envelope
     {"kind", "spec", "owner", "priority"} whose unknown keys are problems."""
     if body is None:
-        raise BadRequest(NOT_A_SPEC)
+        raise BadRequest.on("body", NOT_A_SPEC)
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", [
             {"field": "spec", "message": "must be a JSON object of training parameters"}])
@@ -156,20 +156,28 @@ def lora_write_problems(spec: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+def whole_number_arg(name: str, default: int) -> int:
+    """The query parameter `name` as a whole number (`default` when absent); 400 naming it."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest.on(name, f"{name} must be a whole number, not {raw[:40]!r}") from None
+
+
 @bp.get("/jobs")
 def list_jobs():
-    try:
-        limit = max(1, min(1000, int(request.args.get("limit", 200))))
-        offset = max(0, int(request.args.get("offset", 0)))
-    except ValueError:
-        raise BadRequest("limit and offset must be whole numbers") from None
+    limit = max(1, min(1000, whole_number_arg("limit", 200)))
+    offset = max(0, whole_number_arg("offset", 0))
     # state/owner filter the whole list before paging; `total` counts every match.
     states, owners = job_filters(request.args)
     before = request.args.get("before") or None
     try:
         records, total = services().store.page(limit, offset, states, owners, before)
     except KeyError:
-        raise BadRequest(f"before: there is no job {before}") from None
+        raise BadRequest.on("before", f"before: there is no job {before}") from None
     return jsonify({"jobs": [job_summary(r) for r in records], "total": total,
                     "limit": limit, "offset": offset})
 
@@ -196,7 +204,7 @@ def set_priority(job_id: str):
     """Re-prioritise a queued or retrying job: {"priority": "low"|"normal"|"high"|"urgent"}."""
     body = request.get_json(silent=True)
     priority = body.get("priority") if isinstance(body, dict) else None
-    if priority not in PRIORITIES:
+    if not (isinstance(priority, str) and priority in PRIORITIES):
         raise BadRequest(f"priority must be one of {', '.join(PRIORITIES)}",
                          [{"field": "priority", "message": f"must be one of {', '.join(PRIORITIES)}"}])
     check_may_manage(services().store.get(job_id), "re-prioritise")
@@ -231,10 +239,12 @@ def estimate():
     estimate reads must have the right type."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise BadRequest(NOT_A_SPEC)
+        raise BadRequest.on("body", NOT_A_SPEC)
     kind, spec = (body.get("kind", "train"), body["spec"]) if "spec" in body else ("train", body)
-    if kind not in KINDS or not isinstance(spec, dict):
-        raise BadRequest(f"kind must be one of {', '.join(KINDS)} and spec a JSON object")
+    if kind not in KINDS:
+        raise BadRequest.on("kind", f"kind must be one of {', '.join(KINDS)}")
+    if not isinstance(spec, dict):
+        raise BadRequest.on("spec", "spec must be a JSON object")
     problems = Problems()
     for key in ESTIMATE_NUMBERS:
         check_whole_number(spec, key, problems)
@@ -257,7 +267,8 @@ def job_events_route(job_id: str):
     try:
         after = valid_stream_id(raw_after)
     except ValueError as e:
-        raise BadRequest(str(e)) from None
+        field = "after" if request.args.get("after") else "Last-Event-ID"
+        raise BadRequest.on(field, str(e)) from None
     if request.args.get("format") == "json":
         # The history as a bare list of {"id", "type", ...}, oldest first (README, REST API).
         events = []

@@ -25,6 +25,7 @@ from typing import Any
 
 import redis as redis_lib
 from flask import Flask, jsonify, render_template, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import make_server
@@ -141,9 +142,22 @@ def _security_headers(response):
     return response
 
 
+class RequestJSON(DefaultJSONProvider):
+    """Flask's JSON, except that a body nested deeper than Python's recursion limit is bad
+    JSON like any other (a ValueError: `get_json(silent=True)` gives None and the view answers
+    400 naming the body), not a RecursionError that would end as a 500."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("the JSON is nested too deeply") from None
+
+
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the dashboard app. Nothing here talks to Redis."""
     app = Flask(__name__)
+    app.json = RequestJSON(app)
     app.config.update(LORAFLEET_SSE_BLOCK_MS=15000, LORAFLEET_SSE_GRACE_MS=1000)
     if config:
         app.config.update(config)

@@ -148,7 +148,9 @@ def _bound_host() -> str:
 def _csrf_ok() -> bool:
     sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token", "")
     want = session.get("csrf")
-    return bool(want and sent and hmac.compare_digest(sent, want))
+    # As bytes: compare_digest refuses str with characters beyond ASCII, which a header can hold.
+    return bool(want and sent and isinstance(want, str) and hmac.compare_digest(
+        sent.encode("utf-8", "surrogateescape"), want.encode("utf-8", "surrogateescape")))
 
 
 # -- login and logout ----------------------------------------------------------------------------

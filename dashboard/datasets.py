@@ -149,8 +149,8 @@ def format_file(name: str):
 def copy_format_file():
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise BadRequest('send a JSON object: {"from": NAME, "name": NEW_NAME, '
-                         '"overwrite": false}')
+        raise BadRequest.on("body", 'send a JSON object: {"from": NAME, "name": NEW_NAME, '
+                                    '"overwrite": false}')
     overwrite = body.get("overwrite", False)
     if isinstance(overwrite, str):
         overwrite = overwrite.strip().lower() in TRUE_WORDS

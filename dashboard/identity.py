@@ -83,7 +83,7 @@ def priority_problem(priority: str) -> str | None:
 
 def check_priority(priority: object, problems: Problems) -> None:
     """A problem (field `priority`) when `priority` is unknown or the user may not use it."""
-    if priority not in PRIORITIES:
+    if not (isinstance(priority, str) and priority in PRIORITIES):
         problems.add("priority", f"must be one of {', '.join(PRIORITIES)}")
         return
     why = priority_problem(str(priority))

@@ -42,8 +42,10 @@ def set_limit():
         raise Forbidden("only an admin may change limits")
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or "name" not in body or "value" not in body:
-        raise BadRequest('send a JSON object: {"name", "value", "user"} (value null '
-                         'unsets, user "*" is everyone)')
+        field = "body" if not isinstance(body, dict) else ("name" if "name" not in body
+                                                            else "value")
+        raise BadRequest.on(field, 'send a JSON object: {"name", "value", "user"} (value null '
+                                   'unsets, user "*" is everyone)')
     unknown = sorted(set(body) - {"name", "value", "user"})
     if unknown:
         raise BadRequest(f"unknown field(s) {', '.join(map(str, unknown))}",

@@ -39,7 +39,8 @@ def jobs():
     except ValueError:
         page = 0
     if page < 1:
-        raise BadRequest(f"page must be a whole number from 1, not {request.args.get('page')!r}")
+        raise BadRequest.on("page", f"page must be a whole number from 1, not "
+                                    f"{request.args.get('page')!r}")
     state = request.args.get("state", "").strip()  # shown again in the filter fields
     owner = request.args.get("owner", "").strip()
     states, owners = job_filters(request.args)

@@ -56,10 +56,13 @@ def list_users():
 def add_user():
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise BadRequest("send a JSON object: {name, role, password}")
+        raise BadRequest.on("body", "send a JSON object: {name, role, password}")
     name, role, password = body.get("name"), body.get("role", "member"), body.get("password")
-    if not all(isinstance(v, str) for v in (name, role, password)):
-        raise BadRequest("name, role and password must be text")
+    not_text = [k for k, v in (("name", name), ("role", role), ("password", password))
+                if not isinstance(v, str)]
+    if not_text:
+        raise BadRequest("name, role and password must be text",
+                         [{"field": k, "message": "must be text"} for k in not_text])
     first = not accounts_mode()
     try:
         accounts_store().add(name.strip(), password, role)

@@ -41,13 +41,28 @@ def strip_bom(text: str) -> str:
     return text[1:] if text.startswith(BOM) else text
 
 
+def loads(text: str, source: str) -> Any:
+    """``json.loads``, with what the parser cannot take but a syntax error (nesting deeper than
+    Python's recursion limit, an integer of more than 4300 digits) raised as an
+    :class:`InvalidJSONError`; a syntax error stays a ``json.JSONDecodeError`` (its line and
+    column are the callers' to word)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise InvalidJSONError("invalid JSON: nested too deeply", source=source) from None
+    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string ..."
+        raise InvalidJSONError(f"invalid JSON: {err}", source=source) from None
+
+
 def parse_json(text: str, source: str) -> Any:
     """Parse one JSON document; a syntax error becomes an :class:`InvalidJSONError`.
 
     The message names ``source`` and the 1-based line and column that ``json`` reports.
     """
     try:
-        return json.loads(strip_bom(text))
+        return loads(strip_bom(text), source)
     except json.JSONDecodeError as err:
         raise InvalidJSONError(
             f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}", source=source
@@ -66,7 +81,7 @@ def parse_json_or_lines(text: str, source: str) -> tuple[Any, list[int] | None]:
     """
     text = strip_bom(text)
     try:
-        return json.loads(text), None
+        return loads(text, source), None
     except json.JSONDecodeError as whole_error:
         if text.lstrip().startswith("["):
             raise InvalidJSONError(
@@ -80,7 +95,7 @@ def parse_json_or_lines(text: str, source: str) -> tuple[Any, list[int] | None]:
         if not line.strip():
             continue
         try:
-            values.append(json.loads(line))
+            values.append(loads(line, f"{source} line {number}"))
         except json.JSONDecodeError as err:
             raise InvalidJSONError(
                 f"invalid JSON Lines at line {number}, column {err.colno}: {err.msg}",

@@ -65,3 +65,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.integration)
         elif "browser" in parts:
             item.add_marker(pytest.mark.browser)
+
+
+# The fuzz suite's figures (tests/fuzz/tally.py): each xdist worker hands its counts to the
+# controller, which prints them after the run (and writes them to $LORAFLEET_FUZZ_REPORT).
+def pytest_sessionfinish(session):
+    from tests.fuzz import tally
+
+    tally.sessionfinish(session)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    from tests.fuzz import tally
+
+    tally.testnodedown(node)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.fuzz import tally
+
+    tally.terminal_summary(terminalreporter)

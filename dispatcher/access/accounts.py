@@ -164,6 +164,9 @@ class Accounts:
         if role not in ROLES:
             raise AccountError(f"role {role!r}: must be one of {', '.join(ROLES)}", "role")
         _check_password(password)
+        if not self.has_users() and role != "admin":  # (again under the lock, below)
+            raise AccountError("the first account must be an admin (--role admin): "
+                               "someone has to manage the others", "role")
         with self._editing() as data:
             if not data["users"] and role != "admin":
                 raise AccountError("the first account must be an admin (--role admin): "
@@ -178,6 +181,7 @@ class Accounts:
 
     def set_password(self, name: str, password: str) -> None:
         _check_password(password)
+        self._known(name)
         with self._editing() as data:
             u = self._user(data, name)
             u["password"] = hash_password(password)
@@ -186,6 +190,7 @@ class Accounts:
     def set_role(self, name: str, role: str) -> None:
         if role not in ROLES:
             raise AccountError(f"role {role!r}: must be one of {', '.join(ROLES)}", "role")
+        self._known(name)
         with self._editing() as data:
             u = self._user(data, name)
             if role != "admin" and u["role"] == "admin":
@@ -195,6 +200,7 @@ class Accounts:
                 _end_sessions(u)
 
     def remove(self, name: str) -> None:
+        self._known(name)
         with self._editing() as data:
             if self._user(data, name)["role"] == "admin":
                 _keep_an_admin(data, name, "removed")
@@ -203,17 +209,25 @@ class Accounts:
     def new_token(self, name: str, label: str = "") -> str:
         """A new API token for `name`; returned once, only its digest is kept."""
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        self._known(name)
         with self._editing() as data:
             self._user(data, name).setdefault("tokens", []).append(
                 {"sha256": _token_digest(token), "label": label[:100], "created": time.time()})
         return token
 
     def revoke_tokens(self, name: str) -> int:
+        self._known(name)
         with self._editing() as data:
             u = self._user(data, name)
             n = len(u.get("tokens", []))
             u["tokens"] = []
         return n
+
+    def _known(self, name: str) -> None:
+        """Refuse a change of an account that is not there before the lock file is touched
+        (a refused request writes nothing to the data folder); `_user` checks again under
+        the lock."""
+        self._user(self._load(), name)
 
     @staticmethod
     def _user(data: dict[str, Any], name: str) -> dict[str, Any]:

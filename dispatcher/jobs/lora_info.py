@@ -42,7 +42,7 @@ def _read_json(path: Path, root: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or UTF-8
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -3,6 +3,9 @@ refused once, naming every problem (field and message), or not at all."""
 
 from __future__ import annotations
 
+# How a problem names a request key that is the empty string, so every problem names a field.
+EMPTY_KEY = '""'
+
 
 class SpecError(ValueError):
     """A spec that cannot run; `errors` lists {"field", "message"} for every problem found."""
@@ -20,7 +23,7 @@ class Problems:
         self.errors: list[dict[str, str]] = []
 
     def add(self, field: str, message: str) -> None:
-        self.errors.append({"field": f"{self.where}{field}", "message": message})
+        self.errors.append({"field": f"{self.where}{field or EMPTY_KEY}", "message": message})
 
     def __bool__(self) -> bool:
         return bool(self.errors)

@@ -52,7 +52,7 @@ def format_file_problem(path: Path) -> str | None:
     """Why the format file at `path` cannot be used (None: it can)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
         return f"{path.name} is not valid JSON: {e}"
     if not isinstance(data, dict) or not data or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in data.items()):

@@ -182,7 +182,7 @@ def lora_parameters(name: str, paths: DataPaths) -> dict[str, Any]:
     except FileNotFoundError:
         raise SpecError([{"field": "lora", "message":
                           f"loras/{name} has no training_parameters.json"}]) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8
         raise SpecError([{"field": "lora", "message":
                           f"loras/{name}/training_parameters.json is not valid JSON: {e}"}]) from None
     if not isinstance(params, dict):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from dispatcher.jobs.problems import Problems
+from dispatcher.jobs.problems import EMPTY_KEY, Problems
 from dispatcher.jobs.specs import (
     LORA_NAME_RE,
     EvalSpec,
@@ -97,7 +97,7 @@ class DistinctProblems(Problems):
     """Problems that name each (field, message) once: many trials can share one problem."""
 
     def add(self, field: str, message: str) -> None:
-        entry = {"field": f"{self.where}{field}", "message": message}
+        entry = {"field": f"{self.where}{field or EMPTY_KEY}", "message": message}
         if entry not in self.errors:
             self.errors.append(entry)
 
