@@ -25,6 +25,7 @@ from dispatcher.jobs.states import JobState, TransitionError, WorkerState
 from dispatcher.jobs.store import JobNotFound, JobStore
 from dispatcher.schedule.requeue import Crashed, settle
 from dispatcher.settings import Settings, connect
+from gpuworker.checkpoints import clear_staging
 from gpuworker.diskspace import says_full
 from gpuworker.errors import EngineError
 from gpuworker.oomkills import OomCounts, death_reason, read_oom_counts
@@ -264,6 +265,7 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
                      expect_worker=name)
         if new is None:
             return None
+        _clear_half_saved(settings, rec)
         if mark_idle:  # (not for a worker still starting: its first heartbeat says idle)
             Fleet(r, settings.prefix, settings.worker_timeout).heartbeat(
                 name, state=WorkerState.IDLE.value, job="", jobs="", pack="")
@@ -272,6 +274,23 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
         return None
     finally:
         r.close()
+
+
+def _clear_half_saved(settings: Settings, rec: dict[str, Any]) -> None:
+    """The process that trained `rec` is gone: what it was saving when it died (a hidden
+    staging folder, a temporary file) is removed, whether or not the job runs again."""
+    name = str((rec.get("spec") or {}).get("lora_name") or "") if rec.get("kind") == "train" \
+        else ""
+    if not name or "/" in name or name.startswith("."):
+        return
+    try:
+        removed = clear_staging(settings.paths.loras / name)
+    except OSError:
+        log.warning("could not clear loras/%s of half-saved files", name, exc_info=True)
+        return
+    if removed:
+        log.info("loras/%s: removed %s, left half-saved by the process that died", name,
+                 ", ".join(removed))
 
 
 def register_tasks(celery, settings: Settings) -> None:

@@ -33,6 +33,7 @@ import torch
 
 from dispatcher.access.links import inside
 from formats.files import atomic_write_json
+from gpuworker.checkpoints import clear_staging
 from gpuworker.diskspace import disk_full, says_full, space_of
 from gpuworker.engine import data as data_phase
 from gpuworker.engine.cleanup import run_releasing
@@ -340,6 +341,9 @@ class Run:
                 if moved:
                     log(f"Moved the earlier run's {', '.join(moved)} to {kept.name}/")
             lora_dir.mkdir(parents=True, exist_ok=True)
+            left = clear_staging(lora_dir)
+            if left:
+                log(f"Removed what an interrupted save left half-written: {', '.join(left)}")
             for name, obj in ((TRAINING_PARAMETERS, cfg.training_parameters),
                               (TRAINING_PROMPT, self.checked.prompt_info)):
                 doing = f"writing {name}"

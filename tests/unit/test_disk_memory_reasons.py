@@ -143,3 +143,32 @@ def test_the_reason_names_the_folder_and_is_the_jobs_reason_as_it_is():
     # A write the engine does not name itself still says what happened, not just a type.
     assert _reason(OSError(errno.ENOSPC, "No space left on device")) == (
         "no space left on the device (OSError: [Errno 28] No space left on device)")
+
+
+def test_a_run_removes_what_an_interrupted_save_left_half_written(tmp_path):
+    """A process killed in the middle of a checkpoint leaves its hidden staging folder (the
+    chaos run found two); the next run of the LoRA removes such leftovers before it writes,
+    and nothing else."""
+    import json
+
+    from dispatcher.settings import DataPaths
+    from tests.tiny import make_tiny_model, write_tiny_dataset
+    from tests.unit.test_engine import ALPACA, Recorder, make_spec
+
+    p = DataPaths(tmp_path / "home")
+    p.ensure()
+    make_tiny_model(p.models / "tiny")
+    write_tiny_dataset(p.datasets / "tiny.json", n=24)
+    (p.formats / "alpaca-test.json").write_text(json.dumps(ALPACA))
+    folder = p.loras / "tiny-lora"
+    (folder / ".checkpoint-14-a_0u_d12").mkdir(parents=True)
+    (folder / ".checkpoint-14-a_0u_d12" / ".d5bb7d6d8a218077.tmp").write_bytes(b"half")
+    (folder / ".saving-xyz").mkdir()
+    (folder / ".0123abcd.tmp").write_bytes(b"half")
+    (folder / "notes.txt").write_text("mine")
+    rec = Recorder()
+    rec.run(make_spec(epochs=1), p)
+    names = sorted(x.name for x in folder.iterdir())
+    assert not [n for n in names if n.startswith(".")], names
+    assert "notes.txt" in names and "adapter_model.safetensors" in names
+    assert any("interrupted save left half-written" in line for line in rec.lines)
