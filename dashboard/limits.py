@@ -12,6 +12,7 @@ from dashboard.identity import OWNER_RE, current_user
 from dashboard.quota import limits as _limits
 from dashboard.services import services
 from dispatcher.access.limits import DEFAULTS, EVERYONE, HELP, LimitError
+from dispatcher.jobs.problems import Problems
 
 bp = Blueprint("limits", __name__)
 API = "/api/v1/limits"
@@ -48,8 +49,11 @@ def set_limit():
                                    'unsets, user "*" is everyone)')
     unknown = sorted(set(body) - {"name", "value", "user"})
     if unknown:
-        raise BadRequest(f"unknown field(s) {', '.join(map(str, unknown))}",
-                         [{"field": str(k), "message": "is not a limits field"} for k in unknown])
+        problems = Problems()
+        for k in unknown:
+            problems.add(str(k), "is not a limits field")
+        raise BadRequest(f"unknown field(s) {', '.join(p['field'] for p in problems.errors)}",
+                         problems.errors)
     who = body.get("user") or EVERYONE
     if who != EVERYONE and not (isinstance(who, str) and OWNER_RE.match(who)):
         raise BadRequest("user must be a user name or \"*\" (everyone)",

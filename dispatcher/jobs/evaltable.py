@@ -94,6 +94,8 @@ class EvalTable:
         return row
 
     def set_comment(self, row_id: str, comment: str) -> dict[str, Any]:
+        if not any(r["id"] == row_id for r in self.rows()):
+            raise KeyError(row_id)  # before the lock file: a refused edit writes nothing
         with self._locked():
             rows = self.rows()
             for r in rows:

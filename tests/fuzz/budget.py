@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 ENV = "LORAFLEET_FUZZ_EXAMPLES"
 
@@ -31,6 +31,8 @@ def fuzz_settings(short: int = 5, weight: float = 1.0) -> settings:
         deadline=None,  # a request may wait on Redis or a file system: no per-example deadline
         database=None,  # no .hypothesis/ folder in the checkout; failures print their example
         print_blob=True,
+        # No "explain" phase: on Python < 3.12 it traces every line and takes minutes.
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.filter_too_much, HealthCheck.large_base_example],
     )

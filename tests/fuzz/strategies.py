@@ -485,15 +485,33 @@ CONTENT_TYPES = ("application/json", "application/json", "text/plain",
                  "multipart/form-data; boundary=x", "application/json; charset=utf-16", None)
 
 
+@dataclass(frozen=True)
+class Upload:
+    """A multipart upload as sent: the body and its Content-Type, and the file in it."""
+
+    body: bytes
+    content_type: str
+    content: bytes
+    filename: str | None  # None: no file part was sent
+
+
 def upload_body(data: Any, fleet: Fleet) -> tuple[bytes, str]:
-    """A multipart upload: a file of random bytes or a (broken) data file, odd names and kinds."""
+    """A multipart upload's body and Content-Type (see `upload`)."""
+    up = upload(data, fleet)
+    return up.body, up.content_type
+
+
+def upload(data: Any, fleet: Fleet, names: tuple[str, ...] = ()) -> Upload:
+    """A multipart upload: a file of random bytes or a (broken) data file, odd names and kinds
+    (`names`: the file names to draw from, instead of any)."""
+    # (hypothesis's simplest draw is the first choice of each: a good file, sent as `file`)
     rows = [{"instruction": "hi", "output": "yo"}]
-    if data.draw(st.integers(0, 5), label="broken json file") == 0:
+    if data.draw(st.integers(0, 5), label="broken json file") == 5:
         content = raw_json(data, rows)
     else:
         content = data.draw(st.one_of(
-            st.binary(max_size=400),
             st.just(json.dumps(rows).encode()),
+            st.binary(max_size=400),
             st.just(json.dumps({"instruction,output": "%instruction% %output%"}).encode()),
             st.just(b"some raw text\n"),
             json_values().map(lambda v: json.dumps(v, allow_nan=True).encode(
@@ -503,26 +521,37 @@ def upload_body(data: Any, fleet: Fleet) -> tuple[bytes, str]:
             st.just(b"\n".join(json.dumps(r).encode() for r in rows * 3)),
             st.just(b""), st.just(b"   \n\t "),
         ), label="file content")
-    filename = data.draw(st.one_of(
-        st.sampled_from(("fz.json", "fz.jsonl", "fz.txt", "fz-format.json", "fz_format.json",
-                         "d.json", "bo-data.json", "cy-data.json", "cy-format.json",
-                         "cy-notes.txt", "alpaca-format.json", "outside.json", "inside.json",
-                         "books", "fz.JSON", "fz", ".hidden.json", "fz.exe")),
-        st.sampled_from(PATH_TRICKS), odd_text(30)), label="file name")
+    pick = data.draw(st.integers(0, 9), label="file name from")
+    if names:
+        filename = data.draw(st.sampled_from(names), label="file name")
+    elif pick <= 5:  # a new name (most uploads): what is checked is the content
+        n = data.draw(st.integers(0, 10**6), label="n")
+        filename = f"fz-{n}" + data.draw(st.sampled_from((".json", ".jsonl", ".txt",
+                                                          "-format.json")), label="ext")
+    else:
+        filename = data.draw(st.one_of(
+            st.sampled_from(("fz.json", "fz.jsonl", "fz.txt", "fz-format.json",
+                             "fz_format.json", "d.json", "bo-data.json", "cy-data.json",
+                             "cy-format.json", "cy-notes.txt", "alpaca-format.json",
+                             "outside.json", "inside.json", "books", "fz.JSON", "fz",
+                             ".hidden.json", "fz.exe")),
+            st.sampled_from(PATH_TRICKS), odd_text(30)), label="file name")
     filename = wire_text(filename)
     form = MultiDict()
-    if data.draw(st.integers(0, 9), label="send file") != 0:
-        field_name = "file" if data.draw(st.integers(0, 9)) != 0 else "notfile"
+    sent = None
+    if data.draw(st.integers(0, 9), label="no file") != 9:
+        field_name = "file" if data.draw(st.integers(0, 9), label="field name") != 9 else "notfile"
+        sent = filename if field_name == "file" else None
         form.add(field_name, FileStorage(io.BytesIO(content), filename=filename,
                                          name=field_name,
                                          content_type="application/octet-stream"))
-    for key, strat in (("kind", st.sampled_from(("", "auto", "dataset", "format", "raw_text",
-                                                  "DATASET", "model")) | odd_text(10)),
+    kinds = st.sampled_from(("", "auto", "dataset", "format", "raw_text", "DATASET", "model"))
+    for key, strat in (("kind", st.one_of(kinds, kinds, kinds, odd_text(10))),
                        ("overwrite", st.sampled_from(("1", "true", "on", "0", "", "yes ")))):
         if data.draw(st.integers(0, 2), label=f"send {key}") != 0:
             form.add(key, wire_text(data.draw(strat, label=key)))
     boundary, body = encode_multipart(form)
-    return body, f"multipart/form-data; boundary={boundary}"
+    return Upload(body, f"multipart/form-data; boundary={boundary}", content, sent)
 
 
 def form_body(data: Any, fleet: Fleet, kind: str) -> dict[str, str]:

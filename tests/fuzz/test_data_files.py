@@ -120,7 +120,6 @@ def raw_text_bytes(data) -> bytes:
 @fuzz_settings(short=60, weight=6)
 @given(data=st.data())
 def test_upload_check_gives_a_result_or_a_400_naming_the_field(tmp_path_factory, data):
-    tally.case("data files: upload check")
     kind = data.draw(st.sampled_from(("", "dataset", "format", "raw_text", "auto")), label="kind")
     which = data.draw(st.sampled_from(("dataset", "format", "raw_text")), label="content")
     if which == "dataset":
@@ -131,6 +130,7 @@ def test_upload_check_gives_a_result_or_a_400_naming_the_field(tmp_path_factory,
         content, ext = raw_text_bytes(data), ".txt"
     name = "fz" + ext
     paths = DataPaths(Path("/nonexistent/lorafleet-fuzz"))  # the check reads no file
+    tally.case("data files: upload check")
     try:
         checked = check_upload(name, kind, content, paths)
     except DashboardError as e:
@@ -139,6 +139,9 @@ def test_upload_check_gives_a_result_or_a_400_naming_the_field(tmp_path_factory,
         assert e.message and e.errors and all(p["field"] in ("file", "kind") and p["message"]
                                               for p in e.errors), e.errors
         return
+    except Exception:
+        tally.answer("data files: upload check", 500, True)  # a crash: counted, then shown
+        raise
     tally.answer("data files: upload check", 201, False)
     assert checked.name == name and checked.kind in ("dataset", "format", "raw_text")
     if checked.kind == "dataset":
@@ -176,6 +179,14 @@ def run_preview(args: list[str]):
     return CliRunner().invoke(main, ["data", "preview", *args])
 
 
+def cli_status(result) -> int:
+    """The command's outcome as the tally counts answers: 200 a result, 400 its error message,
+    500 a crash (an exception other than click's exit)."""
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        return 500
+    return 200 if result.exit_code == 0 else 400
+
+
 def check_cli(result, args) -> None:
     """Exit 0 with its output, or 1/2 with click's "Error: ..." line: never an exception."""
     out = result.output
@@ -196,7 +207,6 @@ def check_cli(result, args) -> None:
 @fuzz_settings(short=25, weight=3)
 @given(data=st.data())
 def test_preview_of_a_dataset_gives_samples_or_an_error(tokenizer_dir, tmp_path_factory, data):
-    tally.case("data files: lorafleet data preview (dataset)")
     folder = tmp_path_factory.mktemp("preview")
     content, ext = dataset_bytes(data)
     dataset = folder / f"d{ext}"
@@ -208,16 +218,16 @@ def test_preview_of_a_dataset_gives_samples_or_an_error(tokenizer_dir, tmp_path_
         fmt.write_bytes(format_bytes(data))
     args = ["--tokenizer", str(tokenizer_dir), "--dataset", str(dataset), "--format", str(fmt),
             *preview_options(data)]
+    tally.case("data files: lorafleet data preview (dataset)")
     result = run_preview(args)
-    tally.answer("data files: lorafleet data preview (dataset)", 0 if result.exit_code == 0
-                 else 400, result.exit_code != 0)
+    tally.answer("data files: lorafleet data preview (dataset)", cli_status(result),
+                 result.exit_code != 0)
     check_cli(result, args)
 
 
 @fuzz_settings(short=25, weight=3)
 @given(data=st.data())
 def test_preview_of_a_raw_text_gives_samples_or_an_error(tokenizer_dir, tmp_path_factory, data):
-    tally.case("data files: lorafleet data preview (raw text)")
     folder = tmp_path_factory.mktemp("raw")
     if data.draw(st.booleans(), label="a folder of texts"):
         target = folder / "texts"
@@ -230,9 +240,10 @@ def test_preview_of_a_raw_text_gives_samples_or_an_error(tokenizer_dir, tmp_path
         target = folder / "t.txt"
         target.write_bytes(raw_text_bytes(data))
     args = ["--tokenizer", str(tokenizer_dir), "--raw-text", str(target), *preview_options(data)]
+    tally.case("data files: lorafleet data preview (raw text)")
     result = run_preview(args)
-    tally.answer("data files: lorafleet data preview (raw text)", 0 if result.exit_code == 0
-                 else 400, result.exit_code != 0)
+    tally.answer("data files: lorafleet data preview (raw text)", cli_status(result),
+                 result.exit_code != 0)
     check_cli(result, args)
 
 
@@ -243,7 +254,6 @@ def test_dashboard_preview_gives_samples_or_a_400(fleets, tokenizer_dir, data):
     import shutil
 
     prop = "data files: dashboard preview"
-    tally.case(prop)
     fleet = fleets[SINGLE_USER]
     model = fleet.home / "models" / "fz-tiny"
     if not model.exists():
@@ -264,6 +274,7 @@ def test_dashboard_preview_gives_samples_or_a_400(fleets, tokenizer_dir, data):
 
     req = Req(method="GET", path="/api/v1/datasets/preview", query=urlencode(query).encode(),
               who="token", user="local")
+    tally.case(prop)
     ans = send(fleet, req)
     tally.answer(prop, ans.status, ans.status >= 400)
     check_answer(fleet, req, ans, fleet.secrets())

@@ -81,7 +81,9 @@ def test_an_empty_key_is_named(fleets):
     for path, body, want in (
             ("/api/v1/jobs", {"kind": "train", "spec": spec, "": 1}, '""'),
             ("/api/v1/sweeps/preview", {"base": spec, "parameters": {"lora_rank": [4]},
-                                        "method": "grid", "": {}}, '""')):
+                                        "method": "grid", "": {}}, '""'),
+            # found by the long run (seed 15): the limits route named its own problems
+            ("/api/v1/limits", {"name": "max_queued_jobs", "value": None, "": None}, '""')):
         ans, changed = ask(fleet, "POST", path, body)
         assert ans.status == 400 and want in fields(ans) and not changed, ans.body
 
@@ -166,3 +168,20 @@ def test_a_format_file_nested_too_deeply_is_an_error_not_a_crash(fleets):
     assert ans.status == 400 and "format" in fields(ans) and not changed
     ans, _ = ask(fleet, "GET", "/api/v1/formats/deep-format")
     assert ans.status == 400 and fields(ans) == ["name"]
+
+
+# Found by asking what the seeded fleet could not reach (a data folder whose evaluation table
+# was never written): an admin's comment on an evaluation that is not there (404) created
+# evals/evaluations.lock.
+def test_a_refused_comment_writes_no_lock_file(fleets):
+    fleet = fleets[SINGLE_USER]
+    evals = fleet.home / "evals"
+    kept = {p.name: p.read_bytes() for p in evals.iterdir()}
+    for p in evals.iterdir():
+        p.unlink()
+    try:
+        ans, changed = ask(fleet, "POST", "/api/v1/evaluations/nope", {"comment": "x"})
+        assert ans.status == 404 and not changed and not list(evals.iterdir())
+    finally:
+        for name, raw in kept.items():
+            (evals / name).write_bytes(raw)

@@ -28,7 +28,7 @@ from tests.fuzz.strategies import (
     quoted,
     spec_body,
     sweep_body,
-    upload_body,
+    upload,
 )
 
 pytestmark = pytest.mark.fuzz
@@ -105,11 +105,11 @@ def attempt(data, fleet: Fleet) -> tuple[str, str, object]:
     if what == "comment":
         row = data.draw(st.sampled_from(sorted(fleet.eval_rows.values())))
         return "POST", f"/api/v1/evaluations/{row}", {"comment": data.draw(odd_text())}
-    if what == "upload":
-        body, ctype = upload_body(data, fleet)
-        return "POST", "/api/v1/datasets", ("multipart", body, ctype, data.draw(st.sampled_from(
-            ("cy-data.json", "cy-notes.txt", "cy-format.json", "d.json", "my-format.json",
-             "alpaca-format.json", "chatml-format.json"))))
+    if what == "upload":  # under a name of cy's, one put there by hand, or a shipped format's
+        up = upload(data, fleet, names=("cy-data.json", "cy-notes.txt", "cy-format.json",
+                                        "d.json", "my-format.json", "alpaca-format.json",
+                                        "chatml-format.json"))
+        return "POST", "/api/v1/datasets", (up.body, up.content_type)
     if what == "copy-format":
         return "POST", "/api/v1/formats/copy", {
             "from": data.draw(st.sampled_from(("alpaca-format", "my-format", "cy-format"))),
@@ -170,10 +170,8 @@ def test_a_member_never_changes_anothers_things(fleet, data):
     prop = "ownership accounts"
     fleet.heal()
     method, path, body = attempt(data, fleet)
-    if isinstance(body, tuple):  # an upload under one of the names drawn
-        _, raw, ctype, name = body
-        raw = raw.replace(b'filename="', f'filename="{name}"; x="'.encode(), 1)
-        content = (raw, ctype)
+    if isinstance(body, tuple):  # an upload
+        content = body
     else:
         content = (json.dumps(body, allow_nan=True).encode("utf-8", "surrogatepass"),
                    "application/json")
