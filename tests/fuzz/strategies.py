@@ -501,9 +501,10 @@ def upload_body(data: Any, fleet: Fleet) -> tuple[bytes, str]:
     return up.body, up.content_type
 
 
-def upload(data: Any, fleet: Fleet, names: tuple[str, ...] = ()) -> Upload:
+def upload(data: Any, fleet: Fleet, names: tuple[str, ...] = (),
+           kinds: tuple[str, ...] = ()) -> Upload:
     """A multipart upload: a file of random bytes or a (broken) data file, odd names and kinds
-    (`names`: the file names to draw from, instead of any)."""
+    (`names`, `kinds`: the file names and kinds to draw from, instead of any)."""
     # (hypothesis's simplest draw is the first choice of each: a good file, sent as `file`)
     rows = [{"instruction": "hi", "output": "yo"}]
     if data.draw(st.integers(0, 5), label="broken json file") == 5:
@@ -545,8 +546,9 @@ def upload(data: Any, fleet: Fleet, names: tuple[str, ...] = ()) -> Upload:
         form.add(field_name, FileStorage(io.BytesIO(content), filename=filename,
                                          name=field_name,
                                          content_type="application/octet-stream"))
-    kinds = st.sampled_from(("", "auto", "dataset", "format", "raw_text", "DATASET", "model"))
-    for key, strat in (("kind", st.one_of(kinds, kinds, kinds, odd_text(10))),
+    some = st.sampled_from(("", "auto", "dataset", "format", "raw_text", "DATASET", "model"))
+    kind = st.sampled_from(kinds) if kinds else st.one_of(some, some, some, odd_text(10))
+    for key, strat in (("kind", kind),
                        ("overwrite", st.sampled_from(("1", "true", "on", "0", "", "yes ")))):
         if data.draw(st.integers(0, 2), label=f"send {key}") != 0:
             form.add(key, wire_text(data.draw(strat, label=key)))

@@ -105,10 +105,12 @@ def attempt(data, fleet: Fleet) -> tuple[str, str, object]:
     if what == "comment":
         row = data.draw(st.sampled_from(sorted(fleet.eval_rows.values())))
         return "POST", f"/api/v1/evaluations/{row}", {"comment": data.draw(odd_text())}
-    if what == "upload":  # under a name of cy's, one put there by hand, or a shipped format's
+    if what == "upload":  # over a file of cy's, one put there by hand, or a shipped format
+        # (the kind left to the name: a kind given could send the file to the other folder,
+        # where the name is free and the upload rightly bo's)
         up = upload(data, fleet, names=("cy-data.json", "cy-notes.txt", "cy-format.json",
                                         "d.json", "my-format.json", "alpaca-format.json",
-                                        "chatml-format.json"))
+                                        "chatml-format.json"), kinds=("", "auto"))
         return "POST", "/api/v1/datasets", (up.body, up.content_type)
     if what == "copy-format":
         return "POST", "/api/v1/formats/copy", {
