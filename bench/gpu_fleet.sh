@@ -22,13 +22,7 @@ words = "the sea is wide and deep and the waves are grey and green".split()
     [{"text": " ".join(rng.choice(words) for _ in range(9000))} for _ in range(64)]))
 (p.formats / "text.json").write_text(json.dumps({"text": "%text%"}))
 PY
-install -m 600 /dev/null "$OUT/up.log"  # it holds the printed URL, with the token
-python3 -m dispatcher.cli up --gpus all > "$OUT/up.log" 2>&1 < /dev/null &
-UP=$!
-for _ in $(seq 1 120); do
-    lfcurl -f http://127.0.0.1:8765/api/v1/workers | grep -q '"alive":true' && break
-    sleep 1
-done
+fleet_up
 timeout -k 5 480 python3 -m bench.gpu_fleet_jobs --model "$MODEL" --out "$OUT/fleet_jobs.json"
 echo "driver exit $?"
 kill -INT $UP

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.gpu_team import wait_sweep
 from dispatcher.cli.client import Client
 
 
@@ -21,13 +22,7 @@ def run(c: Client, body: dict[str, Any], pack: str, timeout: float) -> dict[str,
     sweep_id = c.create_sweep({**body, "name": f"{body['name']}-{pack}", "pack": pack,
                                "base": {**body["base"],
                                         "lora_name": f"{body['base']['lora_name']}-{pack}"}})["id"]
-    deadline = time.monotonic() + timeout
-    info = c.sweep(sweep_id)
-    while info["summary"]["state"] not in ("finished", "cancelled"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"sweep {sweep_id} ({pack}) not finished")
-        time.sleep(1)
-        info = c.sweep(sweep_id)
+    info = wait_sweep(c, sweep_id, timeout)
     recs = {r["id"]: c.job(r["id"]) for r in info["rows"]}
     ends = [float(r["finished"]) for r in recs.values() if r.get("finished")]
     trials = []

@@ -24,13 +24,7 @@ words = "the sea is wide and deep and the waves are grey and green".split()
     [{"text": " ".join(rng.choice(words) for _ in range(3000))} for _ in range(128)]))
 (p.formats / "text.json").write_text(json.dumps({"text": "%text%"}))
 PY
-install -m 600 /dev/null "$OUT/up.log"
-python3 -m dispatcher.cli up --gpus all > "$OUT/up.log" 2>&1 < /dev/null &
-UP=$!
-for _ in $(seq 1 120); do
-    lfcurl -f http://127.0.0.1:8765/api/v1/workers | grep -q '"alive":true' && break
-    sleep 1
-done
+fleet_up
 timeout -k 5 "${BUDGET:-500}" python3 -m bench.gpu_pack_sweep --sweep "$SWEEP" --model "$MODEL" \
     --order "${ORDER:-auto,off}" --out "$OUT/packs-$SHAPE.json"
 echo "driver exit $?"

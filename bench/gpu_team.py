@@ -124,6 +124,19 @@ def run_jobs(c: Client, url: str, model: str, n: int, users: list[str],
     return report
 
 
+def wait_sweep(c: Client, sweep_id: str, timeout: float, every_s: float = 1.0
+               ) -> dict[str, Any]:
+    """The sweep's page (its API record) once it has finished or been cancelled."""
+    deadline = time.monotonic() + timeout
+    info = c.sweep(sweep_id)
+    while info["summary"]["state"] not in ("finished", "cancelled"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"sweep {sweep_id} not finished")
+        time.sleep(every_s)
+        info = c.sweep(sweep_id)
+    return info
+
+
 def run_sweep(c: Client, path: Path, model: str | None) -> dict[str, Any]:
     import yaml
 
@@ -132,13 +145,7 @@ def run_sweep(c: Client, path: Path, model: str | None) -> dict[str, Any]:
         body["base"]["base_model"] = model
     t0 = time.time()
     sweep_id = c.create_sweep(body)["id"]
-    deadline = time.monotonic() + 1200
-    info = c.sweep(sweep_id)
-    while info["summary"]["state"] not in ("finished", "cancelled"):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"sweep {sweep_id} not finished")
-        time.sleep(2)
-        info = c.sweep(sweep_id)
+    info = wait_sweep(c, sweep_id, 1200, every_s=2)
     rows = info["rows"]
     recs = {r["id"]: c.job(r["id"]) for r in rows}
     report = card_report(recs, t0)

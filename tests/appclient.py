@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from flask.testing import FlaskClient
@@ -48,3 +49,26 @@ def browser_for(app: Any) -> tuple[Any, dict[str, str]]:
     page = c.get("/jobs")
     csrf = re.search(rb'name="csrf-token" content="([^"]+)"', page.data).group(1).decode()
     return c, {"X-CSRF-Token": csrf}
+
+
+def serve_dashboard(settings: Any, monkeypatch: Any) -> Iterator[str]:
+    """The dashboard of `settings`, served over HTTP on a free loopback port while the caller
+    is suspended (a fixture's `yield from`); the CLI runs as the OS user who owns its data
+    folder (LORAFLEET_HOME and PORT set: it reads the token). Yields the URL."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from dashboard.app import create_app
+
+    server = make_server("127.0.0.1", 0, create_app({"LORAFLEET_SETTINGS": settings,
+                                                     "TESTING": True}), threaded=True)
+    monkeypatch.setenv("LORAFLEET_HOME", str(settings.home))
+    monkeypatch.setenv("LORAFLEET_PORT", str(server.server_port))
+    monkeypatch.delenv("LORAFLEET_TOKEN", raising=False)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(10)
+    server.server_close()

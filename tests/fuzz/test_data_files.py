@@ -187,6 +187,14 @@ def cli_status(result) -> int:
     return 200 if result.exit_code == 0 else 400
 
 
+def preview_counted(prop: str, args: list[str]) -> None:
+    """`lorafleet data preview ARGS`, counted under `prop` and checked (check_cli)."""
+    tally.case(prop)
+    result = run_preview(args)
+    tally.answer(prop, cli_status(result), result.exit_code != 0)
+    check_cli(result, args)
+
+
 def check_cli(result, args) -> None:
     """Exit 0 with its output, or 1/2 with click's "Error: ..." line: never an exception."""
     out = result.output
@@ -218,11 +226,7 @@ def test_preview_of_a_dataset_gives_samples_or_an_error(tokenizer_dir, tmp_path_
         fmt.write_bytes(format_bytes(data))
     args = ["--tokenizer", str(tokenizer_dir), "--dataset", str(dataset), "--format", str(fmt),
             *preview_options(data)]
-    tally.case("data files: lorafleet data preview (dataset)")
-    result = run_preview(args)
-    tally.answer("data files: lorafleet data preview (dataset)", cli_status(result),
-                 result.exit_code != 0)
-    check_cli(result, args)
+    preview_counted("data files: lorafleet data preview (dataset)", args)
 
 
 @fuzz_settings(short=25, weight=3)
@@ -240,11 +244,7 @@ def test_preview_of_a_raw_text_gives_samples_or_an_error(tokenizer_dir, tmp_path
         target = folder / "t.txt"
         target.write_bytes(raw_text_bytes(data))
     args = ["--tokenizer", str(tokenizer_dir), "--raw-text", str(target), *preview_options(data)]
-    tally.case("data files: lorafleet data preview (raw text)")
-    result = run_preview(args)
-    tally.answer("data files: lorafleet data preview (raw text)", cli_status(result),
-                 result.exit_code != 0)
-    check_cli(result, args)
+    preview_counted("data files: lorafleet data preview (raw text)", args)
 
 
 # -- the dashboard's preview (a fresh Python per request: few examples) --------------------------

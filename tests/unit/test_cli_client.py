@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 
 import pytest
 from click.testing import CliRunner
-from werkzeug.serving import make_server
 
-from dashboard.app import create_app
 from dispatcher.cli import main
 from dispatcher.cli.client import JOBS_PAGE_SIZE, ApiError, Client
 from dispatcher.host.embedded import free_port
@@ -19,6 +16,7 @@ from dispatcher.jobs.events import EventLog
 from dispatcher.jobs.states import JobState
 from dispatcher.jobs.store import JobStore
 from dispatcher.settings import Settings
+from tests.appclient import serve_dashboard
 from tests.clock import many_jobs
 
 N_JOBS = 520  # more than the API's default page (200) and more than one page of the client
@@ -30,17 +28,7 @@ def url(tmp_path, redis_server, prefix, monkeypatch):
     the OS user who owns its data folder (LORAFLEET_HOME and PORT set: it reads the token)."""
     s = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
     s.paths.ensure()
-    server = make_server("127.0.0.1", 0, create_app({"LORAFLEET_SETTINGS": s, "TESTING": True}),
-                         threaded=True)
-    monkeypatch.setenv("LORAFLEET_HOME", str(s.home))
-    monkeypatch.setenv("LORAFLEET_PORT", str(server.server_port))
-    monkeypatch.delenv("LORAFLEET_TOKEN", raising=False)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
-    server.server_close()
+    yield from serve_dashboard(s, monkeypatch)
 
 
 @pytest.fixture

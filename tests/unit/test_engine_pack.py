@@ -63,6 +63,17 @@ def together(home: DataPaths, trials: dict[str, dict[str, Any]],
     return results
 
 
+def resumed_a_with_d(home: DataPaths, recs: dict[str, Recorder]) -> dict[str, Any]:
+    """A pack of trial a, resumed from its latest checkpoint, and a new trial d."""
+    results: dict[str, Any] = {}
+    members = [PackMember(_cfg(home, n, TRIALS[n]),
+                          Report(recs[n].progress, recs[n].should_stop, recs[n].lines.append),
+                          on_result=lambda r, n=n: results.__setitem__(n, r),
+                          resume_from="latest" if n == "a" else None) for n in ("a", "d")]
+    run_pack(members, device="cpu")
+    return results
+
+
 def losses(rec: Recorder, kind: str = "train", key: str = "loss") -> list[float]:
     return [e[key] for e in rec.of(kind)]
 
@@ -201,13 +212,8 @@ def test_a_trial_whose_checkpoint_cannot_be_restored_ends_alone(paths, monkeypat
         return real(resume, stepper, *a, **kw)
 
     monkeypatch.setattr(loop, "_restore", refuse_a)
-    results: dict[str, Any] = {}
     recs = {"a": Recorder(), "d": Recorder()}
-    members = [PackMember(_cfg(paths, n, TRIALS[n]),
-                          Report(recs[n].progress, recs[n].should_stop, recs[n].lines.append),
-                          on_result=lambda r, n=n: results.__setitem__(n, r),
-                          resume_from="latest" if n == "a" else None) for n in ("a", "d")]
-    run_pack(members, device="cpu")
+    results = resumed_a_with_d(paths, recs)
     assert isinstance(results["a"], EngineError) and "injected" in str(results["a"])
     assert losses(recs["a"]) == []
     alone_d = Recorder()
@@ -229,13 +235,8 @@ def test_a_trial_waiting_to_rejoin_the_pack_can_be_stopped(paths):  # noqa: F811
             self.asked += 1
             return self.asked >= 2
 
-    results: dict[str, Any] = {}
     recs = {"a": StopOnSecondAsk(), "d": Recorder()}
-    members = [PackMember(_cfg(paths, n, TRIALS[n]),
-                          Report(recs[n].progress, recs[n].should_stop, recs[n].lines.append),
-                          on_result=lambda r, n=n: results.__setitem__(n, r),
-                          resume_from="latest" if n == "a" else None) for n in ("a", "d")]
-    run_pack(members, device="cpu")
+    results = resumed_a_with_d(paths, recs)
     assert results["a"]["stopped"] and results["a"]["steps"] == 5
     assert "while waiting to rejoin the pack at step 6" in results["a"]["reason"]
     assert losses(recs["a"]) == [] and (paths.loras / "a" / "adapter_model.safetensors").is_file()

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import html as htmllib
 import re
-import threading
 
 import pytest
 from click.testing import CliRunner
-from werkzeug.serving import make_server
 
 from dashboard.app import create_app
 from dispatcher.cli import main
@@ -21,7 +19,7 @@ from dispatcher.jobs.store import JobStore
 from dispatcher.schedule.scheduler import Dispatcher
 from dispatcher.schedule.sweeps import SweepStore, parse_sweep, trial_rows
 from dispatcher.schedule.sweeps.results import trial_packs
-from tests.appclient import client_for
+from tests.appclient import client_for, serve_dashboard
 from tests.clock import Clock
 from tests.datafolder import small_data_folder
 from tests.unit.test_dashboard_pages import Elements
@@ -260,17 +258,7 @@ def test_the_new_sweep_form_offers_pack_settings_where_the_api_refuses_them(clie
 def url(settings, monkeypatch):
     """The dashboard served over HTTP on a free loopback port; the CLI runs as the OS user who
     owns its data folder (it reads the token), as in test_cli_client.py."""
-    server = make_server("127.0.0.1", 0, create_app({"LORAFLEET_SETTINGS": settings,
-                                                     "TESTING": True}), threaded=True)
-    monkeypatch.setenv("LORAFLEET_HOME", str(settings.home))
-    monkeypatch.setenv("LORAFLEET_PORT", str(server.server_port))
-    monkeypatch.delenv("LORAFLEET_TOKEN", raising=False)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(10)
-    server.server_close()
+    yield from serve_dashboard(settings, monkeypatch)
 
 
 def cli(url: str, *args: str):
