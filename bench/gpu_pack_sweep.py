@@ -52,7 +52,11 @@ def main() -> None:
     body = yaml.safe_load(Path(a.sweep).read_text())
     body["base"]["base_model"] = a.model
     c = Client(a.url)
-    out = {p: run(c, body, p, a.timeout) for p in a.order.split(",")}
+    out: dict[str, Any] = {}
+    for pack in a.order.split(","):
+        out[pack] = run(c, body, pack, a.timeout)
+        print(f"pack {pack}: makespan {out[pack]['makespan_s']} s", flush=True)
+        Path(a.out).write_text(json.dumps(out, indent=1))  # what a cut-short run had
     if "auto" in out and "off" in out:
         out["makespan_ratio"] = round(out["off"]["makespan_s"] / out["auto"]["makespan_s"], 2)
         print(f"makespan: pack auto {out['auto']['makespan_s']} s, pack off "
