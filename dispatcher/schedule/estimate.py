@@ -56,6 +56,8 @@ ROUND_MB = 64
 LINEAR_BYTES = {"4bit": 0.55, "8bit": 1.1, "bf16": 2.0, "fp16": 2.0, "fp32": 4.0}
 # fp32 LoRA weight (4) + AdamW moments (8) + gradient (4).
 LORA_STATE_BYTES = 16
+# In a pack, each trial's LoRA also sits in the layers' stacks: fp32 weight (4) + gradient (4).
+PACK_STACK_BYTES = 8
 # Bytes per token and vocabulary entry that each loss (the engine's levers) holds at the peak.
 # fp32_logits: bf16 logits 2 + their fp32 copy 4 + its gradient 4.
 # fused: the logits of one chunk of (at most 1024) label positions at a time, not per token:
@@ -332,10 +334,33 @@ def base_memory_mb(spec: dict[str, Any], models: Path) -> int:
     return to_card_mb(weight_bytes(shape, precision, training=True))
 
 
-def pack_memory_mb(trials: list[tuple[int, int]]) -> int:
-    """The card memory of trials (job estimate, base part) trained together over one base:
-    every trial's estimate, the shared base counted once."""
+def pack_lane_mb(specs: list[dict[str, Any]], models: Path) -> int:
+    """What one trial of these adds when trained in a pack: its row of the adapted layers'
+    stacks (gpuworker/engine/pack.py), fp32 weights and their gradient, padded to the
+    largest rank of them over every projection any of them targets. An upper bound for any
+    pack of these trials (0 when the model cannot be read)."""
+    if not specs:
+        return 0
+    name = str(specs[0].get("base_model") or "")
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        return 0
+    shape = read_model_shape(models / name)
+    if shape is None:
+        return 0
+    rank = max(max(1, _int(s, "lora_rank", 32)) for s in specs)
+    targets: set[str] = set()
+    for s in specs:
+        t = s.get("target_modules") or ["q", "v"]
+        targets.update(t.replace(",", " ").split() if isinstance(t, str) else t)
+    return math.ceil(lora_params(shape, rank, sorted(targets)) * PACK_STACK_BYTES / MB)
+
+
+def pack_memory_mb(trials: list[tuple[int, int, int]]) -> int:
+    """The card memory of trials (job estimate, base part, stack row) trained together over
+    one base: every trial's estimate, the shared base counted once, and (two or more
+    trials) every trial's row of the stacks."""
     if not trials:
         return 0
-    base = min(b for _, b in trials)
-    return sum(mb for mb, _ in trials) - base * (len(trials) - 1)
+    base = min(b for _, b, _ in trials)
+    stacks = sum(lane for _, _, lane in trials) if len(trials) > 1 else 0
+    return sum(mb for mb, _, _ in trials) - base * (len(trials) - 1) + stacks

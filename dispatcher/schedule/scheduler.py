@@ -207,7 +207,7 @@ class Dispatcher:
             most = min(most, cap - in_sweep[job["sweep"]])
         free = memory_mb(worker, "mem_free_mb") if memory_gated(worker) else None
         key = share_key(job.get("spec") or {})
-        sizes = [(int(job.get("gpu_memory_mb") or 0), int(job.get("pack_base_mb") or 0))]
+        sizes = [_pack_size(job)]
         mates: list[dict[str, Any]] = []
         for other in order:
             if len(mates) + 1 >= most:
@@ -217,7 +217,7 @@ class Dispatcher:
                     # every member's own limit holds (one halved by an out-of-memory split)
                     or int(other.get("pack_max") or 1) < len(mates) + 2):
                 continue
-            size = (int(other.get("gpu_memory_mb") or 0), int(other.get("pack_base_mb") or 0))
+            size = _pack_size(other)
             if free is not None and pack_memory_mb([*sizes, size]) > free:
                 continue  # a smaller trial further on may still fit
             sizes.append(size)
@@ -332,3 +332,9 @@ class Dispatcher:
                 time.sleep(interval)
         finally:
             self.release_lock()
+
+
+def _pack_size(job: dict[str, Any]) -> tuple[int, int, int]:
+    """A trial's figures for estimate.pack_memory_mb."""
+    return (int(job.get("gpu_memory_mb") or 0), int(job.get("pack_base_mb") or 0),
+            int(job.get("pack_lane_mb") or 0))

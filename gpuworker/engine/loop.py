@@ -298,6 +298,8 @@ class _Loop:
                     continue
             lane.out.speed = self.speed
             lane.warned_forget = any(h["loss"] < FORGET_LOSS for h in lane.out.loss_history)
+        if self.routing is not None:  # the lanes' weights as restored, into the stacks
+            self.routing.refresh()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.model.train()
@@ -326,6 +328,8 @@ class _Loop:
             batches = self.batcher.step([[samples[i] for i in idx] for idx in group])
             losses_t = self._accumulate(batches, active)
             rates = [lane.stepper.step() for lane in active]
+            if self.routing is not None:  # the stepped weights, for the next forward pass
+                self.routing.refresh([lane.name for lane in active])
             losses = losses_t.tolist()  # the step's one wait for the GPU
             elapsed, tokens = time.perf_counter() - t0, sum(b.tokens for b in batches)
             for lane, loss, lr in zip(active, losses, rates, strict=True):
@@ -440,6 +444,8 @@ class _Loop:
                 sum(lane.stepper.scaled(parts[i]) for i, lane in enumerate(active)).backward()
                 step_loss_t += parts.detach()
                 del parts
+        if self.routing is not None:
+            self.routing.share_grads(self.routing.active)
         return step_loss_t
 
     def _record(self, lane: Lane, step: int, step_loss: float, lr: float) -> None:

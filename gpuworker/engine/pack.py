@@ -6,6 +6,15 @@ so the copies are equal); every adapted layer runs its frozen base layer once on
 batch and each lane's LoRA on that lane's rows only. Nothing mixes rows, so a lane's loss,
 and its gradients, are those of its rows alone: the lane trains as it would alone.
 
+The lanes' LoRA products run batched: each adapted layer keeps a stack of every lane's A and
+B (`LaneStack`, zero-padded to the layer's largest rank, zero for a lane without an adapter
+there), and its forward is two batched matmuls over all lanes, not a loop of small ones per
+lane (at 8 lanes the loop's kernel launches, not the GPU, bounded the step). The zeros add
+nothing to a lane's product and receive zero gradient. The lanes' own parameters stay the
+truth that the optimizers, checkpoints and LoRA folders use: `Routing.refresh` copies them
+into the stacks after each optimizer step, `Routing.share_grads` copies the stacks'
+gradients out to them before it.
+
 A lane's randomness is its own too. A LoRA's dropout draws from torch's generators; alone, a
 trial draws from them in a fixed order. Here each lane keeps its own copy of the generators'
 state (taken right after its adapter's initialisation, where a trial alone would start
@@ -19,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -65,14 +74,93 @@ class LaneRng:
             self.cuda = cuda.clone()
 
 
+class LaneStack:
+    """One adapted layer's LoRA weights, every lane's stacked in lane order: `a` (lanes, rank,
+    in), `b` (lanes, out, rank), the rank the layer's largest, the rest zero. Leaves of their
+    own: their gradients are copied out to the lanes' parameters (`Routing.share_grads`)."""
+
+    def __init__(self, layer: Any, names: list[str]):
+        present = [n for n in names if n in layer.lora_A]
+        self.params = {n: (layer.lora_A[n].weight, layer.lora_B[n].weight) for n in present}
+        a0, b0 = self.params[present[0]]
+        rank = max(a.shape[0] for a, _ in self.params.values())
+        kw = dict(dtype=a0.dtype, device=a0.device)
+        self.a = torch.zeros(len(names), rank, a0.shape[1], **kw).requires_grad_()
+        self.b = torch.zeros(len(names), b0.shape[0], rank, **kw).requires_grad_()
+        a, b = self.a.detach(), self.b.detach()  # views outside autograd, for the copies
+        self.views = {n: (a[i, :self.params[n][0].shape[0]], b[i, :, :self.params[n][0].shape[0]])
+                      for i, n in enumerate(names) if n in self.params}
+        self.scaling = {n: float(layer.scaling[n]) if n in self.params else 0.0 for n in names}
+        self.draws: dict[tuple[str, ...], bool] = {}
+        self.scales: dict[tuple[tuple[str, ...], torch.dtype], torch.Tensor] = {}
+
+    def scale(self, lanes: tuple[str, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Each lane's LoRA scaling (alpha / rank; 0 without an adapter here), (lanes, 1, 1)."""
+        key = (lanes, dtype)
+        if key not in self.scales:
+            self.scales[key] = torch.tensor([self.scaling[n] for n in lanes], dtype=dtype,
+                                            device=self.a.device).view(-1, 1, 1)
+        return self.scales[key]
+
+
 @dataclass
 class Routing:
-    """Which lanes the current batch holds, in row order (none: the base model alone), and
-    their generators."""
+    """Which lanes the current batch holds, in row order (none: the base model alone), their
+    generators, and the adapted layers' stacks of their LoRA weights."""
 
     rngs: dict[str, LaneRng]
     dropout: dict[str, float]  # each lane's LoRA dropout: a lane without any draws nothing
     active: tuple[str, ...] = ()
+    layers: list[Any] = field(default_factory=list)  # the adapted layers, in model order
+    stacks: list[LaneStack] = field(default_factory=list)  # theirs, built by `refresh`
+    _rows: dict[tuple[str, ...], torch.Tensor | None] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.rngs)
+
+    def rows(self, lanes: tuple[str, ...]) -> torch.Tensor | None:
+        """The stacks' rows of `lanes` (None: every lane, in stack order: the whole stack)."""
+        if lanes not in self._rows:
+            order = self.names
+            self._rows[lanes] = None if list(lanes) == order else torch.tensor(
+                [order.index(n) for n in lanes], device=self.stacks[0].a.device)
+        return self._rows[lanes]
+
+    @torch.no_grad()
+    def refresh(self, lanes: list[str] | None = None) -> None:
+        """Copy the lanes' (default: all) LoRA weights into the stacks, building them the
+        first time (after the model's preparation: they take the weights' final dtype)."""
+        if not self.stacks:
+            self.stacks = [LaneStack(layer, self.names) for layer in self.layers]
+        dst, src = [], []
+        for st in self.stacks:
+            for n in lanes or self.names:
+                if n in st.views:
+                    dst.extend(st.views[n])
+                    src.extend(st.params[n])
+        torch._foreach_copy_(dst, src)
+
+    @torch.no_grad()
+    def share_grads(self, lanes: tuple[str, ...]) -> None:
+        """Copy the stacks' gradients (of the step's backward passes) out to the lanes'
+        parameters, then drop them."""
+        dst, src = [], []
+        for st in self.stacks:
+            if st.a.grad is None:  # the layer was not reached: no lane got a gradient here
+                continue
+            ga, gb = st.a.grad, st.b.grad
+            for i, n in enumerate(self.names):
+                if n in lanes and n in st.params:
+                    (pa, pb), r = st.params[n], st.params[n][0].shape[0]
+                    for p, g in ((pa, ga[i, :r]), (pb, gb[i, :, :r])):
+                        if p.grad is None:
+                            p.grad = torch.empty_like(p)
+                        dst.append(p.grad)
+                        src.append(g)
+            st.a.grad = st.b.grad = None
+        if dst:
+            torch._foreach_copy_(dst, src)
 
     def checkpoint_contexts(self) -> tuple[Any, Any]:
         """`context_fn` for torch's checkpoint: the forward pass notes every lane's state; the
@@ -122,7 +210,8 @@ def attach_lanes(model: Any, lanes: list[tuple[str, Any]], seed: int,
 
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
-            module.forward = _routed_forward(module, routing)
+            module.forward = _routed_forward(module, routing, len(routing.layers))
+            routing.layers.append(module)
     for n, p in peft_model.named_parameters():
         p.requires_grad = any(f".{name}." in n for name in rngs) and "lora_" in n
     return peft_model, routing
@@ -136,9 +225,10 @@ def lane_parameters(model: Any, name: str) -> list[tuple[str, torch.nn.Parameter
             if mark in n and p.requires_grad]
 
 
-def _routed_forward(layer: Any, routing: Routing) -> Any:
-    """A LoRA layer's forward over a pack's batch: the base layer once, then each lane's LoRA
-    on its own rows (peft's arithmetic for one adapter, per lane)."""
+def _routed_forward(layer: Any, routing: Routing, index: int) -> Any:
+    """A LoRA layer's forward over a pack's batch: the base layer once, then every lane's
+    LoRA on its own rows as two batched matmuls over the layer's stack (peft's arithmetic
+    for one adapter, each lane's dropout drawn from its own generators)."""
 
     quantised = type(layer).__module__.endswith(".bnb")  # peft's 4-bit and 8-bit LoRA layers
 
@@ -147,27 +237,40 @@ def _routed_forward(layer: Any, routing: Routing) -> Any:
         lanes = routing.active
         if not lanes:  # no lane's batch (a check of the model itself): the base alone
             return result
-        dtype = result.dtype
-        rows = x.shape[0] // len(lanes)
-        if rows * len(lanes) != x.shape[0]:
+        k = len(lanes)
+        if x.shape[0] % k:
             raise ValueError(f"a pack's batch of {x.shape[0]} rows is not one copy per lane "
-                             f"({len(lanes)} lanes)")
-        parts = []
-        for i, name in enumerate(lanes):
-            part = result[i * rows:(i + 1) * rows]
-            if name in layer.lora_A:
-                xi = x[i * rows:(i + 1) * rows]
-                # As peft: its bitsandbytes layers leave the input to autocast (one shared
-                # bf16 input, not an fp32 copy per lane), its plain layers cast it.
-                if not (quantised and torch.is_autocast_enabled(xi.device.type)):
-                    xi = layer._cast_input_dtype(xi, layer.lora_A[name].weight.dtype)
-                # Swapping generators costs time (and splits a compiled layer): only where
-                # this lane's dropout draws.
-                draws = layer.training and routing.dropout[name] > 0
-                with routing.rngs[name].drawing() if draws else contextlib.nullcontext():
-                    low = layer.lora_A[name](layer.lora_dropout[name](xi))
-                part = part + layer.lora_B[name](low) * layer.scaling[name]
-            parts.append(part)
-        return torch.cat(parts).to(dtype)
+                             f"({k} lanes)")
+        st = routing.stacks[index]
+        xs = x.reshape(k, -1, x.shape[-1])  # (lanes, the lane's tokens, in)
+        # As peft: its bitsandbytes layers leave the input to autocast (one shared bf16
+        # input), its plain layers cast it to the LoRA's dtype.
+        if not (quantised and torch.is_autocast_enabled(x.device.type)):
+            xs = layer._cast_input_dtype(xs, st.a.dtype)
+        if layer.training and _draws(st, routing, lanes):
+            xs = torch.stack([_dropped(layer, routing, n, xs[i]) for i, n in enumerate(lanes)])
+        rows = routing.rows(lanes)
+        a, b = (st.a, st.b) if rows is None else (st.a.index_select(0, rows),
+                                                  st.b.index_select(0, rows))
+        low = torch.bmm(xs, a.transpose(1, 2))
+        low = low * st.scale(lanes, low.dtype)
+        delta = torch.bmm(low, b.transpose(1, 2))
+        return (result + delta.view_as(result)).to(result.dtype)
 
     return forward
+
+
+def _draws(st: LaneStack, routing: Routing, lanes: tuple[str, ...]) -> bool:
+    """Does any of `lanes` draw dropout in this layer?"""
+    if lanes not in st.draws:
+        st.draws[lanes] = any(routing.dropout[n] > 0 and n in st.params for n in lanes)
+    return st.draws[lanes]
+
+
+def _dropped(layer: Any, routing: Routing, name: str, x: torch.Tensor) -> torch.Tensor:
+    """A lane's input after its LoRA dropout, drawn from the lane's own generators (the
+    same masks it draws alone: the same number of elements in the same order)."""
+    if name not in layer.lora_A or routing.dropout[name] <= 0:
+        return x
+    with routing.rngs[name].drawing():
+        return layer.lora_dropout[name](x)

@@ -11,6 +11,8 @@ from dispatcher.schedule.estimate import (
     ModelShape,
     job_memory_mb,
     lora_params,
+    pack_lane_mb,
+    pack_memory_mb,
     safetensors_params,
     shape_from_config,
     to_card_mb,
@@ -41,6 +43,22 @@ def test_lora_parameters_by_target():
     assert lora_params(s, 32, ["all"]) == 22_544_384  # what peft reports for r=32, all linear
     assert lora_params(s, 8, ["q", "v"]) == 16 * 8 * ((2048 + 2048) + (2048 + 512))
     assert lora_params(s, 32, ["all"]) == lora_params(s, 32, list("qkvo") + ["gate", "up", "down"])
+
+
+def test_a_pack_adds_each_trials_row_of_the_stacks(tmp_path):
+    """In a pack every trial's LoRA also sits in the layers' stacks (fp32 weight and gradient),
+    padded to the sweep's largest rank over every projection any trial targets."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(LLAMA_1B))
+    specs = [{"base_model": "m", "lora_rank": 8, "target_modules": ["q", "v"]},
+             {"base_model": "m", "lora_rank": 64, "target_modules": "q,k"}]
+    row = lora_params(shape(), 64, ["q", "k", "v"]) * 8
+    assert pack_lane_mb(specs, tmp_path) == -(-row // MB) == 72
+    assert pack_lane_mb([{"base_model": "absent"}], tmp_path) == 0
+    assert pack_lane_mb([{"base_model": "../m"}], tmp_path) == 0
+    # A trial alone has no stacks; a pack of three holds the base once and three rows.
+    assert pack_memory_mb([(3000, 2000, 72)]) == 3000
+    assert pack_memory_mb([(3000, 2000, 72)] * 3) == 3 * 3000 - 2 * 2000 + 3 * 72
 
 
 def test_missing_sizes_give_no_shape():

@@ -25,13 +25,13 @@ def env(redis_client, prefix):
     return store, fleet, d, sent, packs, clock
 
 
-def trial(store, clock, name, sweep="s1", cap=0, pack_max=8, mb=0, base_mb=0, owner="ada",
-          **spec):
+def trial(store, clock, name, sweep="s1", cap=0, pack_max=8, mb=0, base_mb=0, lane_mb=0,
+          owner="ada", **spec):
     clock.t += 1
     return store.create("train", {"lora_name": name, "base_model": "m", "dataset": "d.json",
                                   **spec}, owner, gpu_memory_mb=mb,
                         fields={"sweep": sweep, "sweep_cap": cap, "pack_max": pack_max,
-                                "pack_base_mb": base_mb})
+                                "pack_base_mb": base_mb, "pack_lane_mb": lane_mb})
 
 
 def test_trials_that_can_share_go_to_one_card_as_one_pack(env):
@@ -67,18 +67,20 @@ def test_pack_off_and_trials_that_cannot_share_run_alone(env):
 
 def test_the_card_memory_and_pack_size_bound_a_pack(env):
     store, fleet, d, sent, packs, clock = env
-    # Each trial alone: 3000 MB, of which 2000 MB is the base: a pack of k needs 2000 + 1000 k.
-    ids = [trial(store, clock, f"t{i}", mb=3000, base_mb=2000, lora_rank=i + 1)
+    # Each trial alone: 3000 MB, of which 2000 MB is the base, and 100 MB of stacks in a pack:
+    # a pack of k needs 2000 + 1100 k.
+    ids = [trial(store, clock, f"t{i}", mb=3000, base_mb=2000, lane_mb=100, lora_rank=i + 1)
            for i in range(5)]
-    assert pack_memory_mb([(3000, 2000)] * 3) == 5000
-    fleet.heartbeat("gpu0", device="cuda:0", packs="1", mem_free_mb=5500, mem_total_mb=8000)
+    assert pack_memory_mb([(3000, 2000, 100)] * 3) == 5300
+    fleet.heartbeat("gpu0", device="cuda:0", packs="1", mem_free_mb=5250, mem_total_mb=8000)
     d.tick()
-    assert packs[0] == ("s1:1", ids[:3], "gpu0")  # 5000 MB fit in 5500; four would not
+    # Two (4200 MB) fit in 5250; three would without their stacks (5000), not with (5300).
+    assert packs[0] == ("s1:1", ids[:2], "gpu0")
     # Two more cards: the lead trial takes the one with the most room for a pack.
     fleet.heartbeat("gpu1", device="cuda:1", packs="1", mem_free_mb=80000, mem_total_mb=80000)
     fleet.heartbeat("gpu2", device="cuda:2", packs="1", mem_free_mb=3200, mem_total_mb=8000)
     d.tick()
-    assert packs[1] == ("s1:2", ids[3:], "gpu1")
+    assert packs[1] == ("s1:2", ids[2:], "gpu1")
     # pack_size 2 (pack_max) caps a pack on a card that would hold more.
     more = [trial(store, clock, f"u{i}", sweep="s9", pack_max=2, lora_rank=i + 1)
             for i in range(3)]

@@ -26,7 +26,7 @@ from dispatcher.jobs.specs import (
     parse_train_spec,
 )
 from dispatcher.schedule.early_stop import POLICIES, Policy
-from dispatcher.schedule.estimate import base_memory_mb, job_memory_mb
+from dispatcher.schedule.estimate import base_memory_mb, job_memory_mb, pack_lane_mb
 from dispatcher.schedule.sweeps.domains import MAX_TRIALS, Domain, expand, parse_domain, trial_name
 from dispatcher.schedule.sweeps.packs import MAX_PACK
 from dispatcher.settings import DataPaths
@@ -54,6 +54,7 @@ class Trial:
     gpu_memory_mb: int = 0
     job: str = ""
     base_mb: int = 0  # of gpu_memory_mb, the base model's weights: what a pack holds once
+    lane_mb: int = 0  # what the trial adds in a pack beside its estimate (estimate.pack_lane_mb)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "params": self.params, "job": self.job,
@@ -301,6 +302,9 @@ def _trials(base: dict[str, Any], prefix: str, combos: list[dict[str, Any]], pat
             spec, paths.models)
         trials.append(Trial(tname, combo, spec, job_memory_mb("train", spec, paths.models),
                             base_mb=shared))
+    lane = pack_lane_mb([t.spec for t in trials], paths.models)
+    for t in trials:
+        t.lane_mb = lane
     return trials, skipped
 
 

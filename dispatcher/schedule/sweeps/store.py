@@ -85,7 +85,8 @@ class SweepStore:
                                               "sweep_cap": plan.max_concurrent,
                                               # how many trials may share a card (packs.py)
                                               "pack_max": plan.pack_max,
-                                              "pack_base_mb": t.base_mb})
+                                              "pack_base_mb": t.base_mb,
+                                              "pack_lane_mb": t.lane_mb})
         self.r.hset(self.key(sweep_id), "trials", json.dumps([t.to_dict() for t in plan.trials]))
         return sweep_id
 
