@@ -269,8 +269,10 @@ def _draws(st: LaneStack, routing: Routing, lanes: tuple[str, ...]) -> bool:
 
 def _dropped(layer: Any, routing: Routing, name: str, x: torch.Tensor) -> torch.Tensor:
     """A lane's input after its LoRA dropout, drawn from the lane's own generators (the
-    same masks it draws alone: the same number of elements in the same order)."""
+    same masks it draws alone: the same number of elements in the same order). Drawn here at
+    the lane's rate, not by the layer's dropout module: the lean dropout (kernels.py) leaves
+    that an Identity and draws in the down projection, which the batched product bypasses."""
     if name not in layer.lora_A or routing.dropout[name] <= 0:
         return x
     with routing.rngs[name].drawing():
-        return layer.lora_dropout[name](x)
+        return torch.nn.functional.dropout(x, routing.dropout[name], training=True)

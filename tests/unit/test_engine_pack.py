@@ -146,6 +146,34 @@ def test_dropout_is_drawn_again_the_same_when_layers_are_recomputed(paths, monke
         assert losses(recs[name]) == pytest.approx(losses(solo), rel=1e-5), name
 
 
+def test_lean_dropout_is_drawn_in_a_pack_as_alone(paths):  # noqa: F811
+    """The lean dropout (part of `compile` on a GPU) moves a LoRA's dropout into its down
+    projection; a pack's batched products draw each lane's dropout themselves, the same
+    masks as the trial alone draws there."""
+    def lean(home: DataPaths, name: str, changes: dict[str, Any]) -> Any:
+        cfg = _cfg(home, name, changes)
+        return replace(cfg, levers=replace(cfg.levers, prepare=("lean_dropout",)))
+
+    trials = {n: TRIALS[n] for n in ("a", "b", "c")}
+    recs = {n: Recorder() for n in trials}
+    results: dict[str, Any] = {}
+    run_pack([PackMember(lean(paths, name, changes),
+                         Report(recs[name].progress, recs[name].should_stop,
+                                recs[name].lines.append),
+                         on_result=lambda r, name=name: results.__setitem__(name, r))
+              for name, changes in trials.items()], device="cpu")
+    for name, changes in trials.items():
+        assert results[name]["speed"]["prepare"] == {"lean_dropout": "on"}
+        solo, plain = Recorder(), Recorder()
+        run_training(lean(paths, f"solo-{name}", changes),
+                     Report(solo.progress, solo.should_stop, solo.lines.append), device="cpu")
+        assert losses(recs[name]) == pytest.approx(losses(solo), rel=1e-5), name
+        # The masks were drawn: not the run without dropout (where the LoRA learns at all).
+        if changes["lora_dropout"] > 0 and float(changes["learning_rate"]) > 0:
+            alone(paths, f"plain-{name}", {**changes, "lora_dropout": 0.0}, plain)
+            assert losses(recs[name]) != pytest.approx(losses(plain), rel=1e-5), name
+
+
 def test_a_stopped_trial_leaves_the_pack_and_resumes_alone_exactly(paths):  # noqa: F811
     trials = {n: TRIALS[n] for n in ("a", "b")}
     recs = {"a": Recorder(stop_after=5), "b": Recorder()}
