@@ -107,7 +107,10 @@ def test_cuda_graphs_learn_what_the_plain_run_learns(paths, precision):  # noqa:
                               device="cuda")
         runs[name] = ([e["loss"] for e in rec.of("train")], result)
     (plain, _), (graphs, result) = runs["plain"], runs["graphs"]
-    assert result["speed"]["cuda_graphs"] == "on from step 4", result["speed"]
+    # From the step after the budget settles: step 4 where it measures (4-bit, checkpointed
+    # layers to decide), step 2 where there is none to settle (bf16 keeps every layer).
+    assert result["speed"]["cuda_graphs"] == (
+        "on from step 4" if result["speed"]["checkpointing"] else "on from step 2"), result["speed"]
     assert len(graphs) == len(plain) == 50
     for step, (a, b) in enumerate(zip(graphs, plain, strict=True), start=1):
         assert a == pytest.approx(b, rel=0.02), (step, a, b)
