@@ -7,24 +7,41 @@ The fleet: the embedded Redis server (started as `lorafleet up` starts it: passw
 file), two dispatchers, the dashboard and three CPU workers, each its own process from the data
 folder, with accounts for three users. The users submit through the dashboard's API, as the CLI
 does: training jobs with checkpoints, evaluation and generation jobs, and a sweep with early
-stopping whose trials train in packs. A seeded driver kills, every 5-15 s, one of: a worker's
+stopping whose trials train in packs. A driver kills, on a schedule drawn from the seed
+(`kill_schedule`: one kill every 5-15 s, the first five one of each kind; a worker kill aimed
+at a job past its first checkpoint, a dashboard or Redis kill at a connected follower, each
+waiting 15 s at most), one of: a worker's
 training child (-9; its worker starts another), a worker's main process (-9, alone: its child
 is orphaned as after a crash; the worker is started again under its name), a dispatcher (-9),
 the dashboard (-9), Redis (-9, then started again from its append-only file); each is started
 again 1-3 s later. Then the queue drains and `check` counts:
 
   accepted        every job the API accepted exists and ended exactly once in a final state
-  overlap         no job was trained by two processes at once: each event carries its attempt,
-                  and one attempt's training events never interleave in time with another's
-  curve           every succeeded training job's recorded curve (training_log.json) is steps
-                  1..N, no gap, no repeat, and its final loss equals an uninterrupted run's
-                  with the same settings (computed here, in-process, afterwards)
-  folders         every succeeded job's LoRA folder is complete and loads with peft; no LoRA
-                  or checkpoint folder anywhere is half-written, no temporary file is left
+  overlap         no job was trained by two processes at once. The evidence is not what the
+                  attempt fence lets through: all through the run `ProcessWatch` samples which
+                  process holds which job (each training process names itself in its worker's
+                  heartbeat when it starts a job) and, from /proc, whether it is alive, using
+                  the CPU or holding a file open under loras/. Two live processes holding one
+                  job, the older (or same) attempt's still working while the other holds it,
+                  is a violation. Besides: every training event must carry its attempt, and
+                  one attempt's training events may not interleave in time with another's
+  curve           every succeeded training job has its total_steps, and its recorded curve
+                  (training_log.json) is steps 1..total_steps, no gap, no repeat, and its
+                  final loss equals an uninterrupted run's with the same settings (computed
+                  here, in-process, afterwards)
+  folders         every succeeded job's LoRA folder is complete and loads with peft; every
+                  adapter anywhere parses; in no LoRA folder a staging folder (the engine's
+                  STAGING_PREFIXES, `.old-checkpoint-*`), a temporary file or an incomplete
+                  checkpoint-<step>/ is left (tests/lorafolders.py)
   order           each attempt's training events are in step order
   sse             followers connected through the dashboard (reconnecting with Last-Event-ID
                   across its restarts) received every event of their job's stream, in order
-  fair_share      the user with 2 jobs had them started before the 100-job user's backlog
+  fair_share      the user with 2 jobs had both started, and before the 100-job user's backlog
+
+A seed makes the kill schedule (times, kinds, restart delays, target picks) and the workload
+repeatable: each has its own random generator, drawn before or apart from the run, so how the
+run goes cannot shift them. What each kill finds (which worker is training) still depends on
+timing.
 """
 
 from __future__ import annotations
@@ -70,12 +87,13 @@ class Report:
     counts: dict[str, int] = field(default_factory=dict)
     violations: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     seconds: dict[str, float] = field(default_factory=dict)
+    schedule: list[str] = field(default_factory=list)  # the kill schedule drawn from the seed
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan, "kills": dict(self.kills), "counts": self.counts,
                 "violations": {k: v for k, v in self.violations.items()},
                 "violation_counts": {k: len(v) for k, v in self.violations.items()},
-                "seconds": self.seconds}
+                "seconds": self.seconds, "schedule": self.schedule}
 
 
 # --------------------------------------------------------------------------------- the fleet
@@ -212,6 +230,16 @@ def _ok(url: str) -> bool:
         return False
 
 
+def _wait_for(pred: Any, timeout: float, every: float = 0.1) -> Any:
+    """`pred()` once it is true, or its last value after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > deadline:
+            return v
+        time.sleep(every)
+
+
 def wait_until(pred: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -228,80 +256,149 @@ def wait_until(pred: Any, timeout: float, what: str) -> Any:
 # --------------------------------------------------------------------------------- the killer
 
 
+KINDS = ("worker_child", "worker_main", "dispatcher", "dashboard", "redis")
+
+
+@dataclass(frozen=True)
+class Kill:
+    """One kill of the schedule."""
+
+    at: float             # seconds after the kill phase starts
+    kind: str             # one of KINDS
+    restart_after: float  # seconds before what was killed is started again
+    pick: float           # in [0, 1): which target, mapped onto the candidates at the time
+
+
+# The kinds of kill that break the SSE followers' streams.
+FOLLOWER_KINDS = ("dashboard", "redis")
+
+
+def kill_schedule(plan: Plan) -> list[Kill]:
+    """The kill phase's schedule, from the seed alone: a kill every kill_every seconds (random
+    in the range) until `minutes` are over; the first len(KINDS) kills are one of each kind (so
+    even the short run kills every part of the fleet): first the dashboard and Redis, while
+    followers still follow the first jobs, then the other three, each group in a seeded order;
+    the rest random. Times, kinds, restart delays and target picks each come from their own
+    generator."""
+    times = random.Random(f"{plan.seed}:kill times")
+    kinds = random.Random(f"{plan.seed}:kill kinds")
+    delays = random.Random(f"{plan.seed}:restart delays")
+    picks = random.Random(f"{plan.seed}:targets")
+    first, rest = list(FOLLOWER_KINDS), [k for k in KINDS if k not in FOLLOWER_KINDS]
+    kinds.shuffle(first)
+    kinds.shuffle(rest)
+    first += rest
+    out: list[Kill] = []
+    at = 0.0
+    while True:
+        at += times.uniform(*plan.kill_every)
+        if at > plan.minutes * 60:
+            return out
+        kind = first[len(out)] if len(out) < len(first) else kinds.choice(KINDS)
+        out.append(Kill(round(at, 3), kind, round(delays.uniform(1.0, 3.0), 3),
+                        picks.random()))
+
+
+def pick_from(items: list[str], u: float) -> str:
+    """The item `u` (in [0, 1)) falls on: one draw, whatever the list's length."""
+    return items[min(int(u * len(items)), len(items) - 1)]
+
+
 class Killer(threading.Thread):
-    """Every kill_every seconds (random in the range), kill one part of the fleet with -9 and
-    start it again 1-3 s later."""
+    """Kill one part of the fleet with -9 at each time of the schedule and start it again
+    after the kill's restart delay. A kill is aimed: one of a worker waits (AIM_S at most,
+    and never past the kill phase's end) for a worker whose job has saved a checkpoint, one of
+    the dashboard or Redis for an SSE follower to be connected, so that it interrupts what it
+    is meant to."""
 
-    KINDS = ("worker_child", "worker_main", "dispatcher", "dashboard", "redis")
+    KINDS = KINDS
+    AIM_S = 15.0
 
-    def __init__(self, fleet: ChaosFleet, rng: random.Random, plan: Plan, report: Report):
+    def __init__(self, fleet: ChaosFleet, schedule: list[Kill], report: Report,
+                 following: Any = lambda: False, phase_s: float = 120.0):
         super().__init__(daemon=True, name="killer")
-        self.fleet, self.rng, self.plan, self.report = fleet, rng, plan, report
-        self.stop_at = time.monotonic() + plan.minutes * 60
+        self.fleet, self.schedule, self.report = fleet, schedule, report
+        self.following = following  # () -> whether some follower is connected
+        self.phase_s = phase_s
+        self.end = time.monotonic() + phase_s
         self.log: list[str] = []
 
+    def _aim_s(self) -> float:
+        return max(0.0, min(self.AIM_S, self.end - time.monotonic()))
+
     def run(self) -> None:
-        while True:
-            wait = self.rng.uniform(*self.plan.kill_every)
-            if time.monotonic() + wait > self.stop_at:
-                return
-            time.sleep(wait)
-            kind = self.rng.choice(self.KINDS)
+        t0 = time.monotonic()
+        self.end = t0 + self.phase_s
+        for kill in self.schedule:
+            time.sleep(max(0.0, t0 + kill.at - time.monotonic()))
+            if kill.kind in FOLLOWER_KINDS:
+                _wait_for(self.following, self._aim_s())
             try:
-                what = getattr(self, kind)()
+                what = getattr(self, kill.kind)(kill)
             except Exception as e:  # noqa: BLE001 - a kill that could not happen is logged
                 what = f"failed: {e}"
-            self.log.append(f"{time.time():.1f} {kind}: {what}")
+            self.log.append(f"{time.time():.1f} {kill.kind}: {what}")
             if what and not what.startswith(("failed", "nothing")):
-                self.report.kills[kind] += 1
+                self.report.kills[kill.kind] += 1
 
-    def _later(self) -> float:
-        return self.rng.uniform(1.0, 3.0)
-
-    def _worker(self) -> str:
-        """A worker, one that is training if any is (a kill should interrupt something)."""
+    def _worker(self, kill: Kill) -> tuple[str, bool]:
+        """A worker whose job has saved a checkpoint if one has within AIM_S (a kill should
+        interrupt a job that can resume), else one with a training process; and whether it
+        was training."""
         names = [f"worker-{w}" for w in ChaosFleet.WORKERS]
-        busy = [n for n in names if self.fleet.children(n) and self._training(n)]
-        return self.rng.choice(busy or names)
+        training = _wait_for(lambda: [n for n in names if self._training(n)],
+                             self._aim_s()) or []
+        kids = {n: self.fleet.children(n) for n in names}
+        busy = [n for n in training if kids[n]]
+        name = pick_from(busy or [n for n in names if kids[n]] or names, kill.pick)
+        if busy:
+            self.report.counts["worker_kills_while_training"] = (
+                self.report.counts.get("worker_kills_while_training", 0) + 1)
+        return name, bool(busy)
 
     def _training(self, name: str) -> bool:
+        """Whether the worker's job is past its first checkpoint (save_steps 2)."""
         import redis
 
         r = redis.Redis.from_url(self.fleet.redis_url, decode_responses=True,
                                  socket_timeout=2)
         try:
-            return bool(r.hget(f"{self.fleet.prefix}:worker:{name.removeprefix('worker-')}",
-                               "job"))
-        except redis.RedisError:
+            job = r.hget(f"{self.fleet.prefix}:worker:{name.removeprefix('worker-')}", "job")
+            step = r.hget(f"{self.fleet.prefix}:job:{job}", "step") if job else None
+            return float(step or 0) >= 3
+        except (redis.RedisError, ValueError):
             return False
         finally:
             r.close()
 
-    def worker_child(self) -> str:
-        name = self._worker()
+    def worker_child(self, kill: Kill) -> str:
+        name, busy = self._worker(kill)
         kids = self.fleet.children(name)
         if not kids:
             return f"nothing: {name} has no child"
         os.kill(kids[0], signal.SIGKILL)
-        return f"{name} child {kids[0]}"
+        return f"{name} child {kids[0]}" + (" (training)" if busy else " (idle)")
 
-    def worker_main(self) -> str:
-        return self._kill_and_restart(self._worker(), group=False)
+    def worker_main(self, kill: Kill) -> str:
+        name, busy = self._worker(kill)
+        return self._kill_and_restart(name, kill, group=False) + (
+            " (training)" if busy else " (idle)")
 
-    def dispatcher(self) -> str:
-        return self._kill_and_restart(f"dispatcher-{self.rng.choice(ChaosFleet.DISPATCHERS)}")
+    def dispatcher(self, kill: Kill) -> str:
+        name = pick_from([f"dispatcher-{d}" for d in ChaosFleet.DISPATCHERS], kill.pick)
+        return self._kill_and_restart(name, kill)
 
-    def dashboard(self) -> str:
-        return self._kill_and_restart("dashboard")
+    def dashboard(self, kill: Kill) -> str:
+        return self._kill_and_restart("dashboard", kill)
 
-    def redis(self) -> str:
+    def redis(self, kill: Kill) -> str:
         self.fleet.redis.kill()
         self.fleet.redis.wait()
-        time.sleep(self._later())
+        time.sleep(kill.restart_after)
         self.fleet.restart_redis()
         return f"redis pid {self.fleet.redis.pid} (restarted from its append-only file)"
 
-    def _kill_and_restart(self, name: str, group: bool = True) -> str:
+    def _kill_and_restart(self, name: str, kill: Kill, group: bool = True) -> str:
         p = self.fleet.procs[name]
         # The main process alone (its training child lives on, orphaned) or its whole group.
         if group:
@@ -309,9 +406,200 @@ class Killer(threading.Thread):
         else:
             os.kill(p.pid, signal.SIGKILL)
         p.wait()
-        time.sleep(self._later())
+        time.sleep(kill.restart_after)
         self.fleet.start(name)
         return f"{name} pid {p.pid}"
+
+
+# ------------------------------------------------------------------------------ the watcher
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    start: int  # start time, clock ticks after boot: with the pid, names one process
+    ppid: int
+    cpu: int    # user + system time so far, clock ticks
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """What /proc says of `pid`, or None when there is no such process (or a zombie)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses; split after the last ")".
+    f = raw[raw.rindex(")") + 2:].split()
+    if f[0] in ("Z", "X"):
+        return None
+    return ProcStat(start=int(f[19]), ppid=int(f[1]), cpu=int(f[11]) + int(f[12]))
+
+
+def open_under(pid: int, folder: Path) -> bool:
+    """Whether `pid` has a file open under `folder` (a LoRA being written)."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    prefix = str(folder) + os.sep
+    for fd in fds:
+        try:
+            if os.readlink(fd).startswith(prefix):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+@dataclass(frozen=True)
+class Hold:
+    """One process seen holding one job at one sample."""
+
+    proc: tuple[int, int]  # (pid, start time): a reused pid is another process
+    job: str
+    attempt: int           # the job's attempt when the process claimed it
+    cpu: int               # the process's CPU time so far, clock ticks
+    writing: bool          # it had a file open under loras/
+
+
+@dataclass
+class Claim:
+    worker: str
+    parent: int            # the worker's main process when the claim was seen
+    jobs: dict[str, int]   # job id -> attempt
+
+
+class ProcessWatch(threading.Thread):
+    """Which process holds which job, sampled every `every` seconds all through the run, from
+    evidence the attempt fence does not filter: a training process names itself in its
+    worker's heartbeat when it starts a job (`job_pid`, and a pack's trials in `jobs`), before
+    it trains; /proc says whether that process still lives, how much CPU it has used and
+    whether it has a file open under loras/. A hold ends when the process dies, or when it is
+    still its worker's child and the heartbeat names it no more (it finished); an orphan (its
+    worker's main process killed) holds its job for as long as it lives. `check_overlap` reads
+    the samples."""
+
+    def __init__(self, fleet: ChaosFleet, every: float = 0.25):
+        super().__init__(daemon=True, name="process-watch")
+        self.fleet, self.every = fleet, every
+        self.samples: list[tuple[float, list[Hold]]] = []
+        self.claims: dict[tuple[int, int], Claim] = {}
+        self.orphans: set[tuple[int, int]] = set()  # claimed processes seen orphaned
+        self.seen: set[tuple[int, int]] = set()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        import redis
+
+        r = redis.Redis.from_url(self.fleet.redis_url, decode_responses=True,
+                                 socket_timeout=2, socket_connect_timeout=2)
+        try:
+            while not self._halt.is_set():
+                self.sample(self._heartbeats(r), lambda jobs: self._attempts(r, jobs))
+                self._halt.wait(self.every)
+        finally:
+            r.close()
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self.is_alive():
+            self.join(10)
+
+    def _heartbeats(self, r: Any) -> dict[str, tuple[int, list[str]]] | None:
+        """{worker: (pid of its job's process, the job ids it holds)}; None while Redis is
+        down."""
+        import redis
+
+        pipe = r.pipeline(transaction=False)
+        for w in ChaosFleet.WORKERS:
+            pipe.hmget(f"{self.fleet.prefix}:worker:{w}", "job_pid", "job", "jobs", "pack")
+        try:
+            rows = pipe.execute()
+        except redis.RedisError:
+            return None
+        out = {}
+        for w, (pid, job, jobs, pack) in zip(ChaosFleet.WORKERS, rows, strict=True):
+            ids = (jobs or "").split(",") if pack else [job or ""]
+            out[w] = (int(pid) if (pid or "").isdigit() else 0, [j for j in ids if j])
+        return out
+
+    def _attempts(self, r: Any, jobs: list[str]) -> dict[str, int] | None:
+        import redis
+
+        try:
+            raw = [r.hget(f"{self.fleet.prefix}:job:{j}", "attempt") for j in jobs]
+        except redis.RedisError:
+            return None
+        return {j: int(float(a or 1)) for j, a in zip(jobs, raw, strict=True)}
+
+    def sample(self, beats: dict[str, tuple[int, list[str]]] | None, attempts: Any,
+               stat: Any = proc_stat, writing: Any = None) -> None:
+        """One sample: update the claims from the heartbeats (None: Redis is down, keep them),
+        then record every live claimed process's holds."""
+        writing = writing or (lambda pid: open_under(pid, self.fleet.settings.paths.loras))
+        t = time.time()
+        if beats is not None:
+            for w, (pid, jobs) in beats.items():
+                st = stat(pid) if pid and jobs else None
+                if st is None:
+                    continue
+                key = (pid, st.start)
+                claim = self.claims.get(key)
+                if claim is None or set(claim.jobs) != set(jobs):
+                    known = attempts(jobs)
+                    if known is not None:
+                        self.claims[key] = Claim(w, st.ppid, known)
+            for key, c in list(self.claims.items()):
+                st = stat(key[0])
+                named = beats.get(c.worker, (0, []))[0] == key[0]
+                if st is not None and st.ppid == c.parent and not named:
+                    del self.claims[key]  # finished: still its worker's child, named no more
+        holds = []
+        for key, c in list(self.claims.items()):
+            st = stat(key[0])
+            if st is None or st.start != key[1]:
+                del self.claims[key]
+                continue
+            self.seen.add(key)
+            if st.ppid != c.parent:
+                self.orphans.add(key)
+            busy = writing(key[0])
+            holds += [Hold(key, job, a, st.cpu, busy) for job, a in c.jobs.items()]
+        self.samples.append((t, holds))
+
+
+# CPU time (clock ticks, usually 10 ms) a process must use between two samples to count as
+# working: an orphan that stopped at the fence and waits to exit uses none.
+WORKING_TICKS = 3
+
+
+def check_overlap(samples: list[tuple[float, list[Hold]]], v: dict[str, list[str]],
+                  working_ticks: int = WORKING_TICKS) -> None:
+    """Two live processes held one job in two samples running, and between them the one of
+    the older (or the same) attempt worked: used CPU or had a file open under loras/. Each
+    pair of processes is reported once, with how many samples showed it."""
+    found: dict[tuple[str, tuple[int, int], tuple[int, int]], list[Any]] = {}
+    prev: dict[tuple[tuple[int, int], str], Hold] = {}
+    for t, holds in samples:
+        now = {(h.proc, h.job): h for h in holds}
+        by_job: dict[str, list[Hold]] = defaultdict(list)
+        for h in holds:
+            if (h.proc, h.job) in prev:  # held at the previous sample too
+                by_job[h.job].append(h)
+        for job, hs in by_job.items():
+            for p in hs:
+                before = prev[(p.proc, job)]
+                if p.cpu - before.cpu < working_ticks and not p.writing:
+                    continue
+                for q in hs:
+                    if q.proc != p.proc and q.attempt >= p.attempt:
+                        f = found.setdefault((job, p.proc, q.proc), [t, 0, p, q])
+                        f[1] += 1
+        prev = now
+    for (job, _, _), (t, n, p, q) in found.items():
+        v["overlap"].append(
+            f"{job}: process {p.proc[0]} (attempt {p.attempt}) still worked at "
+            f"{t:.2f} while process {q.proc[0]} (attempt {q.attempt}) held the job "
+            f"({n} sample{'s' if n != 1 else ''})")
 
 
 # ------------------------------------------------------------------------------- the workload
@@ -373,13 +661,24 @@ class Users:
 
 class Follower(threading.Thread):
     """An SSE client of one job through the dashboard, as the Job page is: it reconnects with
-    Last-Event-ID whenever the stream breaks, and records every event id it received."""
+    Last-Event-ID whenever the stream breaks, and records every event id it received and how
+    many times it connected.
+
+    Its own loop, not the CLI's `Client.follow`: that one gives up when Redis restarts under
+    the dashboard (the stream ends with `interrupted`, then its look at the job is a 503;
+    docs/RELIABILITY.md), and a run with Redis kills would stop following there."""
 
     def __init__(self, url: str, token: str, job: str):
         super().__init__(daemon=True, name=f"sse-{job}")
         self.url, self.token, self.job = url, token, job
         self.ids: list[str] = []
+        self.connections = 0  # streams opened (answered 200)
+        self.streaming = False  # a stream is open now
         self.done = False
+
+    @property
+    def reconnects(self) -> int:
+        return max(0, self.connections - 1)
 
     def run(self) -> None:
         from dispatcher.cli.client import _parse_sse
@@ -396,6 +695,8 @@ class Follower(threading.Thread):
                     if resp.status_code != 200:
                         time.sleep(0.5)
                         continue
+                    self.connections += 1
+                    self.streaming = True
                     for eid, name, _ in _parse_sse(resp.iter_lines(decode_unicode=True)):
                         if name == "end":
                             self.done = True
@@ -405,6 +706,8 @@ class Follower(threading.Thread):
                             last = eid
             except requests.RequestException:
                 pass
+            finally:
+                self.streaming = False
             time.sleep(0.5)
 
 
@@ -412,17 +715,22 @@ class Follower(threading.Thread):
 
 
 def run(plan: Plan, home: Path, log: Any = print) -> Report:
-    rng = random.Random(plan.seed)
     report = Report(plan=plan.__dict__ | {"kill_every": list(plan.kill_every)})
+    schedule = kill_schedule(plan)
+    report.schedule = [f"{k.at:.1f} {k.kind}" for k in schedule]
     fleet = ChaosFleet(home)
     t0 = time.monotonic()
+    watch = ProcessWatch(fleet)
     try:
         fleet.start_all()
         users = Users(fleet)
-        killer = Killer(fleet, rng, plan, report)
         followers: list[Follower] = []
+        killer = Killer(fleet, schedule, report,
+                        following=lambda: any(f.streaming for f in list(followers)),
+                        phase_s=plan.minutes * 60)
+        watch.start()
         killer.start()
-        _workload(fleet, users, plan, rng, followers, log)
+        _workload(fleet, users, plan, random.Random(f"{plan.seed}:workload"), followers, log)
         killer.join()
         report.seconds["chaos"] = round(time.monotonic() - t0, 1)
         log(f"chaos over after {report.seconds['chaos']} s: kills {dict(report.kills)}; "
@@ -431,10 +739,12 @@ def run(plan: Plan, home: Path, log: Any = print) -> Report:
         report.seconds["drain"] = round(time.monotonic() - t0 - report.seconds["chaos"], 1)
         for f in followers:
             f.join(60)
-        check(fleet, users, followers, report, plan)
+        watch.stop()
+        check(fleet, users, followers, report, plan, watch)
         report.counts["submissions_retried"] = users.unanswered
         (home / "kills.log").write_text("\n".join(killer.log))
     finally:
+        watch.stop()
         fleet.stop()
     report.seconds["total"] = round(time.monotonic() - t0, 1)
     return report
@@ -502,65 +812,83 @@ def _drain(fleet: ChaosFleet, users: Users, plan: Plan) -> None:
 
 
 def check(fleet: ChaosFleet, users: Users, followers: list[Follower], report: Report,
-          plan: Plan) -> None:
+          plan: Plan, watch: ProcessWatch | None = None) -> None:
     import redis
 
-    from dispatcher.jobs.store import JobNotFound, JobStore
+    from dispatcher.jobs.store import JobStore
 
     r = redis.Redis.from_url(fleet.redis_url, decode_responses=True)
     store = JobStore(r, fleet.prefix)
     v = report.violations
     jobs = store.list(limit=100000)
     by_id = {j["id"]: j for j in jobs}
+    histories = {j: store.history(j) for j in set(by_id) | set(users.accepted)}
     report.counts.update(jobs=len(jobs), accepted=len(users.accepted),
                          states=dict(Counter(j["state"] for j in jobs)))
-    # accepted: every accepted job exists and ended exactly once.
-    for job_id in users.accepted:
-        try:
-            store.get(job_id)
-        except JobNotFound:
-            v["accepted"].append(f"{job_id}: accepted, then gone")
-    for j in jobs:
-        ends = [h for h in store.history(j["id"]) if h["state"] in TERMINAL]
-        if j["state"] not in TERMINAL or len(ends) != 1:
-            v["accepted"].append(f"{j['id']}: {j['state']}, {len(ends)} final states")
+    _check_accepted(users.accepted, by_id, histories, v)
     resumed = 0
     for j in jobs:
         events = [e for _, e in store.events.history(j["id"])]
         _check_attempts(j, events, v)
         if j.get("kind") == "train" and j["state"] == "succeeded":
             resumed += bool((j.get("result") or {}).get("resumed_from"))
-            _check_curve(j, fleet, v)
+            _check_curve(j, fleet.settings.paths.loras, v)
     report.counts["resumed_jobs"] = resumed
     report.counts["attempts_over_1"] = sum(1 for j in jobs if int(j.get("attempt") or 0) > 1)
+    report.counts["packed_trials"] = sum(1 for j in jobs if j.get("pack"))
+    if watch is not None:
+        check_overlap(watch.samples, v)
+        report.counts["watch_samples"] = len(watch.samples)
+        report.counts["training_processes_watched"] = len(watch.seen)
+        report.counts["orphans_watched"] = len(watch.orphans)
     _check_final_losses(jobs, fleet, plan, v, report)
     _check_folders(jobs, fleet, v, report)
-    # sse: each follower got its job's whole stream, in order, once.
-    for f in followers:
-        stream = [eid for eid, _ in store.events.history(f.job)]
-        if f.ids != stream:
-            first = next((i for i, (a, b) in enumerate(zip(f.ids, stream, strict=False))
-                          if a != b), min(len(f.ids), len(stream)))
-            v["sse"].append(f"{f.job}: received {len(f.ids)} events, the stream has "
-                            f"{len(stream)} (first difference at {first})")
+    _check_sse({f.job: f.ids for f in followers},
+               {f.job: [eid for eid, _ in store.events.history(f.job)] for f in followers}, v)
     report.counts["sse_followers"] = len(followers)
     report.counts["sse_events"] = sum(len(f.ids) for f in followers)
-    _check_fair_share(users, by_id, store, v)
+    report.counts["sse_reconnects"] = sum(f.reconnects for f in followers)
+
+    def first_run(job_id: str) -> float | None:
+        return next((float(h["time"]) for h in histories.get(job_id, [])
+                     if h["state"] == "running"), None)
+
+    ana = [j for j, a in users.accepted.items() if a["user"] == "ana" and not a.get("sweep")]
+    report.counts["cy_jobs_started"] = sum(first_run(j) is not None for j in users.cy_jobs)
+    _check_fair_share(users.cy_jobs, users.cy_submitted_at, ana, first_run, v)
     r.close()
+
+
+def _check_accepted(accepted: Any, by_id: dict[str, dict[str, Any]],
+                    histories: dict[str, list[dict[str, Any]]], v: dict[str, list[str]]) -> None:
+    """Every accepted job exists and ended exactly once (one final state in its history)."""
+    for job_id in accepted:
+        if job_id not in by_id:
+            v["accepted"].append(f"{job_id}: accepted, then gone")
+    for job_id, j in by_id.items():
+        ends = [h for h in histories.get(job_id, []) if h["state"] in TERMINAL]
+        if j["state"] not in TERMINAL or len(ends) != 1:
+            v["accepted"].append(f"{job_id}: {j['state']}, {len(ends)} final states")
 
 
 def _check_attempts(job: dict[str, Any], events: list[dict[str, Any]],
                     v: dict[str, list[str]]) -> None:
     spans: dict[int, list[float]] = {}
     steps: dict[int, list[int]] = defaultdict(list)
+    unmarked = 0
     for e in events:
-        if e.get("type") != "train" or "attempt" not in e:
+        if e.get("type") != "train":
+            continue
+        if "attempt" not in e:
+            unmarked += 1
             continue
         a = int(e["attempt"])
         t = float(e["time"])
         lo, hi = spans.get(a, [t, t])
         spans[a] = [min(lo, t), max(hi, t)]
         steps[a].append(int(e["step"]))
+    if unmarked:
+        v["overlap"].append(f"{job['id']}: {unmarked} training event(s) without an attempt")
     for a, s in steps.items():
         if any(y <= x for x, y in zip(s, s[1:], strict=False)):
             v["order"].append(f"{job['id']} attempt {a}: steps {s}")
@@ -571,17 +899,38 @@ def _check_attempts(job: dict[str, Any], events: list[dict[str, Any]],
                                 f"attempt {a} trained until {end:.2f}")
 
 
-def _check_curve(job: dict[str, Any], fleet: ChaosFleet, v: dict[str, list[str]]) -> None:
-    folder = fleet.settings.paths.loras / job["spec"]["lora_name"]
+def _check_curve(job: dict[str, Any], loras: Path, v: dict[str, list[str]]) -> None:
+    """A succeeded training job says how many steps it trained, and its LoRA's
+    training_log.json records exactly steps 1..that many."""
+    total = (job.get("result") or {}).get("total_steps")
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        v["curve"].append(f"{job['id']}: succeeded without total_steps ({total!r})")
+        return
     try:
-        log = json.loads((folder / "training_log.json").read_text())
+        log = json.loads((loras / job["spec"]["lora_name"] / "training_log.json").read_text())
     except (OSError, ValueError) as e:
         v["curve"].append(f"{job['id']}: no readable training_log.json ({e})")
         return
-    steps = [h["step"] for h in log.get("loss_history", [])]
-    total = (job.get("result") or {}).get("total_steps")
-    if steps != list(range(1, len(steps) + 1)) or (total and steps and steps[-1] != total):
-        v["curve"].append(f"{job['id']}: recorded steps {steps[:5]}...{steps[-5:]} of {total}")
+    history = log.get("loss_history") if isinstance(log, dict) else None
+    if not history:
+        v["curve"].append(f"{job['id']}: training_log.json has no loss_history")
+        return
+    steps = [h.get("step") if isinstance(h, dict) else None for h in history]
+    if steps != list(range(1, total + 1)):
+        v["curve"].append(f"{job['id']}: recorded steps {steps[:5]}...{steps[-5:]} "
+                          f"({len(steps)}), not 1..{total}")
+
+
+def _check_sse(received: dict[str, list[str]], streams: dict[str, list[str]],
+               v: dict[str, list[str]]) -> None:
+    """Each follower got its job's whole stream, in order, once."""
+    for job, ids in received.items():
+        stream = streams.get(job, [])
+        if ids != stream:
+            first = next((i for i, (a, b) in enumerate(zip(ids, stream, strict=False))
+                          if a != b), min(len(ids), len(stream)))
+            v["sse"].append(f"{job}: received {len(ids)} events, the stream has "
+                            f"{len(stream)} (first difference at {first})")
 
 
 def _check_final_losses(jobs: list[dict[str, Any]], fleet: ChaosFleet, plan: Plan,
@@ -629,7 +978,7 @@ def _check_folders(jobs: list[dict[str, Any]], fleet: ChaosFleet, v: dict[str, l
         except Exception as e:  # noqa: BLE001 - any failure to load is the finding
             v["folders"].append(f"{j['id']}: loras/{folder.name} does not load: {e}")
     report.counts["loras_loaded"] = loaded
-    # Nothing anywhere half-written: every adapter file parses with its config beside it.
+    # Every adapter file anywhere parses, with its config beside it.
     for weights in loras.rglob("adapter_model.safetensors"):
         try:
             with safe_open(str(weights), "pt") as f:
@@ -637,29 +986,35 @@ def _check_folders(jobs: list[dict[str, Any]], fleet: ChaosFleet, v: dict[str, l
             json.loads((weights.parent / "adapter_config.json").read_text())
         except Exception as e:  # noqa: BLE001
             v["folders"].append(f"{weights.relative_to(loras)}: half-written ({e})")
-    leftovers = [str(p.relative_to(loras)) for p in loras.rglob("*.tmp")]
-    if leftovers:
-        v["folders"].append(f"temporary files left: {leftovers[:10]}")
+    _check_leftovers(loras, v)
 
 
-def _check_fair_share(users: Users, by_id: dict[str, dict[str, Any]], store: Any,
-                      v: dict[str, list[str]]) -> None:
-    """cy's two jobs, queued behind ana's backlog, started before ana's queued jobs did: at
-    most one of ana's jobs per worker started between cy's submission and each cy job's
-    start (those already being handed out)."""
-    def first_run(job_id: str) -> float | None:
-        for h in store.history(job_id):
-            if h["state"] == "running":
-                return float(h["time"])
-        return None
+def _check_leftovers(loras: Path, v: dict[str, list[str]]) -> None:
+    """Nothing a killed save left in any LoRA folder (tests/lorafolders.py): no staging
+    folder, no `.old-checkpoint-*`, no temporary file, no incomplete checkpoint."""
+    from tests.lorafolders import leftovers
 
-    ana = [j for j, a in users.accepted.items() if a["user"] == "ana" and not a.get("sweep")]
-    ana_starts = [t for t in (first_run(j) for j in ana) if t is not None]
-    for job in users.cy_jobs:
+    for folder in sorted(p for p in loras.iterdir() if p.is_dir() and not p.is_symlink()):
+        for line in leftovers(folder):
+            v["folders"].append(f"loras/{folder.name}/{line}")
+    stray = sorted(str(p.relative_to(loras)) for p in loras.glob("*.tmp"))
+    if stray:
+        v["folders"].append(f"temporary files left in loras/: {stray[:10]}")
+
+
+def _check_fair_share(cy_jobs: list[str], cy_submitted_at: float, ana_jobs: list[str],
+                      first_run: Any, v: dict[str, list[str]],
+                      workers: int = len(ChaosFleet.WORKERS)) -> None:
+    """cy's two jobs, queued behind ana's backlog, both started, and before ana's queued jobs
+    did: at most one of ana's jobs per worker started between cy's submission and each cy
+    job's start (those already being handed out)."""
+    ana_starts = [t for t in (first_run(j) for j in ana_jobs) if t is not None]
+    for job in cy_jobs:
         started = first_run(job)
         if started is None:
+            v["fair_share"].append(f"{job}: cy's job never started")
             continue
-        ahead = sum(1 for t in ana_starts if users.cy_submitted_at < t < started)
-        if ahead > len(ChaosFleet.WORKERS):
+        ahead = sum(1 for t in ana_starts if cy_submitted_at < t < started)
+        if ahead > workers:
             v["fair_share"].append(f"{job}: {ahead} of ana's jobs started after cy's submission "
                                    "and before it")

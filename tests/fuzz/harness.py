@@ -15,9 +15,13 @@ What a refusal may write (`REFUSAL_MAY_WRITE`), and why:
   per address the same way (README, Accounts).
 - Deleting `{prefix}:session:*` (and the id from `{prefix}:sessions:*`): a request that carries
   a session which has ended (logout, a password or role change, a removed account, a replaced
-  dashboard token) has that session removed before it is refused. Only deletions: a refusal
-  never creates or changes a session.
-Nothing else, in Redis or the data folder (files, folders, sizes, mtimes), may change.
+  dashboard token) has that session removed before it is refused. Only deletions, and only of
+  a session that had already ended before the request (the snapshot asks the dashboard's own
+  validity checks, `account_of` / `token_session_ok`): a refusal never creates or changes a
+  session, and never ends a live one.
+Nothing else, in Redis or the data folder (files, folders, sizes, mtimes), may change. The
+folder outside the data folder (`outside/`, which links in the data folder lead to) may not
+change at all, whatever the answer: `outside_changes`.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ SINGLE_USER, ACCOUNTS = "single-user", "accounts"
 REFUSAL_MAY_WRITE = (
     (re.compile(r"^login-failures:(name|address):"), "write"),
     (re.compile(r"^token-failures:address:"), "write"),
-    (re.compile(r"^sessions?:"), "delete"),
+    (re.compile(r"^sessions?:"), "delete an ended session"),
 )
 
 TRACEBACK = re.compile(
@@ -123,11 +127,22 @@ class Fleet:
         if accounts.exists():
             for name, u in json.loads(accounts.read_text()).get("users", {}).items():
                 out[f"password hash of {name}"] = u["password"].rsplit("$", 1)[-1]
-                for t in u.get("tokens", []):
-                    out[f"token digest of {name}"] = t["sha256"]
+                for i, t in enumerate(u.get("tokens", [])):
+                    out[f"token digest {i} of {name} ({t.get('label')})"] = t["sha256"]
         for key in self.raw.scan_iter(match=f"{self.prefix}:session:*", count=1000):
-            out["a session id"] = key.decode().rsplit(":", 1)[1]
+            sid = key.decode().rsplit(":", 1)[1]
+            out[f"session id {sid[:6]}..."] = sid
         return {k: v for k, v in out.items() if v and len(v) >= 8}
+
+    def session_check(self) -> Any:
+        """Whether the dashboard would take a session (its record) now: its own checks, in the
+        mode the data folder is in (accounts once there is one; dashboard/auth.py,
+        dashboard/solo.py)."""
+        accounts = Accounts(self.home)
+        if accounts.has_users():
+            return lambda record: account_of(record, accounts) is not None
+        token = self.dashboard_token
+        return lambda record: token_session_ok(record, fingerprint(token) if token else "")
 
     # who asks
     def bearer(self, user: str) -> str:
@@ -324,6 +339,8 @@ class Snapshot:
     files: dict[str, tuple[int, int, int, int]]  # rel path -> (mtime_ns, size, inode, mode)
     keys: dict[bytes, Any]  # key (without prefix) -> (type, value)
     outside_keys: int  # keys of the database not under the prefix
+    ended: frozenset[str] = frozenset()  # ids of sessions the dashboard would not take
+    outside: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)  # outside/
 
 
 def _read_all(r: Any, keys: list[bytes]) -> list[Any]:
@@ -361,20 +378,39 @@ def _size(value: Any) -> int:
     return len(str(value)) if value is not None else 0
 
 
-def snapshot(fleet: Fleet) -> Snapshot:
+def _walk(top: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Every file and folder under `top` (links not followed): rel path -> (mtime_ns, size,
+    inode, mode)."""
     files = {}
-    home = str(fleet.home)
-    for root, dirs, names in os.walk(home):
+    for root, dirs, names in os.walk(str(top)):
         for n in dirs + names:
             p = os.path.join(root, n)
             st = os.lstat(p)
-            files[os.path.relpath(p, home)] = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
+            files[os.path.relpath(p, top)] = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode)
+    return files
+
+
+def snapshot(fleet: Fleet) -> Snapshot:
     pre = f"{fleet.prefix}:".encode()
     keys = list(fleet.raw.scan_iter(match=pre + b"*", count=5000))
     values = _read_all(fleet.raw, keys)
     total = fleet.raw.dbsize()
-    return Snapshot(files, {k[len(pre):]: v for k, v in zip(keys, values, strict=True)},
-                    total - len(keys))
+    by_key = {k[len(pre):]: v for k, v in zip(keys, values, strict=True)}
+    valid = fleet.session_check()
+    ended = frozenset(
+        k[len(b"session:"):].decode("utf-8", "replace") for k, (t, v) in by_key.items()
+        if k.startswith(b"session:") and not (
+            t == b"hash" and valid({a.decode("utf-8", "replace"): b.decode("utf-8", "replace")
+                                    for a, b in v})))
+    return Snapshot(_walk(fleet.home), by_key, total - len(keys), ended, _walk(fleet.outside))
+
+
+def outside_changes(fleet: Fleet, before: Snapshot) -> list[str]:
+    """What changed in the folder outside the data folder since `before` (a request may never
+    write there, whatever its answer): one line each."""
+    now = _walk(fleet.outside)
+    return [f"outside/{p}" for p in sorted(set(before.outside) | set(now))
+            if before.outside.get(p) != now.get(p)]
 
 
 @dataclass
@@ -385,33 +421,60 @@ class Changes:
     keys: list[str]
     outside_keys: int
     bytes_written: int
+    outside_files: list[str] = field(default_factory=list)  # under outside/: never allowed
 
     def __bool__(self) -> bool:
-        return bool(self.files or self.keys or self.outside_keys > 0)
+        return bool(self.files or self.keys or self.outside_keys > 0 or self.outside_files)
 
     def describe(self) -> str:
         return (f"files changed: {self.files}; Redis keys changed: {self.keys}; keys outside "
-                f"the prefix added: {max(0, self.outside_keys)}; {self.bytes_written} bytes")
+                f"the prefix added: {max(0, self.outside_keys)}; files outside the data "
+                f"folder changed: {self.outside_files}; {self.bytes_written} bytes")
 
 
-def _may_change(key: bytes, deleted: bool) -> bool:
+def _ended_only(removed: set[bytes], before: Snapshot) -> bool:
+    """Every session id in `removed` belonged to a session that had ended before (or had no
+    session left at all)."""
+    return all(sid.decode("utf-8", "replace") in before.ended
+               or b"session:" + sid not in before.keys for sid in removed)
+
+
+def _may_change(key: bytes, old: Any, new: Any, before: Snapshot) -> bool:
     name = key.decode("utf-8", "replace")
-    return any(p.match(name) and (how == "write" or deleted) for p, how in REFUSAL_MAY_WRITE)
+    for pattern, how in REFUSAL_MAY_WRITE:
+        if not pattern.match(name):
+            continue
+        if how == "write":
+            return True
+        if name.startswith("session:"):  # deleted, and it had ended before the request
+            return new is None and name[len("session:"):] in before.ended
+        # sessions:<user>: may only lose the ids of sessions that had ended
+        had = set(old[1]) if old and old[0] == b"set" else set()
+        has = set(new[1]) if new and new[0] == b"set" else set()
+        return old is not None and (new is None or new[0] == b"set") and has <= had \
+            and _ended_only(had - has, before)
+    return False
 
 
 def changes(before: Snapshot, after: Snapshot, strict: bool = False) -> Changes:
-    """What changed, less what REFUSAL_MAY_WRITE allows (with `strict`: everything)."""
+    """What changed, less what REFUSAL_MAY_WRITE allows (with `strict`: everything). A change
+    under outside/ is always counted."""
     files = sorted(p for p in set(before.files) | set(after.files)
                    if before.files.get(p) != after.files.get(p))
     written = sum(after.files[p][1] for p in files
                   if p in after.files and not stat.S_ISDIR(after.files[p][3]))
+    outside = sorted(p for p in set(before.outside) | set(after.outside)
+                     if before.outside.get(p) != after.outside.get(p))
+    written += sum(after.outside[p][1] for p in outside
+                   if p in after.outside and not stat.S_ISDIR(after.outside[p][3]))
     keys = []
     for k in set(before.keys) | set(after.keys):
         old, new = before.keys.get(k), after.keys.get(k)
-        if old != new and (strict or not _may_change(k, deleted=k not in after.keys)):
+        if old != new and (strict or not _may_change(k, old, new, before)):
             keys.append(k.decode("utf-8", "replace"))
             written += _size(new[1]) if new else 0
-    return Changes(files, sorted(keys), after.outside_keys - before.outside_keys, written)
+    return Changes(files, sorted(keys), after.outside_keys - before.outside_keys, written,
+                   [f"outside/{p}" for p in outside])
 
 
 # -- one request --------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """The fuzz run's figures: per property, the cases tried, the requests sent, the refusals among
 them, the answers of 500 or more and the bytes written on refusals (both 0 in a passing run).
+A property that does not measure what a refusal wrote says so: its bytes read "n/a" (and
+"B of M" where only M of its refusals were measured), never a 0 it did not count.
 
 Every fuzz property counts into `TALLY` of its own process. Under pytest-xdist each worker hands
 its counts to the controller (tests/conftest.py wires the three hooks below), which prints one
@@ -13,7 +15,8 @@ import os
 from collections import Counter, defaultdict
 from typing import Any
 
-FIELDS = ("cases", "requests", "refusals", "status_5xx", "bytes_written_on_refusals")
+FIELDS = ("cases", "requests", "refusals", "status_5xx", "bytes_written_on_refusals",
+          "refusals_measured")
 WORKER_KEY = "lorafleet_fuzz_tally"
 
 TALLY: dict[str, Counter] = defaultdict(Counter)
@@ -24,13 +27,25 @@ def case(prop: str) -> None:
     TALLY[prop]["cases"] += 1
 
 
-def answer(prop: str, status: int, refused: bool, bytes_written: int = 0) -> None:
-    """One request of property `prop` was answered with `status`."""
+def answer(prop: str, status: int, refused: bool, bytes_written: int | None = None) -> None:
+    """One request of property `prop` was answered with `status`; `bytes_written`: what it
+    wrote, as the harness's snapshots measured it (None: not measured)."""
     t = TALLY[prop]
     t["requests"] += 1
     t["refusals"] += refused
     t["status_5xx"] += status >= 500
-    t["bytes_written_on_refusals"] += bytes_written if refused else 0
+    if refused and bytes_written is not None:
+        t["bytes_written_on_refusals"] += bytes_written
+        t["refusals_measured"] += 1
+
+
+def bytes_shown(row: dict[str, int]) -> str:
+    """The bytes written on refusals as the table shows them: "n/a" where none was measured."""
+    if row["refusals_measured"] == row["refusals"]:
+        return str(row["bytes_written_on_refusals"])
+    if row["refusals_measured"] == 0:
+        return "n/a"
+    return f"{row['bytes_written_on_refusals']} of {row['refusals_measured']}"
 
 
 def merge(into: dict[str, Counter], other: dict[str, dict[str, int]]) -> None:
@@ -86,9 +101,12 @@ def terminal_summary(terminalreporter: Any) -> None:
     tr.write_line(f"{'property':<{width}}" + "".join(f"{f:>14}" for f in
                                                       ("cases", "requests", "refusals", "5xx",
                                                        "bytes_on_ref")))
+    shown = ("cases", "requests", "refusals", "status_5xx")
     for prop, r in rows.items():
-        tr.write_line(f"{prop:<{width}}" + "".join(f"{r[f]:>14}" for f in FIELDS))
-    tr.write_line(f"{'total':<{width}}" + "".join(f"{totals[f]:>14}" for f in FIELDS))
+        tr.write_line(f"{prop:<{width}}" + "".join(f"{r[f]:>14}" for f in shown)
+                      + f"{bytes_shown(r):>14}")
+    tr.write_line(f"{'total':<{width}}" + "".join(f"{totals[f]:>14}" for f in shown)
+                  + f"{bytes_shown(totals):>14}")
     path = os.environ.get("LORAFLEET_FUZZ_REPORT")
     if path:
         with open(path, "w", encoding="utf-8") as f:

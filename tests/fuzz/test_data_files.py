@@ -23,7 +23,7 @@ from dispatcher.settings import DataPaths
 from formats import SHIPPED_DIR
 from tests.fuzz import tally
 from tests.fuzz.budget import fuzz_settings
-from tests.fuzz.harness import SINGLE_USER, Req, check_answer, send
+from tests.fuzz.harness import SINGLE_USER, Req, changes, check_answer, send, snapshot
 from tests.fuzz.strategies import json_values, odd_text, raw_json
 
 pytestmark = pytest.mark.fuzz
@@ -130,6 +130,7 @@ def test_upload_check_gives_a_result_or_a_400_naming_the_field(tmp_path_factory,
         content, ext = raw_text_bytes(data), ".txt"
     name = "fz" + ext
     paths = DataPaths(Path("/nonexistent/lorafleet-fuzz"))  # the check reads no file
+    # A function call, no data folder: what it wrote is not measured ("n/a" in the figures).
     tally.case("data files: upload check")
     try:
         checked = check_upload(name, kind, content, paths)
@@ -188,7 +189,8 @@ def cli_status(result) -> int:
 
 
 def preview_counted(prop: str, args: list[str]) -> None:
-    """`lorafleet data preview ARGS`, counted under `prop` and checked (check_cli)."""
+    """`lorafleet data preview ARGS`, counted under `prop` and checked (check_cli). What the
+    command wrote is not measured ("n/a" in the figures)."""
     tally.case(prop)
     result = run_preview(args)
     tally.answer(prop, cli_status(result), result.exit_code != 0)
@@ -274,10 +276,13 @@ def test_dashboard_preview_gives_samples_or_a_400(fleets, tokenizer_dir, data):
 
     req = Req(method="GET", path="/api/v1/datasets/preview", query=urlencode(query).encode(),
               who="token", user="local")
+    before = snapshot(fleet)
     tally.case(prop)
     ans = send(fleet, req)
-    tally.answer(prop, ans.status, ans.status >= 400)
+    wrote = changes(before, snapshot(fleet))
+    tally.answer(prop, ans.status, ans.status >= 400, wrote.bytes_written)
     check_answer(fleet, req, ans, fleet.secrets())
     assert ans.status in (200, 400), (ans.status, ans.body[:1000])
+    assert not wrote, f"the preview ({ans.status}) wrote {wrote.describe()}"
     if ans.status == 200:
         assert "samples" in json.loads(ans.body)

@@ -100,6 +100,7 @@ def test_the_login_form_filled_in_with_anything(fleets, data):
     changed = changes(before, snapshot(fleet))
     tally.answer(prop, ans.status, refused(ans), changed.bytes_written if refused(ans) else 0)
     check_answer(fleet, req, ans, secret_values)
+    assert not changed.outside_files, changed.describe()
     if csrf != "right":
         assert ans.status == 403 and not changes(before, snapshot(fleet), strict=True)
         return
@@ -126,6 +127,7 @@ def test_the_token_form_filled_in_with_anything(fleets, data):
     changed = changes(before, snapshot(fleet))
     tally.answer(prop, ans.status, refused(ans), changed.bytes_written if refused(ans) else 0)
     check_answer(fleet, req, ans, secret_values)
+    assert not changed.outside_files, changed.describe()
     right = fields.get("token", "").strip() == fleet.dashboard_token
     assert ans.status == 302 if right else ans.status in (401, 429), (ans.status, right)
     if refused(ans):
@@ -157,6 +159,7 @@ def test_the_logout_form_needs_the_pages_csrf_token(fleets, mode, data):
     changed = changes(before, snapshot(fleet), strict=True)
     tally.answer(prop, ans.status, refused(ans), changed.bytes_written if refused(ans) else 0)
     check_answer(fleet, req, ans, secret_values)
+    assert not changed.outside_files, changed.describe()
     if csrf == "right":
         assert ans.status == 302 and fleet.r.exists(f"{fleet.prefix}:session:{sid}") == 0
     else:

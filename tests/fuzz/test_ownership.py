@@ -2,8 +2,10 @@
 (cancel, re-prioritise, overwrite, copy over, claim, cancel a sweep, edit a comment, the users
 and limits routes, with his API token or his browser session), it is refused and nothing of cy's
 changes: her job records and histories, her sweep, her files and LoRA folder (bytes and mtimes),
-their owner records, her evaluation row, her account, tokens, sessions and limits. And no answer
-to bo holds a token (cy's, ana's, the dashboard's) or another secret."""
+their owner records, her evaluation row, her account, tokens, sessions and limits. Nor anything
+else (the data folder and Redis, less what any refusal may change: tests/fuzz/harness.py), nor
+anything outside the data folder. And no answer to bo holds a token (cy's, ana's, the
+dashboard's) or another secret."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 from dispatcher.jobs.store import PRIORITIES
 from tests.fuzz import tally
 from tests.fuzz.budget import fuzz_settings
-from tests.fuzz.harness import ACCOUNTS, Fleet, Req, check_answer, send
+from tests.fuzz.harness import ACCOUNTS, Fleet, Req, changes, check_answer, send, snapshot
 from tests.fuzz.strategies import (
     HEADERS,
     field_value,
@@ -187,12 +189,15 @@ def test_a_member_never_changes_anothers_things(fleet, data):
               content_type=content[1], who=who, user=ACTOR, csrf="right", headers=extra)
     secret_values = fleet.secrets()
     before = cys_things(fleet)
+    snap = snapshot(fleet)
     tally.case(prop)
     ans = send(fleet, req)
+    wrote = changes(snap, snapshot(fleet))
     after = cys_things(fleet)
-    tally.answer(prop, ans.status, ans.status >= 400)
+    tally.answer(prop, ans.status, ans.status >= 400, wrote.bytes_written)
     check_answer(fleet, req, ans, secret_values)
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
     assert not changed, f"bo's {method} {path} changed cy's {sorted(changed)} ({ans.status})"
     assert 400 <= ans.status < 500, \
         f"bo's {method} {path} about cy's things was not refused: {ans.status} {ans.body[:500]!r}"
+    assert not wrote, f"bo's refused {method} {path} ({ans.status}) wrote {wrote.describe()}"

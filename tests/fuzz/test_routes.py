@@ -3,7 +3,7 @@ hostile requests, in single-user and in accounts mode: no answer of 500 or more 
 traceback; no secret the request did not send; a refusal is a 4xx that says why (under /api/v1
 JSON whose 400s name the field; elsewhere a page with the message) and changes nothing in the
 data folder or Redis (tests/fuzz/harness.py lists the throttle and session keys a refusal may
-touch, and why)."""
+touch, and why); no request, whatever its answer, writes outside the data folder."""
 
 from __future__ import annotations
 
@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 
 from tests.fuzz import tally
 from tests.fuzz.budget import fuzz_settings
-from tests.fuzz.harness import ACCOUNTS, SINGLE_USER, changes, check_answer, refused, send, snapshot
+from tests.fuzz.harness import (
+    ACCOUNTS,
+    SINGLE_USER,
+    changes,
+    check_answer,
+    outside_changes,
+    refused,
+    send,
+    snapshot,
+)
 from tests.fuzz.strategies import ROUTES, app_routes, draw_request
 
 pytestmark = pytest.mark.fuzz
@@ -58,6 +67,8 @@ def test_route_under_hostile_requests(fleets, mode, route, data):
     changed = changes(before, snapshot(fleet)) if refused(ans) else None
     tally.answer(prop, ans.status, refused(ans), changed.bytes_written if changed else 0)
     check_answer(fleet, req, ans, secret_values)
+    outside = outside_changes(fleet, before)
+    assert not outside, f"{req.method} {req.path} ({ans.status}) wrote outside: {outside}"
     if changed:
         pytest.fail(f"{req.method} {req.path} was refused ({ans.status}) but wrote: "
                     f"{changed.describe()}")

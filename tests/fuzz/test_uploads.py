@@ -42,6 +42,7 @@ def test_an_upload_is_saved_whole_or_refused_without_a_trace(fleets, mode, data)
     tally.answer(prop, ans.status, ans.status >= 400,
                  changed.bytes_written if ans.status >= 400 else 0)
     check_answer(fleet, req, ans, secret_values)
+    assert not changed.outside_files, f"an upload ({ans.status}) wrote {changed.describe()}"
     if ans.status >= 400:
         assert not changed, f"a refused upload ({ans.status}) wrote {changed.describe()}"
         return

@@ -27,6 +27,7 @@ from dispatcher.jobs.fleet import Fleet
 from gpuworker.diskspace import human_bytes
 from tests.faultkit import SLOW, TERMINAL, events, states, submit
 from tests.fleetproc import ROOT, FleetProcs
+from tests.lorafolders import assert_no_half_written as _no_half_written
 from tests.resourcekit import (
     MemoryCgroup,
     fill,
@@ -73,16 +74,6 @@ def _worker_idle_and_alive(f: FleetProcs, name: str) -> None:
     f.wait_for(lambda: any(w["name"] == name and w.get("state") == "idle"
                            for w in Fleet(f.r, f.prefix, timeout=6).alive()),
                10, f"worker {name} to be idle")
-
-
-def _no_half_written(lora_dir) -> None:
-    """No staging folder or temporary file left behind, and every checkpoint complete."""
-    hidden = [p.name for p in lora_dir.iterdir() if p.name.startswith(".")]
-    assert hidden == [], hidden
-    for ck in lora_dir.glob("checkpoint-*"):
-        assert sorted(p.name for p in ck.iterdir()) == [
-            "adapter_config.json", "adapter_model.safetensors", "training_log.json",
-            "training_prompt.json", "training_state.json", "training_state.pt"], ck
 
 
 # ---------------------------------------------------------------------------------------------

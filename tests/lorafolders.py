@@ -1,0 +1,54 @@
+"""What a LoRA folder holds when nothing was left half-written: shared by the disk-fault tests
+(tests/integration/test_disk_memory_faults.py) and the chaos run's `folders` invariant
+(tests/chaos/harness.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpuworker.checkpoints import CHECKPOINT_RE, STAGING_PREFIXES
+
+# Every file a complete checkpoint-<step>/ holds (gpuworker/engine/save.py save_checkpoint).
+CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_log.json",
+                    "training_prompt.json", "training_state.json", "training_state.pt")
+# A checkpoint of the same step being replaced (save_checkpoint renames the old one to this,
+# then the new one into place): left behind by a kill between the two renames.
+OLD_CHECKPOINT_PREFIX = ".old-checkpoint-"
+
+
+def incomplete_checkpoint(folder: Path) -> str | None:
+    """Why `folder` (a checkpoint-<step>/) is not a complete checkpoint, or None."""
+    names = sorted(p.name for p in folder.iterdir())
+    if names == list(CHECKPOINT_FILES):
+        return None
+    missing = sorted(set(CHECKPOINT_FILES) - set(names))
+    extra = sorted(set(names) - set(CHECKPOINT_FILES))
+    return f"missing {missing}, extra {extra}"
+
+
+def leftovers(lora_dir: Path) -> list[str]:
+    """What a killed save left in one LoRA folder, one line each: a hidden staging folder or
+    file (STAGING_PREFIXES, `.old-checkpoint-*`), a temporary file (`*.tmp`, at any depth) and
+    a checkpoint-<step>/ that is not complete. Other hidden entries (a lock file, say) are
+    not leftovers."""
+    found = []
+    for entry in sorted(lora_dir.iterdir()):
+        name = entry.name
+        if name.startswith((*STAGING_PREFIXES, OLD_CHECKPOINT_PREFIX)):
+            found.append(f"{name}: staging left")
+        elif CHECKPOINT_RE.match(name) and entry.is_dir() and not entry.is_symlink():
+            why = incomplete_checkpoint(entry)
+            if why:
+                found.append(f"{name}: incomplete checkpoint ({why})")
+    tmp = sorted(str(p.relative_to(lora_dir)) for p in lora_dir.rglob("*.tmp"))
+    found += [f"{t}: temporary file left" for t in tmp]
+    return found
+
+
+def assert_no_half_written(lora_dir: Path) -> None:
+    """No hidden entry at all (no staging folder, no temporary file) and every checkpoint
+    complete: what the disk-fault tests require after a failed save."""
+    hidden = [p.name for p in lora_dir.iterdir() if p.name.startswith(".")]
+    assert hidden == [], hidden
+    for ck in lora_dir.glob("checkpoint-*"):
+        assert incomplete_checkpoint(ck) is None, (ck, incomplete_checkpoint(ck))
