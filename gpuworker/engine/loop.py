@@ -323,7 +323,7 @@ class _Loop:
                 continue
             step = step_index + 1
             if self.routing is not None:
-                self.routing.active = tuple(lane.name for lane in active)
+                self.routing.set_active(tuple(lane.name for lane in active))
             t0 = time.perf_counter()
             batches = self.batcher.step([[samples[i] for i in idx] for idx in group])
             losses_t = self._accumulate(batches, active)
@@ -489,7 +489,7 @@ class _Loop:
         if self.routing is None:
             losses = [evaluate(self.model, self.loss_fn, batches, self.device)]
         else:
-            self.routing.active = tuple(lane.name for lane in lanes)
+            self.routing.set_active(tuple(lane.name for lane in lanes))
             losses = evaluate(self.model, self.loss_fn, batches, self.device, len(lanes))
         for lane, loss in zip(lanes, losses, strict=True):
             lane.out.eval_loss = loss

@@ -91,16 +91,34 @@ class LaneStack:
         self.views = {n: (a[i, :self.params[n][0].shape[0]], b[i, :, :self.params[n][0].shape[0]])
                       for i, n in enumerate(names) if n in self.params}
         self.scaling = {n: float(layer.scaling[n]) if n in self.params else 0.0 for n in names}
-        self.draws: dict[tuple[str, ...], bool] = {}
-        self.scales: dict[tuple[tuple[str, ...], torch.dtype], torch.Tensor] = {}
+        # For the lanes of the coming batches (`pick`): their rows of the stacks (None: all,
+        # in order), whether any draws dropout here, their scalings by the product's dtype.
+        self.rows: torch.Tensor | None = None
+        self.draws = False
+        self.scales: dict[torch.dtype, torch.Tensor] = {}
 
-    def scale(self, lanes: tuple[str, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Each lane's LoRA scaling (alpha / rank; 0 without an adapter here), (lanes, 1, 1)."""
-        key = (lanes, dtype)
-        if key not in self.scales:
-            self.scales[key] = torch.tensor([self.scaling[n] for n in lanes], dtype=dtype,
-                                            device=self.a.device).view(-1, 1, 1)
-        return self.scales[key]
+    def pick(self, lanes: tuple[str, ...], rows: torch.Tensor | None,
+             dropout: dict[str, float]) -> None:
+        """Set what the forward pass reads for `lanes` (made here, in plain Python before the
+        batches: a compiled layer then reads fixed values, the same for every layer).
+
+        The scalings multiply a product as peft multiplies it by a Python float: in fp32
+        (torch's arithmetic type for bf16 and fp16), rounded once. So for a half-precision
+        product they are fp32, unless every scaling is exact in that dtype (the usual powers
+        of two), where the product in its own dtype is the same and needs no fp32 copy."""
+        self.rows = rows
+        self.draws = any(dropout[n] > 0 and n in self.params for n in lanes)
+        values = [self.scaling[n] for n in lanes]
+        self.scales = {}
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            exact = torch.tensor(values, dtype=dtype).double().tolist() == values
+            self.scales[dtype] = torch.tensor(
+                values, dtype=dtype if exact else torch.float32,
+                device=self.a.device).view(-1, 1, 1)
+
+    def scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """The picked lanes' scalings, (lanes, 1, 1), for a product of `dtype`."""
+        return self.scales[dtype]
 
 
 @dataclass
@@ -113,19 +131,24 @@ class Routing:
     active: tuple[str, ...] = ()
     layers: list[Any] = field(default_factory=list)  # the adapted layers, in model order
     stacks: list[LaneStack] = field(default_factory=list)  # theirs, built by `refresh`
-    _rows: dict[tuple[str, ...], torch.Tensor | None] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
         return list(self.rngs)
 
-    def rows(self, lanes: tuple[str, ...]) -> torch.Tensor | None:
-        """The stacks' rows of `lanes` (None: every lane, in stack order: the whole stack)."""
-        if lanes not in self._rows:
-            order = self.names
-            self._rows[lanes] = None if list(lanes) == order else torch.tensor(
-                [order.index(n) for n in lanes], device=self.stacks[0].a.device)
-        return self._rows[lanes]
+    def set_active(self, lanes: tuple[str, ...]) -> None:
+        """The lanes the coming batches hold, in row order; every stack picks its rows,
+        dropout and scalings for them (only when they change)."""
+        if lanes == self.active:
+            return
+        self.active = lanes
+        if not lanes or not self.stacks:
+            return
+        order = self.names
+        rows = None if list(lanes) == order else torch.tensor(
+            [order.index(n) for n in lanes], device=self.stacks[0].a.device)
+        for st in self.stacks:
+            st.pick(lanes, rows, self.dropout)
 
     @torch.no_grad()
     def refresh(self, lanes: list[str] | None = None) -> None:
@@ -133,6 +156,12 @@ class Routing:
         first time (after the model's preparation: they take the weights' final dtype)."""
         if not self.stacks:
             self.stacks = [LaneStack(layer, self.names) for layer in self.layers]
+            # Each layer finds its own stack as an attribute: a compiled layer's code then
+            # serves every layer alike (an index closed over would compile one per layer).
+            for layer, st in zip(self.layers, self.stacks, strict=True):
+                layer._lane_stack = st
+            lanes, self.active = self.active, ()
+            self.set_active(lanes)  # lanes set before the stacks existed: their picks now
         dst, src = [], []
         for st in self.stacks:
             for n in lanes or self.names:
@@ -210,7 +239,7 @@ def attach_lanes(model: Any, lanes: list[tuple[str, Any]], seed: int,
 
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
-            module.forward = _routed_forward(module, routing, len(routing.layers))
+            module.forward = _routed_forward(module, routing)
             routing.layers.append(module)
     for n, p in peft_model.named_parameters():
         p.requires_grad = any(f".{name}." in n for name in rngs) and "lora_" in n
@@ -225,7 +254,7 @@ def lane_parameters(model: Any, name: str) -> list[tuple[str, torch.nn.Parameter
             if mark in n and p.requires_grad]
 
 
-def _routed_forward(layer: Any, routing: Routing, index: int) -> Any:
+def _routed_forward(layer: Any, routing: Routing) -> Any:
     """A LoRA layer's forward over a pack's batch: the base layer once, then every lane's
     LoRA on its own rows as two batched matmuls over the layer's stack (peft's arithmetic
     for one adapter, each lane's dropout drawn from its own generators)."""
@@ -241,30 +270,22 @@ def _routed_forward(layer: Any, routing: Routing, index: int) -> Any:
         if x.shape[0] % k:
             raise ValueError(f"a pack's batch of {x.shape[0]} rows is not one copy per lane "
                              f"({k} lanes)")
-        st = routing.stacks[index]
+        st = layer._lane_stack
         xs = x.reshape(k, -1, x.shape[-1])  # (lanes, the lane's tokens, in)
         # As peft: its bitsandbytes layers leave the input to autocast (one shared bf16
         # input), its plain layers cast it to the LoRA's dtype.
         if not (quantised and torch.is_autocast_enabled(x.device.type)):
             xs = layer._cast_input_dtype(xs, st.a.dtype)
-        if layer.training and _draws(st, routing, lanes):
+        if layer.training and st.draws:
             xs = torch.stack([_dropped(layer, routing, n, xs[i]) for i, n in enumerate(lanes)])
-        rows = routing.rows(lanes)
-        a, b = (st.a, st.b) if rows is None else (st.a.index_select(0, rows),
-                                                  st.b.index_select(0, rows))
-        low = torch.bmm(xs, a.transpose(1, 2))
-        low = low * st.scale(lanes, low.dtype)
-        delta = torch.bmm(low, b.transpose(1, 2))
+        a, b = (st.a, st.b) if st.rows is None else (st.a.index_select(0, st.rows),
+                                                     st.b.index_select(0, st.rows))
+        # peft's order: lora_B(lora_A(x)) * scaling, the scaling last.
+        delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        delta = (delta * st.scale(delta.dtype)).to(delta.dtype)
         return (result + delta.view_as(result)).to(result.dtype)
 
     return forward
-
-
-def _draws(st: LaneStack, routing: Routing, lanes: tuple[str, ...]) -> bool:
-    """Does any of `lanes` draw dropout in this layer?"""
-    if lanes not in st.draws:
-        st.draws[lanes] = any(routing.dropout[n] > 0 and n in st.params for n in lanes)
-    return st.draws[lanes]
 
 
 def _dropped(layer: Any, routing: Routing, name: str, x: torch.Tensor) -> torch.Tensor:

@@ -163,7 +163,6 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
                      if c.resume is not None else
                      f"Starting training on {device}, in a pack of {len(trials)} trials...")
         stepper = Stepper(lane_parameters(model, name), m.cfg, data.plan, precision, device)
-        stepper.keep_grads = True  # filled by copies from the stacks (pack.py) each step
         lanes.append(Lane(m.cfg, m.report, run.checkpoint, stepper, c.resume, name=name,
                           rng=routing.rngs[name]))
     if not lanes:

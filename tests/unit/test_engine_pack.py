@@ -187,6 +187,28 @@ def test_a_stopped_trial_leaves_the_pack_and_resumes_alone_exactly(paths):  # no
     full = Recorder()
     alone(paths, "solo-a", TRIALS["a"], full)
     assert losses(recs["a"]) + losses(rest) == pytest.approx(losses(full), rel=1e-5)
+    # The trial left in the pack (its rows now picked out of the stacks) trains as alone.
+    solo_b = Recorder()
+    alone(paths, "solo-b", TRIALS["b"], solo_b)
+    assert losses(recs["b"]) == pytest.approx(losses(solo_b), rel=1e-5)
+
+
+def test_a_scaling_not_a_power_of_two_in_bf16_is_peft_s_own(paths):  # noqa: F811
+    """peft multiplies a LoRA's bf16 product by its scaling as a Python float (in fp32,
+    rounded once); a pack does the same for every lane, also where alpha / rank is not exact
+    in bf16 (16 / 12, 16 / 24): each trial's losses are its own alone, in bf16 on the CPU."""
+    trials = {"x": dict(lora_rank=12, lora_alpha=16, learning_rate="1e-2", lora_dropout=0.1,
+                        target_modules=["all"]),
+              "y": dict(lora_rank=24, lora_alpha=16, learning_rate="3e-3", lora_dropout=0.0,
+                        target_modules=["q", "v"])}
+    bf16 = {n: {**c, "precision": "bf16"} for n, c in trials.items()}
+    recs = {n: Recorder() for n in bf16}
+    results = together(paths, bf16, recs)
+    for name, changes in bf16.items():
+        assert results[name]["precision"] == "bf16"
+        solo = Recorder()
+        alone(paths, f"solo-{name}", changes, solo)
+        assert losses(recs[name]) == pytest.approx(losses(solo), rel=1e-6), name
 
 
 def test_trials_end_on_their_own_and_a_refused_trial_does_not_stop_the_others(paths):  # noqa: F811
@@ -269,3 +291,46 @@ def test_a_trial_waiting_to_rejoin_the_pack_can_be_stopped(paths):  # noqa: F811
     assert "while waiting to rejoin the pack at step 6" in results["a"]["reason"]
     assert losses(recs["a"]) == [] and (paths.loras / "a" / "adapter_model.safetensors").is_file()
     assert results["d"]["steps"] == 12 and not results["d"]["stopped"]
+
+
+def test_a_compiled_pack_compiles_one_layer_for_all(paths, monkeypatch):  # noqa: F811
+    """Regional compilation compiles a decoder layer once for all layers alike; a pack's
+    layers must stay alike to it (nothing a layer's code reads may differ by layer): a model
+    of 6 layers compiles as many graphs as one of 2. (torch's eager backend: the same
+    tracing and guards, without generating code.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import LlamaForCausalLM
+
+    original = torch.nn.Module.compile
+
+    def eager(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        kwargs.pop("mode", None)
+        return original(self, backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", eager)
+    tiny = LlamaForCausalLM.from_pretrained(paths.models / "tiny")
+    six = tiny.config
+    six.num_hidden_layers = 6
+    torch.manual_seed(0)
+    LlamaForCausalLM(six).save_pretrained(paths.models / "six")
+    for f in (paths.models / "tiny").iterdir():  # the tokenizer's files
+        if not (paths.models / "six" / f.name).exists():
+            (paths.models / "six" / f.name).write_bytes(f.read_bytes())
+    graphs = {}
+    for model in ("tiny", "six"):
+        torch._dynamo.reset()
+        counters.clear()
+        members = []
+        for name in ("a", "b"):
+            changes = {**TRIALS[name], "lora_dropout": 0.0, "base_model": model, "epochs": 1}
+            cfg = config_from_spec(make_spec(lora_name=f"{model}-{name}", **changes), paths)
+            cfg = replace(cfg, levers=replace(cfg.levers, prepare=("compile",),
+                                              gpu_levers_on_cpu=True))
+            members.append(PackMember(cfg, Report(lambda e: None, lambda: False, lambda s: None),
+                                      on_result=lambda r: None))
+        run_pack(members, device="cpu")
+        graphs[model] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    assert graphs["tiny"] > 0 and graphs["six"] == graphs["tiny"], graphs
+
