@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -25,17 +26,50 @@ def list_checkpoints(lora_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: checkpoint_step(p) or 0)
 
 
-# The hidden names staging() and formats.files.atomic_write give work in progress.
-STAGING_PREFIXES = (".checkpoint-", ".saving-")
+# The hidden names staging() and formats.files.atomic_write give work in progress, and the
+# name save_checkpoint gives a checkpoint it is replacing (removed once the new one is in).
+STAGING_PREFIXES = (".checkpoint-", ".saving-", ".old-checkpoint-")
+OLD_CHECKPOINT_RE = re.compile(r"^\.old-checkpoint-(\d+)$")
 
 
-def clear_staging(lora_dir: Path) -> list[str]:
-    """Remove what an earlier process of this LoRA left half-written when it died (killed in
-    the middle of a save): hidden staging folders and temporary files. Called when a run opens
-    the folder, before it writes anything; returns the names removed."""
-    removed = []
+@dataclass
+class Tidied:
+    """What `clear_staging` did to a LoRA folder."""
+
+    removed: list[str] = field(default_factory=list)  # half-written entries, deleted
+    restored: list[str] = field(default_factory=list)  # checkpoint-N/ put back from its old copy
+
+    def __bool__(self) -> bool:
+        return bool(self.removed or self.restored)
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.restored:
+            out.append("Put back what a checkpoint's interrupted replacement had set aside: "
+                       + ", ".join(self.restored))
+        if self.removed:
+            out.append("Removed what an interrupted save left half-written: "
+                       + ", ".join(self.removed))
+        return out
+
+
+def clear_staging(lora_dir: Path) -> Tidied:
+    """Tidy what an earlier process of this LoRA left when it died in the middle of a save:
+    hidden staging folders and temporary files are removed; a `checkpoint-<step>/` that was
+    being replaced (renamed to `.old-checkpoint-<step>/`, its successor not yet in place) is
+    put back. Run it only while holding the folder's lock (gpuworker.folderlock): a live
+    process's staging looks the same as a dead one's."""
+    tidied = Tidied()
     if not lora_dir.is_dir():
-        return removed
+        return tidied
+    for entry in sorted(lora_dir.iterdir()):
+        m = OLD_CHECKPOINT_RE.match(entry.name)
+        final = lora_dir / f"checkpoint-{m.group(1)}" if m else None
+        if (final is not None and entry.is_dir() and not entry.is_symlink()
+                and not final.exists() and not final.is_symlink()):
+            # Killed between the renames: the old one is the complete checkpoint of that step.
+            entry.rename(final)
+            tidied.restored.append(final.name)
     for entry in lora_dir.iterdir():
         stale = ((entry.is_dir() and not entry.is_symlink()
                   and entry.name.startswith(STAGING_PREFIXES))
@@ -46,5 +80,6 @@ def clear_staging(lora_dir: Path) -> list[str]:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
-        removed.append(entry.name)
-    return removed
+        tidied.removed.append(entry.name)
+    tidied.removed.sort()
+    return tidied

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 from dispatcher.jobs.fleet import Fleet
@@ -137,8 +138,8 @@ def _member(job: JobRun, rec: dict[str, Any], settings: Settings) -> tuple[PackT
         resume = "latest"
         job.log(f"attempt {attempt}: resuming from the latest checkpoint, if there is one")
     report = Report(progress=trial.progress, should_stop=trial.should_stop, log=job.log)
-    return trial, PackMember(config_from_spec(spec, settings.paths), report, trial.on_result,
-                             resume_from=resume)
+    cfg = replace(config_from_spec(spec, settings.paths), job_id=job.job_id)
+    return trial, PackMember(cfg, report, trial.on_result, resume_from=resume)
 
 
 def _pack_words(rec: dict[str, Any], others: list[str]) -> str:

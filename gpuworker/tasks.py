@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from dispatcher.access.links import inside
 from dispatcher.access.owners import OwnerRefused, Owners, job_write_refusal
 from dispatcher.jobs.celery_app import RUN_JOB_TASK, RUN_PACK_TASK
 from dispatcher.jobs.fleet import Fleet
@@ -29,6 +30,7 @@ from dispatcher.settings import Settings, connect
 from gpuworker.checkpoints import clear_staging
 from gpuworker.diskspace import says_full
 from gpuworker.errors import EngineError
+from gpuworker.folderlock import holder_of, me, try_lock
 from gpuworker.oomkills import OomCounts, death_reason, read_oom_counts
 
 log = logging.getLogger("lorafleet.worker")
@@ -311,20 +313,33 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
 
 
 def _clear_half_saved(settings: Settings, rec: dict[str, Any]) -> None:
-    """The process that trained `rec` is gone: what it was saving when it died (a hidden
-    staging folder, a temporary file) is removed, whether or not the job runs again."""
+    """What the process that trained `rec` was saving when it died (a hidden staging folder,
+    a temporary file, a checkpoint it was replacing) is tidied, whether or not the job runs
+    again: only under the LoRA folder's lock, taken without waiting. A process that still
+    holds it is alive (an orphan of this worker's earlier life, or another job on the LoRA),
+    and its staging is its work in progress: left alone; whoever takes the lock next tidies."""
     name = str((rec.get("spec") or {}).get("lora_name") or "") if rec.get("kind") == "train" \
         else ""
     if not name or "/" in name or name.startswith("."):
         return
+    loras = settings.paths.loras
+    folder = loras / name
+    # Never through a link: a loras/<name> that leads out of the data folder is not cleared.
+    if folder.is_symlink() or not inside(folder, loras) or not folder.is_dir():
+        return
     try:
-        removed = clear_staging(settings.paths.loras / name)
+        lock = try_lock(folder, me(job=str(rec.get("id") or ""), doing="clearing"))
+        if lock is None:
+            log.info("loras/%s: not cleared: a live process holds it (%s)", name,
+                     holder_of(folder) or "unknown")
+            return
+        with lock:
+            tidied = clear_staging(folder)
     except OSError:
         log.warning("could not clear loras/%s of half-saved files", name, exc_info=True)
         return
-    if removed:
-        log.info("loras/%s: removed %s, left half-saved by the process that died", name,
-                 ", ".join(removed))
+    for line in tidied.lines():
+        log.info("loras/%s: %s, left by the process that died", name, line)
 
 
 def register_tasks(celery, settings: Settings) -> None:
