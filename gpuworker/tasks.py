@@ -293,8 +293,11 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
         rec = store.get(job_id)
         if JobState(rec["state"]).terminal:
             # Ended already: e.g. cancelled by the watchdog that killed the process for not
-            # answering a stop request. Such a job must not run again.
+            # answering a stop request. Such a job must not run again; what its process was
+            # saving when it was killed is cleared all the same.
             log.info("job %s is %s (%s): not re-queued", job_id, rec["state"], rec.get("reason"))
+            if rec.get("worker") == name:
+                _clear_half_saved(settings, rec)
             return None
         attempt = int(rec.get("attempt") or 1)
         new = settle(store, job_id, attempt, Crashed(why), expect_worker=name,

@@ -123,6 +123,33 @@ def test_a_cut_short_checkpoint_replace_is_put_back(settings, redis_client):
         "checkpoint-4": None, "checkpoint-4/adapter_model.safetensors": b"checkpoint-4"}
 
 
+def test_the_clear_after_a_kill_of_an_ended_job_and_never_through_a_link(settings,
+                                                                         redis_client,
+                                                                         tmp_path):
+    """review15 M7: the stop watchdog ends the job (cancelled) and then kills its process,
+    maybe in the middle of a checkpoint: the task_failure handler finds the job ended and does
+    not re-queue it, but still clears what the process left. A loras/<name> that became a link
+    out of the data folder is left alone."""
+    store = JobStore(redis_client, settings.prefix)
+    folder = settings.paths.loras / "watched"
+    job = running(store, "watched")
+    holder = hold(folder, job)
+    store.transition(job, JobState.CANCELLED, "stopped by the user: the training process was "
+                     "killed after not answering the stop request within 60 s",
+                     expect_worker="w1")
+    kill(holder)
+    assert requeue_after_crash(settings, job, "w1", "killed") is None
+    assert store.get(job)["state"] == "cancelled"
+    assert not [n for n in STAGING if n in snapshot(folder)]
+
+    outside = tmp_path / "outside"
+    (outside / ".saving-q").mkdir(parents=True)
+    (settings.paths.loras / "escape").symlink_to(outside)
+    job = running(store, "escape")
+    assert requeue_after_crash(settings, job, "w1", "the process died") == "retrying"
+    assert (outside / ".saving-q").is_dir() and not (outside / LOCK_NAME).exists()
+
+
 def test_a_process_forked_by_the_holder_does_not_keep_the_lock(tmp_path):
     """A data loader or compile worker forked by the training process must not hold the lock
     after the training process dies: the forked child closes its copy at once."""
