@@ -4,6 +4,7 @@ a job that did not answer a stop request, and clears what a killed process left 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -30,6 +31,12 @@ def list_checkpoints(lora_dir: Path) -> list[Path]:
 # name save_checkpoint gives a checkpoint it is replacing (removed once the new one is in).
 STAGING_PREFIXES = (".checkpoint-", ".saving-", ".old-checkpoint-")
 OLD_CHECKPOINT_RE = re.compile(r"^\.old-checkpoint-(\d+)$")
+# The final save's files, complete, on their way into the LoRA folder (gpuworker.engine.save):
+# once this folder exists the save counts as made, and whoever holds the folder's lock next
+# finishes moving its files into place should the saving process die halfway.
+COMPLETE_SAVE = ".complete-save"
+# The file whose arrival says the save is done goes in last.
+_LAST = "training_log.json"
 
 
 @dataclass
@@ -38,12 +45,16 @@ class Tidied:
 
     removed: list[str] = field(default_factory=list)  # half-written entries, deleted
     restored: list[str] = field(default_factory=list)  # checkpoint-N/ put back from its old copy
+    finished: list[str] = field(default_factory=list)  # a final save's files moved into place
 
     def __bool__(self) -> bool:
-        return bool(self.removed or self.restored)
+        return bool(self.removed or self.restored or self.finished)
 
     def lines(self) -> list[str]:
         out = []
+        if self.finished:
+            out.append("Finished the final save an interrupted process had made: moved "
+                       + ", ".join(self.finished) + " into place")
         if self.restored:
             out.append("Put back what a checkpoint's interrupted replacement had set aside: "
                        + ", ".join(self.restored))
@@ -55,13 +66,14 @@ class Tidied:
 
 def clear_staging(lora_dir: Path) -> Tidied:
     """Tidy what an earlier process of this LoRA left when it died in the middle of a save:
-    hidden staging folders and temporary files are removed; a `checkpoint-<step>/` that was
-    being replaced (renamed to `.old-checkpoint-<step>/`, its successor not yet in place) is
-    put back. Run it only while holding the folder's lock (gpuworker.folderlock): a live
+    a complete final save (COMPLETE_SAVE) is finished; hidden staging folders and temporary
+    files are removed; a `checkpoint-<step>/` that was being replaced (renamed to
+    `.old-checkpoint-<step>/`, its successor not yet in place) is put back. Run it only while holding the folder's lock (gpuworker.folderlock): a live
     process's staging looks the same as a dead one's."""
     tidied = Tidied()
     if not lora_dir.is_dir():
         return tidied
+    tidied.finished = finish_save(lora_dir)
     for entry in sorted(lora_dir.iterdir()):
         m = OLD_CHECKPOINT_RE.match(entry.name)
         final = lora_dir / f"checkpoint-{m.group(1)}" if m else None
@@ -83,3 +95,18 @@ def clear_staging(lora_dir: Path) -> Tidied:
         tidied.removed.append(entry.name)
     tidied.removed.sort()
     return tidied
+
+
+def finish_save(lora_dir: Path) -> list[str]:
+    """Move the files of the complete final save in `lora_dir` (its COMPLETE_SAVE folder, if
+    there is one) over the LoRA's own, training_log.json last, and remove the emptied folder.
+    Returns the names moved. Run it only while holding the folder's lock."""
+    done = lora_dir / COMPLETE_SAVE
+    if done.is_symlink() or not done.is_dir():
+        return []
+    names = sorted(p.name for p in done.iterdir() if p.is_file() and not p.is_symlink())
+    names.sort(key=lambda n: n == _LAST)
+    for name in names:
+        os.replace(done / name, lora_dir / name)
+    shutil.rmtree(done, ignore_errors=True)
+    return names

@@ -187,17 +187,22 @@ sys.stdin.read()
 # --------------------------------------------------------------------------- the engine
 
 
-@pytest.fixture
-def paths(tmp_path) -> DataPaths:
+def tiny_paths(home: Path) -> DataPaths:
+    """A data folder with the tiny model and dataset test_engine's specs train on."""
     from tests.tiny import make_tiny_model, write_tiny_dataset
     from tests.unit.test_engine import ALPACA
 
-    p = DataPaths(tmp_path / "home")
+    p = DataPaths(home)
     p.ensure()
     make_tiny_model(p.models / "tiny")
     write_tiny_dataset(p.datasets / "tiny.json", n=24)
     (p.formats / "alpaca-test.json").write_text(json.dumps(ALPACA))
     return p
+
+
+@pytest.fixture
+def paths(tmp_path) -> DataPaths:
+    return tiny_paths(tmp_path / "home")
 
 
 def test_a_second_job_on_the_lora_is_refused_and_the_first_ones_files_stay(paths):
