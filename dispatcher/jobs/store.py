@@ -285,23 +285,25 @@ class JobStore:
         writes are one transaction, so a process whose run was fenced out writes nothing.
         Returns False (nothing written) when the run is no longer the job's."""
         made = [self.events.event(kind, **data) for kind, data in events]
-        ids: list[str] = []
-
-        def write(pipe: Any, raw: dict[str, str]) -> None:
-            rec = JobRecord.from_hash(raw)
-            if rec.state != JobState.RUNNING:
-                raise TransitionError(f"job {job_id} is {rec.state.value}, no longer running")
-            _check_run(job_id, rec, worker, attempt)
-            pipe.multi()
-            for event in made:
-                pipe.xadd(self.events.stream_key(job_id), {"data": self.events.payload(event)})
-            if progress:
-                pipe.hset(self.key(job_id), mapping=progress)
-
-        try:
-            self._watched(job_id, write, ids.append)
-        except (TransitionError, JobNotFound):
-            return False
+        key = self.key(job_id)
+        while True:  # (a training step's events come this way: three fields read, not all)
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    state, on, at = pipe.hmget(key, "state", "worker", "attempt")
+                    if (state != JobState.RUNNING.value or on != worker
+                            or (int(float(at or 0)) or 1) != attempt):
+                        return False
+                    pipe.multi()
+                    for event in made:
+                        pipe.xadd(self.events.stream_key(job_id),
+                                  {"data": self.events.payload(event)})
+                    if progress:
+                        pipe.hset(key, mapping=progress)
+                    ids = pipe.execute()
+                    break
+                except redis_lib.WatchError:
+                    continue
         for event_id, event in zip(ids[:len(made)], made, strict=True):
             self.events.announce(job_id, event_id, event)
         return True
