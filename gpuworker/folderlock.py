@@ -65,7 +65,10 @@ class FolderLock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit; the kernel drops it anyway
+            pass
 
 
 def _close_in_child() -> None:
