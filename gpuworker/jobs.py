@@ -32,7 +32,7 @@ def run_job_kind(kind: str, spec_dict: dict[str, Any], settings: Settings, *, jo
             resume = "latest"
             log(f"attempt {attempt}: resuming from the latest checkpoint, if there is one")
         kwargs = {"resume_from": resume} if resume else {}
-        return engine.train(spec, paths, progress, should_stop, log, **kwargs)
+        return engine.train(spec, paths, progress, should_stop, log, job_id=job_id, **kwargs)
     if kind == "evaluate":
         table = EvalTable(paths.evals / EVAL_TABLE)
         if not spec.force:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from typing import Any
 
 from dispatcher.jobs.fleet import Fleet
@@ -78,7 +79,7 @@ class PackTrial:
             return
         try:
             if isinstance(result, Exception):
-                record_failure(self.job.store, self.job.job_id, self.job.worker_name, result)
+                record_failure(self.job, result)
             else:
                 record_result(self.job, result)
         except JobFenced as e:
@@ -108,7 +109,7 @@ def perform_pack(label: str, job_ids: list[str], worker_name: str, store: JobSto
                 check_lora_owner(store, rec, settings)
                 member = _member(job, rec, settings)
             except Exception as e:  # this trial alone cannot run
-                record_failure(store, job_id, worker_name, e)
+                record_failure(job, e)
                 continue
             trials[job_id] = member[0]
             members.append(member[1])
@@ -137,8 +138,8 @@ def _member(job: JobRun, rec: dict[str, Any], settings: Settings) -> tuple[PackT
         resume = "latest"
         job.log(f"attempt {attempt}: resuming from the latest checkpoint, if there is one")
     report = Report(progress=trial.progress, should_stop=trial.should_stop, log=job.log)
-    return trial, PackMember(config_from_spec(spec, settings.paths), report, trial.on_result,
-                             resume_from=resume)
+    cfg = replace(config_from_spec(spec, settings.paths), job_id=job.job_id)
+    return trial, PackMember(cfg, report, trial.on_result, resume_from=resume)
 
 
 def _pack_words(rec: dict[str, Any], others: list[str]) -> str:
@@ -156,46 +157,44 @@ def _run(members: list[Any], trials: dict[str, PackTrial], store: JobStore,
     except OutOfGpuMemory as e:
         left = [j for j, t in trials.items() if not t.ended and not t.fenced]
         if len(left) > 1:
-            _split(store, left, worker_name, str(e))
+            _split(store, [trials[j].job for j in left], worker_name, str(e))
             return
         for job_id in left:
-            record_failure(store, job_id, worker_name, e)
+            record_failure(trials[job_id].job, e)
     except Exception as e:  # the pack itself failed: each trial still training ends with it
         log.exception("pack on %s failed", worker_name)
-        for job_id, t in trials.items():
+        for t in trials.values():
             if not t.ended and not t.fenced:
-                record_failure(store, job_id, worker_name, e)
+                record_failure(t.job, e)
     # A trial the engine ended but whose outcome could not be recorded, or (defensively) one
     # it never ended: failed now; should that fail too, the task fails and its task_failure
     # handler re-queues whatever is still running here.
-    for job_id, t in trials.items():
-        if not t.ended and not t.fenced and _still_running(store, job_id, worker_name):
-            record_failure(store, job_id, worker_name,
+    for t in trials.values():
+        if not t.ended and not t.fenced and t.job.still_mine():
+            record_failure(t.job,
                            RuntimeError("the pack ended without recording this trial's result"))
 
 
-def _split(store: JobStore, left: list[str], worker_name: str, why: str) -> None:
+def _split(store: JobStore, left: list[JobRun], worker_name: str, why: str) -> None:
     """The pack did not fit: its unfinished trials go back to the queue in packs of half as
-    many, to resume from their checkpoints."""
+    many, to resume from their checkpoints. Each change is fenced on the trial's run (its
+    worker and attempt): a trial given to another run meanwhile is left alone."""
     size = max(1, len(left) // 2)
     what = f"{why.split(':')[0]} in a pack of {len(left)} on {worker_name}"
-    for job_id in left:
+    for job in left:
+        job_id = job.job_id
+        fence = {"expect_worker": job.worker_name, "expect_attempt": job.attempt,
+                 "expect_state": JobState.RUNNING}
         try:
             if store.stop_requested(job_id):  # it was being stopped: it ends here
                 store.transition(job_id, JobState.CANCELLED,
                                  f"{store.stop_cause(job_id)}; {what} (its last checkpoint, if "
-                                 "any, stays)", expect_worker=worker_name)
+                                 "any, stays)", **fence)
                 continue
             splits = int(store.r.hget(store.key(job_id), "pack_splits") or 0)
             # Not the job's fault: the re-assignment does not count against its attempts.
             store.transition(job_id, JobState.RETRYING,
                              f"{what}: re-queued to train in packs of at most {size}",
-                             expect_worker=worker_name, worker="", pack_max=size,
-                             pack_splits=splits + 1)
+                             worker="", pack_max=size, pack_splits=splits + 1, **fence)
         except TransitionError as e:
             log.warning("job %s: %s", job_id, e)
-
-
-def _still_running(store: JobStore, job_id: str, worker_name: str) -> bool:
-    state, worker = store.r.hmget(store.key(job_id), "state", "worker")
-    return state == JobState.RUNNING.value and worker == worker_name

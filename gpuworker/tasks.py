@@ -10,6 +10,7 @@ process died) is settled here, by the same policy (dispatcher.schedule.requeue).
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from dispatcher.access.links import inside
 from dispatcher.access.owners import OwnerRefused, Owners, job_write_refusal
 from dispatcher.jobs.celery_app import RUN_JOB_TASK, RUN_PACK_TASK
 from dispatcher.jobs.fleet import Fleet
@@ -28,6 +30,7 @@ from dispatcher.settings import Settings, connect
 from gpuworker.checkpoints import clear_staging
 from gpuworker.diskspace import says_full
 from gpuworker.errors import EngineError
+from gpuworker.folderlock import holder_of, me, try_lock
 from gpuworker.oomkills import OomCounts, death_reason, read_oom_counts
 
 log = logging.getLogger("lorafleet.worker")
@@ -65,31 +68,50 @@ class JobRun:
 
     def check_mine(self) -> None:
         if not self.still_mine():
-            raise JobFenced(f"job {self.job_id} was moved away from {self.worker_name}")
+            raise JobFenced(self.moved())
+
+    def moved(self) -> str:
+        return f"job {self.job_id} was moved away from {self.worker_name} (attempt {self.attempt})"
+
+    def append(self, events: list[tuple[str, dict[str, Any]]],
+               progress: dict[str, Any] | None = None) -> bool:
+        """Write `events` (and record `progress` fields) if the job is still this run's, in one
+        transaction with that check; False when it is not (nothing was written)."""
+        return self.store.append_to_run(self.job_id, self.worker_name, self.attempt, events,
+                                        progress)
 
     def log(self, line: str) -> None:
-        log.info("[%s] %s", self.job_id, line)
-        self.store.events.append(self.job_id, "log", line=line, attempt=self.attempt)
+        """A line of the job's log; a run fenced out writes nothing (the line stays in the
+        worker's own log, marked)."""
+        if self.append([("log", {"line": line, "attempt": self.attempt})]):
+            log.info("[%s] %s", self.job_id, line)
+        else:
+            log.info("[%s, fenced out: not written] %s", self.job_id, line)
 
     def progress(self, event: dict[str, Any]) -> None:
         """Every event goes to the job's stream; training progress to the record at most every
-        _PROGRESS_EVERY_S (and at the last step), the best eval loss at every evaluation."""
-        self.check_mine()
+        _PROGRESS_EVERY_S (and at the last step), the best eval loss at every evaluation. Each
+        write is fenced on the job still being this run's (JobFenced: nothing was written)."""
         event = dict(event)
         kind = event.pop("type", "train")
         event["attempt"] = self.attempt
-        self.store.events.append(self.job_id, kind, **event)
+        fields: dict[str, Any] | None = None
+        best = self.best
         now = time.monotonic()
         if kind == "train" and (now - self._progress_at >= _PROGRESS_EVERY_S
                                 or event.get("step") == event.get("total_steps")):
-            self._progress_at = now
-            self.store.update_progress(self.job_id, **{
-                k: event.get(k) for k in ("step", "total_steps", "loss", "eta_s", "epoch")})
+            fields = {k: event.get(k) for k in ("step", "total_steps", "loss", "eta_s", "epoch")}
         elif kind == "eval" and event.get("eval_loss") is not None:
             # Kept on the record, so a job's summary never reads its whole event stream.
             loss = float(event["eval_loss"])
-            self.best = loss if self.best is None else min(self.best, loss)
-            self.store.update_progress(self.job_id, eval_loss=loss, best_eval_loss=self.best)
+            best = loss if best is None else min(best, loss)
+            fields = {"eval_loss": loss, "best_eval_loss": best}
+        fields = {k: v for k, v in (fields or {}).items() if v is not None}
+        if not self.append([(kind, event)], fields or None):
+            raise JobFenced(self.moved())
+        if kind == "train" and fields:
+            self._progress_at = now
+        self.best = best
 
     def should_stop(self) -> bool:
         # A job moved away (re-queued, given to another worker or to this worker's next life)
@@ -99,8 +121,10 @@ class JobRun:
         if not self.store.stop_requested(self.job_id):
             return False
         if not self._answered:  # the worker's watchdog stops waiting to kill this process
+            # (JobStore.answer_stop's field, written only while the job is this run's)
+            if not self.append([], {"stop_answered": self.store.clock()}):
+                raise JobFenced(self.moved())
             self._answered = True
-            self.store.answer_stop(self.job_id)
         return True
 
 
@@ -120,13 +144,14 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
     # job_pid: the process to kill if the job does not answer a stop request (gpuworker.watchdog).
     fleet.heartbeat(worker_name, state=WorkerState.BUSY.value, job=job_id, job_pid=os.getpid())
     state = JobState.FAILED
+    job = JobRun(store, job_id, worker_name, rec)
     try:
-        state = _run(JobRun(store, job_id, worker_name, rec), rec, run, settings)
+        state = _run(job, rec, run, settings)
     except JobFenced as e:
         log.warning("%s", e)
         return "fenced"
     except Exception as e:  # every failure ends the job with its reason; the worker stays up
-        record_failure(store, job_id, worker_name, e)
+        record_failure(job, e)
     finally:
         fleet.heartbeat(worker_name, state=WorkerState.IDLE.value, job="", job_pid="")
         release_memory()
@@ -168,11 +193,11 @@ def _run(job: JobRun, rec: dict[str, Any], run: Callable[..., dict[str, Any]],
 
 
 def record_result(job: JobRun, result: dict[str, Any]) -> JobState:
-    """End the job with the engine's result: cancelled when it stopped, else succeeded."""
+    """End the job with the engine's result: cancelled when it stopped, else succeeded. The
+    result (on the record and as an event) and the end state are one transaction, fenced on
+    the job still being this run's (JobFenced: nothing was written)."""
     store, job_id = job.store, job.job_id
     job.check_mine()
-    store.set_result(job_id, result)
-    store.events.append(job_id, "result", **result)
     if result.get("stopped"):
         state = JobState.CANCELLED
         reason = store.stop_cause(job_id)
@@ -180,7 +205,12 @@ def record_result(job: JobRun, result: dict[str, Any]) -> JobState:
     else:
         state = JobState.SUCCEEDED
         reason = result.get("reason") or "finished"
-    store.transition(job_id, state, reason, expect_worker=job.worker_name)
+    try:
+        store.transition(job_id, state, reason, expect_state=JobState.RUNNING,
+                         expect_worker=job.worker_name, expect_attempt=job.attempt,
+                         events=[("result", result)], result=json.dumps(result))
+    except TransitionError as e:  # it moved (or ended) since check_mine
+        raise JobFenced(f"{job.moved()}: {e}") from e
     return state
 
 
@@ -192,15 +222,20 @@ def check_lora_owner(store: JobStore, rec: dict[str, Any], settings: Settings) -
         raise OwnerRefused(refused, "lora_name")
 
 
-def record_failure(store: JobStore, job_id: str, worker_name: str, e: Exception) -> None:
-    """End the job `failed` with a reason a user can read, and the traceback's tail in its log."""
+def record_failure(job: JobRun, e: Exception) -> None:
+    """End the job `failed` with a reason a user can read, and the traceback's tail in its log:
+    one transaction, fenced on the job still being this run's (a process whose job ended or
+    was given to another run, even on this worker name, writes nothing)."""
+    lines: list[tuple[str, dict[str, Any]]] = []
     if sys.exc_info()[1] is e:  # (a pack's trial gets its error handed over, not raised)
-        for line in traceback.format_exc().rstrip().splitlines()[-12:]:
-            store.events.append(job_id, "log", line=line)
+        lines = [("log", {"line": line, "attempt": job.attempt})
+                 for line in traceback.format_exc().rstrip().splitlines()[-12:]]
     try:
-        store.transition(job_id, JobState.FAILED, _reason(e), expect_worker=worker_name)
+        job.store.transition(job.job_id, JobState.FAILED, _reason(e),
+                             expect_worker=job.worker_name, expect_attempt=job.attempt,
+                             events=lines)
     except TransitionError as moved:  # it ended or moved meanwhile: its record is not ours
-        log.warning("job %s failed but could not be marked failed: %s", job_id, moved)
+        log.warning("job %s failed but could not be marked failed: %s", job.job_id, moved)
 
 
 def _reason(e: BaseException) -> str:
@@ -258,11 +293,15 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
         rec = store.get(job_id)
         if JobState(rec["state"]).terminal:
             # Ended already: e.g. cancelled by the watchdog that killed the process for not
-            # answering a stop request. Such a job must not run again.
+            # answering a stop request. Such a job must not run again; what its process was
+            # saving when it was killed is cleared all the same.
             log.info("job %s is %s (%s): not re-queued", job_id, rec["state"], rec.get("reason"))
+            if rec.get("worker") == name:
+                _clear_half_saved(settings, rec)
             return None
-        new = settle(store, job_id, int(rec.get("attempt") or 1), Crashed(why),
-                     expect_worker=name)
+        attempt = int(rec.get("attempt") or 1)
+        new = settle(store, job_id, attempt, Crashed(why), expect_worker=name,
+                     expect_attempt=attempt)
         if new is None:
             return None
         _clear_half_saved(settings, rec)
@@ -277,20 +316,33 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
 
 
 def _clear_half_saved(settings: Settings, rec: dict[str, Any]) -> None:
-    """The process that trained `rec` is gone: what it was saving when it died (a hidden
-    staging folder, a temporary file) is removed, whether or not the job runs again."""
+    """What the process that trained `rec` was saving when it died (a hidden staging folder,
+    a temporary file, a checkpoint it was replacing) is tidied, whether or not the job runs
+    again: only under the LoRA folder's lock, taken without waiting. A process that still
+    holds it is alive (an orphan of this worker's earlier life, or another job on the LoRA),
+    and its staging is its work in progress: left alone; whoever takes the lock next tidies."""
     name = str((rec.get("spec") or {}).get("lora_name") or "") if rec.get("kind") == "train" \
         else ""
     if not name or "/" in name or name.startswith("."):
         return
+    loras = settings.paths.loras
+    folder = loras / name
+    # Never through a link: a loras/<name> that leads out of the data folder is not cleared.
+    if folder.is_symlink() or not inside(folder, loras) or not folder.is_dir():
+        return
     try:
-        removed = clear_staging(settings.paths.loras / name)
+        lock = try_lock(folder, me(job=str(rec.get("id") or ""), doing="clearing"))
+        if lock is None:
+            log.info("loras/%s: not cleared: a live process holds it (%s)", name,
+                     holder_of(folder) or "unknown")
+            return
+        with lock:
+            tidied = clear_staging(folder)
     except OSError:
         log.warning("could not clear loras/%s of half-saved files", name, exc_info=True)
         return
-    if removed:
-        log.info("loras/%s: removed %s, left half-saved by the process that died", name,
-                 ", ".join(removed))
+    for line in tidied.lines():
+        log.info("loras/%s: %s, left by the process that died", name, line)
 
 
 def register_tasks(celery, settings: Settings) -> None:

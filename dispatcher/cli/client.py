@@ -227,13 +227,28 @@ class Client:
         return self._call("GET", f"/jobs/{job_id}/events", params=params)
 
     def follow(self, job_id: str) -> Iterator[dict[str, Any]]:
-        """Every event of the job, history first, then live until the job ends (SSE)."""
+        """Every event of the job, history first, then live until the job ends (SSE).
+
+        A dashboard restarting (no answer), a dashboard whose Redis is away (its stream ends
+        `interrupted`, its API answers 503) and a proxy's 5xx are waited out, reconnecting
+        from the last event id, for FOLLOW_PATIENCE_S from the moment it went: "down", not
+        the end of the job. Other refusals (404, 401, 429, another user's listener) end it."""
         last_id = None
         down_since: float | None = None
+
+        def wait_out(what: str) -> None:
+            nonlocal down_since
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > FOLLOW_PATIENCE_S:
+                raise ApiError(0, f"{what} for more than {FOLLOW_PATIENCE_S:g} s while "
+                                  f"following job {job_id}")
+            time.sleep(0.5)
+
         while True:
             headers = {"Accept": "text/event-stream", **self._auth()}  # checked at each reconnect
             if last_id:
                 headers["Last-Event-ID"] = last_id
+            down = ""
             try:
                 with self.session.get(f"{self.base}/jobs/{job_id}/events", headers=headers,
                                       stream=True, timeout=(10, 60)) as resp:
@@ -241,27 +256,37 @@ class Client:
                         raise ApiError(404, f"no job {job_id}")
                     if resp.status_code == 429:  # the dashboard's cap on live views
                         raise ApiError(429, resp.json().get("error", "too many live views"))
-                    resp.raise_for_status()
-                    for eid, name, data in _parse_sse(resp.iter_lines(decode_unicode=True)):
-                        if name == "end":
-                            return
-                        if eid:
-                            last_id = eid
-                        if data:
-                            yield json.loads(data)
+                    if resp.status_code >= 500:
+                        down = f"the dashboard at {self.base} answered HTTP {resp.status_code}"
+                    else:
+                        resp.raise_for_status()
+                        for eid, name, data in _parse_sse(resp.iter_lines(decode_unicode=True)):
+                            if name == "end":
+                                return
+                            if name == "interrupted":  # its Redis went: not an event of the job
+                                down = f"the dashboard at {self.base} lost its Redis"
+                                break
+                            if eid:
+                                last_id = eid
+                            if data:
+                                yield json.loads(data)
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.ReadTimeout):
-                # Reconnect from the last event id; a dashboard that is restarting is waited
-                # for (FOLLOW_PATIENCE_S at most), not taken for the end of the job.
-                down_since = down_since or time.monotonic()
-                if time.monotonic() - down_since > FOLLOW_PATIENCE_S:
-                    raise ApiError(0, f"lost the dashboard at {self.base} for more than "
-                                      f"{FOLLOW_PATIENCE_S:g} s while following job {job_id}"
-                                   ) from None
-                time.sleep(0.5)
+                down = f"lost the dashboard at {self.base}"
+            if down:
+                wait_out(down)
                 continue
+            try:
+                state = self.job(job_id)["state"]
+            except ListenerNotOurs:
+                raise
+            except ApiError as e:
+                if e.status == 0 or e.status >= 500:
+                    wait_out(f"the dashboard at {self.base} could not tell the job's state ({e})")
+                    continue
+                raise
             down_since = None
-            if self.job(job_id)["state"] in TERMINAL_VALUES and last_id:
+            if state in TERMINAL_VALUES and last_id:
                 # The stream ended without an end marker: drain once more, then stop.
                 yield from self.history(job_id, after=last_id)
                 return

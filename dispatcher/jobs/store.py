@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 import redis as redis_lib
@@ -50,6 +50,17 @@ WAITING_FIELDS = ("state", "updated", "priority", "attempt", "reason")
 
 class JobNotFound(KeyError):
     pass
+
+
+def _check_run(job_id: str, rec: JobRecord, worker: str | None, attempt: int | None) -> None:
+    """Refuse (TransitionError) a write of a run that is no longer the job's: the job was
+    given to another worker, or again to the same worker name (a later attempt)."""
+    if worker is not None and rec.worker != worker:
+        raise TransitionError(f"job {job_id} is no longer assigned to {worker}")
+    # (A record from before attempts were counted reads 0: its one run is attempt 1.)
+    if attempt is not None and (rec.attempt or 1) != attempt:
+        raise TransitionError(f"job {job_id} is at attempt {rec.attempt or 1}, no longer at "
+                              f"attempt {attempt}")
 
 
 STOP_KEY_TTL_S = 24 * 3600
@@ -243,11 +254,12 @@ class JobStore:
         self.r.hset(self.key(job_id), "result", json.dumps(result))
 
     # state ------------------------------------------------------------------------------------
-    def _watched(self, job_id: str, write: Callable[[Any, dict[str, str]], None]
-                 ) -> dict[str, str]:
+    def _watched(self, job_id: str, write: Callable[[Any, dict[str, str]], None],
+                 results: Callable[[Any], None] | None = None) -> dict[str, str]:
         """Read a job's record and change it atomically: `write(pipe, record)` checks the record
         (raising refuses the change) and queues its writes after `pipe.multi()`; a concurrent
-        change to the record makes it run again on the new record. Returns the record read."""
+        change to the record makes it run again on the new record. Returns the record read;
+        `results`, when given, gets each queued write's answer in order (e.g. XADD's ids)."""
         key = self.key(job_id)
         while True:
             with self.r.pipeline() as pipe:
@@ -257,23 +269,65 @@ class JobStore:
                     if not raw:
                         raise JobNotFound(job_id)
                     write(pipe, raw)
-                    pipe.execute()
+                    answers = pipe.execute()
+                    if results is not None:
+                        for answer in answers:
+                            results(answer)
                     return raw
                 except redis_lib.WatchError:
                     continue
 
+    def append_to_run(self, job_id: str, worker: str, attempt: int,
+                      events: Sequence[tuple[str, dict[str, Any]]],
+                      progress: dict[str, Any] | None = None) -> bool:
+        """Add `events` (type, fields) to the job's stream, and set the record's `progress`
+        fields, only if the job is still running on `worker` at `attempt`: the check and the
+        writes are one transaction, so a process whose run was fenced out writes nothing.
+        Returns False (nothing written) when the run is no longer the job's."""
+        made = [self.events.event(kind, **data) for kind, data in events]
+        key = self.key(job_id)
+        while True:  # (a training step's events come this way: three fields read, not all)
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    state, on, at = pipe.hmget(key, "state", "worker", "attempt")
+                    if (state != JobState.RUNNING.value or on != worker
+                            or (int(float(at or 0)) or 1) != attempt):
+                        return False
+                    pipe.multi()
+                    for event in made:
+                        pipe.xadd(self.events.stream_key(job_id),
+                                  {"data": self.events.payload(event)})
+                    if progress:
+                        pipe.hset(key, mapping=progress)
+                    ids = pipe.execute()
+                    break
+                except redis_lib.WatchError:
+                    continue
+        for event_id, event in zip(ids[:len(made)], made, strict=True):
+            self.events.announce(job_id, event_id, event)
+        return True
+
     def transition(self, job_id: str, new: JobState, reason: str = "",
                    expect_worker: str | None = None, expect_state: JobState | None = None,
+                   expect_attempt: int | None = None,
+                   events: Sequence[tuple[str, dict[str, Any]]] = (),
                    **fields: Any) -> dict[str, Any]:
         """Move a job to `new`, atomically, recording time and reason.
 
-        `expect_worker` fences a worker: the change is refused (TransitionError) unless the job
-        is still assigned to that worker, so a worker that lost its job cannot write to it.
-        `expect_state` refuses the change unless the job is still in that state.
+        `expect_worker` and `expect_attempt` fence a worker's run: the change is refused
+        (TransitionError) unless the job is still assigned to that worker at that attempt, so
+        a worker that lost its job, or a process of a worker's earlier life whose job was
+        given again to the same worker name, cannot write to it. `expect_state` refuses the
+        change unless the job is still in that state. `events` (type, fields) go into the
+        job's stream in the same transaction, just before the state event: written with the
+        change or not at all. `fields` are more record fields, set with the state.
         """
 
         key = self.key(job_id)
         mapping: dict[str, Any] = {}
+        extra = [self.events.event(kind, **data) for kind, data in events]
+        extra_ids: list[str] = []
 
         def write(pipe: Any, raw: dict[str, str]) -> None:
             rec = JobRecord.from_hash(raw)
@@ -282,8 +336,7 @@ class JobStore:
                 raise TransitionError(f"job {job_id} is {old.value}, "
                                       f"no longer {expect_state.value}")
             check_transition(old, new)
-            if expect_worker is not None and rec.worker != expect_worker:
-                raise TransitionError(f"job {job_id} is no longer assigned to {expect_worker}")
+            _check_run(job_id, rec, expect_worker, expect_attempt)
             now = self.clock()
             mapping.clear()
             mapping.update({"state": new.value, "updated": now, "reason": reason, **fields})
@@ -292,6 +345,8 @@ class JobStore:
             if new.terminal:
                 mapping["finished"] = now
             pipe.multi()
+            for event in extra:
+                pipe.xadd(self.events.stream_key(job_id), {"data": self.events.payload(event)})
             pipe.hset(key, mapping=mapping)
             pipe.rpush(self._history_key(job_id), json.dumps(
                 {"state": new.value, "time": now, "reason": reason}))
@@ -314,7 +369,9 @@ class JobStore:
             if old == JobState.RUNNING and new != JobState.RUNNING and rec.started is not None:
                 self.usage.record_run(pipe, rec, now, new)
 
-        raw = self._watched(job_id, write)
+        raw = self._watched(job_id, write, extra_ids.append if extra else None)
+        for event_id, event in zip(extra_ids[:len(extra)], extra, strict=True):
+            self.events.announce(job_id, event_id, event)
         now = mapping["updated"]
         self.events.append(job_id, "state", state=new.value, reason=reason, time=now)
         after = dict(raw)

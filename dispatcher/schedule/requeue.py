@@ -78,10 +78,13 @@ Interruption = Crashed | LostWorker
 
 
 def settle(store: JobStore, job_id: str, attempt: int, what: Interruption,
-           expect_worker: str | None = None) -> JobState | None:
+           expect_worker: str | None = None, expect_attempt: int | None = None
+           ) -> JobState | None:
     """Apply the policy to a job that was interrupted at attempt `attempt`; returns its new
     state, or None when it could not move (it ended, or moved to another worker, meanwhile;
-    with `expect_worker`, only a job still on that worker changes)."""
+    with `expect_worker`, only a job still on that worker changes; with `expect_attempt`,
+    only a job still at that attempt: one given again to the same worker name meanwhile is
+    another run's)."""
     # A pack split for want of memory re-queued the job without a fault of its own: those
     # assignments do not count against MAX_ATTEMPTS (gpuworker.packs).
     attempt -= int(store.r.hget(store.key(job_id), "pack_splits") or 0)
@@ -94,7 +97,8 @@ def settle(store: JobStore, job_id: str, attempt: int, what: Interruption,
     else:
         reason, extra = what.requeued(), {"worker": ""}
     try:
-        store.transition(job_id, new, reason, expect_worker=expect_worker, **extra)
+        store.transition(job_id, new, reason, expect_worker=expect_worker,
+                         expect_attempt=expect_attempt, **extra)
     except TransitionError:
         return None
     return new

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from dispatcher.jobs.specs import TrainSpec, find_format, resolve_data_name
@@ -81,13 +82,16 @@ def levers_from_spec(spec: TrainSpec) -> Levers:
 
 def train(spec: TrainSpec, paths: DataPaths, progress: Callable[[dict[str, Any]], None],
           should_stop: Callable[[], bool], log: Callable[[str], None],
-          device: str | None = None, resume_from: str | None = None) -> dict[str, Any]:
+          device: str | None = None, resume_from: str | None = None,
+          job_id: str = "") -> dict[str, Any]:
     """Train the LoRA `spec` describes into loras/<lora_name>/ and return the run's result.
 
     `resume_from` carries on an interrupted run from one of its checkpoints: "latest" (the
     highest-numbered complete checkpoint-<step>/; with none, the run starts from scratch and
     says so) or a folder name "checkpoint-<step>" (missing: EngineError). None or "" trains
-    as usual. Raises EngineError (with a message for the user) for anything the user can fix.
+    as usual. `job_id` names the run in the LoRA folder's lock (EngineConfig.job_id). Raises
+    EngineError (with a message for the user) for anything the user can fix.
     """
-    return run_training(config_from_spec(spec, paths), Report(progress, should_stop, log),
-                        device=device, resume_from=resume_from)
+    cfg = replace(config_from_spec(spec, paths), job_id=job_id)
+    return run_training(cfg, Report(progress, should_stop, log), device=device,
+                        resume_from=resume_from)

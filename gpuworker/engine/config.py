@@ -115,6 +115,10 @@ class EngineConfig:
     training_parameters: dict[str, Any] = field(default_factory=dict)
     run_settings: dict[str, Any] = field(default_factory=dict)
     levers: Levers = field(default_factory=Levers)
+    # The job this run is ("" outside a fleet): written into the LoRA folder's lock, so a run
+    # that finds the lock held by an earlier run of its own job (a process of a worker's
+    # earlier life, fenced out) waits for it to stop instead of failing.
+    job_id: str = ""
 
     @property
     def lora_dir(self) -> Path:

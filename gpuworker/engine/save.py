@@ -8,7 +8,9 @@ file or the new one, never half of one.
 The final LoRA's files (adapter, config, training_log.json) are all written into one hidden
 folder before any of them is renamed into place, so a write that fails (a full disk above all:
 renames need no space) leaves the LoRA folder exactly as it was. Such a failure is raised as
-DiskFull, naming the folder (gpuworker.diskspace).
+DiskFull, naming the folder (gpuworker.diskspace). Once complete, that folder is renamed to
+`.complete-save` and its files into place; a process killed between those renames leaves the
+set for the next holder of the folder's lock to finish (see save_adapter).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from formats.files import atomic_write_json, umask_mode
+from gpuworker.checkpoints import COMPLETE_SAVE, finish_save
 from gpuworker.diskspace import disk_full, is_disk_full, space_of
 from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SOLO_ADAPTER
 
@@ -101,19 +104,24 @@ def save_adapter(peft_model: Any, lora_dir: Path, base_model_name: str,
                  adapter: str = SOLO_ADAPTER,
                  training_log: dict[str, Any] | None = None) -> None:
     """Write adapter_model.safetensors, adapter_config.json and (given) training_log.json
-    into `lora_dir`: all of them first into a hidden folder, then renamed into place."""
+    into `lora_dir`: all of them first into a hidden folder, which is renamed to
+    COMPLETE_SAVE once they are complete; then its files are renamed into place one by one,
+    training_log.json last (gpuworker.checkpoints.finish_save). Killed between those renames,
+    the process leaves the complete set to whoever next holds the folder's lock, which
+    finishes it: the folder never stays with the new adapter beside the old config or log.
+    (A reader at that moment can see such a mix: the LoRA's files are in the folder itself,
+    where text-generation-webui and peft read them, and several renames are not one.) Call
+    it while holding the folder's lock (gpuworker.folderlock)."""
     lora_dir.mkdir(parents=True, exist_ok=True)
     with staging(lora_dir, ".saving-", "saving the LoRA") as tmp:
         _save_adapter_into(peft_model, tmp, base_model_name, adapter)
-        names = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
         if training_log is not None:
             atomic_write_json(tmp / TRAINING_LOG, training_log)
-            names.append(TRAINING_LOG)
         share(tmp)
-        # Weights first: if we die between the renames, the config (same rank, enforced
-        # when continuing) still describes them.
-        for name in names:
-            os.replace(tmp / name, lora_dir / name)
+        done = lora_dir / COMPLETE_SAVE
+        shutil.rmtree(done, ignore_errors=True)  # (none: opening the folder finished any)
+        tmp.rename(done)
+    finish_save(lora_dir)
 
 
 def save_checkpoint(peft_model: Any, lora_dir: Path, step: int, base_model_name: str, *,

@@ -87,6 +87,14 @@ from gpuworker.engine.save import (
 )
 from gpuworker.engine.targets import projections_label, resolve_target_modules
 from gpuworker.errors import DiskFull, EngineError
+from gpuworker.folderlock import FolderLock, holder_of, me, try_lock
+
+# Finding the LoRA folder's lock held: how long a run waits for an earlier run of its own job
+# to stop (a fenced-out process stops at its next step, or after the save it is in), and for a
+# holder that did not say it trains (the worker clearing a dead process's leftovers: a moment).
+EARLIER_RUN_WAIT_S = 300.0
+BUSY_GRACE_S = 5.0
+LOCK_POLL_S = 0.5
 
 
 def oom_advice(cfg: EngineConfig) -> str:
@@ -141,16 +149,19 @@ def _train(cfg: EngineConfig, report: Report, device: torch.device,
                        info, saved=False, started=started)
     run = Run(cfg, checked, data, info, model, report)
     run.open_folder()
-    resume = checked.resume
-    if resume is not None:
-        report.log(f"Resuming training on {device} at step {resume.step + 1} of "
-                   f"{data.plan.total_steps}...")
-    else:
-        report.log(f"Starting training on {device}...")
-    loop_data = LoopData(samples=data.samples, eval_samples=data.eval_samples, plan=data.plan,
-                         precision=checked.precision, pad_id=data.pad_id)
-    out = run_loop(model, loop_data, cfg, device, report, run.checkpoint, resume)
-    run.save(out)
+    try:
+        resume = checked.resume
+        if resume is not None:
+            report.log(f"Resuming training on {device} at step {resume.step + 1} of "
+                       f"{data.plan.total_steps}...")
+        else:
+            report.log(f"Starting training on {device}...")
+        loop_data = LoopData(samples=data.samples, eval_samples=data.eval_samples,
+                             plan=data.plan, precision=checked.precision, pad_id=data.pad_id)
+        out = run_loop(model, loop_data, cfg, device, report, run.checkpoint, resume)
+        run.save(out)
+    finally:
+        run.release_folder()
     return run_result(cfg, data.plan, out, info, saved=True, started=started)
 
 
@@ -311,24 +322,35 @@ def load_earlier_weights(model: Any, cfg: EngineConfig, checked: Checked,
 
 class Run:
     """Writing the run into its LoRA folder: the files before the loop, checkpoints during it,
-    the adapter and training_log.json after it."""
+    the adapter and training_log.json after it, all while holding the folder's lock
+    (gpuworker.folderlock), from `open_folder` until the save is done (`release_folder`)."""
 
     def __init__(self, cfg: EngineConfig, checked: Checked, data: Data,
                  info: dict[str, Any], model: Any, report: Report, adapter: str = SOLO_ADAPTER):
         self.cfg, self.checked, self.plan, self.info = cfg, checked, data.plan, info
         self.model, self.log, self.adapter = model, report.log, adapter
+        self.report = report
+        self.lock: FolderLock | None = None
         # What a resume checks against: the run's settings, the exact samples, the precision.
         self.settings = {**cfg.run_settings, "data_sha256": data.fingerprint,
                          "precision": checked.precision}
 
     def open_folder(self) -> None:
-        """Set earlier work aside and write the files known before training.
+        """Take the folder's lock, tidy what a process that died left half-saved, set earlier
+        work aside and write the files known before training.
 
         The LoRA folder is touched only now that everything loaded: a refused job changes
-        nothing. A resumed run carries on in its own folder: nothing of it is earlier work."""
+        nothing (but for an empty folder where there was none, to hold the lock file). A
+        resumed run carries on in its own folder: nothing of it is earlier work."""
         cfg, log, lora_dir = self.cfg, self.log, self.cfg.lora_dir
-        doing = "copying the earlier files to a backup folder"
+        doing = "opening the LoRA folder"
         try:
+            lora_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = self._lock_folder()
+            # Before the backup, so that it holds a checkpoint a cut-short replace set aside.
+            for line in clear_staging(lora_dir).lines():
+                log(line)
+            doing = "copying the earlier files to a backup folder"
             kept = (None if self.checked.resume is not None
                     else backup_folder(lora_dir, move=cfg.always_override))
             if kept is not None:
@@ -340,18 +362,63 @@ class Run:
                 moved = move_checkpoints(lora_dir, kept)
                 if moved:
                     log(f"Moved the earlier run's {', '.join(moved)} to {kept.name}/")
-            lora_dir.mkdir(parents=True, exist_ok=True)
-            left = clear_staging(lora_dir)
-            if left:
-                log(f"Removed what an interrupted save left half-written: {', '.join(left)}")
             for name, obj in ((TRAINING_PARAMETERS, cfg.training_parameters),
                               (TRAINING_PROMPT, self.checked.prompt_info)):
                 doing = f"writing {name}"
                 atomic_write_json(lora_dir / name, obj)
         except OSError as e:
+            self.release_folder()
             if not says_full(e):
                 raise
             raise self._full(disk_full(lora_shown(lora_dir), doing, space_of(lora_dir))) from e
+        except BaseException:
+            self.release_folder()
+            raise
+
+    def _lock_folder(self) -> FolderLock:
+        """The folder's lock. Held by another job's process: EngineError at once, naming the
+        LoRA. Held by an earlier run of this same job (fenced out, but maybe still in a step
+        or a save): waited for, up to EARLIER_RUN_WAIT_S, while this run's own fence is
+        checked (report.should_stop raises when this run is no longer the job's)."""
+        cfg, lora_dir = self.cfg, self.cfg.lora_dir
+        started = time.monotonic()
+        said = False
+        trains: dict[str, Any] | None = None  # another job's holder, as first read
+        while True:
+            lock = try_lock(lora_dir, me(job=cfg.job_id))
+            if lock is not None:
+                return lock
+            holder = holder_of(lora_dir)
+            who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+            ours = bool(cfg.job_id) and holder.get("job") == cfg.job_id
+            waited = time.monotonic() - started
+            other = not ours and holder.get("doing") == "training"
+            # Another job trains there: read twice, a poll apart, since a holder writes who it
+            # is just after it takes the lock (the file may still name the one before it).
+            if (other and trains == holder) or (not ours and waited > BUSY_GRACE_S):
+                job = f" ({holder['job']})" if holder.get("job") else ""
+                raise EngineError(
+                    f"loras/{cfg.lora_name} is being trained by another job{job}, {who}: two "
+                    "jobs cannot write one LoRA folder at once; run this job again once that "
+                    "one has ended, or choose another lora_name")
+            if ours and waited > EARLIER_RUN_WAIT_S:
+                raise EngineError(
+                    f"loras/{cfg.lora_name} is still held by an earlier run of this job "
+                    f"({who}), which did not stop within {EARLIER_RUN_WAIT_S:g} s; run the "
+                    "job again once that process has ended")
+            if ours and not said:
+                said = True
+                self.log(f"loras/{cfg.lora_name} is still held by an earlier run of this job "
+                         f"({who}); waiting for it to stop")
+            trains = holder if other else None
+            self.report.should_stop()  # (for its fence: a stop itself is answered at step 1)
+            time.sleep(LOCK_POLL_S)
+
+    def release_folder(self) -> None:
+        """Drop the folder's lock: this run writes nothing more into it."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def training_log(self, out: LoopOutcome) -> dict[str, Any]:
         plan = self.plan
@@ -380,6 +447,8 @@ class Run:
         self.log(f"Saved {folder.name}/")
 
     def save(self, out: LoopOutcome) -> None:
+        """The final save; the folder's lock is dropped after it, whatever happens (a pack's
+        trial saves when its lane ends, while the others train on)."""
         cfg, log = self.cfg, self.log
         log(f"Saving LoRA to loras/{cfg.lora_name}/...")
         try:
@@ -387,6 +456,8 @@ class Run:
                          training_log=self.training_log(out))
         except DiskFull as e:
             raise self._full(e, "the LoRA's files are as they were before this save") from e
+        finally:
+            self.release_folder()
         if out.stopped:
             log(f"Interrupted. Incomplete LoRA saved to loras/{cfg.lora_name}/")
         else:

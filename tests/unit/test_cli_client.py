@@ -231,3 +231,94 @@ def test_an_http_proxy_in_the_environment_never_gets_this_machines_dashboard(url
         for name in ("no_proxy", "NO_PROXY"):
             monkeypatch.delenv(name, raising=False)
         assert Client(url).workers() == []
+
+
+class _FlakyProxy:
+    """A reverse proxy in front of the dashboard, as a user's nginx would be: while `bad` is
+    set it answers every request 502 (its upstream is restarting), else it passes the request
+    on and streams the answer back as it comes."""
+
+    def __init__(self, upstream: str):
+        import http.server
+        import threading
+
+        import requests
+
+        proxy = self
+        self.bad = True
+        self.refused = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if proxy.bad:
+                    proxy.refused += 1
+                    body = b"<html>502 Bad Gateway</html>"
+                    self.send_response(502)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                keep = ("authorization", "accept", "last-event-id")
+                with requests.get(upstream + self.path, stream=True, timeout=30,
+                                  headers={k: v for k, v in self.headers.items()
+                                           if k.lower() in keep}) as up:
+                    self.send_response(up.status_code)
+                    self.send_header("Content-Type", up.headers.get("Content-Type", ""))
+                    self.end_headers()
+                    for chunk in up.iter_content(chunk_size=None):
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_follow_waits_out_a_proxys_5xx(url, redis_client, prefix, tmp_path):
+    """review15 M1: a 502 from a proxy in front of a restarting dashboard is "down" for
+    FOLLOW_PATIENCE_S, as a refused connection is, not the end of following the job."""
+    import threading
+    import time
+
+    from dispatcher.access.dashtoken import read_token
+
+    store = JobStore(redis_client, prefix)
+    job = store.create("train", {"lora_name": "followed"}, "local")
+    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
+    store.transition(job, JobState.RUNNING, "r")
+    store.events.append(job, "train", step=1, total_steps=2, loss=1.0)
+    proxy = _FlakyProxy(url)
+    got: list[dict] = []
+    failed: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            got.extend(Client(proxy.url, token=read_token(tmp_path / "home")).follow(job))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            failed.append(e)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        deadline = time.monotonic() + 10
+        while proxy.refused < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.refused >= 3 and follower.is_alive() and not failed
+        proxy.bad = False
+        store.events.append(job, "train", step=2, total_steps=2, loss=0.5)
+        store.transition(job, JobState.SUCCEEDED, "finished", expect_worker="w1")
+        follower.join(30)
+    finally:
+        proxy.close()
+    assert not follower.is_alive() and not failed, failed
+    assert [e["step"] for e in got if e["type"] == "train"] == [1, 2]
+    assert [e["state"] for e in got if e["type"] == "state"][-1] == "succeeded"

@@ -1,0 +1,142 @@
+"""The lock on a LoRA folder: loras/<lora_name>/.lock, an exclusive flock.
+
+A training process takes it (never waiting on another job) when it opens the LoRA folder and
+holds it until it has saved (gpuworker.engine.train.Run); the kernel drops it when the process
+ends, however it ends, so a lock is never left behind by a killed process. What removes the
+half-saved work of a process that died (gpuworker.checkpoints.clear_staging) runs only while
+holding it: a live process's staging folders are never taken for a dead one's, and a second
+job on the same LoRA finds the lock held and is refused instead of clearing the first one's
+files.
+
+The holder writes who it is into the file (one JSON object: job, pid, host, what it does), so
+whoever finds the lock held can say by whom, and removes the file when it releases the lock: it
+is there only while someone works in the folder (or after a holder died, until the next one).
+It is hidden, and the LoRA's own files are untouched (text-generation-webui and peft read only
+theirs). No torch: the worker's main process clears folders too.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import weakref
+from pathlib import Path
+from typing import Any
+
+LOCK_NAME = ".lock"
+
+# Locks this process holds: a process forked from it (a data loader, a compile worker) must
+# not keep one alive after this process dies, so the forked child closes its copies at once.
+# (Weak: a lock dropped without release is closed by its __del__.)
+_held: weakref.WeakSet[FolderLock] = weakref.WeakSet()
+
+
+class FolderLock:
+    """A held lock on one LoRA folder; `release` (or leaving a `with` block) drops it."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path = path
+        self.fd = fd
+        _held.add(self)
+
+    def release(self) -> None:
+        """Remove the lock file, then drop the lock (closing the only descriptor of the open
+        file drops the flock): a folder nobody works in has no lock file. Removing it while
+        still holding it is safe: whoever opened it meanwhile and locks it after us finds the
+        name gone or naming another file (try_lock checks), and tries again."""
+        if self.fd < 0:
+            return
+        fd, self.fd = self.fd, -1
+        _held.discard(self)
+        try:
+            if _same_file(self.path, fd):
+                self.path.unlink()
+        except OSError:  # (the folder went away, or became unwritable: the lock drops anyway)
+            pass
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit; the kernel drops it anyway
+            pass
+
+
+def _close_in_child() -> None:
+    for lock in list(_held):
+        try:
+            os.close(lock.fd)
+        except OSError:
+            pass
+        lock.fd = -1
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+def me(job: str = "", doing: str = "training") -> dict[str, Any]:
+    """What a holder writes into the lock file."""
+    return {"job": job, "pid": os.getpid(), "host": socket.gethostname(), "doing": doing}
+
+
+def try_lock(lora_dir: Path, holder: dict[str, Any]) -> FolderLock | None:
+    """The lock on `lora_dir` (which must exist), or None when another process holds it.
+    Never waits. `holder` (see `me`) is written into the lock file once it is ours."""
+    path = lora_dir / LOCK_NAME
+    while True:
+        # O_NOFOLLOW: a link planted under the name is refused (ELOOP), never followed.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The file may have been removed (by the holder before us, releasing) and made again
+        # by someone else between our open and our lock: the lock counts only on the file the
+        # name names now.
+        if not _same_file(path, fd):
+            os.close(fd)
+            continue
+        lock = FolderLock(path, fd)
+        try:
+            data = json.dumps(holder).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Does `path` (not followed) name the file open as `fd`?"""
+    try:
+        now = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def holder_of(lora_dir: Path) -> dict[str, Any]:
+    """What the lock's holder wrote ({} when unreadable: none yet, or being written)."""
+    try:
+        fd = os.open(lora_dir / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, encoding="utf-8") as f:
+            got = json.loads(f.read(4096) or "{}")
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
