@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpuworker.checkpoints import CHECKPOINT_RE, STAGING_PREFIXES
+from gpuworker.checkpoints import CHECKPOINT_RE, COMPLETE_SAVE, STAGING_PREFIXES
 
 # Every file a complete checkpoint-<step>/ holds (gpuworker/engine/save.py save_checkpoint).
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_log.json",
@@ -28,13 +28,14 @@ def incomplete_checkpoint(folder: Path) -> str | None:
 
 def leftovers(lora_dir: Path) -> list[str]:
     """What a killed save left in one LoRA folder, one line each: a hidden staging folder or
-    file (STAGING_PREFIXES, `.old-checkpoint-*`), a temporary file (`*.tmp`, at any depth) and
+    file (STAGING_PREFIXES, `.old-checkpoint-*`, a final save's `.complete-save` not moved
+    into place), a temporary file (`*.tmp`, at any depth) and
     a checkpoint-<step>/ that is not complete. Other hidden entries (a lock file, say) are
     not leftovers."""
     found = []
     for entry in sorted(lora_dir.iterdir()):
         name = entry.name
-        if name.startswith((*STAGING_PREFIXES, OLD_CHECKPOINT_PREFIX)):
+        if name.startswith((*STAGING_PREFIXES, OLD_CHECKPOINT_PREFIX, COMPLETE_SAVE)):
             found.append(f"{name}: staging left")
         elif CHECKPOINT_RE.match(name) and entry.is_dir() and not entry.is_symlink():
             why = incomplete_checkpoint(entry)

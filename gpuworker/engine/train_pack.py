@@ -154,7 +154,10 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
         run = Run(m.cfg, c, data, info, model, m.report, adapter=name)
         try:
             run.open_folder()
-        except (EngineError, OSError) as e:
+        except EngineError as e:  # names the folder already (held by another job, say)
+            _refuse(m, e, alive)
+            continue
+        except OSError as e:
             _refuse(m, EngineError(f"could not write loras/{m.cfg.lora_name}/: {e}"), alive)
             continue
         runs[name] = (m, run, info)
@@ -173,6 +176,7 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
         if member in alive:
             alive.remove(member)
         if lane.error is not None:
+            run.release_folder()  # the trial ends unsaved: its folder is free at once
             _give(member, lane.error)
             return
         try:
@@ -187,7 +191,11 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
 
     loop_data = LoopData(samples=data.samples, eval_samples=data.eval_samples, plan=data.plan,
                          precision=precision, pad_id=data.pad_id)
-    run_pack_loop(model, loop_data, lanes, routing, device, shared.log, on_end)
+    try:
+        run_pack_loop(model, loop_data, lanes, routing, device, shared.log, on_end)
+    finally:  # the pack failed (out of memory, say): its trials' folders are free again
+        for _, run, _ in runs.values():
+            run.release_folder()
 
 
 def lane_name(i: int) -> str:
