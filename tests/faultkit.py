@@ -4,9 +4,11 @@ jobs' records, events, checkpoints and logs (tests/integration/test_faults*.py).
 from __future__ import annotations
 
 import re
+import secrets
 import time
 from pathlib import Path
 
+from dispatcher.host.embedded import free_port, start_server, stop_server
 from dispatcher.jobs.specs import parse_train_spec
 from tests.fleetproc import FleetProcs, small_spec
 from tests.tiny import make_tiny_model, write_tiny_dataset
@@ -15,6 +17,25 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # A training job that runs for several seconds: 24 rows, micro batch 2, batch 24 -> one
 # optimizer step (12 micro-batches) per epoch.
 SLOW = {"micro_batch_size": 2, "batch_size": 24}
+
+
+class OwnRedis:
+    """A Redis server of the test's own, append-only with every write synced, that the test
+    stops and starts again on the same port and folder (an outage that loses nothing)."""
+
+    def __init__(self, tmp_path: Path):
+        self.port, self.data = free_port(), tmp_path / "redis"
+        self.password, self.log = secrets.token_urlsafe(16), tmp_path / "redis.log"
+        self.url = f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        self.server = None
+        self.start()
+
+    def start(self) -> None:
+        self.server = start_server(self.data, self.port, password=self.password,
+                                   log_file=self.log, appendfsync="always")
+
+    def stop(self) -> None:
+        stop_server(self.server)
 
 
 def make_fleet(redis_url: str, home: Path, workers: tuple[str, ...] = ("a",),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import signal
 import statistics
 import time
@@ -14,11 +13,11 @@ from collections import Counter
 
 import pytest
 
-from dispatcher.host.embedded import free_port, start_server, stop_server
 from dispatcher.jobs.specs import parse_train_spec
 from tests.faultkit import (
     SLOW,
     TERMINAL,
+    OwnRedis,
     assert_no_duplicate_delivery,
     events,
     last_step,
@@ -50,15 +49,10 @@ def test_redis_restart_with_jobs_queued_and_running(tmp_path):
     wait: every job record, history, queue position and event stream comes back from the
     append-only file, the dispatcher, the worker and the dashboard stay up through the outage,
     the running job carries on, and every job succeeds."""
-    port = free_port()
-    data = tmp_path / "redis"
-    password = secrets.token_urlsafe(16)
-    server = start_server(data, port, password=password, log_file=tmp_path / "redis.log",
-                          appendfsync="always")
+    redis = OwnRedis(tmp_path)
     f = None
     try:
-        f = make_fleet(f"redis://:{password}@127.0.0.1:{port}/0", tmp_path / "home",
-                       workers=("a",), dashboard=True)
+        f = make_fleet(redis.url, tmp_path / "home", workers=("a",), dashboard=True)
         long = submit(f, lora_name="outage-long", epochs=80, **SLOW)
         f.wait_for(lambda: last_step(f, long) >= 3, 60, "the long job to train")
         queued = [submit(f, lora_name=f"outage-q{i}") for i in range(3)]
@@ -66,13 +60,12 @@ def test_redis_restart_with_jobs_queued_and_running(tmp_path):
         assert [f.store.get(j)["state"] for j in queued] == ["queued"] * 3
         before = _snapshot(f, jobs)
 
-        stop_server(server)
+        redis.stop()
         step_before = max(e["step"] for e in events_from(before["streams"][long]))
         time.sleep(2.5)  # the outage; shorter than the 6 s worker timeout
         for name, p in f.procs.items():
             assert p.poll() is None, f"{name} died with Redis:\n{f.log(name)[-3000:]}"
-        server = start_server(data, port, password=password, log_file=tmp_path / "redis.log",
-                              appendfsync="always")
+        redis.start()
 
         after = _snapshot(f, jobs)
         # The waiting jobs: exactly as they were, position in the queue included.
@@ -105,7 +98,7 @@ def test_redis_restart_with_jobs_queued_and_running(tmp_path):
     finally:
         if f is not None:
             f.stop()
-        stop_server(server)
+        redis.stop()
 
 
 def events_from(stream: list) -> list[dict]:

@@ -5,7 +5,6 @@ each out (FOLLOW_PATIENCE_S) and receives every event once, in order, to the job
 
 from __future__ import annotations
 
-import secrets
 import signal
 import threading
 import time
@@ -13,23 +12,17 @@ import time
 import pytest
 
 from dispatcher.cli.client import FOLLOW_PATIENCE_S, Client
-from dispatcher.host.embedded import free_port, start_server, stop_server
-from tests.faultkit import SLOW, TERMINAL, last_step, make_fleet, submit
+from tests.faultkit import SLOW, TERMINAL, OwnRedis, last_step, make_fleet, submit
 
 pytestmark = pytest.mark.integration
 
 
 def test_follow_waits_out_a_redis_restart_and_a_dashboard_restart(tmp_path):
     assert FOLLOW_PATIENCE_S >= 30  # the outages below are well inside it
-    port = free_port()
-    data = tmp_path / "redis"
-    password = secrets.token_urlsafe(16)
-    server = start_server(data, port, password=password, log_file=tmp_path / "redis.log",
-                          appendfsync="always")
+    redis = OwnRedis(tmp_path)
     f = None
     try:
-        f = make_fleet(f"redis://:{password}@127.0.0.1:{port}/0", tmp_path / "home",
-                       workers=("a",), dashboard=True)
+        f = make_fleet(redis.url, tmp_path / "home", workers=("a",), dashboard=True)
         job = submit(f, lora_name="followed", epochs=160, **SLOW)
         got: list[dict] = []
         failed: list[BaseException] = []
@@ -47,11 +40,10 @@ def test_follow_waits_out_a_redis_restart_and_a_dashboard_restart(tmp_path):
                    "the follower to see the job train")
 
         assert f.store.get(job)["state"] == "running"
-        stop_server(server)  # Redis away (shorter than the worker timeout: the job goes on)
+        redis.stop()  # Redis away (shorter than the worker timeout: the job goes on)
         time.sleep(3)
         assert follower.is_alive() and not failed, failed
-        server = start_server(data, port, password=password, log_file=tmp_path / "redis.log",
-                              appendfsync="always")
+        redis.start()
         seen = len(got)
         f.wait_for(lambda: len(got) > seen + 3, 60, "events after Redis came back")
 
@@ -74,4 +66,4 @@ def test_follow_waits_out_a_redis_restart_and_a_dashboard_restart(tmp_path):
     finally:
         if f is not None:
             f.stop()
-        stop_server(server)
+        redis.stop()
