@@ -150,10 +150,18 @@ class Dispatcher:
         in_use = Counter(owner for owner, _ in {(j.get("owner") or "local", j.get("worker"))
                                                 for j in active})
         in_sweep = Counter(j["sweep"] for j in active if j.get("sweep"))
+        # A LoRA folder is trained by one process at a time (it holds the folder's lock): a
+        # job for a LoRA that another job is training waits for it instead of failing there.
+        training = {_lora_of(j): j["id"] for j in active if _lora_of(j)}
         assigned: list[tuple[str, str]] = []
         taken: set[str] = set()  # placed in this pass as a pack's member
         for job in order:
             if job["id"] in taken:
+                continue
+            lora = _lora_of(job)
+            if lora and training.get(lora, job["id"]) != job["id"]:
+                self._note(job, f"waiting: loras/{lora} is being trained by job "
+                                f"{training[lora]}")
                 continue
             if workers and not fits_any(job, workers):
                 self._note(job, waiting_reason(job, workers))
@@ -187,6 +195,8 @@ class Dispatcher:
                 in_use[owner] += 1
                 for j in placed:
                     taken.add(j["id"])
+                    if _lora_of(j):
+                        training[_lora_of(j)] = j["id"]
                     if j.get("sweep"):
                         in_sweep[j["sweep"]] += 1
                     assigned.append((j["id"], fit["name"]))
@@ -338,3 +348,10 @@ def _pack_size(job: dict[str, Any]) -> tuple[int, int, int]:
     """A trial's figures for estimate.pack_memory_mb."""
     return (int(job.get("gpu_memory_mb") or 0), int(job.get("pack_base_mb") or 0),
             int(job.get("pack_lane_mb") or 0))
+
+
+def _lora_of(job: dict[str, Any]) -> str:
+    """The LoRA folder a training job writes ("" for other kinds)."""
+    if job.get("kind") != "train":
+        return ""
+    return str((job.get("spec") or {}).get("lora_name") or "")

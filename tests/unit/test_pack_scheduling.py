@@ -178,3 +178,22 @@ pack: off
     write_tiny_dataset(paths.datasets / "tiny.json")
     plan = parse_sweep(data, paths)
     assert plan.pack == "off" and plan.pack_max == 1
+
+
+def test_a_job_for_a_lora_another_job_trains_waits_for_it(env):
+    """Two jobs training into one LoRA folder: the second waits (with its reason) until the
+    first has ended, instead of failing on the folder's lock; other LoRAs go ahead."""
+    store, fleet, d, sent, packs, clock = env
+    first = trial(store, clock, "shared", sweep="", pack_max=1)
+    second = trial(store, clock, "shared", sweep="", pack_max=1)
+    other = trial(store, clock, "other", sweep="", pack_max=1)
+    for w in ("w1", "w2", "w3"):
+        fleet.heartbeat(w, device="cpu")
+    d.tick()
+    assert sorted(job for job, _ in sent) == sorted([first, other])
+    assert store.get(second)["reason"] == f"waiting: loras/shared is being trained by job {first}"
+    store.transition(first, JobState.RUNNING, "r")
+    store.transition(first, JobState.SUCCEEDED, "done")
+    d.tick()
+    assert second in [job for job, _ in sent]
+
