@@ -207,7 +207,8 @@ def run_preview(req: PreviewRequest, paths: DataPaths,
     except subprocess.TimeoutExpired:
         raise TimedOut(f"the preview took longer than {timeout:g} s and was stopped; try a "
                        "smaller limit or a smaller file") from None
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    # (split on newlines only: str.splitlines() also cuts at U+2028, U+0085 and the like)
+    lines = [ln for ln in done.stdout.split("\n") if ln.startswith("{")]
     if done.returncode == EXIT_USER_ERROR and lines:
         raise BadRequest.on("preview", _public(json.loads(lines[-1])["error"], paths))
     if done.returncode != 0 or not lines:

@@ -126,7 +126,9 @@ def main(stdin: Any = None, stdout: Any = None) -> int:
         code = 0
     except (FormatError, PreviewFailed) as e:
         answer, code = {"error": str(e)}, EXIT_USER_ERROR
-    json.dump(answer, stdout, ensure_ascii=False)
+    # ASCII on the pipe: one line whatever the text holds (no U+2028 or U+0085 that a reader
+    # could take for a line's end) and whatever the child's locale encodes.
+    json.dump(answer, stdout)
     stdout.write("\n")
     return code
 

@@ -185,3 +185,25 @@ def test_a_refused_comment_writes_no_lock_file(fleets):
     finally:
         for name, raw in kept.items():
             (evals / name).write_bytes(raw)
+
+
+# 500 (JSONDecodeError) for a raw text holding U+0085, U+2028 or another character that
+# str.splitlines() takes for a line's end: the preview process wrote its answer as raw UTF-8
+# and the dashboard cut it there. (The long fuzz run of seed 16.)
+@pytest.mark.parametrize("odd", ["\x85", "\u2028", "\x1c"])
+def test_a_preview_of_text_with_unicode_line_ends_is_a_200(fleets, tokenizer_dir, odd):
+    import shutil
+    from urllib.parse import urlencode
+
+    fleet = fleets[SINGLE_USER]
+    model = fleet.home / "models" / "fz-tiny"
+    if not model.exists():
+        shutil.copytree(tokenizer_dir, model)
+    (fleet.home / "datasets" / "fz-odd.txt").write_text(f"tea{odd}and trains. " * 30,
+                                                        encoding="utf-8")
+    query = urlencode({"raw_text_file": "fz-odd.txt", "overlap_len": "0", "model": "fz-tiny",
+                       "cutoff_len": "16"})
+    ans, wrote = ask(fleet, "GET", f"/api/v1/datasets/preview?{query}")
+    assert ans.status == 200, ans.body[:500]
+    assert not wrote
+    assert any(odd in sample["text"] for sample in json.loads(ans.body)["samples"])
