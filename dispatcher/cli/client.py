@@ -269,6 +269,7 @@ class Client:
                             if eid:
                                 last_id = eid
                             if data:
+                                down_since = None  # back: a later outage gets its own patience
                                 yield json.loads(data)
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
                     requests.ReadTimeout):

@@ -247,6 +247,7 @@ class _FlakyProxy:
         proxy = self
         self.bad = True
         self.refused = 0
+        self.streams: list = []  # the connections it is streaming an answer on
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
@@ -266,9 +267,13 @@ class _FlakyProxy:
                     self.send_response(up.status_code)
                     self.send_header("Content-Type", up.headers.get("Content-Type", ""))
                     self.end_headers()
-                    for chunk in up.iter_content(chunk_size=None):
-                        self.wfile.write(chunk)
-                        self.wfile.flush()
+                    proxy.streams.append(self.connection)
+                    try:
+                        for chunk in up.iter_content(chunk_size=None):
+                            self.wfile.write(chunk)
+                            self.wfile.flush()
+                    except OSError:  # cut by drop()
+                        pass
 
             def log_message(self, *a):
                 pass
@@ -277,6 +282,17 @@ class _FlakyProxy:
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def drop(self) -> None:
+        """Cut every answer it is streaming (the upstream went away mid-answer)."""
+        import socket
+
+        for conn in self.streams:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.streams.clear()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -322,3 +338,59 @@ def test_follow_waits_out_a_proxys_5xx(url, redis_client, prefix, tmp_path):
     assert not follower.is_alive() and not failed, failed
     assert [e["step"] for e in got if e["type"] == "train"] == [1, 2]
     assert [e["state"] for e in got if e["type"] == "state"][-1] == "succeeded"
+
+
+def test_follow_gives_each_outage_its_own_patience(url, redis_client, prefix, tmp_path,
+                                                  monkeypatch):
+    """A second outage, later than the patience after the first, is waited out too: the
+    patience counts from when the dashboard went this time, not from the first time."""
+    import threading
+    import time
+
+    from dispatcher.access.dashtoken import read_token
+    from dispatcher.cli import client as client_module
+
+    monkeypatch.setattr(client_module, "FOLLOW_PATIENCE_S", 2.0)
+    store = JobStore(redis_client, prefix)
+    job = store.create("train", {"lora_name": "followed"}, "local")
+    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
+    store.transition(job, JobState.RUNNING, "r")
+    store.events.append(job, "train", step=1, total_steps=3, loss=1.0)
+    proxy = _FlakyProxy(url)
+    got: list[dict] = []
+    failed: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            got.extend(Client(proxy.url, token=read_token(tmp_path / "home")).follow(job))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            failed.append(e)
+
+    def until(what, seconds: float = 10) -> None:
+        deadline = time.monotonic() + seconds
+        while not what() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert what()
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        until(lambda: proxy.refused >= 2)  # the first outage
+        proxy.bad = False
+        until(lambda: proxy.streams)
+        store.events.append(job, "train", step=2, total_steps=3, loss=0.7)
+        time.sleep(3)  # longer than the patience since the first outage began
+        proxy.bad = True  # the second outage: the open stream is cut, reconnects get 502
+        refused = proxy.refused
+        proxy.drop()
+        until(lambda: proxy.refused >= refused + 2)
+        assert follower.is_alive() and not failed, failed
+        proxy.bad = False
+        store.events.append(job, "train", step=3, total_steps=3, loss=0.5)
+        store.transition(job, JobState.SUCCEEDED, "finished", expect_worker="w1")
+        follower.join(30)
+    finally:
+        proxy.close()
+    assert not follower.is_alive() and not failed, failed
+    assert [e["step"] for e in got if e["type"] == "train"] == [1, 2, 3]
+
