@@ -187,7 +187,7 @@ class Dispatcher:
                 # A trial that can take others along goes to the card with the most room.
                 fit = max((w for w in idle if fits(job, w) and self._may_pack(job, w)),
                           key=lambda w: (is_cuda(w), memory_mb(w, "mem_free_mb") or math.inf))
-            pack = [job] + self._pack_mates(job, order, fit, in_sweep, taken)
+            pack = [job] + self._pack_mates(job, order, fit, in_sweep, taken, training)
             placed = self._assign_pack(pack, fit) if len(pack) > 1 else (
                 [job] if self._assign(job, fit) else [])
             if placed:
@@ -203,8 +203,8 @@ class Dispatcher:
         return assigned
 
     def _pack_mates(self, job: dict[str, Any], order: list[dict[str, Any]],
-                    worker: dict[str, Any], in_sweep: Counter, taken: set[str]
-                    ) -> list[dict[str, Any]]:
+                    worker: dict[str, Any], in_sweep: Counter, taken: set[str],
+                    training: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """The queued trials that train together with `job` on `worker`: of its sweep, able
         to share its base (packs.share_key), in queue order, while the pack's memory
         estimate fits the card's free memory, within the sweep's pack size and the trials its
@@ -219,9 +219,12 @@ class Dispatcher:
         key = share_key(job.get("spec") or {})
         sizes = [_pack_size(job)]
         mates: list[dict[str, Any]] = []
+        loras = {_lora_of(job)}  # one LoRA folder per process at a time, none in training
         for other in order:
             if len(mates) + 1 >= most:
                 break
+            if _lora_of(other) in loras or _lora_of(other) in (training or {}):
+                continue
             if (other is job or other["id"] in taken or other.get("sweep") != job["sweep"]
                     or other.get("kind") != "train" or share_key(other.get("spec") or {}) != key
                     # every member's own limit holds (one halved by an out-of-memory split)
@@ -232,6 +235,7 @@ class Dispatcher:
                 continue  # a smaller trial further on may still fit
             sizes.append(size)
             mates.append(other)
+            loras.add(_lora_of(other))
         return mates
 
     def _unchanged(self, looked_at: tuple) -> bool:

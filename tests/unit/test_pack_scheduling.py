@@ -36,7 +36,7 @@ def trial(store, clock, name, sweep="s1", cap=0, pack_max=8, mb=0, base_mb=0, la
 
 def test_trials_that_can_share_go_to_one_card_as_one_pack(env):
     store, fleet, d, sent, packs, clock = env
-    ids = [trial(store, clock, f"t{r}", lora_rank=r, learning_rate=lr)
+    ids = [trial(store, clock, f"t{r}-{lr}", lora_rank=r, learning_rate=lr)
            for r in (8, 16) for lr in ("1e-4", "1e-3")]
     fleet.heartbeat("w1", device="cpu", packs="1")
     assert sorted(d.tick()) == sorted((j, "w1") for j in ids)
@@ -197,3 +197,17 @@ def test_a_job_for_a_lora_another_job_trains_waits_for_it(env):
     d.tick()
     assert second in [job for job, _ in sent]
 
+
+
+def test_a_pack_leaves_out_a_trial_whose_lora_another_job_trains(env):
+    store, fleet, d, sent, packs, clock = env
+    busy = trial(store, clock, "s1-b", sweep="", pack_max=1)
+    fleet.heartbeat("w0", device="cpu")
+    d.tick()
+    store.transition(busy, JobState.RUNNING, "r")
+    ids = [trial(store, clock, f"s1-{n}", lora_rank=r) for n, r in (("a", 4), ("b", 8),
+                                                                      ("c", 16))]
+    fleet.heartbeat("gpu0", device="cuda:0", packs="1", mem_free_mb=80000, mem_total_mb=80000)
+    d.tick()
+    assert packs[0][1] == [ids[0], ids[2]]
+    assert store.get(ids[1])["reason"] == f"waiting: loras/s1-b is being trained by job {busy}"
