@@ -152,7 +152,12 @@ class Dispatcher:
         in_sweep = Counter(j["sweep"] for j in active if j.get("sweep"))
         # A LoRA folder is trained by one process at a time (it holds the folder's lock): a
         # job for a LoRA that another job is training waits for it instead of failing there.
-        training = {_lora_of(j): j["id"] for j in active if _lora_of(j)}
+        # Training: assigned, or named by its worker's heartbeat (a record left running by a
+        # settle that never came holds nothing back).
+        named = {j for w in workers for f in ("job", "jobs")
+                 for j in str(w.get(f) or "").replace(",", " ").split()}
+        training = {_lora_of(j): j["id"] for j in active if _lora_of(j) and (
+            j.get("state") == "assigned" or j["id"] in named)}
         assigned: list[tuple[str, str]] = []
         taken: set[str] = set()  # placed in this pass as a pack's member
         for job in order:

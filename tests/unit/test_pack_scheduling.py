@@ -9,7 +9,7 @@ from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.states import JobState
 from dispatcher.jobs.store import JobStore
 from dispatcher.schedule.estimate import pack_memory_mb
-from dispatcher.schedule.scheduler import Dispatcher
+from dispatcher.schedule.scheduler import REPLAN_UNCHANGED_S, Dispatcher
 from tests.clock import Clock
 
 
@@ -193,7 +193,14 @@ def test_a_job_for_a_lora_another_job_trains_waits_for_it(env):
     assert sorted(job for job, _ in sent) == sorted([first, other])
     assert store.get(second)["reason"] == f"waiting: loras/shared is being trained by job {first}"
     store.transition(first, JobState.RUNNING, "r")
-    store.transition(first, JobState.SUCCEEDED, "done")
+    worker = dict(sent)[first]
+    fleet.heartbeat(worker, device="cpu", job=first)  # its task runs it
+    d.tick()
+    assert second not in [job for job, _ in sent]
+    # A record left running that no worker names any more holds nothing back.
+    clock.t += REPLAN_UNCHANGED_S + 1  # (a pass that placed nothing is redone after this)
+    for w in ("w1", "w2", "w3"):
+        fleet.heartbeat(w, device="cpu", job="")
     d.tick()
     assert second in [job for job, _ in sent]
 
@@ -205,6 +212,7 @@ def test_a_pack_leaves_out_a_trial_whose_lora_another_job_trains(env):
     fleet.heartbeat("w0", device="cpu")
     d.tick()
     store.transition(busy, JobState.RUNNING, "r")
+    fleet.heartbeat("w0", device="cpu", job=busy)  # its task runs it
     ids = [trial(store, clock, f"s1-{n}", lora_rank=r) for n, r in (("a", 4), ("b", 8),
                                                                       ("c", 16))]
     fleet.heartbeat("gpu0", device="cuda:0", packs="1", mem_free_mb=80000, mem_total_mb=80000)
