@@ -302,28 +302,10 @@ class _FlakyProxy:
 def test_follow_waits_out_a_proxys_5xx(url, redis_client, prefix, tmp_path):
     """review15 M1: a 502 from a proxy in front of a restarting dashboard is "down" for
     FOLLOW_PATIENCE_S, as a refused connection is, not the end of following the job."""
-    import threading
     import time
 
-    from dispatcher.access.dashtoken import read_token
-
-    store = JobStore(redis_client, prefix)
-    job = store.create("train", {"lora_name": "followed"}, "local")
-    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
-    store.transition(job, JobState.RUNNING, "r")
-    store.events.append(job, "train", step=1, total_steps=2, loss=1.0)
-    proxy = _FlakyProxy(url)
-    got: list[dict] = []
-    failed: list[BaseException] = []
-
-    def follow() -> None:
-        try:
-            got.extend(Client(proxy.url, token=read_token(tmp_path / "home")).follow(job))
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            failed.append(e)
-
-    follower = threading.Thread(target=follow, daemon=True)
-    follower.start()
+    store, job, proxy, got, failed, follower = _follow_through_proxy(
+        url, redis_client, prefix, tmp_path, total_steps=2)
     try:
         deadline = time.monotonic() + 10
         while proxy.refused < 3 and time.monotonic() < deadline:
@@ -344,27 +326,13 @@ def test_follow_gives_each_outage_its_own_patience(url, redis_client, prefix, tm
                                                   monkeypatch):
     """A second outage, later than the patience after the first, is waited out too: the
     patience counts from when the dashboard went this time, not from the first time."""
-    import threading
     import time
 
-    from dispatcher.access.dashtoken import read_token
     from dispatcher.cli import client as client_module
 
     monkeypatch.setattr(client_module, "FOLLOW_PATIENCE_S", 2.0)
-    store = JobStore(redis_client, prefix)
-    job = store.create("train", {"lora_name": "followed"}, "local")
-    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
-    store.transition(job, JobState.RUNNING, "r")
-    store.events.append(job, "train", step=1, total_steps=3, loss=1.0)
-    proxy = _FlakyProxy(url)
-    got: list[dict] = []
-    failed: list[BaseException] = []
-
-    def follow() -> None:
-        try:
-            got.extend(Client(proxy.url, token=read_token(tmp_path / "home")).follow(job))
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            failed.append(e)
+    store, job, proxy, got, failed, follower = _follow_through_proxy(
+        url, redis_client, prefix, tmp_path, total_steps=3)
 
     def until(what, seconds: float = 10) -> None:
         deadline = time.monotonic() + seconds
@@ -372,8 +340,6 @@ def test_follow_gives_each_outage_its_own_patience(url, redis_client, prefix, tm
             time.sleep(0.05)
         assert what()
 
-    follower = threading.Thread(target=follow, daemon=True)
-    follower.start()
     try:
         until(lambda: proxy.refused >= 2)  # the first outage
         proxy.bad = False
@@ -394,3 +360,28 @@ def test_follow_gives_each_outage_its_own_patience(url, redis_client, prefix, tm
     assert not follower.is_alive() and not failed, failed
     assert [e["step"] for e in got if e["type"] == "train"] == [1, 2, 3]
 
+def _follow_through_proxy(url, redis_client, prefix, tmp_path, total_steps: int):
+    """A running job with its first step, and a thread following it through a _FlakyProxy
+    (answering 502 until told otherwise): (store, job, proxy, events got, errors, thread)."""
+    import threading
+
+    from dispatcher.access.dashtoken import read_token
+
+    store = JobStore(redis_client, prefix)
+    job = store.create("train", {"lora_name": "followed"}, "local")
+    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
+    store.transition(job, JobState.RUNNING, "r")
+    store.events.append(job, "train", step=1, total_steps=total_steps, loss=1.0)
+    proxy = _FlakyProxy(url)
+    got: list[dict] = []
+    failed: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            got.extend(Client(proxy.url, token=read_token(tmp_path / "home")).follow(job))
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            failed.append(e)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    return store, job, proxy, got, failed, follower
