@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from dispatcher.jobs.states import JobState
@@ -151,8 +152,9 @@ class QueueView:
     used: dict[str, float] = field(default_factory=dict)
     starts: dict[str, float | None] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def positions(self) -> dict[str, int]:
+        """Each pending job's place (worked out once: a job list asks for every job's)."""
         return {j["id"]: i for i, j in enumerate(self.order, start=1)}
 
 
