@@ -10,7 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.access.owners import Owners
-from dispatcher.jobs.celery_app import RUN_JOB_TASK, RUN_PACK_TASK, make_celery
+from dispatcher.jobs.celery_app import (
+    RUN_JOB_TASK,
+    RUN_PACK_TASK,
+    make_celery,
+    run_job_args,
+    run_pack_args,
+)
 from dispatcher.jobs.fleet import Fleet, worker_queue
 from dispatcher.jobs.store import JobStore
 from dispatcher.schedule.claims import RELEASE_EVERY_S, backfill, release_unused
@@ -60,12 +66,12 @@ def run_dispatcher(settings: Settings, interval: float = 0.5) -> None:
     fleet = Fleet(r, settings.prefix, timeout=settings.worker_timeout)
     celery = make_celery(settings)
 
-    def send(job_id: str, worker: dict) -> None:
-        celery.send_task(RUN_JOB_TASK, args=[job_id, worker["name"]],
+    def send(job_id: str, worker: dict, attempt: int) -> None:
+        celery.send_task(RUN_JOB_TASK, args=run_job_args(job_id, worker, attempt),
                          queue=worker_queue(worker["name"]))
 
-    def send_pack(label: str, job_ids: list[str], worker: dict) -> None:
-        celery.send_task(RUN_PACK_TASK, args=[label, job_ids, worker["name"]],
+    def send_pack(label: str, attempts: dict[str, int], worker: dict) -> None:
+        celery.send_task(RUN_PACK_TASK, args=run_pack_args(label, attempts, worker),
                          queue=worker_queue(worker["name"]))
 
     stopping = {"flag": False}

@@ -88,11 +88,14 @@ class PackTrial:
 
 
 def perform_pack(label: str, job_ids: list[str], worker_name: str, store: JobStore,
-                 fleet: Fleet, settings: Settings) -> dict[str, str]:
-    """Train the trials `job_ids` together; returns each started trial's end state."""
+                 fleet: Fleet, settings: Settings,
+                 attempts: dict[str, int] | None = None) -> dict[str, str]:
+    """Train the trials `job_ids` together, each at the attempt `attempts` names (the one it
+    was assigned in this pack; see start_job); returns each started trial's end state."""
     started: list[tuple[str, dict[str, Any]]] = []
     for job_id in job_ids:
-        rec = start_job(store, job_id, worker_name)
+        given = (attempts or {}).get(job_id)
+        rec = start_job(store, job_id, worker_name, None if given is None else int(given))
         if rec is not None:
             started.append((job_id, rec))
     if not started:
@@ -131,7 +134,7 @@ def _member(job: JobRun, rec: dict[str, Any], settings: Settings) -> tuple[PackT
     spec = spec_from_dict(rec["spec"], "train")
     trial = PackTrial(job)
     resume = spec.resume_from_checkpoint or None
-    attempt = int(rec.get("attempt") or 1)
+    attempt = job.attempt
     others = [j for j in (rec.get("pack_jobs") or "").split(",") if j and j != job.job_id]
     job.log(f"training in {_pack_words(rec, others)}")
     if attempt > 1 and resume is None:

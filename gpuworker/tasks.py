@@ -136,9 +136,11 @@ def _attempt(raw: str | None) -> int:
 
 
 def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
-                run: Callable[..., dict[str, Any]], settings: Settings) -> str:
-    """Run one job to an end state; returns that state's value (or 'skipped', 'fenced')."""
-    rec = start_job(store, job_id, worker_name)
+                run: Callable[..., dict[str, Any]], settings: Settings,
+                attempt: int | None = None) -> str:
+    """Run attempt `attempt` of one job (see start_job) to an end state; returns that state's
+    value (or 'skipped', 'fenced')."""
+    rec = start_job(store, job_id, worker_name, attempt)
     if rec is None:
         return "skipped"
     # job_pid: the process to kill if the job does not answer a stop request (gpuworker.watchdog).
@@ -158,9 +160,13 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
     return state.value
 
 
-def start_job(store: JobStore, job_id: str, worker_name: str) -> dict[str, Any] | None:
-    """Mark the job running on this worker; None (logged) when it is not this worker's to
-    run: gone, cancelled, or assigned elsewhere since the message was sent."""
+def start_job(store: JobStore, job_id: str, worker_name: str,
+              attempt: int | None = None) -> dict[str, Any] | None:
+    """Mark the job running on this worker at `attempt`, the assignment its task was sent for;
+    None (logged) when it is not this worker's to run: gone, cancelled, assigned elsewhere or
+    assigned again (a later attempt) since the message was sent. A message without an attempt
+    (sent by a dispatcher of an earlier version) runs the attempt the record holds now. Either
+    way the record returned names the attempt every write of this run is fenced on."""
     try:
         rec = store.get(job_id)
     except JobNotFound:
@@ -170,9 +176,14 @@ def start_job(store: JobStore, job_id: str, worker_name: str) -> dict[str, Any] 
         log.warning("job %s is %s on %r, not assigned to %s; skipping", job_id, rec["state"],
                     rec.get("worker"), worker_name)
         return None
+    current = int(rec.get("attempt") or 1)
+    if attempt is not None and attempt != current:
+        log.warning("job %s is at attempt %d on %s, not at attempt %d, which this task was "
+                    "sent for; skipping", job_id, current, worker_name, attempt)
+        return None
     try:
         store.transition(job_id, JobState.RUNNING, f"running on {worker_name}",
-                         expect_worker=worker_name)
+                         expect_worker=worker_name, expect_attempt=current)
     except TransitionError as e:
         log.warning("job %s: %s", job_id, e)
         return None
@@ -187,7 +198,7 @@ def _run(job: JobRun, rec: dict[str, Any], run: Callable[..., dict[str, Any]],
     if kind == "train":
         check_lora_owner(store, rec, settings)
     result = run(kind, rec["spec"], settings, job_id=job_id,
-                 attempt=int(rec.get("attempt") or 1), progress=job.progress,
+                 attempt=job.attempt, progress=job.progress,
                  should_stop=job.should_stop, log=job.log)
     return record_result(job, result)
 
@@ -282,11 +293,14 @@ REDIS_PATIENCE_S = 120.0
 
 
 def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
-                        mark_idle: bool = True) -> str | None:
+                        mark_idle: bool = True, attempt: int | None = None) -> str | None:
     """Settle a job whose task ended without recording an outcome, by the one re-queue policy
     (dispatcher.schedule.requeue: back to the queue, failed after MAX_ATTEMPTS, cancelled when
-    it was being stopped). Fenced: only a job still assigned to `name` changes. Returns the new
-    state, or None when the job was not (or no longer) this worker's."""
+    it was being stopped). Fenced: only a job still assigned to `name` at `attempt` (the one
+    the task was sent for) changes; a job given again to `name` since then is another run's.
+    Without `attempt` (a restarted worker settling what its earlier life left on its name, or
+    a task message from before tasks carried their attempt), whatever attempt the record holds.
+    Returns the new state, or None when the job was not (or no longer) this run's."""
     r = patient_redis(settings, REDIS_PATIENCE_S)
     try:
         store = JobStore(r, settings.prefix)
@@ -299,7 +313,8 @@ def requeue_after_crash(settings: Settings, job_id: str, name: str, why: str,
             if rec.get("worker") == name:
                 _clear_half_saved(settings, rec)
             return None
-        attempt = int(rec.get("attempt") or 1)
+        if attempt is None:
+            attempt = int(rec.get("attempt") or 1)
         new = settle(store, job_id, attempt, Crashed(why), expect_worker=name,
                      expect_attempt=attempt)
         if new is None:
@@ -345,6 +360,26 @@ def _clear_half_saved(settings: Settings, rec: dict[str, Any]) -> None:
         log.info("loras/%s: %s, left by the process that died", name, line)
 
 
+def crashed_runs(task: str, args: Any, kwargs: Any
+                 ) -> tuple[str, list[tuple[str, int | None]]] | None:
+    """What a task that ended without an outcome was running: its worker's name, and each job
+    with the attempt the task was sent for (None from a message of a dispatcher that sent
+    none); None for a task that is not a job's."""
+    args, kwargs = list(args or ()), dict(kwargs or {})
+    if task == RUN_JOB_TASK and len(args) >= 2:
+        attempt = args[2] if len(args) >= 3 else kwargs.get("attempt")
+        return args[1], [(args[0], _given_attempt(attempt))]
+    if task == RUN_PACK_TASK and len(args) >= 3:
+        attempts = (args[3] if len(args) >= 4 else kwargs.get("attempts")) or {}
+        # every trial of the pack, ended or not (an ended one is left as it is)
+        return args[2], [(j, _given_attempt(attempts.get(j))) for j in args[1]]
+    return None
+
+
+def _given_attempt(raw: Any) -> int | None:
+    return None if raw is None else int(raw)
+
+
 def register_tasks(celery, settings: Settings) -> None:
     """Define the task on this worker's Celery app. Redis is connected in the child, per task."""
     from billiard.exceptions import WorkerLostError
@@ -361,49 +396,51 @@ def register_tasks(celery, settings: Settings) -> None:
             started[request.id] = read_oom_counts()
 
     @task_failure.connect(weak=False)
-    def on_task_failure(sender=None, task_id=None, exception=None, args=None, **kw) -> None:
+    def on_task_failure(sender=None, task_id=None, exception=None, args=None, kwargs=None,
+                        **kw) -> None:
         # perform_job records every outcome itself, so a run_job that fails ended without one:
         # the child that trained died (kill -9, the kernel's OOM killer; this handler then runs
         # in the worker's main process), or Redis stayed away longer than the bookkeeping
         # waited. The job would otherwise stay "assigned"/"running" on a live worker forever.
-        task = getattr(sender, "name", RUN_JOB_TASK)
-        if task == RUN_JOB_TASK and args and len(args) >= 2:
-            job_ids, name = [args[0]], args[1]
-        elif task == RUN_PACK_TASK and args and len(args) >= 3:
-            job_ids, name = list(args[1]), args[2]  # every trial of the pack not yet ended
-        else:
+        found = crashed_runs(getattr(sender, "name", RUN_JOB_TASK), args, kwargs)
+        if found is None:
             return
+        name, runs = found
         if isinstance(exception, WorkerLostError):
             why = death_reason(name, str(exception), started.pop(task_id, None),
                                read_oom_counts())
         else:
             why = (f"the task on {name} ended without recording an outcome "
                    f"({type(exception).__name__}: {str(exception)[:200]})")
-        for job_id in job_ids:
+        for job_id, attempt in runs:
             try:
-                requeue_after_crash(settings, job_id, name, why)
+                requeue_after_crash(settings, job_id, name, why, attempt=attempt)
             except Exception:
                 log.exception("could not re-queue job %s after its task failed", job_id)
 
+    # `attempt` (`attempts`: job id -> attempt) is the assignment the task was sent for; a
+    # message from a dispatcher of an earlier version has none (start_job).
     @celery.task(name=RUN_JOB_TASK)
-    def run_job(job_id: str, worker_name: str) -> str:
+    def run_job(job_id: str, worker_name: str, attempt: int | None = None) -> str:
         from gpuworker.jobs import run_job_kind
 
         r = patient_redis(settings, REDIS_PATIENCE_S)
         try:
             return perform_job(job_id, worker_name, JobStore(r, settings.prefix),
                                Fleet(r, settings.prefix, settings.worker_timeout), run_job_kind,
-                               settings)
+                               settings, attempt=_given_attempt(attempt))
         finally:
             r.close()
 
     @celery.task(name=RUN_PACK_TASK)
-    def run_pack(label: str, job_ids: list[str], worker_name: str) -> dict[str, str]:
+    def run_pack(label: str, job_ids: list[str], worker_name: str,
+                 attempts: dict[str, int] | None = None) -> dict[str, str]:
         from gpuworker.packs import perform_pack
 
         r = patient_redis(settings, REDIS_PATIENCE_S)
         try:
             return perform_pack(label, list(job_ids), worker_name, JobStore(r, settings.prefix),
-                                Fleet(r, settings.prefix, settings.worker_timeout), settings)
+                                Fleet(r, settings.prefix, settings.worker_timeout), settings,
+                                attempts=attempts)
         finally:
             r.close()

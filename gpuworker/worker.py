@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 
-from dispatcher.jobs.celery_app import make_celery
+from dispatcher.jobs.celery_app import TAKES_ATTEMPT, make_celery
 from dispatcher.jobs.fleet import Fleet, worker_queue
 from dispatcher.jobs.states import WorkerState
 from dispatcher.jobs.store import JobStore
@@ -65,9 +65,10 @@ def start_heartbeat(settings: Settings, name: str, gpu: int | None,
         while not stop.is_set():
             try:
                 busy = not first and bool(r.hget(fleet.key(name), "job"))
-                # packs: this worker runs a sweep's pack of trials as one task (gpuworker.packs)
+                # packs: this worker runs a sweep's pack of trials as one task (gpuworker.packs);
+                # TAKES_ATTEMPT: its tasks take the attempt they were sent for
                 fields = {"host": host, "queue": worker_queue(name), "pid": pid, "packs": "1",
-                          **card.fields(busy)}
+                          TAKES_ATTEMPT: "1", **card.fields(busy)}
                 if first:
                     # job/state are owned by the task while it runs; set them only at start.
                     fields.update(state=WorkerState.IDLE.value, job="", jobs="", pack="",

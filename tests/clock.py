@@ -38,7 +38,7 @@ def dispatcher_env(redis_client, prefix: str, clock: Clock | None = None):
     store = JobStore(redis_client, prefix, clock=clock)
     fleet = Fleet(redis_client, prefix, timeout=10, clock=clock)
     sent: list[tuple[str, str]] = []
-    d = Dispatcher(store, fleet, lambda job, w: sent.append((job, w["name"])), clock=clock)
+    d = Dispatcher(store, fleet, lambda job, w, attempt: sent.append((job, w["name"])), clock=clock)
     return store, fleet, d, sent, clock
 
 

@@ -14,13 +14,19 @@ dashboard never import torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from dispatcher.settings import Settings
 
+# One job (args: job id, worker, attempt).
 RUN_JOB_TASK = "lorafleet.run_job"
-# A sweep's pack: its trials trained together over one base model (args: label, job ids, worker).
+# A sweep's pack: its trials trained together over one base model (args: label, job ids, worker,
+# {job id: attempt}).
 RUN_PACK_TASK = "lorafleet.run_pack"
+# The heartbeat field of a worker whose tasks take the attempt they were sent for ("1").
+TAKES_ATTEMPT = "task_attempt"
 # A week: longer than any training run lorafleet is meant for.
 VISIBILITY_TIMEOUT_S = 7 * 24 * 3600
 
@@ -47,3 +53,28 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=f"lorafleet.default.{settings.prefix}",
     )
     return app
+
+
+# A task carries the attempt it was sent for: every write of the run, and the worker's crash
+# handler that settles a task which ended without an outcome, is fenced on it, so a task of an
+# earlier attempt (one that died late, or a message that turned up late) cannot settle or start
+# the job's next attempt on the same worker name. A worker of a version before this does not
+# say TAKES_ATTEMPT and its task would refuse the extra argument (failing the job): it is sent
+# the messages it knows, which it runs on the attempt the record holds when it starts.
+
+
+def takes_attempt(worker: dict[str, Any]) -> bool:
+    return str(worker.get(TAKES_ATTEMPT) or "") == "1"
+
+
+def run_job_args(job_id: str, worker: dict[str, Any], attempt: int) -> list[Any]:
+    """The arguments of RUN_JOB_TASK that runs attempt `attempt` of `job_id` on `worker`."""
+    args: list[Any] = [job_id, worker["name"]]
+    return [*args, attempt] if takes_attempt(worker) else args
+
+
+def run_pack_args(label: str, attempts: dict[str, int], worker: dict[str, Any]) -> list[Any]:
+    """The arguments of RUN_PACK_TASK that trains the jobs of `attempts` (job id: the attempt
+    each was assigned, in pack order) together on `worker`."""
+    args: list[Any] = [label, list(attempts), worker["name"]]
+    return [*args, dict(attempts)] if takes_attempt(worker) else args

@@ -7,7 +7,8 @@ mem_free_mb, state (idle | busy | stopping), job, pid, started, seen; job_pid (t
 runs the job); outside_mb, outside_pids, outside_how (card memory held by processes that are not
 the worker's, gpuworker.telemetry.outside_use); mem_limit_mb (`--memory-mb`: the scheduler
 gates even a CPU worker on memory) and mem_usable_mb (what a job could have once the worker is
-idle: the total or the cap, less memory held outside lorafleet).
+idle: the total or the cap, less memory held outside lorafleet); task_attempt ("1": its tasks
+take the attempt they were sent for, dispatcher.jobs.celery_app).
 """
 
 from __future__ import annotations

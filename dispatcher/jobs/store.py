@@ -3,6 +3,8 @@
 Keys (prefix `lf` by default):
   {p}:job:{id}            hash: the record (spec as JSON, state, owner, worker, progress)
   {p}:job:{id}:history    list: every transition as JSON {state, time, reason}
+  {p}:job:{id}:appended   token of the run's last write to the job (append_to_run), so a retry
+                          of a write already applied does not write it twice; expires
   {p}:jobs                sorted set of every job id by creation time
   {p}:pending             sorted set of queued/retrying job ids by creation time
   {p}:pending-owner:{owner}  the same, of one owner only (kept in the same MULTI as {p}:pending,
@@ -64,6 +66,9 @@ def _check_run(job_id: str, rec: JobRecord, worker: str | None, attempt: int | N
 
 
 STOP_KEY_TTL_S = 24 * 3600
+# The mark of a job's last write by its run (append_to_run) is needed only while that write is
+# retried (seconds, at most the worker's patience with Redis); it is kept far longer.
+APPENDED_TTL_S = 24 * 3600
 USER_STOP = "stopped by the user"  # the end reason of a stop requested without one
 
 
@@ -81,6 +86,9 @@ class JobStore:
 
     def _history_key(self, job_id: str) -> str:
         return f"{self.p}:job:{job_id}:history"
+
+    def _appended_key(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:appended"
 
     @property
     def pending_key(self) -> str:
@@ -283,13 +291,25 @@ class JobStore:
         """Add `events` (type, fields) to the job's stream, and set the record's `progress`
         fields, only if the job is still running on `worker` at `attempt`: the check and the
         writes are one transaction, so a process whose run was fenced out writes nothing.
-        Returns False (nothing written) when the run is no longer the job's."""
+        Returns False (nothing written) when the run is no longer the job's.
+
+        Written once: the transaction also marks the job with a token of this write, and a try
+        after the first looks for it. A connection lost after EXEC was applied but before its
+        reply came back surfaces as a WatchError (redis-py, while watching), and the retry
+        would otherwise add the events a second time."""
         made = [self.events.event(kind, **data) for kind, data in events]
-        key = self.key(job_id)
+        key, mark = self.key(job_id), self._appended_key(job_id)
+        token = uuid.uuid4().hex
+        retry = False
         while True:  # (a training step's events come this way: three fields read, not all)
             with self.r.pipeline() as pipe:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, mark)
+                    if retry and pipe.get(mark) == token:
+                        # An earlier try was applied, its reply lost. Its events are in the
+                        # stream but not announced: a live view reads them from the stream at
+                        # the job's next announcement.
+                        return True
                     state, on, at = pipe.hmget(key, "state", "worker", "attempt")
                     if (state != JobState.RUNNING.value or on != worker
                             or (int(float(at or 0)) or 1) != attempt):
@@ -300,9 +320,12 @@ class JobStore:
                                   {"data": self.events.payload(event)})
                     if progress:
                         pipe.hset(key, mapping=progress)
+                    # (one writer at a time: only this run passes the check above)
+                    pipe.set(mark, token, ex=APPENDED_TTL_S)
                     ids = pipe.execute()
                     break
                 except redis_lib.WatchError:
+                    retry = True
                     continue
         for event_id, event in zip(ids[:len(made)], made, strict=True):
             self.events.announce(job_id, event_id, event)

@@ -74,18 +74,20 @@ def _pass_inputs(pending_version: int, active: list[dict[str, Any]],
 class Dispatcher:
     """The scheduling loop: `tick` is one pass, `run` passes until told to stop."""
 
-    def __init__(self, store: JobStore, fleet: Fleet, send: Callable[[str, dict[str, Any]], None],
+    def __init__(self, store: JobStore, fleet: Fleet,
+                 send: Callable[[str, dict[str, Any], int], None],
                  lock_ttl_s: float = 10.0, clock: Callable[[], float] = time.time,
                  fair_window_s: float | None = None, max_cards_per_user: int | None = None,
-                 send_pack: Callable[[str, list[str], dict[str, Any]], None] | None = None):
+                 send_pack: Callable[[str, dict[str, int], dict[str, Any]], None] | None = None):
         env_window, env_cards = scheduling_env()
         self.fair_window_s = env_window if fair_window_s is None else fair_window_s
         self.max_cards_per_user = env_cards if max_cards_per_user is None else max_cards_per_user
         self.store = store
         self.fleet = fleet
+        # (job id, worker, attempt): the task that runs that attempt of the job on the worker.
         self.send = send
-        # (pack label, job ids, worker): one task that trains the jobs together; without it
-        # no pack is formed (every job goes alone through `send`).
+        # (pack label, {job id: attempt} in pack order, worker): one task that trains the jobs
+        # together; without it no pack is formed (every job goes alone through `send`).
         self.send_pack = send_pack
         self.r = store.r
         self.lock_key = f"{store.p}:dispatcher:lock"
@@ -282,7 +284,7 @@ class Dispatcher:
         except TransitionError:
             return False  # cancelled meanwhile
         try:
-            self.send(job["id"], worker)
+            self.send(job["id"], worker, attempt)
         except Exception as e:  # the broker refused: put the job back
             log.exception("could not hand job %s to %s", job["id"], worker["name"])
             self.store.transition(job["id"], JobState.RETRYING, f"could not reach the queue: {e}")
@@ -298,14 +300,16 @@ class Dispatcher:
         label = f"pack {number}"
         ids = ",".join(j["id"] for j in jobs)
         placed: list[dict[str, Any]] = []
+        attempts: dict[str, int] = {}  # the attempt each placed trial was assigned
         for job in jobs:
+            attempt = int(job.get("attempt", 0)) + 1
             try:
                 self.store.transition(
                     job["id"], JobState.ASSIGNED,
                     f"assigned to {worker['name']} ({label} of sweep {sweep}, {len(jobs)} trials)",
-                    worker=worker["name"], attempt=int(job.get("attempt", 0)) + 1,
-                    pack=str(number), pack_jobs=ids)
+                    worker=worker["name"], attempt=attempt, pack=str(number), pack_jobs=ids)
                 placed.append(job)
+                attempts[job["id"]] = attempt
             except TransitionError:
                 continue  # cancelled meanwhile
         if len(placed) < len(jobs):
@@ -314,9 +318,9 @@ class Dispatcher:
             return []
         try:
             if len(placed) == 1:
-                self.send(placed[0]["id"], worker)
+                self.send(placed[0]["id"], worker, attempts[placed[0]["id"]])
             else:
-                self.send_pack(f"{sweep}:{number}", [j["id"] for j in placed], worker)
+                self.send_pack(f"{sweep}:{number}", attempts, worker)
         except Exception as e:  # the broker refused: put the trials back
             log.exception("could not hand %s of sweep %s to %s", label, sweep, worker["name"])
             for job in placed:

@@ -26,8 +26,8 @@ def env(redis_client, prefix):
     store = JobStore(redis_client, prefix, clock=clock)
     fleet = Fleet(redis_client, prefix, timeout=1e9, clock=clock)
     sent: list[tuple[str, str]] = []
-    d = Dispatcher(store, fleet, lambda job, w: sent.append((job, w["name"])), clock=clock,
-                   fair_window_s=86400, max_cards_per_user=0)
+    d = Dispatcher(store, fleet, lambda job, w, attempt: sent.append((job, w["name"])),
+                   clock=clock, fair_window_s=86400, max_cards_per_user=0)
     return store, fleet, d, sent, clock
 
 

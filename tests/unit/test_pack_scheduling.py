@@ -20,8 +20,9 @@ def env(redis_client, prefix):
     fleet = Fleet(redis_client, prefix, timeout=10, clock=clock)
     sent: list[tuple[str, str]] = []
     packs: list[tuple[str, list[str], str]] = []
-    d = Dispatcher(store, fleet, lambda job, w: sent.append((job, w["name"])), clock=clock,
-                   send_pack=lambda label, ids, w: packs.append((label, ids, w["name"])))
+    d = Dispatcher(store, fleet, lambda job, w, attempt: sent.append((job, w["name"])),
+                   clock=clock, send_pack=lambda label, attempts, w: packs.append(
+                       (label, list(attempts), w["name"])))
     return store, fleet, d, sent, packs, clock
 
 
@@ -219,3 +220,21 @@ def test_a_pack_leaves_out_a_trial_whose_lora_another_job_trains(env):
     d.tick()
     assert packs[0][1] == [ids[0], ids[2]]
     assert store.get(ids[1])["reason"] == f"waiting: loras/s1-b is being trained by job {busy}"
+
+
+def test_a_pack_is_sent_with_the_attempt_each_trial_was_assigned(redis_client, prefix):
+    """review15b M4: each trial of a pack is fenced on its own attempt."""
+    clock = Clock()
+    store = JobStore(redis_client, prefix, clock=clock)
+    fleet = Fleet(redis_client, prefix, timeout=10, clock=clock)
+    sent: list[tuple[str, dict[str, int], str]] = []
+    d = Dispatcher(store, fleet, lambda job, w, attempt: None, clock=clock,
+                   send_pack=lambda label, attempts, w: sent.append((label, attempts, w["name"])))
+    again, fresh = (trial(store, clock, f"t{r}", lora_rank=r) for r in (8, 16))
+    store.transition(again, JobState.ASSIGNED, "a", worker="w0", attempt=1)
+    store.transition(again, JobState.RUNNING, "r")
+    store.transition(again, JobState.RETRYING, "w0 stopped answering; re-queued", worker="")
+    fleet.heartbeat("w1", device="cpu", packs="1")
+    d.tick()
+    assert sent == [("s1:1", {again: 2, fresh: 1}, "w1")]
+    assert [store.get(j)["attempt"] for j in (again, fresh)] == [2, 1]

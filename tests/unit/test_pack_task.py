@@ -59,3 +59,27 @@ def test_an_out_of_memory_pack_is_split_and_requeued(paths, store, monkeypatch):
     store.transition(j, JobState.RUNNING, "r")
     assert settle(store, j, MAX_ATTEMPTS + 1, Crashed("died"), expect_worker="w1") == (
         JobState.FAILED)
+
+
+def test_a_pack_starts_only_the_trials_at_the_attempts_it_was_sent_for(paths, store,  # noqa: F811
+                                                                      monkeypatch):
+    """review15b M4: a trial given again to this worker since the pack's message was sent (a
+    later attempt, whose own message follows) is left to that message."""
+    settings = Settings(home=paths.home, redis_url="", prefix=store.p)
+    moved, mine = assigned_pack(store, ["m0", "m1"])
+    store.transition(moved, JobState.RETRYING, "w1 never received the pack; re-queued",
+                     worker="")
+    store.transition(moved, JobState.ASSIGNED, "a", worker="w1", attempt=2)
+    trained: list[str] = []
+
+    def finish(members: list[Any], device: Any = None) -> None:
+        for m in members:
+            trained.append(m.cfg.job_id)
+            m.on_result({"stopped": False, "reason": "finished", "steps": 6})
+
+    monkeypatch.setattr(train_pack, "run_pack", finish)
+    ends = perform_pack("s1:1", [moved, mine], "w1", store, Fleet(store.r, store.p), settings,
+                        attempts={moved: 1, mine: 1})
+    assert trained == [mine] and ends == {mine: "succeeded"}
+    rec = store.get(moved)
+    assert rec["state"] == "assigned" and rec["attempt"] == 2 and rec["worker"] == "w1"

@@ -160,10 +160,61 @@ def test_fenced_worker_cannot_write_a_moved_job(env):
 def test_only_one_dispatcher_schedules(env, redis_client, prefix):
     store, fleet, d, sent, clock = env
     other_sent: list = []
-    other = Dispatcher(store, fleet, lambda j, w: other_sent.append(j))
+    other = Dispatcher(store, fleet, lambda j, w, attempt: other_sent.append(j))
     assert d.hold_lock() and not other.hold_lock()
     job(store, clock, "a")
     fleet.heartbeat("w1", device="cpu")
     assert other.tick() == [] and other_sent == []
     d.release_lock()
     assert other.hold_lock()
+
+
+def test_each_assignment_is_sent_with_its_attempt(redis_client, prefix):
+    """review15b M4: the task carries the attempt the job was assigned, so the worker fences
+    the run (and its crash handler) on it; the message takes it only to a worker that says
+    its tasks take it (an older worker's task would refuse the argument and fail the job)."""
+    from dispatcher.jobs.celery_app import TAKES_ATTEMPT, run_job_args, run_pack_args
+    from tests.clock import Clock
+
+    clock = Clock()
+    store, fleet, _, _, _ = dispatcher_env(redis_client, prefix, clock)
+    sent: list[tuple[str, str, int]] = []
+    d = Dispatcher(store, fleet, lambda j, w, attempt: sent.append((j, w["name"], attempt)),
+                   clock=clock)
+    a = job(store, clock, "a")
+    fleet.heartbeat("w1", device="cpu")
+    d.tick()
+    store.transition(a, JobState.RUNNING, "r", expect_worker="w1")
+    store.transition(a, JobState.RETRYING, "w1 stopped answering; re-queued", worker="")
+    d.tick()
+    assert sent == [(a, "w1", 1), (a, "w1", 2)] and store.get(a)["attempt"] == 2
+
+    new, old = {"name": "w1", TAKES_ATTEMPT: "1"}, {"name": "w0"}
+    assert run_job_args(a, new, 2) == [a, "w1", 2]
+    assert run_job_args(a, old, 2) == [a, "w0"]
+    assert run_pack_args("s1:3", {"j1": 1, "j2": 3}, new) == ["s1:3", ["j1", "j2"], "w1",
+                                                              {"j1": 1, "j2": 3}]
+    assert run_pack_args("s1:3", {"j1": 1, "j2": 3}, old) == ["s1:3", ["j1", "j2"], "w0"]
+
+
+def test_a_worker_says_its_tasks_take_the_attempt(redis_server, redis_client, prefix, tmp_path):
+    import threading
+    import time
+
+    from dispatcher.jobs.celery_app import takes_attempt
+    from dispatcher.jobs.fleet import Fleet
+    from dispatcher.settings import Settings
+    from gpuworker.worker import start_heartbeat
+
+    settings = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
+    stop = threading.Event()
+    beat = start_heartbeat(settings, "hb1", None, stop)
+    fleet = Fleet(redis_client, prefix)
+    try:
+        deadline = time.monotonic() + 10
+        while not fleet.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [takes_attempt(w) for w in fleet.alive()] == [True]
+    finally:
+        stop.set()
+        beat.join(10)

@@ -56,8 +56,9 @@ class Packed:
         self.fleet = Fleet(redis_client, prefix, timeout=10, clock=self.clock)
         self.sent: list[tuple[str, list[str], str]] = []
         self.dispatcher = Dispatcher(
-            self.store, self.fleet, lambda job, w: None, clock=self.clock,
-            send_pack=lambda label, ids, w: self.sent.append((label, ids, w["name"])))
+            self.store, self.fleet, lambda job, w, attempt: None, clock=self.clock,
+            send_pack=lambda label, attempts, w: self.sent.append(
+                (label, list(attempts), w["name"])))
         self.sweeps = SweepStore(self.store)
         self.sid = self.sweeps.create(parse_sweep(DEF, settings.paths), owner="ada")
         self.ids = [t["job"] for t in self.sweeps.get(self.sid)["trials"]]

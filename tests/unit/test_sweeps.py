@@ -289,7 +289,7 @@ def test_cap_limits_a_sweeps_trials_on_workers(settings, redis_client, prefix):
     store = JobStore(redis_client, prefix, clock=clock)
     fleet = Fleet(redis_client, prefix, timeout=10, clock=clock)
     sent = []
-    d = Dispatcher(store, fleet, lambda j, w: sent.append(j), clock=clock)
+    d = Dispatcher(store, fleet, lambda j, w, attempt: sent.append(j), clock=clock)
     _, sid, ids = make_sweep(settings, store)
     clock.t += 1
     other = store.create("train", {"lora_name": "bob-lora"}, owner="bob")

@@ -1,0 +1,92 @@
+"""A run's events are written once even when Redis's reply to the write is lost (review15b
+L9): the worker's patient Redis client retries a transaction whose connection dropped, and a
+drop after EXEC was applied but before its reply arrived must not write the events again."""
+
+from __future__ import annotations
+
+import redis
+
+from dispatcher.jobs.states import JobState
+from dispatcher.jobs.store import JobStore
+from dispatcher.settings import Settings
+from gpuworker.tasks import JobRun, patient_redis
+
+
+class LosesExecReply(redis.Connection):
+    """A connection that, when `lose` is set, reads the server's reply to the next EXEC (the
+    transaction is applied) and then fails as a dropped connection would; when `meddle` is set,
+    it calls it just before it sends the next EXEC (a concurrent change)."""
+
+    lose = False
+    lost = 0
+    meddle = None
+
+    def send_packed_command(self, command, check_health=True):
+        chunks = [command] if isinstance(command, (bytes, str)) else command
+        sent = b"".join(c.encode() if isinstance(c, str) else bytes(c) for c in chunks)
+        has_exec = b"\r\nEXEC\r\n" in sent
+        if has_exec and LosesExecReply.meddle is not None:
+            meddle, LosesExecReply.meddle = LosesExecReply.meddle, None
+            meddle()
+        self._exec_sent = LosesExecReply.lose and has_exec
+        super().send_packed_command(command, check_health)
+
+    def read_response(self, *args, **kwargs):
+        reply = super().read_response(*args, **kwargs)
+        if getattr(self, "_exec_sent", False) and isinstance(reply, list):
+            self._exec_sent = False
+            LosesExecReply.lose = False
+            LosesExecReply.lost += 1
+            self.disconnect()
+            raise redis.ConnectionError("Connection closed by server.")
+        return reply
+
+
+def test_a_step_whose_reply_was_lost_is_written_once(redis_server, store, prefix):
+    job = store.create("train", {"lora_name": "once"})
+    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
+    store.transition(job, JobState.RUNNING, "r")
+    # The worker's own client (patient_redis), whose connections lose one EXEC reply.
+    r = patient_redis(Settings(redis_url=redis_server, prefix=prefix), 5.0)
+    r.connection_pool.connection_class = LosesExecReply
+    try:
+        run = JobRun(JobStore(r, prefix), job, "w1", store.get(job))
+        run.progress({"type": "train", "step": 1, "total_steps": 2, "loss": 2.0})
+        LosesExecReply.lose = True
+        run.progress({"type": "train", "step": 2, "total_steps": 2, "loss": 1.5})
+        assert LosesExecReply.lost == 1 and not LosesExecReply.lose  # the reply was lost
+        run.log("after the lost reply")
+    finally:
+        r.close()
+    events = [e for _, e in store.events.history(job)]
+    assert [e["step"] for e in events if e["type"] == "train"] == [1, 2]
+    assert [e["line"] for e in events if e["type"] == "log"] == ["after the lost reply"]
+    assert store.get(job)["step"] == 2
+
+
+def test_a_write_refused_by_a_concurrent_change_is_written_on_its_retry(redis_server, store,
+                                                                       prefix):
+    """The other way a watched write is retried: the record changed between the read and
+    EXEC (EXEC applied nothing). The retry writes the events, once."""
+    job = store.create("train", {"lora_name": "retried"})
+    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
+    store.transition(job, JobState.RUNNING, "r")
+    r = patient_redis(Settings(redis_url=redis_server, prefix=prefix), 5.0)
+    r.connection_pool.connection_class = LosesExecReply
+    changed: list[bool] = []
+
+    def dispatcher_writes() -> None:
+        store.update_progress(job, reason="a concurrent change")
+        changed.append(True)
+
+    try:
+        run = JobRun(JobStore(r, prefix), job, "w1", store.get(job))
+        LosesExecReply.meddle = dispatcher_writes
+        run.progress({"type": "train", "step": 1, "total_steps": 1, "loss": 2.0})
+    finally:
+        LosesExecReply.meddle = None
+        r.close()
+    assert changed == [True]
+    events = [e for _, e in store.events.history(job)]
+    assert [e["step"] for e in events if e["type"] == "train"] == [1]
+    assert store.get(job)["step"] == 1
