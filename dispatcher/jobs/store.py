@@ -3,8 +3,9 @@
 Keys (prefix `lf` by default):
   {p}:job:{id}            hash: the record (spec as JSON, state, owner, worker, progress)
   {p}:job:{id}:history    list: every transition as JSON {state, time, reason}
-  {p}:job:{id}:appended   token of the run's last write to the job (append_to_run), so a retry
-                          of a write already applied does not write it twice; expires
+  {p}:job:{id}:written    token of the last watched write to the job (a transition, a run's
+                          events), so a retry of a write already applied, whose reply a dropped
+                          connection lost, does not write it twice; expires
   {p}:jobs                sorted set of every job id by creation time
   {p}:pending             sorted set of queued/retrying job ids by creation time
   {p}:pending-owner:{owner}  the same, of one owner only (kept in the same MULTI as {p}:pending,
@@ -66,9 +67,9 @@ def _check_run(job_id: str, rec: JobRecord, worker: str | None, attempt: int | N
 
 
 STOP_KEY_TTL_S = 24 * 3600
-# The mark of a job's last write by its run (append_to_run) is needed only while that write is
-# retried (seconds, at most the worker's patience with Redis); it is kept far longer.
-APPENDED_TTL_S = 24 * 3600
+# The mark of a job's last watched write (append_to_run, _watched) is needed only while that
+# write is retried (seconds, at most a client's patience with Redis); it is kept far longer.
+WRITTEN_TTL_S = 24 * 3600
 USER_STOP = "stopped by the user"  # the end reason of a stop requested without one
 
 
@@ -87,8 +88,8 @@ class JobStore:
     def _history_key(self, job_id: str) -> str:
         return f"{self.p}:job:{job_id}:history"
 
-    def _appended_key(self, job_id: str) -> str:
-        return f"{self.p}:job:{job_id}:appended"
+    def _written_key(self, job_id: str) -> str:
+        return f"{self.p}:job:{job_id}:written"
 
     @property
     def pending_key(self) -> str:
@@ -267,22 +268,35 @@ class JobStore:
         """Read a job's record and change it atomically: `write(pipe, record)` checks the record
         (raising refuses the change) and queues its writes after `pipe.multi()`; a concurrent
         change to the record makes it run again on the new record. Returns the record read;
-        `results`, when given, gets each queued write's answer in order (e.g. XADD's ids)."""
-        key = self.key(job_id)
+        `results`, when given, gets each queued write's answer in order (e.g. XADD's ids).
+
+        Applied once, like append_to_run: the transaction marks the job with a token of this
+        change, and a try after the first looks for it. When a connection drops after EXEC was
+        applied but before its reply came back (redis-py raises WatchError while watching), the
+        retry finds the token and returns the record the applied try read, without `results`
+        (the answers were lost), where it would otherwise check the change again against its own
+        outcome and refuse it (a job already succeeded cannot move to succeeded)."""
+        key, mark = self.key(job_id), self._written_key(job_id)
+        token = uuid.uuid4().hex
+        retry, raw = False, {}
         while True:
             with self.r.pipeline() as pipe:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, mark)
+                    if retry and pipe.get(mark) == token:
+                        return raw
                     raw = pipe.hgetall(key)
                     if not raw:
                         raise JobNotFound(job_id)
                     write(pipe, raw)
-                    answers = pipe.execute()
+                    pipe.set(mark, token, ex=WRITTEN_TTL_S)
+                    answers = pipe.execute()[:-1]
                     if results is not None:
                         for answer in answers:
                             results(answer)
                     return raw
                 except redis_lib.WatchError:
+                    retry = True
                     continue
 
     def append_to_run(self, job_id: str, worker: str, attempt: int,
@@ -298,7 +312,7 @@ class JobStore:
         reply came back surfaces as a WatchError (redis-py, while watching), and the retry
         would otherwise add the events a second time."""
         made = [self.events.event(kind, **data) for kind, data in events]
-        key, mark = self.key(job_id), self._appended_key(job_id)
+        key, mark = self.key(job_id), self._written_key(job_id)
         token = uuid.uuid4().hex
         retry = False
         while True:  # (a training step's events come this way: three fields read, not all)
@@ -321,7 +335,7 @@ class JobStore:
                     if progress:
                         pipe.hset(key, mapping=progress)
                     # (one writer at a time: only this run passes the check above)
-                    pipe.set(mark, token, ex=APPENDED_TTL_S)
+                    pipe.set(mark, token, ex=WRITTEN_TTL_S)
                     ids = pipe.execute()
                     break
                 except redis_lib.WatchError:
@@ -393,7 +407,8 @@ class JobStore:
                 self.usage.record_run(pipe, rec, now, new)
 
         raw = self._watched(job_id, write, extra_ids.append if extra else None)
-        for event_id, event in zip(extra_ids[:len(extra)], extra, strict=True):
+        # (No ids when the reply was lost: the events are in the stream, not announced.)
+        for event_id, event in zip(extra_ids[:len(extra)], extra, strict=False):
             self.events.announce(job_id, event_id, event)
         now = mapping["updated"]
         self.events.append(job_id, "state", state=new.value, reason=reason, time=now)

@@ -90,3 +90,31 @@ def test_a_write_refused_by_a_concurrent_change_is_written_on_its_retry(redis_se
     events = [e for _, e in store.events.history(job)]
     assert [e["step"] for e in events if e["type"] == "train"] == [1]
     assert store.get(job)["step"] == 1
+
+
+def test_a_job_end_whose_reply_was_lost_is_applied_once_with_its_state_event(redis_server,
+                                                                           store, prefix):
+    """The same for a change of state: the run's end (RUNNING -> SUCCEEDED) is applied, its
+    reply lost. The retry must see its own change, not refuse it as succeeded -> succeeded
+    (the worker would call its run fenced out), and write the state event once."""
+    job = store.create("train", {"lora_name": "ended"})
+    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
+    store.transition(job, JobState.RUNNING, "r")
+    r = patient_redis(Settings(redis_url=redis_server, prefix=prefix), 5.0)
+    r.connection_pool.connection_class = LosesExecReply
+    LosesExecReply.lost = 0
+    try:
+        LosesExecReply.lose = True
+        rec = JobStore(r, prefix).transition(
+            job, JobState.SUCCEEDED, "done", expect_worker="w1", expect_attempt=1,
+            events=[("log", {"line": "saved"})])
+        assert LosesExecReply.lost == 1 and not LosesExecReply.lose  # the reply was lost
+    finally:
+        r.close()
+    assert rec["state"] == "succeeded"
+    assert [h["state"] for h in store.history(job)] == ["queued", "assigned", "running",
+                                                       "succeeded"]
+    events = [e for _, e in store.events.history(job)]
+    assert [e["line"] for e in events if e["type"] == "log"] == ["saved"]
+    assert [e["state"] for e in events if e["type"] == "state"][-1:] == ["succeeded"]
+    assert sum(e["type"] == "state" and e["state"] == "succeeded" for e in events) == 1
