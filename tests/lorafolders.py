@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from gpuworker.checkpoints import CHECKPOINT_RE, COMPLETE_SAVE, STAGING_PREFIXES
@@ -11,6 +12,12 @@ from gpuworker.checkpoints import CHECKPOINT_RE, COMPLETE_SAVE, STAGING_PREFIXES
 # Every file a complete checkpoint-<step>/ holds (gpuworker/engine/save.py save_checkpoint).
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_log.json",
                     "training_prompt.json", "training_state.json", "training_state.pt")
+# Every file a finished LoRA folder holds (gpuworker/engine/train.py): training_parameters.json
+# and training_prompt.json, written when the run opens the folder, then the final save's
+# adapter, its config and training_log.json (gpuworker/engine/save.py save_adapter). A pack's
+# trials write the same.
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_log.json",
+              "training_parameters.json", "training_prompt.json")
 # A checkpoint of the same step being replaced (save_checkpoint renames the old one to this,
 # then the new one into place): left behind by a kill between the two renames.
 OLD_CHECKPOINT_PREFIX = ".old-checkpoint-"
@@ -24,6 +31,24 @@ def incomplete_checkpoint(folder: Path) -> str | None:
     missing = sorted(set(CHECKPOINT_FILES) - set(names))
     extra = sorted(set(names) - set(CHECKPOINT_FILES))
     return f"missing {missing}, extra {extra}"
+
+
+def incomplete_lora(folder: Path) -> str | None:
+    """Why `folder` is not a finished LoRA, or None: a file of LORA_FILES missing, or one of
+    its JSON files not a JSON object. Other entries (checkpoints, backups, the lock file) may
+    be there; whether the adapter loads is the caller's to check."""
+    missing = [n for n in LORA_FILES if not (folder / n).is_file()]
+    if missing:
+        return f"not a finished LoRA: missing {missing}"
+    for name in LORA_FILES:
+        if name.endswith(".json"):
+            try:
+                ok = isinstance(json.loads((folder / name).read_text()), dict)
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                return f"not a finished LoRA: {name} is not a JSON object"
+    return None
 
 
 def leftovers(lora_dir: Path) -> list[str]:

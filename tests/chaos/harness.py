@@ -17,6 +17,16 @@ the dashboard (-9), Redis (-9, then started again from its append-only file); ea
 again 1-3 s later. Then the queue drains and `check` counts:
 
   accepted        every job the API accepted exists and ended exactly once in a final state
+                  (a job still not ended when the drain's time is up is one, and the report is
+                  written all the same); every other job in the store is explained: a
+                  duplicate (made while a submission of the same user, kind and name was
+                  retried: the API has no idempotency key, so a retry after a lost answer makes
+                  the job again; counted, `duplicate_jobs`) or made by an accepted sweep
+  api             no 5xx answer from the dashboard's API to a user or a follower but its
+                  honest refusal while Redis is away (503 with its JSON `{"error":
+                  REDIS_DOWN}`, counted); a 500 under chaos is a bug. Also a submission the
+                  dashboard did not answer for 300 s, or a dashboard that did not come back
+                  after the kills
   overlap         no job was trained by two processes at once. The evidence is not what the
                   attempt fence lets through: all through the run `ProcessWatch` samples which
                   process holds which job (each training process names itself in its worker's
@@ -28,14 +38,21 @@ again 1-3 s later. Then the queue drains and `check` counts:
   curve           every succeeded training job has its total_steps, and its recorded curve
                   (training_log.json) is steps 1..total_steps, no gap, no repeat, and its
                   final loss equals an uninterrupted run's with the same settings (computed
-                  here, in-process, afterwards)
-  folders         every succeeded job's LoRA folder is complete and loads with peft; every
+                  here, in-process, afterwards); not for a LoRA a duplicate job also trained
+  folders         every succeeded job's LoRA folder is complete (tests/lorafolders.py
+                  LORA_FILES: adapter, its config, training_parameters.json,
+                  training_prompt.json, training_log.json) and loads with peft exactly: the
+                  loaded model's adapter weights are the saved tensors, key for key (peft only
+                  warns about a key the file lacks, and ignores one the model lacks); every
                   adapter anywhere parses; in no LoRA folder a staging folder (the engine's
                   STAGING_PREFIXES, `.old-checkpoint-*`), a temporary file or an incomplete
                   checkpoint-<step>/ is left (tests/lorafolders.py)
   order           each attempt's training events are in step order
-  sse             followers connected through the dashboard (reconnecting with Last-Event-ID
-                  across its restarts) received every event of their job's stream, in order
+  sse             followers, each running the CLI's own `Client.follow` (what `lorafleet
+                  submit --wait` and `logs -f` run) through the dashboard's and Redis's
+                  restarts, neither gave up nor missed their job's end (follow returned, after
+                  the job's final state), and received every event of the job's stream, in
+                  order, once
   fair_share      the user with 2 jobs had both started, and before the 100-job user's backlog
 
 A seed makes the kill schedule (times, kinds, restart delays, target picks) and the workload
@@ -47,6 +64,7 @@ timing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import secrets
@@ -59,6 +77,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 
@@ -613,44 +632,120 @@ def train_spec(name: str, plan: Plan) -> dict[str, Any]:
             "lora_dropout": 0.05}
 
 
+def server_error(status: int, body: Any) -> str | None:
+    """What is wrong with a 5xx answer of the dashboard's API (`body`: its JSON, or its text),
+    or None for the one honest refusal under chaos: 503 with `{"error": REDIS_DOWN}`, what
+    the dashboard answers while its Redis is away (dashboard/app.py). A 500, or any other
+    5xx, is an error of the dashboard's own."""
+    from dashboard.app import REDIS_DOWN
+
+    message = body.get("error") if isinstance(body, dict) else body
+    if status == 503 and message == REDIS_DOWN:
+        return None
+    return f"HTTP {status}: {str(message)[:200]}"
+
+
+class ApiAnswers:
+    """Every 5xx answer the users' and the followers' clients got, from a response hook on
+    their sessions (`watch`), sorted by `server_error`: refusals while Redis was away are
+    counted, anything else is kept as a violation. The users retry either, as a user would;
+    `Client.follow` waits either out."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.redis_down = 0           # 503s with the dashboard's Redis-away message
+        self.errors: list[str] = []   # every other 5xx: "METHOD path: HTTP status: message"
+
+    def watch(self, session: requests.Session) -> requests.Session:
+        session.hooks["response"].append(self.hook)
+        return session
+
+    def hook(self, resp: requests.Response, *args: Any, **kwargs: Any) -> None:
+        if resp.status_code < 500:
+            return
+        try:
+            body = resp.json()
+        except ValueError:
+            body = resp.text
+        why = server_error(resp.status_code, body)
+        path = urlsplit(resp.url).path
+        with self.lock:
+            if why is None:
+                self.redis_down += 1
+            else:
+                self.errors.append(f"{resp.request.method} {path}: {why}")
+
+
+@dataclass
+class Submission:
+    """One submission as a user made it, with its tries until the dashboard answered."""
+
+    user: str
+    kind: str               # train, evaluate, generate, or sweep
+    name: str               # the job's name as the store records it (job_name); "" for a sweep
+    sent: float             # the first try (time.time())
+    answered: float = 0.0   # the answer (0: never answered)
+    tries: int = 0
+    id: str = ""            # the job (or sweep) the answer named
+
+
 class Users:
     """The three users, each submitting through the API with their own token; a submission
-    is retried until the dashboard answers it (an answer is the only proof of acceptance)."""
+    is retried until the dashboard answers it (an answer is the only proof of acceptance):
+    when it did not answer, a 429, or a 5xx (sorted by `ApiAnswers`: a 500 is a violation,
+    retried all the same, as a user would)."""
 
-    def __init__(self, fleet: ChaosFleet):
+    def __init__(self, fleet: ChaosFleet, answers: ApiAnswers):
         from dispatcher.cli.client import Client
 
         self.clients = {u: Client(fleet.url, token=t, timeout=10) for u, t in fleet.tokens.items()}
+        self.answers = answers
+        for client in self.clients.values():
+            answers.watch(client.session)
         self.accepted: dict[str, dict[str, Any]] = {}  # job id -> {user, kind, at}
+        self.submissions: list[Submission] = []
         self.sweeps: list[str] = []
-        self.unanswered = 0
+        self.retried = 0  # tries after the first, of every submission
         self.cy_submitted_at = 0.0  # when cy queued two jobs behind ana's backlog
         self.cy_jobs: list[str] = []
 
-    def _retry(self, call: Any) -> Any:
+    def _retry(self, call: Any, sub: Submission) -> Any:
         from dispatcher.cli.client import ApiError
 
+        self.submissions.append(sub)
         deadline = time.monotonic() + 300
         while True:
+            sub.tries += 1
             try:
-                return call()
+                out = call()
+                sub.answered = time.time()
+                return out
             except ApiError as e:
+                # 0: no answer (the dashboard is down, or went while answering); 429: too
+                # busy; 5xx: recorded by ApiAnswers.
                 if e.status and e.status < 500 and e.status != 429:
                     raise
             except requests.RequestException:
-                pass
+                pass  # a read timeout: the answer was lost, the job may have been made
             if time.monotonic() > deadline:
-                raise TimeoutError("the dashboard did not answer for 300 s")
-            self.unanswered += 1
+                raise TimeoutError(f"the dashboard did not answer a submission of {sub.user} "
+                                   f"({sub.kind} {sub.name}) for 300 s ({sub.tries} tries)")
+            self.retried += 1
             time.sleep(0.5)
 
     def submit(self, user: str, spec: dict[str, Any], kind: str = "train") -> str:
-        job = self._retry(lambda: self.clients[user].submit(spec, kind=kind))
+        from dispatcher.jobs.record import job_name
+
+        sub = Submission(user, kind, job_name(kind, spec), time.time())
+        job = self._retry(lambda: self.clients[user].submit(spec, kind=kind), sub)
+        sub.id = job
         self.accepted[job] = {"user": user, "kind": kind, "at": time.time()}
         return job
 
     def sweep(self, user: str, definition: dict[str, Any]) -> str:
-        res = self._retry(lambda: self.clients[user].create_sweep(definition))
+        sub = Submission(user, "sweep", "", time.time())
+        res = self._retry(lambda: self.clients[user].create_sweep(definition), sub)
+        sub.id = res["id"]
         self.sweeps.append(res["id"])
         for t in res.get("trials", []):
             if t.get("job"):
@@ -659,56 +754,77 @@ class Users:
         return res["id"]
 
 
+class _StreamSession(requests.Session):
+    """A follower's HTTP session: it tells the follower when an event stream opens (answered
+    200) and when it closes, so reconnects are counted and the killer can aim at a connected
+    follower. Nothing else changes: `Client.follow` does its own requests through it."""
+
+    def __init__(self, opened: Any, closed: Any):
+        super().__init__()
+        self.trust_env = False  # as Client's own session for a dashboard on this machine
+        self._opened, self._closed = opened, closed
+
+    def get(self, url: str | bytes, **kw: Any) -> requests.Response:
+        resp = super().get(url, **kw)
+        if kw.get("stream") and resp.status_code == 200:
+            self._opened()
+            close = resp.close
+
+            def close_and_tell() -> None:  # `with resp:` ends in resp.close()
+                self._closed()
+                close()
+
+            resp.close = close_and_tell  # type: ignore[method-assign]
+        return resp
+
+
 class Follower(threading.Thread):
-    """An SSE client of one job through the dashboard, as the Job page is: it reconnects with
-    Last-Event-ID whenever the stream breaks, and records every event id it received and how
-    many times it connected.
+    """A user following one job live through the dashboard with the CLI's own code:
+    `Client.follow` (dispatcher/cli/client.py), what `lorafleet submit --wait` and `lorafleet
+    logs -f` run. Through the dashboard's restarts and Redis's it must keep following (it
+    reconnects with Last-Event-ID) and return once the job has ended. Records every event id
+    it received, the last state it was told of, how many streams it opened, and how it
+    ended: returned (`done`) or gave up (`error`)."""
 
-    Its own loop, not the CLI's `Client.follow`: that one gives up when Redis restarts under
-    the dashboard (the stream ends with `interrupted`, then its look at the job is a 503;
-    docs/RELIABILITY.md), and a run with Redis kills would stop following there."""
+    def __init__(self, url: str, token: str, job: str, answers: ApiAnswers | None = None):
+        from dispatcher.cli.client import Client
 
-    def __init__(self, url: str, token: str, job: str):
-        super().__init__(daemon=True, name=f"sse-{job}")
-        self.url, self.token, self.job = url, token, job
+        super().__init__(daemon=True, name=f"follow-{job}")
+        self.job = job
+        self.client = Client(url, token=token, timeout=10)
+        self.client.session = _StreamSession(self._opened, self._closed)
+        if answers is not None:
+            answers.watch(self.client.session)
         self.ids: list[str] = []
-        self.connections = 0  # streams opened (answered 200)
-        self.streaming = False  # a stream is open now
-        self.done = False
+        self.last_state = ""     # the last state event received
+        self.connections = 0     # streams opened (answered 200)
+        self.streaming = False   # a stream is open now
+        self.done = False        # Client.follow returned
+        self.error = ""          # what it raised, if it gave up
+
+    def _opened(self) -> None:
+        self.connections += 1
+        self.streaming = True
+
+    def _closed(self) -> None:
+        self.streaming = False
 
     @property
     def reconnects(self) -> int:
         return max(0, self.connections - 1)
 
     def run(self) -> None:
-        from dispatcher.cli.client import _parse_sse
-
-        last = None
-        deadline = time.monotonic() + 3600
-        while time.monotonic() < deadline:
-            headers = {"Accept": "text/event-stream", "Authorization": f"Bearer {self.token}"}
-            if last:
-                headers["Last-Event-ID"] = last
-            try:
-                with requests.get(f"{self.url}/api/v1/jobs/{self.job}/events", headers=headers,
-                                  stream=True, timeout=(5, 30)) as resp:
-                    if resp.status_code != 200:
-                        time.sleep(0.5)
-                        continue
-                    self.connections += 1
-                    self.streaming = True
-                    for eid, name, _ in _parse_sse(resp.iter_lines(decode_unicode=True)):
-                        if name == "end":
-                            self.done = True
-                            return
-                        if eid:
-                            self.ids.append(eid)
-                            last = eid
-            except requests.RequestException:
-                pass
-            finally:
-                self.streaming = False
-            time.sleep(0.5)
+        try:
+            for ev in self.client.follow(self.job):
+                if ev.get("id"):
+                    self.ids.append(ev["id"])
+                if ev.get("type") == "state" and ev.get("state"):
+                    self.last_state = ev["state"]
+            self.done = True
+        except Exception as e:  # noqa: BLE001 - giving up, for any reason, is the finding
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.streaming = False
 
 
 # --------------------------------------------------------------------------------- the run
@@ -723,25 +839,43 @@ def run(plan: Plan, home: Path, log: Any = print) -> Report:
     watch = ProcessWatch(fleet)
     try:
         fleet.start_all()
-        users = Users(fleet)
+        answers = ApiAnswers()
+        users = Users(fleet, answers)
         followers: list[Follower] = []
         killer = Killer(fleet, schedule, report,
                         following=lambda: any(f.streaming for f in list(followers)),
                         phase_s=plan.minutes * 60)
         watch.start()
         killer.start()
-        _workload(fleet, users, plan, random.Random(f"{plan.seed}:workload"), followers, log)
+        try:
+            _workload(fleet, users, plan, random.Random(f"{plan.seed}:workload"), followers,
+                      log)
+        except TimeoutError as e:  # a submission never answered: the rest is still checked
+            report.violations["api"].append(f"the workload stopped: {e}")
+            log(f"the workload stopped: {e}")
         killer.join()
         report.seconds["chaos"] = round(time.monotonic() - t0, 1)
         log(f"chaos over after {report.seconds['chaos']} s: kills {dict(report.kills)}; "
             "draining the queue")
-        _drain(fleet, users, plan)
+        unfinished = _drain(fleet, plan, report.violations)
         report.seconds["drain"] = round(time.monotonic() - t0 - report.seconds["chaos"], 1)
+        if unfinished:
+            # Not a stop: the jobs that did not end are violations (`accepted`, in `check`),
+            # and everything else is checked and reported as usual.
+            log(f"the drain's {plan.drain_s:g} s are over with {len(unfinished)} job(s) not "
+                "ended; checking all the same")
+        report.counts["jobs_not_ended_after_drain"] = len(unfinished or [])
+        # Each follower's Client.follow returns once its job has ended: 60 s for all of them.
+        joined_by = time.monotonic() + 60
         for f in followers:
-            f.join(60)
+            f.join(max(0.0, joined_by - time.monotonic()))
         watch.stop()
         check(fleet, users, followers, report, plan, watch)
-        report.counts["submissions_retried"] = users.unanswered
+        report.counts["submissions_retried"] = users.retried
+        report.counts["api_refusals_redis_down"] = answers.redis_down
+        report.counts["api_server_errors"] = len(answers.errors)
+        if answers.errors:
+            report.violations["api"].extend(answers.errors)
         (home / "kills.log").write_text("\n".join(killer.log))
     finally:
         watch.stop()
@@ -761,7 +895,7 @@ def _workload(fleet: ChaosFleet, users: Users, plan: Plan, rng: random.Random,
     for i in range(first):
         job = users.submit("ana", train_spec(f"ana-{i}", plan))
         if len(followers) < plan.followers and i % 3 == 0:
-            f = Follower(fleet.url, fleet.tokens["ana"], job)
+            f = Follower(fleet.url, fleet.tokens["ana"], job, users.answers)
             f.start()
             followers.append(f)
     users.cy_submitted_at = time.time()
@@ -778,7 +912,7 @@ def _workload(fleet: ChaosFleet, users: Users, plan: Plan, rng: random.Random,
         time.sleep(rng.uniform(0.5, 1.5) * pause)
         job = users.submit(user, train_spec(f"{user}-{i}", plan))
         if user == "ana" and len(followers) < plan.followers:
-            f = Follower(fleet.url, fleet.tokens["ana"], job)
+            f = Follower(fleet.url, fleet.tokens["ana"], job, users.answers)
             f.start()
             followers.append(f)
         if n % 4 == 0:
@@ -787,25 +921,37 @@ def _workload(fleet: ChaosFleet, users: Users, plan: Plan, rng: random.Random,
         if n % 4 == 2:
             users.submit("cy", {"base_model": "tiny", "prompt": f"Hello {n}",
                                 "max_new_tokens": 8, "seed": n}, kind="generate")
-    log(f"{len(users.accepted)} jobs accepted ({users.unanswered} submissions retried)")
+    log(f"{len(users.accepted)} jobs accepted ({users.retried} submissions retried)")
 
 
-def _drain(fleet: ChaosFleet, users: Users, plan: Plan) -> None:
+def _drain(fleet: ChaosFleet, plan: Plan, v: dict[str, list[str]]) -> list[str] | None:
+    """Wait until every job has ended, plan.drain_s at most; the ids of those that had not
+    (None: Redis could not tell). A drain that runs out of time does not stop the run: the
+    checks count what did not end."""
+    import redis
+
     from dispatcher.jobs.store import JobStore
 
-    def all_done() -> bool:
-        import redis
+    unfinished: list[str] | None = None
 
+    def all_done() -> bool:
+        nonlocal unfinished
         r = redis.Redis.from_url(fleet.redis_url, decode_responses=True)
         try:
-            store = JobStore(r, fleet.prefix)
-            return all(j["state"] in TERMINAL for j in store.list(limit=100000))
+            jobs = JobStore(r, fleet.prefix).list(limit=100000)
         finally:
             r.close()
+        unfinished = [j["id"] for j in jobs if j["state"] not in TERMINAL]
+        return not unfinished
 
     # Every part of the fleet is up again for the drain (a restart may still be pending).
-    wait_until(lambda: _ok(fleet.url + "/healthz"), 60, "the dashboard after the chaos")
-    wait_until(all_done, plan.drain_s, "every job to end")
+    if not _wait_for(lambda: _ok(fleet.url + "/healthz"), 60, every=0.5):
+        v["api"].append("the dashboard did not answer /healthz within 60 s after the kills")
+    try:
+        wait_until(all_done, plan.drain_s, "every job to end")
+    except TimeoutError:
+        pass
+    return unfinished
 
 
 # --------------------------------------------------------------------------------- invariants
@@ -826,13 +972,22 @@ def check(fleet: ChaosFleet, users: Users, followers: list[Follower], report: Re
     report.counts.update(jobs=len(jobs), accepted=len(users.accepted),
                          states=dict(Counter(j["state"] for j in jobs)))
     _check_accepted(users.accepted, by_id, histories, v)
+    duplicates = _check_unaccepted(by_id, users.accepted, users.sweeps, users.submissions, v)
+    report.counts["duplicate_jobs"] = len(duplicates)
+    # A LoRA a duplicate also trained was trained twice (the second run continued the first's
+    # weights): its curve and final loss are not an uninterrupted run's, by the workload's
+    # doing, so they are not compared.
+    twice = {by_id[d]["spec"].get("lora_name") for d in duplicates
+             if by_id[d].get("kind") == "train"}
+    report.counts["loras_trained_twice"] = len(twice)
     resumed = 0
     for j in jobs:
         events = [e for _, e in store.events.history(j["id"])]
         _check_attempts(j, events, v)
         if j.get("kind") == "train" and j["state"] == "succeeded":
             resumed += bool((j.get("result") or {}).get("resumed_from"))
-            _check_curve(j, fleet.settings.paths.loras, v)
+            if j["spec"].get("lora_name") not in twice:
+                _check_curve(j, fleet.settings.paths.loras, v)
     report.counts["resumed_jobs"] = resumed
     report.counts["attempts_over_1"] = sum(1 for j in jobs if int(j.get("attempt") or 0) > 1)
     report.counts["packed_trials"] = sum(1 for j in jobs if j.get("pack"))
@@ -841,9 +996,13 @@ def check(fleet: ChaosFleet, users: Users, followers: list[Follower], report: Re
         report.counts["watch_samples"] = len(watch.samples)
         report.counts["training_processes_watched"] = len(watch.seen)
         report.counts["orphans_watched"] = len(watch.orphans)
-    _check_final_losses(jobs, fleet, plan, v, report)
+    _check_final_losses([j for j in jobs if j["spec"].get("lora_name") not in twice], fleet,
+                        plan, v, report)
     _check_folders(jobs, fleet, v, report)
-    _check_sse({f.job: f.ids for f in followers},
+    _check_follow_ends({f.job: FollowEnd(f.done, f.error, f.last_state) for f in followers},
+                       {f.job: by_id.get(f.job, {}).get("state", "gone") for f in followers},
+                       v)
+    _check_sse({f.job: f.ids for f in followers if f.done},
                {f.job: [eid for eid, _ in store.events.history(f.job)] for f in followers}, v)
     report.counts["sse_followers"] = len(followers)
     report.counts["sse_events"] = sum(len(f.ids) for f in followers)
@@ -867,8 +1026,41 @@ def _check_accepted(accepted: Any, by_id: dict[str, dict[str, Any]],
             v["accepted"].append(f"{job_id}: accepted, then gone")
     for job_id, j in by_id.items():
         ends = [h for h in histories.get(job_id, []) if h["state"] in TERMINAL]
-        if j["state"] not in TERMINAL or len(ends) != 1:
+        if j["state"] not in TERMINAL:
+            v["accepted"].append(f"{job_id}: never ended ({j['state']} when checked, "
+                                 f"{len(ends)} final states)")
+        elif len(ends) != 1:
             v["accepted"].append(f"{job_id}: {j['state']}, {len(ends)} final states")
+
+
+# How far a job's `created` (the dashboard's clock) may lie outside a submission's tries (this
+# test's clock) and still be one of them: the same machine's clock, so only rounding.
+CLOCK_SLACK_S = 1.0
+
+
+def _check_unaccepted(by_id: dict[str, dict[str, Any]], accepted: Any, sweeps: list[str],
+                      submissions: list[Submission], v: dict[str, list[str]]) -> list[str]:
+    """Every job in the store that no answer named is explained, or a violation. Made by an
+    accepted sweep (its perplexity jobs: `sweep_eval`), or a duplicate: made while a
+    submission of the same user, kind and name was tried more than once, so one try that
+    was not answered made it (the API takes no idempotency key: a retry after a lost answer
+    makes the job again, as it would for a CLI user who runs the command again). A job of a
+    sweep (a trial) is matched against the sweep's submission. Returns the duplicates."""
+    duplicates = []
+    for job_id, j in by_id.items():
+        if job_id in accepted or (j.get("sweep_eval") and j["sweep_eval"] in sweeps):
+            continue
+        kind, name = ("sweep", "") if j.get("sweep") else (j.get("kind"), j.get("name", ""))
+        made = float(j.get("created") or 0)
+        if any(s.tries > 1 and s.user == j.get("owner") and s.kind == kind and s.name == name
+               and s.sent - CLOCK_SLACK_S <= made <= (s.answered or math.inf) + CLOCK_SLACK_S
+               for s in submissions):
+            duplicates.append(job_id)
+        else:
+            v["accepted"].append(f"{job_id}: in the store ({kind} {name!r} of "
+                                 f"{j.get('owner')}), but no answer named it and no submission "
+                                 "like it was being retried when it was made")
+    return duplicates
 
 
 def _check_attempts(job: dict[str, Any], events: list[dict[str, Any]],
@@ -921,6 +1113,33 @@ def _check_curve(job: dict[str, Any], loras: Path, v: dict[str, list[str]]) -> N
                           f"({len(steps)}), not 1..{total}")
 
 
+@dataclass(frozen=True)
+class FollowEnd:
+    """How a follower's Client.follow ended."""
+
+    done: bool        # it returned
+    error: str        # what it raised, if it gave up
+    last_state: str   # the last state event it received
+
+
+def _check_follow_ends(ends: dict[str, FollowEnd], states: dict[str, str],
+                       v: dict[str, list[str]]) -> None:
+    """Each follower's Client.follow saw its job's end: it did not give up, it had returned
+    when the checks ran, and the last state it was told of is the job's final state. (A
+    follower of a job that never ended is not one more violation: the job is, `accepted`.)"""
+    for job, end in ends.items():
+        state = states.get(job, "gone")
+        if end.error:
+            v["sse"].append(f"{job}: Client.follow gave up ({end.error}); the job {state}")
+        elif not end.done:
+            if state in TERMINAL:
+                v["sse"].append(f"{job}: Client.follow had not returned when the checks ran; "
+                                f"the job {state}")
+        elif end.last_state != state or state not in TERMINAL:
+            v["sse"].append(f"{job}: Client.follow returned after state "
+                            f"{end.last_state or 'none'!r}; the job {state}")
+
+
 def _check_sse(received: dict[str, list[str]], streams: dict[str, list[str]],
                v: dict[str, list[str]]) -> None:
     """Each follower got its job's whole stream, in order, once."""
@@ -961,9 +1180,10 @@ def _check_final_losses(jobs: list[dict[str, Any]], fleet: ChaosFleet, plan: Pla
 
 def _check_folders(jobs: list[dict[str, Any]], fleet: ChaosFleet, v: dict[str, list[str]],
                    report: Report) -> None:
-    from peft import PeftModel
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
+
+    from tests.lorafolders import incomplete_lora
 
     loras = fleet.settings.paths.loras
     base = AutoModelForCausalLM.from_pretrained(fleet.settings.paths.models / "tiny")
@@ -972,11 +1192,13 @@ def _check_folders(jobs: list[dict[str, Any]], fleet: ChaosFleet, v: dict[str, l
         if j.get("kind") != "train" or j["state"] != "succeeded":
             continue
         folder = loras / j["spec"]["lora_name"]
-        try:
-            PeftModel.from_pretrained(base, folder).unload()
+        why = incomplete_lora(folder) or adapter_load_problem(base, folder)
+        if why is None:
             loaded += 1
-        except Exception as e:  # noqa: BLE001 - any failure to load is the finding
-            v["folders"].append(f"{j['id']}: loras/{folder.name} does not load: {e}")
+            continue
+        v["folders"].append(f"{j['id']}: loras/{folder.name}: {why}")
+        # A load that failed part-way may have left the shared base model changed.
+        base = AutoModelForCausalLM.from_pretrained(fleet.settings.paths.models / "tiny")
     report.counts["loras_loaded"] = loaded
     # Every adapter file anywhere parses, with its config beside it.
     for weights in loras.rglob("adapter_model.safetensors"):
@@ -987,6 +1209,36 @@ def _check_folders(jobs: list[dict[str, Any]], fleet: ChaosFleet, v: dict[str, l
         except Exception as e:  # noqa: BLE001
             v["folders"].append(f"{weights.relative_to(loras)}: half-written ({e})")
     _check_leftovers(loras, v)
+
+
+def adapter_load_problem(base: Any, folder: Path) -> str | None:
+    """Why peft does not load `folder`'s adapter onto `base` exactly, or None. It must load,
+    and the loaded model's adapter weights must be the saved tensors, key for key: a key
+    the file has and the model does not take, a weight of the model's adapter the file
+    lacks (peft's `from_pretrained` only warns of it and leaves it at its initial value), or
+    a value that differs, is a problem. `base` is left as it was (the adapter unloaded)."""
+    import torch
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+        model = PeftModel.from_pretrained(base, folder)
+    except Exception as e:  # noqa: BLE001 - any failure to load is the finding
+        return f"does not load with peft: {type(e).__name__}: {e}"
+    try:
+        got = get_peft_model_state_dict(model, save_embedding_layers=False)
+    finally:
+        model.unload()
+    ignored = sorted(set(saved) - set(got))
+    lacking = sorted(set(got) - set(saved))
+    differ = sorted(k for k in set(saved) & set(got)
+                    if not torch.equal(saved[k], got[k].detach().to("cpu", saved[k].dtype)))
+    problems = [f"{what}: {keys[:3]}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                for what, keys in (("saved weights peft did not load", ignored),
+                                   ("adapter weights the file lacks", lacking),
+                                   ("weights loaded with other values", differ)) if keys]
+    return "; ".join(problems) or None
 
 
 def _check_leftovers(loras: Path, v: dict[str, list[str]]) -> None:

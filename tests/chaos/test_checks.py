@@ -13,24 +13,32 @@ from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
+import requests
 
 from tests.chaos.harness import (
     KINDS,
+    ApiAnswers,
+    FollowEnd,
     Hold,
     Plan,
     ProcessWatch,
     ProcStat,
+    Submission,
     _check_accepted,
     _check_attempts,
     _check_curve,
     _check_fair_share,
+    _check_follow_ends,
     _check_leftovers,
     _check_sse,
+    _check_unaccepted,
+    adapter_load_problem,
     check_overlap,
     kill_schedule,
     pick_from,
+    server_error,
 )
-from tests.lorafolders import CHECKPOINT_FILES
+from tests.lorafolders import CHECKPOINT_FILES, LORA_FILES, incomplete_lora
 
 
 def violations() -> dict:
@@ -252,14 +260,105 @@ def test_an_accepted_job_gone_unfinished_or_ended_twice_is_a_violation():
                  "no end": [h("queued")]}
     _check_accepted(["ok", "stuck", "twice", "no end", "lost"], by_id, histories, v)
     assert sorted(v["accepted"]) == ["lost: accepted, then gone", "no end: succeeded, 0 final states",
-                                     "stuck: running, 0 final states",
+                                     "stuck: never ended (running when checked, 0 final states)",
                                      "twice: failed, 2 final states"]
     v = violations()
     _check_accepted(["ok"], {"ok": by_id["ok"]}, histories, v)
     assert dict(v) == {}
 
 
+def job(owner: str, kind: str, name: str, created: float, **fields) -> dict:
+    return {"owner": owner, "kind": kind, "name": name, "created": created, "state": "succeeded",
+            **fields}
+
+
+def test_a_job_no_answer_named_is_a_duplicate_of_a_retried_submission_or_a_violation():
+    subs = [Submission("ana", "train", "ana-1", sent=10.0, answered=14.0, tries=3, id="a1"),
+            Submission("ana", "train", "ana-2", sent=20.0, answered=20.1, tries=1, id="a2"),
+            Submission("bo", "sweep", "", sent=30.0, answered=35.0, tries=2, id="s1")]
+    by_id = {
+        "a1": job("ana", "train", "ana-1", 13.0),
+        "a1-again": job("ana", "train", "ana-1", 11.0),   # the first try's, its answer lost
+        "a2": job("ana", "train", "ana-2", 20.05),
+        "a2-again": job("ana", "train", "ana-2", 20.05),  # answered at the first try: no retry
+        "late": job("ana", "train", "ana-1", 40.0),       # long after the retried submission
+        "other": job("cy", "train", "ana-1", 12.0),       # another user's
+        "t1": job("bo", "train", "bo-sweep-r2", 31.0, sweep="s0"),  # a trial of a lost sweep
+        "e1": job("bo", "evaluate", "perplexity: tiny", 50.0, sweep_eval="s1"),  # s1's own
+    }
+    accepted = {"a1": {}, "a2": {}}
+    v = violations()
+    assert _check_unaccepted(by_id, accepted, ["s1"], subs, v) == ["a1-again", "t1"]
+    assert [line.split(":")[0] for line in v["accepted"]] == ["a2-again", "late", "other"]
+    assert "no submission like it was being retried" in v["accepted"][0]
+    v = violations()
+    assert _check_unaccepted({"a1": by_id["a1"]}, accepted, [], subs, v) == []
+    assert dict(v) == {}
+
+
+# -- api -------------------------------------------------------------------------------------------
+def test_only_the_dashboards_redis_down_503_is_an_honest_refusal():
+    from dashboard.app import REDIS_DOWN
+
+    assert server_error(503, {"error": REDIS_DOWN}) is None
+    assert server_error(500, {"error": "internal error in the dashboard; see its log"}) == (
+        "HTTP 500: internal error in the dashboard; see its log")
+    assert server_error(503, {"error": "something else"}) == "HTTP 503: something else"
+    assert server_error(503, "<html>busy</html>") == "HTTP 503: <html>busy</html>"
+    assert server_error(502, {"error": REDIS_DOWN}).startswith("HTTP 502: cannot reach Redis")
+
+
+def answer(status: int, body: bytes, method: str = "POST") -> requests.Response:
+    resp = requests.Response()
+    resp.status_code, resp._content = status, body
+    resp.url = "http://127.0.0.1:1/api/v1/jobs?x=1"
+    resp.request = requests.Request(method, resp.url).prepare()
+    return resp
+
+
+def test_api_answers_count_redis_down_refusals_and_keep_every_other_5xx():
+    from dashboard.app import REDIS_DOWN
+
+    answers = ApiAnswers()
+    session = answers.watch(requests.Session())
+    assert answers.hook in session.hooks["response"]
+    for resp in (answer(201, b'{"id": "x"}'), answer(404, b'{"error": "no job"}'),
+                 answer(503, json.dumps({"error": REDIS_DOWN}).encode()),
+                 answer(500, b'{"error": "internal error"}'),
+                 answer(502, b"Bad Gateway", method="GET")):
+        answers.hook(resp)
+    assert answers.redis_down == 1
+    assert answers.errors == ["POST /api/v1/jobs: HTTP 500: internal error",
+                              "GET /api/v1/jobs: HTTP 502: Bad Gateway"]
+
+
 # -- sse -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("end,state,why", [
+    (FollowEnd(False, "ApiError: the dashboard ... for more than 120 s", "running"), "succeeded",
+     "j: Client.follow gave up (ApiError: the dashboard ... for more than 120 s); the job "
+     "succeeded"),
+    (FollowEnd(False, "", "running"), "succeeded",
+     "j: Client.follow had not returned when the checks ran; the job succeeded"),
+    (FollowEnd(True, "", "running"), "succeeded",
+     "j: Client.follow returned after state 'running'; the job succeeded"),
+    (FollowEnd(True, "", ""), "failed", "j: Client.follow returned after state 'none'; the job "
+     "failed"),
+    (FollowEnd(True, "", "running"), "running",
+     "j: Client.follow returned after state 'running'; the job running"),
+])
+def test_a_follower_that_gave_up_or_missed_its_jobs_end_is_a_violation(end, state, why):
+    v = violations()
+    _check_follow_ends({"j": end}, {"j": state}, v)
+    assert v["sse"] == [why]
+
+
+def test_a_follower_that_saw_the_end_passes_and_one_of_a_job_that_never_ended_is_not_counted():
+    v = violations()
+    _check_follow_ends({"a": FollowEnd(True, "", "succeeded"), "b": FollowEnd(False, "", "")},
+                       {"a": "succeeded", "b": "running"}, v)
+    assert dict(v) == {}
+
+
 @pytest.mark.parametrize("got,first", [
     (["1-0", "3-0"], 1),                # one missed
     (["1-0", "2-0", "2-0", "3-0"], 2),  # one twice (a reconnect from the wrong id)
@@ -360,3 +459,78 @@ def test_a_target_is_one_draw_mapped_onto_the_list():
     assert [pick_from(["a", "b", "c"], u) for u in (0.0, 0.34, 0.67, 0.999)] == ["a", "b", "c",
                                                                                    "c"]
     assert pick_from(["x"], 0.99) == "x"
+
+
+# -- a finished LoRA and peft ----------------------------------------------------------------------
+def test_a_lora_folder_missing_a_file_or_with_a_broken_json_file_is_not_finished(tmp_path):
+    for name in LORA_FILES:
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / ".lock").write_text("")
+    assert incomplete_lora(tmp_path) is None
+    (tmp_path / "training_prompt.json").unlink()
+    assert incomplete_lora(tmp_path) == "not a finished LoRA: missing ['training_prompt.json']"
+    (tmp_path / "training_prompt.json").write_text("[1]")
+    assert incomplete_lora(tmp_path) == ("not a finished LoRA: training_prompt.json is not a "
+                                         "JSON object")
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    """The tiny model and a LoRA saved from it, with weights that are not peft's initial ones."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import make_tiny_model
+
+    home = tmp_path_factory.mktemp("adapter")
+    make_tiny_model(home / "tiny")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(home / "tiny"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(param)
+    model.save_pretrained(home / "lora", save_embedding_layers=False)
+    base = AutoModelForCausalLM.from_pretrained(home / "tiny")
+    return base, home / "lora"
+
+
+def _rewrite(folder, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    save_file(change(tensors), str(folder / "adapter_model.safetensors"))
+
+
+def test_an_adapter_that_loads_exactly_passes_and_the_base_is_left_as_it_was(tiny_adapter):
+    base, folder = tiny_adapter
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    assert adapter_load_problem(base, folder) is None
+    after = base.state_dict()
+    assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
+
+
+@pytest.mark.parametrize("change,why", [
+    # peft only warns of a key the file lacks, and leaves that weight at its initial value
+    (lambda t: {k: v for k, v in t.items() if not k.endswith("layers.0.self_attn.q_proj"
+                                                             ".lora_B.weight")},
+     "adapter weights the file lacks: ['base_model.model.model.layers.0.self_attn.q_proj"
+     ".lora_B.weight'] (1)"),
+    # ... and ignores, without a word, a saved key the model has no place for
+    (lambda t: {**t, "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight":
+                t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].clone()},
+     "saved weights peft did not load: ['base_model.model.model.layers.0.mlp.up_proj"
+     ".lora_A.weight'] (1)"),
+])
+def test_an_adapter_peft_loads_only_in_part_is_a_violation(tiny_adapter, tmp_path, change, why):
+    import shutil
+
+    base, saved = tiny_adapter
+    folder = tmp_path / "lora"
+    shutil.copytree(saved, folder)
+    _rewrite(folder, change)
+    assert adapter_load_problem(base, folder) == why
+    (folder / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    assert adapter_load_problem(base, folder).startswith("does not load with peft: ")
