@@ -147,6 +147,21 @@ class Client:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._call("GET", f"/jobs/{job_id}")
 
+    def job_patiently(self, job_id: str) -> dict[str, Any]:
+        """`job`, waiting out a dashboard that does not answer or answers 5xx (a restart, its
+        Redis away) for FOLLOW_PATIENCE_S, as `follow` does; other refusals at once."""
+        since = time.monotonic()
+        while True:
+            try:
+                return self.job(job_id)
+            except ListenerNotOurs:
+                raise
+            except ApiError as e:
+                if not (e.status == 0 or e.status >= 500) or \
+                        time.monotonic() - since > FOLLOW_PATIENCE_S:
+                    raise
+            time.sleep(0.5)
+
     def jobs_page(self, limit: int = JOBS_PAGE_SIZE, offset: int = 0, owner: str | None = None,
                   state: str | None = None, before: str | None = None) -> dict[str, Any]:
         """One page of the job list, newest first: {"jobs", "total", "limit", "offset"}.

@@ -59,7 +59,11 @@ def follow_job(client: Client, job_id: str, out: IO[str] | None = None) -> str:
         out.flush()
     if tty:
         out.write("\n")
-    return client.job(job_id)["state"]
+    if state in TERMINAL_VALUES:
+        return state
+    # The stream ended before its state event came (or it was missed): ask, patient with an
+    # outage at this moment as `follow` was.
+    return client.job_patiently(job_id)["state"]
 
 
 @click.command()

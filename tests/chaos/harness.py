@@ -376,16 +376,26 @@ class Killer(threading.Thread):
         return name, bool(busy)
 
     def _training(self, name: str) -> bool:
-        """Whether the worker's job is past its first checkpoint (save_steps 2)."""
+        """Whether a job of the worker (its `job`, or a pack's `jobs`) has a checkpoint in its
+        LoRA folder to resume from. (Its step alone said too little: a pack's trials report
+        steps before any of them has saved one, and a short run whose kills all hit such a
+        pack had nothing to resume.)"""
         import redis
 
         r = redis.Redis.from_url(self.fleet.redis_url, decode_responses=True,
                                  socket_timeout=2)
         try:
-            job = r.hget(f"{self.fleet.prefix}:worker:{name.removeprefix('worker-')}", "job")
-            step = r.hget(f"{self.fleet.prefix}:job:{job}", "step") if job else None
-            return float(step or 0) >= 3
-        except (redis.RedisError, ValueError):
+            beat = r.hmget(f"{self.fleet.prefix}:worker:{name.removeprefix('worker-')}",
+                           "job", "jobs")
+            jobs = {j for field in beat for j in str(field or "").split(",") if j}
+            for job in jobs:
+                spec = json.loads(r.hget(f"{self.fleet.prefix}:job:{job}", "spec") or "{}")
+                folder = self.fleet.settings.paths.loras / str(spec.get("lora_name") or "-")
+                if folder.is_dir() and any(p.name.startswith("checkpoint-")
+                                           for p in folder.iterdir()):
+                    return True
+            return False
+        except (redis.RedisError, ValueError, OSError):
             return False
         finally:
             r.close()

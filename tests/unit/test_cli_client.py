@@ -360,6 +360,38 @@ def test_follow_gives_each_outage_its_own_patience(url, redis_client, prefix, tm
     assert not follower.is_alive() and not failed, failed
     assert [e["step"] for e in got if e["type"] == "train"] == [1, 2, 3]
 
+def test_the_state_after_following_waits_out_an_outage_too(url, redis_client, prefix,
+                                                           tmp_path):
+    """`submit --wait` asks the job's state once more when its stream ended without a state
+    event: that question, too, waits out a proxy's 502 (Client.job_patiently), where a plain
+    `job` would end the command with an error; a job that does not exist is said at once."""
+    import threading
+    import time
+
+    from dispatcher.access.dashtoken import read_token
+
+    store = JobStore(redis_client, prefix)
+    job = store.create("train", {"lora_name": "asked"}, "local")
+    proxy = _FlakyProxy(url)
+    client = Client(proxy.url, token=read_token(tmp_path / "home"))
+    got: list = []
+    asker = threading.Thread(target=lambda: got.append(client.job_patiently(job)), daemon=True)
+    try:
+        asker.start()
+        deadline = time.monotonic() + 10
+        while proxy.refused < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proxy.refused >= 3 and asker.is_alive() and not got
+        proxy.bad = False
+        asker.join(10)
+        assert got and got[0]["state"] == "queued"
+        with pytest.raises(ApiError) as e:
+            client.job_patiently("nosuchjob")
+        assert e.value.status == 404
+    finally:
+        proxy.close()
+
+
 def _follow_through_proxy(url, redis_client, prefix, tmp_path, total_steps: int):
     """A running job with its first step, and a thread following it through a _FlakyProxy
     (answering 502 until told otherwise): (store, job, proxy, events got, errors, thread)."""
