@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -250,3 +252,75 @@ def test_a_run_waits_for_an_earlier_run_of_its_own_job(paths):
     assert result["saved"] and not result["stopped"]
     assert any("held by an earlier run of this job" in line for line in rec.lines), rec.lines
     assert holder.poll() is not None
+
+
+# --------------------------------------------------------------------------- another OS user
+
+
+NOBODY = 65534
+
+
+def _lock_twice(folder: Path) -> dict:
+    """Take the folder's lock, try it a second time while holding it, release it."""
+    lock = try_lock(folder, me(job="next"))
+    if lock is None:
+        return {"taken": False}
+    try:
+        second = try_lock(folder, me(job="second")) is not None
+        holder = holder_of(folder).get("job")
+    finally:
+        lock.release()
+    return {"taken": True, "second": second, "holder": holder,
+            "left": (folder / LOCK_NAME).exists()}
+
+
+def _as_nobody(fn) -> dict:
+    """`fn()` in a forked child that runs as another OS user (nobody), its answer as JSON."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out = json.dumps(fn())
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = json.dumps({"error": repr(e)})
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+@pytest.mark.parametrize("folder_writable", [True, False])
+def test_a_lock_file_another_os_user_left_does_not_block_the_lora(tmp_path, folder_writable):
+    """review15b L8: a `.lock` left by a killed process of another OS user (0644: this user
+    may only read it) gave PermissionError on try_lock's read-write open, so every later job on
+    the LoRA failed. The lock is taken on a read-only descriptor (flock needs no more): held, it
+    keeps out a second taker. Where the folder lets this user remove the stale file, it is
+    replaced by one of its own, naming the holder; else the lock is held on it as it is.
+    (As root, the taker is a child running as nobody and the file is root's; as any other
+    user, the file is made read-only to its owner, which refuses the same open.)"""
+    root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp()) if root else tmp_path  # (pytest's is private to root)
+    try:
+        base.chmod(0o755)
+        folder = base / "loras" / "theirs"
+        folder.mkdir(parents=True)
+        (base / "loras").chmod(0o755)
+        lock_file = folder / LOCK_NAME
+        lock_file.write_text(json.dumps(me(job="old")))
+        lock_file.chmod(0o644 if root else 0o444)
+        folder.chmod(0o777 if folder_writable else 0o555)
+        got = _as_nobody(lambda: _lock_twice(folder)) if root else _lock_twice(folder)
+        assert got == {"taken": True, "second": False,
+                       "holder": "next" if folder_writable else "old",
+                       "left": not folder_writable}, got
+    finally:
+        (base / "loras" / "theirs").chmod(0o755)
+        if root:
+            shutil.rmtree(base)
