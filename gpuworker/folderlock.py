@@ -1,11 +1,11 @@
 """The lock on a LoRA folder: loras/<lora_name>/.lock, an exclusive flock.
 
-A training process takes it (never waiting on another job) when it opens the LoRA folder and
-holds it until it has saved (gpuworker.engine.train.Run); the kernel drops it when the process
-ends, however it ends, so a lock is never left behind by a killed process. What removes the
-half-saved work of a process that died (gpuworker.checkpoints.clear_staging) runs only while
-holding it: a live process's staging folders are never taken for a dead one's, and a second
-job on the same LoRA finds the lock held and is refused instead of clearing the first one's
+A training process takes it before it reads anything in the LoRA folder and holds it until it
+has saved (gpuworker.engine.folder); the kernel drops it when the process ends, however it
+ends, so a lock is never left behind by a killed process. What removes the half-saved work of
+a process that died (gpuworker.checkpoints.clear_staging) runs only while holding it: a live
+process's staging folders are never taken for a dead one's, and a second job on the same LoRA
+finds the lock held and waits for it (or is refused) instead of clearing the first one's
 files.
 
 The holder writes who it is into the file (one JSON object: job, pid, host, what it does), so

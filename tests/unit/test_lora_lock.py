@@ -29,12 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # A process that holds the lock of a LoRA folder while it "saves": it takes the lock, leaves
 # staging work in the folder, says so, and holds on until its stdin closes (or it is killed).
+# (What it says it does, as the lock file tells: "training" unless told.)
 HOLDER = r"""
 import sys
 from pathlib import Path
 from gpuworker.folderlock import me, try_lock
 folder = Path(sys.argv[1])
-lock = try_lock(folder, me(job=sys.argv[2]))
+lock = try_lock(folder, me(job=sys.argv[2], doing=sys.argv[3]))
 assert lock is not None, "the lock was held"
 stage = folder / ".checkpoint-3-abc"
 stage.mkdir()
@@ -46,9 +47,9 @@ sys.stdin.read()
 """
 
 
-def hold(folder: Path, job: str) -> subprocess.Popen:
+def hold(folder: Path, job: str, doing: str = "training") -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), job], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), job, doing], cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -207,13 +208,17 @@ def paths(tmp_path) -> DataPaths:
     return tiny_paths(tmp_path / "home")
 
 
-def test_a_second_job_on_the_lora_is_refused_and_the_first_ones_files_stay(paths):
+def test_a_second_job_on_the_lora_is_refused_and_the_first_ones_files_stay(paths,
+                                                                         monkeypatch):
     """Two jobs with one lora_name at once: the second finds the folder's lock held by the
-    first's process and fails at once, naming the LoRA and the job, before it moves, clears or
-    writes anything of the first's."""
-    from gpuworker.errors import EngineError
+    first's process and, once it has waited OTHER_HOLDER_WAIT_S (cut short here) for it to let
+    go, is refused (FolderBusy: the worker re-queues it), naming the LoRA and the job, before it
+    moves, clears or writes anything of the first's."""
+    from gpuworker.engine import folder as engine_folder
+    from gpuworker.errors import FolderBusy
     from tests.unit.test_engine import Recorder, make_spec
 
+    monkeypatch.setattr(engine_folder, "OTHER_HOLDER_WAIT_S", 2.0)
     folder = paths.loras / "tiny-lora"
     holder = hold(folder, "first-job")
     try:
@@ -221,8 +226,8 @@ def test_a_second_job_on_the_lora_is_refused_and_the_first_ones_files_stay(paths
         before = snapshot(folder)
         rec = Recorder()
         started = time.monotonic()
-        with pytest.raises(EngineError, match=r"^loras/tiny-lora is being trained by another "
-                                              r"job \(first-job\)"):
+        with pytest.raises(FolderBusy, match=r"^loras/tiny-lora is being trained by another "
+                                             r"job \(first-job\)"):
             rec.run(make_spec(epochs=1), paths)
         assert time.monotonic() - started < 60
         assert snapshot(folder) == before
