@@ -30,4 +30,5 @@ class FolderBusy(EngineError):
     """The job's LoRA folder stayed locked (gpuworker.folderlock) by a process that lets go of
     it by itself: an earlier run of the same job that was fenced out, the worker clearing what a
     dead process left, another job's process whose job was taken away from it. Not the job's
-    fault, and nothing of the folder was touched."""
+    fault and nothing of the folder was touched: the worker puts the job back in the queue
+    without counting an attempt (gpuworker.tasks.record_failure), up to a limit."""

@@ -1,8 +1,9 @@
 """A run takes its LoRA folder's lock before it reads anything there (review15b): what it builds
 on is the folder as a process that died left it complete, a stop asked for while it waits for
 the lock is obeyed without touching the folder (alone and in a pack, for any trial of the pack),
-a folder turned into a link while it waited is not written through, and a worker's clear is
-waited for. Real processes hold the locks, the real engine trains the tiny model."""
+a folder turned into a link while it waited is not written through, a worker's clear is waited
+for, and a job whose folder stays locked goes back to the queue instead of failing. Real
+processes hold the locks, the real engine trains the tiny model, on a real Redis."""
 
 from __future__ import annotations
 
@@ -16,12 +17,19 @@ from typing import Any
 import pytest
 import torch
 
-from dispatcher.settings import DataPaths
+from dispatcher.access.owners import Owners, lora_rel
+from dispatcher.jobs.fleet import Fleet
+from dispatcher.jobs.states import JobState
+from dispatcher.schedule.requeue import Crashed, settle
+from dispatcher.settings import DataPaths, Settings
+from gpuworker.engine import folder as engine_folder
 from gpuworker.engine.boundary import config_from_spec, train
 from gpuworker.engine.report import Report
 from gpuworker.engine.train_pack import PackMember, run_pack
 from gpuworker.errors import EngineError
 from gpuworker.folderlock import LOCK_NAME
+from gpuworker.jobs import run_job_kind
+from gpuworker.tasks import LOCK_REQUEUES, perform_job
 from tests.unit.test_engine import (  # noqa: F401
     Recorder,
     lora_weights,
@@ -258,3 +266,62 @@ def test_a_run_waits_for_the_workers_clear_of_its_folder(paths):  # noqa: F811
     assert any("is being cleared of what an interrupted process left" in line
                for line in rec.lines), rec.lines
 
+
+# --------------------------------------------------------------------------- M5c: re-queued
+
+
+def test_a_job_whose_folder_stays_locked_is_requeued_without_counting_an_attempt(
+        paths, store, monkeypatch):  # noqa: F811
+    """A job's LoRA folder is held by another job's process that the dispatcher no longer
+    counts as training it (an orphan whose job was moved away), longer than the run waits: the
+    job goes back to the queue, not to `failed`, and the refused attempt is not counted: its
+    next run does not take the folder's earlier checkpoint for its own (it continues the
+    LoRA), and the crash policy gives it its full attempts. After LOCK_REQUEUES such re-queues
+    it fails, saying so."""
+    monkeypatch.setattr(engine_folder, "OTHER_HOLDER_WAIT_S", 1.0)
+    settings = Settings(home=paths.home, redis_url="", prefix=store.p)
+    fleet = Fleet(store.r, store.p)
+    # The folder as an earlier job of the same owner left it: stopped at step 3, a
+    # checkpoint of that job's settings.
+    Recorder(stop_after=3).run(make_spec(epochs=1), paths)
+    Owners(store.r, store.p).claim(lora_rel("tiny-lora"), "local")
+    job = store.create("train", make_spec(epochs=1, seed=9).to_dict())
+
+    def attempt(n: int) -> str:
+        store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=n)
+        return perform_job(job, "w1", store, fleet, run_job_kind, settings)
+
+    holder = hold(paths.loras / "tiny-lora", "orphaned-job")
+    try:
+        assert attempt(1) == "retrying", store.get(job)["reason"]
+    finally:
+        kill(holder)
+    rec = store.get(job)
+    assert rec["worker"] == "" and rec["lock_requeues"] == 1
+    assert rec["reason"].startswith("loras/tiny-lora is being trained by another job "
+                                    "(orphaned-job)")
+    assert rec["reason"].endswith("; re-queued (not counted as an attempt)")
+
+    assert attempt(2) == "succeeded", store.get(job)["reason"]
+    lines = [e["line"] for _, e in store.events.history(job) if e["type"] == "log"]
+    assert not any("resuming from the latest checkpoint" in line for line in lines)
+    assert store.get(job)["result"]["continues"] == {"lora": "tiny-lora", "step": 3}
+
+    # The crash policy: attempt 3 counts as the job's second (one of them was the lock's).
+    other = store.create("train", make_spec(lora_name="other").to_dict())
+    store.transition(other, JobState.ASSIGNED, "a", worker="w1", attempt=3)
+    store.transition(other, JobState.RUNNING, "r", lock_requeues=1)
+    assert settle(store, other, 3, Crashed("died"), expect_worker="w1") == JobState.RETRYING
+
+    # Re-queued LOCK_REQUEUES times already: the next refusal fails the job.
+    last = store.create("train", make_spec(epochs=1).to_dict(),
+                        fields={"lock_requeues": LOCK_REQUEUES})
+    store.transition(last, JobState.ASSIGNED, "a", worker="w1", attempt=LOCK_REQUEUES + 1)
+    holder = hold(paths.loras / "tiny-lora", "orphaned-job")
+    try:
+        assert perform_job(last, "w1", store, fleet, run_job_kind, settings) == "failed"
+    finally:
+        kill(holder)
+    assert store.get(last)["reason"].endswith(
+        f"it was re-queued {LOCK_REQUEUES} times for this already: run the job again once "
+        "that process has ended")
