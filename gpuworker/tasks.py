@@ -398,6 +398,9 @@ def _clear_half_saved(settings: Settings, rec: dict[str, Any]) -> None:
                      holder_of(folder) or "unknown")
             return
         with lock:
+            # (again, now that the lock is held: a link put in the folder's place meanwhile)
+            if folder.is_symlink() or not inside(folder, loras):
+                return
             tidied = clear_staging(folder)
     except OSError:
         log.warning("could not clear loras/%s of half-saved files", name, exc_info=True)

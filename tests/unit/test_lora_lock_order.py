@@ -236,6 +236,34 @@ def test_a_folder_swapped_for_a_link_while_the_run_waited_is_not_written_through
     assert snapshot(outside) == before and not (outside / LOCK_NAME).exists()
 
 
+def test_the_workers_clear_does_not_follow_a_link_put_in_place_before_its_lock(
+        tmp_path, redis_server, redis_client, prefix, monkeypatch):
+    """The worker clearing a dead process's leftovers: loras/<name> becomes a link out of the
+    data folder between the worker's check and its lock (injected there, the real lock taken
+    after it): the worker clears nothing through it."""
+    from dispatcher.jobs.store import JobStore
+    from gpuworker import tasks
+    from tests.unit.test_lora_lock import running
+
+    settings = Settings(home=tmp_path / "home", redis_url=redis_server, prefix=prefix)
+    settings.paths.ensure()
+    folder = settings.paths.loras / "swapped"
+    (folder / ".saving-x").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    (outside / ".saving-q").mkdir(parents=True)
+    real = tasks.try_lock
+
+    def swapped_first(lora_dir: Path, holder: dict[str, Any]) -> Any:
+        folder.rename(settings.paths.loras / ".moved-away")
+        folder.symlink_to(outside)
+        return real(lora_dir, holder)
+
+    monkeypatch.setattr(tasks, "try_lock", swapped_first)
+    job = running(JobStore(redis_client, prefix), "swapped")
+    assert tasks.requeue_after_crash(settings, job, "w1", "the process died") == "retrying"
+    assert (outside / ".saving-q").is_dir() and not (outside / LOCK_NAME).exists()
+
+
 # --------------------------------------------------------------------------- L10: a clear
 
 
