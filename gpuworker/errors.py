@@ -24,3 +24,11 @@ class LeverSkipped(Exception):
 class DiskFull(EngineError):
     """A write to the data folder failed for want of space (gpuworker.diskspace): the message
     names the folder and what was being written, and what of the earlier work stays."""
+
+
+class FolderBusy(EngineError):
+    """The job's LoRA folder stayed locked (gpuworker.folderlock) by a process that lets go of
+    it by itself: an earlier run of the same job that was fenced out, the worker clearing what a
+    dead process left, another job's process whose job was taken away from it. Not the job's
+    fault and nothing of the folder was touched: the worker puts the job back in the queue
+    without counting an attempt (gpuworker.tasks.record_failure), up to a limit."""

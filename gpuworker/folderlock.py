@@ -1,16 +1,19 @@
 """The lock on a LoRA folder: loras/<lora_name>/.lock, an exclusive flock.
 
-A training process takes it (never waiting on another job) when it opens the LoRA folder and
-holds it until it has saved (gpuworker.engine.train.Run); the kernel drops it when the process
-ends, however it ends, so a lock is never left behind by a killed process. What removes the
-half-saved work of a process that died (gpuworker.checkpoints.clear_staging) runs only while
-holding it: a live process's staging folders are never taken for a dead one's, and a second
-job on the same LoRA finds the lock held and is refused instead of clearing the first one's
+A training process takes it before it reads anything in the LoRA folder and holds it until it
+has saved (gpuworker.engine.folder); the kernel drops it when the process ends, however it
+ends, so a lock is never left behind by a killed process. What removes the half-saved work of
+a process that died (gpuworker.checkpoints.clear_staging) runs only while holding it: a live
+process's staging folders are never taken for a dead one's, and a second job on the same LoRA
+finds the lock held and waits for it (or is refused) instead of clearing the first one's
 files.
 
 The holder writes who it is into the file (one JSON object: job, pid, host, what it does), so
 whoever finds the lock held can say by whom, and removes the file when it releases the lock: it
 is there only while someone works in the folder (or after a holder died, until the next one).
+A lock file left by a process of another OS user (one this user may only read) still gives
+the lock: a read-only descriptor takes a flock too, and the file is replaced by one of this
+user's where the folder lets it.
 It is hidden, and the LoRA's own files are untouched (text-generation-webui and peft read only
 theirs). No torch: the worker's main process clears folders too.
 """
@@ -94,8 +97,7 @@ def try_lock(lora_dir: Path, holder: dict[str, Any]) -> FolderLock | None:
     Never waits. `holder` (see `me`) is written into the lock file once it is ours."""
     path = lora_dir / LOCK_NAME
     while True:
-        # O_NOFOLLOW: a link planted under the name is refused (ELOOP), never followed.
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        fd, writable = _open(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -110,6 +112,17 @@ def try_lock(lora_dir: Path, holder: dict[str, Any]) -> FolderLock | None:
         if not _same_file(path, fd):
             os.close(fd)
             continue
+        if not writable:
+            # Ours, on a file another OS user's process left: who holds it cannot be written
+            # into it. Its name is removed while it is held (as `release` does) and the lock
+            # taken again on a file of our own; where the folder does not let us remove it,
+            # the lock is held on this file as it is.
+            try:
+                path.unlink()
+            except OSError:
+                return FolderLock(path, fd)
+            os.close(fd)
+            continue
         lock = FolderLock(path, fd)
         try:
             data = json.dumps(holder).encode()
@@ -119,6 +132,20 @@ def try_lock(lora_dir: Path, holder: dict[str, Any]) -> FolderLock | None:
             lock.release()
             raise
         return lock
+
+
+def _open(path: Path) -> tuple[int, bool]:
+    """The lock file, made if missing, and whether it is open for writing: read-only where
+    its mode lets this OS user only read it (flock does not need a writable descriptor)."""
+    # O_NOFOLLOW: a link planted under the name is refused (ELOOP), never followed.
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666), True
+    except PermissionError as refused:
+        try:
+            return os.open(path, os.O_RDONLY | flags), False
+        except FileNotFoundError:  # none to lock, and none may be made here
+            raise refused from None
 
 
 def _same_file(path: Path, fd: int) -> bool:

@@ -29,6 +29,7 @@ from gpuworker.tasks import (
     JobFenced,
     JobRun,
     check_lora_owner,
+    folder_run,
     record_failure,
     record_result,
     release_memory,
@@ -134,7 +135,7 @@ def _member(job: JobRun, rec: dict[str, Any], settings: Settings) -> tuple[PackT
     spec = spec_from_dict(rec["spec"], "train")
     trial = PackTrial(job)
     resume = spec.resume_from_checkpoint or None
-    attempt = job.attempt
+    attempt = folder_run(job.attempt, rec)
     others = [j for j in (rec.get("pack_jobs") or "").split(",") if j and j != job.job_id]
     job.log(f"training in {_pack_words(rec, others)}")
     if attempt > 1 and resume is None:

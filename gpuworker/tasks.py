@@ -29,11 +29,15 @@ from dispatcher.schedule.requeue import Crashed, settle
 from dispatcher.settings import Settings, connect
 from gpuworker.checkpoints import clear_staging
 from gpuworker.diskspace import says_full
-from gpuworker.errors import EngineError
+from gpuworker.errors import EngineError, FolderBusy
 from gpuworker.folderlock import holder_of, me, try_lock
 from gpuworker.oomkills import OomCounts, death_reason, read_oom_counts
 
 log = logging.getLogger("lorafleet.worker")
+
+# How many times a job refused because its LoRA folder stayed locked (FolderBusy) goes back to
+# the queue, without counting an attempt, before it fails.
+LOCK_REQUEUES = 5
 
 # How often (seconds) at most the job record's progress fields are rewritten; every event still
 # goes to the stream. A sweep's early stopping reads `step` from the record, so this bounds how
@@ -153,7 +157,7 @@ def perform_job(job_id: str, worker_name: str, store: JobStore, fleet: Fleet,
         log.warning("%s", e)
         return "fenced"
     except Exception as e:  # every failure ends the job with its reason; the worker stays up
-        record_failure(job, e)
+        state = record_failure(job, e)
     finally:
         fleet.heartbeat(worker_name, state=WorkerState.IDLE.value, job="", job_pid="")
         release_memory()
@@ -198,7 +202,7 @@ def _run(job: JobRun, rec: dict[str, Any], run: Callable[..., dict[str, Any]],
     if kind == "train":
         check_lora_owner(store, rec, settings)
     result = run(kind, rec["spec"], settings, job_id=job_id,
-                 attempt=job.attempt, progress=job.progress,
+                 attempt=folder_run(job.attempt, rec), progress=job.progress,
                  should_stop=job.should_stop, log=job.log)
     return record_result(job, result)
 
@@ -225,6 +229,14 @@ def record_result(job: JobRun, result: dict[str, Any]) -> JobState:
     return state
 
 
+def folder_run(attempt: int, rec: dict[str, Any]) -> int:
+    """Which run of the job (`rec`, at `attempt`) in its LoRA folder this is: the attempt, less
+    the attempts refused because the folder stayed locked (`lock_requeues`), which read and
+    wrote nothing there. A run after the first resumes from the latest checkpoint; a job's
+    first run must not take an earlier job's checkpoint for its own."""
+    return max(1, attempt - int(rec.get("lock_requeues") or 0))
+
+
 def check_lora_owner(store: JobStore, rec: dict[str, Any], settings: Settings) -> None:
     """Defence in depth: the dashboard checked who may write this LoRA; check again before
     the engine moves or writes anything in its folder (OwnerRefused)."""
@@ -233,10 +245,18 @@ def check_lora_owner(store: JobStore, rec: dict[str, Any], settings: Settings) -
         raise OwnerRefused(refused, "lora_name")
 
 
-def record_failure(job: JobRun, e: Exception) -> None:
+def record_failure(job: JobRun, e: Exception) -> JobState:
     """End the job `failed` with a reason a user can read, and the traceback's tail in its log:
     one transaction, fenced on the job still being this run's (a process whose job ended or
-    was given to another run, even on this worker name, writes nothing)."""
+    was given to another run, even on this worker name, writes nothing). A job whose LoRA
+    folder stayed locked goes back to the queue instead (requeue_locked_out), up to
+    LOCK_REQUEUES times. Returns the state it was given."""
+    if isinstance(e, FolderBusy):
+        requeued = requeue_locked_out(job, e)
+        if requeued is not None:
+            return requeued
+        e = FolderBusy(f"{e}; it was re-queued {LOCK_REQUEUES} times for this already: run the "
+                       "job again once that process has ended")
     lines: list[tuple[str, dict[str, Any]]] = []
     if sys.exc_info()[1] is e:  # (a pack's trial gets its error handed over, not raised)
         lines = [("log", {"line": line, "attempt": job.attempt})
@@ -247,6 +267,32 @@ def record_failure(job: JobRun, e: Exception) -> None:
                              events=lines)
     except TransitionError as moved:  # it ended or moved meanwhile: its record is not ours
         log.warning("job %s failed but could not be marked failed: %s", job.job_id, moved)
+    return JobState.FAILED
+
+
+def requeue_locked_out(job: JobRun, e: FolderBusy) -> JobState | None:
+    """Put back in the queue a job whose LoRA folder a process that lets go by itself held too
+    long (e: what held it): not the job's fault, so the attempt is not counted (settle and
+    folder_run subtract `lock_requeues`); cancelled instead when it was being stopped. Returns
+    that state; None once it was put back LOCK_REQUEUES times (it is to fail)."""
+    store, job_id = job.store, job.job_id
+    count = int(store.r.hget(store.key(job_id), "lock_requeues") or 0)
+    if count >= LOCK_REQUEUES:
+        return None
+    fence = {"expect_state": JobState.RUNNING, "expect_worker": job.worker_name,
+             "expect_attempt": job.attempt}
+    stopping = store.stop_requested(job_id)
+    try:
+        if stopping:
+            store.transition(job_id, JobState.CANCELLED, f"{store.stop_cause(job_id)}; {e}",
+                             **fence)
+        else:
+            store.transition(job_id, JobState.RETRYING,
+                             f"{e}; re-queued (not counted as an attempt)", worker="",
+                             lock_requeues=count + 1, **fence)
+    except TransitionError as moved:  # it ended or moved meanwhile: its record is not ours
+        log.warning("job %s could not be re-queued: %s", job_id, moved)
+    return JobState.CANCELLED if stopping else JobState.RETRYING
 
 
 def _reason(e: BaseException) -> str:
@@ -352,6 +398,9 @@ def _clear_half_saved(settings: Settings, rec: dict[str, Any]) -> None:
                      holder_of(folder) or "unknown")
             return
         with lock:
+            # (again, now that the lock is held: a link put in the folder's place meanwhile)
+            if folder.is_symlink() or not inside(folder, loras):
+                return
             tidied = clear_staging(folder)
     except OSError:
         log.warning("could not clear loras/%s of half-saved files", name, exc_info=True)

@@ -85,9 +85,11 @@ def settle(store: JobStore, job_id: str, attempt: int, what: Interruption,
     with `expect_worker`, only a job still on that worker changes; with `expect_attempt`,
     only a job still at that attempt: one given again to the same worker name meanwhile is
     another run's)."""
-    # A pack split for want of memory re-queued the job without a fault of its own: those
-    # assignments do not count against MAX_ATTEMPTS (gpuworker.packs).
-    attempt -= int(store.r.hget(store.key(job_id), "pack_splits") or 0)
+    # A pack split for want of memory, or a LoRA folder that stayed locked, re-queued the job
+    # without a fault of its own: those assignments do not count against MAX_ATTEMPTS
+    # (gpuworker.packs, gpuworker.tasks.requeue_locked_out).
+    free = store.r.hmget(store.key(job_id), "pack_splits", "lock_requeues")
+    attempt -= sum(int(n or 0) for n in free)
     new = next_state(attempt, store.stop_requested(job_id))
     extra: dict[str, Any] = {}
     if new == JobState.CANCELLED:

@@ -28,14 +28,15 @@ def is_oom(e: BaseException) -> bool:
 
 def run_releasing(dev: torch.device, run: Callable[[], dict[str, Any]],
                   oom_advice: str) -> dict[str, Any]:
-    """`run()`, with its failure as one EngineError: the engine's own message, or "out of GPU
-    memory: <oom_advice>". The card's memory is released whatever happens; only the message is
-    kept on failure, because the traceback's frames hold the model."""
+    """`run()`, with its failure as one EngineError: the engine's own message and type (the
+    worker tells a FolderBusy from a failure), or "out of GPU memory: <oom_advice>". The card's
+    memory is released whatever happens; only the message is kept on failure, because the
+    traceback's frames hold the model."""
     failure, error = "", EngineError
     try:
         return run()
     except EngineError as e:
-        failure = str(e)
+        failure, error = str(e), type(e)
     except Exception as e:
         if not is_oom(e):
             raise

@@ -1,7 +1,12 @@
 """`run_training(config, ...)`: one LoRA training job, in named phases.
 
-    check     everything that can be refused without loading a model (files, precision,
-              optimizer, a rank change when continuing, a checkpoint that does not fit)
+    check     everything that can be refused without the LoRA folder or a model (files,
+              precision, optimizer, levers)
+    folder    the LoRA folder's lock taken, and what a process that died left half-saved
+              tidied (folder.py), before anything in it is read; then what the run builds on,
+              read from it: the adapter it continues (a rank change is refused) or the
+              checkpoint it resumes from (one that does not fit is refused). The lock is held
+              until the final save is done.
     data      tokenizer + samples (before the model: bad data fails in seconds)
     model     base model on the device, LoRA layers on it, earlier weights loaded (the
               LoRA's own, or a checkpoint's when resuming), then the preparation hooks
@@ -19,8 +24,9 @@ Two ways to build on earlier work:
               Nothing is backed up: the folder is this run's. See resume.py.
 
 The app's entry, `train(spec, paths, ...)`, is boundary.py's: it builds the config. The
-phases (`check_phase`, `load_data`, `load_earlier_weights`, `Run`, `run_result`) are also
-train_pack.py's, which runs them per trial or once for a pack of trials.
+phases (`check_phase`, `take_folder`, `earlier_work`, `load_data`, `load_earlier_weights`,
+`Run`, `run_result`) are also train_pack.py's, which runs them per trial or once for a pack of
+trials.
 """
 
 from __future__ import annotations
@@ -31,13 +37,12 @@ from typing import Any
 
 import torch
 
-from dispatcher.access.links import inside
 from formats.files import atomic_write_json
-from gpuworker.checkpoints import clear_staging
 from gpuworker.diskspace import disk_full, says_full, space_of
 from gpuworker.engine import data as data_phase
 from gpuworker.engine.cleanup import run_releasing
 from gpuworker.engine.config import QUANTISED, EngineConfig
+from gpuworker.engine.folder import HeldFolder, check_not_link, take_folder
 from gpuworker.engine.levers import (
     check_levers,
     compile_record,
@@ -87,14 +92,8 @@ from gpuworker.engine.save import (
 )
 from gpuworker.engine.targets import projections_label, resolve_target_modules
 from gpuworker.errors import DiskFull, EngineError
-from gpuworker.folderlock import FolderLock, holder_of, me, try_lock
 
-# Finding the LoRA folder's lock held: how long a run waits for an earlier run of its own job
-# to stop (a fenced-out process stops at its next step, or after the save it is in), and for a
-# holder that did not say it trains (the worker clearing a dead process's leftovers: a moment).
-EARLIER_RUN_WAIT_S = 300.0
-BUSY_GRACE_S = 5.0
-LOCK_POLL_S = 0.5
+STOPPED_WAITING = "stopped while waiting for the LoRA folder"
 
 
 def oom_advice(cfg: EngineConfig) -> str:
@@ -115,7 +114,8 @@ def run_training(cfg: EngineConfig, report: Report, device: str | None = None,
 
 @dataclass
 class Checked:
-    """What the check phase found: the files, the settings it resolved, the earlier work."""
+    """What the check phase found: the files, the settings it resolved; and the earlier work
+    (earlier_work's, read from the LoRA folder once it is the run's)."""
 
     files: data_phase.DataFiles
     precision: str
@@ -137,19 +137,24 @@ class Data:
 def _train(cfg: EngineConfig, report: Report, device: torch.device,
            resume_from: str | None) -> dict[str, Any]:
     started = time.perf_counter()
-    checked = check_phase(cfg, report, device, resume_from)
-    data = load_data(cfg, checked, report)
-    model, info = _load_model(cfg, checked, device, report)
-    # Loading a big model takes minutes: a stop asked for meanwhile ends here, before the
-    # LoRA folder is touched.
-    if report.should_stop():
-        report.log("Stopped before training started; nothing was saved")
-        return run_result(cfg, data.plan, LoopOutcome(stopped=True,
-                                                   reason="stopped before the first step"),
-                       info, saved=False, started=started)
-    run = Run(cfg, checked, data, info, model, report)
-    run.open_folder()
+    checked = check_phase(cfg, report, device)
+    folder = take_folder(cfg, report)
+    if folder is None:  # asked to stop while it waited: nothing of the folder was touched
+        report.log(f"Stopped while waiting for loras/{cfg.lora_name}; nothing was saved")
+        return unstarted_result(cfg, STOPPED_WAITING, started)
     try:
+        checked = earlier_work(cfg, checked, report, resume_from)
+        data = load_data(cfg, checked, report)
+        model, info = _load_model(cfg, checked, device, report)
+        # Loading a big model takes minutes: a stop asked for meanwhile ends here, before the
+        # LoRA folder is written.
+        if report.should_stop():
+            report.log("Stopped before training started; nothing was saved")
+            return run_result(cfg, data.plan, LoopOutcome(
+                stopped=True, reason="stopped before the first step"), info, saved=False,
+                started=started)
+        run = Run(cfg, checked, data, info, model, report, folder)
+        run.open_folder()
         resume = checked.resume
         if resume is not None:
             report.log(f"Resuming training on {device} at step {resume.step + 1} of "
@@ -161,15 +166,16 @@ def _train(cfg: EngineConfig, report: Report, device: torch.device,
         out = run_loop(model, loop_data, cfg, device, report, run.checkpoint, resume)
         run.save(out)
     finally:
-        run.release_folder()
+        folder.release()
     return run_result(cfg, data.plan, out, info, saved=True, started=started)
 
 
 # --------------------------------------------------------------------------- check
 
 
-def check_phase(cfg: EngineConfig, report: Report, device: torch.device,
-           resume_from: str | None) -> Checked:
+def check_phase(cfg: EngineConfig, report: Report, device: torch.device) -> Checked:
+    """Everything that can be refused before the LoRA folder is taken (the earlier work it
+    holds is `earlier_work`'s, read once it is)."""
     check_model_folder(cfg.model_dir, cfg.base_model)
     files = data_phase.resolve_data_files(cfg)
     precision = resolve_precision(cfg.precision, device, report.warn)
@@ -182,18 +188,23 @@ def check_phase(cfg: EngineConfig, report: Report, device: torch.device,
                           "like 3e-4") from None
     if cfg.micro_batch_size < 1 or cfg.batch_size < cfg.micro_batch_size:
         raise EngineError("batch_size must be at least micro_batch_size, and both at least 1")
-    lora_dir = cfg.lora_dir
-    if lora_dir.is_symlink() or not inside(lora_dir, cfg.loras_dir):
-        # Writing through a link would write (and move files aside) wherever it leads.
-        raise EngineError(f"loras/{cfg.lora_name} is a link, not a folder: the job does not "
-                          "write through it (choose another lora_name, or replace the link)")
-    resume = _resume_point(cfg, precision, report, resume_from)
+    check_not_link(cfg)
+    return Checked(files=files, precision=precision, lr=lr, resume=None, existing=None,
+                   prompt_info=data_phase.training_prompt(cfg, files))
+
+
+def earlier_work(cfg: EngineConfig, checked: Checked, report: Report,
+                 resume_from: str | None) -> Checked:
+    """`checked` with what the run builds on: the checkpoint it resumes from, or the adapter
+    it continues. Read holding the folder (take_folder), once what a process that died left
+    half-saved is tidied: a final save it had made is in place, a checkpoint it was replacing
+    is back."""
+    resume = _resume_point(cfg, checked.precision, report, resume_from)
     existing = None
     if resume is None:
-        existing = None if cfg.always_override else existing_adapter(lora_dir)
+        existing = None if cfg.always_override else existing_adapter(cfg.lora_dir)
         check_continue(cfg.lora_name, existing, cfg.lora_rank)
-    return Checked(files=files, precision=precision, lr=lr, resume=resume, existing=existing,
-                    prompt_info=data_phase.training_prompt(cfg, files))
+    return replace(checked, resume=resume, existing=existing)
 
 
 def _resume_point(cfg: EngineConfig, precision: str, report: Report,
@@ -322,35 +333,32 @@ def load_earlier_weights(model: Any, cfg: EngineConfig, checked: Checked,
 
 class Run:
     """Writing the run into its LoRA folder: the files before the loop, checkpoints during it,
-    the adapter and training_log.json after it, all while holding the folder's lock
-    (gpuworker.folderlock), from `open_folder` until the save is done (`release_folder`)."""
+    the adapter and training_log.json after it, all while holding the folder (`folder`, taken
+    by take_folder before the run read it) until the save is done (`release_folder`)."""
 
     def __init__(self, cfg: EngineConfig, checked: Checked, data: Data,
-                 info: dict[str, Any], model: Any, report: Report, adapter: str = SOLO_ADAPTER):
+                 info: dict[str, Any], model: Any, report: Report, folder: HeldFolder,
+                 adapter: str = SOLO_ADAPTER):
         self.cfg, self.checked, self.plan, self.info = cfg, checked, data.plan, info
         self.model, self.log, self.adapter = model, report.log, adapter
         self.report = report
-        self.lock: FolderLock | None = None
+        self.folder = folder
         # What a resume checks against: the run's settings, the exact samples, the precision.
         self.settings = {**cfg.run_settings, "data_sha256": data.fingerprint,
                          "precision": checked.precision}
 
     def open_folder(self) -> None:
-        """Take the folder's lock, tidy what a process that died left half-saved, set earlier
-        work aside and write the files known before training.
+        """Set earlier work aside and write the files known before training.
 
-        The LoRA folder is touched only now that everything loaded: a refused job changes
-        nothing (but for an empty folder where there was none, to hold the lock file). A
-        resumed run carries on in its own folder: nothing of it is earlier work."""
+        The LoRA folder is written only now that everything loaded: a refused job changes
+        nothing. A resumed run carries on in its own folder: nothing of it is earlier work.
+        Fails: the folder is given up."""
         cfg, log, lora_dir = self.cfg, self.log, self.cfg.lora_dir
-        doing = "opening the LoRA folder"
+        doing = "copying the earlier files to a backup folder"
         try:
-            lora_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = self._lock_folder()
-            # Before the backup, so that it holds a checkpoint a cut-short replace set aside.
-            for line in clear_staging(lora_dir).lines():
-                log(line)
-            doing = "copying the earlier files to a backup folder"
+            # (Held for minutes by now: a link put in the folder's place meanwhile is refused
+            # rather than written through.)
+            check_not_link(cfg)
             kept = (None if self.checked.resume is not None
                     else backup_folder(lora_dir, move=cfg.always_override))
             if kept is not None:
@@ -375,50 +383,9 @@ class Run:
             self.release_folder()
             raise
 
-    def _lock_folder(self) -> FolderLock:
-        """The folder's lock. Held by another job's process: EngineError at once, naming the
-        LoRA. Held by an earlier run of this same job (fenced out, but maybe still in a step
-        or a save): waited for, up to EARLIER_RUN_WAIT_S, while this run's own fence is
-        checked (report.should_stop raises when this run is no longer the job's)."""
-        cfg, lora_dir = self.cfg, self.cfg.lora_dir
-        started = time.monotonic()
-        said = False
-        trains: dict[str, Any] | None = None  # another job's holder, as first read
-        while True:
-            lock = try_lock(lora_dir, me(job=cfg.job_id))
-            if lock is not None:
-                return lock
-            holder = holder_of(lora_dir)
-            who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
-            ours = bool(cfg.job_id) and holder.get("job") == cfg.job_id
-            waited = time.monotonic() - started
-            other = not ours and holder.get("doing") == "training"
-            # Another job trains there: read twice, a poll apart, since a holder writes who it
-            # is just after it takes the lock (the file may still name the one before it).
-            if (other and trains == holder) or (not ours and waited > BUSY_GRACE_S):
-                job = f" ({holder['job']})" if holder.get("job") else ""
-                raise EngineError(
-                    f"loras/{cfg.lora_name} is being trained by another job{job}, {who}: two "
-                    "jobs cannot write one LoRA folder at once; run this job again once that "
-                    "one has ended, or choose another lora_name")
-            if ours and waited > EARLIER_RUN_WAIT_S:
-                raise EngineError(
-                    f"loras/{cfg.lora_name} is still held by an earlier run of this job "
-                    f"({who}), which did not stop within {EARLIER_RUN_WAIT_S:g} s; run the "
-                    "job again once that process has ended")
-            if ours and not said:
-                said = True
-                self.log(f"loras/{cfg.lora_name} is still held by an earlier run of this job "
-                         f"({who}); waiting for it to stop")
-            trains = holder if other else None
-            self.report.should_stop()  # (for its fence: a stop itself is answered at step 1)
-            time.sleep(LOCK_POLL_S)
-
     def release_folder(self) -> None:
-        """Drop the folder's lock: this run writes nothing more into it."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+        """Give up the folder: this run writes nothing more into it."""
+        self.folder.release()
 
     def training_log(self, out: LoopOutcome) -> dict[str, Any]:
         plan = self.plan
@@ -479,6 +446,17 @@ def speed_used(info: dict[str, Any], out: LoopOutcome) -> dict[str, Any]:
         speed["prepare"] = {**speed["prepare"],
                             "compile": compile_record(speed["prepare"]["compile"])}
     return speed
+
+
+def unstarted_result(cfg: EngineConfig, reason: str, started: float) -> dict[str, Any]:
+    """The result of a run that ended before it built anything (stopped while it waited for
+    its LoRA folder): the keys of run_result, nothing trained, nothing saved."""
+    return {"lora_dir": f"loras/{cfg.lora_name}", "saved": False, "steps": 0,
+            "total_steps": None, "final_loss": None, "eval_loss": None, "stopped": True,
+            "reason": reason, "train_runtime_s": 0.0,
+            "wall_time_s": round(time.perf_counter() - started, 3), "tokens_per_s": 0.0,
+            "trainable_params": None, "total_params": None, "peak_gpu_memory_mb": None,
+            "precision": None, "resumed_from": None, "continues": None, "speed": None}
 
 
 def run_result(cfg: EngineConfig, plan: data_phase.StepPlan, out: LoopOutcome,

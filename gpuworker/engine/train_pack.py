@@ -2,8 +2,11 @@
 
 The phases are train.py's, shared where the trials agree and per trial where they do not:
 
-    check     each trial's own (files, its LoRA folder, a checkpoint to resume from); a
-              trial refused here gets its error and the others go on
+    check     each trial's own (files, settings); a trial refused here gets its error and
+              the others go on
+    folder    each trial's LoRA folder taken in turn, then read (what it continues or resumes
+              from), as a run alone does; while the pack waits for one, every trial's stop is
+              answered: a trial that asks to stop leaves the pack without touching its folder
     data      once: the trials agree on everything that shapes the samples and their order
               (dispatcher/schedule/sweeps/packs.py decides who may share)
     model     the base once, one adapter per trial (pack.py), each trial's earlier weights
@@ -27,6 +30,7 @@ import torch
 
 from gpuworker.engine.cleanup import run_releasing
 from gpuworker.engine.config import QUANTISED, EngineConfig
+from gpuworker.engine.folder import HeldFolder, take_folder
 from gpuworker.engine.kernels import checkpointed_blocks
 from gpuworker.engine.levers import limit_checkpointing, prepare_model
 from gpuworker.engine.loading import load_base_model, pick_device
@@ -37,18 +41,21 @@ from gpuworker.engine.report import Report
 from gpuworker.engine.resume import check_data
 from gpuworker.engine.targets import projections_label, resolve_target_modules
 from gpuworker.engine.train import (
+    STOPPED_WAITING,
     Checked,
     Run,
     check_phase,
+    earlier_work,
     load_data,
     load_earlier_weights,
     oom_advice,
     run_result,
+    unstarted_result,
 )
 from gpuworker.errors import EngineError
 
 
-@dataclass
+@dataclass(eq=False)  # (a trial is itself: two with equal settings are two trials)
 class PackMember:
     """One trial of a pack: its settings, its job's report, where to resume it from, and
     where its result goes (a result dict as `run_training` returns, or an EngineError)."""
@@ -114,12 +121,86 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
                 raise EngineError(f"another trial of this pack trains loras/{m.cfg.lora_name}: "
                                   "each trial needs its own lora_name")
             names.add(m.cfg.lora_name)
-            checked.append((m, check_phase(m.cfg, m.report, device, m.resume_from)))
+            checked.append((m, check_phase(m.cfg, m.report, device)))
         except EngineError as e:
             _give(m, e)
-    if not checked:
-        return
+    folders: dict[PackMember, HeldFolder] = {}
+    try:
+        checked = _take_folders(checked, folders, started)
+        if checked:
+            _train_taken(checked, folders, device, started)
+    finally:  # the pack ended or failed (out of memory, say): its trials' folders are free
+        for folder in folders.values():
+            folder.release()
+
+
+def _take_folders(checked: list[tuple[PackMember, Checked]],
+                  folders: dict[PackMember, HeldFolder], started: float
+                  ) -> list[tuple[PackMember, Checked]]:
+    """Each trial's LoRA folder, taken in turn (into `folders`) and then read: the trials
+    that hold theirs, with what they build on. While the pack waits for one folder, every
+    other trial's stop is answered too (one not asked would have its worker's watchdog kill
+    the whole pack): a trial that asks to stop leaves the pack, its folder given up untouched;
+    one refused (its folder stays held, or its earlier work does not fit) leaves with its
+    error. The others go on."""
+    left = list(checked)
+
+    def leave(m: PackMember, result: Any) -> None:
+        left[:] = [(x, c) for x, c in left if x is not m]
+        held = folders.pop(m, None)
+        if held is not None:
+            held.release()
+        _give(m, result)
+
+    def stopped_waiting(m: PackMember) -> None:
+        m.report.log(f"Stopped while waiting for loras/{m.cfg.lora_name}; nothing was saved")
+        leave(m, unstarted_result(m.cfg, STOPPED_WAITING, started))
+
+    def answer_stops_but(waiting: PackMember) -> None:
+        for m, _ in list(left):
+            if m is waiting:
+                continue
+            try:
+                if m.report.should_stop():
+                    stopped_waiting(m)
+            except EngineError as e:  # its job is no longer this process's
+                leave(m, e)
+
+    for m, _ in list(left):
+        if not any(x is m for x, _ in left):
+            continue  # it left while the pack waited for another trial's folder
+        try:
+            held = take_folder(m.cfg, m.report,
+                               while_waiting=lambda m=m: answer_stops_but(m))
+        except EngineError as e:  # names the folder (held too long, a link)
+            leave(m, e)
+            continue
+        except OSError as e:
+            leave(m, EngineError(f"could not open loras/{m.cfg.lora_name}/: {e}"))
+            continue
+        if held is None:
+            stopped_waiting(m)
+            continue
+        folders[m] = held
+    read = []
+    for m, c in list(left):
+        try:
+            read.append((m, earlier_work(m.cfg, c, m.report, m.resume_from)))
+        except EngineError as e:
+            leave(m, e)
+    return read
+
+
+def _train_taken(checked: list[tuple[PackMember, Checked]],
+                 folders: dict[PackMember, HeldFolder], device: torch.device,
+                 started: float) -> None:
+    """The pack's data, model and loop, for the trials that hold their folders."""
     alive = [m for m, _ in checked]
+
+    def free_refused() -> None:  # a trial refused on the way gives its folder up at once
+        for m in [m for m in folders if m not in alive]:
+            folders.pop(m).release()
+
     shared = _fan_out(alive)
     first_cfg, first_checked = checked[0][0].cfg, checked[0][1]
     data = load_data(first_cfg, first_checked, shared)
@@ -131,7 +212,9 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
             except EngineError as e:
                 checked.remove((m, c))
                 _refuse(m, e, alive)
+    free_refused()
     loaded = _load_pack_model(checked, device, alive)
+    free_refused()
     if loaded is None:
         return
     model, routing, trials = loaded
@@ -142,19 +225,21 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
         try:
             stop = m.report.should_stop()
         except EngineError as e:  # its job is no longer this process's: it ends untouched
+            folders.pop(m).release()
             _refuse(m, e, alive)
             continue
         if stop:
             m.report.log("Stopped before training started; nothing was saved")
             alive.remove(m)
+            folders.pop(m).release()
             _give(m, run_result(m.cfg, data.plan, LoopOutcome(
                 stopped=True, reason="stopped before the first step"), info, saved=False,
                 started=started))
             continue
-        run = Run(m.cfg, c, data, info, model, m.report, adapter=name)
+        run = Run(m.cfg, c, data, info, model, m.report, folders[m], adapter=name)
         try:
-            run.open_folder()
-        except EngineError as e:  # names the folder already (held by another job, say)
+            run.open_folder()  # (gives the folder up if it fails)
+        except EngineError as e:  # names the folder already (a link, a full disk)
             _refuse(m, e, alive)
             continue
         except OSError as e:
@@ -191,11 +276,7 @@ def _train_pack(members: list[PackMember], device: torch.device) -> None:
 
     loop_data = LoopData(samples=data.samples, eval_samples=data.eval_samples, plan=data.plan,
                          precision=precision, pad_id=data.pad_id)
-    try:
-        run_pack_loop(model, loop_data, lanes, routing, device, shared.log, on_end)
-    finally:  # the pack failed (out of memory, say): its trials' folders are free again
-        for _, run, _ in runs.values():
-            run.release_folder()
+    run_pack_loop(model, loop_data, lanes, routing, device, shared.log, on_end)
 
 
 def lane_name(i: int) -> str:

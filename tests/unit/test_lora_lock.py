@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,12 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # A process that holds the lock of a LoRA folder while it "saves": it takes the lock, leaves
 # staging work in the folder, says so, and holds on until its stdin closes (or it is killed).
+# (What it says it does, as the lock file tells: "training" unless told.)
 HOLDER = r"""
 import sys
 from pathlib import Path
 from gpuworker.folderlock import me, try_lock
 folder = Path(sys.argv[1])
-lock = try_lock(folder, me(job=sys.argv[2]))
+lock = try_lock(folder, me(job=sys.argv[2], doing=sys.argv[3]))
 assert lock is not None, "the lock was held"
 stage = folder / ".checkpoint-3-abc"
 stage.mkdir()
@@ -44,9 +47,9 @@ sys.stdin.read()
 """
 
 
-def hold(folder: Path, job: str) -> subprocess.Popen:
+def hold(folder: Path, job: str, doing: str = "training") -> subprocess.Popen:
     folder.mkdir(parents=True, exist_ok=True)
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), job], cwd=ROOT,
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), job, doing], cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -205,13 +208,17 @@ def paths(tmp_path) -> DataPaths:
     return tiny_paths(tmp_path / "home")
 
 
-def test_a_second_job_on_the_lora_is_refused_and_the_first_ones_files_stay(paths):
+def test_a_second_job_on_the_lora_is_refused_and_the_first_ones_files_stay(paths,
+                                                                         monkeypatch):
     """Two jobs with one lora_name at once: the second finds the folder's lock held by the
-    first's process and fails at once, naming the LoRA and the job, before it moves, clears or
-    writes anything of the first's."""
-    from gpuworker.errors import EngineError
+    first's process and, once it has waited OTHER_HOLDER_WAIT_S (cut short here) for it to let
+    go, is refused (FolderBusy: the worker re-queues it), naming the LoRA and the job, before it
+    moves, clears or writes anything of the first's."""
+    from gpuworker.engine import folder as engine_folder
+    from gpuworker.errors import FolderBusy
     from tests.unit.test_engine import Recorder, make_spec
 
+    monkeypatch.setattr(engine_folder, "OTHER_HOLDER_WAIT_S", 2.0)
     folder = paths.loras / "tiny-lora"
     holder = hold(folder, "first-job")
     try:
@@ -219,8 +226,8 @@ def test_a_second_job_on_the_lora_is_refused_and_the_first_ones_files_stay(paths
         before = snapshot(folder)
         rec = Recorder()
         started = time.monotonic()
-        with pytest.raises(EngineError, match=r"^loras/tiny-lora is being trained by another "
-                                              r"job \(first-job\)"):
+        with pytest.raises(FolderBusy, match=r"^loras/tiny-lora is being trained by another "
+                                             r"job \(first-job\)"):
             rec.run(make_spec(epochs=1), paths)
         assert time.monotonic() - started < 60
         assert snapshot(folder) == before
@@ -250,3 +257,75 @@ def test_a_run_waits_for_an_earlier_run_of_its_own_job(paths):
     assert result["saved"] and not result["stopped"]
     assert any("held by an earlier run of this job" in line for line in rec.lines), rec.lines
     assert holder.poll() is not None
+
+
+# --------------------------------------------------------------------------- another OS user
+
+
+NOBODY = 65534
+
+
+def _lock_twice(folder: Path) -> dict:
+    """Take the folder's lock, try it a second time while holding it, release it."""
+    lock = try_lock(folder, me(job="next"))
+    if lock is None:
+        return {"taken": False}
+    try:
+        second = try_lock(folder, me(job="second")) is not None
+        holder = holder_of(folder).get("job")
+    finally:
+        lock.release()
+    return {"taken": True, "second": second, "holder": holder,
+            "left": (folder / LOCK_NAME).exists()}
+
+
+def _as_nobody(fn) -> dict:
+    """`fn()` in a forked child that runs as another OS user (nobody), its answer as JSON."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out = json.dumps(fn())
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            out = json.dumps({"error": repr(e)})
+        os.write(w, out.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+@pytest.mark.parametrize("folder_writable", [True, False])
+def test_a_lock_file_another_os_user_left_does_not_block_the_lora(tmp_path, folder_writable):
+    """review15b L8: a `.lock` left by a killed process of another OS user (0644: this user
+    may only read it) gave PermissionError on try_lock's read-write open, so every later job on
+    the LoRA failed. The lock is taken on a read-only descriptor (flock needs no more): held, it
+    keeps out a second taker. Where the folder lets this user remove the stale file, it is
+    replaced by one of its own, naming the holder; else the lock is held on it as it is.
+    (As root, the taker is a child running as nobody and the file is root's; as any other
+    user, the file is made read-only to its owner, which refuses the same open.)"""
+    root = os.geteuid() == 0
+    base = Path(tempfile.mkdtemp()) if root else tmp_path  # (pytest's is private to root)
+    try:
+        base.chmod(0o755)
+        folder = base / "loras" / "theirs"
+        folder.mkdir(parents=True)
+        (base / "loras").chmod(0o755)
+        lock_file = folder / LOCK_NAME
+        lock_file.write_text(json.dumps(me(job="old")))
+        lock_file.chmod(0o644 if root else 0o444)
+        folder.chmod(0o777 if folder_writable else 0o555)
+        got = _as_nobody(lambda: _lock_twice(folder)) if root else _lock_twice(folder)
+        assert got == {"taken": True, "second": False,
+                       "holder": "next" if folder_writable else "old",
+                       "left": not folder_writable}, got
+    finally:
+        (base / "loras" / "theirs").chmod(0o755)
+        if root:
+            shutil.rmtree(base)
