@@ -22,15 +22,17 @@ def run_job_kind(kind: str, spec_dict: dict[str, Any], settings: Settings, *, jo
     from gpuworker import engine
     from gpuworker.engine.evaluate import perplexity
     from gpuworker.engine.generate import generate
+    from gpuworker.engine.resume import OWN_LATEST
 
     paths = settings.paths
     spec = spec_from_dict(spec_dict, kind)
     if kind == "train":
         resume = spec.resume_from_checkpoint or None
         if attempt > 1 and resume is None:
-            # Re-queued after its worker was lost: carry on from the last checkpoint, if any.
-            resume = "latest"
-            log(f"attempt {attempt}: resuming from the latest checkpoint, if there is one")
+            # Re-queued after its worker was lost: carry on from the last checkpoint this job
+            # wrote, if any (an earlier job's checkpoint in the folder is not this job's run).
+            resume = OWN_LATEST
+            log(f"attempt {attempt}: resuming from this job's latest checkpoint, if it has one")
         kwargs = {"resume_from": resume} if resume else {}
         return engine.train(spec, paths, progress, should_stop, log, job_id=job_id, **kwargs)
     if kind == "evaluate":

@@ -130,6 +130,7 @@ def _member(job: JobRun, rec: dict[str, Any], settings: Settings) -> tuple[PackT
     from dispatcher.jobs.specs import spec_from_dict
     from gpuworker.engine.boundary import config_from_spec
     from gpuworker.engine.report import Report
+    from gpuworker.engine.resume import OWN_LATEST
     from gpuworker.engine.train_pack import PackMember
 
     spec = spec_from_dict(rec["spec"], "train")
@@ -139,8 +140,8 @@ def _member(job: JobRun, rec: dict[str, Any], settings: Settings) -> tuple[PackT
     others = [j for j in (rec.get("pack_jobs") or "").split(",") if j and j != job.job_id]
     job.log(f"training in {_pack_words(rec, others)}")
     if attempt > 1 and resume is None:
-        resume = "latest"
-        job.log(f"attempt {attempt}: resuming from the latest checkpoint, if there is one")
+        resume = OWN_LATEST  # (gpuworker/jobs.py: this job's own checkpoints only)
+        job.log(f"attempt {attempt}: resuming from this job's latest checkpoint, if it has one")
     report = Report(progress=trial.progress, should_stop=trial.should_stop, log=job.log)
     cfg = replace(config_from_spec(spec, settings.paths), job_id=job.job_id)
     return trial, PackMember(cfg, report, trial.on_result, resume_from=resume)

@@ -29,6 +29,11 @@ from gpuworker.engine.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from gpuworker.errors import EngineError
 
 LATEST = "latest"
+# What the worker resumes a re-queued job from (not a user's setting): the latest checkpoint
+# that this job's own earlier attempts wrote. A checkpoint of an earlier job of the same LoRA
+# is not it (the job continues that LoRA as its first attempt would), whatever the attempt
+# count says: an attempt can be counted without the job ever having trained.
+OWN_LATEST = "own-latest"
 # What a checkpoint folder holds when it can be resumed from (save.py writes exactly these).
 CHECKPOINT_FILES = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, "training_state.pt", "training_state.json")
 
@@ -49,6 +54,22 @@ def latest_checkpoint(lora_dir: Path) -> Path | None:
     """The highest-numbered complete `checkpoint-<step>/` in `lora_dir`, or None."""
     complete = [p for p in list_checkpoints(lora_dir) if is_complete(p)]
     return complete[-1] if complete else None
+
+
+def own_latest_checkpoint(lora_dir: Path, job_id: str) -> Path | None:
+    """The highest-numbered complete checkpoint that job `job_id` wrote (its
+    training_state.json says `job`), or None. One written before checkpoints named their job
+    counts as the job's own, as every checkpoint did then."""
+    for folder in reversed([p for p in list_checkpoints(lora_dir) if is_complete(p)]):
+        try:
+            wrote = json.loads((folder / "training_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # unreadable: not resumed automatically (a user may name it)
+        if not isinstance(wrote, dict):
+            continue
+        if wrote.get("job", job_id) == job_id:
+            return folder
+    return None
 
 
 def find_checkpoint(lora_dir: Path, resume_from: str) -> Path | None:

@@ -73,6 +73,7 @@ from gpuworker.engine.optim import check_optimizer
 from gpuworker.engine.report import Report
 from gpuworker.engine.resume import (
     LATEST,
+    OWN_LATEST,
     ResumePoint,
     check_data,
     check_settings,
@@ -80,6 +81,7 @@ from gpuworker.engine.resume import (
     latest_checkpoint,
     load_state,
     move_checkpoints,
+    own_latest_checkpoint,
     read_summary,
     samples_fingerprint,
 )
@@ -211,7 +213,14 @@ def _resume_point(cfg: EngineConfig, precision: str, report: Report,
                   resume_from: str | None) -> ResumePoint | None:
     """The checkpoint `resume_from` names, checked against this run's settings (None: no
     resume, or "latest" with no checkpoint, which starts from scratch and says so)."""
-    folder = find_checkpoint(cfg.lora_dir, resume_from) if resume_from else None
+    if resume_from == OWN_LATEST:
+        found = own_latest_checkpoint(cfg.lora_dir, cfg.job_id)
+        folder = find_checkpoint(cfg.lora_dir, found.name) if found is not None else None
+        if folder is None:
+            report.log(f"No checkpoint of this job's earlier attempts in loras/{cfg.lora_name}/:"
+                       " starting as its first attempt would")
+    else:
+        folder = find_checkpoint(cfg.lora_dir, resume_from) if resume_from else None
     if resume_from == LATEST and folder is None:
         report.log(f"No checkpoint to resume from in loras/{cfg.lora_name}/: starting from "
                    "scratch")
@@ -407,7 +416,8 @@ class Run:
             folder = save_checkpoint(self.model, self.cfg.lora_dir, out.steps,
                                      self.cfg.base_model, training_log=self.training_log(out),
                                      training_prompt=self.checked.prompt_info, state=state,
-                                     state_summary={**summary, "settings": self.settings},
+                                     state_summary={**summary, "settings": self.settings,
+                                                    "job": self.cfg.job_id},
                                      adapter=self.adapter)
         except DiskFull as e:
             raise self._full(e) from e

@@ -332,7 +332,7 @@ def test_a_job_whose_folder_stays_locked_is_requeued_without_counting_an_attempt
 
     assert attempt(2) == "succeeded", store.get(job)["reason"]
     lines = [e["line"] for _, e in store.events.history(job) if e["type"] == "log"]
-    assert not any("resuming from the latest checkpoint" in line for line in lines)
+    assert not any("resuming from this job's latest checkpoint" in line for line in lines)
     assert store.get(job)["result"]["continues"] == {"lora": "tiny-lora", "step": 3}
 
     # The crash policy: attempt 3 counts as the job's second (one of them was the lock's).
@@ -353,3 +353,47 @@ def test_a_job_whose_folder_stays_locked_is_requeued_without_counting_an_attempt
     assert store.get(last)["reason"].endswith(
         f"it was re-queued {LOCK_REQUEUES} times for this already: run the job again once "
         "that process has ended")
+
+
+def test_a_retried_job_resumes_only_a_checkpoint_of_its_own(paths, store):  # noqa: F811
+    """An attempt can be counted without the job having trained (the dispatcher re-queues a
+    job whose message never reached its worker). Its next run resumes only a checkpoint that
+    this job wrote: one an earlier job of the same LoRA left is that job's run, and the job
+    continues the LoRA as its first attempt would. Its own checkpoint is resumed."""
+    settings = Settings(home=paths.home, redis_url="", prefix=store.p)
+    fleet = Fleet(store.r, store.p)
+    Owners(store.r, store.p).claim(lora_rel("tiny-lora"), "local")
+    earlier = store.create("train", make_spec(epochs=1).to_dict())
+    store.transition(earlier, JobState.ASSIGNED, "a", worker="w1", attempt=1)
+    stops = Recorder(stop_after=3)
+    store.transition(earlier, JobState.RUNNING, "r")
+    result = run_job_kind("train", store.get(earlier)["spec"], settings, job_id=earlier,
+                          attempt=1, progress=stops.progress, should_stop=stops.should_stop,
+                          log=stops.lines.append)
+    assert result["stopped"] and (paths.loras / "tiny-lora" / "checkpoint-3").is_dir()
+    state = json.loads((paths.loras / "tiny-lora" / "checkpoint-3" / "training_state.json")
+                       .read_text())
+    assert state["job"] == earlier
+
+    # Another job of the same LoRA, at attempt 2 without ever having run.
+    job = store.create("train", make_spec(epochs=1, seed=9).to_dict())
+    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=2)
+    assert perform_job(job, "w1", store, fleet, run_job_kind, settings) == "succeeded"
+    lines = [e["line"] for _, e in store.events.history(job) if e["type"] == "log"]
+    assert any("No checkpoint of this job's earlier attempts" in line for line in lines)
+    assert store.get(job)["result"]["continues"] == {"lora": "tiny-lora", "step": 3}
+    assert not store.get(job)["result"].get("resumed_from")
+
+    # The earlier job's own retry (its checkpoint was moved to the backup by the run above,
+    # so give it one of its own again): it resumes it.
+    again = store.create("train", make_spec(lora_name="again", epochs=1).to_dict())
+    Owners(store.r, store.p).claim(lora_rel("again"), "local")
+    store.transition(again, JobState.ASSIGNED, "a", worker="w1", attempt=1)
+    store.transition(again, JobState.RUNNING, "r")
+    stops = Recorder(stop_after=2)
+    run_job_kind("train", store.get(again)["spec"], settings, job_id=again, attempt=1,
+                 progress=stops.progress, should_stop=stops.should_stop, log=stops.lines.append)
+    store.transition(again, JobState.RETRYING, "died", expect_worker="w1")
+    store.transition(again, JobState.ASSIGNED, "a", worker="w1", attempt=2)
+    assert perform_job(again, "w1", store, fleet, run_job_kind, settings) == "succeeded"
+    assert store.get(again)["result"]["resumed_from"] == "checkpoint-2"
