@@ -16,23 +16,30 @@ from dispatcher.settings import Settings
 EVAL_TABLE = "evaluations.csv"
 
 
+def resume_point(asked: str, attempt: int, log: Callable[[str], None]) -> str | None:
+    """Where a training run (a job alone, or a pack's trial) resumes from: the checkpoint its
+    spec asks for; on a later attempt of a job that asked for none (re-queued after its worker
+    was lost), the last checkpoint this job wrote, if any (OWN_LATEST: an earlier job's
+    checkpoint in the folder is not this job's run)."""
+    if asked or attempt <= 1:
+        return asked or None
+    from gpuworker.engine.resume import OWN_LATEST
+
+    log(f"attempt {attempt}: resuming from this job's latest checkpoint, if it has one")
+    return OWN_LATEST
+
+
 def run_job_kind(kind: str, spec_dict: dict[str, Any], settings: Settings, *, job_id: str,
                  attempt: int, progress: Callable[[dict], None],
                  should_stop: Callable[[], bool], log: Callable[[str], None]) -> dict[str, Any]:
     from gpuworker import engine
     from gpuworker.engine.evaluate import perplexity
     from gpuworker.engine.generate import generate
-    from gpuworker.engine.resume import OWN_LATEST
 
     paths = settings.paths
     spec = spec_from_dict(spec_dict, kind)
     if kind == "train":
-        resume = spec.resume_from_checkpoint or None
-        if attempt > 1 and resume is None:
-            # Re-queued after its worker was lost: carry on from the last checkpoint this job
-            # wrote, if any (an earlier job's checkpoint in the folder is not this job's run).
-            resume = OWN_LATEST
-            log(f"attempt {attempt}: resuming from this job's latest checkpoint, if it has one")
+        resume = resume_point(spec.resume_from_checkpoint, attempt, log)
         kwargs = {"resume_from": resume} if resume else {}
         return engine.train(spec, paths, progress, should_stop, log, job_id=job_id, **kwargs)
     if kind == "evaluate":

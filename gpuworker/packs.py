@@ -23,8 +23,10 @@ from typing import Any
 from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.states import JobState, TransitionError, WorkerState
 from dispatcher.jobs.store import JobStore
+from dispatcher.schedule.requeue import requeue_free
 from dispatcher.settings import Settings
 from gpuworker.errors import EngineError
+from gpuworker.jobs import resume_point
 from gpuworker.tasks import (
     JobFenced,
     JobRun,
@@ -130,18 +132,13 @@ def _member(job: JobRun, rec: dict[str, Any], settings: Settings) -> tuple[PackT
     from dispatcher.jobs.specs import spec_from_dict
     from gpuworker.engine.boundary import config_from_spec
     from gpuworker.engine.report import Report
-    from gpuworker.engine.resume import OWN_LATEST
     from gpuworker.engine.train_pack import PackMember
 
     spec = spec_from_dict(rec["spec"], "train")
     trial = PackTrial(job)
-    resume = spec.resume_from_checkpoint or None
-    attempt = folder_run(job.attempt, rec)
     others = [j for j in (rec.get("pack_jobs") or "").split(",") if j and j != job.job_id]
     job.log(f"training in {_pack_words(rec, others)}")
-    if attempt > 1 and resume is None:
-        resume = OWN_LATEST  # (gpuworker/jobs.py: this job's own checkpoints only)
-        job.log(f"attempt {attempt}: resuming from this job's latest checkpoint, if it has one")
+    resume = resume_point(spec.resume_from_checkpoint, folder_run(job.attempt, rec), job.log)
     report = Report(progress=trial.progress, should_stop=trial.should_stop, log=job.log)
     cfg = replace(config_from_spec(spec, settings.paths), job_id=job.job_id)
     return trial, PackMember(cfg, report, trial.on_result, resume_from=resume)
@@ -188,18 +185,13 @@ def _split(store: JobStore, left: list[JobRun], worker_name: str, why: str) -> N
     what = f"{why.split(':')[0]} in a pack of {len(left)} on {worker_name}"
     for job in left:
         job_id = job.job_id
-        fence = {"expect_worker": job.worker_name, "expect_attempt": job.attempt,
-                 "expect_state": JobState.RUNNING}
         try:
-            if store.stop_requested(job_id):  # it was being stopped: it ends here
-                store.transition(job_id, JobState.CANCELLED,
-                                 f"{store.stop_cause(job_id)}; {what} (its last checkpoint, if "
-                                 "any, stays)", **fence)
-                continue
-            splits = int(store.r.hget(store.key(job_id), "pack_splits") or 0)
-            # Not the job's fault: the re-assignment does not count against its attempts.
-            store.transition(job_id, JobState.RETRYING,
-                             f"{what}: re-queued to train in packs of at most {size}",
-                             worker="", pack_max=size, pack_splits=splits + 1, **fence)
+            # Not the job's fault: the re-assignment does not count against its attempts; a
+            # trial being stopped ends here.
+            requeue_free(store, job_id, "pack_splits",
+                         f"{what}: re-queued to train in packs of at most {size}",
+                         stopped=f"{what} (its last checkpoint, if any, stays)", pack_max=size,
+                         expect_worker=job.worker_name, expect_attempt=job.attempt,
+                         expect_state=JobState.RUNNING)
         except TransitionError as e:
             log.warning("job %s: %s", job_id, e)

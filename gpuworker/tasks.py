@@ -25,7 +25,7 @@ from dispatcher.jobs.celery_app import RUN_JOB_TASK, RUN_PACK_TASK
 from dispatcher.jobs.fleet import Fleet
 from dispatcher.jobs.states import JobState, TransitionError, WorkerState
 from dispatcher.jobs.store import JobNotFound, JobStore
-from dispatcher.schedule.requeue import Crashed, settle
+from dispatcher.schedule.requeue import Crashed, requeue_free, settle
 from dispatcher.settings import Settings, connect
 from gpuworker.checkpoints import clear_staging
 from gpuworker.diskspace import says_full
@@ -276,23 +276,16 @@ def requeue_locked_out(job: JobRun, e: FolderBusy) -> JobState | None:
     folder_run subtract `lock_requeues`); cancelled instead when it was being stopped. Returns
     that state; None once it was put back LOCK_REQUEUES times (it is to fail)."""
     store, job_id = job.store, job.job_id
-    count = int(store.r.hget(store.key(job_id), "lock_requeues") or 0)
-    if count >= LOCK_REQUEUES:
+    if int(store.r.hget(store.key(job_id), "lock_requeues") or 0) >= LOCK_REQUEUES:
         return None
-    fence = {"expect_state": JobState.RUNNING, "expect_worker": job.worker_name,
-             "expect_attempt": job.attempt}
-    stopping = store.stop_requested(job_id)
     try:
-        if stopping:
-            store.transition(job_id, JobState.CANCELLED, f"{store.stop_cause(job_id)}; {e}",
-                             **fence)
-        else:
-            store.transition(job_id, JobState.RETRYING,
-                             f"{e}; re-queued (not counted as an attempt)", worker="",
-                             lock_requeues=count + 1, **fence)
+        return requeue_free(store, job_id, "lock_requeues",
+                            f"{e}; re-queued (not counted as an attempt)", stopped=str(e),
+                            expect_state=JobState.RUNNING, expect_worker=job.worker_name,
+                            expect_attempt=job.attempt)
     except TransitionError as moved:  # it ended or moved meanwhile: its record is not ours
         log.warning("job %s could not be re-queued: %s", job_id, moved)
-    return JobState.CANCELLED if stopping else JobState.RETRYING
+        return JobState(store.get(job_id)["state"])
 
 
 def _reason(e: BaseException) -> str:

@@ -91,6 +91,9 @@ class Client:
         except requests.ConnectionError as e:
             raise ApiError(0, f"cannot reach the dashboard at {self.base}: is `lorafleet up` "
                               "running there? (set --url or LORAFLEET_URL)") from e
+        except requests.Timeout as e:  # connected, and no answer in time (a stuck dashboard)
+            raise ApiError(0, f"the dashboard at {self.base} did not answer within "
+                              f"{self.timeout:g} s") from e
         try:
             body = resp.json()
         except ValueError:

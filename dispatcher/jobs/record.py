@@ -21,9 +21,9 @@ JOB_JSON_FIELDS = ("spec", "result")
 JOB_NUMBER_FIELDS = ("created", "updated", "started", "finished", "step", "total_steps", "loss",
                      "eta_s", "epoch", "attempt", "gpu_memory_mb", "eval_loss",
                      "best_eval_loss", "pack_max", "pack_base_mb", "pack_lane_mb", "pack_splits",
-                     "lock_requeues")
+                     "lock_requeues", "unsent_requeues")
 JOB_INT_FIELDS = ("step", "total_steps", "attempt", "gpu_memory_mb", "pack_max", "pack_base_mb",
-                  "pack_lane_mb", "pack_splits", "lock_requeues")
+                  "pack_lane_mb", "pack_splits", "lock_requeues", "unsent_requeues")
 
 
 def decode_hash(raw: Mapping[str, str], *, json_fields: Collection[str] = (),

@@ -356,15 +356,16 @@ class JobStore:
         (TransitionError) unless the job is still assigned to that worker at that attempt, so
         a worker that lost its job, or a process of a worker's earlier life whose job was
         given again to the same worker name, cannot write to it. `expect_state` refuses the
-        change unless the job is still in that state. `events` (type, fields) go into the
-        job's stream in the same transaction, just before the state event: written with the
-        change or not at all. `fields` are more record fields, set with the state.
+        change unless the job is still in that state. `events` (type, fields), then the
+        change's `state` event, go into the job's stream in the same transaction: written with
+        the change, once, or not at all. `fields` are more record fields, set with the state.
         """
 
         key = self.key(job_id)
         mapping: dict[str, Any] = {}
         extra = [self.events.event(kind, **data) for kind, data in events]
-        extra_ids: list[str] = []
+        answers: list[Any] = []
+        state_event: dict[str, Any] = {}
 
         def write(pipe: Any, raw: dict[str, str]) -> None:
             rec = JobRecord.from_hash(raw)
@@ -381,8 +382,11 @@ class JobStore:
                 mapping.setdefault("started", now)
             if new.terminal:
                 mapping["finished"] = now
+            state_event.clear()
+            state_event.update(self.events.event("state", state=new.value, reason=reason,
+                                                 time=now))
             pipe.multi()
-            for event in extra:
+            for event in (*extra, state_event):  # the state event last, with the change
                 pipe.xadd(self.events.stream_key(job_id), {"data": self.events.payload(event)})
             pipe.hset(key, mapping=mapping)
             pipe.rpush(self._history_key(job_id), json.dumps(
@@ -406,12 +410,12 @@ class JobStore:
             if old == JobState.RUNNING and new != JobState.RUNNING and rec.started is not None:
                 self.usage.record_run(pipe, rec, now, new)
 
-        raw = self._watched(job_id, write, extra_ids.append if extra else None)
-        # (No ids when the reply was lost: the events are in the stream, not announced.)
-        for event_id, event in zip(extra_ids[:len(extra)], extra, strict=False):
+        raw = self._watched(job_id, write, answers.append)
+        # (No ids when the reply was lost: the events are in the stream, not announced; a
+        # live view reads them at the job's next announcement.)
+        made = (*extra, state_event)
+        for event_id, event in zip(answers[:len(made)], made, strict=False):
             self.events.announce(job_id, event_id, event)
-        now = mapping["updated"]
-        self.events.append(job_id, "state", state=new.value, reason=reason, time=now)
         after = dict(raw)
         after.update({k: str(v) for k, v in mapping.items()})
         return decode_job(after)

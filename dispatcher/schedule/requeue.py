@@ -73,6 +73,10 @@ class LostWorker:
         return f"{cause}; worker {self.worker} was lost{_CHECKPOINT_STAYS}"
 
 
+# Record fields counting re-queues that were not the job's fault (settle takes them off).
+FREE_REQUEUES = ("pack_splits", "lock_requeues", "unsent_requeues")
+
+
 # What ended a run without an outcome, as the job's reason tells it.
 Interruption = Crashed | LostWorker
 
@@ -85,10 +89,11 @@ def settle(store: JobStore, job_id: str, attempt: int, what: Interruption,
     with `expect_worker`, only a job still on that worker changes; with `expect_attempt`,
     only a job still at that attempt: one given again to the same worker name meanwhile is
     another run's)."""
-    # A pack split for want of memory, or a LoRA folder that stayed locked, re-queued the job
-    # without a fault of its own: those assignments do not count against MAX_ATTEMPTS
-    # (gpuworker.packs, gpuworker.tasks.requeue_locked_out).
-    free = store.r.hmget(store.key(job_id), "pack_splits", "lock_requeues")
+    # A pack split for want of memory, a LoRA folder that stayed locked, or an assignment that
+    # never reached its worker re-queued the job without a fault of its own: those assignments
+    # do not count against MAX_ATTEMPTS (gpuworker.packs, gpuworker.tasks.requeue_locked_out,
+    # unsent below).
+    free = store.r.hmget(store.key(job_id), *FREE_REQUEUES)
     attempt -= sum(int(n or 0) for n in free)
     new = next_state(attempt, store.stop_requested(job_id))
     extra: dict[str, Any] = {}
@@ -135,9 +140,33 @@ def recover_unsent(store: JobStore, active: list[dict[str, Any]],
                 or float(w.get("seen") or 0) < float(job.get("updated") or 0) + 2):
             continue
         try:
-            store.transition(
-                job["id"], JobState.RETRYING, f"{job['worker']} never received the job "
-                "(the dispatcher stopped while handing it over); re-queued", worker="",
-                expect_state=JobState.ASSIGNED)
+            unsent(store, job, f"{job['worker']} never received the job (the dispatcher "
+                               "stopped while handing it over); re-queued")
         except TransitionError:
             pass  # the worker started it (or it was cancelled) meanwhile: nothing to undo
+
+
+def requeue_free(store: JobStore, job_id: str, counter: str, reason: str,
+                 stopped: str | None = None, **fence_and_fields: Any) -> JobState:
+    """Put a job back in the queue without counting the attempt: it was not the job's fault
+    (`counter`, one of FREE_REQUEUES, is raised; settle takes those off). With `stopped` (a
+    reason's tail), a job being stopped ends cancelled instead. `fence_and_fields`: the
+    transition's fence (expect_worker, expect_attempt, expect_state) and more fields. Returns
+    the state given; TransitionError when the fence refuses (the job is no longer that run's)."""
+    if counter not in FREE_REQUEUES:
+        raise ValueError(f"{counter} is not a count of re-queues settle leaves out")
+    if stopped is not None and store.stop_requested(job_id):
+        store.transition(job_id, JobState.CANCELLED, f"{store.stop_cause(job_id)}; {stopped}",
+                         **{k: v for k, v in fence_and_fields.items() if k.startswith("expect_")})
+        return JobState.CANCELLED
+    count = int(store.r.hget(store.key(job_id), counter) or 0)
+    store.transition(job_id, JobState.RETRYING, reason, worker="", **{counter: count + 1},
+                     **fence_and_fields)
+    return JobState.RETRYING
+
+
+def unsent(store: JobStore, job: dict[str, Any], reason: str) -> None:
+    """Put an assigned job that never reached its worker back in the queue, without counting
+    the attempt its assignment raised. TransitionError when it is no longer assigned (started,
+    cancelled)."""
+    requeue_free(store, job["id"], "unsent_requeues", reason, expect_state=JobState.ASSIGNED)

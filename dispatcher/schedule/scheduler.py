@@ -45,7 +45,7 @@ from dispatcher.schedule.placement import (
     waiting_reason,
 )
 from dispatcher.schedule.queue import queue_view
-from dispatcher.schedule.requeue import recover_lost, recover_unsent
+from dispatcher.schedule.requeue import recover_lost, recover_unsent, unsent
 from dispatcher.schedule.sweeps.packs import MAX_PACK, share_key
 from dispatcher.settings import scheduling_env
 
@@ -287,7 +287,8 @@ class Dispatcher:
             self.send(job["id"], worker, attempt)
         except Exception as e:  # the broker refused: put the job back
             log.exception("could not hand job %s to %s", job["id"], worker["name"])
-            self.store.transition(job["id"], JobState.RETRYING, f"could not reach the queue: {e}")
+            with contextlib.suppress(TransitionError):
+                unsent(self.store, job, f"could not reach the queue: {e}")
             return False
         return True
 
@@ -325,8 +326,7 @@ class Dispatcher:
             log.exception("could not hand %s of sweep %s to %s", label, sweep, worker["name"])
             for job in placed:
                 with contextlib.suppress(TransitionError):
-                    self.store.transition(job["id"], JobState.RETRYING,
-                                          f"could not reach the queue: {e}")
+                    unsent(self.store, job, f"could not reach the queue: {e}")
             return []
         return placed
 

@@ -126,10 +126,10 @@ def take_folder(cfg: EngineConfig, report: Report,
 
 
 def _holder_kind(cfg: EngineConfig, holder: dict[str, Any]) -> tuple[str, float]:
+    if holder.get("doing") == "clearing":  # (the worker's clear after this job's dead run too)
+        return "clearing", CLEARING_WAIT_S
     if cfg.job_id and holder.get("job") == cfg.job_id:
         return "earlier run", EARLIER_RUN_WAIT_S
-    if holder.get("doing") == "clearing":
-        return "clearing", CLEARING_WAIT_S
     return "other", OTHER_HOLDER_WAIT_S
 
 

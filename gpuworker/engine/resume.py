@@ -58,18 +58,22 @@ def latest_checkpoint(lora_dir: Path) -> Path | None:
 
 def own_latest_checkpoint(lora_dir: Path, job_id: str) -> Path | None:
     """The highest-numbered complete checkpoint that job `job_id` wrote (its
-    training_state.json says `job`), or None. One written before checkpoints named their job
-    counts as the job's own, as every checkpoint did then."""
-    for folder in reversed([p for p in list_checkpoints(lora_dir) if is_complete(p)]):
+    training_state.json says `job`), or None. Checkpoints written before they named their job
+    count as the job's own, as every checkpoint did then, but only in a folder where none
+    names a job: next to named ones they are another job's."""
+    named: list[tuple[Path, Any]] = []
+    for folder in (p for p in list_checkpoints(lora_dir) if is_complete(p)):
         try:
             wrote = json.loads((folder / "training_state.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # unreadable: not resumed automatically (a user may name it)
-        if not isinstance(wrote, dict):
-            continue
-        if wrote.get("job", job_id) == job_id:
-            return folder
-    return None
+        if isinstance(wrote, dict):
+            named.append((folder, wrote.get("job")))
+    if any(job is not None for _, job in named):
+        mine = [folder for folder, job in named if job == job_id]
+    else:
+        mine = [folder for folder, _ in named]
+    return mine[-1] if mine else None
 
 
 def find_checkpoint(lora_dir: Path, resume_from: str) -> Path | None:

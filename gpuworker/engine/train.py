@@ -412,6 +412,7 @@ class Run:
                    summary: dict[str, Any]) -> None:
         if not out.stopped:
             out = replace(out, reason=f"checkpoint at step {out.steps}")
+        check_not_link(self.cfg)  # (swapped for a link while training: not written through)
         try:
             folder = save_checkpoint(self.model, self.cfg.lora_dir, out.steps,
                                      self.cfg.base_model, training_log=self.training_log(out),
@@ -429,6 +430,7 @@ class Run:
         cfg, log = self.cfg, self.log
         log(f"Saving LoRA to loras/{cfg.lora_name}/...")
         try:
+            check_not_link(cfg)
             save_adapter(self.model, cfg.lora_dir, cfg.base_model, self.adapter,
                          training_log=self.training_log(out))
         except DiskFull as e:

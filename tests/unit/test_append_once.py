@@ -49,6 +49,7 @@ def test_a_step_whose_reply_was_lost_is_written_once(redis_server, store, prefix
     # The worker's own client (patient_redis), whose connections lose one EXEC reply.
     r = patient_redis(Settings(redis_url=redis_server, prefix=prefix), 5.0)
     r.connection_pool.connection_class = LosesExecReply
+    LosesExecReply.lost = 0
     try:
         run = JobRun(JobStore(r, prefix), job, "w1", store.get(job))
         run.progress({"type": "train", "step": 1, "total_steps": 2, "loss": 2.0})
@@ -118,3 +119,44 @@ def test_a_job_end_whose_reply_was_lost_is_applied_once_with_its_state_event(red
     assert [e["line"] for e in events if e["type"] == "log"] == ["saved"]
     assert [e["state"] for e in events if e["type"] == "state"][-1:] == ["succeeded"]
     assert sum(e["type"] == "state" and e["state"] == "succeeded" for e in events) == 1
+
+
+class LosesXaddReply(redis.Connection):
+    """A connection that, when `lose` is set, sends the next XADD outside a transaction,
+    reads its reply (the event is written) and then fails as a dropped connection would."""
+
+    lose = False
+
+    def send_packed_command(self, command, check_health=True):
+        chunks = [command] if isinstance(command, (bytes, str)) else command
+        sent = b"".join(c.encode() if isinstance(c, str) else bytes(c) for c in chunks)
+        self._xadd_sent = (LosesXaddReply.lose and b"\r\nXADD\r\n" in sent
+                           and b"MULTI" not in sent)
+        super().send_packed_command(command, check_health)
+
+    def read_response(self, *args, **kwargs):
+        reply = super().read_response(*args, **kwargs)
+        if getattr(self, "_xadd_sent", False):
+            self._xadd_sent = LosesXaddReply.lose = False
+            self.disconnect()
+            raise redis.ConnectionError("Connection closed by server.")
+        return reply
+
+
+def test_a_job_ends_with_one_state_event_whatever_reply_is_lost(redis_server, store, prefix):
+    """The change's state event is part of its transaction: a client that re-sends a plain
+    write whose reply was lost (the worker's patient client does) cannot write it twice."""
+    job = store.create("train", {"lora_name": "one-end"})
+    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
+    store.transition(job, JobState.RUNNING, "r")
+    r = patient_redis(Settings(redis_url=redis_server, prefix=prefix), 5.0)
+    r.connection_pool.connection_class = LosesXaddReply
+    try:
+        LosesXaddReply.lose = True
+        JobStore(r, prefix).transition(job, JobState.SUCCEEDED, "done", expect_worker="w1",
+                                       expect_attempt=1)
+    finally:
+        LosesXaddReply.lose = False
+        r.close()
+    states = [e["state"] for _, e in store.events.history(job) if e["type"] == "state"]
+    assert states == ["queued", "assigned", "running", "succeeded"]

@@ -392,6 +392,39 @@ def test_the_state_after_following_waits_out_an_outage_too(url, redis_client, pr
         proxy.close()
 
 
+def test_a_dashboard_that_never_answers_is_waited_out_then_named(monkeypatch):
+    """A dashboard that takes the connection and never answers (stuck) is an outage to wait
+    out, like one that refuses it: job_patiently keeps asking for FOLLOW_PATIENCE_S, then
+    ends with a message naming it, not a traceback (review15c L3)."""
+    import threading
+    import time
+
+    from dispatcher.cli import client as client_module
+
+    monkeypatch.setattr(client_module, "FOLLOW_PATIENCE_S", 2.0)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(16)
+        held: list = []
+
+        def accept() -> None:
+            while True:
+                try:
+                    held.append(srv.accept()[0])  # never answers
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        client = Client(f"http://127.0.0.1:{srv.getsockname()[1]}", token="t", timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(ApiError) as e:
+            client.job_patiently("j1")
+        assert time.monotonic() - started >= 2.0 and len(held) >= 2
+        assert e.value.status == 0 and "did not answer within 0.5 s" in str(e.value)
+        for conn in held:
+            conn.close()
+
+
 def _follow_through_proxy(url, redis_client, prefix, tmp_path, total_steps: int):
     """A running job with its first step, and a thread following it through a _FlakyProxy
     (answering 502 until told otherwise): (store, job, proxy, events got, errors, thread)."""

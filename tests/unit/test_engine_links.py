@@ -88,3 +88,29 @@ def test_an_adapter_file_linked_outside_is_not_loaded(paths, tmp_path):  # noqa:
     os.symlink(moved, lora_dir / "adapter_model.safetensors")
     with pytest.raises(EngineError, match="adapter_model.safetensors is a link that leads"):
         Recorder().run(make_spec(), paths)
+
+
+def test_a_folder_swapped_for_a_link_during_training_is_not_written_through(paths,  # noqa: F811
+                                                                             tmp_path):
+    """loras/<name> replaced by a link to a folder outside the data folder while the run
+    trains (after every check at its start): the next checkpoint and the final save check
+    again, so the run ends with an error naming the link and writes nothing outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folder = paths.loras / "tiny-lora"
+    rec = Recorder()
+    swapped: list[bool] = []
+
+    def progress(event: dict) -> None:
+        rec.progress(event)
+        if event.get("type") == "train" and event.get("step") == 1 and not swapped:
+            folder.rename(paths.loras / ".moved-away")
+            folder.symlink_to(outside)
+            swapped.append(True)
+
+    from gpuworker.engine.boundary import train
+
+    with pytest.raises(EngineError, match="loras/tiny-lora is a link, not a folder"):
+        train(make_spec(epochs=1, save_steps=2), paths, progress, rec.should_stop,
+              rec.lines.append, device="cpu", job_id="j1")
+    assert swapped and list(outside.iterdir()) == []

@@ -20,7 +20,12 @@ import torch
 from dispatcher.jobs.specs import TrainSpec
 from dispatcher.settings import DataPaths
 from gpuworker.engine import EngineError, train
-from gpuworker.engine.resume import latest_checkpoint, load_optimizer_state_by_name
+from gpuworker.engine.resume import (
+    CHECKPOINT_FILES,
+    latest_checkpoint,
+    load_optimizer_state_by_name,
+    own_latest_checkpoint,
+)
 from tests.tiny import tiny_rows, write_tiny_dataset
 from tests.unit.test_engine import (  # noqa: F401
     ALPACA,
@@ -296,3 +301,33 @@ def test_fp16_resume_on_the_gpu_restores_the_loss_scale_and_the_cuda_rng(ten):
     mine, theirs = lora_weights(ten.loras / "tiny-lora"), lora_weights(ten.loras / "g-whole")
     for k in theirs:
         torch.testing.assert_close(mine[k], theirs[k], atol=1e-4, rtol=0)
+
+
+def test_a_jobs_own_latest_checkpoint_among_other_jobs_and_older_ones(tmp_path):
+    """What a re-queued job resumes by itself (OWN_LATEST): the latest checkpoint naming the
+    job; checkpoints from before they named a job count as its own only where none names one
+    (next to named ones they are another job's)."""
+
+    def checkpoint(folder: Path, step: int, job: str | None) -> None:
+        ck = folder / f"checkpoint-{step}"
+        ck.mkdir(parents=True)
+        for name in CHECKPOINT_FILES:
+            (ck / name).write_text("x")
+        (ck / "training_state.json").write_text(
+            json.dumps({"step": step, **({"job": job} if job else {})}))
+
+    mixed = tmp_path / "mixed"
+    checkpoint(mixed, 2, "job-b")
+    checkpoint(mixed, 3, None)
+    checkpoint(mixed, 5, "job-a")
+    checkpoint(mixed, 7, "job-a")
+    assert own_latest_checkpoint(mixed, "job-a").name == "checkpoint-7"
+    assert own_latest_checkpoint(mixed, "job-b").name == "checkpoint-2"
+    assert own_latest_checkpoint(mixed, "job-c") is None
+    (mixed / "checkpoint-7" / "training_state.pt").unlink()  # incomplete: not resumed
+    assert own_latest_checkpoint(mixed, "job-a").name == "checkpoint-5"
+
+    older = tmp_path / "older"
+    checkpoint(older, 3, None)
+    checkpoint(older, 6, None)
+    assert own_latest_checkpoint(older, "job-c").name == "checkpoint-6"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dispatcher.jobs.states import JobState, TransitionError
-from dispatcher.schedule.requeue import MAX_ATTEMPTS, UNSENT_AFTER_S
+from dispatcher.schedule.requeue import MAX_ATTEMPTS, UNSENT_AFTER_S, Crashed, settle
 from dispatcher.schedule.scheduler import Dispatcher
 from tests.clock import dispatcher_env
 
@@ -102,6 +102,34 @@ def test_a_job_assigned_but_never_sent_is_handed_over_again(env):
     clock.t += 100
     fleet.heartbeat("w1", device="cpu", state="busy", job=a)
     assert d.tick() == [] and store.get(a)["state"] == "assigned"
+    # The handing-over did not count: the job still has all its attempts (review15c M2):
+    # MAX_ATTEMPTS - 1 crashes re-queue it, as for a job that was never re-queued so.
+    assert store.get(a)["unsent_requeues"] == 1 and store.get(a)["attempt"] == 2
+    store.transition(a, JobState.RUNNING, "r", expect_worker="w1")
+    for n in range(2, MAX_ATTEMPTS + 1):
+        assert settle(store, a, n, Crashed("died"), expect_worker="w1") == JobState.RETRYING
+        store.transition(a, JobState.ASSIGNED, "again", worker="w1", attempt=n + 1)
+        store.transition(a, JobState.RUNNING, "r", expect_worker="w1")
+    assert settle(store, a, MAX_ATTEMPTS + 1, Crashed("died"),
+                  expect_worker="w1") == JobState.FAILED
+    assert store.get(a)["reason"] == f"died; it happened {MAX_ATTEMPTS} times, giving up"
+
+
+def test_a_job_the_queue_refused_is_requeued_without_counting_an_attempt(env):
+    """The broker refused the message (Redis went between the assignment and the send): the
+    job goes back to the queue, and that assignment is not one of its attempts."""
+    store, fleet, _, _, clock = env
+    a = job(store, clock, "a")
+    fleet.heartbeat("w1", device="cpu")
+
+    def refuse(*_):
+        raise ConnectionError("the broker went away")
+
+    d = Dispatcher(store, fleet, refuse, clock=clock)
+    assert d.tick() == []
+    rec = store.get(a)
+    assert rec["state"] == "retrying" and rec["unsent_requeues"] == 1
+    assert rec["reason"] == "could not reach the queue: the broker went away"
 
 
 def test_lost_worker_job_is_requeued_then_fails_after_max_attempts(env):
