@@ -87,11 +87,12 @@ def sweeps(sweep_id: str | None, as_json: bool, do_cancel: bool, url: str) -> No
     elif sweep_id:
         _print_sweep(data)
     else:
-        click.echo(f"{'ID':<14}{'STATE':<12}{'TRIALS':<8}{'OK':<5}{'FAIL':<6}{'STOP':<6}NAME")
+        click.echo(f"{'ID':<14}{'STATE':<12}{'TRIALS':<8}{'OK':<5}{'FAIL':<6}{'STOP':<6}"
+                   f"{'CANC':<6}NAME")
         for s in data:
             m = s["summary"]
             click.echo(f"{s['id']:<14}{m['state']:<12}{m['trials']:<8}{m['succeeded']:<5}"
-                       f"{m['failed']:<6}{m['stopped_early']:<6}{s['name']}")
+                       f"{m['failed']:<6}{m['stopped_early']:<6}{m['cancelled']:<6}{s['name']}")
 
 
 def _loss(v: Any) -> str:
@@ -120,7 +121,8 @@ def _print_sweep(data: dict[str, Any]) -> None:
     (the best one starred)."""
     m = data["summary"]
     click.echo(f"sweep {data['id']} {data['name']}: {m['state']}; {m['succeeded']} succeeded, "
-               f"{m['failed']} failed, {m['stopped_early']} stopped early")
+               f"{m['failed']} failed, {m['stopped_early']} stopped early, "
+               f"{m['cancelled']} cancelled")
     click.echo(f"pack: {pack_setting(data)}")
     for p in data.get("packs") or []:
         click.echo(pack_line(p))

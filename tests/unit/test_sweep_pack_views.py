@@ -297,3 +297,17 @@ def test_cli_sweeps_of_a_sweep_without_packs(url, store, settings):
     assert out[1] == "pack: off" and out[2].startswith("JOB")
     assert {line.split()[-2] for line in out[3:]} == {"-"}
     assert sorted(line.split()[-1] for line in out[3:]) == sorted(NAMES)
+
+
+def test_cli_sweeps_counts_cancelled_trials(url, store, settings):
+    """A trial cancelled by its user is counted where the sweep's counts are printed: the
+    sweep's first line and the list's CANC column (they had no word for it)."""
+    sweeps = SweepStore(store)
+    sid = sweeps.create(parse_sweep({**DEF, "pack": "off"}, settings.paths), "ada")
+    store.cancel(sweeps.get(sid)["trials"][0]["job"])
+    first = cli(url, "sweeps", sid).splitlines()[0]
+    assert first.endswith("0 succeeded, 0 failed, 0 stopped early, 1 cancelled"), first
+    listing = cli(url, "sweeps").splitlines()
+    assert listing[0].split() == ["ID", "STATE", "TRIALS", "OK", "FAIL", "STOP", "CANC", "NAME"]
+    row = next(line.split() for line in listing[1:] if line.startswith(sid))
+    assert row[3:7] == ["0", "0", "0", "1"]
