@@ -42,13 +42,24 @@ class LosesExecReply(redis.Connection):
         return reply
 
 
-def test_a_step_whose_reply_was_lost_is_written_once(redis_server, store, prefix):
-    job = store.create("train", {"lora_name": "once"})
+def running_job(store: JobStore, name: str) -> str:
+    """A job running on w1 at attempt 1."""
+    job = store.create("train", {"lora_name": name})
     store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
     store.transition(job, JobState.RUNNING, "r")
-    # The worker's own client (patient_redis), whose connections lose one EXEC reply.
+    return job
+
+
+def patient_client(redis_server: str, prefix: str, connection: type) -> redis.Redis:
+    """The worker's own client (patient_redis), on connections of class `connection`."""
     r = patient_redis(Settings(redis_url=redis_server, prefix=prefix), 5.0)
-    r.connection_pool.connection_class = LosesExecReply
+    r.connection_pool.connection_class = connection
+    return r
+
+
+def test_a_step_whose_reply_was_lost_is_written_once(redis_server, store, prefix):
+    job = running_job(store, "once")
+    r = patient_client(redis_server, prefix, LosesExecReply)  # loses one EXEC reply
     LosesExecReply.lost = 0
     try:
         run = JobRun(JobStore(r, prefix), job, "w1", store.get(job))
@@ -69,11 +80,8 @@ def test_a_write_refused_by_a_concurrent_change_is_written_on_its_retry(redis_se
                                                                        prefix):
     """The other way a watched write is retried: the record changed between the read and
     EXEC (EXEC applied nothing). The retry writes the events, once."""
-    job = store.create("train", {"lora_name": "retried"})
-    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
-    store.transition(job, JobState.RUNNING, "r")
-    r = patient_redis(Settings(redis_url=redis_server, prefix=prefix), 5.0)
-    r.connection_pool.connection_class = LosesExecReply
+    job = running_job(store, "retried")
+    r = patient_client(redis_server, prefix, LosesExecReply)
     changed: list[bool] = []
 
     def dispatcher_writes() -> None:
@@ -98,11 +106,8 @@ def test_a_job_end_whose_reply_was_lost_is_applied_once_with_its_state_event(red
     """The same for a change of state: the run's end (RUNNING -> SUCCEEDED) is applied, its
     reply lost. The retry must see its own change, not refuse it as succeeded -> succeeded
     (the worker would call its run fenced out), and write the state event once."""
-    job = store.create("train", {"lora_name": "ended"})
-    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
-    store.transition(job, JobState.RUNNING, "r")
-    r = patient_redis(Settings(redis_url=redis_server, prefix=prefix), 5.0)
-    r.connection_pool.connection_class = LosesExecReply
+    job = running_job(store, "ended")
+    r = patient_client(redis_server, prefix, LosesExecReply)
     LosesExecReply.lost = 0
     try:
         LosesExecReply.lose = True
@@ -146,11 +151,8 @@ class LosesXaddReply(redis.Connection):
 def test_a_job_ends_with_one_state_event_whatever_reply_is_lost(redis_server, store, prefix):
     """The change's state event is part of its transaction: a client that re-sends a plain
     write whose reply was lost (the worker's patient client does) cannot write it twice."""
-    job = store.create("train", {"lora_name": "one-end"})
-    store.transition(job, JobState.ASSIGNED, "a", worker="w1", attempt=1)
-    store.transition(job, JobState.RUNNING, "r")
-    r = patient_redis(Settings(redis_url=redis_server, prefix=prefix), 5.0)
-    r.connection_pool.connection_class = LosesXaddReply
+    job = running_job(store, "one-end")
+    r = patient_client(redis_server, prefix, LosesXaddReply)
     try:
         LosesXaddReply.lose = True
         JobStore(r, prefix).transition(job, JobState.SUCCEEDED, "done", expect_worker="w1",
