@@ -100,8 +100,9 @@ class _JobStream:
                 continue
             if batch is None:
                 yield KEEP_ALIVE
-                # The stream is the source of truth, but re-read the record when idle in case
-                # an event was lost between the record change and the stream append.
+                # The stream is the source of truth (a change and its state event are written
+                # together), but re-read the record when idle in case the stream lost entries
+                # the record kept (a Redis restarted from an older append-only file).
                 self.state = self.store.get(self.job_id).get("state", self.state)
 
     def grace(self, grace_ms: int) -> Iterator[str]:

@@ -231,10 +231,11 @@ def record_result(job: JobRun, result: dict[str, Any]) -> JobState:
 
 def folder_run(attempt: int, rec: dict[str, Any]) -> int:
     """Which run of the job (`rec`, at `attempt`) in its LoRA folder this is: the attempt, less
-    the attempts refused because the folder stayed locked (`lock_requeues`), which read and
-    wrote nothing there. A run after the first resumes from the latest checkpoint; a job's
-    first run must not take an earlier job's checkpoint for its own."""
-    return max(1, attempt - int(rec.get("lock_requeues") or 0))
+    the assignments that read and wrote nothing there (refused because the folder stayed
+    locked, `lock_requeues`; never delivered, `unsent_requeues`; not pack splits: a split
+    trial trained). A run after the first resumes from its own latest checkpoint."""
+    skipped = sum(int(rec.get(k) or 0) for k in ("lock_requeues", "unsent_requeues"))
+    return max(1, attempt - skipped)
 
 
 def check_lora_owner(store: JobStore, rec: dict[str, Any], settings: Settings) -> None:

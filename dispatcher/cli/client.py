@@ -92,8 +92,10 @@ class Client:
             raise ApiError(0, f"cannot reach the dashboard at {self.base}: is `lorafleet up` "
                               "running there? (set --url or LORAFLEET_URL)") from e
         except requests.Timeout as e:  # connected, and no answer in time (a stuck dashboard)
+            maybe = ("" if method == "GET" else ": it may have done it all the same; look (e.g. "
+                     "`lorafleet status`, `lorafleet sweeps`) before asking again")
             raise ApiError(0, f"the dashboard at {self.base} did not answer within "
-                              f"{self.timeout:g} s") from e
+                              f"{self.timeout:g} s{maybe}") from e
         try:
             body = resp.json()
         except ValueError:

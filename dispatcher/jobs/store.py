@@ -70,6 +70,10 @@ STOP_KEY_TTL_S = 24 * 3600
 # The mark of a job's last watched write (append_to_run, _watched) is needed only while that
 # write is retried (seconds, at most a client's patience with Redis); it is kept far longer.
 WRITTEN_TTL_S = 24 * 3600
+# The id an event is announced with when the write was applied but its reply, which carried
+# the stream ids, was lost: live views use the job and the event, never the id (a job's own
+# stream, read by id, has the event in its place).
+LOST_ID = ""
 USER_STOP = "stopped by the user"  # the end reason of a stop requested without one
 
 
@@ -320,10 +324,10 @@ class JobStore:
                 try:
                     pipe.watch(key, mark)
                     if retry and pipe.get(mark) == token:
-                        # An earlier try was applied, its reply lost. Its events are in the
-                        # stream but not announced: a live view reads them from the stream at
-                        # the job's next announcement.
-                        return True
+                        # An earlier try was applied, its reply (with the events' ids) lost:
+                        # announce them without ids (LOST_ID), below.
+                        ids = [LOST_ID] * len(made)
+                        break
                     state, on, at = pipe.hmget(key, "state", "worker", "attempt")
                     if (state != JobState.RUNNING.value or on != worker
                             or (int(float(at or 0)) or 1) != attempt):
@@ -411,10 +415,10 @@ class JobStore:
                 self.usage.record_run(pipe, rec, now, new)
 
         raw = self._watched(job_id, write, answers.append)
-        # (No ids when the reply was lost: the events are in the stream, not announced; a
-        # live view reads them at the job's next announcement.)
         made = (*extra, state_event)
-        for event_id, event in zip(answers[:len(made)], made, strict=False):
+        # (Applied with its reply lost: no ids came back; announced all the same, LOST_ID.)
+        ids = answers[:len(made)] or [LOST_ID] * len(made)
+        for event_id, event in zip(ids, made, strict=True):
             self.events.announce(job_id, event_id, event)
         after = dict(raw)
         after.update({k: str(v) for k, v in mapping.items()})

@@ -55,6 +55,10 @@ def compile_record(outcome: str) -> str:
             else "on, but nothing compiled (the job's log says why)")
 
 
+# The inductor cache folders compile_layers chose in this process.
+_CACHES_SET: set[str] = set()
+
+
 def compile_layers(model: Any, config: EngineConfig) -> Any:
     """torch.compile each decoder layer (regional compilation: the layers are alike, so one
     compiled graph serves them all, and compiling takes seconds, not minutes), fusing the
@@ -76,10 +80,13 @@ def compile_layers(model: Any, config: EngineConfig) -> Any:
     cache = Path(config.home) / "cache" / "torch-compile"
     cache.mkdir(parents=True, exist_ok=True)
     # torch fills the variable in with its default (under /tmp) once it is first asked; a
-    # folder the worker was started with on purpose stays.
+    # folder the worker was started with on purpose stays. One this function set for an
+    # earlier run in the same process (of another data folder: tests) gives way.
     current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+    if current is None or os.path.abspath(current) in (os.path.abspath(default_cache_dir()),
+                                                       *_CACHES_SET):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+        _CACHES_SET.add(os.path.abspath(cache))
     import torch._dynamo
     import torch._inductor.config
 

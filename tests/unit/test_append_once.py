@@ -4,6 +4,8 @@ drop after EXEC was applied but before its reply arrived must not write the even
 
 from __future__ import annotations
 
+import json
+
 import redis
 
 from dispatcher.jobs.states import JobState
@@ -109,6 +111,8 @@ def test_a_job_end_whose_reply_was_lost_is_applied_once_with_its_state_event(red
     job = running_job(store, "ended")
     r = patient_client(redis_server, prefix, LosesExecReply)
     LosesExecReply.lost = 0
+    listener = store.r.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(store.events.channel)
     try:
         LosesExecReply.lose = True
         rec = JobStore(r, prefix).transition(
@@ -124,6 +128,15 @@ def test_a_job_end_whose_reply_was_lost_is_applied_once_with_its_state_event(red
     assert [e["line"] for e in events if e["type"] == "log"] == ["saved"]
     assert [e["state"] for e in events if e["type"] == "state"][-1:] == ["succeeded"]
     assert sum(e["type"] == "state" and e["state"] == "succeeded" for e in events) == 1
+    # Live views (the Jobs page) hear of the end all the same, once, though without stream ids.
+    told = []
+    for _ in range(6):  # (the subscription's own confirmation reads as None)
+        msg = listener.get_message(timeout=0.3)
+        if msg is not None:
+            told.append(json.loads(msg["data"]))
+    listener.close()
+    assert [(m["job"], m["event"]["type"], m["id"]) for m in told] == [
+        (job, "log", ""), (job, "state", "")]
 
 
 class LosesXaddReply(redis.Connection):
@@ -157,6 +170,7 @@ def test_a_job_ends_with_one_state_event_whatever_reply_is_lost(redis_server, st
         LosesXaddReply.lose = True
         JobStore(r, prefix).transition(job, JobState.SUCCEEDED, "done", expect_worker="w1",
                                        expect_attempt=1)
+        assert LosesXaddReply.lose  # no event was added outside the change's transaction
     finally:
         LosesXaddReply.lose = False
         r.close()

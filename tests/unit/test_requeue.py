@@ -118,3 +118,16 @@ def test_the_failure_reason_needs_no_torch():
                           timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "set base_model"
+
+
+def test_a_jobs_run_in_its_folder_leaves_out_assignments_that_never_reached_it():
+    """folder_run: which run of the job in its LoRA folder an attempt is. Assignments refused
+    on a locked folder or never delivered read and wrote nothing there (the run resumes
+    nothing on their account); a pack split's trial did train, so it counts."""
+    from gpuworker.tasks import folder_run
+
+    assert folder_run(1, {}) == 1
+    assert folder_run(3, {"lock_requeues": 1, "unsent_requeues": 1}) == 1
+    assert folder_run(2, {"unsent_requeues": "1"}) == 1
+    assert folder_run(2, {"pack_splits": 1}) == 2
+    assert folder_run(4, {"lock_requeues": 1, "pack_splits": 1}) == 3
