@@ -299,18 +299,25 @@ class _FlakyProxy:
         self.server.server_close()
 
 
+def _until(what, seconds: float = 10) -> None:
+    """Wait up to `seconds` for `what()` to hold, then assert it."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not what() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert what()
+
+
 def test_follow_waits_out_a_proxys_5xx(url, redis_client, prefix, tmp_path):
     """review15 M1: a 502 from a proxy in front of a restarting dashboard is "down" for
     FOLLOW_PATIENCE_S, as a refused connection is, not the end of following the job."""
-    import time
 
     store, job, proxy, got, failed, follower = _follow_through_proxy(
         url, redis_client, prefix, tmp_path, total_steps=2)
     try:
-        deadline = time.monotonic() + 10
-        while proxy.refused < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proxy.refused >= 3 and follower.is_alive() and not failed
+        _until(lambda: proxy.refused >= 3)
+        assert follower.is_alive() and not failed
         proxy.bad = False
         store.events.append(job, "train", step=2, total_steps=2, loss=0.5)
         store.transition(job, JobState.SUCCEEDED, "finished", expect_worker="w1")
@@ -334,22 +341,16 @@ def test_follow_gives_each_outage_its_own_patience(url, redis_client, prefix, tm
     store, job, proxy, got, failed, follower = _follow_through_proxy(
         url, redis_client, prefix, tmp_path, total_steps=3)
 
-    def until(what, seconds: float = 10) -> None:
-        deadline = time.monotonic() + seconds
-        while not what() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert what()
-
     try:
-        until(lambda: proxy.refused >= 2)  # the first outage
+        _until(lambda: proxy.refused >= 2)  # the first outage
         proxy.bad = False
-        until(lambda: proxy.streams)
+        _until(lambda: proxy.streams)
         store.events.append(job, "train", step=2, total_steps=3, loss=0.7)
         time.sleep(3)  # longer than the patience since the first outage began
         proxy.bad = True  # the second outage: the open stream is cut, reconnects get 502
         refused = proxy.refused
         proxy.drop()
-        until(lambda: proxy.refused >= refused + 2)
+        _until(lambda: proxy.refused >= refused + 2)
         assert follower.is_alive() and not failed, failed
         proxy.bad = False
         store.events.append(job, "train", step=3, total_steps=3, loss=0.5)
@@ -366,7 +367,6 @@ def test_the_state_after_following_waits_out_an_outage_too(url, redis_client, pr
     event: that question, too, waits out a proxy's 502 (Client.job_patiently), where a plain
     `job` would end the command with an error; a job that does not exist is said at once."""
     import threading
-    import time
 
     from dispatcher.access.dashtoken import read_token
 
@@ -378,10 +378,8 @@ def test_the_state_after_following_waits_out_an_outage_too(url, redis_client, pr
     asker = threading.Thread(target=lambda: got.append(client.job_patiently(job)), daemon=True)
     try:
         asker.start()
-        deadline = time.monotonic() + 10
-        while proxy.refused < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proxy.refused >= 3 and asker.is_alive() and not got
+        _until(lambda: proxy.refused >= 3)
+        assert asker.is_alive() and not got
         proxy.bad = False
         asker.join(10)
         assert got and got[0]["state"] == "queued"
